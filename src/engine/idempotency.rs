@@ -1,0 +1,257 @@
+//! Idempotency-key records.
+//!
+//! The first Begin for a key claims it: the record is IN_PROGRESS under a
+//! lock until `lock_ttl_ms` lapses, then COMPLETED (holding the response) for
+//! `retention_ms` after Complete. A record whose lock lapsed without a
+//! Complete is treated as absent, so the next Begin starts a new attempt.
+//! Attempt numbers come from one counter for all keys: they strictly increase
+//! and are never reused, so a stale attempt can never be mistaken for a new
+//! one even after its record was purged.
+
+use std::collections::HashMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::EngineError;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RecordState {
+    InProgress,
+    Completed { response: Vec<u8> },
+}
+
+/// A record as it stands.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    pub fingerprint: Vec<u8>,
+    pub attempt: u64,
+    pub state: RecordState,
+    /// Kept for the record's Complete.
+    pub retention_ms: u64,
+    /// Lock lapse (in progress) or end of retention (completed).
+    pub expires_at_ms: u64,
+}
+
+impl Record {
+    fn bytes(key: &str, r: &Record) -> usize {
+        let response = match &r.state {
+            RecordState::Completed { response } => response.len(),
+            RecordState::InProgress => 0,
+        };
+        key.len() + r.fingerprint.len() + response + 64
+    }
+}
+
+/// What Begin decided.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BeginOutcome {
+    Started { attempt: u64 },
+    InProgress { attempt: u64, retry_after_ms: u64 },
+    Completed { attempt: u64, response: Vec<u8> },
+    FingerprintMismatch,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordTable {
+    records: HashMap<String, Record>,
+    last_attempt: u64,
+    /// Approximate bytes held (keys, fingerprints, responses, overhead).
+    bytes: usize,
+    #[serde(skip)]
+    max_records: usize,
+    #[serde(skip)]
+    max_bytes: usize,
+}
+
+impl RecordTable {
+    pub fn new(max_records: usize, max_bytes: usize) -> Self {
+        Self {
+            max_records,
+            max_bytes,
+            ..Self::default()
+        }
+    }
+
+    pub(crate) fn set_max(&mut self, max_records: usize, max_bytes: usize) {
+        self.max_records = max_records;
+        self.max_bytes = max_bytes;
+    }
+
+    pub fn len(&self) -> usize {
+        self.records.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    pub fn get(&self, key: &str, now_ms: u64) -> Option<&Record> {
+        self.records.get(key).filter(|r| now_ms < r.expires_at_ms)
+    }
+
+    fn room_for(&self, extra_records: usize, extra_bytes: usize) -> Result<(), EngineError> {
+        if self.records.len() + extra_records > self.max_records {
+            return Err(EngineError::Exhausted {
+                what: "idempotency records",
+                max: self.max_records,
+            });
+        }
+        if self.bytes + extra_bytes > self.max_bytes {
+            return Err(EngineError::Exhausted {
+                what: "idempotency record bytes",
+                max: self.max_bytes,
+            });
+        }
+        Ok(())
+    }
+
+    fn remove(&mut self, key: &str) -> Option<Record> {
+        let r = self.records.remove(key)?;
+        self.bytes -= Record::bytes(key, &r);
+        Some(r)
+    }
+
+    pub fn begin(&mut self, key: &str, fingerprint: &[u8], lock_ttl_ms: u64, retention_ms: u64, now_ms: u64) -> Result<BeginOutcome, EngineError> {
+        if let Some(r) = self.get(key, now_ms) {
+            if r.fingerprint != fingerprint {
+                return Ok(BeginOutcome::FingerprintMismatch);
+            }
+            return Ok(match &r.state {
+                RecordState::InProgress => BeginOutcome::InProgress {
+                    attempt: r.attempt,
+                    retry_after_ms: r.expires_at_ms - now_ms,
+                },
+                RecordState::Completed { response } => BeginOutcome::Completed {
+                    attempt: r.attempt,
+                    response: response.clone(),
+                },
+            });
+        }
+        let lapsed = self.remove(key).is_some();
+        let record = Record {
+            fingerprint: fingerprint.to_vec(),
+            attempt: self.last_attempt + 1,
+            state: RecordState::InProgress,
+            retention_ms,
+            expires_at_ms: now_ms.saturating_add(lock_ttl_ms),
+        };
+        let size = Record::bytes(key, &record);
+        self.room_for(usize::from(!lapsed), size)?;
+        self.last_attempt += 1;
+        self.bytes += size;
+        self.records.insert(key.to_owned(), record);
+        Ok(BeginOutcome::Started {
+            attempt: self.last_attempt,
+        })
+    }
+
+    fn owned(&self, key: &str, attempt: u64, now_ms: u64) -> Result<&Record, EngineError> {
+        match self.get(key, now_ms) {
+            Some(r) if r.attempt == attempt && r.state == RecordState::InProgress => Ok(r),
+            _ => Err(EngineError::StaleAttempt {
+                key: key.to_owned(),
+                attempt,
+            }),
+        }
+    }
+
+    pub fn complete(&mut self, key: &str, attempt: u64, response: &[u8], now_ms: u64) -> Result<(), EngineError> {
+        let r = self.owned(key, attempt, now_ms)?;
+        self.room_for(0, response.len())?;
+        let expires_at_ms = now_ms.saturating_add(r.retention_ms);
+        let mut r = self.remove(key).expect("owned record is stored");
+        r.state = RecordState::Completed {
+            response: response.to_vec(),
+        };
+        r.expires_at_ms = expires_at_ms;
+        self.bytes += Record::bytes(key, &r);
+        self.records.insert(key.to_owned(), r);
+        Ok(())
+    }
+
+    pub fn abort(&mut self, key: &str, attempt: u64, now_ms: u64) -> Result<(), EngineError> {
+        self.owned(key, attempt, now_ms)?;
+        self.remove(key);
+        Ok(())
+    }
+
+    /// Purges lapsed locks and records past retention.
+    pub fn sweep(&mut self, now_ms: u64) -> usize {
+        let before = self.records.len();
+        let mut freed = 0;
+        self.records.retain(|k, r| {
+            let keep = now_ms < r.expires_at_ms;
+            if !keep {
+                freed += Record::bytes(k, r);
+            }
+            keep
+        });
+        self.bytes -= freed;
+        before - self.records.len()
+    }
+
+    pub fn next_expiry(&self) -> Option<u64> {
+        self.records.values().map(|r| r.expires_at_ms).min()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_attempt_starts_retries_wait_then_see_the_result() {
+        let mut t = RecordTable::new(10, 1 << 20);
+        assert_eq!(t.begin("k", b"fp", 100, 1000, 0).unwrap(), BeginOutcome::Started { attempt: 1 });
+        assert_eq!(
+            t.begin("k", b"fp", 100, 1000, 40).unwrap(),
+            BeginOutcome::InProgress {
+                attempt: 1,
+                retry_after_ms: 60
+            }
+        );
+        assert_eq!(t.begin("k", b"other", 100, 1000, 40).unwrap(), BeginOutcome::FingerprintMismatch);
+        t.complete("k", 1, b"ok", 50).unwrap();
+        assert_eq!(
+            t.begin("k", b"fp", 100, 1000, 60).unwrap(),
+            BeginOutcome::Completed {
+                attempt: 1,
+                response: b"ok".to_vec()
+            }
+        );
+        // Retention: kept until 50 + 1000.
+        assert!(t.get("k", 1049).is_some());
+        assert!(t.get("k", 1050).is_none());
+        assert_eq!(t.sweep(1050), 1);
+        assert_eq!(t.bytes(), 0);
+    }
+
+    #[test]
+    fn lapsed_lock_lets_a_new_attempt_start_and_fences_the_old() {
+        let mut t = RecordTable::new(10, 1 << 20);
+        t.begin("k", b"", 100, 1000, 0).unwrap();
+        assert_eq!(t.begin("k", b"", 100, 1000, 100).unwrap(), BeginOutcome::Started { attempt: 2 });
+        assert!(matches!(t.complete("k", 1, b"late", 110), Err(EngineError::StaleAttempt { .. })));
+        assert!(matches!(t.abort("k", 1, 110), Err(EngineError::StaleAttempt { .. })));
+        t.abort("k", 2, 120).unwrap();
+        assert!(t.get("k", 120).is_none());
+        assert_eq!(t.begin("k", b"", 100, 1000, 130).unwrap(), BeginOutcome::Started { attempt: 3 });
+        // The owner's lock lapsed: completing now is refused.
+        assert!(t.complete("k", 3, b"", 230).is_err());
+    }
+
+    #[test]
+    fn caps_on_count_and_bytes() {
+        let mut t = RecordTable::new(1, 1 << 20);
+        t.begin("a", b"", 10, 10, 0).unwrap();
+        assert!(matches!(t.begin("b", b"", 10, 10, 0), Err(EngineError::Exhausted { .. })));
+        let mut t = RecordTable::new(10, 200);
+        t.begin("a", b"", 10, 10, 0).unwrap();
+        assert!(matches!(t.complete("a", 1, &[0; 200], 0), Err(EngineError::Exhausted { .. })));
+        t.complete("a", 1, &[0; 10], 0).unwrap();
+    }
+}

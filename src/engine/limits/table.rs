@@ -1,0 +1,222 @@
+//! The sharded in-memory map of rate-limit state.
+//!
+//! Keys hash once; middle bits of the hash pick a shard (the map itself uses
+//! the low bits for the slot and the top seven as tags, so those stay
+//! independent of the shard). Each shard is a `std::sync::Mutex` around a
+//! `hashbrown::HashTable`: critical sections are a lookup and a few integer
+//! operations, never an await, so a blocking mutex is cheaper than an async
+//! one and contention across 64 shards is negligible.
+
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard};
+
+use hashbrown::{DefaultHashBuilder, HashTable};
+
+use super::{decide, Cell, LimitCheck, LimitResult};
+use crate::engine::EngineError;
+
+type Entry = (Box<str>, Cell);
+
+/// One shard, on its own cache line so neighbouring locks do not share one.
+#[repr(align(64))]
+struct Shard(Mutex<HashTable<Entry>>);
+
+pub struct LimitTable {
+    shards: Box<[Shard]>,
+    hasher: DefaultHashBuilder,
+    live: AtomicUsize,
+    max_keys: usize,
+}
+
+fn lock(shard: &Shard) -> MutexGuard<'_, HashTable<Entry>> {
+    // A panic while holding a shard cannot leave a cell half-written (cells
+    // are replaced whole), so a poisoned lock is still consistent.
+    shard.0.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl LimitTable {
+    /// `shards` is rounded up to a power of two.
+    pub fn new(shards: usize, max_keys: usize) -> Self {
+        let n = shards.clamp(1, 1024).next_power_of_two();
+        Self {
+            shards: (0..n).map(|_| Shard(Mutex::new(HashTable::new()))).collect(),
+            hasher: DefaultHashBuilder::default(),
+            live: AtomicUsize::new(0),
+            max_keys,
+        }
+    }
+
+    /// Keys currently stored (including idle ones not yet swept).
+    pub fn len(&self) -> usize {
+        self.live.load(Ordering::Relaxed)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn locate(&self, key: &str) -> (u64, usize) {
+        let h = self.hasher.hash_one(key);
+        (h, (h >> 40) as usize & (self.shards.len() - 1))
+    }
+
+    /// Decides every check in order; `all_or_nothing` consumes only if all
+    /// are allowed. Fails only when a new key would exceed the key cap (with
+    /// `all_or_nothing`, before anything is consumed; otherwise the checks
+    /// before the failing one keep their consumption).
+    pub fn check(&self, checks: &[LimitCheck], all_or_nothing: bool, now_ms: u64) -> Result<Vec<LimitResult>, EngineError> {
+        if all_or_nothing && checks.len() > 1 {
+            return self.check_atomic(checks, now_ms);
+        }
+        let mut results = Vec::with_capacity(checks.len());
+        for check in checks {
+            let (h, s) = self.locate(&check.key);
+            let mut table = lock(&self.shards[s]);
+            let stored = table.find_mut(h, |e| *e.0 == *check.key);
+            let (result, cell) = decide(&check.limit, stored.as_ref().map(|e| &e.1), now_ms, check.cost);
+            // A dry run decides for the real cost but stores nothing.
+            if let Some(cell) = cell.filter(|_| !check.dry_run) {
+                match stored {
+                    Some(e) => e.1 = cell,
+                    None => self.insert(&mut table, h, &check.key, cell)?,
+                }
+            }
+            results.push(result);
+        }
+        Ok(results)
+    }
+
+    fn insert(&self, table: &mut HashTable<Entry>, h: u64, key: &str, cell: Cell) -> Result<(), EngineError> {
+        if self.live.fetch_add(1, Ordering::Relaxed) >= self.max_keys {
+            self.live.fetch_sub(1, Ordering::Relaxed);
+            return Err(EngineError::Exhausted {
+                what: "rate-limit keys",
+                max: self.max_keys,
+            });
+        }
+        let hasher = &self.hasher;
+        table.insert_unique(h, (key.into(), cell), |e| hasher.hash_one(&*e.0));
+        Ok(())
+    }
+
+    /// All-or-nothing: lock every shard involved (in index order, so
+    /// concurrent requests cannot deadlock), decide all checks against a
+    /// scratch overlay (a key may appear twice), then store only if all pass.
+    fn check_atomic(&self, checks: &[LimitCheck], now_ms: u64) -> Result<Vec<LimitResult>, EngineError> {
+        let located: Vec<(u64, usize)> = checks.iter().map(|c| self.locate(&c.key)).collect();
+        let mut order: Vec<usize> = located.iter().map(|l| l.1).collect();
+        order.sort_unstable();
+        order.dedup();
+        let mut guards: Vec<(usize, MutexGuard<'_, HashTable<Entry>>)> =
+            order.iter().map(|&s| (s, lock(&self.shards[s]))).collect();
+        let guard_of = |s: usize| order.binary_search(&s).unwrap_or(0);
+
+        let mut results = Vec::with_capacity(checks.len());
+        // (check index, new cell) for every consuming check so far.
+        let mut overlay: Vec<(usize, Cell)> = Vec::new();
+        let mut all_allowed = true;
+        let mut new_keys = 0usize;
+        for (i, check) in checks.iter().enumerate() {
+            let (h, s) = located[i];
+            let earlier = overlay
+                .iter()
+                .rev()
+                .find(|(j, _)| located[*j].0 == h && checks[*j].key == check.key)
+                .map(|(_, c)| *c);
+            let table = &guards[guard_of(s)].1;
+            let stored = table.find(h, |e| *e.0 == *check.key);
+            let current = earlier.or(stored.map(|e| e.1));
+            let (result, cell) = decide(&check.limit, current.as_ref(), now_ms, check.cost);
+            all_allowed &= result.allowed;
+            if let Some(cell) = cell.filter(|_| !check.dry_run) {
+                if stored.is_none() && earlier.is_none() {
+                    new_keys += 1;
+                }
+                overlay.push((i, cell));
+            }
+            results.push(result);
+        }
+        if !all_allowed {
+            for (r, c) in results.iter_mut().zip(checks) {
+                if r.allowed {
+                    // Would have passed, but nothing was consumed.
+                    r.allowed = false;
+                    if !c.dry_run {
+                        r.remaining = r.remaining.saturating_add(c.cost).min(r.limit);
+                    }
+                }
+            }
+            return Ok(results);
+        }
+        if new_keys > 0 {
+            let before = self.live.fetch_add(new_keys, Ordering::Relaxed);
+            if before + new_keys > self.max_keys {
+                self.live.fetch_sub(new_keys, Ordering::Relaxed);
+                return Err(EngineError::Exhausted {
+                    what: "rate-limit keys",
+                    max: self.max_keys,
+                });
+            }
+        }
+        let hasher = &self.hasher;
+        for (i, cell) in overlay {
+            let (h, s) = located[i];
+            let table = &mut guards[guard_of(s)].1;
+            match table.find_mut(h, |e| *e.0 == *checks[i].key) {
+                Some(e) => e.1 = cell,
+                None => {
+                    table.insert_unique(h, (checks[i].key.as_str().into(), cell), |e| hasher.hash_one(&*e.0));
+                }
+            }
+        }
+        Ok(results)
+    }
+
+    /// Stores cells as given (state replicated from a leader, or a restored
+    /// snapshot), ignoring the key cap: the cap is enforced where decisions
+    /// are made.
+    pub fn upsert(&self, cells: impl IntoIterator<Item = (String, Cell)>) {
+        let hasher = &self.hasher;
+        for (key, cell) in cells {
+            let (h, s) = self.locate(&key);
+            let mut table = lock(&self.shards[s]);
+            match table.find_mut(h, |e| *e.0 == *key) {
+                Some(e) => e.1 = cell,
+                None => {
+                    table.insert_unique(h, (key.into_boxed_str(), cell), |e| hasher.hash_one(&*e.0));
+                    self.live.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    /// Drops every cell that is equivalent to an absent key at `now_ms`
+    /// (full buckets, lapsed windows). Returns how many were dropped. Locks
+    /// one shard at a time.
+    pub fn sweep(&self, now_ms: u64) -> usize {
+        let mut dropped = 0;
+        for shard in self.shards.iter() {
+            let mut table = lock(shard);
+            let before = table.len();
+            table.retain(|e| e.1.idle_at_ms() > now_ms);
+            let n = before - table.len();
+            if table.capacity() > 4 * table.len().max(64) {
+                table.shrink_to(0, |e| self.hasher.hash_one(&*e.0));
+            }
+            dropped += n;
+        }
+        self.live.fetch_sub(dropped, Ordering::Relaxed);
+        dropped
+    }
+
+    /// Every stored cell, for snapshots.
+    pub fn cells(&self) -> Vec<(String, Cell)> {
+        let mut out = Vec::with_capacity(self.len());
+        for shard in self.shards.iter() {
+            out.extend(lock(shard).iter().map(|(k, c)| (k.to_string(), *c)));
+        }
+        out.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+}
