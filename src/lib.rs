@@ -1,6 +1,32 @@
+//! Arbiter: rate limits, leases with fencing tokens and idempotency records,
+//! served over gRPC.
+//!
+//! # Layout
+//! - [`engine`]: the pure state machines (no clock, no I/O, no async);
+//!   `apply(command, now_ms)` is the single entry point for state changes.
+//! - [`clock`]: the one place time is read.
+//! - [`node`]: stamps commands with the time, serialises writes, fans out
+//!   lease events to watchers, runs sweeps.
+//! - [`api`]: one file per gRPC service, proto⇄domain conversion with input
+//!   validation, and the single engine-error → status mapping.
+//! - [`server`]: binds ports, serves gRPC, health, reflection and metrics,
+//!   shuts down gracefully.
+//! - [`config`] / [`cli`]: command-line flags and the client subcommands.
+
+pub mod api;
+pub mod cli;
 pub mod clock;
+pub mod config;
 pub mod engine;
+pub mod metrics;
+pub mod node;
+pub mod server;
+
+/// Generated protobuf and gRPC code for `arbiter.v1`.
 pub mod proto {
     tonic::include_proto!("arbiter.v1");
-    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("arbiter_descriptor");
+
+    /// Encoded file descriptors, for server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("arbiter_descriptor");
 }

@@ -8,7 +8,7 @@
 //! and are never reused, so a stale attempt can never be mistaken for a new
 //! one even after its record was purged.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 
 use serde::{Deserialize, Serialize};
 
@@ -57,6 +57,9 @@ pub struct RecordTable {
     last_attempt: u64,
     /// Approximate bytes held (keys, fingerprints, responses, overhead).
     bytes: usize,
+    /// (expiry, key) of every record, so sweeps touch only what lapsed.
+    #[serde(skip)]
+    deadlines: BTreeSet<(u64, String)>,
     #[serde(skip)]
     max_records: usize,
     #[serde(skip)]
@@ -72,9 +75,21 @@ impl RecordTable {
         }
     }
 
-    pub(crate) fn set_max(&mut self, max_records: usize, max_bytes: usize) {
+    /// Re-applies limits and rebuilds the expiry index after a restore.
+    pub(crate) fn restored(&mut self, max_records: usize, max_bytes: usize) {
         self.max_records = max_records;
         self.max_bytes = max_bytes;
+        self.deadlines = self
+            .records
+            .iter()
+            .map(|(k, r)| (r.expires_at_ms, k.clone()))
+            .collect();
+    }
+
+    fn insert(&mut self, key: &str, r: Record) {
+        self.bytes += Record::bytes(key, &r);
+        self.deadlines.insert((r.expires_at_ms, key.to_owned()));
+        self.records.insert(key.to_owned(), r);
     }
 
     pub fn len(&self) -> usize {
@@ -112,10 +127,18 @@ impl RecordTable {
     fn remove(&mut self, key: &str) -> Option<Record> {
         let r = self.records.remove(key)?;
         self.bytes -= Record::bytes(key, &r);
+        self.deadlines.remove(&(r.expires_at_ms, key.to_owned()));
         Some(r)
     }
 
-    pub fn begin(&mut self, key: &str, fingerprint: &[u8], lock_ttl_ms: u64, retention_ms: u64, now_ms: u64) -> Result<BeginOutcome, EngineError> {
+    pub fn begin(
+        &mut self,
+        key: &str,
+        fingerprint: &[u8],
+        lock_ttl_ms: u64,
+        retention_ms: u64,
+        now_ms: u64,
+    ) -> Result<BeginOutcome, EngineError> {
         if let Some(r) = self.get(key, now_ms) {
             if r.fingerprint != fingerprint {
                 return Ok(BeginOutcome::FingerprintMismatch);
@@ -142,8 +165,7 @@ impl RecordTable {
         let size = Record::bytes(key, &record);
         self.room_for(usize::from(!lapsed), size)?;
         self.last_attempt += 1;
-        self.bytes += size;
-        self.records.insert(key.to_owned(), record);
+        self.insert(key, record);
         Ok(BeginOutcome::Started {
             attempt: self.last_attempt,
         })
@@ -159,7 +181,13 @@ impl RecordTable {
         }
     }
 
-    pub fn complete(&mut self, key: &str, attempt: u64, response: &[u8], now_ms: u64) -> Result<(), EngineError> {
+    pub fn complete(
+        &mut self,
+        key: &str,
+        attempt: u64,
+        response: &[u8],
+        now_ms: u64,
+    ) -> Result<(), EngineError> {
         let r = self.owned(key, attempt, now_ms)?;
         self.room_for(0, response.len())?;
         let expires_at_ms = now_ms.saturating_add(r.retention_ms);
@@ -168,8 +196,7 @@ impl RecordTable {
             response: response.to_vec(),
         };
         r.expires_at_ms = expires_at_ms;
-        self.bytes += Record::bytes(key, &r);
-        self.records.insert(key.to_owned(), r);
+        self.insert(key, r);
         Ok(())
     }
 
@@ -181,21 +208,20 @@ impl RecordTable {
 
     /// Purges lapsed locks and records past retention.
     pub fn sweep(&mut self, now_ms: u64) -> usize {
-        let before = self.records.len();
-        let mut freed = 0;
-        self.records.retain(|k, r| {
-            let keep = now_ms < r.expires_at_ms;
-            if !keep {
-                freed += Record::bytes(k, r);
+        let mut n = 0;
+        while let Some((deadline, _)) = self.deadlines.first() {
+            if *deadline > now_ms {
+                break;
             }
-            keep
-        });
-        self.bytes -= freed;
-        before - self.records.len()
+            let (_, key) = self.deadlines.first().cloned().expect("first exists");
+            self.remove(&key);
+            n += 1;
+        }
+        n
     }
 
     pub fn next_expiry(&self) -> Option<u64> {
-        self.records.values().map(|r| r.expires_at_ms).min()
+        self.deadlines.first().map(|d| d.0)
     }
 }
 
@@ -206,7 +232,10 @@ mod tests {
     #[test]
     fn first_attempt_starts_retries_wait_then_see_the_result() {
         let mut t = RecordTable::new(10, 1 << 20);
-        assert_eq!(t.begin("k", b"fp", 100, 1000, 0).unwrap(), BeginOutcome::Started { attempt: 1 });
+        assert_eq!(
+            t.begin("k", b"fp", 100, 1000, 0).unwrap(),
+            BeginOutcome::Started { attempt: 1 }
+        );
         assert_eq!(
             t.begin("k", b"fp", 100, 1000, 40).unwrap(),
             BeginOutcome::InProgress {
@@ -214,7 +243,10 @@ mod tests {
                 retry_after_ms: 60
             }
         );
-        assert_eq!(t.begin("k", b"other", 100, 1000, 40).unwrap(), BeginOutcome::FingerprintMismatch);
+        assert_eq!(
+            t.begin("k", b"other", 100, 1000, 40).unwrap(),
+            BeginOutcome::FingerprintMismatch
+        );
         t.complete("k", 1, b"ok", 50).unwrap();
         assert_eq!(
             t.begin("k", b"fp", 100, 1000, 60).unwrap(),
@@ -234,12 +266,24 @@ mod tests {
     fn lapsed_lock_lets_a_new_attempt_start_and_fences_the_old() {
         let mut t = RecordTable::new(10, 1 << 20);
         t.begin("k", b"", 100, 1000, 0).unwrap();
-        assert_eq!(t.begin("k", b"", 100, 1000, 100).unwrap(), BeginOutcome::Started { attempt: 2 });
-        assert!(matches!(t.complete("k", 1, b"late", 110), Err(EngineError::StaleAttempt { .. })));
-        assert!(matches!(t.abort("k", 1, 110), Err(EngineError::StaleAttempt { .. })));
+        assert_eq!(
+            t.begin("k", b"", 100, 1000, 100).unwrap(),
+            BeginOutcome::Started { attempt: 2 }
+        );
+        assert!(matches!(
+            t.complete("k", 1, b"late", 110),
+            Err(EngineError::StaleAttempt { .. })
+        ));
+        assert!(matches!(
+            t.abort("k", 1, 110),
+            Err(EngineError::StaleAttempt { .. })
+        ));
         t.abort("k", 2, 120).unwrap();
         assert!(t.get("k", 120).is_none());
-        assert_eq!(t.begin("k", b"", 100, 1000, 130).unwrap(), BeginOutcome::Started { attempt: 3 });
+        assert_eq!(
+            t.begin("k", b"", 100, 1000, 130).unwrap(),
+            BeginOutcome::Started { attempt: 3 }
+        );
         // The owner's lock lapsed: completing now is refused.
         assert!(t.complete("k", 3, b"", 230).is_err());
     }
@@ -248,10 +292,16 @@ mod tests {
     fn caps_on_count_and_bytes() {
         let mut t = RecordTable::new(1, 1 << 20);
         t.begin("a", b"", 10, 10, 0).unwrap();
-        assert!(matches!(t.begin("b", b"", 10, 10, 0), Err(EngineError::Exhausted { .. })));
+        assert!(matches!(
+            t.begin("b", b"", 10, 10, 0),
+            Err(EngineError::Exhausted { .. })
+        ));
         let mut t = RecordTable::new(10, 200);
         t.begin("a", b"", 10, 10, 0).unwrap();
-        assert!(matches!(t.complete("a", 1, &[0; 200], 0), Err(EngineError::Exhausted { .. })));
+        assert!(matches!(
+            t.complete("a", 1, &[0; 200], 0),
+            Err(EngineError::Exhausted { .. })
+        ));
         t.complete("a", 1, &[0; 10], 0).unwrap();
     }
 }

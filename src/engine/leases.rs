@@ -6,7 +6,7 @@
 //! even after a name's lease was purged, and tokens for one name strictly
 //! increase with every new grant.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 
 use serde::{Deserialize, Serialize};
 
@@ -56,6 +56,10 @@ pub struct LeaseTable {
     held: HashMap<String, Held>,
     /// The last fencing token granted (0 = none yet).
     last_token: u64,
+    /// (deadline, name) of every stored lease: finds the next expiry and the
+    /// lapsed leases without scanning the table.
+    #[serde(skip)]
+    deadlines: BTreeSet<(u64, String)>,
     #[serde(skip)]
     max_leases: usize,
 }
@@ -78,8 +82,23 @@ impl LeaseTable {
         }
     }
 
-    pub(crate) fn set_max(&mut self, max_leases: usize) {
+    /// Re-applies limits and rebuilds the deadline index after a restore.
+    pub(crate) fn restored(&mut self, max_leases: usize) {
         self.max_leases = max_leases;
+        self.deadlines = self
+            .held
+            .iter()
+            .map(|(n, h)| (h.expires_at_ms, n.clone()))
+            .collect();
+    }
+
+    fn set_deadline(&mut self, name: &str, old: Option<u64>, new: Option<u64>) {
+        if let Some(old) = old {
+            self.deadlines.remove(&(old, name.to_owned()));
+        }
+        if let Some(new) = new {
+            self.deadlines.insert((new, name.to_owned()));
+        }
     }
 
     /// Stored leases, including lapsed ones not yet swept.
@@ -105,16 +124,24 @@ impl LeaseTable {
 
     /// Grants a free or lapsed lease, renews the holder's own, or reports the
     /// other holder's (`acquired = false`).
-    pub fn acquire(&mut self, name: &str, holder: &str, ttl_ms: u64, now_ms: u64, events: &mut Vec<LeaseEvent>) -> Result<(bool, Lease), EngineError> {
+    pub fn acquire(
+        &mut self,
+        name: &str,
+        holder: &str,
+        ttl_ms: u64,
+        now_ms: u64,
+        events: &mut Vec<LeaseEvent>,
+    ) -> Result<(bool, Lease), EngineError> {
         let expires_at_ms = now_ms.saturating_add(ttl_ms);
         if let Some(h) = self.live(name, now_ms) {
             if h.holder != holder {
                 return Ok((false, view(name, h)));
             }
             let h = self.held.get_mut(name).expect("live lease is stored");
+            let old = std::mem::replace(&mut h.expires_at_ms, expires_at_ms);
             h.ttl_ms = ttl_ms;
-            h.expires_at_ms = expires_at_ms;
             let lease = view(name, h);
+            self.set_deadline(name, Some(old), Some(expires_at_ms));
             events.push(LeaseEvent {
                 kind: LeaseEventKind::Renewed,
                 lease: lease.clone(),
@@ -122,6 +149,7 @@ impl LeaseTable {
             return Ok((true, lease));
         }
         if let Some(old) = self.held.remove(name) {
+            self.set_deadline(name, Some(old.expires_at_ms), None);
             // Lapsed but not yet swept: watchers learn it expired first.
             events.push(LeaseEvent {
                 kind: LeaseEventKind::Expired,
@@ -142,6 +170,7 @@ impl LeaseTable {
         };
         let lease = view(name, &h);
         self.held.insert(name.to_owned(), h);
+        self.set_deadline(name, None, Some(expires_at_ms));
         events.push(LeaseEvent {
             kind: LeaseEventKind::Acquired,
             lease: lease.clone(),
@@ -149,9 +178,19 @@ impl LeaseTable {
         Ok((true, lease))
     }
 
-    fn owned_mut(&mut self, name: &str, holder: &str, token: u64, now_ms: u64) -> Result<&mut Held, EngineError> {
+    fn owned_mut(
+        &mut self,
+        name: &str,
+        holder: &str,
+        token: u64,
+        now_ms: u64,
+    ) -> Result<&mut Held, EngineError> {
         match self.held.get_mut(name) {
-            Some(h) if now_ms < h.expires_at_ms && h.holder == holder && h.fencing_token == token => Ok(h),
+            Some(h)
+                if now_ms < h.expires_at_ms && h.holder == holder && h.fencing_token == token =>
+            {
+                Ok(h)
+            }
             _ => Err(EngineError::NotHolder {
                 name: name.to_owned(),
                 holder: holder.to_owned(),
@@ -160,11 +199,21 @@ impl LeaseTable {
         }
     }
 
-    pub fn renew(&mut self, name: &str, holder: &str, token: u64, ttl_ms: u64, now_ms: u64, events: &mut Vec<LeaseEvent>) -> Result<Lease, EngineError> {
+    pub fn renew(
+        &mut self,
+        name: &str,
+        holder: &str,
+        token: u64,
+        ttl_ms: u64,
+        now_ms: u64,
+        events: &mut Vec<LeaseEvent>,
+    ) -> Result<Lease, EngineError> {
         let h = self.owned_mut(name, holder, token, now_ms)?;
+        let new = now_ms.saturating_add(ttl_ms);
+        let old = std::mem::replace(&mut h.expires_at_ms, new);
         h.ttl_ms = ttl_ms;
-        h.expires_at_ms = now_ms.saturating_add(ttl_ms);
         let lease = view(name, h);
+        self.set_deadline(name, Some(old), Some(new));
         events.push(LeaseEvent {
             kind: LeaseEventKind::Renewed,
             lease: lease.clone(),
@@ -172,9 +221,17 @@ impl LeaseTable {
         Ok(lease)
     }
 
-    pub fn release(&mut self, name: &str, holder: &str, token: u64, now_ms: u64, events: &mut Vec<LeaseEvent>) -> Result<Lease, EngineError> {
+    pub fn release(
+        &mut self,
+        name: &str,
+        holder: &str,
+        token: u64,
+        now_ms: u64,
+        events: &mut Vec<LeaseEvent>,
+    ) -> Result<Lease, EngineError> {
         self.owned_mut(name, holder, token, now_ms)?;
         let h = self.held.remove(name).expect("owned lease is stored");
+        self.set_deadline(name, Some(h.expires_at_ms), None);
         let lease = view(name, &h);
         events.push(LeaseEvent {
             kind: LeaseEventKind::Released,
@@ -183,28 +240,29 @@ impl LeaseTable {
         Ok(lease)
     }
 
-    /// Purges lapsed leases, reporting each as expired.
+    /// Purges lapsed leases, reporting each as expired (in deadline, then
+    /// name order, the same on every replica).
     pub fn sweep(&mut self, now_ms: u64, events: &mut Vec<LeaseEvent>) -> usize {
-        let before = self.held.len();
-        let first = events.len();
-        self.held.retain(|name, h| {
-            let live = now_ms < h.expires_at_ms;
-            if !live {
+        let mut n = 0;
+        while let Some((deadline, _)) = self.deadlines.first() {
+            if *deadline > now_ms {
+                break;
+            }
+            let (_, name) = self.deadlines.pop_first().expect("first exists");
+            if let Some(h) = self.held.remove(&name) {
                 events.push(LeaseEvent {
                     kind: LeaseEventKind::Expired,
-                    lease: view(name, h),
+                    lease: view(&name, &h),
                 });
+                n += 1;
             }
-            live
-        });
-        // Sorted so every replica reports the same order.
-        events[first..].sort_by(|a, b| a.lease.name.cmp(&b.lease.name));
-        before - self.held.len()
+        }
+        n
     }
 
     /// The earliest deadline of any stored lease.
     pub fn next_expiry(&self) -> Option<u64> {
-        self.held.values().map(|h| h.expires_at_ms).min()
+        self.deadlines.first().map(|d| d.0)
     }
 
     /// Every stored lease, sorted by name.
@@ -233,7 +291,10 @@ mod tests {
         let (ok, a2) = t.acquire("db", "alice", 100, 60, ev).unwrap();
         assert!(ok);
         assert_eq!((a2.fencing_token, a2.expires_at_ms), (1, 160));
-        assert!(matches!(t.renew("db", "alice", 2, 100, 70, ev), Err(EngineError::NotHolder { .. })));
+        assert!(matches!(
+            t.renew("db", "alice", 2, 100, 70, ev),
+            Err(EngineError::NotHolder { .. })
+        ));
         t.release("db", "alice", 1, 80, ev).unwrap();
         assert!(t.get("db", 80).is_none());
         let (_, b) = t.acquire("db", "bob", 100, 90, ev).unwrap();
@@ -265,7 +326,10 @@ mod tests {
         let mut t = LeaseTable::new(1);
         let ev = &mut Vec::new();
         t.acquire("a", "h", 10, 0, ev).unwrap();
-        assert!(matches!(t.acquire("b", "h", 10, 0, ev), Err(EngineError::Exhausted { .. })));
+        assert!(matches!(
+            t.acquire("b", "h", 10, 0, ev),
+            Err(EngineError::Exhausted { .. })
+        ));
         // A lapsed lease's slot is reused without a sweep.
         t.acquire("a", "h2", 10, 10, ev).unwrap();
     }

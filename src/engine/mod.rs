@@ -67,7 +67,9 @@ pub enum Command {
         all_or_nothing: bool,
     },
     /// Rate-limit state replicated from the deciding node: plain upserts.
-    SyncLimits { cells: Vec<(String, Cell)> },
+    SyncLimits {
+        cells: Vec<(String, Cell)>,
+    },
     Acquire {
         name: String,
         holder: String,
@@ -95,7 +97,10 @@ pub enum Command {
         attempt: u64,
         response: Vec<u8>,
     },
-    Abort { key: String, attempt: u64 },
+    Abort {
+        key: String,
+        attempt: u64,
+    },
     /// Purges lapsed leases (reporting them expired) and records.
     Sweep,
 }
@@ -177,7 +182,9 @@ impl Engine {
                 ttl_ms,
             } => {
                 let (acquired, lease) =
-                    self.durable().leases.acquire(&name, &holder, ttl_ms, now_ms, &mut events)?;
+                    self.durable()
+                        .leases
+                        .acquire(&name, &holder, ttl_ms, now_ms, &mut events)?;
                 Outcome::Acquired { acquired, lease }
             }
             Command::Renew {
@@ -221,7 +228,9 @@ impl Engine {
                 attempt,
                 response,
             } => {
-                self.durable().records.complete(&key, attempt, &response, now_ms)?;
+                self.durable()
+                    .records
+                    .complete(&key, attempt, &response, now_ms)?;
                 Outcome::Completed
             }
             Command::Abort { key, attempt } => {
@@ -239,7 +248,12 @@ impl Engine {
     }
 
     /// Rate-limit decisions without building a [`Command`]: the hot path.
-    pub fn check(&self, checks: &[LimitCheck], all_or_nothing: bool, now_ms: u64) -> Result<Vec<LimitResult>, EngineError> {
+    pub fn check(
+        &self,
+        checks: &[LimitCheck],
+        all_or_nothing: bool,
+        now_ms: u64,
+    ) -> Result<Vec<LimitResult>, EngineError> {
         self.limits.check(checks, all_or_nothing, now_ms)
     }
 
@@ -277,7 +291,12 @@ impl Engine {
     /// Live counts: (rate-limit keys, leases, records, record bytes).
     pub fn counts(&self) -> (usize, usize, usize, usize) {
         let d = self.durable();
-        (self.limits.len(), d.leases.len(), d.records.len(), d.records.bytes())
+        (
+            self.limits.len(),
+            d.leases.len(),
+            d.records.len(),
+            d.records.bytes(),
+        )
     }
 
     pub fn snapshot(&self) -> Snapshot {
@@ -295,9 +314,10 @@ impl Engine {
         {
             let mut d = engine.durable();
             d.leases = snapshot.leases;
-            d.leases.set_max(config.max_leases);
+            d.leases.restored(config.max_leases);
             d.records = snapshot.records;
-            d.records.set_max(config.max_records, config.max_record_bytes);
+            d.records
+                .restored(config.max_records, config.max_record_bytes);
         }
         engine
     }

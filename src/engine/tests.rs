@@ -50,7 +50,11 @@ fn all_or_nothing_consumes_nothing_when_one_denies() {
     assert!(checked(&e, vec![tenant.clone()], false, 0)[0].allowed); // tenant now empty
     let r = checked(&e, vec![user.clone(), tenant.clone()], true, 0);
     assert!(!r[0].allowed && !r[1].allowed);
-    assert_eq!((r[0].remaining, r[0].retry_after_ms), (5, 0), "the passing check reports no consumption");
+    assert_eq!(
+        (r[0].remaining, r[0].retry_after_ms),
+        (5, 0),
+        "the passing check reports no consumption"
+    );
     assert_eq!(r[1].retry_after_ms, 5000);
     let peek = checked(&e, vec![check("user", TB, 0)], false, 0);
     assert_eq!(peek[0].remaining, 5);
@@ -80,9 +84,15 @@ fn key_cap_is_resource_exhausted_and_sweep_frees_it() {
     assert!(matches!(err, EngineError::Exhausted { max: 2, .. }));
     // Peeks and denials on new keys store nothing, so they still work.
     assert!(e.check(&[check("c", TB, 0)], false, 0).is_ok());
-    assert!(e.check(&[check("a", TB, 1), check("c", TB, 1)], true, 0).is_err());
+    assert!(e
+        .check(&[check("a", TB, 1), check("c", TB, 1)], true, 0)
+        .is_err());
     assert_eq!(e.sweep_limits(999), 0);
-    assert_eq!(e.sweep_limits(1000), 2, "both buckets are full again at 1 s");
+    assert_eq!(
+        e.sweep_limits(1000),
+        2,
+        "both buckets are full again at 1 s"
+    );
     assert!(e.check(&[check("c", TB, 1)], false, 1000).is_ok());
 }
 
@@ -111,9 +121,15 @@ fn snapshot_round_trips_through_serde() {
     .unwrap();
     let snap = e.snapshot();
     let json = serde_json::to_string(&snap).unwrap();
-    let restored = Engine::restore(EngineConfig::default(), serde_json::from_str(&json).unwrap());
+    let restored = Engine::restore(
+        EngineConfig::default(),
+        serde_json::from_str(&json).unwrap(),
+    );
     assert_eq!(restored.snapshot(), snap);
-    assert_eq!(restored.check(&[check("k", TB, 0)], false, 0).unwrap()[0].remaining, 3);
+    assert_eq!(
+        restored.check(&[check("k", TB, 0)], false, 0).unwrap()[0].remaining,
+        3
+    );
     // The restored fencing counter continues.
     let a = restored
         .apply(
@@ -140,7 +156,10 @@ fn sync_limits_upserts_state() {
         0,
     )
     .unwrap();
-    assert_eq!(b.check(&[check("k", TB, 0)], false, 0).unwrap()[0].remaining, 1);
+    assert_eq!(
+        b.check(&[check("k", TB, 0)], false, 0).unwrap()[0].remaining,
+        1
+    );
 }
 
 #[test]
@@ -158,7 +177,13 @@ fn sweep_reports_expired_leases() {
     assert!(!e.sweep_due(99));
     assert!(e.sweep_due(100));
     let a = e.apply(Command::Sweep, 100).unwrap();
-    assert_eq!(a.outcome, Outcome::Swept { leases: 1, records: 0 });
+    assert_eq!(
+        a.outcome,
+        Outcome::Swept {
+            leases: 1,
+            records: 0
+        }
+    );
     assert_eq!(a.events[0].kind, LeaseEventKind::Expired);
 }
 

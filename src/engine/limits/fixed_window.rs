@@ -24,7 +24,12 @@ impl FixedWindow {
         }
     }
 
-    pub(super) fn decide(&self, cell: Option<&Cell>, now_ms: u64, cost: u64) -> (LimitResult, Option<Cell>) {
+    pub(super) fn decide(
+        &self,
+        cell: Option<&Cell>,
+        now_ms: u64,
+        cost: u64,
+    ) -> (LimitResult, Option<Cell>) {
         let start = now_ms - now_ms % self.window;
         let count = match cell {
             Some(c) if c.kind() == KIND_FIXED_WINDOW && now_ms < idle_at(c) => c.a,

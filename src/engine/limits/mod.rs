@@ -159,7 +159,12 @@ impl Cell {
 /// Decides `cost` against `def` given the stored cell (None = absent key).
 /// Returns the result and, when the check consumed something, the cell to
 /// store. Pure: same inputs, same outputs.
-pub fn decide(def: &LimitDef, cell: Option<&Cell>, now_ms: u64, cost: u64) -> (LimitResult, Option<Cell>) {
+pub fn decide(
+    def: &LimitDef,
+    cell: Option<&Cell>,
+    now_ms: u64,
+    cost: u64,
+) -> (LimitResult, Option<Cell>) {
     match *def {
         LimitDef::TokenBucket {
             capacity,

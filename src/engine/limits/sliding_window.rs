@@ -91,7 +91,12 @@ impl SlidingWindow {
         (u128::from(s.prev) * (w - u128::from(e))).div_ceil(w)
     }
 
-    pub(super) fn decide(&self, cell: Option<&Cell>, now_ms: u64, cost: u64) -> (LimitResult, Option<Cell>) {
+    pub(super) fn decide(
+        &self,
+        cell: Option<&Cell>,
+        now_ms: u64,
+        cost: u64,
+    ) -> (LimitResult, Option<Cell>) {
         let mut s = self.load(cell, now_ms);
         let w = self.window;
         let e = now_ms.max(s.start) - s.start; // < w
@@ -154,10 +159,16 @@ impl SlidingWindow {
             // In the next window, where this window's count is the previous
             // one: the first e'' with cur * (w - e'') <= (limit - cost) * w.
             let room = limit - cost;
-            let e2 = if cur == 0 { 0 } else { w - (room * w / cur).min(w) };
+            let e2 = if cur == 0 {
+                0
+            } else {
+                w - (room * w / cur).min(w)
+            };
             w + e2
         };
-        u64::try_from(at.saturating_sub(e)).unwrap_or(u64::MAX).max(1)
+        u64::try_from(at.saturating_sub(e))
+            .unwrap_or(u64::MAX)
+            .max(1)
     }
 }
 

@@ -40,7 +40,9 @@ impl LimitTable {
     pub fn new(shards: usize, max_keys: usize) -> Self {
         let n = shards.clamp(1, 1024).next_power_of_two();
         Self {
-            shards: (0..n).map(|_| Shard(Mutex::new(HashTable::new()))).collect(),
+            shards: (0..n)
+                .map(|_| Shard(Mutex::new(HashTable::new())))
+                .collect(),
             hasher: DefaultHashBuilder::default(),
             live: AtomicUsize::new(0),
             max_keys,
@@ -65,7 +67,12 @@ impl LimitTable {
     /// are allowed. Fails only when a new key would exceed the key cap (with
     /// `all_or_nothing`, before anything is consumed; otherwise the checks
     /// before the failing one keep their consumption).
-    pub fn check(&self, checks: &[LimitCheck], all_or_nothing: bool, now_ms: u64) -> Result<Vec<LimitResult>, EngineError> {
+    pub fn check(
+        &self,
+        checks: &[LimitCheck],
+        all_or_nothing: bool,
+        now_ms: u64,
+    ) -> Result<Vec<LimitResult>, EngineError> {
         if all_or_nothing && checks.len() > 1 {
             return self.check_atomic(checks, now_ms);
         }
@@ -74,7 +81,12 @@ impl LimitTable {
             let (h, s) = self.locate(&check.key);
             let mut table = lock(&self.shards[s]);
             let stored = table.find_mut(h, |e| *e.0 == *check.key);
-            let (result, cell) = decide(&check.limit, stored.as_ref().map(|e| &e.1), now_ms, check.cost);
+            let (result, cell) = decide(
+                &check.limit,
+                stored.as_ref().map(|e| &e.1),
+                now_ms,
+                check.cost,
+            );
             // A dry run decides for the real cost but stores nothing.
             if let Some(cell) = cell.filter(|_| !check.dry_run) {
                 match stored {
@@ -87,7 +99,13 @@ impl LimitTable {
         Ok(results)
     }
 
-    fn insert(&self, table: &mut HashTable<Entry>, h: u64, key: &str, cell: Cell) -> Result<(), EngineError> {
+    fn insert(
+        &self,
+        table: &mut HashTable<Entry>,
+        h: u64,
+        key: &str,
+        cell: Cell,
+    ) -> Result<(), EngineError> {
         if self.live.fetch_add(1, Ordering::Relaxed) >= self.max_keys {
             self.live.fetch_sub(1, Ordering::Relaxed);
             return Err(EngineError::Exhausted {
@@ -103,7 +121,11 @@ impl LimitTable {
     /// All-or-nothing: lock every shard involved (in index order, so
     /// concurrent requests cannot deadlock), decide all checks against a
     /// scratch overlay (a key may appear twice), then store only if all pass.
-    fn check_atomic(&self, checks: &[LimitCheck], now_ms: u64) -> Result<Vec<LimitResult>, EngineError> {
+    fn check_atomic(
+        &self,
+        checks: &[LimitCheck],
+        now_ms: u64,
+    ) -> Result<Vec<LimitResult>, EngineError> {
         let located: Vec<(u64, usize)> = checks.iter().map(|c| self.locate(&c.key)).collect();
         let mut order: Vec<usize> = located.iter().map(|l| l.1).collect();
         order.sort_unstable();
@@ -166,7 +188,9 @@ impl LimitTable {
             match table.find_mut(h, |e| *e.0 == *checks[i].key) {
                 Some(e) => e.1 = cell,
                 None => {
-                    table.insert_unique(h, (checks[i].key.as_str().into(), cell), |e| hasher.hash_one(&*e.0));
+                    table.insert_unique(h, (checks[i].key.as_str().into(), cell), |e| {
+                        hasher.hash_one(&*e.0)
+                    });
                 }
             }
         }
@@ -184,7 +208,8 @@ impl LimitTable {
             match table.find_mut(h, |e| *e.0 == *key) {
                 Some(e) => e.1 = cell,
                 None => {
-                    table.insert_unique(h, (key.into_boxed_str(), cell), |e| hasher.hash_one(&*e.0));
+                    table
+                        .insert_unique(h, (key.into_boxed_str(), cell), |e| hasher.hash_one(&*e.0));
                     self.live.fetch_add(1, Ordering::Relaxed);
                 }
             }

@@ -94,11 +94,17 @@ impl TokenBucket {
         if s.tokens >= tokens {
             return 0;
         }
-        let need = u128::from(tokens - s.tokens) * u128::from(self.interval) - u128::from(s.residual);
+        let need =
+            u128::from(tokens - s.tokens) * u128::from(self.interval) - u128::from(s.residual);
         div_ceil_sat(need, u128::from(self.refill))
     }
 
-    pub(super) fn decide(&self, cell: Option<&Cell>, now_ms: u64, cost: u64) -> (LimitResult, Option<Cell>) {
+    pub(super) fn decide(
+        &self,
+        cell: Option<&Cell>,
+        now_ms: u64,
+        cost: u64,
+    ) -> (LimitResult, Option<Cell>) {
         let mut s = self.load(cell, now_ms);
         let allowed = cost <= s.tokens;
         let retry_after_ms = if allowed {
@@ -180,7 +186,7 @@ mod tests {
         assert!(!r.allowed);
         assert_eq!(r.retry_after_ms, 1);
         assert!(run(&def, &mut cell, 2, 1).allowed); // 1 token at 1.5 ms, used
-        // At 3 ms the second token arrives (3 ms * 2/3 = 2 tokens total).
+                                                     // At 3 ms the second token arrives (3 ms * 2/3 = 2 tokens total).
         assert!(!run(&def, &mut cell, 2, 1).allowed);
         let r = run(&def, &mut cell, 3, 1);
         assert!(r.allowed);

@@ -1,0 +1,18 @@
+//! The single mapping from engine refusals to gRPC status codes.
+
+use tonic::Status;
+
+use crate::engine::EngineError;
+
+pub fn to_status(e: EngineError) -> Status {
+    match e {
+        // The caller's view of ownership is out of date; retrying the same
+        // call cannot succeed, so this is not UNAVAILABLE or ABORTED.
+        EngineError::NotHolder { .. } | EngineError::StaleAttempt { .. } => {
+            Status::failed_precondition(e.to_string())
+        }
+        // A configured memory bound; the service stays up and the caller may
+        // retry later once sweeps free room.
+        EngineError::Exhausted { .. } => Status::resource_exhausted(e.to_string()),
+    }
+}

@@ -1,0 +1,139 @@
+//! `arbiter.v1.Idempotency`: writes go through the node's ordered write path.
+
+use std::time::Instant;
+
+use tonic::{Request, Response, Status};
+
+use super::{convert, error, Shared};
+use crate::engine::{BeginOutcome, Command, Outcome};
+use crate::metrics::Rpc;
+use crate::proto::idempotency_server::Idempotency;
+use crate::proto::{
+    AbortRequest, AbortResponse, BeginRequest, BeginResponse, CompleteRequest, CompleteResponse,
+    GetRecordRequest, GetRecordResponse, Outcome as PbOutcome,
+};
+
+pub struct IdempotencyService(pub Shared);
+
+#[tonic::async_trait]
+impl Idempotency for IdempotencyService {
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn begin(
+        &self,
+        request: Request<BeginRequest>,
+    ) -> Result<Response<BeginResponse>, Status> {
+        let start = Instant::now();
+        let s = &self.0;
+        let b = s.bounds;
+        let r = request.into_inner();
+        convert::key(&r.key, || "key".into())?;
+        convert::bytes(&r.fingerprint, "fingerprint", convert::MAX_KEY_BYTES)?;
+        convert::ttl(r.lock_ttl_ms, "lock_ttl_ms", b.max_ttl_ms)?;
+        let retention_ms = match r.retention_ms {
+            0 => b.default_retention_ms,
+            ms => {
+                convert::ttl(ms, "retention_ms", b.max_retention_ms)?;
+                ms
+            }
+        };
+        let (applied, _) = s
+            .node
+            .write(Command::Begin {
+                key: r.key,
+                fingerprint: r.fingerprint,
+                lock_ttl_ms: r.lock_ttl_ms,
+                retention_ms,
+            })
+            .map_err(error::to_status)?;
+        s.metrics.observe(Rpc::Begin, start);
+        let Outcome::Begun(outcome) = applied.outcome else {
+            return Err(Status::internal(format!(
+                "unexpected engine outcome {:?}",
+                applied.outcome
+            )));
+        };
+        let reply = match outcome {
+            BeginOutcome::Started { attempt } => BeginResponse {
+                outcome: PbOutcome::Started as i32,
+                attempt,
+                ..Default::default()
+            },
+            BeginOutcome::InProgress {
+                attempt,
+                retry_after_ms,
+            } => BeginResponse {
+                outcome: PbOutcome::InProgress as i32,
+                attempt,
+                retry_after_ms,
+                ..Default::default()
+            },
+            BeginOutcome::Completed { attempt, response } => BeginResponse {
+                outcome: PbOutcome::Completed as i32,
+                attempt,
+                response,
+                ..Default::default()
+            },
+            BeginOutcome::FingerprintMismatch => BeginResponse {
+                outcome: PbOutcome::FingerprintMismatch as i32,
+                ..Default::default()
+            },
+        };
+        Ok(Response::new(reply))
+    }
+
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn complete(
+        &self,
+        request: Request<CompleteRequest>,
+    ) -> Result<Response<CompleteResponse>, Status> {
+        let start = Instant::now();
+        let s = &self.0;
+        let r = request.into_inner();
+        convert::key(&r.key, || "key".into())?;
+        convert::bytes(&r.response, "response", s.bounds.max_response_bytes)?;
+        s.node
+            .write(Command::Complete {
+                key: r.key,
+                attempt: r.attempt,
+                response: r.response,
+            })
+            .map_err(error::to_status)?;
+        s.metrics.observe(Rpc::Complete, start);
+        Ok(Response::new(CompleteResponse {}))
+    }
+
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn abort(
+        &self,
+        request: Request<AbortRequest>,
+    ) -> Result<Response<AbortResponse>, Status> {
+        let start = Instant::now();
+        let s = &self.0;
+        let r = request.into_inner();
+        convert::key(&r.key, || "key".into())?;
+        s.node
+            .write(Command::Abort {
+                key: r.key,
+                attempt: r.attempt,
+            })
+            .map_err(error::to_status)?;
+        s.metrics.observe(Rpc::Abort, start);
+        Ok(Response::new(AbortResponse {}))
+    }
+
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn get(
+        &self,
+        request: Request<GetRecordRequest>,
+    ) -> Result<Response<GetRecordResponse>, Status> {
+        let start = Instant::now();
+        let s = &self.0;
+        let r = request.into_inner();
+        convert::key(&r.key, || "key".into())?;
+        let (record, now) = s.node.record(&r.key);
+        s.metrics.observe(Rpc::GetRecord, start);
+        Ok(Response::new(GetRecordResponse {
+            record: record.map(|rec| convert::record(r.key, rec, now)),
+        }))
+    }
+}

@@ -1,0 +1,182 @@
+//! `arbiter.v1.Leases`: writes go through the node's ordered write path;
+//! `Watch` streams the current state, then every change.
+
+use std::pin::Pin;
+use std::time::Instant;
+
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+use super::{convert, error, Shared};
+use crate::engine::{Command, Outcome};
+use crate::metrics::Rpc;
+use crate::proto::leases_server::Leases;
+use crate::proto::{
+    lease_event, AcquireRequest, AcquireResponse, GetLeaseRequest, GetLeaseResponse, LeaseEvent,
+    ReleaseRequest, ReleaseResponse, RenewRequest, RenewResponse, WatchLeaseRequest,
+};
+
+pub struct LeasesService(pub Shared);
+
+/// Events queued per watch stream towards a slow client.
+const STREAM_BUFFER: usize = 64;
+
+fn name_and_holder(name: &str, holder: &str) -> Result<(), Status> {
+    convert::key(name, || "name".into())?;
+    convert::key(holder, || "holder".into())
+}
+
+fn unexpected(outcome: Outcome) -> Status {
+    Status::internal(format!("unexpected engine outcome {outcome:?}"))
+}
+
+#[tonic::async_trait]
+impl Leases for LeasesService {
+    #[tracing::instrument(level = "debug", skip_all, fields(name, holder))]
+    async fn acquire(
+        &self,
+        request: Request<AcquireRequest>,
+    ) -> Result<Response<AcquireResponse>, Status> {
+        let start = Instant::now();
+        let s = &self.0;
+        let r = request.into_inner();
+        name_and_holder(&r.name, &r.holder)?;
+        convert::ttl(r.ttl_ms, "ttl_ms", s.bounds.max_ttl_ms)?;
+        let (applied, now) = s
+            .node
+            .write(Command::Acquire {
+                name: r.name,
+                holder: r.holder,
+                ttl_ms: r.ttl_ms,
+            })
+            .map_err(error::to_status)?;
+        s.metrics.observe(Rpc::Acquire, start);
+        match applied.outcome {
+            Outcome::Acquired { acquired, lease } => Ok(Response::new(AcquireResponse {
+                acquired,
+                lease: Some(convert::lease(lease, now)),
+            })),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn renew(
+        &self,
+        request: Request<RenewRequest>,
+    ) -> Result<Response<RenewResponse>, Status> {
+        let start = Instant::now();
+        let s = &self.0;
+        let r = request.into_inner();
+        name_and_holder(&r.name, &r.holder)?;
+        convert::ttl(r.ttl_ms, "ttl_ms", s.bounds.max_ttl_ms)?;
+        let (applied, now) = s
+            .node
+            .write(Command::Renew {
+                name: r.name,
+                holder: r.holder,
+                fencing_token: r.fencing_token,
+                ttl_ms: r.ttl_ms,
+            })
+            .map_err(error::to_status)?;
+        s.metrics.observe(Rpc::Renew, start);
+        match applied.outcome {
+            Outcome::Renewed(lease) => Ok(Response::new(RenewResponse {
+                lease: Some(convert::lease(lease, now)),
+            })),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn release(
+        &self,
+        request: Request<ReleaseRequest>,
+    ) -> Result<Response<ReleaseResponse>, Status> {
+        let start = Instant::now();
+        let s = &self.0;
+        let r = request.into_inner();
+        name_and_holder(&r.name, &r.holder)?;
+        let (applied, now) = s
+            .node
+            .write(Command::Release {
+                name: r.name,
+                holder: r.holder,
+                fencing_token: r.fencing_token,
+            })
+            .map_err(error::to_status)?;
+        s.metrics.observe(Rpc::Release, start);
+        match applied.outcome {
+            Outcome::Released(lease) => Ok(Response::new(ReleaseResponse {
+                lease: Some(convert::lease(lease, now)),
+            })),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn get(
+        &self,
+        request: Request<GetLeaseRequest>,
+    ) -> Result<Response<GetLeaseResponse>, Status> {
+        let start = Instant::now();
+        let s = &self.0;
+        let r = request.into_inner();
+        convert::key(&r.name, || "name".into())?;
+        let (lease, now) = s.node.lease(&r.name);
+        s.metrics.observe(Rpc::GetLease, start);
+        Ok(Response::new(GetLeaseResponse {
+            lease: lease.map(|l| convert::lease(l, now)),
+        }))
+    }
+
+    type WatchStream = Pin<Box<dyn Stream<Item = Result<LeaseEvent, Status>> + Send>>;
+
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn watch(
+        &self,
+        request: Request<WatchLeaseRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let name = request.into_inner().name;
+        convert::key(&name, || "name".into())?;
+        let node = self.0.node.clone();
+        let (lease, now, mut events) = node.watch(&name);
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        let current = |lease: Option<crate::engine::Lease>, now| LeaseEvent {
+            kind: lease_event::Kind::Current as i32,
+            lease: lease.map(|l| convert::lease(l, now)),
+        };
+        let mut shutdown = node.shutdown_signal();
+        tokio::spawn(async move {
+            if tx.send(Ok(current(lease, now))).await.is_err() {
+                return;
+            }
+            loop {
+                let event = tokio::select! {
+                    e = events.recv() => e,
+                    _ = tx.closed() => return, // the client went away
+                    _ = crate::node::Node::stopped(&mut shutdown) => {
+                        let _ = tx.send(Err(Status::unavailable("server is shutting down; watch again"))).await;
+                        return;
+                    }
+                };
+                let out = match event {
+                    Ok(e) => convert::lease_event(e, node.now_ms()),
+                    // Too slow to keep up: start over from the current state
+                    // rather than silently skipping changes.
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        let (lease, now) = node.lease(&name);
+                        current(lease, now)
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                };
+                if tx.send(Ok(out)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}

@@ -1,0 +1,44 @@
+//! The gRPC layer: one file per service, conversions with validation in
+//! [`convert`], and the one engine-error → status mapping in [`error`].
+
+pub mod convert;
+pub mod error;
+pub mod idempotency;
+pub mod leases;
+pub mod rate_limiter;
+
+use std::sync::Arc;
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::node::Node;
+
+/// Request bounds the API enforces before anything reaches the engine.
+#[derive(Clone, Copy, Debug)]
+pub struct Bounds {
+    pub max_ttl_ms: u64,
+    pub default_retention_ms: u64,
+    pub max_retention_ms: u64,
+    pub max_response_bytes: usize,
+    pub max_checks: usize,
+}
+
+impl From<&Config> for Bounds {
+    fn from(c: &Config) -> Self {
+        Self {
+            max_ttl_ms: c.max_ttl_ms,
+            default_retention_ms: c.default_retention_ms,
+            max_retention_ms: c.max_retention_ms,
+            max_response_bytes: c.max_response_bytes,
+            max_checks: c.max_checks_per_request,
+        }
+    }
+}
+
+/// What every service handler needs.
+#[derive(Clone)]
+pub struct Shared {
+    pub node: Arc<Node>,
+    pub metrics: Arc<Metrics>,
+    pub bounds: Bounds,
+}

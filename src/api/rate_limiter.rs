@@ -1,0 +1,49 @@
+//! `arbiter.v1.RateLimiter`: decided at once from the sharded table.
+
+use std::time::Instant;
+
+use tonic::{Request, Response, Status};
+
+use super::{convert, error, Shared};
+use crate::metrics::Rpc;
+use crate::proto::rate_limiter_server::RateLimiter;
+use crate::proto::{CheckRequest, CheckResponse};
+
+pub struct RateLimiterService(pub Shared);
+
+#[tonic::async_trait]
+impl RateLimiter for RateLimiterService {
+    #[tracing::instrument(level = "debug", skip_all, fields(checks))]
+    async fn check(
+        &self,
+        request: Request<CheckRequest>,
+    ) -> Result<Response<CheckResponse>, Status> {
+        let start = Instant::now();
+        let s = &self.0;
+        let req = request.into_inner();
+        tracing::Span::current().record("checks", req.checks.len());
+        let n = req.checks.len();
+        if n == 0 || n > s.bounds.max_checks {
+            return Err(Status::invalid_argument(format!(
+                "checks: must hold 1 to {} checks, got {n}",
+                s.bounds.max_checks
+            )));
+        }
+        let checks = req
+            .checks
+            .into_iter()
+            .enumerate()
+            .map(|(i, c)| convert::limit_check(i, c))
+            .collect::<Result<Vec<_>, _>>()?;
+        let results = s
+            .node
+            .check(&checks, req.all_or_nothing)
+            .map_err(error::to_status)?;
+        let allowed = results.iter().filter(|r| r.allowed).count() as u64;
+        s.metrics.decisions(allowed, results.len() as u64 - allowed);
+        s.metrics.observe(Rpc::Check, start);
+        Ok(Response::new(CheckResponse {
+            results: results.into_iter().map(Into::into).collect(),
+        }))
+    }
+}
