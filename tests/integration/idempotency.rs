@@ -1,0 +1,102 @@
+use arbiter::proto::{record, AbortRequest, BeginRequest, CompleteRequest, GetRecordRequest, Outcome};
+use tonic::Code;
+
+use crate::support::{eventually, Server};
+
+fn begin(key: &str, fingerprint: &[u8], lock_ttl_ms: u64) -> BeginRequest {
+    BeginRequest {
+        key: key.into(),
+        fingerprint: fingerprint.to_vec(),
+        lock_ttl_ms,
+        retention_ms: 0,
+    }
+}
+
+#[tokio::test]
+async fn begin_complete_and_retries() {
+    let server = Server::start(&[]);
+    let mut c = server.idem().await;
+    let first = c.begin(begin("pay-1", b"sha:abc", 60_000)).await.unwrap().into_inner();
+    assert_eq!(first.outcome(), Outcome::Started);
+    let retry = c.begin(begin("pay-1", b"sha:abc", 60_000)).await.unwrap().into_inner();
+    assert_eq!(retry.outcome(), Outcome::InProgress);
+    assert_eq!(retry.attempt, first.attempt);
+    assert!(retry.retry_after_ms > 0 && retry.retry_after_ms <= 60_000);
+    let other = c.begin(begin("pay-1", b"sha:zzz", 60_000)).await.unwrap().into_inner();
+    assert_eq!(other.outcome(), Outcome::FingerprintMismatch);
+
+    c.complete(CompleteRequest {
+        key: "pay-1".into(),
+        attempt: first.attempt,
+        response: b"{\"status\":201}".to_vec(),
+    })
+    .await
+    .unwrap();
+    let done = c.begin(begin("pay-1", b"sha:abc", 60_000)).await.unwrap().into_inner();
+    assert_eq!(done.outcome(), Outcome::Completed);
+    assert_eq!(done.response, b"{\"status\":201}");
+
+    let rec = c.get(GetRecordRequest { key: "pay-1".into() }).await.unwrap().into_inner().record.unwrap();
+    assert_eq!(rec.state(), record::State::Completed);
+    assert_eq!(rec.fingerprint, b"sha:abc");
+    assert!(rec.expires_after_ms > 86_000_000, "default retention is a day: {rec:?}");
+    let again = c
+        .complete(CompleteRequest {
+            key: "pay-1".into(),
+            attempt: first.attempt,
+            response: vec![],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(again.code(), Code::FailedPrecondition);
+}
+
+#[tokio::test]
+async fn abort_frees_the_key_and_stale_attempts_are_refused() {
+    let server = Server::start(&[]);
+    let mut c = server.idem().await;
+    let a = c.begin(begin("job", b"", 60_000)).await.unwrap().into_inner();
+    c.abort(AbortRequest {
+        key: "job".into(),
+        attempt: a.attempt,
+    })
+    .await
+    .unwrap();
+    assert!(c.get(GetRecordRequest { key: "job".into() }).await.unwrap().into_inner().record.is_none());
+    let b = c.begin(begin("job", b"", 60_000)).await.unwrap().into_inner();
+    assert_eq!(b.outcome(), Outcome::Started);
+    assert!(b.attempt > a.attempt);
+    let stale = c
+        .abort(AbortRequest {
+            key: "job".into(),
+            attempt: a.attempt,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(stale.code(), Code::FailedPrecondition);
+}
+
+#[tokio::test]
+async fn lapsed_lock_lets_the_next_attempt_start() {
+    let server = Server::start(&[]);
+    let mut c = server.idem().await;
+    let a = c.begin(begin("lapse", b"", 100)).await.unwrap().into_inner();
+    let b = eventually("the lock to lapse", || {
+        let mut c = c.clone();
+        async move {
+            let r = c.begin(begin("lapse", b"", 60_000)).await.unwrap().into_inner();
+            (r.outcome() == Outcome::Started).then_some(r)
+        }
+    })
+    .await;
+    assert!(b.attempt > a.attempt);
+    let stale = c
+        .complete(CompleteRequest {
+            key: "lapse".into(),
+            attempt: a.attempt,
+            response: vec![],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(stale.code(), Code::FailedPrecondition);
+}

@@ -1,0 +1,11 @@
+//! Integration tests: each starts the real `arbiter` binary on OS-chosen
+//! loopback ports and talks to it over gRPC. One test binary with modules,
+//! so it links once.
+
+mod support;
+
+mod idempotency;
+mod leases;
+mod rate_limiter;
+mod server;
+mod validation;

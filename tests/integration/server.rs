@@ -1,0 +1,170 @@
+//! Health, reflection, metrics, data directory and graceful shutdown.
+
+use std::io::{Read, Write};
+
+use arbiter::proto::{AcquireRequest, WatchLeaseRequest};
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+use tonic_reflection::pb::v1::ServerReflectionRequest;
+
+use crate::rate_limiter::{lc, tb};
+use crate::support::{Server, DEADLINE};
+
+#[tokio::test]
+async fn health_serves_every_service() {
+    let server = Server::start(&[]);
+    let mut h = HealthClient::new(server.channel().await);
+    for service in ["", "arbiter.v1.RateLimiter", "arbiter.v1.Leases", "arbiter.v1.Idempotency"] {
+        let r = h
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.status(), ServingStatus::Serving, "{service:?}");
+    }
+    let unknown = h
+        .check(HealthCheckRequest {
+            service: "nope".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), tonic::Code::NotFound);
+}
+
+#[tokio::test]
+async fn reflection_lists_the_services() {
+    let server = Server::start(&[]);
+    let mut r = ServerReflectionClient::new(server.channel().await);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut stream = r
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let reply = stream.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = reply.message_response else {
+        panic!("unexpected reply {reply:?}");
+    };
+    let names: Vec<_> = list.service.into_iter().map(|s| s.name).collect();
+    for s in ["arbiter.v1.RateLimiter", "arbiter.v1.Leases", "arbiter.v1.Idempotency", "grpc.health.v1.Health"] {
+        assert!(names.iter().any(|n| n == s), "{s} missing from {names:?}");
+    }
+}
+
+fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+#[tokio::test]
+async fn metrics_count_decisions_latency_and_live_keys() {
+    let server = Server::start(&[]);
+    let mut c = server.limits().await;
+    for _ in 0..3 {
+        c.check(arbiter::proto::CheckRequest {
+            checks: vec![lc("m", tb(2, 1, 3_600_000), None)],
+            all_or_nothing: false,
+        })
+        .await
+        .unwrap();
+    }
+    let mut l = server.leases().await;
+    l.acquire(AcquireRequest {
+        name: "m".into(),
+        holder: "h".into(),
+        ttl_ms: 60_000,
+    })
+    .await
+    .unwrap();
+    let body = http_get(server.metrics, "/metrics");
+    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    for line in [
+        "arbiter_decisions_total{result=\"allowed\"} 2",
+        "arbiter_decisions_total{result=\"denied\"} 1",
+        "arbiter_rpc_duration_seconds_count{rpc=\"Check\"} 3",
+        "arbiter_rpc_duration_seconds_count{rpc=\"Acquire\"} 1",
+        "arbiter_live_keys{kind=\"rate_limit\"} 1",
+        "arbiter_live_keys{kind=\"lease\"} 1",
+    ] {
+        assert!(body.contains(line), "missing {line:?} in\n{body}");
+    }
+    assert!(http_get(server.metrics, "/healthz").starts_with("HTTP/1.1 200"));
+    assert!(http_get(server.metrics, "/nope").starts_with("HTTP/1.1 404"));
+}
+
+#[tokio::test]
+async fn creates_its_data_dir() {
+    let server = Server::start(&[]);
+    assert!(server.data_dir.is_dir());
+}
+
+#[tokio::test]
+async fn sigterm_drains_and_exits_zero_even_with_open_watches() {
+    let mut server = Server::start(&[]);
+    let mut l = server.leases().await;
+    let mut watch = l.watch(WatchLeaseRequest { name: "x".into() }).await.unwrap().into_inner();
+    watch.message().await.unwrap().unwrap(); // the CURRENT event
+    // Wait off the runtime so this client keeps answering HTTP/2 frames.
+    let (status, server) = tokio::task::spawn_blocking(move || (server.terminate(), server)).await.unwrap();
+    assert!(status.success(), "exit status {status:?}");
+    // The watch ended with a retryable status rather than hanging.
+    let end = tokio::time::timeout(DEADLINE, watch.message()).await.expect("stream ended");
+    match end {
+        Ok(None) => {}
+        Err(s) => assert!(matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled), "{s:?}"),
+        Ok(Some(e)) => panic!("unexpected event {e:?}"),
+    }
+    // The port is closed.
+    assert!(std::net::TcpStream::connect(server.addr).is_err());
+}
+
+#[test]
+fn cli_talks_to_a_running_server() {
+    let server = Server::start(&[]);
+    let url = format!("http://{}", server.addr);
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_arbiter"))
+            .args(args)
+            .args(["--server", &url])
+            .output()
+            .unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (code, out, _) = run(&["check", "--key", "cli", "--token-bucket", "1:1/1h"]);
+    assert_eq!(code, Some(0));
+    assert!(out.starts_with("allowed limit=1 remaining=0"), "{out}");
+    let (code, out, _) = run(&["check", "--key", "cli", "--token-bucket", "1:1/1h"]);
+    assert_eq!(code, Some(2), "denied exits 2: {out}");
+    assert!(out.starts_with("denied"));
+    let (code, out, _) = run(&["lease", "acquire", "svc", "--holder", "me", "--ttl", "1m"]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("acquired name=svc holder=me fencing_token="), "{out}");
+    let (_, out, _) = run(&["lease", "get", "svc"]);
+    assert!(out.contains("holder=me"), "{out}");
+    let (code, _, err) = run(&["lease", "release", "svc", "--holder", "other", "--token", "1"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("FailedPrecondition"), "{err}");
+    let (_, out, _) = run(&["idem", "begin", "order-7", "--fingerprint", "f"]);
+    assert!(out.starts_with("STARTED attempt="), "{out}");
+    let attempt = out.split("attempt=").nth(1).unwrap().split_whitespace().next().unwrap().to_owned();
+    let (code, _, _) = run(&["idem", "complete", "order-7", "--attempt", &attempt, "--response", "ok"]);
+    assert_eq!(code, Some(0));
+    let (_, out, _) = run(&["idem", "get", "order-7"]);
+    assert!(out.starts_with("COMPLETED") && out.contains("response=ok"), "{out}");
+    let (code, _, err) = run(&["check", "--key", "", "--token-bucket", "1:1/s"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("InvalidArgument") && err.contains("checks[0].key"), "{err}");
+}

@@ -1,0 +1,141 @@
+//! Starting and stopping a real server, and polling with deadlines.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use arbiter::proto::idempotency_client::IdempotencyClient;
+use arbiter::proto::leases_client::LeasesClient;
+use arbiter::proto::rate_limiter_client::RateLimiterClient;
+use tonic::transport::Channel;
+
+pub const DEADLINE: Duration = Duration::from_secs(10);
+
+pub struct Server {
+    child: Child,
+    pub addr: SocketAddr,
+    pub metrics: SocketAddr,
+    pub data_dir: PathBuf,
+}
+
+static NEXT: AtomicUsize = AtomicUsize::new(0);
+
+impl Server {
+    /// Starts `arbiter serve` with JSON logs on 127.0.0.1:0 ports and waits
+    /// (up to the deadline) for the line announcing the bound addresses.
+    pub fn start(extra: &[&str]) -> Server {
+        let data_dir = std::env::temp_dir().join(format!(
+            "arbiter-it-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&data_dir);
+        let mut child = Command::new(env!("CARGO_BIN_EXE_arbiter"))
+            .arg("serve")
+            .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--log-format", "json"])
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .args(extra)
+            .env_remove("ARBITER_LISTEN")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn arbiter");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                    if v["fields"]["message"] == "arbiter serving" {
+                        let addr = |k: &str| v["fields"][k].as_str().unwrap_or_default().parse::<SocketAddr>();
+                        if let (Ok(a), Ok(m)) = (addr("client"), addr("metrics")) {
+                            let _ = tx.send((a, m));
+                        }
+                    }
+                }
+                // Keep draining so the server never blocks on a full pipe.
+                if std::env::var_os("ARBITER_TEST_LOGS").is_some() {
+                    eprintln!("{line}");
+                }
+            }
+        });
+        let (addr, metrics) = rx
+            .recv_timeout(DEADLINE)
+            .unwrap_or_else(|_| panic!("server did not announce its address within {DEADLINE:?}"));
+        Server {
+            child,
+            addr,
+            metrics,
+            data_dir,
+        }
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.addr))
+            .expect("valid uri")
+            .connect()
+            .await
+            .expect("connect to arbiter")
+    }
+
+    pub async fn limits(&self) -> RateLimiterClient<Channel> {
+        RateLimiterClient::new(self.channel().await)
+    }
+
+    pub async fn leases(&self) -> LeasesClient<Channel> {
+        LeasesClient::new(self.channel().await)
+    }
+
+    pub async fn idem(&self) -> IdempotencyClient<Channel> {
+        IdempotencyClient::new(self.channel().await)
+    }
+
+    /// Sends SIGTERM and waits (up to the deadline) for the process to exit.
+    pub fn terminate(&mut self) -> ExitStatus {
+        let sent = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(sent.success());
+        self.wait_exit()
+    }
+
+    pub fn wait_exit(&mut self) -> ExitStatus {
+        let until = Instant::now() + DEADLINE;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(Instant::now() < until, "server did not exit within {DEADLINE:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.data_dir);
+    }
+}
+
+/// Polls `probe` until it returns Some, failing after the deadline.
+pub async fn eventually<T, F, Fut>(what: &str, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let until = Instant::now() + DEADLINE;
+    loop {
+        if let Some(v) = probe().await {
+            return v;
+        }
+        assert!(Instant::now() < until, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
