@@ -107,7 +107,7 @@ async fn windows_over_grpc() {
         let key = format!("{limit:?}");
         let mut allowed = Vec::new();
         for _ in 0..3 {
-            let r = c.check(req(vec![lc(&key, limit.clone(), None)], false)).await.unwrap().into_inner().results[0];
+            let r = c.check(req(vec![lc(&key, limit, None)], false)).await.unwrap().into_inner().results[0];
             allowed.push(r.allowed);
         }
         assert_eq!(allowed, [true, true, false]);

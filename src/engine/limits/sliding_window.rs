@@ -159,11 +159,7 @@ impl SlidingWindow {
             // In the next window, where this window's count is the previous
             // one: the first e'' with cur * (w - e'') <= (limit - cost) * w.
             let room = limit - cost;
-            let e2 = if cur == 0 {
-                0
-            } else {
-                w - (room * w / cur).min(w)
-            };
+            let e2 = (room * w).checked_div(cur).map_or(0, |q| w - q.min(w));
             w + e2
         };
         u64::try_from(at.saturating_sub(e))

@@ -8,6 +8,7 @@
 //! one and contention across 64 shards is negligible.
 
 use std::hash::BuildHasher;
+use std::num::NonZeroU8;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
@@ -16,7 +17,48 @@ use hashbrown::{DefaultHashBuilder, HashTable};
 use super::{decide, Cell, LimitCheck, LimitResult};
 use crate::engine::EngineError;
 
-type Entry = (Box<str>, Cell);
+type Entry = (Key, Cell);
+
+/// A key stored inline when it fits in 22 bytes (most rate-limit keys do),
+/// which saves an allocation and, more to the point, a cache miss on every
+/// lookup; longer keys are boxed. 24 bytes either way: `len + 1` is a
+/// `NonZeroU8`, whose forbidden zero lets the compiler tell the variants
+/// apart without a separate tag.
+enum Key {
+    Inline { len1: NonZeroU8, bytes: [u8; INLINE] },
+    Heap(Box<str>),
+}
+
+const INLINE: usize = 22;
+
+impl Key {
+    fn new(s: &str) -> Self {
+        match NonZeroU8::new(s.len() as u8 + 1).filter(|_| s.len() <= INLINE) {
+            Some(len1) => {
+                let mut bytes = [0u8; INLINE];
+                bytes[..s.len()].copy_from_slice(s.as_bytes());
+                Key::Inline { len1, bytes }
+            }
+            None => Key::Heap(s.into()),
+        }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Key::Inline { len1, bytes } => &bytes[..usize::from(len1.get() - 1)],
+            Key::Heap(s) => s.as_bytes(),
+        }
+    }
+
+    fn as_str(&self) -> &str {
+        // Built from a &str, so always valid UTF-8.
+        std::str::from_utf8(self.bytes()).unwrap_or_default()
+    }
+
+    fn is(&self, s: &str) -> bool {
+        self.bytes() == s.as_bytes()
+    }
+}
 
 /// One shard, on its own cache line so neighbouring locks do not share one.
 #[repr(align(64))]
@@ -80,7 +122,7 @@ impl LimitTable {
         for check in checks {
             let (h, s) = self.locate(&check.key);
             let mut table = lock(&self.shards[s]);
-            let stored = table.find_mut(h, |e| *e.0 == *check.key);
+            let stored = table.find_mut(h, |e| e.0.is(&check.key));
             let (result, cell) = decide(
                 &check.limit,
                 stored.as_ref().map(|e| &e.1),
@@ -114,7 +156,7 @@ impl LimitTable {
             });
         }
         let hasher = &self.hasher;
-        table.insert_unique(h, (key.into(), cell), |e| hasher.hash_one(&*e.0));
+        table.insert_unique(h, (Key::new(key), cell), |e| hasher.hash_one(e.0.as_str()));
         Ok(())
     }
 
@@ -147,7 +189,7 @@ impl LimitTable {
                 .find(|(j, _)| located[*j].0 == h && checks[*j].key == check.key)
                 .map(|(_, c)| *c);
             let table = &guards[guard_of(s)].1;
-            let stored = table.find(h, |e| *e.0 == *check.key);
+            let stored = table.find(h, |e| e.0.is(&check.key));
             let current = earlier.or(stored.map(|e| e.1));
             let (result, cell) = decide(&check.limit, current.as_ref(), now_ms, check.cost);
             all_allowed &= result.allowed;
@@ -185,11 +227,11 @@ impl LimitTable {
         for (i, cell) in overlay {
             let (h, s) = located[i];
             let table = &mut guards[guard_of(s)].1;
-            match table.find_mut(h, |e| *e.0 == *checks[i].key) {
+            match table.find_mut(h, |e| e.0.is(&checks[i].key)) {
                 Some(e) => e.1 = cell,
                 None => {
-                    table.insert_unique(h, (checks[i].key.as_str().into(), cell), |e| {
-                        hasher.hash_one(&*e.0)
+                    table.insert_unique(h, (Key::new(&checks[i].key), cell), |e| {
+                        hasher.hash_one(e.0.as_str())
                     });
                 }
             }
@@ -205,11 +247,11 @@ impl LimitTable {
         for (key, cell) in cells {
             let (h, s) = self.locate(&key);
             let mut table = lock(&self.shards[s]);
-            match table.find_mut(h, |e| *e.0 == *key) {
+            match table.find_mut(h, |e| e.0.is(&key)) {
                 Some(e) => e.1 = cell,
                 None => {
                     table
-                        .insert_unique(h, (key.into_boxed_str(), cell), |e| hasher.hash_one(&*e.0));
+                        .insert_unique(h, (Key::new(&key), cell), |e| hasher.hash_one(e.0.as_str()));
                     self.live.fetch_add(1, Ordering::Relaxed);
                 }
             }
@@ -227,7 +269,7 @@ impl LimitTable {
             table.retain(|e| e.1.idle_at_ms() > now_ms);
             let n = before - table.len();
             if table.capacity() > 4 * table.len().max(64) {
-                table.shrink_to(0, |e| self.hasher.hash_one(&*e.0));
+                table.shrink_to(0, |e| self.hasher.hash_one(e.0.as_str()));
             }
             dropped += n;
         }
@@ -239,9 +281,26 @@ impl LimitTable {
     pub fn cells(&self) -> Vec<(String, Cell)> {
         let mut out = Vec::with_capacity(self.len());
         for shard in self.shards.iter() {
-            out.extend(lock(shard).iter().map(|(k, c)| (k.to_string(), *c)));
+            out.extend(lock(shard).iter().map(|(k, c)| (k.as_str().to_owned(), *c)));
         }
         out.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_round_trip_inline_and_boxed() {
+        assert_eq!(std::mem::size_of::<Key>(), 24);
+        for s in ["", "a", &"x".repeat(INLINE), &"y".repeat(INLINE + 1), "ünïcödé:ключ"] {
+            let k = Key::new(s);
+            assert_eq!(k.as_str(), s);
+            assert!(k.is(s));
+            assert!(!k.is("other"));
+            assert_eq!(matches!(k, Key::Inline { .. }), s.len() <= INLINE);
+        }
     }
 }

@@ -1,0 +1,29 @@
+# Targets match the README. Builds use two jobs: the reference machine has two cores.
+CARGO ?= cargo
+JOBS ?= 2
+
+.PHONY: run test test-rust test-python bench lint fmt
+
+run:
+	$(CARGO) run -j$(JOBS) --release -- serve
+
+test: test-rust test-python
+
+test-rust:
+	$(CARGO) test -j$(JOBS)
+
+test-python:
+	$(CARGO) build -j$(JOBS)
+	python3 -m pip install --quiet --disable-pip-version-check -r tests/python/requirements.txt
+	python3 -m pytest -q tests/python
+
+bench:
+	$(CARGO) bench -j$(JOBS) --bench engine
+	$(CARGO) bench -j$(JOBS) --bench memory
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy -j$(JOBS) --all-targets -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
