@@ -2,7 +2,7 @@
 project's own proto files, against a real `arbiter serve` on a free port.
 
 Run: python -m pytest tests/python (needs grpcio, grpcio-tools, pytest and a
-built binary; ARBITER_BIN overrides target/debug/arbiter)."""
+built binary; ARBITER_BIN overrides $CARGO_TARGET_DIR or target/debug/arbiter)."""
 
 import json
 import os
@@ -43,7 +43,8 @@ def pb():
 
 @pytest.fixture(scope="session")
 def server():
-    binary = os.environ.get("ARBITER_BIN", str(ROOT / "target" / "debug" / "arbiter"))
+    target = pathlib.Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
+    binary = os.environ.get("ARBITER_BIN", str(target / "debug" / "arbiter"))
     data = tempfile.mkdtemp(prefix="arbiter-py-data-")
     proc = subprocess.Popen(
         [binary, "serve", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0",
