@@ -40,7 +40,9 @@ fn token_bucket(c: &mut Criterion) {
 
     const KEYS: usize = 1_000_000;
     let engine = Engine::new(EngineConfig::default());
-    let checks: Vec<[LimitCheck; 1]> = (0..KEYS).map(|i| [check(format!("tenant:{}:user:{i}", i % 97))]).collect();
+    let checks: Vec<[LimitCheck; 1]> = (0..KEYS)
+        .map(|i| [check(format!("tenant:{}:user:{i}", i % 97))])
+        .collect();
     for c in &checks {
         engine.check(c, false, now).expect("decided");
     }

@@ -24,7 +24,10 @@ unsafe impl GlobalAlloc for Counting {
         unsafe { System.dealloc(ptr, layout) }
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        LIVE.fetch_add(new_size as isize - layout.size() as isize, Ordering::Relaxed);
+        LIVE.fetch_add(
+            new_size as isize - layout.size() as isize,
+            Ordering::Relaxed,
+        );
         unsafe { System.realloc(ptr, layout, new_size) }
     }
 }
@@ -63,7 +66,9 @@ fn main() {
             dry_run: false,
         }];
         // Drop the request's own allocations before counting.
-        let r = engine.check(&check, false, 1_000 + i as u64 / 1000).expect("decided");
+        let r = engine
+            .check(&check, false, 1_000 + i as u64 / 1000)
+            .expect("decided");
         assert!(r[0].allowed);
     }
     let held = LIVE.load(Ordering::Relaxed) - before;

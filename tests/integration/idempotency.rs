@@ -1,4 +1,6 @@
-use arbiter::proto::{record, AbortRequest, BeginRequest, CompleteRequest, GetRecordRequest, Outcome};
+use arbiter::proto::{
+    record, AbortRequest, BeginRequest, CompleteRequest, GetRecordRequest, Outcome,
+};
 use tonic::Code;
 
 use crate::support::{eventually, Server};
@@ -16,13 +18,25 @@ fn begin(key: &str, fingerprint: &[u8], lock_ttl_ms: u64) -> BeginRequest {
 async fn begin_complete_and_retries() {
     let server = Server::start(&[]);
     let mut c = server.idem().await;
-    let first = c.begin(begin("pay-1", b"sha:abc", 60_000)).await.unwrap().into_inner();
+    let first = c
+        .begin(begin("pay-1", b"sha:abc", 60_000))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(first.outcome(), Outcome::Started);
-    let retry = c.begin(begin("pay-1", b"sha:abc", 60_000)).await.unwrap().into_inner();
+    let retry = c
+        .begin(begin("pay-1", b"sha:abc", 60_000))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(retry.outcome(), Outcome::InProgress);
     assert_eq!(retry.attempt, first.attempt);
     assert!(retry.retry_after_ms > 0 && retry.retry_after_ms <= 60_000);
-    let other = c.begin(begin("pay-1", b"sha:zzz", 60_000)).await.unwrap().into_inner();
+    let other = c
+        .begin(begin("pay-1", b"sha:zzz", 60_000))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(other.outcome(), Outcome::FingerprintMismatch);
 
     c.complete(CompleteRequest {
@@ -32,14 +46,29 @@ async fn begin_complete_and_retries() {
     })
     .await
     .unwrap();
-    let done = c.begin(begin("pay-1", b"sha:abc", 60_000)).await.unwrap().into_inner();
+    let done = c
+        .begin(begin("pay-1", b"sha:abc", 60_000))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(done.outcome(), Outcome::Completed);
     assert_eq!(done.response, b"{\"status\":201}");
 
-    let rec = c.get(GetRecordRequest { key: "pay-1".into() }).await.unwrap().into_inner().record.unwrap();
+    let rec = c
+        .get(GetRecordRequest {
+            key: "pay-1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .record
+        .unwrap();
     assert_eq!(rec.state(), record::State::Completed);
     assert_eq!(rec.fingerprint, b"sha:abc");
-    assert!(rec.expires_after_ms > 86_000_000, "default retention is a day: {rec:?}");
+    assert!(
+        rec.expires_after_ms > 86_000_000,
+        "default retention is a day: {rec:?}"
+    );
     let again = c
         .complete(CompleteRequest {
             key: "pay-1".into(),
@@ -55,15 +84,29 @@ async fn begin_complete_and_retries() {
 async fn abort_frees_the_key_and_stale_attempts_are_refused() {
     let server = Server::start(&[]);
     let mut c = server.idem().await;
-    let a = c.begin(begin("job", b"", 60_000)).await.unwrap().into_inner();
+    let a = c
+        .begin(begin("job", b"", 60_000))
+        .await
+        .unwrap()
+        .into_inner();
     c.abort(AbortRequest {
         key: "job".into(),
         attempt: a.attempt,
     })
     .await
     .unwrap();
-    assert!(c.get(GetRecordRequest { key: "job".into() }).await.unwrap().into_inner().record.is_none());
-    let b = c.begin(begin("job", b"", 60_000)).await.unwrap().into_inner();
+    assert!(c
+        .get(GetRecordRequest { key: "job".into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .record
+        .is_none());
+    let b = c
+        .begin(begin("job", b"", 60_000))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(b.outcome(), Outcome::Started);
     assert!(b.attempt > a.attempt);
     let stale = c
@@ -80,11 +123,19 @@ async fn abort_frees_the_key_and_stale_attempts_are_refused() {
 async fn lapsed_lock_lets_the_next_attempt_start() {
     let server = Server::start(&[]);
     let mut c = server.idem().await;
-    let a = c.begin(begin("lapse", b"", 100)).await.unwrap().into_inner();
+    let a = c
+        .begin(begin("lapse", b"", 100))
+        .await
+        .unwrap()
+        .into_inner();
     let b = eventually("the lock to lapse", || {
         let mut c = c.clone();
         async move {
-            let r = c.begin(begin("lapse", b"", 60_000)).await.unwrap().into_inner();
+            let r = c
+                .begin(begin("lapse", b"", 60_000))
+                .await
+                .unwrap()
+                .into_inner();
             (r.outcome() == Outcome::Started).then_some(r)
         }
     })

@@ -1,5 +1,7 @@
 use arbiter::proto::lease_event::Kind;
-use arbiter::proto::{AcquireRequest, GetLeaseRequest, ReleaseRequest, RenewRequest, WatchLeaseRequest};
+use arbiter::proto::{
+    AcquireRequest, GetLeaseRequest, ReleaseRequest, RenewRequest, WatchLeaseRequest,
+};
 use tonic::Code;
 
 use crate::support::{eventually, Server, DEADLINE};
@@ -16,13 +18,21 @@ fn acquire(name: &str, holder: &str, ttl_ms: u64) -> AcquireRequest {
 async fn acquire_renew_release_get() {
     let server = Server::start(&[]);
     let mut c = server.leases().await;
-    let a = c.acquire(acquire("db", "alice", 60_000)).await.unwrap().into_inner();
+    let a = c
+        .acquire(acquire("db", "alice", 60_000))
+        .await
+        .unwrap()
+        .into_inner();
     assert!(a.acquired);
     let lease = a.lease.unwrap();
     assert_eq!((lease.holder.as_str(), lease.ttl_ms), ("alice", 60_000));
     assert!(lease.remaining_ms <= 60_000 && lease.remaining_ms > 50_000);
 
-    let b = c.acquire(acquire("db", "bob", 60_000)).await.unwrap().into_inner();
+    let b = c
+        .acquire(acquire("db", "bob", 60_000))
+        .await
+        .unwrap()
+        .into_inner();
     assert!(!b.acquired);
     assert_eq!(b.lease.unwrap().holder, "alice", "shows the current holder");
 
@@ -38,7 +48,10 @@ async fn acquire_renew_release_get() {
         .into_inner()
         .lease
         .unwrap();
-    assert_eq!((renewed.fencing_token, renewed.ttl_ms), (lease.fencing_token, 90_000));
+    assert_eq!(
+        (renewed.fencing_token, renewed.ttl_ms),
+        (lease.fencing_token, 90_000)
+    );
 
     let stale = c
         .renew(RenewRequest {
@@ -60,7 +73,13 @@ async fn acquire_renew_release_get() {
         .unwrap_err();
     assert_eq!(wrong.code(), Code::FailedPrecondition);
 
-    let got = c.get(GetLeaseRequest { name: "db".into() }).await.unwrap().into_inner().lease.unwrap();
+    let got = c
+        .get(GetLeaseRequest { name: "db".into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .lease
+        .unwrap();
     assert_eq!(got.holder, "alice");
     c.release(ReleaseRequest {
         name: "db".into(),
@@ -69,21 +88,49 @@ async fn acquire_renew_release_get() {
     })
     .await
     .unwrap();
-    assert!(c.get(GetLeaseRequest { name: "db".into() }).await.unwrap().into_inner().lease.is_none());
+    assert!(c
+        .get(GetLeaseRequest { name: "db".into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .lease
+        .is_none());
 
-    let next = c.acquire(acquire("db", "bob", 60_000)).await.unwrap().into_inner().lease.unwrap();
-    assert!(next.fencing_token > lease.fencing_token, "a new grant gets a larger token");
+    let next = c
+        .acquire(acquire("db", "bob", 60_000))
+        .await
+        .unwrap()
+        .into_inner()
+        .lease
+        .unwrap();
+    assert!(
+        next.fencing_token > lease.fencing_token,
+        "a new grant gets a larger token"
+    );
 }
 
 #[tokio::test]
 async fn lease_expires_at_its_ttl() {
     let server = Server::start(&[]);
     let mut c = server.leases().await;
-    let first = c.acquire(acquire("short", "a", 150)).await.unwrap().into_inner().lease.unwrap();
+    let first = c
+        .acquire(acquire("short", "a", 150))
+        .await
+        .unwrap()
+        .into_inner()
+        .lease
+        .unwrap();
     eventually("the lease to lapse", || {
         let mut c = c.clone();
         async move {
-            let l = c.get(GetLeaseRequest { name: "short".into() }).await.unwrap().into_inner().lease;
+            let l = c
+                .get(GetLeaseRequest {
+                    name: "short".into(),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .lease;
             l.is_none().then_some(())
         }
     })
@@ -97,8 +144,16 @@ async fn lease_expires_at_its_ttl() {
         })
         .await
         .unwrap_err();
-    assert_eq!(renew.code(), Code::FailedPrecondition, "a lapsed lease cannot be renewed");
-    let b = c.acquire(acquire("short", "b", 60_000)).await.unwrap().into_inner();
+    assert_eq!(
+        renew.code(),
+        Code::FailedPrecondition,
+        "a lapsed lease cannot be renewed"
+    );
+    let b = c
+        .acquire(acquire("short", "b", 60_000))
+        .await
+        .unwrap()
+        .into_inner();
     assert!(b.acquired);
     assert!(b.lease.unwrap().fencing_token > first.fencing_token);
 }
@@ -107,8 +162,18 @@ async fn lease_expires_at_its_ttl() {
 async fn watch_streams_current_state_then_every_change() {
     let server = Server::start(&[]);
     let mut c = server.leases().await;
-    let held = c.acquire(acquire("w", "a", 60_000)).await.unwrap().into_inner().lease.unwrap();
-    let mut stream = c.watch(WatchLeaseRequest { name: "w".into() }).await.unwrap().into_inner();
+    let held = c
+        .acquire(acquire("w", "a", 60_000))
+        .await
+        .unwrap()
+        .into_inner()
+        .lease
+        .unwrap();
+    let mut stream = c
+        .watch(WatchLeaseRequest { name: "w".into() })
+        .await
+        .unwrap()
+        .into_inner();
     let mut next = async || {
         tokio::time::timeout(DEADLINE, stream.message())
             .await
@@ -137,7 +202,13 @@ async fn watch_streams_current_state_then_every_change() {
     .await
     .unwrap();
     assert_eq!(next().await.kind(), Kind::Released);
-    let b = c.acquire(acquire("w", "b", 200)).await.unwrap().into_inner().lease.unwrap();
+    let b = c
+        .acquire(acquire("w", "b", 200))
+        .await
+        .unwrap()
+        .into_inner()
+        .lease
+        .unwrap();
     let e = next().await;
     assert_eq!(e.kind(), Kind::Acquired);
     assert_eq!(e.lease.as_ref().unwrap().fencing_token, b.fencing_token);
@@ -151,7 +222,13 @@ async fn watch_streams_current_state_then_every_change() {
 async fn watch_of_a_free_lease_starts_empty() {
     let server = Server::start(&[]);
     let mut c = server.leases().await;
-    let mut stream = c.watch(WatchLeaseRequest { name: "free".into() }).await.unwrap().into_inner();
+    let mut stream = c
+        .watch(WatchLeaseRequest {
+            name: "free".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
     let e = stream.message().await.unwrap().unwrap();
     assert_eq!(e.kind(), Kind::Current);
     assert!(e.lease.is_none());

@@ -18,7 +18,12 @@ use crate::support::{Server, DEADLINE};
 async fn health_serves_every_service() {
     let server = Server::start(&[]);
     let mut h = HealthClient::new(server.channel().await);
-    for service in ["", "arbiter.v1.RateLimiter", "arbiter.v1.Leases", "arbiter.v1.Idempotency"] {
+    for service in [
+        "",
+        "arbiter.v1.RateLimiter",
+        "arbiter.v1.Leases",
+        "arbiter.v1.Idempotency",
+    ] {
         let r = h
             .check(HealthCheckRequest {
                 service: service.into(),
@@ -55,7 +60,12 @@ async fn reflection_lists_the_services() {
         panic!("unexpected reply {reply:?}");
     };
     let names: Vec<_> = list.service.into_iter().map(|s| s.name).collect();
-    for s in ["arbiter.v1.RateLimiter", "arbiter.v1.Leases", "arbiter.v1.Idempotency", "grpc.health.v1.Health"] {
+    for s in [
+        "arbiter.v1.RateLimiter",
+        "arbiter.v1.Leases",
+        "arbiter.v1.Idempotency",
+        "grpc.health.v1.Health",
+    ] {
         assert!(names.iter().any(|n| n == s), "{s} missing from {names:?}");
     }
 }
@@ -115,16 +125,30 @@ async fn creates_its_data_dir() {
 async fn sigterm_drains_and_exits_zero_even_with_open_watches() {
     let mut server = Server::start(&[]);
     let mut l = server.leases().await;
-    let mut watch = l.watch(WatchLeaseRequest { name: "x".into() }).await.unwrap().into_inner();
+    let mut watch = l
+        .watch(WatchLeaseRequest { name: "x".into() })
+        .await
+        .unwrap()
+        .into_inner();
     watch.message().await.unwrap().unwrap(); // the CURRENT event
-    // Wait off the runtime so this client keeps answering HTTP/2 frames.
-    let (status, server) = tokio::task::spawn_blocking(move || (server.terminate(), server)).await.unwrap();
+                                             // Wait off the runtime so this client keeps answering HTTP/2 frames.
+    let (status, server) = tokio::task::spawn_blocking(move || (server.terminate(), server))
+        .await
+        .unwrap();
     assert!(status.success(), "exit status {status:?}");
     // The watch ended with a retryable status rather than hanging.
-    let end = tokio::time::timeout(DEADLINE, watch.message()).await.expect("stream ended");
+    let end = tokio::time::timeout(DEADLINE, watch.message())
+        .await
+        .expect("stream ended");
     match end {
         Ok(None) => {}
-        Err(s) => assert!(matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled), "{s:?}"),
+        Err(s) => assert!(
+            matches!(
+                s.code(),
+                tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+            ),
+            "{s:?}"
+        ),
         Ok(Some(e)) => panic!("unexpected event {e:?}"),
     }
     // The port is closed.
@@ -141,7 +165,11 @@ fn cli_talks_to_a_running_server() {
             .args(["--server", &url])
             .output()
             .unwrap();
-        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     };
     let (code, out, _) = run(&["check", "--key", "cli", "--token-bucket", "1:1/1h"]);
     assert_eq!(code, Some(0));
@@ -151,20 +179,46 @@ fn cli_talks_to_a_running_server() {
     assert!(out.starts_with("denied"));
     let (code, out, _) = run(&["lease", "acquire", "svc", "--holder", "me", "--ttl", "1m"]);
     assert_eq!(code, Some(0));
-    assert!(out.contains("acquired name=svc holder=me fencing_token="), "{out}");
+    assert!(
+        out.contains("acquired name=svc holder=me fencing_token="),
+        "{out}"
+    );
     let (_, out, _) = run(&["lease", "get", "svc"]);
     assert!(out.contains("holder=me"), "{out}");
-    let (code, _, err) = run(&["lease", "release", "svc", "--holder", "other", "--token", "1"]);
+    let (code, _, err) = run(&[
+        "lease", "release", "svc", "--holder", "other", "--token", "1",
+    ]);
     assert_eq!(code, Some(1));
     assert!(err.contains("FailedPrecondition"), "{err}");
     let (_, out, _) = run(&["idem", "begin", "order-7", "--fingerprint", "f"]);
     assert!(out.starts_with("STARTED attempt="), "{out}");
-    let attempt = out.split("attempt=").nth(1).unwrap().split_whitespace().next().unwrap().to_owned();
-    let (code, _, _) = run(&["idem", "complete", "order-7", "--attempt", &attempt, "--response", "ok"]);
+    let attempt = out
+        .split("attempt=")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned();
+    let (code, _, _) = run(&[
+        "idem",
+        "complete",
+        "order-7",
+        "--attempt",
+        &attempt,
+        "--response",
+        "ok",
+    ]);
     assert_eq!(code, Some(0));
     let (_, out, _) = run(&["idem", "get", "order-7"]);
-    assert!(out.starts_with("COMPLETED") && out.contains("response=ok"), "{out}");
+    assert!(
+        out.starts_with("COMPLETED") && out.contains("response=ok"),
+        "{out}"
+    );
     let (code, _, err) = run(&["check", "--key", "", "--token-bucket", "1:1/s"]);
     assert_eq!(code, Some(1));
-    assert!(err.contains("InvalidArgument") && err.contains("checks[0].key"), "{err}");
+    assert!(
+        err.contains("InvalidArgument") && err.contains("checks[0].key"),
+        "{err}"
+    );
 }

@@ -36,7 +36,14 @@ impl Server {
         let _ = std::fs::remove_dir_all(&data_dir);
         let mut child = Command::new(env!("CARGO_BIN_EXE_arbiter"))
             .arg("serve")
-            .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--log-format", "json"])
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--metrics-listen",
+                "127.0.0.1:0",
+                "--log-format",
+                "json",
+            ])
             .arg("--data-dir")
             .arg(&data_dir)
             .args(extra)
@@ -51,7 +58,12 @@ impl Server {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
                     if v["fields"]["message"] == "arbiter serving" {
-                        let addr = |k: &str| v["fields"][k].as_str().unwrap_or_default().parse::<SocketAddr>();
+                        let addr = |k: &str| {
+                            v["fields"][k]
+                                .as_str()
+                                .unwrap_or_default()
+                                .parse::<SocketAddr>()
+                        };
                         if let (Ok(a), Ok(m)) = (addr("client"), addr("metrics")) {
                             let _ = tx.send((a, m));
                         }
@@ -110,7 +122,10 @@ impl Server {
             if let Some(status) = self.child.try_wait().expect("try_wait") {
                 return status;
             }
-            assert!(Instant::now() < until, "server did not exit within {DEADLINE:?}");
+            assert!(
+                Instant::now() < until,
+                "server did not exit within {DEADLINE:?}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }

@@ -1,8 +1,8 @@
 //! Every INVALID_ARGUMENT path: the message names the field and the bound.
 
 use arbiter::proto::{
-    limit::Algorithm, AcquireRequest, BeginRequest, CheckRequest, CompleteRequest, FixedWindow, GetLeaseRequest,
-    Limit, LimitCheck, RenewRequest, SlidingWindow, WatchLeaseRequest,
+    limit::Algorithm, AcquireRequest, BeginRequest, CheckRequest, CompleteRequest, FixedWindow,
+    GetLeaseRequest, Limit, LimitCheck, RenewRequest, SlidingWindow, WatchLeaseRequest,
 };
 use tonic::Code;
 
@@ -13,7 +13,11 @@ fn expect_invalid<T: std::fmt::Debug>(r: Result<T, tonic::Status>, needles: &[&s
     let err = r.expect_err("expected INVALID_ARGUMENT");
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     for n in needles {
-        assert!(err.message().contains(n), "{:?} does not mention {n:?}", err.message());
+        assert!(
+            err.message().contains(n),
+            "{:?} does not mention {n:?}",
+            err.message()
+        );
     }
 }
 
@@ -30,25 +34,71 @@ async fn check_inputs() {
         all_or_nothing: false,
     };
     let long = "k".repeat(1025);
-    expect_invalid(c.check(one(lc("", tb(1, 1, 1), None))).await, &["checks[0].key", "1 to 1024 bytes", "got 0"]);
-    expect_invalid(c.check(one(lc(&long, tb(1, 1, 1), None))).await, &["checks[0].key", "1025"]);
+    expect_invalid(
+        c.check(one(lc("", tb(1, 1, 1), None))).await,
+        &["checks[0].key", "1 to 1024 bytes", "got 0"],
+    );
+    expect_invalid(
+        c.check(one(lc(&long, tb(1, 1, 1), None))).await,
+        &["checks[0].key", "1025"],
+    );
     // Exactly 1 KiB is fine.
-    c.check(one(lc(&long[..1024], tb(1, 1, 1), None))).await.unwrap();
-    expect_invalid(c.check(one(lc("k", tb(0, 1, 1), None))).await, &["token_bucket.capacity", "1 to"]);
-    expect_invalid(c.check(one(lc("k", tb(1, 0, 1), None))).await, &["token_bucket.refill_tokens"]);
-    expect_invalid(c.check(one(lc("k", tb(1, 1, 0), None))).await, &["token_bucket.refill_interval_ms"]);
+    c.check(one(lc(&long[..1024], tb(1, 1, 1), None)))
+        .await
+        .unwrap();
+    expect_invalid(
+        c.check(one(lc("k", tb(0, 1, 1), None))).await,
+        &["token_bucket.capacity", "1 to"],
+    );
+    expect_invalid(
+        c.check(one(lc("k", tb(1, 0, 1), None))).await,
+        &["token_bucket.refill_tokens"],
+    );
+    expect_invalid(
+        c.check(one(lc("k", tb(1, 1, 0), None))).await,
+        &["token_bucket.refill_interval_ms"],
+    );
     expect_invalid(
         c.check(one(lc("k", tb(1, 1, 1 << 33), None))).await,
         &["refill_interval_ms", "4294967295"],
     );
-    let sw = |limit_, window_ms| limit(Algorithm::SlidingWindow(SlidingWindow { limit: limit_, window_ms }));
-    let fw = |limit_, window_ms| limit(Algorithm::FixedWindow(FixedWindow { limit: limit_, window_ms }));
-    expect_invalid(c.check(one(lc("k", sw(0, 10), None))).await, &["sliding_window.limit"]);
-    expect_invalid(c.check(one(lc("k", sw(1, 0), None))).await, &["sliding_window.window_ms"]);
-    expect_invalid(c.check(one(lc("k", fw(0, 10), None))).await, &["fixed_window.limit"]);
-    expect_invalid(c.check(one(lc("k", fw(1, 0), None))).await, &["fixed_window.window_ms"]);
-    expect_invalid(c.check(one(lc("k", None, None))).await, &["checks[0].limit", "required"]);
-    expect_invalid(c.check(one(lc("k", Some(Limit { algorithm: None }), None))).await, &["checks[0].limit"]);
+    let sw = |limit_, window_ms| {
+        limit(Algorithm::SlidingWindow(SlidingWindow {
+            limit: limit_,
+            window_ms,
+        }))
+    };
+    let fw = |limit_, window_ms| {
+        limit(Algorithm::FixedWindow(FixedWindow {
+            limit: limit_,
+            window_ms,
+        }))
+    };
+    expect_invalid(
+        c.check(one(lc("k", sw(0, 10), None))).await,
+        &["sliding_window.limit"],
+    );
+    expect_invalid(
+        c.check(one(lc("k", sw(1, 0), None))).await,
+        &["sliding_window.window_ms"],
+    );
+    expect_invalid(
+        c.check(one(lc("k", fw(0, 10), None))).await,
+        &["fixed_window.limit"],
+    );
+    expect_invalid(
+        c.check(one(lc("k", fw(1, 0), None))).await,
+        &["fixed_window.window_ms"],
+    );
+    expect_invalid(
+        c.check(one(lc("k", None, None))).await,
+        &["checks[0].limit", "required"],
+    );
+    expect_invalid(
+        c.check(one(lc("k", Some(Limit { algorithm: None }), None)))
+            .await,
+        &["checks[0].limit"],
+    );
     expect_invalid(
         c.check(CheckRequest {
             checks: vec![],
@@ -85,10 +135,19 @@ async fn lease_inputs() {
         holder: holder.into(),
         ttl_ms,
     };
-    expect_invalid(c.acquire(acq("", "h", 10)).await, &["name", "1 to 1024 bytes"]);
+    expect_invalid(
+        c.acquire(acq("", "h", 10)).await,
+        &["name", "1 to 1024 bytes"],
+    );
     expect_invalid(c.acquire(acq("n", "", 10)).await, &["holder"]);
-    expect_invalid(c.acquire(acq("n", &"h".repeat(1025), 10)).await, &["holder", "1025"]);
-    expect_invalid(c.acquire(acq("n", "h", 0)).await, &["ttl_ms", "1 to 60000 ms", "got 0"]);
+    expect_invalid(
+        c.acquire(acq("n", &"h".repeat(1025), 10)).await,
+        &["holder", "1025"],
+    );
+    expect_invalid(
+        c.acquire(acq("n", "h", 0)).await,
+        &["ttl_ms", "1 to 60000 ms", "got 0"],
+    );
     expect_invalid(c.acquire(acq("n", "h", 60_001)).await, &["ttl_ms", "60001"]);
     expect_invalid(
         c.renew(RenewRequest {
@@ -100,8 +159,20 @@ async fn lease_inputs() {
         .await,
         &["ttl_ms"],
     );
-    expect_invalid(c.get(GetLeaseRequest { name: String::new() }).await, &["name"]);
-    expect_invalid(c.watch(WatchLeaseRequest { name: String::new() }).await, &["name"]);
+    expect_invalid(
+        c.get(GetLeaseRequest {
+            name: String::new(),
+        })
+        .await,
+        &["name"],
+    );
+    expect_invalid(
+        c.watch(WatchLeaseRequest {
+            name: String::new(),
+        })
+        .await,
+        &["name"],
+    );
 }
 
 #[tokio::test]
@@ -115,9 +186,15 @@ async fn idempotency_inputs() {
         retention_ms,
     };
     expect_invalid(c.begin(b("", 0, 10, 0)).await, &["key", "1 to 1024 bytes"]);
-    expect_invalid(c.begin(b("k", 1025, 10, 0)).await, &["fingerprint", "at most 1024 bytes"]);
+    expect_invalid(
+        c.begin(b("k", 1025, 10, 0)).await,
+        &["fingerprint", "at most 1024 bytes"],
+    );
     expect_invalid(c.begin(b("k", 0, 0, 0)).await, &["lock_ttl_ms", "got 0"]);
-    expect_invalid(c.begin(b("k", 0, 10, 1001)).await, &["retention_ms", "1 to 1000 ms"]);
+    expect_invalid(
+        c.begin(b("k", 0, 10, 1001)).await,
+        &["retention_ms", "1 to 1000 ms"],
+    );
     let started = c.begin(b("k", 0, 10_000, 1000)).await.unwrap().into_inner();
     expect_invalid(
         c.complete(CompleteRequest {

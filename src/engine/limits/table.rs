@@ -25,7 +25,10 @@ type Entry = (Key, Cell);
 /// `NonZeroU8`, whose forbidden zero lets the compiler tell the variants
 /// apart without a separate tag.
 enum Key {
-    Inline { len1: NonZeroU8, bytes: [u8; INLINE] },
+    Inline {
+        len1: NonZeroU8,
+        bytes: [u8; INLINE],
+    },
     Heap(Box<str>),
 }
 
@@ -250,8 +253,9 @@ impl LimitTable {
             match table.find_mut(h, |e| e.0.is(&key)) {
                 Some(e) => e.1 = cell,
                 None => {
-                    table
-                        .insert_unique(h, (Key::new(&key), cell), |e| hasher.hash_one(e.0.as_str()));
+                    table.insert_unique(h, (Key::new(&key), cell), |e| {
+                        hasher.hash_one(e.0.as_str())
+                    });
                     self.live.fetch_add(1, Ordering::Relaxed);
                 }
             }
@@ -295,7 +299,13 @@ mod tests {
     #[test]
     fn keys_round_trip_inline_and_boxed() {
         assert_eq!(std::mem::size_of::<Key>(), 24);
-        for s in ["", "a", &"x".repeat(INLINE), &"y".repeat(INLINE + 1), "ünïcödé:ключ"] {
+        for s in [
+            "",
+            "a",
+            &"x".repeat(INLINE),
+            &"y".repeat(INLINE + 1),
+            "ünïcödé:ключ",
+        ] {
             let k = Key::new(s);
             assert_eq!(k.as_str(), s);
             assert!(k.is(s));
