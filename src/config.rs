@@ -86,6 +86,10 @@ pub struct Config {
     #[arg(long, env = "ARBITER_SWEEP_INTERVAL_MS", default_value_t = 1000)]
     pub sweep_interval_ms: u64,
 
+    /// Async runtime worker threads (default: one per CPU core).
+    #[arg(long, env = "ARBITER_WORKER_THREADS")]
+    pub worker_threads: Option<usize>,
+
     /// On SIGTERM/SIGINT, how long in-flight calls may take to finish.
     #[arg(long, env = "ARBITER_SHUTDOWN_GRACE_MS", default_value_t = 10_000)]
     pub shutdown_grace_ms: u64,

@@ -2,6 +2,12 @@
 
 use clap::Parser;
 
+/// mimalloc: the request path allocates many small, short-lived buffers
+/// (HTTP/2 frames, protobuf messages) across threads, where it measurably
+/// beats glibc malloc (see BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> std::process::ExitCode {
     let cli = arbiter::cli::Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()

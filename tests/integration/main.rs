@@ -4,6 +4,8 @@
 
 mod support;
 
+mod bench_smoke;
+
 mod idempotency;
 mod leases;
 mod rate_limiter;

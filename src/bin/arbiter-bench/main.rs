@@ -1,0 +1,539 @@
+//! `arbiter-bench`: a bounded load generator for Arbiter (and, for a
+//! side-by-side baseline, for Redis running the usual token-bucket Lua
+//! script). Targets must be loopback addresses.
+//!
+//! cargo run --release --bin arbiter-bench -- --help
+
+mod redis;
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use arbiter::proto::idempotency_client::IdempotencyClient;
+use arbiter::proto::leases_client::LeasesClient;
+use arbiter::proto::rate_limiter_client::RateLimiterClient;
+use arbiter::proto::{self as pb, limit::Algorithm};
+use clap::{Parser, ValueEnum};
+use hdrhistogram::Histogram;
+use tonic::transport::{Channel, Endpoint};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Workload {
+    /// Token-bucket Check against Arbiter.
+    Check,
+    /// Lease acquire, renew, release (each call counts as one request).
+    Lease,
+    /// Idempotency Begin then Complete on fresh keys (each call counts).
+    Idem,
+    /// The token-bucket Lua script on Redis via EVALSHA.
+    RedisCheck,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum KeyOrder {
+    Random,
+    Sequential,
+}
+
+#[derive(Parser, Debug, Clone)]
+#[command(
+    name = "arbiter-bench",
+    about = "Bounded load generator for Arbiter (and Redis + Lua, for comparison)"
+)]
+struct Args {
+    /// What to send.
+    #[arg(long, value_enum, default_value = "check")]
+    workload: Workload,
+    /// Target HOST:PORT; must resolve to loopback.
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    target: String,
+    /// TCP connections (for redis-check every in-flight request needs its own,
+    /// so this is raised to --inflight).
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
+    /// Requests in flight at once.
+    #[arg(long, default_value_t = 50)]
+    inflight: usize,
+    /// Distinct keys, picked uniformly at random (1 = one hot key).
+    #[arg(long, default_value_t = 100_000)]
+    keys: u64,
+    /// How keys are picked: uniformly at random, or each key in turn (to
+    /// populate exactly --keys keys, e.g. for a memory measurement).
+    #[arg(long, value_enum, default_value = "random")]
+    key_order: KeyOrder,
+    /// Checks per Check call.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Send batched checks with all_or_nothing.
+    #[arg(long)]
+    all_or_nothing: bool,
+    /// Token-bucket capacity.
+    #[arg(long, default_value_t = 1000)]
+    capacity: u64,
+    /// Tokens refilled per --refill-interval-ms.
+    #[arg(long, default_value_t = 100)]
+    refill_tokens: u64,
+    #[arg(long, default_value_t = 1000)]
+    refill_interval_ms: u64,
+    /// Measured seconds (after warm-up).
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Unmeasured warm-up seconds.
+    #[arg(long, default_value_t = 2.0)]
+    warmup: f64,
+    /// Stop after this many measured requests.
+    #[arg(long, default_value_t = 10_000_000)]
+    requests: u64,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Per-worker tallies, merged at the end.
+struct Tally {
+    latency: Histogram<u64>,
+    requests: u64,
+    decisions: u64,
+    allowed: u64,
+    errors: u64,
+}
+
+impl Tally {
+    fn new() -> Self {
+        Self {
+            latency: Histogram::new_with_bounds(1, 60_000_000_000, 3)
+                .expect("valid histogram bounds"),
+            requests: 0,
+            decisions: 0,
+            allowed: 0,
+            errors: 0,
+        }
+    }
+}
+
+/// Shared run control: when measuring starts, when to stop, how many
+/// measured requests remain.
+struct Run {
+    measure_from: Instant,
+    stop_at: Instant,
+    budget: AtomicU64,
+    stop: AtomicBool,
+    /// Next key for --key-order sequential.
+    next_key: AtomicU64,
+}
+
+impl Run {
+    /// Whether the next request may be sent; `Some(true)` if it is measured.
+    fn admit(&self) -> Option<bool> {
+        let now = Instant::now();
+        if self.stop.load(Ordering::Relaxed) || now >= self.stop_at {
+            return None;
+        }
+        if now < self.measure_from {
+            return Some(false);
+        }
+        if self.budget.fetch_sub(1, Ordering::Relaxed) == 0
+            || self.budget.load(Ordering::Relaxed) > u64::MAX / 2
+        {
+            self.stop.store(true, Ordering::Relaxed);
+            return None;
+        }
+        Some(true)
+    }
+}
+
+/// splitmix64: a tiny, good-enough generator for key choice.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+async fn resolve_loopback(target: &str) -> Result<SocketAddr, String> {
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host(target)
+        .await
+        .map_err(|e| format!("--target {target:?}: {e}"))?
+        .collect();
+    match addrs.first() {
+        Some(a) if addrs.iter().all(|a| a.ip().is_loopback()) => Ok(*a),
+        Some(_) => Err(format!(
+            "--target {target:?} is not a loopback address; arbiter-bench only loads this machine"
+        )),
+        None => Err(format!("--target {target:?} resolved to nothing")),
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(args).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("arbiter-bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<(), String> {
+    let addr = resolve_loopback(&args.target).await?;
+    if args.inflight == 0 || args.connections == 0 || args.batch == 0 || args.keys == 0 {
+        return Err("--inflight, --connections, --batch and --keys must be at least 1".into());
+    }
+    if !(args.duration > 0.0 && args.duration <= 3600.0 && (0.0..=600.0).contains(&args.warmup)) {
+        return Err("--duration must be in (0, 3600] s and --warmup in [0, 600] s".into());
+    }
+    let start = Instant::now();
+    let run = Arc::new(Run {
+        measure_from: start + Duration::from_secs_f64(args.warmup),
+        stop_at: start + Duration::from_secs_f64(args.warmup + args.duration),
+        budget: AtomicU64::new(args.requests),
+        stop: AtomicBool::new(false),
+        next_key: AtomicU64::new(0),
+    });
+    let mut channels = Vec::new();
+    if args.workload != Workload::RedisCheck {
+        for _ in 0..args.connections {
+            let ch = Endpoint::from_shared(format!("http://{addr}"))
+                .map_err(|e| e.to_string())?
+                .tcp_nodelay(true)
+                .connect_timeout(Duration::from_secs(5))
+                .connect()
+                .await
+                .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+            channels.push(ch);
+        }
+    }
+    let script_sha = if args.workload == Workload::RedisCheck {
+        let mut c = redis::Conn::connect(addr)
+            .await
+            .map_err(|e| format!("redis {addr}: {e}"))?;
+        match c
+            .call(&[b"SCRIPT", b"LOAD", redis::TOKEN_BUCKET_LUA.as_bytes()])
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            redis::Reply::Bulk(Some(sha)) => Some(sha),
+            other => return Err(format!("SCRIPT LOAD answered {other:?}")),
+        }
+    } else {
+        None
+    };
+
+    let mut tasks = Vec::new();
+    for w in 0..args.inflight {
+        let run = run.clone();
+        let args = args.clone();
+        let channel = channels.get(w % channels.len().max(1)).cloned();
+        let sha = script_sha.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut rng = Rng(w as u64 * 7919 + now_ms());
+            match args.workload {
+                Workload::Check => {
+                    check_worker(&args, &run, channel.expect("channel"), &mut rng).await
+                }
+                Workload::Lease => {
+                    lease_worker(&args, &run, channel.expect("channel"), w, &mut rng).await
+                }
+                Workload::Idem => idem_worker(&run, channel.expect("channel"), w).await,
+                Workload::RedisCheck => {
+                    redis_worker(&args, &run, addr, sha.expect("sha"), &mut rng).await
+                }
+            }
+        }));
+    }
+    let mut total = Tally::new();
+    for t in tasks {
+        let t = t.await.map_err(|e| format!("worker failed: {e}"))??;
+        total.latency.add(&t.latency).map_err(|e| e.to_string())?;
+        total.requests += t.requests;
+        total.decisions += t.decisions;
+        total.allowed += t.allowed;
+        total.errors += t.errors;
+    }
+    let measured = Instant::now()
+        .min(run.stop_at)
+        .saturating_duration_since(run.measure_from)
+        .as_secs_f64();
+    report(&args, &total, measured);
+    Ok(())
+}
+
+fn record(t: &mut Tally, measured: bool, sent: Instant) {
+    if measured {
+        t.latency
+            .saturating_record(sent.elapsed().as_nanos() as u64);
+        t.requests += 1;
+    }
+}
+
+fn key(args: &Args, run: &Run, rng: &mut Rng) -> String {
+    let n = match args.key_order {
+        KeyOrder::Random => rng.below(args.keys),
+        KeyOrder::Sequential => run.next_key.fetch_add(1, Ordering::Relaxed) % args.keys,
+    };
+    format!("bench:user:{n}")
+}
+
+async fn check_worker(
+    args: &Args,
+    run: &Run,
+    channel: Channel,
+    rng: &mut Rng,
+) -> Result<Tally, String> {
+    let mut client = RateLimiterClient::new(channel);
+    let mut t = Tally::new();
+    let limit = pb::Limit {
+        algorithm: Some(Algorithm::TokenBucket(pb::TokenBucket {
+            capacity: args.capacity,
+            refill_tokens: args.refill_tokens,
+            refill_interval_ms: args.refill_interval_ms,
+        })),
+    };
+    while let Some(measured) = run.admit() {
+        let checks = (0..args.batch)
+            .map(|_| pb::LimitCheck {
+                key: key(args, run, rng),
+                limit: Some(limit),
+                cost: None,
+                dry_run: false,
+            })
+            .collect();
+        let sent = Instant::now();
+        let reply = client
+            .check(pb::CheckRequest {
+                checks,
+                all_or_nothing: args.all_or_nothing,
+            })
+            .await;
+        record(&mut t, measured, sent);
+        match reply {
+            Ok(r) if measured => {
+                let r = r.into_inner();
+                t.decisions += r.results.len() as u64;
+                t.allowed += r.results.iter().filter(|r| r.allowed).count() as u64;
+            }
+            Ok(_) => {}
+            Err(_) => t.errors += u64::from(measured),
+        }
+    }
+    Ok(t)
+}
+
+async fn lease_worker(
+    args: &Args,
+    run: &Run,
+    channel: Channel,
+    w: usize,
+    rng: &mut Rng,
+) -> Result<Tally, String> {
+    let mut client = LeasesClient::new(channel);
+    let mut t = Tally::new();
+    let holder = format!("bench-worker-{w}");
+    while let Some(measured) = run.admit() {
+        // Workers use disjoint names so every acquire is a grant.
+        let name = format!("bench:lease:{w}:{}", rng.below(args.keys));
+        let sent = Instant::now();
+        let acquired = client
+            .acquire(pb::AcquireRequest {
+                name: name.clone(),
+                holder: holder.clone(),
+                ttl_ms: 10_000,
+            })
+            .await;
+        record(&mut t, measured, sent);
+        let Ok(acquired) = acquired else {
+            t.errors += u64::from(measured);
+            continue;
+        };
+        let token = acquired
+            .into_inner()
+            .lease
+            .map(|l| l.fencing_token)
+            .unwrap_or(0);
+        let Some(measured) = run.admit() else { break };
+        let sent = Instant::now();
+        let renewed = client
+            .renew(pb::RenewRequest {
+                name: name.clone(),
+                holder: holder.clone(),
+                fencing_token: token,
+                ttl_ms: 10_000,
+            })
+            .await;
+        record(&mut t, measured, sent);
+        t.errors += u64::from(renewed.is_err() && measured);
+        let Some(measured) = run.admit() else { break };
+        let sent = Instant::now();
+        let released = client
+            .release(pb::ReleaseRequest {
+                name,
+                holder: holder.clone(),
+                fencing_token: token,
+            })
+            .await;
+        record(&mut t, measured, sent);
+        t.errors += u64::from(released.is_err() && measured);
+    }
+    Ok(t)
+}
+
+async fn idem_worker(run: &Run, channel: Channel, w: usize) -> Result<Tally, String> {
+    let mut client = IdempotencyClient::new(channel);
+    let mut t = Tally::new();
+    let prefix = format!("bench:idem:{}:{w}", now_ms());
+    let mut n = 0u64;
+    while let Some(measured) = run.admit() {
+        n += 1;
+        let key = format!("{prefix}:{n}");
+        let sent = Instant::now();
+        let begun = client
+            .begin(pb::BeginRequest {
+                key: key.clone(),
+                fingerprint: b"sha256:bench".to_vec(),
+                lock_ttl_ms: 10_000,
+                retention_ms: 1_000,
+            })
+            .await;
+        record(&mut t, measured, sent);
+        let Ok(begun) = begun else {
+            t.errors += u64::from(measured);
+            continue;
+        };
+        let Some(measured) = run.admit() else { break };
+        let sent = Instant::now();
+        let done = client
+            .complete(pb::CompleteRequest {
+                key,
+                attempt: begun.into_inner().attempt,
+                response: b"ok".to_vec(),
+            })
+            .await;
+        record(&mut t, measured, sent);
+        t.errors += u64::from(done.is_err() && measured);
+    }
+    Ok(t)
+}
+
+async fn redis_worker(
+    args: &Args,
+    run: &Run,
+    addr: SocketAddr,
+    sha: Vec<u8>,
+    rng: &mut Rng,
+) -> Result<Tally, String> {
+    let mut conn = redis::Conn::connect(addr)
+        .await
+        .map_err(|e| format!("redis {addr}: {e}"))?;
+    let mut t = Tally::new();
+    let (cap, refill, interval) = (
+        args.capacity.to_string(),
+        args.refill_tokens.to_string(),
+        args.refill_interval_ms.to_string(),
+    );
+    while let Some(measured) = run.admit() {
+        let key = key(args, run, rng);
+        let now = now_ms().to_string();
+        let sent = Instant::now();
+        let reply = conn
+            .call(&[
+                b"EVALSHA",
+                &sha,
+                b"1",
+                key.as_bytes(),
+                cap.as_bytes(),
+                refill.as_bytes(),
+                interval.as_bytes(),
+                now.as_bytes(),
+                b"1",
+            ])
+            .await;
+        record(&mut t, measured, sent);
+        match reply {
+            Ok(redis::Reply::Array(items)) if measured => {
+                t.decisions += 1;
+                t.allowed += u64::from(items.first() == Some(&redis::Reply::Int(1)));
+            }
+            Ok(_) => {}
+            Err(e) => {
+                t.errors += u64::from(measured);
+                if e.kind() != std::io::ErrorKind::Other {
+                    return Err(format!("redis connection lost: {e}"));
+                }
+            }
+        }
+    }
+    Ok(t)
+}
+
+fn report(args: &Args, t: &Tally, secs: f64) {
+    let secs = secs.max(1e-9);
+    let q = |p: f64| t.latency.value_at_quantile(p) as f64 / 1000.0;
+    let allowed_ratio = if t.decisions == 0 {
+        0.0
+    } else {
+        t.allowed as f64 / t.decisions as f64
+    };
+    let summary = serde_json::json!({
+        "workload": format!("{:?}", args.workload).to_lowercase(),
+        "target": args.target,
+        "connections": if args.workload == Workload::RedisCheck { args.inflight } else { args.connections },
+        "inflight": args.inflight,
+        "keys": args.keys,
+        "batch": args.batch,
+        "all_or_nothing": args.all_or_nothing,
+        "seconds": secs,
+        "requests": t.requests,
+        "errors": t.errors,
+        "decisions": t.decisions,
+        "requests_per_sec": t.requests as f64 / secs,
+        "decisions_per_sec": t.decisions as f64 / secs,
+        "allowed_ratio": allowed_ratio,
+        "latency_us": { "p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "p999": q(0.999), "max": t.latency.max() as f64 / 1000.0 },
+    });
+    if args.json {
+        println!("{summary}");
+        return;
+    }
+    println!(
+        "{:?} against {} — {} in flight, {} keys, batch {}",
+        args.workload, args.target, args.inflight, args.keys, args.batch
+    );
+    println!(
+        "  {:.0} requests/s, {:.0} decisions/s, allowed {:.1}%, {} requests, {} errors in {:.1} s",
+        t.requests as f64 / secs,
+        t.decisions as f64 / secs,
+        allowed_ratio * 100.0,
+        t.requests,
+        t.errors,
+        secs
+    );
+    println!(
+        "  latency µs: p50 {:.0}  p90 {:.0}  p99 {:.0}  p99.9 {:.0}  max {:.0}",
+        q(0.5),
+        q(0.9),
+        q(0.99),
+        q(0.999),
+        t.latency.max() as f64 / 1000.0
+    );
+}
