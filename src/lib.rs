@@ -20,7 +20,9 @@ pub mod config;
 pub mod engine;
 pub mod metrics;
 pub mod node;
+pub mod raft;
 pub mod server;
+pub mod storage;
 
 /// Generated protobuf and gRPC code for `arbiter.v1`.
 pub mod proto {

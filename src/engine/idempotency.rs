@@ -111,13 +111,13 @@ impl RecordTable {
     fn room_for(&self, extra_records: usize, extra_bytes: usize) -> Result<(), EngineError> {
         if self.records.len() + extra_records > self.max_records {
             return Err(EngineError::Exhausted {
-                what: "idempotency records",
+                what: "idempotency records".into(),
                 max: self.max_records,
             });
         }
         if self.bytes + extra_bytes > self.max_bytes {
             return Err(EngineError::Exhausted {
-                what: "idempotency record bytes",
+                what: "idempotency record bytes".into(),
                 max: self.max_bytes,
             });
         }

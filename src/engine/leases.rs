@@ -157,7 +157,7 @@ impl LeaseTable {
             });
         } else if self.held.len() >= self.max_leases {
             return Err(EngineError::Exhausted {
-                what: "leases",
+                what: "leases".into(),
                 max: self.max_leases,
             });
         }

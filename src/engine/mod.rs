@@ -23,7 +23,7 @@ pub use limits::{Cell, LimitCheck, LimitDef, LimitResult, LimitTable};
 
 /// Why a command was refused. Malformed input is rejected before it becomes a
 /// command, so these are the refusals a well-formed command can still get.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
 pub enum EngineError {
     #[error("lease {name:?} is not held by {holder:?} under fencing token {fencing_token}")]
     NotHolder {
@@ -34,7 +34,10 @@ pub enum EngineError {
     #[error("attempt {attempt} no longer owns idempotency key {key:?} (its lock lapsed, or it completed or aborted)")]
     StaleAttempt { key: String, attempt: u64 },
     #[error("{what} limit reached ({max})")]
-    Exhausted { what: &'static str, max: usize },
+    Exhausted {
+        what: std::borrow::Cow<'static, str>,
+        max: usize,
+    },
 }
 
 /// Bounds on memory. Defaults suit a node with a few GiB.
@@ -320,6 +323,19 @@ impl Engine {
                 .restored(config.max_records, config.max_record_bytes);
         }
         engine
+    }
+
+    /// Replaces all state with `snapshot` (a snapshot installed from the
+    /// leader, or the latest one at start-up).
+    pub fn load(&self, snapshot: Snapshot) {
+        self.limits.clear();
+        self.limits.upsert(snapshot.limits);
+        let mut d = self.durable();
+        d.leases = snapshot.leases;
+        d.leases.restored(self.config.max_leases);
+        d.records = snapshot.records;
+        d.records
+            .restored(self.config.max_records, self.config.max_record_bytes);
     }
 
     pub fn config(&self) -> &EngineConfig {

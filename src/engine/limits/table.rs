@@ -154,7 +154,7 @@ impl LimitTable {
         if self.live.fetch_add(1, Ordering::Relaxed) >= self.max_keys {
             self.live.fetch_sub(1, Ordering::Relaxed);
             return Err(EngineError::Exhausted {
-                what: "rate-limit keys",
+                what: "rate-limit keys".into(),
                 max: self.max_keys,
             });
         }
@@ -221,7 +221,7 @@ impl LimitTable {
             if before + new_keys > self.max_keys {
                 self.live.fetch_sub(new_keys, Ordering::Relaxed);
                 return Err(EngineError::Exhausted {
-                    what: "rate-limit keys",
+                    what: "rate-limit keys".into(),
                     max: self.max_keys,
                 });
             }
@@ -279,6 +279,15 @@ impl LimitTable {
         }
         self.live.fetch_sub(dropped, Ordering::Relaxed);
         dropped
+    }
+
+    /// Drops every cell.
+    pub fn clear(&self) {
+        for shard in self.shards.iter() {
+            let mut table = lock(shard);
+            self.live.fetch_sub(table.len(), Ordering::Relaxed);
+            *table = HashTable::new();
+        }
     }
 
     /// Every stored cell, for snapshots.

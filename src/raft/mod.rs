@@ -1,0 +1,43 @@
+//! Raft plumbing (openraft 0.9): the type configuration and what travels
+//! through the log.
+//!
+//! A log entry carries a [`Command`] and the time the leader stamped on it,
+//! so every replica applies the same command at the same `now_ms` and state
+//! machines never read a clock.
+
+pub mod state_machine;
+
+use std::io::Cursor;
+
+use serde::{Deserialize, Serialize};
+
+use crate::engine::{Command, EngineError, Outcome};
+
+/// A command as proposed by the leader.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Request {
+    pub now_ms: u64,
+    pub command: Command,
+}
+
+/// What applying a [`Request`] produced; refusals are part of the
+/// deterministic outcome, not storage errors.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Response(pub Result<Outcome, EngineError>);
+
+openraft::declare_raft_types!(
+    /// Arbiter's Raft types: node ids are `u64`, nodes carry their peer address.
+    pub TypeConfig:
+        D = Request,
+        R = Response,
+        NodeId = u64,
+        Node = openraft::BasicNode,
+        SnapshotData = Cursor<Vec<u8>>,
+);
+
+pub type NodeId = u64;
+pub type LogId = openraft::LogId<NodeId>;
+pub type Entry = openraft::Entry<TypeConfig>;
+pub type StorageError = openraft::StorageError<NodeId>;
+pub type StoredMembership = openraft::StoredMembership<NodeId, openraft::BasicNode>;
+pub type SnapshotMeta = openraft::SnapshotMeta<NodeId, openraft::BasicNode>;
