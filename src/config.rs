@@ -86,6 +86,11 @@ pub struct Config {
     #[arg(long, env = "ARBITER_SWEEP_INTERVAL_MS", default_value_t = 1000)]
     pub sweep_interval_ms: u64,
 
+    /// Take a snapshot of the state (and purge the log before it) after this
+    /// many log entries.
+    #[arg(long, env = "ARBITER_SNAPSHOT_LOGS", default_value_t = 10_000)]
+    pub snapshot_logs: u64,
+
     /// Async runtime worker threads (default: one per CPU core).
     #[arg(long, env = "ARBITER_WORKER_THREADS")]
     pub worker_threads: Option<usize>,

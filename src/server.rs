@@ -13,7 +13,6 @@ use tonic::transport::Server;
 use crate::api::{self, Bounds, Shared};
 use crate::clock::SystemClock;
 use crate::config::Config;
-use crate::engine::Engine;
 use crate::metrics::{self, Metrics};
 use crate::node::Node;
 use crate::proto::idempotency_server::IdempotencyServer;
@@ -34,6 +33,8 @@ pub enum ServerError {
     },
     #[error("reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    #[error("{0}")]
+    Node(#[from] crate::node::StartError),
     #[error("gRPC server: {0}")]
     Serve(#[from] tonic::transport::Error),
 }
@@ -78,10 +79,14 @@ pub async fn run(
         }
     };
     let metrics = Arc::new(Metrics::new());
-    let node = Arc::new(Node::new(
-        Engine::new(config.engine()),
+    let node = Node::start(
+        config.engine(),
+        &config.data_dir,
+        client_addr.to_string(),
+        config.snapshot_logs,
         Arc::new(SystemClock),
-    ));
+    )
+    .await?;
     let shared = Shared {
         node: node.clone(),
         metrics: metrics.clone(),
@@ -160,6 +165,7 @@ pub async fn run(
             tracing::warn!(grace_ms = config.shutdown_grace_ms, "in-flight calls outlived the shutdown grace period");
         }
     }
+    node.stop_raft().await;
     tracing::info!("arbiter stopped");
     Ok(())
 }

@@ -3,6 +3,7 @@
 use tonic::Status;
 
 use crate::engine::EngineError;
+use crate::node::NodeError;
 
 pub fn to_status(e: EngineError) -> Status {
     match e {
@@ -14,5 +15,15 @@ pub fn to_status(e: EngineError) -> Status {
         // A configured memory bound; the service stays up and the caller may
         // retry later once sweeps free room.
         EngineError::Exhausted { .. } => Status::resource_exhausted(e.to_string()),
+    }
+}
+
+pub fn node_status(e: NodeError) -> Status {
+    match e {
+        NodeError::Engine(e) => to_status(e),
+        // No leader or shutting down: the command was not applied (or its
+        // outcome is unknown to this node), and retrying is safe because a
+        // retried lease/idempotency call is answered from the stored state.
+        NodeError::Unavailable(m) => Status::unavailable(m),
     }
 }

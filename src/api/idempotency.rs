@@ -36,7 +36,7 @@ impl Idempotency for IdempotencyService {
                 ms
             }
         };
-        let (applied, _) = s
+        let (outcome, _) = s
             .node
             .write(Command::Begin {
                 key: r.key,
@@ -44,12 +44,12 @@ impl Idempotency for IdempotencyService {
                 lock_ttl_ms: r.lock_ttl_ms,
                 retention_ms,
             })
-            .map_err(error::to_status)?;
+            .await
+            .map_err(error::node_status)?;
         s.metrics.observe(Rpc::Begin, start);
-        let Outcome::Begun(outcome) = applied.outcome else {
+        let Outcome::Begun(outcome) = outcome else {
             return Err(Status::internal(format!(
-                "unexpected engine outcome {:?}",
-                applied.outcome
+                "unexpected engine outcome {outcome:?}"
             )));
         };
         let reply = match outcome {
@@ -97,7 +97,8 @@ impl Idempotency for IdempotencyService {
                 attempt: r.attempt,
                 response: r.response,
             })
-            .map_err(error::to_status)?;
+            .await
+            .map_err(error::node_status)?;
         s.metrics.observe(Rpc::Complete, start);
         Ok(Response::new(CompleteResponse {}))
     }
@@ -116,7 +117,8 @@ impl Idempotency for IdempotencyService {
                 key: r.key,
                 attempt: r.attempt,
             })
-            .map_err(error::to_status)?;
+            .await
+            .map_err(error::node_status)?;
         s.metrics.observe(Rpc::Abort, start);
         Ok(Response::new(AbortResponse {}))
     }
@@ -130,7 +132,7 @@ impl Idempotency for IdempotencyService {
         let s = &self.0;
         let r = request.into_inner();
         convert::key(&r.key, || "key".into())?;
-        let (record, now) = s.node.record(&r.key);
+        let (record, now) = s.node.record(&r.key).await.map_err(error::node_status)?;
         s.metrics.observe(Rpc::GetRecord, start);
         Ok(Response::new(GetRecordResponse {
             record: record.map(|rec| convert::record(r.key, rec, now)),

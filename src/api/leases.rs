@@ -44,16 +44,17 @@ impl Leases for LeasesService {
         let r = request.into_inner();
         name_and_holder(&r.name, &r.holder)?;
         convert::ttl(r.ttl_ms, "ttl_ms", s.bounds.max_ttl_ms)?;
-        let (applied, now) = s
+        let (outcome, now) = s
             .node
             .write(Command::Acquire {
                 name: r.name,
                 holder: r.holder,
                 ttl_ms: r.ttl_ms,
             })
-            .map_err(error::to_status)?;
+            .await
+            .map_err(error::node_status)?;
         s.metrics.observe(Rpc::Acquire, start);
-        match applied.outcome {
+        match outcome {
             Outcome::Acquired { acquired, lease } => Ok(Response::new(AcquireResponse {
                 acquired,
                 lease: Some(convert::lease(lease, now)),
@@ -72,7 +73,7 @@ impl Leases for LeasesService {
         let r = request.into_inner();
         name_and_holder(&r.name, &r.holder)?;
         convert::ttl(r.ttl_ms, "ttl_ms", s.bounds.max_ttl_ms)?;
-        let (applied, now) = s
+        let (outcome, now) = s
             .node
             .write(Command::Renew {
                 name: r.name,
@@ -80,9 +81,10 @@ impl Leases for LeasesService {
                 fencing_token: r.fencing_token,
                 ttl_ms: r.ttl_ms,
             })
-            .map_err(error::to_status)?;
+            .await
+            .map_err(error::node_status)?;
         s.metrics.observe(Rpc::Renew, start);
-        match applied.outcome {
+        match outcome {
             Outcome::Renewed(lease) => Ok(Response::new(RenewResponse {
                 lease: Some(convert::lease(lease, now)),
             })),
@@ -99,16 +101,17 @@ impl Leases for LeasesService {
         let s = &self.0;
         let r = request.into_inner();
         name_and_holder(&r.name, &r.holder)?;
-        let (applied, now) = s
+        let (outcome, now) = s
             .node
             .write(Command::Release {
                 name: r.name,
                 holder: r.holder,
                 fencing_token: r.fencing_token,
             })
-            .map_err(error::to_status)?;
+            .await
+            .map_err(error::node_status)?;
         s.metrics.observe(Rpc::Release, start);
-        match applied.outcome {
+        match outcome {
             Outcome::Released(lease) => Ok(Response::new(ReleaseResponse {
                 lease: Some(convert::lease(lease, now)),
             })),
@@ -125,7 +128,7 @@ impl Leases for LeasesService {
         let s = &self.0;
         let r = request.into_inner();
         convert::key(&r.name, || "name".into())?;
-        let (lease, now) = s.node.lease(&r.name);
+        let (lease, now) = s.node.lease(&r.name).await.map_err(error::node_status)?;
         s.metrics.observe(Rpc::GetLease, start);
         Ok(Response::new(GetLeaseResponse {
             lease: lease.map(|l| convert::lease(l, now)),
@@ -167,7 +170,7 @@ impl Leases for LeasesService {
                     // Too slow to keep up: start over from the current state
                     // rather than silently skipping changes.
                     Err(broadcast::error::RecvError::Lagged(_)) => {
-                        let (lease, now) = node.lease(&name);
+                        let (lease, now) = node.lease_local(&name);
                         current(lease, now)
                     }
                     Err(broadcast::error::RecvError::Closed) => return,

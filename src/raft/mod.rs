@@ -5,6 +5,7 @@
 //! so every replica applies the same command at the same `now_ms` and state
 //! machines never read a clock.
 
+pub mod network;
 pub mod state_machine;
 
 use std::io::Cursor;

@@ -6,6 +6,10 @@
 //! the engine's full state plus the Raft bookkeeping, kept in the store so
 //! a restart begins from the latest one.
 
+// openraft's storage traits return its (large) `StorageError` by value;
+// helpers here return the same type so errors pass through unchanged.
+#![allow(clippy::result_large_err)]
+
 use std::io::Cursor;
 use std::sync::Arc;
 
@@ -23,6 +27,7 @@ pub type Observer = Arc<dyn Fn(&[LeaseEvent]) + Send + Sync>;
 #[derive(Serialize, Deserialize)]
 struct SnapshotData {
     last_applied: Option<LogId>,
+    last_now: u64,
     membership: StoredMembership,
     engine: engine::Snapshot,
 }
@@ -34,6 +39,9 @@ pub struct StateMachine {
     last_applied: Option<LogId>,
     membership: StoredMembership,
     snapshot_seq: u64,
+    /// The latest command time applied: commands never run at an earlier
+    /// time, whatever order concurrent proposals reached the log in.
+    last_now: u64,
 }
 
 fn sm_err(verb: ErrorVerb, e: impl std::fmt::Display) -> StorageError {
@@ -60,6 +68,7 @@ impl StateMachine {
             last_applied: None,
             membership: StoredMembership::default(),
             snapshot_seq: 0,
+            last_now: 0,
         };
         if let Some((_, data)) = sm.store.snapshot()? {
             sm.load(&data)?;
@@ -72,6 +81,7 @@ impl StateMachine {
             serde_json::from_slice(data).map_err(|e| sm_err(ErrorVerb::Read, e))?;
         self.engine.load(d.engine);
         self.last_applied = d.last_applied;
+        self.last_now = d.last_now;
         self.membership = d.membership;
         Ok(())
     }
@@ -120,15 +130,19 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     self.membership = StoredMembership::new(Some(entry.log_id), m);
                     Response(Ok(engine::Outcome::Synced))
                 }
-                EntryPayload::Normal(req) => match self.engine.apply(req.command, req.now_ms) {
-                    Ok(applied) => {
-                        if !applied.events.is_empty() {
-                            (self.observer)(&applied.events);
+                EntryPayload::Normal(req) => {
+                    self.last_now = self.last_now.max(req.now_ms);
+                    let applied = self.engine.apply(req.command, self.last_now);
+                    match applied {
+                        Ok(applied) => {
+                            if !applied.events.is_empty() {
+                                (self.observer)(&applied.events);
+                            }
+                            Response(Ok(applied.outcome))
                         }
-                        Response(Ok(applied.outcome))
+                        Err(e) => Response(Err(e)),
                     }
-                    Err(e) => Response(Err(e)),
-                },
+                }
             };
             out.push(response);
         }
@@ -139,6 +153,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.snapshot_seq += 1;
         let data = SnapshotData {
             last_applied: self.last_applied,
+            last_now: self.last_now,
             membership: self.membership.clone(),
             engine: self.engine.snapshot(),
         };

@@ -8,6 +8,10 @@
 //! Values are JSON: the log entries are small and this keeps the file
 //! inspectable; the encoding is private to this module.
 
+// openraft's storage traits return its (large) `StorageError` by value;
+// helpers here return the same type so errors pass through unchanged.
+#![allow(clippy::result_large_err)]
+
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
 use std::path::Path;

@@ -20,6 +20,19 @@ pub struct Server {
     pub addr: SocketAddr,
     pub metrics: SocketAddr,
     pub data_dir: PathBuf,
+    /// Whether dropping this server removes its data directory.
+    owns_dir: bool,
+}
+
+/// A fresh, empty directory for a server's data (not removed automatically).
+pub fn fresh_dir() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "arbiter-it-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
 }
 
 static NEXT: AtomicUsize = AtomicUsize::new(0);
@@ -28,12 +41,14 @@ impl Server {
     /// Starts `arbiter serve` with JSON logs on 127.0.0.1:0 ports and waits
     /// (up to the deadline) for the line announcing the bound addresses.
     pub fn start(extra: &[&str]) -> Server {
-        let data_dir = std::env::temp_dir().join(format!(
-            "arbiter-it-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&data_dir);
+        let mut s = Self::start_in(&fresh_dir(), extra);
+        s.owns_dir = true;
+        s
+    }
+
+    /// Starts a server on `data_dir` (which it leaves in place on drop).
+    pub fn start_in(data_dir: &std::path::Path, extra: &[&str]) -> Server {
+        let data_dir = data_dir.to_path_buf();
         let mut child = Command::new(env!("CARGO_BIN_EXE_arbiter"))
             .arg("serve")
             .args([
@@ -83,6 +98,7 @@ impl Server {
             addr,
             metrics,
             data_dir,
+            owns_dir: false,
         }
     }
 
@@ -116,6 +132,12 @@ impl Server {
         self.wait_exit()
     }
 
+    /// SIGKILL: no shutdown path runs.
+    pub fn kill9(&mut self) {
+        self.child.kill().expect("kill -9");
+        self.child.wait().expect("reap");
+    }
+
     pub fn wait_exit(&mut self) -> ExitStatus {
         let until = Instant::now() + DEADLINE;
         loop {
@@ -135,7 +157,9 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.data_dir);
+        if self.owns_dir {
+            let _ = std::fs::remove_dir_all(&self.data_dir);
+        }
     }
 }
 
