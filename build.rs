@@ -13,6 +13,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/arbiter/v1/rate_limiter.proto",
         "proto/arbiter/v1/leases.proto",
         "proto/arbiter/v1/idempotency.proto",
+        "proto/arbiter/v1/cluster.proto",
     ];
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");

@@ -60,7 +60,7 @@ PY
 }
 
 start_arbiter() { # $1 = log file
-  target/release/arbiter serve --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 \
+  target/release/arbiter serve --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 --peer-listen 127.0.0.1:0 \
     --data-dir "$work/data" --log-format json 2>"$1" &
   pids+=($!)
   ARBITER_PID=$!

@@ -1,12 +1,14 @@
 //! Server configuration: flags with `ARBITER_*` environment equivalents,
 //! parsed once into [`Config`]. Tests build a `Config` directly.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, ValueEnum};
 
 use crate::engine::EngineConfig;
+use crate::node::Membership;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -24,6 +26,34 @@ pub struct Config {
     /// Prometheus metrics address (`/metrics`, `/healthz`).
     #[arg(long, env = "ARBITER_METRICS_LISTEN", default_value = "127.0.0.1:9090")]
     pub metrics_listen: SocketAddr,
+
+    /// This node's Raft id (>= 1). Default: 1 for a single node; with
+    /// --peers-dns, the host name's ordinal plus one (`arbiter-0` is 1).
+    #[arg(long, env = "ARBITER_NODE_ID")]
+    pub node_id: Option<u64>,
+
+    /// Peer (Raft) address to listen on.
+    #[arg(long, env = "ARBITER_PEER_LISTEN", default_value = "127.0.0.1:7071")]
+    pub peer_listen: SocketAddr,
+
+    /// Every member as ID=HOST:PORT (their peer addresses), comma-separated,
+    /// this node included. Omit for a single node.
+    #[arg(long, env = "ARBITER_PEERS", value_delimiter = ',')]
+    pub peers: Vec<String>,
+
+    /// StatefulSet form of --peers: the peer address with `{}` for the pod
+    /// ordinal, e.g. `arbiter-{}.arbiter-peers.default.svc.cluster.local:7071`.
+    /// Needs --replicas; member ids are ordinal + 1.
+    #[arg(long, env = "ARBITER_PEERS_DNS")]
+    pub peers_dns: Option<String>,
+
+    /// StatefulSet replica count, for --peers-dns.
+    #[arg(long, env = "ARBITER_REPLICAS")]
+    pub replicas: Option<u64>,
+
+    /// How long a call waits for a leader before answering UNAVAILABLE.
+    #[arg(long, env = "ARBITER_LEADER_WAIT_MS", default_value_t = 3000)]
+    pub leader_wait_ms: u64,
 
     /// Where state is kept. Created at start-up.
     #[arg(long, env = "ARBITER_DATA_DIR", default_value = "./data")]
@@ -120,6 +150,7 @@ impl Config {
         Self {
             listen: "127.0.0.1:0".parse().expect("literal address"),
             metrics_listen: "127.0.0.1:0".parse().expect("literal address"),
+            peer_listen: "127.0.0.1:0".parse().expect("literal address"),
             data_dir,
             ..Self::default()
         }
@@ -133,5 +164,124 @@ impl Config {
             max_records: self.max_records,
             max_record_bytes: self.max_record_bytes,
         }
+    }
+}
+
+/// The pod ordinal at the end of a StatefulSet host name (`arbiter-2` → 2).
+pub fn ordinal(hostname: &str) -> Option<u64> {
+    hostname.trim().rsplit_once('-')?.1.parse().ok()
+}
+
+impl Config {
+    /// Resolves this node's id and the initial members from --node-id,
+    /// --peers or --peers-dns/--replicas (and the host name), or a
+    /// one-member cluster at `bound_peer` when none is given.
+    pub fn membership(
+        &self,
+        bound_peer: SocketAddr,
+        hostname: Option<&str>,
+    ) -> Result<Membership, String> {
+        let from_host = || {
+            hostname.and_then(ordinal).map(|o| o + 1).ok_or_else(|| {
+                format!("--node-id is not set and the host name {hostname:?} ends in no -ORDINAL")
+            })
+        };
+        let (id, peers) = if let Some(pattern) = &self.peers_dns {
+            if !pattern.contains("{}") {
+                return Err(format!(
+                    "--peers-dns {pattern:?}: must contain {{}} for the pod ordinal"
+                ));
+            }
+            let replicas = self.replicas.ok_or("--peers-dns needs --replicas")?;
+            if !(1..=9).contains(&replicas) {
+                return Err(format!("--replicas: must be 1 to 9, got {replicas}"));
+            }
+            let peers = (0..replicas)
+                .map(|i| (i + 1, pattern.replace("{}", &i.to_string())))
+                .collect();
+            (self.node_id.map_or_else(from_host, Ok)?, peers)
+        } else if !self.peers.is_empty() {
+            let mut peers = BTreeMap::new();
+            for p in &self.peers {
+                let (id, addr) = p
+                    .split_once('=')
+                    .ok_or_else(|| format!("--peers entry {p:?}: expected ID=HOST:PORT"))?;
+                let id: u64 = id
+                    .trim()
+                    .parse()
+                    .map_err(|_| format!("--peers entry {p:?}: bad id"))?;
+                if id == 0 || addr.trim().is_empty() {
+                    return Err(format!(
+                        "--peers entry {p:?}: ids start at 1 and need an address"
+                    ));
+                }
+                peers.insert(id, addr.trim().to_owned());
+            }
+            (self.node_id.map_or_else(from_host, Ok)?, peers)
+        } else {
+            let id = self.node_id.unwrap_or(1);
+            (id, BTreeMap::from([(id, bound_peer.to_string())]))
+        };
+        if id == 0 || !peers.contains_key(&id) {
+            return Err(format!(
+                "node id {id} is not among the members {:?}",
+                peers.keys().collect::<Vec<_>>()
+            ));
+        }
+        Ok(Membership { id, peers })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(args: &[&str]) -> Config {
+        let mut argv = vec!["arbiter"];
+        argv.extend_from_slice(args);
+        DefaultsOnly::parse_from(argv).config
+    }
+
+    const BOUND: &str = "127.0.0.1:7071";
+
+    #[test]
+    fn single_node_by_default() {
+        let m = cfg(&[]).membership(BOUND.parse().unwrap(), None).unwrap();
+        assert_eq!(m.id, 1);
+        assert_eq!(m.peers, BTreeMap::from([(1, BOUND.to_owned())]));
+    }
+
+    #[test]
+    fn explicit_peers() {
+        let m = cfg(&["--node-id", "2", "--peers", "1=a:1,2=b:2,3=c:3"])
+            .membership(BOUND.parse().unwrap(), None)
+            .unwrap();
+        assert_eq!((m.id, m.peers.len(), m.peers[&3].as_str()), (2, 3, "c:3"));
+        assert!(cfg(&["--node-id", "4", "--peers", "1=a:1"])
+            .membership(BOUND.parse().unwrap(), None)
+            .is_err());
+        assert!(cfg(&["--peers", "1=a:1,x"])
+            .membership(BOUND.parse().unwrap(), Some("h"))
+            .is_err());
+    }
+
+    #[test]
+    fn statefulset_form_derives_id_and_peers() {
+        let c = cfg(&["--peers-dns", "arbiter-{}.peers:7071", "--replicas", "3"]);
+        let m = c
+            .membership(BOUND.parse().unwrap(), Some("arbiter-2"))
+            .unwrap();
+        assert_eq!(m.id, 3);
+        assert_eq!(m.peers[&1], "arbiter-0.peers:7071");
+        assert_eq!(m.peers[&3], "arbiter-2.peers:7071");
+        assert!(c
+            .membership(BOUND.parse().unwrap(), Some("arbiter-7"))
+            .is_err());
+        assert!(c
+            .membership(BOUND.parse().unwrap(), Some("no-ordinal"))
+            .is_err());
+        assert!(cfg(&["--peers-dns", "x:1", "--replicas", "3"])
+            .membership(BOUND.parse().unwrap(), Some("a-0"))
+            .is_err());
     }
 }

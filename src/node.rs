@@ -7,13 +7,14 @@
 //! table. Lease changes reach watchers from the state machine, in apply
 //! order. The node also runs the sweeps that keep memory bounded.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use openraft::{BasicNode, Raft, SnapshotPolicy};
+use openraft::{BasicNode, Raft, ServerState, SnapshotPolicy};
+use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, watch, Notify};
 
 use crate::clock::Clock;
@@ -21,7 +22,8 @@ use crate::engine::{
     Command, Engine, EngineConfig, EngineError, Lease, LeaseEvent, LimitCheck, LimitResult,
     Outcome, Record,
 };
-use crate::raft::network::NoPeers;
+use crate::proto::raft_peer_client::RaftPeerClient;
+use crate::raft::network::{decode, encode, Channels, PeerNetwork};
 use crate::raft::state_machine::{Observer, StateMachine};
 use crate::raft::{NodeId, Request, Response, TypeConfig};
 use crate::storage::Store;
@@ -29,20 +31,63 @@ use crate::storage::Store;
 /// Events buffered per watched lease before a slow watcher is resynchronised.
 const WATCH_BUFFER: usize = 256;
 
-/// This build's node id: one-member clusters only.
-const SELF_ID: NodeId = 1;
+/// Raft election timeout bounds, in ms. A new leader extends every lease by
+/// the upper bound, so no lease lapses early because of a failover.
+const ELECTION_TIMEOUT_MIN_MS: u64 = 300;
+const ELECTION_TIMEOUT_MAX_MS: u64 = 600;
 
 type Watchers = Arc<Mutex<HashMap<String, broadcast::Sender<LeaseEvent>>>>;
 
 /// Why a call could not be served.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, thiserror::Error, Serialize, Deserialize)]
 pub enum NodeError {
     /// The state machine refused the command.
     #[error(transparent)]
     Engine(#[from] EngineError),
-    /// No leader, or Raft is shutting down: safe to retry.
+    /// No leader within the deadline, or Raft is shutting down: safe to retry.
     #[error("not available: {0}")]
     Unavailable(String),
+    /// This node is not (or no longer) the leader; the call is routed again.
+    #[error("not the leader")]
+    NotLeader,
+    /// A membership change was refused.
+    #[error("membership change refused: {0}")]
+    Membership(String),
+}
+
+/// A client call as routed to the leader (locally or from a follower).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum Call {
+    Write(Command),
+    Check {
+        checks: Vec<LimitCheck>,
+        all_or_nothing: bool,
+    },
+    Lease(String),
+    Record(String),
+    AddMember {
+        id: NodeId,
+        peer_addr: String,
+    },
+    RemoveMember(NodeId),
+}
+
+/// The leader's answer to a [`Call`].
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum Answer {
+    Written(Outcome, u64),
+    Checked(Vec<LimitResult>),
+    Lease(Option<Lease>, u64),
+    Record(Option<Record>, u64),
+    Done,
+}
+
+/// Who this node is and whom it starts with.
+#[derive(Clone, Debug)]
+pub struct Membership {
+    pub id: NodeId,
+    /// Initial members and their peer addresses, including this node.
+    pub peers: BTreeMap<NodeId, String>,
 }
 
 /// Why the node could not start.
@@ -57,8 +102,17 @@ pub enum StartError {
 }
 
 pub struct Node {
+    id: NodeId,
     engine: Arc<Engine>,
     raft: Raft<TypeConfig>,
+    channels: Channels,
+    /// How long a call waits for a leader before answering UNAVAILABLE.
+    leader_wait: Duration,
+    /// The term in which this node, as leader, caught up with everything
+    /// committed (and extended leases): it decides rate limits only then.
+    ready_term: AtomicU64,
+    /// The term in which this node, as leader, extended every lease.
+    extended_term: AtomicU64,
     clock: Arc<dyn Clock>,
     last_now: AtomicU64,
     watchers: Watchers,
@@ -81,14 +135,17 @@ fn publish(watchers: &Watchers, events: &[LeaseEvent]) {
 }
 
 impl Node {
-    /// Opens the store under `data_dir`, loads the latest snapshot, starts
-    /// Raft (which replays the log) and, for a new data directory,
-    /// initialises a one-member cluster once. Returns when this node leads.
+    /// Opens the store under `data_dir`, loads the latest snapshot and starts
+    /// Raft (which replays the log). On a new data directory, the member
+    /// with the lowest id initialises the cluster, once; the others wait to
+    /// be contacted. Restarting any node is safe: an initialised store is
+    /// never initialised again.
     pub async fn start(
         engine: EngineConfig,
         data_dir: &Path,
-        advertise: String,
+        membership: Membership,
         snapshot_logs: u64,
+        leader_wait: Duration,
         clock: Arc<dyn Clock>,
     ) -> Result<Arc<Self>, StartError> {
         let store = Store::open(data_dir)?;
@@ -103,28 +160,37 @@ impl Node {
         let raft_config = openraft::Config {
             cluster_name: "arbiter".into(),
             heartbeat_interval: 100,
-            election_timeout_min: 300,
-            election_timeout_max: 600,
+            election_timeout_min: ELECTION_TIMEOUT_MIN_MS,
+            election_timeout_max: ELECTION_TIMEOUT_MAX_MS,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(snapshot_logs.max(1)),
             max_in_snapshot_log_to_keep: snapshot_logs.clamp(1, 1_000),
             ..Default::default()
         }
         .validate()
         .map_err(|e| raft_err(&e))?;
-        let raft = Raft::new(SELF_ID, Arc::new(raft_config), NoPeers, store, sm)
+        let network = PeerNetwork::default();
+        let channels = network.channels.clone();
+        let raft = Raft::new(membership.id, Arc::new(raft_config), network, store, sm)
             .await
             .map_err(|e| raft_err(&e))?;
-        if !raft.is_initialized().await.map_err(|e| raft_err(&e))? {
-            let members = BTreeMap::from([(SELF_ID, BasicNode::new(advertise))]);
+        let first = membership.peers.keys().next().copied();
+        if first == Some(membership.id) && !raft.is_initialized().await.map_err(|e| raft_err(&e))? {
+            let members: BTreeMap<NodeId, BasicNode> = membership
+                .peers
+                .iter()
+                .map(|(id, addr)| (*id, BasicNode::new(addr)))
+                .collect();
+            tracing::info!(members = members.len(), "initialising a new cluster");
             raft.initialize(members).await.map_err(|e| raft_err(&e))?;
         }
-        raft.wait(Some(Duration::from_secs(30)))
-            .current_leader(SELF_ID, "this node leads its one-member cluster")
-            .await
-            .map_err(|e| raft_err(&e))?;
         Ok(Arc::new(Self {
+            id: membership.id,
             engine,
             raft,
+            channels,
+            leader_wait,
+            ready_term: AtomicU64::new(0),
+            extended_term: AtomicU64::new(0),
             clock,
             last_now: AtomicU64::new(0),
             watchers,
@@ -132,6 +198,202 @@ impl Node {
             sweep_at: AtomicU64::new(u64::MAX),
             shutdown: watch::channel(false).0,
         }))
+    }
+
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+
+    pub fn raft(&self) -> &Raft<TypeConfig> {
+        &self.raft
+    }
+
+    /// The leader this node knows of, if any.
+    pub fn leader(&self) -> Option<NodeId> {
+        self.raft.metrics().borrow().current_leader
+    }
+
+    fn is_leader(&self) -> bool {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        m.state == ServerState::Leader && m.current_leader == Some(self.id)
+    }
+
+    /// Routes a call to the leader: served here when this node leads,
+    /// forwarded over the peer channel otherwise. Waits up to `leader_wait`
+    /// for a leader; then UNAVAILABLE.
+    pub async fn route(&self, call: Call) -> Result<Answer, NodeError> {
+        let deadline = Instant::now() + self.leader_wait;
+        let mut metrics = self.raft.metrics();
+        loop {
+            let leader = metrics.borrow_and_update().current_leader;
+            let result = match leader {
+                Some(l) if l == self.id => self.serve(call.clone()).await,
+                Some(l) => self.forward(l, &call).await,
+                None => Err(NodeError::NotLeader),
+            };
+            match result {
+                Err(NodeError::NotLeader) => {}
+                other => return other,
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(NodeError::Unavailable(format!(
+                    "no leader within {} ms",
+                    self.leader_wait.as_millis()
+                )));
+            }
+            // Wake on the next leadership change, or poll again shortly.
+            let _ =
+                tokio::time::timeout(left.min(Duration::from_millis(100)), metrics.changed()).await;
+        }
+    }
+
+    async fn forward(&self, leader: NodeId, call: &Call) -> Result<Answer, NodeError> {
+        let addr = {
+            let m = self.raft.metrics();
+            let m = m.borrow();
+            m.membership_config
+                .membership()
+                .get_node(&leader)
+                .map(|n| n.addr.clone())
+        };
+        let Some(addr) = addr else {
+            return Err(NodeError::NotLeader);
+        };
+        let channel = self
+            .channels
+            .get(&addr)
+            .map_err(|e| NodeError::Unavailable(format!("leader {leader} at {addr}: {e}")))?;
+        let mut request = tonic::Request::new(encode(call));
+        request.set_timeout(self.leader_wait);
+        match RaftPeerClient::new(channel).forward(request).await {
+            Ok(reply) => decode::<Result<Answer, NodeError>>(&reply.into_inner()).map_err(|e| {
+                NodeError::Unavailable(format!("bad reply from leader {leader}: {e}"))
+            })?,
+            Err(status) => Err(NodeError::Unavailable(format!(
+                "leader {leader} at {addr} did not answer: {}",
+                status.message()
+            ))),
+        }
+    }
+
+    /// Serves a call as the leader; `NotLeader` when this node does not lead.
+    pub async fn serve(&self, call: Call) -> Result<Answer, NodeError> {
+        if matches!(call, Call::Write(_) | Call::Lease(_)) && self.is_leader() {
+            // Leases are extended before this term serves any lease call.
+            self.on_leadership().await;
+        }
+        match call {
+            Call::Write(command) => {
+                let (outcome, now) = self.propose(command).await?;
+                Ok(Answer::Written(outcome, now))
+            }
+            Call::Check {
+                checks,
+                all_or_nothing,
+            } => {
+                self.ready_to_decide().await?;
+                Ok(Answer::Checked(self.engine.check(
+                    &checks,
+                    all_or_nothing,
+                    self.now_ms(),
+                )?))
+            }
+            Call::Lease(name) => {
+                self.read_barrier().await?;
+                let now = self.now_ms();
+                Ok(Answer::Lease(self.engine.lease(&name, now), now))
+            }
+            Call::Record(key) => {
+                self.read_barrier().await?;
+                let now = self.now_ms();
+                Ok(Answer::Record(self.engine.record(&key, now), now))
+            }
+            Call::AddMember { id, peer_addr } => {
+                if !self.is_leader() {
+                    return Err(NodeError::NotLeader);
+                }
+                let refused = |e: &dyn std::fmt::Display| NodeError::Membership(e.to_string());
+                self.raft
+                    .add_learner(id, BasicNode::new(peer_addr), true)
+                    .await
+                    .map_err(|e| refused(&e))?;
+                let mut voters: BTreeSet<NodeId> = self
+                    .raft
+                    .metrics()
+                    .borrow()
+                    .membership_config
+                    .membership()
+                    .voter_ids()
+                    .collect();
+                voters.insert(id);
+                self.raft
+                    .change_membership(voters, false)
+                    .await
+                    .map_err(|e| refused(&e))?;
+                Ok(Answer::Done)
+            }
+            Call::RemoveMember(id) => {
+                if !self.is_leader() {
+                    return Err(NodeError::NotLeader);
+                }
+                let mut voters: BTreeSet<NodeId> = self
+                    .raft
+                    .metrics()
+                    .borrow()
+                    .membership_config
+                    .membership()
+                    .voter_ids()
+                    .collect();
+                voters.remove(&id);
+                if voters.is_empty() {
+                    return Err(NodeError::Membership("cannot remove the last voter".into()));
+                }
+                self.raft
+                    .change_membership(voters, false)
+                    .await
+                    .map_err(|e| NodeError::Membership(e.to_string()))?;
+                Ok(Answer::Done)
+            }
+        }
+    }
+
+    /// Commits `command` through the log as the leader, stamped with the time.
+    async fn propose(&self, command: Command) -> Result<(Outcome, u64), NodeError> {
+        let now = self.now_ms();
+        let reply = match self
+            .raft
+            .client_write(Request {
+                now_ms: now,
+                command,
+            })
+            .await
+        {
+            Ok(r) => r,
+            Err(e) if e.forward_to_leader::<BasicNode>().is_some() => {
+                return Err(NodeError::NotLeader)
+            }
+            Err(e) => return Err(NodeError::Unavailable(e.to_string())),
+        };
+        let sweep_at = self.sweep_at.load(Ordering::Acquire);
+        if self.engine.next_expiry().is_some_and(|t| t < sweep_at) {
+            self.deadlines_changed.notify_one();
+        }
+        let Response(outcome) = reply.data;
+        Ok((outcome?, now))
+    }
+
+    /// Rate limits are decided only by a leader that has applied everything
+    /// committed before its term (checked once per term).
+    async fn ready_to_decide(&self) -> Result<(), NodeError> {
+        let term = self.raft.metrics().borrow().current_term;
+        if self.ready_term.load(Ordering::Acquire) == term && self.is_leader() {
+            return Ok(());
+        }
+        self.read_barrier().await?;
+        self.ready_term.store(term, Ordering::Release);
+        Ok(())
     }
 
     pub fn engine(&self) -> &Engine {
@@ -153,55 +415,70 @@ impl Node {
         self.last_now.fetch_max(t, Ordering::AcqRel).max(t)
     }
 
-    pub fn check(
-        &self,
-        checks: &[LimitCheck],
-        all_or_nothing: bool,
-    ) -> Result<Vec<LimitResult>, EngineError> {
-        self.engine.check(checks, all_or_nothing, self.now_ms())
-    }
-
-    /// Proposes a lease or idempotency command through the log; returns its
-    /// outcome once committed and applied, and the time it was stamped with.
+    /// Commits a lease or idempotency command (through the leader); returns
+    /// its outcome and the time it was stamped with.
     pub async fn write(&self, command: Command) -> Result<(Outcome, u64), NodeError> {
-        let now = self.now_ms();
-        let reply = self
-            .raft
-            .client_write(Request {
-                now_ms: now,
-                command,
-            })
-            .await
-            .map_err(|e| NodeError::Unavailable(e.to_string()))?;
-        let sweep_at = self.sweep_at.load(Ordering::Acquire);
-        if self.engine.next_expiry().is_some_and(|t| t < sweep_at) {
-            self.deadlines_changed.notify_one();
+        match self.route(Call::Write(command)).await? {
+            Answer::Written(outcome, now) => Ok((outcome, now)),
+            other => Err(NodeError::Unavailable(format!(
+                "unexpected answer {other:?}"
+            ))),
         }
-        let Response(outcome) = reply.data;
-        Ok((outcome?, now))
     }
 
-    /// Waits until this node may serve a linearizable read.
+    /// Rate-limit decisions, made by the leader from its in-memory table.
+    pub async fn check(
+        &self,
+        checks: Vec<LimitCheck>,
+        all_or_nothing: bool,
+    ) -> Result<Vec<LimitResult>, NodeError> {
+        if self.is_leader()
+            && self.ready_term.load(Ordering::Acquire) == self.raft.metrics().borrow().current_term
+        {
+            // The hot path: no routing, no cloning.
+            return Ok(self.engine.check(&checks, all_or_nothing, self.now_ms())?);
+        }
+        match self
+            .route(Call::Check {
+                checks,
+                all_or_nothing,
+            })
+            .await?
+        {
+            Answer::Checked(r) => Ok(r),
+            other => Err(NodeError::Unavailable(format!(
+                "unexpected answer {other:?}"
+            ))),
+        }
+    }
+
+    /// Waits until this node, as leader, may serve a linearizable read.
     async fn read_barrier(&self) -> Result<(), NodeError> {
-        self.raft
-            .ensure_linearizable()
-            .await
-            .map(drop)
-            .map_err(|e| NodeError::Unavailable(e.to_string()))
+        match self.raft.ensure_linearizable().await {
+            Ok(_) => Ok(()),
+            Err(e) if e.forward_to_leader::<BasicNode>().is_some() => Err(NodeError::NotLeader),
+            Err(e) => Err(NodeError::Unavailable(e.to_string())),
+        }
     }
 
     /// The lease as it stands, linearizable.
     pub async fn lease(&self, name: &str) -> Result<(Option<Lease>, u64), NodeError> {
-        self.read_barrier().await?;
-        let now = self.now_ms();
-        Ok((self.engine.lease(name, now), now))
+        match self.route(Call::Lease(name.to_owned())).await? {
+            Answer::Lease(l, now) => Ok((l, now)),
+            other => Err(NodeError::Unavailable(format!(
+                "unexpected answer {other:?}"
+            ))),
+        }
     }
 
     /// The idempotency record as it stands, linearizable.
     pub async fn record(&self, key: &str) -> Result<(Option<Record>, u64), NodeError> {
-        self.read_barrier().await?;
-        let now = self.now_ms();
-        Ok((self.engine.record(key, now), now))
+        match self.route(Call::Record(key.to_owned())).await? {
+            Answer::Record(r, now) => Ok((r, now)),
+            other => Err(NodeError::Unavailable(format!(
+                "unexpected answer {other:?}"
+            ))),
+        }
     }
 
     /// The lease's current state and a receiver for every later change.
@@ -251,9 +528,12 @@ impl Node {
         let mut next_limit_sweep = self.now_ms() + limit_sweep.as_millis() as u64;
         loop {
             let now = self.now_ms();
-            if self.engine.sweep_due(now) {
-                if let Err(e) = self.write(Command::Sweep).await {
-                    tracing::warn!(error = %e, "sweep failed");
+            if self.is_leader() {
+                self.on_leadership().await;
+                if self.engine.sweep_due(now) {
+                    if let Err(e) = self.propose(Command::Sweep).await {
+                        tracing::warn!(error = %e, "sweep failed");
+                    }
                 }
             }
             if now >= next_limit_sweep {
@@ -268,12 +548,39 @@ impl Node {
                 .min(next_limit_sweep);
             self.sweep_at.store(wake_at, Ordering::Release);
             let wait = Duration::from_millis(wake_at.saturating_sub(self.now_ms()));
+            let mut metrics = self.raft.metrics();
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
                 _ = self.deadlines_changed.notified() => {}
+                _ = metrics.changed() => {}
                 _ = Self::stopped(&mut shutdown) => return,
             }
             self.forget_idle_watchers();
+        }
+    }
+
+    /// Once per term as leader: catch up with everything committed, then
+    /// extend every lease by one election timeout, so no lease lapses early
+    /// because leadership moved (its holder could not renew meanwhile).
+    async fn on_leadership(&self) {
+        let term = self.raft.metrics().borrow().current_term;
+        if self.extended_term.load(Ordering::Acquire) == term {
+            return;
+        }
+        if self.read_barrier().await.is_err() {
+            return;
+        }
+        match self
+            .propose(Command::ExtendLeases {
+                by_ms: ELECTION_TIMEOUT_MAX_MS,
+            })
+            .await
+        {
+            Ok(_) => {
+                tracing::info!(term, "leading: leases extended by one election timeout");
+                self.extended_term.store(term, Ordering::Release);
+            }
+            Err(e) => tracing::warn!(error = %e, "could not extend leases"),
         }
     }
 

@@ -15,9 +15,12 @@ use crate::clock::SystemClock;
 use crate::config::Config;
 use crate::metrics::{self, Metrics};
 use crate::node::Node;
+use crate::proto::cluster_server::ClusterServer;
 use crate::proto::idempotency_server::IdempotencyServer;
 use crate::proto::leases_server::LeasesServer;
+use crate::proto::raft_peer_server::RaftPeerServer;
 use crate::proto::rate_limiter_server::RateLimiterServer;
+use crate::raft::peer_service::PeerService;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -35,6 +38,8 @@ pub enum ServerError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("{0}")]
     Node(#[from] crate::node::StartError),
+    #[error("cluster configuration: {0}")]
+    Cluster(String),
     #[error("gRPC server: {0}")]
     Serve(#[from] tonic::transport::Error),
 }
@@ -60,6 +65,19 @@ pub async fn run(
         .map_err(bind_err(config.listen))?
         .with_nodelay(Some(true));
     let client_addr = incoming.local_addr().map_err(bind_err(config.listen))?;
+    let peer_incoming = TcpIncoming::bind(config.peer_listen)
+        .map_err(bind_err(config.peer_listen))?
+        .with_nodelay(Some(true));
+    let peer_addr = peer_incoming
+        .local_addr()
+        .map_err(bind_err(config.peer_listen))?;
+    let hostname = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok());
+    let membership = config
+        .membership(peer_addr, hostname.as_deref())
+        .map_err(ServerError::Cluster)?;
+    let node_id = membership.id;
     let metrics_listener = tokio::net::TcpListener::bind(config.metrics_listen)
         .await
         .map_err(bind_err(config.metrics_listen))?;
@@ -82,11 +100,22 @@ pub async fn run(
     let node = Node::start(
         config.engine(),
         &config.data_dir,
-        client_addr.to_string(),
+        membership,
         config.snapshot_logs,
+        Duration::from_millis(config.leader_wait_ms.max(1)),
         Arc::new(SystemClock),
     )
     .await?;
+
+    // Raft traffic keeps flowing while client calls drain; it stops last.
+    let (peer_stop, peer_stopped) = tokio::sync::oneshot::channel::<()>();
+    let peer_server = tokio::spawn(
+        Server::builder()
+            .add_service(RaftPeerServer::new(PeerService(node.clone())))
+            .serve_with_incoming_shutdown(peer_incoming, async {
+                let _ = peer_stopped.await;
+            }),
+    );
     let shared = Shared {
         node: node.clone(),
         metrics: metrics.clone(),
@@ -94,11 +123,11 @@ pub async fn run(
     };
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    for name in GRPC_SERVICES.iter().chain(&[""]) {
-        health
-            .set_service_status(*name, tonic_health::ServingStatus::Serving)
-            .await;
-    }
+    // Liveness: the empty service name, serving while the process runs.
+    health
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
+    tokio::spawn(report_readiness(node.clone(), health.clone()));
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -135,6 +164,8 @@ pub async fn run(
 
     tracing::info!(
         client = %client_addr,
+        peer = %peer_addr,
+        node_id,
         metrics = %metrics_addr,
         data_dir = %config.data_dir.display(),
         "arbiter serving"
@@ -152,8 +183,9 @@ pub async fn run(
             shared.clone(),
         )))
         .add_service(IdempotencyServer::new(
-            api::idempotency::IdempotencyService(shared),
+            api::idempotency::IdempotencyService(shared.clone()),
         ))
+        .add_service(ClusterServer::new(api::cluster::ClusterService(shared)))
         .serve_with_incoming_shutdown(incoming, stopping);
     tokio::pin!(serve);
 
@@ -166,6 +198,41 @@ pub async fn run(
         }
     }
     node.stop_raft().await;
+    let _ = peer_stop.send(());
+    let _ = peer_server.await;
     tracing::info!("arbiter stopped");
     Ok(())
+}
+
+/// Readiness: the named services are SERVING only while this node knows a
+/// leader and has applied every entry in its log; NOT_SERVING otherwise.
+async fn report_readiness(node: Arc<Node>, health: tonic_health::server::HealthReporter) {
+    let mut metrics = node.raft().metrics();
+    let mut shutdown = node.shutdown_signal();
+    let mut last = None;
+    loop {
+        let ready = {
+            let m = metrics.borrow_and_update();
+            // openraft 0.9 does not publish the commit index; a node whose
+            // log is fully applied and that knows a leader is caught up.
+            m.current_leader.is_some()
+                && m.last_applied.is_some()
+                && m.last_applied.map(|l| l.index) >= m.last_log_index
+        };
+        if last != Some(ready) {
+            let status = if ready {
+                tonic_health::ServingStatus::Serving
+            } else {
+                tonic_health::ServingStatus::NotServing
+            };
+            for name in GRPC_SERVICES {
+                health.set_service_status(name, status).await;
+            }
+            last = Some(ready);
+        }
+        tokio::select! {
+            r = metrics.changed() => if r.is_err() { return },
+            _ = Node::stopped(&mut shutdown) => return,
+        }
+    }
 }

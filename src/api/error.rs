@@ -25,5 +25,9 @@ pub fn node_status(e: NodeError) -> Status {
         // outcome is unknown to this node), and retrying is safe because a
         // retried lease/idempotency call is answered from the stored state.
         NodeError::Unavailable(m) => Status::unavailable(m),
+        NodeError::NotLeader => Status::unavailable("no leader; retry"),
+        // The cluster refused the change as asked (e.g. removing the last
+        // voter, or a change already in progress).
+        NodeError::Membership(m) => Status::failed_precondition(m),
     }
 }

@@ -1,6 +1,7 @@
 //! The gRPC layer: one file per service, conversions with validation in
 //! [`convert`], and the one engine-error → status mapping in [`error`].
 
+pub mod cluster;
 pub mod convert;
 pub mod error;
 pub mod idempotency;

@@ -37,8 +37,9 @@ impl RateLimiter for RateLimiterService {
             .collect::<Result<Vec<_>, _>>()?;
         let results = s
             .node
-            .check(&checks, req.all_or_nothing)
-            .map_err(error::to_status)?;
+            .check(checks, req.all_or_nothing)
+            .await
+            .map_err(error::node_status)?;
         let allowed = results.iter().filter(|r| r.allowed).count() as u64;
         s.metrics.decisions(allowed, results.len() as u64 - allowed);
         s.metrics.observe(Rpc::Check, start);

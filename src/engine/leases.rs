@@ -260,6 +260,23 @@ impl LeaseTable {
         n
     }
 
+    /// Moves every live lease's deadline `by_ms` later. Returns how many.
+    pub fn extend_all(&mut self, by_ms: u64, now_ms: u64) -> usize {
+        let mut n = 0;
+        for h in self.held.values_mut() {
+            if now_ms < h.expires_at_ms {
+                h.expires_at_ms = h.expires_at_ms.saturating_add(by_ms);
+                n += 1;
+            }
+        }
+        self.deadlines = self
+            .held
+            .iter()
+            .map(|(k, h)| (h.expires_at_ms, k.clone()))
+            .collect();
+        n
+    }
+
     /// The earliest deadline of any stored lease.
     pub fn next_expiry(&self) -> Option<u64> {
         self.deadlines.first().map(|d| d.0)
@@ -319,6 +336,18 @@ mod tests {
         assert_eq!(t.sweep(1200, ev), 1);
         assert!(t.is_empty());
         assert_eq!(t.last_token(), 2, "purging keeps the counter");
+    }
+
+    #[test]
+    fn extension_moves_only_live_deadlines() {
+        let mut t = LeaseTable::new(10);
+        let ev = &mut Vec::new();
+        t.acquire("live", "a", 100, 0, ev).unwrap();
+        t.acquire("lapsed", "a", 10, 0, ev).unwrap();
+        assert_eq!(t.extend_all(600, 50), 1);
+        assert_eq!(t.get("live", 50).unwrap().expires_at_ms, 700);
+        assert!(t.get("lapsed", 50).is_none());
+        assert_eq!(t.next_expiry(), Some(10));
     }
 
     #[test]

@@ -106,6 +106,11 @@ pub enum Command {
     },
     /// Purges lapsed leases (reporting them expired) and records.
     Sweep,
+    /// Pushes every live lease's deadline `by_ms` later: proposed by a new
+    /// leader, so a failover never shortens a lease.
+    ExtendLeases {
+        by_ms: u64,
+    },
 }
 
 /// What a command did.
@@ -120,6 +125,7 @@ pub enum Outcome {
     Completed,
     Aborted,
     Swept { leases: usize, records: usize },
+    Extended(usize),
 }
 
 /// An applied command's outcome and the lease changes it caused.
@@ -239,6 +245,10 @@ impl Engine {
             Command::Abort { key, attempt } => {
                 self.durable().records.abort(&key, attempt, now_ms)?;
                 Outcome::Aborted
+            }
+            Command::ExtendLeases { by_ms } => {
+                let n = self.durable().leases.extend_all(by_ms, now_ms);
+                Outcome::Extended(n)
             }
             Command::Sweep => {
                 let mut d = self.durable();

@@ -6,6 +6,7 @@
 //! machines never read a clock.
 
 pub mod network;
+pub mod peer_service;
 pub mod state_machine;
 
 use std::io::Cursor;

@@ -1,60 +1,162 @@
-//! Peer network. This build runs one-member clusters only, where openraft
-//! never sends an RPC; every call here reports the peer unreachable rather
-//! than pretending to deliver it. The tonic peer transport replaces this
-//! when multi-node clusters land.
+//! The peer network: Raft RPCs over tonic, one pooled channel per peer.
+//!
+//! Channels are created lazily and kept: tonic reconnects them in the
+//! background, every call has a deadline, and openraft backs off (500 ms) on
+//! a peer that stays unreachable. Messages are JSON inside a protobuf
+//! envelope; both ends run the same build.
 
-use openraft::error::{InstallSnapshotError, RPCError, RaftError, Unreachable};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
 };
 use openraft::BasicNode;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tonic::transport::{Channel, Endpoint};
 
 use super::{NodeId, TypeConfig};
+use crate::proto::raft_peer_client::RaftPeerClient;
+use crate::proto::PeerMessage;
 
+/// Longest a single Raft RPC (other than a snapshot) may take.
+const RPC_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest a snapshot transfer may take.
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Lazily connected, reused channels to peers, keyed by peer address.
 #[derive(Clone, Default)]
-pub struct NoPeers;
+pub struct Channels(Arc<Mutex<HashMap<String, Channel>>>);
 
-fn unreachable<E: std::error::Error>() -> RPCError<NodeId, BasicNode, E> {
-    RPCError::Unreachable(Unreachable::new(&std::io::Error::other(
-        "this node runs a one-member cluster and has no peer transport",
-    )))
-}
-
-impl RaftNetworkFactory<TypeConfig> for NoPeers {
-    type Network = NoPeers;
-
-    async fn new_client(&mut self, _target: NodeId, _node: &BasicNode) -> Self::Network {
-        NoPeers
+impl Channels {
+    /// The channel to `addr` (`host:port`), created on first use.
+    pub fn get(&self, addr: &str) -> Result<Channel, tonic::transport::Error> {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(ch) = map.get(addr) {
+            return Ok(ch.clone());
+        }
+        let ch = Endpoint::from_shared(format!("http://{addr}"))?
+            .connect_timeout(Duration::from_secs(1))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .connect_lazy();
+        map.insert(addr.to_owned(), ch.clone());
+        Ok(ch)
     }
 }
 
-impl RaftNetwork<TypeConfig> for NoPeers {
+pub fn encode<T: Serialize>(v: &T) -> PeerMessage {
+    PeerMessage {
+        json: serde_json::to_vec(v).expect("raft messages serialize to JSON"),
+    }
+}
+
+pub fn decode<T: DeserializeOwned>(m: &PeerMessage) -> Result<T, serde_json::Error> {
+    serde_json::from_slice(&m.json)
+}
+
+#[derive(Clone, Default)]
+pub struct PeerNetwork {
+    pub channels: Channels,
+}
+
+pub struct PeerClient {
+    target: NodeId,
+    addr: String,
+    channels: Channels,
+}
+
+impl RaftNetworkFactory<TypeConfig> for PeerNetwork {
+    type Network = PeerClient;
+
+    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Self::Network {
+        PeerClient {
+            target,
+            addr: node.addr.clone(),
+            channels: self.channels.clone(),
+        }
+    }
+}
+
+enum Call {
+    Append,
+    Vote,
+    Snapshot,
+}
+
+impl PeerClient {
+    /// Sends one message and decodes the peer's `Result<Resp, E>`.
+    async fn call<Req, Resp, E>(
+        &self,
+        call: Call,
+        req: &Req,
+        timeout: Duration,
+    ) -> Result<Resp, RPCError<NodeId, BasicNode, E>>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        let channel = self
+            .channels
+            .get(&self.addr)
+            .map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
+        let mut client = RaftPeerClient::new(channel);
+        let mut request = tonic::Request::new(encode(req));
+        request.set_timeout(timeout);
+        let reply = match call {
+            Call::Append => client.append_entries(request).await,
+            Call::Vote => client.vote(request).await,
+            Call::Snapshot => client.install_snapshot(request).await,
+        };
+        let reply = match reply {
+            Ok(r) => r.into_inner(),
+            Err(status) if status.code() == tonic::Code::Unavailable => {
+                return Err(RPCError::Unreachable(Unreachable::new(&status)))
+            }
+            Err(status) => return Err(RPCError::Network(NetworkError::new(&status))),
+        };
+        let result: Result<Resp, E> =
+            decode(&reply).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+}
+
+impl RaftNetwork<TypeConfig> for PeerClient {
     async fn append_entries(
         &mut self,
-        _rpc: AppendEntriesRequest<TypeConfig>,
-        _option: RPCOption,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        Err(unreachable())
+        self.call(Call::Append, &rpc, option.hard_ttl().min(RPC_TIMEOUT))
+            .await
     }
 
     async fn install_snapshot(
         &mut self,
-        _rpc: InstallSnapshotRequest<TypeConfig>,
+        rpc: InstallSnapshotRequest<TypeConfig>,
         _option: RPCOption,
     ) -> Result<
         InstallSnapshotResponse<NodeId>,
         RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>,
     > {
-        Err(unreachable())
+        self.call(Call::Snapshot, &rpc, SNAPSHOT_TIMEOUT).await
     }
 
     async fn vote(
         &mut self,
-        _rpc: VoteRequest<NodeId>,
-        _option: RPCOption,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        Err(unreachable())
+        self.call(Call::Vote, &rpc, option.hard_ttl().min(RPC_TIMEOUT))
+            .await
     }
 }

@@ -12,26 +12,34 @@ use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
 use tonic_reflection::pb::v1::ServerReflectionRequest;
 
 use crate::rate_limiter::{lc, tb};
-use crate::support::{Server, DEADLINE};
+use crate::support::{eventually, Server, DEADLINE};
 
 #[tokio::test]
 async fn health_serves_every_service() {
     let server = Server::start(&[]);
     let mut h = HealthClient::new(server.channel().await);
+    // Liveness at once; readiness once the node knows a leader and is
+    // caught up.
     for service in [
         "",
         "arbiter.v1.RateLimiter",
         "arbiter.v1.Leases",
         "arbiter.v1.Idempotency",
     ] {
-        let r = h
-            .check(HealthCheckRequest {
-                service: service.into(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        assert_eq!(r.status(), ServingStatus::Serving, "{service:?}");
+        eventually(&format!("{service:?} to be SERVING"), || {
+            let mut h = h.clone();
+            async move {
+                let r = h
+                    .check(HealthCheckRequest {
+                        service: service.into(),
+                    })
+                    .await
+                    .ok()?
+                    .into_inner();
+                (r.status() == ServingStatus::Serving).then_some(())
+            }
+        })
+        .await;
     }
     let unknown = h
         .check(HealthCheckRequest {

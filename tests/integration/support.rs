@@ -56,6 +56,8 @@ impl Server {
                 "127.0.0.1:0",
                 "--metrics-listen",
                 "127.0.0.1:0",
+                "--peer-listen",
+                "127.0.0.1:0",
                 "--log-format",
                 "json",
             ])

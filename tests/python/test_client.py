@@ -47,7 +47,7 @@ def server():
     binary = os.environ.get("ARBITER_BIN", str(target / "debug" / "arbiter"))
     data = tempfile.mkdtemp(prefix="arbiter-py-data-")
     proc = subprocess.Popen(
-        [binary, "serve", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0",
+        [binary, "serve", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--peer-listen", "127.0.0.1:0",
          "--log-format", "json", "--data-dir", data],
         stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
     )

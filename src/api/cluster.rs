@@ -1,0 +1,87 @@
+//! `arbiter.v1.Cluster`: membership and leadership, for operators.
+
+use openraft::ServerState;
+use tonic::{Request, Response, Status};
+
+use super::{error, Shared};
+use crate::node::Call;
+use crate::proto::cluster_server::Cluster;
+use crate::proto::{
+    AddMemberRequest, ClusterStatusRequest, ClusterStatusResponse, Member, RemoveMemberRequest,
+};
+
+pub struct ClusterService(pub Shared);
+
+impl ClusterService {
+    fn status(&self) -> ClusterStatusResponse {
+        let node = &self.0.node;
+        let m = node.raft().metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        let voters: Vec<u64> = membership.voter_ids().collect();
+        let state = match m.state {
+            ServerState::Leader => "Leader",
+            ServerState::Follower => "Follower",
+            ServerState::Candidate => "Candidate",
+            ServerState::Learner => "Learner",
+            ServerState::Shutdown => "Shutdown",
+        };
+        ClusterStatusResponse {
+            node_id: node.id(),
+            leader_id: m.current_leader,
+            term: m.current_term,
+            applied_index: m.last_applied.map_or(0, |l| l.index),
+            members: membership
+                .nodes()
+                .map(|(id, n)| Member {
+                    id: *id,
+                    peer_addr: n.addr.clone(),
+                    voter: voters.contains(id),
+                })
+                .collect(),
+            state: state.into(),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Cluster for ClusterService {
+    async fn status(
+        &self,
+        _: Request<ClusterStatusRequest>,
+    ) -> Result<Response<ClusterStatusResponse>, Status> {
+        Ok(Response::new(self.status()))
+    }
+
+    async fn add_member(
+        &self,
+        request: Request<AddMemberRequest>,
+    ) -> Result<Response<ClusterStatusResponse>, Status> {
+        let r = request.into_inner();
+        if r.peer_addr.is_empty() {
+            return Err(Status::invalid_argument(
+                "peer_addr: must be HOST:PORT, got an empty string",
+            ));
+        }
+        self.0
+            .node
+            .route(Call::AddMember {
+                id: r.id,
+                peer_addr: r.peer_addr,
+            })
+            .await
+            .map_err(error::node_status)?;
+        Ok(Response::new(self.status()))
+    }
+
+    async fn remove_member(
+        &self,
+        request: Request<RemoveMemberRequest>,
+    ) -> Result<Response<ClusterStatusResponse>, Status> {
+        self.0
+            .node
+            .route(Call::RemoveMember(request.into_inner().id))
+            .await
+            .map_err(error::node_status)?;
+        Ok(Response::new(self.status()))
+    }
+}

@@ -1,0 +1,56 @@
+//! `arbiter.v1.RaftPeer`: the receiving end of the peer network, and of
+//! calls forwarded by followers.
+
+use std::sync::Arc;
+
+use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
+use tonic::{Request, Response, Status};
+
+use super::network::{decode, encode};
+use super::{NodeId, TypeConfig};
+use crate::node::{Call, Node};
+use crate::proto::raft_peer_server::RaftPeer;
+use crate::proto::PeerMessage;
+
+pub struct PeerService(pub Arc<Node>);
+
+fn bad(e: serde_json::Error) -> Status {
+    Status::invalid_argument(format!("undecodable peer message: {e}"))
+}
+
+#[tonic::async_trait]
+impl RaftPeer for PeerService {
+    async fn append_entries(
+        &self,
+        request: Request<PeerMessage>,
+    ) -> Result<Response<PeerMessage>, Status> {
+        let rpc: AppendEntriesRequest<TypeConfig> = decode(request.get_ref()).map_err(bad)?;
+        Ok(Response::new(encode(
+            &self.0.raft().append_entries(rpc).await,
+        )))
+    }
+
+    async fn vote(&self, request: Request<PeerMessage>) -> Result<Response<PeerMessage>, Status> {
+        let rpc: VoteRequest<NodeId> = decode(request.get_ref()).map_err(bad)?;
+        Ok(Response::new(encode(&self.0.raft().vote(rpc).await)))
+    }
+
+    async fn install_snapshot(
+        &self,
+        request: Request<PeerMessage>,
+    ) -> Result<Response<PeerMessage>, Status> {
+        let rpc: InstallSnapshotRequest<TypeConfig> = decode(request.get_ref()).map_err(bad)?;
+        Ok(Response::new(encode(
+            &self.0.raft().install_snapshot(rpc).await,
+        )))
+    }
+
+    async fn forward(
+        &self,
+        request: Request<PeerMessage>,
+    ) -> Result<Response<PeerMessage>, Status> {
+        let call: Call = decode(request.get_ref()).map_err(bad)?;
+        // Served here only if this node leads; otherwise the sender routes again.
+        Ok(Response::new(encode(&self.0.serve(call).await)))
+    }
+}
