@@ -5,6 +5,7 @@
 mod support;
 
 mod bench_smoke;
+mod cluster;
 mod durability;
 
 mod idempotency;

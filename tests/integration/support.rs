@@ -56,14 +56,17 @@ impl Server {
                 "127.0.0.1:0",
                 "--metrics-listen",
                 "127.0.0.1:0",
-                "--peer-listen",
-                "127.0.0.1:0",
                 "--log-format",
                 "json",
             ])
             .arg("--data-dir")
             .arg(&data_dir)
             .args(extra)
+            .args(if extra.contains(&"--peer-listen") {
+                &[][..]
+            } else {
+                &["--peer-listen", "127.0.0.1:0"][..]
+            })
             .env_remove("ARBITER_LISTEN")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
