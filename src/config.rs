@@ -51,6 +51,11 @@ pub struct Config {
     #[arg(long, env = "ARBITER_REPLICAS")]
     pub replicas: Option<u64>,
 
+    /// How often the leader replicates changed rate-limit state. A crash or
+    /// failover forgets at most about this much consumption.
+    #[arg(long, env = "ARBITER_LIMIT_SYNC_MS", default_value_t = 100)]
+    pub limit_sync_ms: u64,
+
     /// How long a call waits for a leader before answering UNAVAILABLE.
     #[arg(long, env = "ARBITER_LEADER_WAIT_MS", default_value_t = 3000)]
     pub leader_wait_ms: u64,

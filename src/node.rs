@@ -103,6 +103,8 @@ pub enum StartError {
 
 pub struct Node {
     id: NodeId,
+    /// Random per process: tags this process's rate-limit syncs.
+    boot_id: u64,
     engine: Arc<Engine>,
     raft: Raft<TypeConfig>,
     channels: Channels,
@@ -122,6 +124,18 @@ pub struct Node {
     sweep_at: AtomicU64,
     shutdown: watch::Sender<bool>,
 }
+
+/// A process-unique id (time and pid mixed), distinct across restarts.
+fn boot_id() -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    (t ^ (u64::from(std::process::id()) << 32)).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1
+}
+
+/// Most cells in one sync entry.
+const SYNC_BATCH: usize = 10_000;
 
 fn publish(watchers: &Watchers, events: &[LeaseEvent]) {
     let mut watchers = watchers.lock().unwrap_or_else(|e| e.into_inner());
@@ -155,7 +169,8 @@ impl Node {
             let watchers = watchers.clone();
             Arc::new(move |events: &[LeaseEvent]| publish(&watchers, events))
         };
-        let sm = StateMachine::open(engine.clone(), store.clone(), observer)?;
+        let boot_id = boot_id();
+        let sm = StateMachine::open(engine.clone(), store.clone(), observer, boot_id)?;
         let raft_err = |e: &dyn std::fmt::Display| StartError::Raft(e.to_string());
         let raft_config = openraft::Config {
             cluster_name: "arbiter".into(),
@@ -185,6 +200,7 @@ impl Node {
         }
         Ok(Arc::new(Self {
             id: membership.id,
+            boot_id,
             engine,
             raft,
             channels,
@@ -362,14 +378,13 @@ impl Node {
     /// Commits `command` through the log as the leader, stamped with the time.
     async fn propose(&self, command: Command) -> Result<(Outcome, u64), NodeError> {
         let now = self.now_ms();
-        let reply = match self
-            .raft
-            .client_write(Request {
-                now_ms: now,
-                command,
-            })
-            .await
-        {
+        let sync_origin = matches!(command, Command::SyncLimits { .. }).then_some(self.boot_id);
+        let request = Request {
+            now_ms: now,
+            command,
+            sync_origin,
+        };
+        let reply = match self.raft.client_write(request).await {
             Ok(r) => r,
             Err(e) if e.forward_to_leader::<BasicNode>().is_some() => {
                 return Err(NodeError::NotLeader)
@@ -581,6 +596,34 @@ impl Node {
                 self.extended_term.store(term, Ordering::Release);
             }
             Err(e) => tracing::warn!(error = %e, "could not extend leases"),
+        }
+    }
+
+    /// As leader, replicates the rate-limit cells changed since the last
+    /// tick, every `every`. A crash or failover therefore forgets at most
+    /// the consumption of one interval (plus the sync in flight). Ends at
+    /// shutdown.
+    pub async fn run_limit_sync(self: Arc<Self>, every: Duration) {
+        let mut shutdown = self.shutdown_signal();
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = Self::stopped(&mut shutdown) => return,
+            }
+            if !self.is_leader() {
+                continue;
+            }
+            let cells = self.engine.drain_dirty_limits();
+            for chunk in cells.chunks(SYNC_BATCH) {
+                let command = Command::SyncLimits {
+                    cells: chunk.to_vec(),
+                };
+                if let Err(e) = self.propose(command).await {
+                    tracing::warn!(error = %e, cells = chunk.len(), "rate-limit sync failed");
+                }
+            }
         }
     }
 

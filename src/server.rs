@@ -135,6 +135,10 @@ pub async fn run(
 
     tokio::spawn(
         node.clone()
+            .run_limit_sync(Duration::from_millis(config.limit_sync_ms.max(1))),
+    );
+    tokio::spawn(
+        node.clone()
             .run_sweeper(Duration::from_millis(config.sweep_interval_ms.max(1))),
     );
     tokio::spawn(metrics::serve(

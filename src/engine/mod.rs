@@ -285,6 +285,11 @@ impl Engine {
         self.limits.sweep(now_ms)
     }
 
+    /// Rate-limit cells changed since the previous call (for sync entries).
+    pub fn drain_dirty_limits(&self) -> Vec<(String, Cell)> {
+        self.limits.drain_dirty()
+    }
+
     /// Whether a [`Command::Sweep`] at `now_ms` would purge anything.
     pub fn sweep_due(&self, now_ms: u64) -> bool {
         let d = self.durable();

@@ -20,6 +20,12 @@ use crate::engine::{Command, EngineError, Outcome};
 pub struct Request {
     pub now_ms: u64,
     pub command: Command,
+    /// For rate-limit syncs: the boot id of the leader process that made
+    /// the decisions. That process skips its own syncs (its memory is newer
+    /// than any sync); every other process, including the same node after a
+    /// restart, applies them.
+    #[serde(default)]
+    pub sync_origin: Option<u64>,
 }
 
 /// What applying a [`Request`] produced; refusals are part of the

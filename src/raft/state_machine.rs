@@ -42,6 +42,8 @@ pub struct StateMachine {
     /// The latest command time applied: commands never run at an earlier
     /// time, whatever order concurrent proposals reached the log in.
     last_now: u64,
+    /// This process's boot id (see `Request::sync_origin`).
+    boot_id: u64,
 }
 
 fn sm_err(verb: ErrorVerb, e: impl std::fmt::Display) -> StorageError {
@@ -60,6 +62,7 @@ impl StateMachine {
         engine: Arc<Engine>,
         store: Store,
         observer: Observer,
+        boot_id: u64,
     ) -> Result<Self, StorageError> {
         let mut sm = Self {
             engine,
@@ -69,6 +72,7 @@ impl StateMachine {
             membership: StoredMembership::default(),
             snapshot_seq: 0,
             last_now: 0,
+            boot_id,
         };
         if let Some((_, data)) = sm.store.snapshot()? {
             sm.load(&data)?;
@@ -128,6 +132,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 EntryPayload::Blank => Response(Ok(engine::Outcome::Synced)),
                 EntryPayload::Membership(m) => {
                     self.membership = StoredMembership::new(Some(entry.log_id), m);
+                    Response(Ok(engine::Outcome::Synced))
+                }
+                EntryPayload::Normal(req) if req.sync_origin == Some(self.boot_id) => {
+                    // Our own rate-limit sync: memory already holds newer state.
                     Response(Ok(engine::Outcome::Synced))
                 }
                 EntryPayload::Normal(req) => {

@@ -349,7 +349,7 @@ mod tests {
             std::fs::create_dir_all(&dir).expect("create test dir");
             let store = Store::open(&dir).expect("open store");
             let engine = Arc::new(Engine::new(EngineConfig::default()));
-            let sm = StateMachine::open(engine, store.clone(), Arc::new(|_: &[_]| {}))?;
+            let sm = StateMachine::open(engine, store.clone(), Arc::new(|_: &[_]| {}), 1)?;
             Ok((TempDir(dir), store, sm))
         }
     }

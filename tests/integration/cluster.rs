@@ -412,3 +412,105 @@ async fn a_node_down_during_compaction_catches_up_from_a_snapshot() {
         .into_inner();
     assert!(status.applied_index >= 100, "{status:?}");
 }
+
+async fn applied_index(s: &Server) -> Option<u64> {
+    let mut c = ClusterClient::new(s.channel().await);
+    Some(
+        c.status(ClusterStatusRequest {})
+            .await
+            .ok()?
+            .into_inner()
+            .applied_index,
+    )
+}
+
+#[tokio::test]
+async fn failover_forgets_at_most_one_sync_interval_of_rate_limit_consumption() {
+    let mut cluster = Cluster::start(3, &["--limit-sync-ms", "100"]);
+    let leader = cluster.leader().await;
+    let f = (leader + 1) % 3;
+    // A lease write first: the new leader's own start-of-term entries are
+    // then committed, so the next entry after the checks is their sync.
+    let mut l = cluster.node(f).leases().await;
+    l.acquire(acquire("warm-up", "h")).await.unwrap();
+    let mut c = cluster.node(f).limits().await;
+    let check = |cost| CheckRequest {
+        checks: vec![lc("synced", tb(1000, 1, 3_600_000), Some(cost))],
+        all_or_nothing: false,
+    };
+    let r = c.check(check(300)).await.unwrap().into_inner().results[0];
+    assert_eq!(r.remaining, 700);
+    let before = applied_index(cluster.node(f)).await.unwrap();
+    eventually("the sync entry to reach a follower", || async {
+        (applied_index(cluster.node(f)).await? > before).then_some(())
+    })
+    .await;
+    // Consumption after the last sync may be forgotten by the failover...
+    let r = c.check(check(200)).await.unwrap().into_inner().results[0];
+    assert_eq!(r.remaining, 500);
+    cluster.kill9(leader);
+    let r = eventually("a decision from the new leader", || {
+        let mut c = c.clone();
+        async move { Some(c.check(check(0)).await.ok()?.into_inner().results[0]) }
+    })
+    .await;
+    // ...but never what was synced, and never more than was consumed.
+    assert!(
+        (500..=700).contains(&r.remaining),
+        "remaining {} after failover",
+        r.remaining
+    );
+}
+
+#[tokio::test]
+async fn a_watch_on_a_follower_keeps_streaming_across_a_leader_change() {
+    let mut cluster = Cluster::start(3, &[]);
+    let leader = cluster.leader().await;
+    let f = (leader + 1) % 3;
+    let mut l = cluster.node(f).leases().await;
+    let mut stream = l
+        .watch(WatchLeaseRequest {
+            name: "watched".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut next = async || {
+        tokio::time::timeout(DEADLINE, stream.message())
+            .await
+            .expect("an event in time")
+            .unwrap()
+            .unwrap()
+    };
+    assert_eq!(next().await.kind(), Kind::Current);
+    let first = l
+        .acquire(AcquireRequest {
+            ttl_ms: 60_000,
+            ..acquire("watched", "a")
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(next().await.kind(), Kind::Acquired);
+    cluster.kill9(leader);
+    // The lease survives the failover (extended, not expired), and a later
+    // change still reaches the same stream.
+    let renewed = eventually("a renewal under the new leader", || {
+        let mut l = l.clone();
+        let token = first.lease.as_ref().unwrap().fencing_token;
+        async move {
+            l.renew(arbiter::proto::RenewRequest {
+                name: "watched".into(),
+                holder: "a".into(),
+                fencing_token: token,
+                ttl_ms: 60_000,
+            })
+            .await
+            .ok()
+        }
+    })
+    .await;
+    assert!(renewed.into_inner().lease.is_some());
+    let e = next().await;
+    assert_eq!(e.kind(), Kind::Renewed, "{e:?}");
+}

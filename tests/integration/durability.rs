@@ -134,3 +134,63 @@ async fn acknowledged_writes_survive_kill9_across_snapshots() {
     // the purged log, the tail from the log.
     survives_kill9(&["--snapshot-logs", "8"], 30).await;
 }
+
+#[tokio::test]
+async fn synced_rate_limit_state_survives_a_restart() {
+    use arbiter::proto::cluster_client::ClusterClient;
+    use arbiter::proto::{CheckRequest, ClusterStatusRequest};
+
+    use crate::rate_limiter::{lc, tb};
+    use crate::support::eventually;
+
+    let dir = fresh_dir();
+    let mut first = Server::start_in(&dir, &["--limit-sync-ms", "50"]);
+    // A lease write first, so the start-of-term entries are behind us and
+    // the next entry after the check is its sync.
+    first
+        .leases()
+        .await
+        .acquire(acquire("warm-up", "h"))
+        .await
+        .unwrap();
+    let mut c = first.limits().await;
+    let check = |cost| CheckRequest {
+        checks: vec![lc("kept", tb(100, 1, 3_600_000), Some(cost))],
+        all_or_nothing: false,
+    };
+    assert_eq!(
+        c.check(check(40)).await.unwrap().into_inner().results[0].remaining,
+        60
+    );
+    let mut admin = ClusterClient::new(first.channel().await);
+    let before = admin
+        .status(ClusterStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .applied_index;
+    eventually("the sync entry", || {
+        let mut admin = admin.clone();
+        async move {
+            (admin
+                .status(ClusterStatusRequest {})
+                .await
+                .ok()?
+                .into_inner()
+                .applied_index
+                > before)
+                .then_some(())
+        }
+    })
+    .await;
+    first.kill9();
+    let second = Server::start_in(&dir, &[]);
+    let mut c = second.limits().await;
+    let r = c.check(check(0)).await.unwrap().into_inner().results[0];
+    assert_eq!(
+        r.remaining, 60,
+        "the node replays its own syncs after a restart"
+    );
+    drop(second);
+    let _ = std::fs::remove_dir_all(&dir);
+}

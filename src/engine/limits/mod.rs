@@ -120,6 +120,7 @@ pub struct LimitResult {
 /// key costs the key's bytes plus a small constant (see BENCHMARKS.md).
 ///
 /// Field use by algorithm (`tag` low two bits):
+/// Bit 2 of `tag` marks a cell changed since the last sync (see `DIRTY`).
 /// - token bucket (1): `a` whole tokens, `b` ms refill is accounted up to,
 ///   `c` ms at which the bucket is full again, `aux` partial token in units of
 ///   1/interval token; `tag`'s upper bits fingerprint the definition so a
@@ -136,6 +137,10 @@ pub struct Cell {
     pub(crate) c: u64,
 }
 
+/// Set on a cell changed since the last [`LimitTable::drain_dirty`]; never
+/// stored by followers or shipped in syncs and snapshots.
+const DIRTY: u32 = 4;
+
 const KIND_TOKEN_BUCKET: u32 = 1;
 const KIND_SLIDING_WINDOW: u32 = 2;
 const KIND_FIXED_WINDOW: u32 = 3;
@@ -143,6 +148,20 @@ const KIND_FIXED_WINDOW: u32 = 3;
 impl Cell {
     fn kind(&self) -> u32 {
         self.tag & 3
+    }
+
+    fn is_dirty(&self) -> bool {
+        self.tag & DIRTY != 0
+    }
+
+    fn dirty(mut self) -> Self {
+        self.tag |= DIRTY;
+        self
+    }
+
+    fn clean(mut self) -> Self {
+        self.tag &= !DIRTY;
+        self
     }
 
     /// The time from which this cell is equivalent to an absent key (a full

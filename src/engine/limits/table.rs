@@ -63,9 +63,38 @@ impl Key {
     }
 }
 
+/// A shard's cells, and the hashes of cells changed since the last sync
+/// (each pushed once: the cell's dirty bit says whether it already is).
+#[derive(Default)]
+struct ShardState {
+    table: HashTable<Entry>,
+    dirty: Vec<u64>,
+}
+
+impl std::ops::Deref for ShardState {
+    type Target = HashTable<Entry>;
+    fn deref(&self) -> &Self::Target {
+        &self.table
+    }
+}
+
+impl std::ops::DerefMut for ShardState {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.table
+    }
+}
+
+/// Stores `cell` over an existing entry, noting it for the next sync.
+fn store(entry: &mut Entry, cell: Cell, h: u64, dirty: &mut Vec<u64>) {
+    if !entry.1.is_dirty() {
+        dirty.push(h);
+    }
+    entry.1 = cell.dirty();
+}
+
 /// One shard, on its own cache line so neighbouring locks do not share one.
 #[repr(align(64))]
-struct Shard(Mutex<HashTable<Entry>>);
+struct Shard(Mutex<ShardState>);
 
 pub struct LimitTable {
     shards: Box<[Shard]>,
@@ -74,7 +103,7 @@ pub struct LimitTable {
     max_keys: usize,
 }
 
-fn lock(shard: &Shard) -> MutexGuard<'_, HashTable<Entry>> {
+fn lock(shard: &Shard) -> MutexGuard<'_, ShardState> {
     // A panic while holding a shard cannot leave a cell half-written (cells
     // are replaced whole), so a poisoned lock is still consistent.
     shard.0.lock().unwrap_or_else(|e| e.into_inner())
@@ -86,7 +115,7 @@ impl LimitTable {
         let n = shards.clamp(1, 1024).next_power_of_two();
         Self {
             shards: (0..n)
-                .map(|_| Shard(Mutex::new(HashTable::new())))
+                .map(|_| Shard(Mutex::new(ShardState::default())))
                 .collect(),
             hasher: DefaultHashBuilder::default(),
             live: AtomicUsize::new(0),
@@ -124,7 +153,8 @@ impl LimitTable {
         let mut results = Vec::with_capacity(checks.len());
         for check in checks {
             let (h, s) = self.locate(&check.key);
-            let mut table = lock(&self.shards[s]);
+            let mut guard = lock(&self.shards[s]);
+            let ShardState { table, dirty } = &mut *guard;
             let stored = table.find_mut(h, |e| e.0.is(&check.key));
             let (result, cell) = decide(
                 &check.limit,
@@ -135,8 +165,8 @@ impl LimitTable {
             // A dry run decides for the real cost but stores nothing.
             if let Some(cell) = cell.filter(|_| !check.dry_run) {
                 match stored {
-                    Some(e) => e.1 = cell,
-                    None => self.insert(&mut table, h, &check.key, cell)?,
+                    Some(e) => store(e, cell, h, dirty),
+                    None => self.insert(table, dirty, h, &check.key, cell)?,
                 }
             }
             results.push(result);
@@ -147,6 +177,7 @@ impl LimitTable {
     fn insert(
         &self,
         table: &mut HashTable<Entry>,
+        dirty: &mut Vec<u64>,
         h: u64,
         key: &str,
         cell: Cell,
@@ -159,7 +190,10 @@ impl LimitTable {
             });
         }
         let hasher = &self.hasher;
-        table.insert_unique(h, (Key::new(key), cell), |e| hasher.hash_one(e.0.as_str()));
+        table.insert_unique(h, (Key::new(key), cell.dirty()), |e| {
+            hasher.hash_one(e.0.as_str())
+        });
+        dirty.push(h);
         Ok(())
     }
 
@@ -175,7 +209,7 @@ impl LimitTable {
         let mut order: Vec<usize> = located.iter().map(|l| l.1).collect();
         order.sort_unstable();
         order.dedup();
-        let mut guards: Vec<(usize, MutexGuard<'_, HashTable<Entry>>)> =
+        let mut guards: Vec<(usize, MutexGuard<'_, ShardState>)> =
             order.iter().map(|&s| (s, lock(&self.shards[s]))).collect();
         let guard_of = |s: usize| order.binary_search(&s).unwrap_or(0);
 
@@ -229,13 +263,14 @@ impl LimitTable {
         let hasher = &self.hasher;
         for (i, cell) in overlay {
             let (h, s) = located[i];
-            let table = &mut guards[guard_of(s)].1;
+            let ShardState { table, dirty } = &mut *guards[guard_of(s)].1;
             match table.find_mut(h, |e| e.0.is(&checks[i].key)) {
-                Some(e) => e.1 = cell,
+                Some(e) => store(e, cell, h, dirty),
                 None => {
-                    table.insert_unique(h, (Key::new(&checks[i].key), cell), |e| {
+                    table.insert_unique(h, (Key::new(&checks[i].key), cell.dirty()), |e| {
                         hasher.hash_one(e.0.as_str())
                     });
+                    dirty.push(h);
                 }
             }
         }
@@ -249,6 +284,7 @@ impl LimitTable {
         let hasher = &self.hasher;
         for (key, cell) in cells {
             let (h, s) = self.locate(&key);
+            let cell = cell.clean();
             let mut table = lock(&self.shards[s]);
             match table.find_mut(h, |e| e.0.is(&key)) {
                 Some(e) => e.1 = cell,
@@ -284,17 +320,44 @@ impl LimitTable {
     /// Drops every cell.
     pub fn clear(&self) {
         for shard in self.shards.iter() {
-            let mut table = lock(shard);
-            self.live.fetch_sub(table.len(), Ordering::Relaxed);
-            *table = HashTable::new();
+            let mut state = lock(shard);
+            self.live.fetch_sub(state.len(), Ordering::Relaxed);
+            *state = ShardState::default();
         }
+    }
+
+    /// Every cell changed since the previous call, marked clean again: what a
+    /// leader replicates in its next sync entry. Locks one shard at a time.
+    pub fn drain_dirty(&self) -> Vec<(String, Cell)> {
+        let mut out = Vec::new();
+        for shard in self.shards.iter() {
+            let mut guard = lock(shard);
+            let ShardState { table, dirty } = &mut *guard;
+            for h in dirty.drain(..) {
+                // Several keys may share a hash: take every dirty one.
+                for e in table.iter_hash_mut(h) {
+                    if e.1.is_dirty() {
+                        e.1 = e.1.clean();
+                        out.push((e.0.as_str().to_owned(), e.1));
+                    }
+                }
+            }
+            if dirty.capacity() > 4096 {
+                dirty.shrink_to(1024);
+            }
+        }
+        out
     }
 
     /// Every stored cell, for snapshots.
     pub fn cells(&self) -> Vec<(String, Cell)> {
         let mut out = Vec::with_capacity(self.len());
         for shard in self.shards.iter() {
-            out.extend(lock(shard).iter().map(|(k, c)| (k.as_str().to_owned(), *c)));
+            out.extend(
+                lock(shard)
+                    .iter()
+                    .map(|(k, c)| (k.as_str().to_owned(), c.clean())),
+            );
         }
         out.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         out
@@ -304,6 +367,40 @@ impl LimitTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn changed_cells_are_drained_once() {
+        let t = LimitTable::new(4, 100);
+        let def = super::super::LimitDef::TokenBucket {
+            capacity: 10,
+            refill_tokens: 1,
+            refill_interval_ms: 1000,
+        };
+        let check = |key: &str, cost| LimitCheck {
+            key: key.into(),
+            limit: def,
+            cost,
+            dry_run: false,
+        };
+        t.check(&[check("a", 1), check("b", 1), check("a", 2)], false, 0)
+            .unwrap();
+        t.check(&[check("c", 0)], false, 0).unwrap(); // a peek changes nothing
+        let mut d = t.drain_dirty();
+        d.sort_by(|x, y| x.0.cmp(&y.0));
+        assert_eq!(
+            d.iter().map(|x| x.0.as_str()).collect::<Vec<_>>(),
+            ["a", "b"]
+        );
+        assert_eq!(d[0].1.a, 7, "the latest state of a");
+        assert!(d.iter().all(|x| !x.1.is_dirty()));
+        assert!(t.drain_dirty().is_empty());
+        t.check(&[check("b", 1), check("d", 1)], true, 0).unwrap();
+        assert_eq!(t.drain_dirty().len(), 2);
+        // Replicated cells are stored clean, never re-shipped.
+        let other = LimitTable::new(4, 100);
+        other.upsert(d);
+        assert!(other.drain_dirty().is_empty());
+    }
 
     #[test]
     fn keys_round_trip_inline_and_boxed() {

@@ -29,11 +29,11 @@ struct State {
 impl TokenBucket {
     pub(super) fn new(capacity: u64, refill: u64, interval: u64) -> Self {
         let (refill, interval) = (refill.max(1), window(interval));
-        // Fingerprint of the definition in the upper 30 bits.
+        // Fingerprint of the definition in the upper 29 bits.
         let mut h = capacity.wrapping_mul(0x9E37_79B9_7F4A_7C15);
         h = (h ^ refill).wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
         h = (h ^ interval).wrapping_mul(0x1656_67B1_9E37_79F9);
-        let tag = ((h >> 32) as u32 & !3) | KIND_TOKEN_BUCKET;
+        let tag = ((h >> 32) as u32 & !7) | KIND_TOKEN_BUCKET;
         Self {
             capacity,
             refill,
@@ -44,7 +44,7 @@ impl TokenBucket {
 
     fn load(&self, cell: Option<&Cell>, now_ms: u64) -> State {
         let mut s = match cell {
-            Some(c) if c.tag == self.tag => State {
+            Some(c) if c.tag & !super::DIRTY == self.tag => State {
                 tokens: c.a,
                 residual: u64::from(c.aux),
                 last_ms: c.b,
