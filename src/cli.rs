@@ -10,8 +10,8 @@ use tonic::transport::Channel;
 
 use crate::config::{Config, LogFormat};
 use crate::proto::{
-    self as pb, idempotency_client::IdempotencyClient, leases_client::LeasesClient,
-    rate_limiter_client::RateLimiterClient,
+    self as pb, cluster_client::ClusterClient, idempotency_client::IdempotencyClient,
+    leases_client::LeasesClient, rate_limiter_client::RateLimiterClient,
 };
 
 #[derive(Parser)]
@@ -47,6 +47,33 @@ enum Cmd {
     /// Idempotency records: begin, complete, abort, get.
     #[command(subcommand)]
     Idem(IdemCmd),
+    /// Cluster membership and leadership: status, add, remove.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
+}
+
+#[derive(Subcommand)]
+enum ClusterCmd {
+    /// Members, leader, term and applied index as the server sees them.
+    Status {
+        #[command(flatten)]
+        server: Server,
+    },
+    /// Add a node (started with the same --peers plus itself) as a voter.
+    Add {
+        #[command(flatten)]
+        server: Server,
+        /// The new node's id.
+        id: u64,
+        /// Its peer address, HOST:PORT.
+        peer_addr: String,
+    },
+    /// Remove a voter.
+    Remove {
+        #[command(flatten)]
+        server: Server,
+        id: u64,
+    },
 }
 
 #[derive(Args)]
@@ -283,6 +310,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Cmd::Check(args) => check(args).await,
         Cmd::Lease(cmd) => lease(cmd).await,
         Cmd::Idem(cmd) => idem(cmd).await,
+        Cmd::Cluster(cmd) => cluster(cmd).await,
     };
     match result {
         Ok(code) => code,
@@ -551,6 +579,44 @@ async fn idem(cmd: IdemCmd) -> CliResult {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+async fn cluster(cmd: ClusterCmd) -> CliResult {
+    let (server, call) = match cmd {
+        ClusterCmd::Status { server } => (server, None),
+        ClusterCmd::Add {
+            server,
+            id,
+            peer_addr,
+        } => (server, Some((id, Some(peer_addr)))),
+        ClusterCmd::Remove { server, id } => (server, Some((id, None))),
+    };
+    let mut client = ClusterClient::new(connect(&server).await?);
+    let st = match call {
+        None => client.status(pb::ClusterStatusRequest {}).await,
+        Some((id, Some(peer_addr))) => {
+            client
+                .add_member(pb::AddMemberRequest { id, peer_addr })
+                .await
+        }
+        Some((id, None)) => client.remove_member(pb::RemoveMemberRequest { id }).await,
+    }
+    .map_err(status)?
+    .into_inner();
+    let leader = st.leader_id.map_or("none".to_owned(), |l| l.to_string());
+    println!(
+        "node_id={} state={} leader={leader} term={} applied_index={}",
+        st.node_id, st.state, st.term, st.applied_index
+    );
+    for m in &st.members {
+        println!(
+            "member id={} peer={} {}",
+            m.id,
+            m.peer_addr,
+            if m.voter { "voter" } else { "learner" }
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 #[cfg(test)]

@@ -20,6 +20,8 @@ pub struct Cluster {
     dirs: Vec<PathBuf>,
     peer_ports: Vec<u16>,
     extra: Vec<String>,
+    /// How many of the nodes are initial members (the rest join later).
+    initial: usize,
 }
 
 /// A currently free loopback port. Peer addresses must be known to every
@@ -35,11 +37,19 @@ fn free_port() -> u16 {
 
 impl Cluster {
     pub fn start(n: usize, extra: &[&str]) -> Cluster {
+        Self::start_with_spares(n, 0, extra)
+    }
+
+    /// `n` initial members started, plus `spares` nodes that can be
+    /// started later and added with a membership change.
+    pub fn start_with_spares(n: usize, spares: usize, extra: &[&str]) -> Cluster {
+        let total = n + spares;
         let mut c = Cluster {
-            nodes: (0..n).map(|_| None).collect(),
-            dirs: (0..n).map(|_| fresh_dir()).collect(),
-            peer_ports: (0..n).map(|_| free_port()).collect(),
+            nodes: (0..total).map(|_| None).collect(),
+            dirs: (0..total).map(|_| fresh_dir()).collect(),
+            peer_ports: (0..total).map(|_| free_port()).collect(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            initial: n,
         };
         for i in 0..n {
             c.start_node(i);
@@ -47,11 +57,16 @@ impl Cluster {
         c
     }
 
+    pub fn peer_addr(&self, i: usize) -> String {
+        format!("127.0.0.1:{}", self.peer_ports[i])
+    }
+
     pub fn start_node(&mut self, i: usize) {
         let peers: Vec<String> = self
             .peer_ports
             .iter()
             .enumerate()
+            .take(self.initial.max(i + 1))
             .map(|(j, p)| format!("{}=127.0.0.1:{p}", j + 1))
             .collect();
         let id = (i + 1).to_string();
@@ -513,4 +528,58 @@ async fn a_watch_on_a_follower_keeps_streaming_across_a_leader_change() {
     assert!(renewed.into_inner().lease.is_some());
     let e = next().await;
     assert_eq!(e.kind(), Kind::Renewed, "{e:?}");
+}
+
+#[tokio::test]
+async fn scale_up_and_down_with_membership_changes() {
+    let mut cluster = Cluster::start_with_spares(3, 1, &[]);
+    cluster.leader().await;
+    let mut l = cluster.node(0).leases().await;
+    l.acquire(acquire("before-join", "h")).await.unwrap();
+    cluster.start_node(3);
+    let url = format!("http://{}", cluster.node(1).addr);
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_arbiter"))
+            .args(args)
+            .args(["--server", &url])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let out = cli(&["cluster", "status"]);
+    assert_eq!(out.matches(" voter").count(), 3, "{out}");
+    let out = cli(&["cluster", "add", "4", &cluster.peer_addr(3)]);
+    assert!(
+        out.contains("member id=4") && out.contains("voter"),
+        "{out}"
+    );
+    // The new member has the data (its watch is served from its own state).
+    let new = cluster.node(3);
+    eventually("the new member to catch up", || async {
+        let mut w = new.leases().await;
+        let mut s = w
+            .watch(WatchLeaseRequest {
+                name: "before-join".into(),
+            })
+            .await
+            .ok()?
+            .into_inner();
+        let e = tokio::time::timeout(DEADLINE, s.message())
+            .await
+            .ok()?
+            .ok()??;
+        e.lease.map(|_| ())
+    })
+    .await;
+    let out = cli(&["cluster", "status"]);
+    assert_eq!(out.matches(" voter").count(), 4, "{out}");
+    let out = cli(&["cluster", "remove", "4"]);
+    assert_eq!(out.matches(" voter").count(), 3, "{out}");
+    // Still serving with three voters.
+    l.acquire(acquire("after-leave", "h")).await.unwrap();
 }
