@@ -10,6 +10,7 @@ mod durability;
 
 mod idempotency;
 mod leases;
+mod linearizability;
 mod rate_limiter;
 mod server;
 mod validation;

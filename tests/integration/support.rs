@@ -137,6 +137,10 @@ impl Server {
         self.wait_exit()
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// SIGKILL: no shutdown path runs.
     pub fn kill9(&mut self) {
         self.child.kill().expect("kill -9");
