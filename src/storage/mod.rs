@@ -1,21 +1,26 @@
 //! The embedded store: Raft log, vote and snapshots in one redb file.
 //!
-//! redb gives one ACID write transaction per call with an fsync on commit
-//! (`Durability::Immediate`), so `append` reports the entries flushed only
-//! after the fsync returned. Any storage error is returned to openraft, which
+//! Log writes go to one writer thread, in order. It groups every append
+//! queued while the previous commit was in flight into one redb write
+//! transaction (group commit) and fsyncs it (`Durability::Immediate`, redb's
+//! default); only then does it tell openraft the entries are flushed. Until
+//! then the entries sit in an in-memory map, so readers see them at once, as
+//! openraft requires. Any storage error is returned to openraft, which
 //! treats it as fatal for the node: nothing is silently ignored.
 //!
-//! Values are JSON: the log entries are small and this keeps the file
+//! Values are JSON: the entries are small and this keeps the file
 //! inspectable; the encoding is private to this module.
 
 // openraft's storage traits return its (large) `StorageError` by value;
 // helpers here return the same type so errors pass through unchanged.
 #![allow(clippy::result_large_err)]
 
+use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{
@@ -36,27 +41,157 @@ const LAST_PURGED: &str = "last_purged";
 const SNAPSHOT_META: &str = "snapshot_meta";
 const SNAPSHOT_DATA: &str = "snapshot_data";
 
+/// Most appends grouped into one transaction.
+const GROUP: usize = 1024;
+
 fn io_err(
     subject: ErrorSubject<NodeId>,
     verb: ErrorVerb,
-    e: impl std::error::Error + 'static,
+    e: impl std::fmt::Display,
 ) -> StorageError {
     StorageError::IO {
-        source: StorageIOError::new(subject, verb, AnyError::new(&e)),
+        source: StorageIOError::new(subject, verb, AnyError::error(e.to_string())),
     }
 }
 
-/// The file and the typed operations on it. Cloning shares the file.
+/// Entries handed to the writer but not yet committed, by index, with the
+/// sequence number of the append that wrote them.
+type Pending = Arc<Mutex<BTreeMap<u64, (u64, Entry)>>>;
+
+enum Job {
+    Append {
+        seq: u64,
+        entries: Vec<(u64, Vec<u8>)>,
+        callback: LogFlushed<TypeConfig>,
+    },
+    Delete {
+        range: (Bound<u64>, Bound<u64>),
+        purged: Option<LogId>,
+        done: tokio::sync::oneshot::Sender<Result<(), String>>,
+    },
+}
+
+/// The file and the typed operations on it. Cloning shares the file and the
+/// writer thread (which ends when the last clone is dropped).
 #[derive(Clone)]
 pub struct Store {
     db: Arc<Database>,
+    pending: Pending,
+    writer: mpsc::Sender<Job>,
+    next_seq: Arc<AtomicU64>,
+}
+
+fn write_thread(db: Arc<Database>, pending: Pending, jobs: mpsc::Receiver<Job>) {
+    while let Ok(first) = jobs.recv() {
+        let mut batch = vec![first];
+        while batch.len() < GROUP {
+            match jobs.try_recv() {
+                Ok(j) => batch.push(j),
+                Err(_) => break,
+            }
+        }
+        // Consecutive appends commit together; a delete ends a group.
+        let mut appends = Vec::new();
+        for job in batch {
+            match job {
+                Job::Append { .. } => appends.push(job),
+                Job::Delete {
+                    range,
+                    purged,
+                    done,
+                } => {
+                    commit_appends(&db, &pending, std::mem::take(&mut appends));
+                    let _ = done.send(delete(&db, range, purged));
+                }
+            }
+        }
+        commit_appends(&db, &pending, appends);
+    }
+}
+
+fn commit_appends(db: &Database, pending: &Pending, appends: Vec<Job>) {
+    if appends.is_empty() {
+        return;
+    }
+    let result = (|| -> Result<(), String> {
+        let tx = db.begin_write().map_err(|e| e.to_string())?;
+        {
+            let mut table = tx.open_table(LOG).map_err(|e| e.to_string())?;
+            for job in &appends {
+                if let Job::Append { entries, .. } = job {
+                    for (index, bytes) in entries {
+                        table
+                            .insert(*index, bytes.as_slice())
+                            .map_err(|e| e.to_string())?;
+                    }
+                }
+            }
+        }
+        tx.commit().map_err(|e| e.to_string())
+    })();
+    let mut p = pending.lock().unwrap_or_else(|e| e.into_inner());
+    for job in appends {
+        if let Job::Append {
+            seq,
+            entries,
+            callback,
+        } = job
+        {
+            if result.is_ok() {
+                for (index, _) in &entries {
+                    if p.get(index).is_some_and(|(s, _)| *s == seq) {
+                        p.remove(index);
+                    }
+                }
+            }
+            callback.log_io_completed(result.clone().map_err(std::io::Error::other));
+        }
+    }
+}
+
+fn delete(
+    db: &Database,
+    range: (Bound<u64>, Bound<u64>),
+    purged: Option<LogId>,
+) -> Result<(), String> {
+    let tx = db.begin_write().map_err(|e| e.to_string())?;
+    {
+        let mut table = tx.open_table(LOG).map_err(|e| e.to_string())?;
+        table
+            .retain_in::<u64, _>(range, |_, _| false)
+            .map_err(|e| e.to_string())?;
+        if let Some(p) = purged {
+            let mut meta = tx.open_table(META).map_err(|e| e.to_string())?;
+            meta.insert(LAST_PURGED, Store::json(&p).as_slice())
+                .map_err(|e| e.to_string())?;
+        }
+    }
+    tx.commit().map_err(|e| e.to_string())
 }
 
 impl Store {
-    /// Opens (or creates) `dir/arbiter.redb`.
+    /// Opens (or creates) `dir/arbiter.redb` and starts its writer thread.
     pub fn open(dir: &Path) -> Result<Self, redb::DatabaseError> {
-        let db = Database::create(dir.join("arbiter.redb"))?;
-        Ok(Self { db: Arc::new(db) })
+        let db = Arc::new(Database::create(dir.join("arbiter.redb"))?);
+        let pending: Pending = Arc::default();
+        let (writer, jobs) = mpsc::channel();
+        {
+            let (db, pending) = (db.clone(), pending.clone());
+            std::thread::Builder::new()
+                .name("arbiter-log-writer".into())
+                .spawn(move || write_thread(db, pending, jobs))
+                .map_err(|e| redb::DatabaseError::Storage(redb::StorageError::Io(e)))?;
+        }
+        Ok(Self {
+            db,
+            pending,
+            writer,
+            next_seq: Arc::default(),
+        })
+    }
+
+    fn json<T: Serialize>(v: &T) -> Vec<u8> {
+        serde_json::to_vec(v).expect("raft and engine types serialize to JSON")
     }
 
     fn get_meta<T: DeserializeOwned>(
@@ -64,20 +199,15 @@ impl Store {
         key: &str,
         subject: ErrorSubject<NodeId>,
     ) -> Result<Option<T>, StorageError> {
-        let read = |e: &dyn std::fmt::Display| {
-            io_err(
-                subject.clone(),
-                ErrorVerb::Read,
-                std::io::Error::other(e.to_string()),
-            )
-        };
+        let read = |e: &dyn std::fmt::Display| io_err(subject.clone(), ErrorVerb::Read, e);
         let tx = self.db.begin_read().map_err(|e| read(&e))?;
         let table = match tx.open_table(META) {
             Ok(t) => t,
             Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
             Err(e) => return Err(read(&e)),
         };
-        match table.get(key).map_err(|e| read(&e))? {
+        let value = table.get(key).map_err(|e| read(&e))?;
+        match value {
             Some(v) => serde_json::from_slice(v.value())
                 .map(Some)
                 .map_err(|e| read(&e)),
@@ -91,13 +221,7 @@ impl Store {
         values: &[(&str, Option<Vec<u8>>)],
         subject: ErrorSubject<NodeId>,
     ) -> Result<(), StorageError> {
-        let write = |e: &dyn std::fmt::Display| {
-            io_err(
-                subject.clone(),
-                ErrorVerb::Write,
-                std::io::Error::other(e.to_string()),
-            )
-        };
+        let write = |e: &dyn std::fmt::Display| io_err(subject.clone(), ErrorVerb::Write, e);
         let tx = self.db.begin_write().map_err(|e| write(&e))?;
         {
             let mut table = tx.open_table(META).map_err(|e| write(&e))?;
@@ -112,15 +236,11 @@ impl Store {
         tx.commit().map_err(|e| write(&e))
     }
 
-    fn json<T: Serialize>(v: &T) -> Vec<u8> {
-        serde_json::to_vec(v).expect("raft and engine types serialize to JSON")
-    }
-
     /// The stored snapshot, if any: its meta and data.
     pub fn snapshot(&self) -> Result<Option<(SnapshotMeta, Vec<u8>)>, StorageError> {
-        let subject = || ErrorSubject::Snapshot(None);
-        let meta: Option<SnapshotMeta> = self.get_meta(SNAPSHOT_META, subject())?;
-        let data: Option<Vec<u8>> = self.get_meta(SNAPSHOT_DATA, subject())?;
+        let meta: Option<SnapshotMeta> =
+            self.get_meta(SNAPSHOT_META, ErrorSubject::Snapshot(None))?;
+        let data: Option<Vec<u8>> = self.get_meta(SNAPSHOT_DATA, ErrorSubject::Snapshot(None))?;
         Ok(meta.zip(data))
     }
 
@@ -135,36 +255,42 @@ impl Store {
         )
     }
 
-    fn read_entries(&self, start: Bound<u64>, end: Bound<u64>) -> Result<Vec<Entry>, StorageError> {
-        let read = |e: &dyn std::fmt::Display| {
-            io_err(
-                ErrorSubject::Logs,
-                ErrorVerb::Read,
-                std::io::Error::other(e.to_string()),
-            )
-        };
+    /// Committed entries in the range.
+    fn committed_entries(
+        &self,
+        start: Bound<u64>,
+        end: Bound<u64>,
+    ) -> Result<BTreeMap<u64, Entry>, StorageError> {
+        let read = |e: &dyn std::fmt::Display| io_err(ErrorSubject::Logs, ErrorVerb::Read, e);
         let tx = self.db.begin_read().map_err(|e| read(&e))?;
         let table = match tx.open_table(LOG) {
             Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(BTreeMap::new()),
             Err(e) => return Err(read(&e)),
         };
-        let mut out = Vec::new();
+        let mut out = BTreeMap::new();
         for item in table.range::<u64>((start, end)).map_err(|e| read(&e))? {
-            let (_, v) = item.map_err(|e| read(&e))?;
-            out.push(serde_json::from_slice(v.value()).map_err(|e| read(&e))?);
+            let (k, v) = item.map_err(|e| read(&e))?;
+            out.insert(
+                k.value(),
+                serde_json::from_slice(v.value()).map_err(|e| read(&e))?,
+            );
         }
         Ok(out)
     }
 
-    fn last_entry_id(&self) -> Result<Option<LogId>, StorageError> {
-        let read = |e: &dyn std::fmt::Display| {
-            io_err(
-                ErrorSubject::Logs,
-                ErrorVerb::Read,
-                std::io::Error::other(e.to_string()),
-            )
-        };
+    /// Entries in the range: committed ones overlaid with pending ones.
+    fn entries(&self, start: Bound<u64>, end: Bound<u64>) -> Result<Vec<Entry>, StorageError> {
+        let mut out = self.committed_entries(start, end)?;
+        let p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        for (i, (_, e)) in p.range((start, end)) {
+            out.insert(*i, e.clone());
+        }
+        Ok(out.into_values().collect())
+    }
+
+    fn last_committed_id(&self) -> Result<Option<LogId>, StorageError> {
+        let read = |e: &dyn std::fmt::Display| io_err(ErrorSubject::Logs, ErrorVerb::Read, e);
         let tx = self.db.begin_read().map_err(|e| read(&e))?;
         let table = match tx.open_table(LOG) {
             Ok(t) => t,
@@ -179,33 +305,34 @@ impl Store {
         Ok(entry.map(|e| e.log_id))
     }
 
-    /// Deletes log entries with index in `range`, and optionally records a
-    /// new last-purged id, in one fsynced transaction.
-    fn delete_logs(
+    /// Deletes entries with index in `range`: pending ones at once,
+    /// committed ones in order behind every earlier append; optionally
+    /// records a new last-purged id in the same fsynced transaction.
+    async fn delete_logs(
         &self,
         range: (Bound<u64>, Bound<u64>),
         purged: Option<LogId>,
     ) -> Result<(), StorageError> {
-        let write = |e: &dyn std::fmt::Display| {
-            io_err(
-                ErrorSubject::Logs,
-                ErrorVerb::Delete,
-                std::io::Error::other(e.to_string()),
-            )
-        };
-        let tx = self.db.begin_write().map_err(|e| write(&e))?;
+        let write = |e: &dyn std::fmt::Display| io_err(ErrorSubject::Logs, ErrorVerb::Delete, e);
         {
-            let mut table = tx.open_table(LOG).map_err(|e| write(&e))?;
-            table
-                .retain_in::<u64, _>(range, |_, _| false)
-                .map_err(|e| write(&e))?;
-            if let Some(p) = purged {
-                let mut meta = tx.open_table(META).map_err(|e| write(&e))?;
-                meta.insert(LAST_PURGED, Self::json(&p).as_slice())
-                    .map_err(|e| write(&e))?;
+            let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            let doomed: Vec<u64> = p.range(range).map(|(i, _)| *i).collect();
+            for i in doomed {
+                p.remove(&i);
             }
         }
-        tx.commit().map_err(|e| write(&e))
+        let (done, result) = tokio::sync::oneshot::channel();
+        self.writer
+            .send(Job::Delete {
+                range,
+                purged,
+                done,
+            })
+            .map_err(|_| write(&"the log writer stopped"))?;
+        result
+            .await
+            .map_err(|_| write(&"the log writer stopped"))?
+            .map_err(|e| write(&e))
     }
 }
 
@@ -214,7 +341,7 @@ impl RaftLogReader<TypeConfig> for Store {
         &mut self,
         range: RB,
     ) -> Result<Vec<Entry>, StorageError> {
-        self.read_entries(range.start_bound().cloned(), range.end_bound().cloned())
+        self.entries(range.start_bound().cloned(), range.end_bound().cloned())
     }
 }
 
@@ -223,7 +350,13 @@ impl RaftLogStorage<TypeConfig> for Store {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
         let last_purged_log_id: Option<LogId> = self.get_meta(LAST_PURGED, ErrorSubject::Logs)?;
-        let last_log_id = self.last_entry_id()?.or(last_purged_log_id);
+        let pending_last = {
+            let p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            p.last_key_value().map(|(_, (_, e))| e.log_id)
+        };
+        let last_log_id = pending_last
+            .max(self.last_committed_id()?)
+            .or(last_purged_log_id);
         Ok(LogState {
             last_purged_log_id,
             last_log_id,
@@ -262,47 +395,33 @@ impl RaftLogStorage<TypeConfig> for Store {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let write = |e: &dyn std::fmt::Display| {
-            io_err(
-                ErrorSubject::Logs,
-                ErrorVerb::Write,
-                std::io::Error::other(e.to_string()),
-            )
-        };
-        let encoded: Vec<(u64, Vec<u8>)> = entries
-            .into_iter()
-            .map(|e| (e.log_id.index, Self::json(&e)))
-            .collect();
-        let db = self.db.clone();
-        // The commit fsyncs: keep it off the async worker threads.
-        let result = tokio::task::spawn_blocking(move || -> Result<(), String> {
-            let tx = db.begin_write().map_err(|e| e.to_string())?;
-            {
-                let mut table = tx.open_table(LOG).map_err(|e| e.to_string())?;
-                for (index, bytes) in &encoded {
-                    table
-                        .insert(*index, bytes.as_slice())
-                        .map_err(|e| e.to_string())?;
-                }
-            }
-            tx.commit().map_err(|e| e.to_string())
-        })
-        .await
-        .map_err(|e| write(&e))?;
-        match result {
-            Ok(()) => {
-                callback.log_io_completed(Ok(()));
-                Ok(())
-            }
-            Err(e) => {
-                callback.log_io_completed(Err(std::io::Error::other(e.clone())));
-                Err(write(&e))
+        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+        let mut encoded = Vec::new();
+        {
+            let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            for e in entries {
+                encoded.push((e.log_id.index, Self::json(&e)));
+                p.insert(e.log_id.index, (seq, e));
             }
         }
+        self.writer
+            .send(Job::Append {
+                seq,
+                entries: encoded,
+                callback,
+            })
+            .map_err(|_| {
+                io_err(
+                    ErrorSubject::Logs,
+                    ErrorVerb::Write,
+                    "the log writer stopped",
+                )
+            })
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
         self.delete_logs((Bound::Included(log_id.index), Bound::Unbounded), None)
+            .await
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
@@ -310,6 +429,7 @@ impl RaftLogStorage<TypeConfig> for Store {
             (Bound::Unbounded, Bound::Included(log_id.index)),
             Some(log_id),
         )
+        .await
     }
 }
 
