@@ -25,7 +25,7 @@ use crate::engine::{
 use crate::proto::raft_peer_client::RaftPeerClient;
 use crate::raft::network::{decode, encode, Channels, PeerNetwork};
 use crate::raft::state_machine::{Observer, StateMachine};
-use crate::raft::{NodeId, Request, Response, TypeConfig};
+use crate::raft::{NodeId, Request, TypeConfig};
 use crate::storage::Store;
 
 /// Events buffered per watched lease before a slow watcher is resynchronised.
@@ -107,6 +107,8 @@ pub struct Node {
     boot_id: u64,
     engine: Arc<Engine>,
     raft: Raft<TypeConfig>,
+    /// Leadership and membership (changes only with them, not per commit).
+    server: watch::Receiver<openraft::metrics::RaftServerMetrics<NodeId, BasicNode>>,
     channels: Channels,
     /// How long a call waits for a leader before answering UNAVAILABLE.
     leader_wait: Duration,
@@ -123,6 +125,8 @@ pub struct Node {
     deadlines_changed: Notify,
     sweep_at: AtomicU64,
     shutdown: watch::Sender<bool>,
+    /// Queue of writes for the batching proposer.
+    proposals: tokio::sync::mpsc::UnboundedSender<Proposal>,
 }
 
 /// A process-unique id (time and pid mixed), distinct across restarts.
@@ -136,6 +140,23 @@ fn boot_id() -> u64 {
 
 /// Most cells in one sync entry.
 const SYNC_BATCH: usize = 10_000;
+
+/// Most commands batched into one log entry.
+const MAX_BATCH: usize = 1024;
+
+type Proposal = (
+    Command,
+    tokio::sync::oneshot::Sender<Result<(Outcome, u64), NodeError>>,
+);
+
+fn clone_err(e: &NodeError) -> NodeError {
+    match e {
+        NodeError::Engine(e) => NodeError::Engine(e.clone()),
+        NodeError::Unavailable(m) => NodeError::Unavailable(m.clone()),
+        NodeError::NotLeader => NodeError::NotLeader,
+        NodeError::Membership(m) => NodeError::Membership(m.clone()),
+    }
+}
 
 fn publish(watchers: &Watchers, events: &[LeaseEvent]) {
     let mut watchers = watchers.lock().unwrap_or_else(|e| e.into_inner());
@@ -198,10 +219,12 @@ impl Node {
             tracing::info!(members = members.len(), "initialising a new cluster");
             raft.initialize(members).await.map_err(|e| raft_err(&e))?;
         }
-        Ok(Arc::new(Self {
+        let (proposals, queue) = tokio::sync::mpsc::unbounded_channel();
+        let node = Arc::new(Self {
             id: membership.id,
             boot_id,
             engine,
+            server: raft.server_metrics(),
             raft,
             channels,
             leader_wait,
@@ -213,7 +236,10 @@ impl Node {
             deadlines_changed: Notify::new(),
             sweep_at: AtomicU64::new(u64::MAX),
             shutdown: watch::channel(false).0,
-        }))
+            proposals,
+        });
+        tokio::spawn(node.clone().run_proposer(queue));
+        Ok(node)
     }
 
     pub fn id(&self) -> NodeId {
@@ -226,13 +252,20 @@ impl Node {
 
     /// The leader this node knows of, if any.
     pub fn leader(&self) -> Option<NodeId> {
-        self.raft.metrics().borrow().current_leader
+        self.server.borrow().current_leader
+    }
+
+    /// The current term (from the vote) and whether this node leads in it.
+    /// Reads the server metrics, which change only with leadership, never
+    /// per commit.
+    fn term_and_leading(&self) -> (u64, bool) {
+        let m = self.server.borrow();
+        let leading = m.state == ServerState::Leader && m.current_leader == Some(self.id);
+        (m.vote.leader_id().get_term(), leading)
     }
 
     fn is_leader(&self) -> bool {
-        let m = self.raft.metrics();
-        let m = m.borrow();
-        m.state == ServerState::Leader && m.current_leader == Some(self.id)
+        self.term_and_leading().1
     }
 
     /// Routes a call to the leader: served here when this node leads,
@@ -240,9 +273,9 @@ impl Node {
     /// for a leader; then UNAVAILABLE.
     pub async fn route(&self, call: Call) -> Result<Answer, NodeError> {
         let deadline = Instant::now() + self.leader_wait;
-        let mut metrics = self.raft.metrics();
+        let mut server = self.server.clone();
         loop {
-            let leader = metrics.borrow_and_update().current_leader;
+            let leader = server.borrow_and_update().current_leader;
             let result = match leader {
                 Some(l) if l == self.id => self.serve(call.clone()).await,
                 Some(l) => self.forward(l, &call).await,
@@ -261,7 +294,7 @@ impl Node {
             }
             // Wake on the next leadership change, or poll again shortly.
             let _ =
-                tokio::time::timeout(left.min(Duration::from_millis(100)), metrics.changed()).await;
+                tokio::time::timeout(left.min(Duration::from_millis(100)), server.changed()).await;
         }
     }
 
@@ -375,35 +408,89 @@ impl Node {
         }
     }
 
-    /// Commits `command` through the log as the leader, stamped with the time.
+    /// Commits `command` through the log as the leader. Concurrent
+    /// proposals are batched into one entry by [`Node::run_proposer`] (one
+    /// log write and fsync for all of them).
     async fn propose(&self, command: Command) -> Result<(Outcome, u64), NodeError> {
-        let now = self.now_ms();
-        let sync_origin = matches!(command, Command::SyncLimits { .. }).then_some(self.boot_id);
-        let request = Request {
-            now_ms: now,
-            command,
-            sync_origin,
-        };
-        let reply = match self.raft.client_write(request).await {
-            Ok(r) => r,
-            Err(e) if e.forward_to_leader::<BasicNode>().is_some() => {
-                return Err(NodeError::NotLeader)
-            }
-            Err(e) => return Err(NodeError::Unavailable(e.to_string())),
-        };
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.proposals
+            .send((command, reply))
+            .map_err(|_| NodeError::Unavailable("shutting down".into()))?;
+        let result = answer
+            .await
+            .map_err(|_| NodeError::Unavailable("shutting down".into()))?;
         let sweep_at = self.sweep_at.load(Ordering::Acquire);
         if self.engine.next_expiry().is_some_and(|t| t < sweep_at) {
             self.deadlines_changed.notify_one();
         }
-        let Response(outcome) = reply.data;
-        Ok((outcome?, now))
+        result
+    }
+
+    /// Writes one entry and maps openraft's answer to one result per command.
+    async fn write_entry(
+        &self,
+        request: Request,
+    ) -> Result<Vec<Result<Outcome, EngineError>>, NodeError> {
+        match self.raft.client_write(request).await {
+            Ok(r) => Ok(r.data.0),
+            Err(e) if e.forward_to_leader::<BasicNode>().is_some() => Err(NodeError::NotLeader),
+            Err(e) => Err(NodeError::Unavailable(e.to_string())),
+        }
+    }
+
+    /// Batches proposals: takes every command queued while the previous
+    /// entry was being committed, stamps them with one time and writes them
+    /// as one entry. Ends when the node is dropped.
+    async fn run_proposer(
+        self: Arc<Self>,
+        mut queue: tokio::sync::mpsc::UnboundedReceiver<Proposal>,
+    ) {
+        let mut batch: Vec<Proposal> = Vec::new();
+        while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
+            let now = self.now_ms();
+            let (commands, replies): (Vec<Command>, Vec<_>) = batch.drain(..).unzip();
+            let n = commands.len();
+            let request = Request {
+                now_ms: now,
+                commands,
+                sync_origin: None,
+            };
+            match self.write_entry(request).await {
+                Ok(outcomes) if outcomes.len() == n => {
+                    for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                        let _ = reply.send(outcome.map(|o| (o, now)).map_err(NodeError::from));
+                    }
+                }
+                Ok(outcomes) => {
+                    let e = format!("{} outcomes for {n} commands", outcomes.len());
+                    for reply in replies {
+                        let _ = reply.send(Err(NodeError::Unavailable(e.clone())));
+                    }
+                }
+                Err(e) => {
+                    for reply in replies {
+                        let _ = reply.send(Err(clone_err(&e)));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Writes a rate-limit sync as its own entry, tagged with this process.
+    async fn propose_sync(&self, command: Command) -> Result<(), NodeError> {
+        let request = Request {
+            now_ms: self.now_ms(),
+            commands: vec![command],
+            sync_origin: Some(self.boot_id),
+        };
+        self.write_entry(request).await.map(drop)
     }
 
     /// Rate limits are decided only by a leader that has applied everything
     /// committed before its term (checked once per term).
     async fn ready_to_decide(&self) -> Result<(), NodeError> {
-        let term = self.raft.metrics().borrow().current_term;
-        if self.ready_term.load(Ordering::Acquire) == term && self.is_leader() {
+        let (term, leading) = self.term_and_leading();
+        if self.ready_term.load(Ordering::Acquire) == term && leading {
             return Ok(());
         }
         self.read_barrier().await?;
@@ -447,9 +534,8 @@ impl Node {
         checks: Vec<LimitCheck>,
         all_or_nothing: bool,
     ) -> Result<Vec<LimitResult>, NodeError> {
-        if self.is_leader()
-            && self.ready_term.load(Ordering::Acquire) == self.raft.metrics().borrow().current_term
-        {
+        let (term, leading) = self.term_and_leading();
+        if leading && self.ready_term.load(Ordering::Acquire) == term {
             // The hot path: no routing, no cloning.
             return Ok(self.engine.check(&checks, all_or_nothing, self.now_ms())?);
         }
@@ -540,6 +626,10 @@ impl Node {
     /// `limit_sweep`. Ends at shutdown.
     pub async fn run_sweeper(self: Arc<Self>, limit_sweep: Duration) {
         let mut shutdown = self.shutdown_signal();
+        // One receiver for the whole loop, so a leadership change wakes it
+        // once (a fresh clone would report every past change again).
+        let mut server = self.server.clone();
+        server.mark_unchanged();
         let mut next_limit_sweep = self.now_ms() + limit_sweep.as_millis() as u64;
         loop {
             let now = self.now_ms();
@@ -563,11 +653,10 @@ impl Node {
                 .min(next_limit_sweep);
             self.sweep_at.store(wake_at, Ordering::Release);
             let wait = Duration::from_millis(wake_at.saturating_sub(self.now_ms()));
-            let mut metrics = self.raft.metrics();
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
                 _ = self.deadlines_changed.notified() => {}
-                _ = metrics.changed() => {}
+                _ = server.changed() => {}
                 _ = Self::stopped(&mut shutdown) => return,
             }
             self.forget_idle_watchers();
@@ -578,7 +667,7 @@ impl Node {
     /// extend every lease by one election timeout, so no lease lapses early
     /// because leadership moved (its holder could not renew meanwhile).
     async fn on_leadership(&self) {
-        let term = self.raft.metrics().borrow().current_term;
+        let term = self.term_and_leading().0;
         if self.extended_term.load(Ordering::Acquire) == term {
             return;
         }
@@ -620,7 +709,7 @@ impl Node {
                 let command = Command::SyncLimits {
                     cells: chunk.to_vec(),
                 };
-                if let Err(e) = self.propose(command).await {
+                if let Err(e) = self.propose_sync(command).await {
                     tracing::warn!(error = %e, cells = chunk.len(), "rate-limit sync failed");
                 }
             }

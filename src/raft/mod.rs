@@ -15,11 +15,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::engine::{Command, EngineError, Outcome};
 
-/// A command as proposed by the leader.
+/// One log entry: the commands the leader batched together (every write
+/// that arrived while the previous entry was being committed), all stamped
+/// with the same time.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Request {
     pub now_ms: u64,
-    pub command: Command,
+    pub commands: Vec<Command>,
     /// For rate-limit syncs: the boot id of the leader process that made
     /// the decisions. That process skips its own syncs (its memory is newer
     /// than any sync); every other process, including the same node after a
@@ -28,10 +30,10 @@ pub struct Request {
     pub sync_origin: Option<u64>,
 }
 
-/// What applying a [`Request`] produced; refusals are part of the
-/// deterministic outcome, not storage errors.
+/// What applying each command of a [`Request`] produced, in order; refusals
+/// are part of the deterministic outcome, not storage errors.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Response(pub Result<Outcome, EngineError>);
+pub struct Response(pub Vec<Result<Outcome, EngineError>>);
 
 openraft::declare_raft_types!(
     /// Arbiter's Raft types: node ids are `u64`, nodes carry their peer address.

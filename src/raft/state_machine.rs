@@ -129,27 +129,27 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         for entry in entries {
             self.last_applied = Some(entry.log_id);
             let response = match entry.payload {
-                EntryPayload::Blank => Response(Ok(engine::Outcome::Synced)),
+                EntryPayload::Blank => Response(Vec::new()),
                 EntryPayload::Membership(m) => {
                     self.membership = StoredMembership::new(Some(entry.log_id), m);
-                    Response(Ok(engine::Outcome::Synced))
+                    Response(Vec::new())
                 }
                 EntryPayload::Normal(req) if req.sync_origin == Some(self.boot_id) => {
                     // Our own rate-limit sync: memory already holds newer state.
-                    Response(Ok(engine::Outcome::Synced))
+                    Response(vec![Ok(engine::Outcome::Synced); req.commands.len()])
                 }
                 EntryPayload::Normal(req) => {
                     self.last_now = self.last_now.max(req.now_ms);
-                    let applied = self.engine.apply(req.command, self.last_now);
-                    match applied {
-                        Ok(applied) => {
+                    let mut outcomes = Vec::with_capacity(req.commands.len());
+                    for command in req.commands {
+                        outcomes.push(self.engine.apply(command, self.last_now).map(|applied| {
                             if !applied.events.is_empty() {
                                 (self.observer)(&applied.events);
                             }
-                            Response(Ok(applied.outcome))
-                        }
-                        Err(e) => Response(Err(e)),
+                            applied.outcome
+                        }));
                     }
+                    Response(outcomes)
                 }
             };
             out.push(response);

@@ -113,6 +113,7 @@ fn commit_appends(db: &Database, pending: &Pending, appends: Vec<Job>) {
     if appends.is_empty() {
         return;
     }
+    tracing::trace!(appends = appends.len(), "committing a group of log appends");
     let result = (|| -> Result<(), String> {
         let tx = db.begin_write().map_err(|e| e.to_string())?;
         {
@@ -215,14 +216,20 @@ impl Store {
         }
     }
 
-    /// Writes meta values (None deletes) in one fsynced transaction.
+    /// Writes meta values (None deletes) in one transaction, fsynced when
+    /// `durable`; otherwise it becomes durable with the next fsynced commit.
     fn put_meta(
         &self,
         values: &[(&str, Option<Vec<u8>>)],
         subject: ErrorSubject<NodeId>,
+        durable: bool,
     ) -> Result<(), StorageError> {
         let write = |e: &dyn std::fmt::Display| io_err(subject.clone(), ErrorVerb::Write, e);
-        let tx = self.db.begin_write().map_err(|e| write(&e))?;
+        let mut tx = self.db.begin_write().map_err(|e| write(&e))?;
+        if !durable {
+            tx.set_durability(redb::Durability::None)
+                .map_err(|e| write(&e))?;
+        }
         {
             let mut table = tx.open_table(META).map_err(|e| write(&e))?;
             for (k, v) in values {
@@ -252,6 +259,7 @@ impl Store {
                 (SNAPSHOT_DATA, Some(Self::json(&data))),
             ],
             ErrorSubject::Snapshot(Some(meta.signature())),
+            true,
         )
     }
 
@@ -368,7 +376,7 @@ impl RaftLogStorage<TypeConfig> for Store {
     }
 
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError> {
-        self.put_meta(&[(VOTE, Some(Self::json(vote)))], ErrorSubject::Vote)
+        self.put_meta(&[(VOTE, Some(Self::json(vote)))], ErrorSubject::Vote, true)
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError> {
@@ -376,9 +384,12 @@ impl RaftLogStorage<TypeConfig> for Store {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
+        // Only a hint for faster recovery (the log is the truth) and called
+        // on every commit, so not fsynced on its own.
         self.put_meta(
             &[(COMMITTED, committed.map(|c| Self::json(&c)))],
             ErrorSubject::Store,
+            false,
         )
     }
 
