@@ -36,7 +36,7 @@ start() {
 }
 
 leader_of() { # client port -> leader id (empty if none)
-  "$BIN" cluster status --server "http://127.0.0.1:$1" 2>/dev/null | sed -n 's/.*leader=\([0-9]*\).*/\1/p'
+  "$BIN" cluster status --server "http://127.0.0.1:$1" 2>/dev/null | sed -n 's/.*leader=\([0-9]*\).*/\1/p'  || true
 }
 
 wait_leader() { # client port
