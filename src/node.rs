@@ -33,8 +33,8 @@ const WATCH_BUFFER: usize = 256;
 
 /// Raft election timeout bounds, in ms. A new leader extends every lease by
 /// the upper bound, so no lease lapses early because of a failover.
-const ELECTION_TIMEOUT_MIN_MS: u64 = 300;
-const ELECTION_TIMEOUT_MAX_MS: u64 = 600;
+const ELECTION_TIMEOUT_MIN_MS: u64 = 200;
+const ELECTION_TIMEOUT_MAX_MS: u64 = 400;
 
 type Watchers = Arc<Mutex<HashMap<String, broadcast::Sender<LeaseEvent>>>>;
 
@@ -195,7 +195,7 @@ impl Node {
         let raft_err = |e: &dyn std::fmt::Display| StartError::Raft(e.to_string());
         let raft_config = openraft::Config {
             cluster_name: "arbiter".into(),
-            heartbeat_interval: 100,
+            heartbeat_interval: 50,
             election_timeout_min: ELECTION_TIMEOUT_MIN_MS,
             election_timeout_max: ELECTION_TIMEOUT_MAX_MS,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(snapshot_logs.max(1)),
