@@ -208,33 +208,60 @@ async fn leader_kill9_under_writes_loses_nothing_and_fails_over_quickly() {
     let survivors: Vec<usize> = (0..3).filter(|i| *i != leader).collect();
     let addrs: Vec<_> = survivors.iter().map(|i| cluster.node(*i).addr).collect();
 
-    // A writer through the survivors: sequential grants, each acknowledged
-    // one recorded with its token.
+    // A writer through the survivors: sequential lease grants and
+    // idempotency records, each acknowledged one recorded.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let writer = tokio::spawn(async move {
         let mut acked: Vec<(String, u64)> = Vec::new();
+        let mut records: Vec<(String, u64)> = Vec::new();
         let mut clients = Vec::new();
         for a in &addrs {
             let ch = tonic::transport::Channel::from_shared(format!("http://{a}"))
                 .unwrap()
                 .connect_lazy();
-            clients.push(arbiter::proto::leases_client::LeasesClient::new(ch));
+            clients.push((
+                arbiter::proto::leases_client::LeasesClient::new(ch.clone()),
+                arbiter::proto::idempotency_client::IdempotencyClient::new(ch),
+            ));
         }
         let mut n = 0usize;
         let until = Instant::now() + Duration::from_secs(30);
         while !*stop_rx.borrow() && Instant::now() < until {
             let name = format!("w-{n}");
-            let c = &mut clients[n % 2];
-            if let Ok(r) = c.acquire(acquire(&name, "writer")).await {
-                let r = r.into_inner();
-                assert!(r.acquired);
-                acked.push((name, r.lease.unwrap().fencing_token));
-                n += 1;
-            } else {
+            let (leases, idem) = &mut clients[n % 2];
+            let Ok(r) = leases.acquire(acquire(&name, "writer")).await else {
                 tokio::time::sleep(Duration::from_millis(5)).await;
+                continue;
+            };
+            let r = r.into_inner();
+            assert!(r.acquired);
+            acked.push((name.clone(), r.lease.unwrap().fencing_token));
+            n += 1;
+            // A record per grant: Begin then Complete; acknowledged when
+            // Complete answered OK.
+            if let Ok(b) = idem
+                .begin(BeginRequest {
+                    key: name.clone(),
+                    fingerprint: vec![],
+                    lock_ttl_ms: 60_000,
+                    retention_ms: 0,
+                })
+                .await
+            {
+                let attempt = b.into_inner().attempt;
+                let done = idem
+                    .complete(CompleteRequest {
+                        key: name.clone(),
+                        attempt,
+                        response: name.clone().into_bytes(),
+                    })
+                    .await;
+                if done.is_ok() {
+                    records.push((name, attempt));
+                }
             }
         }
-        acked
+        (acked, records)
     });
     // Let some writes land, then kill the leader.
     eventually("writes before the kill", || async {
@@ -281,8 +308,23 @@ async fn leader_kill9_under_writes_loses_nothing_and_fails_over_quickly() {
     })
     .await;
     stop_tx.send(true).unwrap();
-    let acked = writer.await.unwrap();
+    let (acked, records) = writer.await.unwrap();
     assert!(acked.len() > 20, "{} writes acknowledged", acked.len());
+    assert!(records.len() > 10, "{} records acknowledged", records.len());
+    let mut idem = cluster.node(survivors[1]).idem().await;
+    for (key, attempt) in &records {
+        let r = idem
+            .get(GetRecordRequest { key: key.clone() })
+            .await
+            .unwrap()
+            .into_inner()
+            .record;
+        let r = r.unwrap_or_else(|| panic!("record {key} lost after failover"));
+        assert_eq!(
+            (r.attempt, r.response.as_slice()),
+            (*attempt, key.as_bytes())
+        );
+    }
     for w in acked.windows(2) {
         assert!(
             w[1].1 > w[0].1,
@@ -582,4 +624,58 @@ async fn scale_up_and_down_with_membership_changes() {
     assert_eq!(out.matches(" voter").count(), 3, "{out}");
     // Still serving with three voters.
     l.acquire(acquire("after-leave", "h")).await.unwrap();
+}
+
+#[tokio::test]
+async fn without_a_majority_calls_are_unavailable_and_readiness_drops() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+
+    let mut cluster = Cluster::start(3, &["--leader-wait-ms", "500"]);
+    let leader = cluster.leader().await;
+    let survivor = (leader + 1) % 3;
+    cluster.kill9(leader);
+    cluster.kill9((leader + 2) % 3);
+    let node = cluster.node(survivor);
+    let mut l = node.leases().await;
+    let err = eventually("UNAVAILABLE from the lone survivor", || {
+        let mut l = l.clone();
+        async move {
+            l.acquire(acquire("no-quorum", "h"))
+                .await
+                .err()
+                .filter(|e| e.code() == tonic::Code::Unavailable)
+        }
+    })
+    .await;
+    assert!(!err.message().is_empty());
+    let err = l
+        .get(GetLeaseRequest { name: "x".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    let mut h = HealthClient::new(node.channel().await);
+    eventually("readiness to drop", || {
+        let mut h = h.clone();
+        async move {
+            let r = h
+                .check(HealthCheckRequest {
+                    service: "arbiter.v1.Leases".into(),
+                })
+                .await
+                .ok()?
+                .into_inner();
+            (r.status() == ServingStatus::NotServing).then_some(())
+        }
+    })
+    .await;
+    let live = h
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(live.status(), ServingStatus::Serving, "liveness stays up");
 }
