@@ -59,9 +59,9 @@ PY
   echo "arbiter did not start; log:" >&2; cat "$log" >&2; exit 1
 }
 
-start_arbiter() { # $1 = log file
+start_arbiter() { # $1 = log file (the data directory is named after it)
   target/release/arbiter serve --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 --peer-listen 127.0.0.1:0 \
-    --data-dir "$work/data" --log-format json 2>"$1" &
+    --data-dir "$1.data" --log-format json 2>"$1" &
   pids+=($!)
   ARBITER_PID=$!
   ARBITER=$(arbiter_addr "$1")

@@ -41,6 +41,9 @@ const LAST_PURGED: &str = "last_purged";
 const SNAPSHOT_META: &str = "snapshot_meta";
 const SNAPSHOT_DATA: &str = "snapshot_data";
 
+/// redb page cache size.
+const STORE_CACHE_BYTES: usize = 32 << 20;
+
 /// Most appends grouped into one transaction.
 const GROUP: usize = 1024;
 
@@ -173,7 +176,14 @@ fn delete(
 impl Store {
     /// Opens (or creates) `dir/arbiter.redb` and starts its writer thread.
     pub fn open(dir: &Path) -> Result<Self, redb::DatabaseError> {
-        let db = Arc::new(Database::create(dir.join("arbiter.redb"))?);
+        // redb's page cache defaults to 1 GiB; the log is written once and
+        // read back rarely (replication, restarts), so a small cache keeps
+        // the node's memory for state.
+        let db = Arc::new(
+            Database::builder()
+                .set_cache_size(STORE_CACHE_BYTES)
+                .create(dir.join("arbiter.redb"))?,
+        );
         let pending: Pending = Arc::default();
         let (writer, jobs) = mpsc::channel();
         {
