@@ -268,6 +268,16 @@ impl Node {
         self.term_and_leading().1
     }
 
+    /// The current voting members.
+    fn voters(&self) -> BTreeSet<NodeId> {
+        self.server
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .collect()
+    }
+
     /// Routes a call to the leader: served here when this node leads,
     /// forwarded over the peer channel otherwise. Waits up to `leader_wait`
     /// for a leader; then UNAVAILABLE.
@@ -368,14 +378,7 @@ impl Node {
                     .add_learner(id, BasicNode::new(peer_addr), true)
                     .await
                     .map_err(|e| refused(&e))?;
-                let mut voters: BTreeSet<NodeId> = self
-                    .raft
-                    .metrics()
-                    .borrow()
-                    .membership_config
-                    .membership()
-                    .voter_ids()
-                    .collect();
+                let mut voters = self.voters();
                 voters.insert(id);
                 self.raft
                     .change_membership(voters, false)
@@ -387,14 +390,7 @@ impl Node {
                 if !self.is_leader() {
                     return Err(NodeError::NotLeader);
                 }
-                let mut voters: BTreeSet<NodeId> = self
-                    .raft
-                    .metrics()
-                    .borrow()
-                    .membership_config
-                    .membership()
-                    .voter_ids()
-                    .collect();
+                let mut voters = self.voters();
                 voters.remove(&id);
                 if voters.is_empty() {
                     return Err(NodeError::Membership("cannot remove the last voter".into()));
