@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Builds the arbiter image with no image registry: the release binary is
+# built on the host, the base image is made with debootstrap (make-base.sh).
+#
+#   docker/build-local.sh            # -> arbiter:local
+set -euo pipefail
+cd "$(dirname "$0")/.."
+TAG=${TAG:-arbiter:local}
+BASE=$(docker/make-base.sh)
+cargo build --release -j2 --locked --bin arbiter >&2
+ctx=$(mktemp -d)
+trap 'rm -rf "$ctx"' EXIT
+cp target/release/arbiter docker/Dockerfile.local "$ctx/"
+docker build -q -t "$TAG" --build-arg "BASE_IMAGE=$BASE" -f "$ctx/Dockerfile.local" "$ctx" >&2
+echo "$TAG"
