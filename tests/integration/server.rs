@@ -78,13 +78,24 @@ async fn reflection_lists_the_services() {
     }
 }
 
+/// One HTTP GET; retried (until the deadline) if the connection fails.
 fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(DEADLINE)).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
+    let once = || -> std::io::Result<String> {
+        let mut s = std::net::TcpStream::connect(addr)?;
+        s.set_read_timeout(Some(DEADLINE))?;
+        write!(s, "GET {path} HTTP/1.1\r\nhost: x\r\n\r\n")?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok(out)
+    };
+    let until = std::time::Instant::now() + DEADLINE;
+    loop {
+        match once() {
+            Ok(out) if !out.is_empty() => return out,
+            other => assert!(std::time::Instant::now() < until, "GET {path}: {other:?}"),
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }
 
 #[tokio::test]
