@@ -116,6 +116,22 @@ impl Drop for Cluster {
     }
 }
 
+/// Polls until `node`'s own applied state (what its Watch serves) shows
+/// lease `name` held: proof the node caught up.
+async fn wait_until_held_locally(node: &Server, name: &str) {
+    eventually(&format!("{name} to reach the node's own state"), || async {
+        let mut l = node.leases().await;
+        let request = WatchLeaseRequest { name: name.into() };
+        let mut s = l.watch(request).await.ok()?.into_inner();
+        let e = tokio::time::timeout(DEADLINE, s.message())
+            .await
+            .ok()?
+            .ok()??;
+        (e.kind() == Kind::Current && e.lease.is_some()).then_some(())
+    })
+    .await;
+}
+
 fn acquire(name: &str, holder: &str) -> AcquireRequest {
     AcquireRequest {
         name: name.into(),
@@ -445,22 +461,7 @@ async fn a_node_down_during_compaction_catches_up_from_a_snapshot() {
     // the lease once it caught up (from the snapshot; the log it missed was
     // purged).
     let node = cluster.node(lagger);
-    eventually("the restarted node to catch up", || async {
-        let mut l = node.leases().await;
-        let mut s = l
-            .watch(WatchLeaseRequest {
-                name: "snap-99".into(),
-            })
-            .await
-            .ok()?
-            .into_inner();
-        let e = tokio::time::timeout(DEADLINE, s.message())
-            .await
-            .ok()?
-            .ok()??;
-        (e.kind() == Kind::Current && e.lease.is_some()).then_some(())
-    })
-    .await;
+    wait_until_held_locally(node, "snap-99").await;
     let mut st = ClusterClient::new(node.channel().await);
     let status = st
         .status(ClusterStatusRequest {})
@@ -602,22 +603,7 @@ async fn scale_up_and_down_with_membership_changes() {
     );
     // The new member has the data (its watch is served from its own state).
     let new = cluster.node(3);
-    eventually("the new member to catch up", || async {
-        let mut w = new.leases().await;
-        let mut s = w
-            .watch(WatchLeaseRequest {
-                name: "before-join".into(),
-            })
-            .await
-            .ok()?
-            .into_inner();
-        let e = tokio::time::timeout(DEADLINE, s.message())
-            .await
-            .ok()?
-            .ok()??;
-        e.lease.map(|_| ())
-    })
-    .await;
+    wait_until_held_locally(new, "before-join").await;
     // A follower's view of the membership catches up when it applies the
     // change: poll it.
     for (step, n) in [(None, 4), (Some("remove"), 3)] {
