@@ -50,6 +50,20 @@ enum Cmd {
     /// Cluster membership and leadership: status, add, remove.
     #[command(subcommand)]
     Cluster(ClusterCmd),
+    /// gRPC health check: exits 0 when SERVING, 1 otherwise. With no
+    /// --service it asks about liveness (""); `--service ready` asks whether
+    /// the node can serve calls (a known leader and a caught-up log).
+    Health(HealthArgs),
+}
+
+#[derive(Args)]
+struct HealthArgs {
+    #[command(flatten)]
+    server: Server,
+    /// The health service name: "" (the process), `ready` (shorthand for
+    /// arbiter.v1.Leases), or a full service name such as arbiter.v1.RateLimiter.
+    #[arg(long, default_value = "")]
+    service: String,
 }
 
 #[derive(Subcommand)]
@@ -311,6 +325,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Cmd::Lease(cmd) => lease(cmd).await,
         Cmd::Idem(cmd) => idem(cmd).await,
         Cmd::Cluster(cmd) => cluster(cmd).await,
+        Cmd::Health(args) => health(args).await,
     };
     match result {
         Ok(code) => code,
@@ -617,6 +632,30 @@ async fn cluster(cmd: ClusterCmd) -> CliResult {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+async fn health(args: HealthArgs) -> CliResult {
+    use tonic_health::pb::{
+        health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
+    };
+    let service = match args.service.as_str() {
+        "ready" => "arbiter.v1.Leases".to_owned(),
+        s => s.to_owned(),
+    };
+    let mut client = HealthClient::new(connect(&args.server).await?);
+    let mut request = tonic::Request::new(HealthCheckRequest {
+        service: service.clone(),
+    });
+    request.set_timeout(Duration::from_secs(5));
+    let st = client.check(request).await.map_err(status)?.into_inner();
+    let serving = st.status == ServingStatus::Serving as i32;
+    let name = ServingStatus::try_from(st.status).map_or("UNKNOWN", |s| s.as_str_name());
+    println!("service={service:?} status={name}");
+    Ok(if serving {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -35,6 +35,8 @@ const WATCH_BUFFER: usize = 256;
 /// the upper bound, so no lease lapses early because of a failover.
 const ELECTION_TIMEOUT_MIN_MS: u64 = 200;
 const ELECTION_TIMEOUT_MAX_MS: u64 = 400;
+/// Raft heartbeat interval, in ms.
+const HEARTBEAT_MS: u64 = 50;
 
 type Watchers = Arc<Mutex<HashMap<String, broadcast::Sender<LeaseEvent>>>>;
 
@@ -117,6 +119,10 @@ pub struct Node {
     ready_term: AtomicU64,
     /// The term in which this node, as leader, extended every lease.
     extended_term: AtomicU64,
+    /// Whether this node, as leader, heard from a majority within the last
+    /// election timeout (kept by [`Node::run_quorum_watch`]). A leader cut
+    /// off from the majority stops deciding rate limits once it is false.
+    quorum_contact: AtomicBool,
     clock: Arc<dyn Clock>,
     last_now: AtomicU64,
     watchers: Watchers,
@@ -195,7 +201,7 @@ impl Node {
         let raft_err = |e: &dyn std::fmt::Display| StartError::Raft(e.to_string());
         let raft_config = openraft::Config {
             cluster_name: "arbiter".into(),
-            heartbeat_interval: 50,
+            heartbeat_interval: HEARTBEAT_MS,
             election_timeout_min: ELECTION_TIMEOUT_MIN_MS,
             election_timeout_max: ELECTION_TIMEOUT_MAX_MS,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(snapshot_logs.max(1)),
@@ -230,6 +236,7 @@ impl Node {
             leader_wait,
             ready_term: AtomicU64::new(0),
             extended_term: AtomicU64::new(0),
+            quorum_contact: AtomicBool::new(false),
             clock,
             last_now: AtomicU64::new(0),
             watchers,
@@ -239,6 +246,7 @@ impl Node {
             proposals,
         });
         tokio::spawn(node.clone().run_proposer(queue));
+        tokio::spawn(node.clone().run_quorum_watch());
         Ok(node)
     }
 
@@ -287,7 +295,7 @@ impl Node {
         loop {
             let leader = server.borrow_and_update().current_leader;
             let result = match leader {
-                Some(l) if l == self.id => self.serve(call.clone()).await,
+                Some(l) if l == self.id => self.serve_bounded(call.clone()).await,
                 Some(l) => self.forward(l, &call).await,
                 None => Err(NodeError::NotLeader),
             };
@@ -333,6 +341,28 @@ impl Node {
             Err(status) => Err(NodeError::Unavailable(format!(
                 "leader {leader} at {addr} did not answer: {}",
                 status.message()
+            ))),
+        }
+    }
+
+    /// [`Node::serve`], answering UNAVAILABLE if it takes longer than the
+    /// leader wait: a leader cut off from the majority can neither commit nor
+    /// confirm its leadership, and must not keep callers waiting. A write that
+    /// times out may still commit later (if this node turns out to have a
+    /// majority after all), so the caller is told its outcome is unknown.
+    pub async fn serve_bounded(&self, call: Call) -> Result<Answer, NodeError> {
+        let write = matches!(call, Call::Write(_));
+        match tokio::time::timeout(self.leader_wait, self.serve(call)).await {
+            Ok(result) => result,
+            Err(_) => Err(NodeError::Unavailable(format!(
+                "leader {} could not reach a majority within {} ms{}; retry",
+                self.id,
+                self.leader_wait.as_millis(),
+                if write {
+                    " (the write's outcome is unknown)"
+                } else {
+                    ""
+                }
             ))),
         }
     }
@@ -486,7 +516,10 @@ impl Node {
     /// committed before its term (checked once per term).
     async fn ready_to_decide(&self) -> Result<(), NodeError> {
         let (term, leading) = self.term_and_leading();
-        if self.ready_term.load(Ordering::Acquire) == term && leading {
+        if self.ready_term.load(Ordering::Acquire) == term
+            && leading
+            && self.quorum_contact.load(Ordering::Relaxed)
+        {
             return Ok(());
         }
         self.read_barrier().await?;
@@ -531,7 +564,10 @@ impl Node {
         all_or_nothing: bool,
     ) -> Result<Vec<LimitResult>, NodeError> {
         let (term, leading) = self.term_and_leading();
-        if leading && self.ready_term.load(Ordering::Acquire) == term {
+        if leading
+            && self.ready_term.load(Ordering::Acquire) == term
+            && self.quorum_contact.load(Ordering::Relaxed)
+        {
             // The hot path: no routing, no cloning.
             return Ok(self.engine.check(&checks, all_or_nothing, self.now_ms())?);
         }
@@ -620,6 +656,32 @@ impl Node {
     /// Purges lapsed leases and records as their deadlines pass (so watchers
     /// hear of expiry promptly), and idle rate-limit cells every
     /// `limit_sweep`. Ends at shutdown.
+    /// Keeps `quorum_contact` current: true while this node leads and a
+    /// majority acknowledged it within the longest election timeout (after
+    /// which the others may have elected someone else). Polled, because a
+    /// leader that hears nothing gets no event to react to.
+    async fn run_quorum_watch(self: Arc<Self>) {
+        let mut shutdown = self.shutdown_signal();
+        let mut tick = tokio::time::interval(Duration::from_millis(HEARTBEAT_MS));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let metrics = self.raft.metrics();
+        loop {
+            let fresh = {
+                let m = metrics.borrow();
+                let voters = m.membership_config.membership().voter_ids().count();
+                m.state == ServerState::Leader
+                    && (voters <= 1
+                        || m.millis_since_quorum_ack
+                            .is_some_and(|ms| ms <= ELECTION_TIMEOUT_MAX_MS))
+            };
+            self.quorum_contact.store(fresh, Ordering::Relaxed);
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = Node::stopped(&mut shutdown) => return,
+            }
+        }
+    }
+
     pub async fn run_sweeper(self: Arc<Self>, limit_sweep: Duration) {
         let mut shutdown = self.shutdown_signal();
         // One receiver for the whole loop, so a leadership change wakes it

@@ -51,6 +51,6 @@ impl RaftPeer for PeerService {
     ) -> Result<Response<PeerMessage>, Status> {
         let call: Call = decode(request.get_ref()).map_err(bad)?;
         // Served here only if this node leads; otherwise the sender routes again.
-        Ok(Response::new(encode(&self.0.serve(call).await)))
+        Ok(Response::new(encode(&self.0.serve_bounded(call).await)))
     }
 }

