@@ -2,12 +2,12 @@
 CARGO ?= cargo
 JOBS ?= 2
 
-.PHONY: run test test-rust test-python bench lint fmt
+.PHONY: run test test-rust test-python test-helm e2e image bench lint fmt
 
 run:
 	$(CARGO) run -j$(JOBS) --release -- serve
 
-test: test-rust test-python
+test: test-rust test-python test-helm
 
 test-rust:
 	$(CARGO) test -j$(JOBS)
@@ -16,6 +16,19 @@ test-python:
 	$(CARGO) build -j$(JOBS)
 	python3 -m pip install --quiet --disable-pip-version-check -r tests/python/requirements.txt
 	python3 -m pytest -q tests/python
+
+# The helm chart: rendered by real Helm, manifests validated strictly.
+test-helm:
+	python3 -m pip install --quiet --disable-pip-version-check -r helm/tests/requirements.txt
+	python3 -m pytest -q helm/tests
+
+# Fault tests on a 3-container cluster (needs a Docker engine).
+e2e:
+	cluster/e2e.sh
+
+# The container image arbiter:local, without an image registry.
+image:
+	docker/build-local.sh
 
 bench:
 	$(CARGO) bench -j$(JOBS) --bench engine

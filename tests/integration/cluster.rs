@@ -673,3 +673,46 @@ async fn without_a_majority_calls_are_unavailable_and_readiness_drops() {
         .into_inner();
     assert_eq!(live.status(), ServingStatus::Serving, "liveness stays up");
 }
+
+/// A leader whose followers are gone (as when it is partitioned away) keeps
+/// believing it leads, but must not keep callers waiting or decide alone:
+/// writes and reads answer UNAVAILABLE within the leader wait, and rate-limit
+/// checks stop once it has heard from no majority for an election timeout.
+#[tokio::test]
+async fn a_leader_without_its_majority_answers_unavailable_promptly() {
+    let mut cluster = Cluster::start(3, &["--leader-wait-ms", "500"]);
+    let leader = cluster.leader().await;
+    let node = cluster.node(leader);
+    let mut c = node.limits().await;
+    let check = || {
+        let mut r = tonic::Request::new(CheckRequest {
+            checks: vec![lc("alone", tb(1000, 1, 3_600_000), None)],
+            all_or_nothing: false,
+        });
+        r.set_timeout(Duration::from_secs(10));
+        r
+    };
+    assert!(c.check(check()).await.unwrap().into_inner().results[0].allowed);
+    cluster.kill9((leader + 1) % 3);
+    cluster.kill9((leader + 2) % 3);
+    let node = cluster.node(leader);
+    let mut l = node.leases().await;
+    // A client deadline well past the leader wait: a hung call fails the
+    // test with DEADLINE_EXCEEDED instead of UNAVAILABLE.
+    let mut req = tonic::Request::new(acquire("cut-off", "h"));
+    req.set_timeout(Duration::from_secs(10));
+    let err = l.acquire(req).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    let mut req = tonic::Request::new(GetLeaseRequest {
+        name: "cut-off".into(),
+    });
+    req.set_timeout(Duration::from_secs(10));
+    let err = l.get(req).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    let err = eventually("checks to stop on the cut-off leader", || {
+        let mut c = c.clone();
+        async move { c.check(check()).await.err() }
+    })
+    .await;
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+}
