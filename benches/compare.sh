@@ -7,6 +7,8 @@
 #
 #   benches/compare.sh                 # defaults below; override by environment
 #   ROUNDS=5 DURATION=20 benches/compare.sh
+#   ROUNDS=0 benches/compare.sh        # only the memory measurement
+#   ARBITER_ARGS="--limit-sync-ms 1000" benches/compare.sh   # extra serve flags
 #
 # Everything listens on 127.0.0.1 ports chosen by the OS.
 set -euo pipefail
@@ -19,8 +21,9 @@ KEYS=${KEYS:-100000}
 INFLIGHT=${INFLIGHT:-50}
 CONNECTIONS=${CONNECTIONS:-2}
 MEMORY_KEYS=${MEMORY_KEYS:-1000000}
+read -r -a ARBITER_ARGS <<<"${ARBITER_ARGS:-}"
 
-if ! command -v redis-server >/dev/null; then
+if [ "$ROUNDS" -gt 0 ] && ! command -v redis-server >/dev/null; then
   echo "installing redis-server from Debian's packages" >&2
   apt-get update -qq && apt-get install -y -qq redis-server >/dev/null
 fi
@@ -61,12 +64,14 @@ PY
 
 start_arbiter() { # $1 = log file (the data directory is named after it)
   target/release/arbiter serve --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 --peer-listen 127.0.0.1:0 \
-    --data-dir "$1.data" --log-format json 2>"$1" &
+    --data-dir "$1.data" --log-format json "${ARBITER_ARGS[@]}" 2>"$1" &
   pids+=($!)
   ARBITER_PID=$!
   ARBITER=$(arbiter_addr "$1")
 }
 
+: >"$work/runs"
+if [ "$ROUNDS" -gt 0 ]; then
 redis_port=$(free_port)
 redis-server --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no >"$work/redis.log" 2>&1 &
 pids+=($!)
@@ -87,6 +92,7 @@ for round in $(seq "$ROUNDS"); do
   done
   $BENCH --target "$ARBITER" --workload check --keys "$KEYS" --batch 100 "${common[@]}" | sed "s/^/arbiter batch=100 /" >>"$work/runs"
 done
+fi
 
 # Memory: a fresh server, MEMORY_KEYS keys consumed once each (slow refill so
 # none is full again), then its resident set.
@@ -96,10 +102,12 @@ $BENCH --target "$ARBITER" --workload check --keys "$MEMORY_KEYS" --key-order se
   --capacity 1000 --refill-tokens 1 --refill-interval-ms 3600000 --warmup 0 --duration 300 \
   --requests $((MEMORY_KEYS / 100)) --json >"$work/memory-run"
 rss_after=$(awk '/VmRSS/ {print $2}' /proc/$ARBITER_PID/status)
+sleep 5  # and once in-flight syncs are done and the allocator has settled
+rss_settled=$(awk '/VmRSS/ {print $2}' /proc/$ARBITER_PID/status)
 live=$(curl -s "http://$(python3 -c "import json;print(next(json.loads(l)['fields']['metrics'] for l in open('$work/arbiter-mem.log') if 'metrics' in l))")/metrics" 2>/dev/null \
   | awk '/arbiter_live_keys\{kind="rate_limit"\}/ {print $2}' || true)
 
-python3 - "$work/runs" "$rss_before" "$rss_after" "$MEMORY_KEYS" "${live:-?}" <<'PY'
+python3 - "$work/runs" "$rss_before" "$rss_after" "$MEMORY_KEYS" "${live:-?}" "$rss_settled" <<'PY'
 import json, statistics, sys
 runs = {}
 for line in open(sys.argv[1]):
@@ -119,10 +127,11 @@ for keys in sorted({k.split('=')[1] for k in runs if k.startswith('arbiter keys=
     if a and r:
         ratio = med(a, lambda x: x['requests_per_sec']) / med(r, lambda x: x['requests_per_sec'])
         print(f"Arbiter/Redis throughput, {keys} keys: {ratio:.2f}x")
-u, h = runs.get("arbiter keys=100000") or next(iter(runs.values())), runs.get("arbiter keys=1")
-if h:
+u, h = runs.get("arbiter keys=100000") or next(iter(runs.values()), None), runs.get("arbiter keys=1")
+if u and h:
     print(f"Arbiter hot key vs uniform keys: {med(h, lambda x: x['requests_per_sec']) / med(u, lambda x: x['requests_per_sec']):.2f}x")
 before, after, n, live = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+settled = int(sys.argv[6])
 print(f"Memory: {n} keys requested, {live} live in the server; RSS {before/1024:.1f} MiB -> {after/1024:.1f} MiB "
-      f"({(after-before)*1024/n:.0f} bytes/key)")
+      f"({(after-before)*1024/n:.0f} bytes/key) at the end of the load, {settled/1024:.1f} MiB 5 s later")
 PY

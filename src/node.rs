@@ -762,13 +762,18 @@ impl Node {
             if !self.is_leader() {
                 continue;
             }
-            let cells = self.engine.drain_dirty_limits();
-            for chunk in cells.chunks(SYNC_BATCH) {
-                let command = Command::SyncLimits {
-                    cells: chunk.to_vec(),
-                };
-                if let Err(e) = self.propose_sync(command).await {
-                    tracing::warn!(error = %e, cells = chunk.len(), "rate-limit sync failed");
+            // One bounded chunk at a time, each committed before the next is
+            // drained: memory for syncing stays at one entry's worth however
+            // many keys changed.
+            loop {
+                let cells = self.engine.drain_dirty_limits(SYNC_BATCH);
+                if cells.is_empty() {
+                    break;
+                }
+                let n = cells.len();
+                if let Err(e) = self.propose_sync(Command::SyncLimits { cells }).await {
+                    tracing::warn!(error = %e, cells = n, "rate-limit sync failed");
+                    break;
                 }
             }
         }

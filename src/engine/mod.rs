@@ -285,9 +285,10 @@ impl Engine {
         self.limits.sweep(now_ms)
     }
 
-    /// Rate-limit cells changed since the previous call (for sync entries).
-    pub fn drain_dirty_limits(&self) -> Vec<(String, Cell)> {
-        self.limits.drain_dirty()
+    /// Up to about `max` rate-limit cells changed since they were last
+    /// drained (for sync entries).
+    pub fn drain_dirty_limits(&self, max: usize) -> Vec<(String, Cell)> {
+        self.limits.drain_dirty(max)
     }
 
     /// Whether a [`Command::Sweep`] at `now_ms` would purge anything.

@@ -42,7 +42,7 @@ const SNAPSHOT_META: &str = "snapshot_meta";
 const SNAPSHOT_DATA: &str = "snapshot_data";
 
 /// redb page cache size.
-const STORE_CACHE_BYTES: usize = 32 << 20;
+const STORE_CACHE_BYTES: usize = 8 << 20;
 
 /// Most appends grouped into one transaction.
 const GROUP: usize = 1024;

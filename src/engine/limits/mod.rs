@@ -128,13 +128,32 @@ pub struct LimitResult {
 /// - sliding window (2): `a` previous window's count, `b` current window's
 ///   count, `c` current window's start, `aux` window_ms.
 /// - fixed window (3): `a` count, `b` window start, `aux` window_ms.
+///
+/// Serialized as a five-element array `[tag, aux, a, b, c]`: a sync entry
+/// carries thousands of cells, and field names would double its size.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "CellRepr", into = "CellRepr")]
 pub struct Cell {
     pub(crate) tag: u32,
     pub(crate) aux: u32,
     pub(crate) a: u64,
     pub(crate) b: u64,
     pub(crate) c: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct CellRepr(u32, u32, u64, u64, u64);
+
+impl From<CellRepr> for Cell {
+    fn from(CellRepr(tag, aux, a, b, c): CellRepr) -> Self {
+        Cell { tag, aux, a, b, c }
+    }
+}
+
+impl From<Cell> for CellRepr {
+    fn from(c: Cell) -> Self {
+        CellRepr(c.tag, c.aux, c.a, c.b, c.c)
+    }
 }
 
 /// Set on a cell changed since the last [`LimitTable::drain_dirty`]; never

@@ -326,14 +326,16 @@ impl LimitTable {
         }
     }
 
-    /// Every cell changed since the previous call, marked clean again: what a
-    /// leader replicates in its next sync entry. Locks one shard at a time.
-    pub fn drain_dirty(&self) -> Vec<(String, Cell)> {
+    /// Up to about `max` cells changed since they were last drained, marked
+    /// clean again: what a leader replicates in its next sync entry. Call
+    /// until empty to take every change. Locks one shard at a time.
+    pub fn drain_dirty(&self, max: usize) -> Vec<(String, Cell)> {
         let mut out = Vec::new();
         for shard in self.shards.iter() {
             let mut guard = lock(shard);
             let ShardState { table, dirty } = &mut *guard;
-            for h in dirty.drain(..) {
+            while out.len() < max {
+                let Some(h) = dirty.pop() else { break };
                 // Several keys may share a hash: take every dirty one.
                 for e in table.iter_hash_mut(h) {
                     if e.1.is_dirty() {
@@ -342,8 +344,11 @@ impl LimitTable {
                     }
                 }
             }
-            if dirty.capacity() > 4096 {
+            if dirty.is_empty() && dirty.capacity() > 4096 {
                 dirty.shrink_to(1024);
+            }
+            if out.len() >= max {
+                break;
             }
         }
         out
@@ -385,7 +390,7 @@ mod tests {
         t.check(&[check("a", 1), check("b", 1), check("a", 2)], false, 0)
             .unwrap();
         t.check(&[check("c", 0)], false, 0).unwrap(); // a peek changes nothing
-        let mut d = t.drain_dirty();
+        let mut d = t.drain_dirty(usize::MAX);
         d.sort_by(|x, y| x.0.cmp(&y.0));
         assert_eq!(
             d.iter().map(|x| x.0.as_str()).collect::<Vec<_>>(),
@@ -393,13 +398,59 @@ mod tests {
         );
         assert_eq!(d[0].1.a, 7, "the latest state of a");
         assert!(d.iter().all(|x| !x.1.is_dirty()));
-        assert!(t.drain_dirty().is_empty());
+        assert!(t.drain_dirty(usize::MAX).is_empty());
         t.check(&[check("b", 1), check("d", 1)], true, 0).unwrap();
-        assert_eq!(t.drain_dirty().len(), 2);
+        assert_eq!(t.drain_dirty(usize::MAX).len(), 2);
         // Replicated cells are stored clean, never re-shipped.
         let other = LimitTable::new(4, 100);
         other.upsert(d);
-        assert!(other.drain_dirty().is_empty());
+        assert!(other.drain_dirty(usize::MAX).is_empty());
+    }
+
+    #[test]
+    fn cells_serialize_as_compact_arrays() {
+        let c = Cell {
+            tag: 1,
+            aux: 2,
+            a: 3,
+            b: 4,
+            c: 5,
+        };
+        let json = serde_json::to_string(&c).unwrap();
+        assert_eq!(json, "[1,2,3,4,5]");
+        assert_eq!(serde_json::from_str::<Cell>(&json).unwrap(), c);
+    }
+
+    #[test]
+    fn dirty_cells_drain_in_bounded_chunks() {
+        let t = LimitTable::new(4, 10_000);
+        let def = super::super::LimitDef::TokenBucket {
+            capacity: 10,
+            refill_tokens: 1,
+            refill_interval_ms: 1000,
+        };
+        let checks: Vec<_> = (0..1000)
+            .map(|i| LimitCheck {
+                key: format!("k{i}"),
+                limit: def,
+                cost: 1,
+                dry_run: false,
+            })
+            .collect();
+        t.check(&checks, false, 0).unwrap();
+        let mut seen = std::collections::BTreeSet::new();
+        loop {
+            let chunk = t.drain_dirty(100);
+            if chunk.is_empty() {
+                break;
+            }
+            // A chunk stops at the bound (plus any keys sharing the last hash).
+            assert!(chunk.len() <= 102, "chunk of {}", chunk.len());
+            for (k, _) in chunk {
+                assert!(seen.insert(k), "a cell drained twice");
+            }
+        }
+        assert_eq!(seen.len(), 1000, "every changed cell drained once");
     }
 
     #[test]
