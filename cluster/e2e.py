@@ -17,6 +17,8 @@ Scenarios:
              under a steady client load: every acknowledged write survives,
              no call fails except with retryable UNAVAILABLE, and every node
              exits 0 within the grace period
+  scale      two more members started as a 5-replica StatefulSet would start
+             them, added with `arbiter cluster add`, used, and removed
 """
 
 import argparse
@@ -524,9 +526,56 @@ def scenario_rolling(cluster, ledger):
     )
 
 
+def scenario_scale(cluster):
+    """The chart README's scaling procedure, on containers: start members
+    4 and 5 (pods arbiter-3 and arbiter-4 of a StatefulSet scaled to 5),
+    add them with `arbiter cluster add`, use them, then remove them again."""
+    pb = cluster.pb
+    image = os.environ.get("ARBITER_IMAGE", "arbiter:local")
+    extra = [Node(pb, i) for i in (3, 4)]
+    first = cluster.nodes[0]
+
+    def voters(node):
+        return sorted(m.id for m in node.status().members if m.voter)
+
+    try:
+        for n in extra:
+            sh("docker", "run", "-d", "--name", n.name, "--hostname", f"arbiter-{n.ordinal}",
+               "--network", NETWORK, "--network-alias", f"arbiter-{n.ordinal}.arbiter-peers",
+               "--read-only", "--tmpfs", "/tmp", "-v", f"{n.name}-data:/data", image,
+               "serve", "--peers-dns", "arbiter-{}.arbiter-peers:7071", "--replicas", "5")
+        for n in extra:
+            eventually(f"{n.name} to answer", lambda n=n: n.status(), 30)
+            assert n.status().node_id == n.id
+        # Not members yet: they wait to be added (no cluster of their own).
+        assert voters(first) == [1, 2, 3], voters(first)
+        for n in extra:
+            r = first.cli("cluster", "add", str(n.id), f"arbiter-{n.ordinal}.arbiter-peers:7071", timeout=60)
+            assert r.returncode == 0, f"cluster add {n.id}: {r.stderr}"
+        eventually("five voters everywhere", lambda: all(voters(n) == [1, 2, 3, 4, 5] for n in cluster.nodes + extra), 30)
+        eventually("the new members ready", lambda: all(n.cli("health", "--service", "ready").returncode == 0 for n in extra), 30)
+        # A grant through a new member is seen through an old one.
+        newcomer = Client(cluster, Ledger(), name="scale", nodes=[extra[1]])
+        lease = newcomer.acquire("scale-lease")
+        got = first.leases().Get(pb.ls.GetLeaseRequest(name="scale-lease"), timeout=CALL_TIMEOUT_S)
+        assert got.lease.fencing_token == lease.fencing_token, got
+        # Scale down: remove the highest ordinals first, then stop them.
+        for n in reversed(extra):
+            r = first.cli("cluster", "remove", str(n.id), timeout=60)
+            assert r.returncode == 0, f"cluster remove {n.id}: {r.stderr}"
+        eventually("three voters again", lambda: all(voters(n) == [1, 2, 3] for n in cluster.nodes), 30)
+    finally:
+        for n in extra:
+            sh("docker", "rm", "-f", n.name, check=False)
+            sh("docker", "volume", "rm", f"{n.name}-data", check=False)
+    cluster.wait_leader()
+    Client(cluster, Ledger(), name="scale-after").acquire("scale-after")
+    return "members 4 and 5 added with `cluster add` (5 voters, served a grant), removed with `cluster remove`; 3 voters serve on"
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("scenarios", nargs="*", default=["image", "kill", "partition", "rolling"])
+    ap.add_argument("scenarios", nargs="*", default=["image", "kill", "partition", "rolling", "scale"])
     ap.add_argument("--keep", action="store_true", help="leave the cluster running afterwards")
     args = ap.parse_args()
 
@@ -546,6 +595,7 @@ def main():
             "kill": lambda: scenario_kill(cluster, ledger),
             "partition": lambda: scenario_partition(cluster, ledger),
             "rolling": lambda: scenario_rolling(cluster, ledger),
+            "scale": lambda: scenario_scale(cluster),
         }
         for name in args.scenarios:
             t = time.monotonic()
