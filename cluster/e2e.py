@@ -181,6 +181,11 @@ class Cluster:
     def wait_leader(self, nodes=None, timeout_s=30):
         return eventually("an agreed leader", lambda: self.agreed_leader(nodes), timeout_s)
 
+    def formed(self):
+        """Every node names the same leader and lists every member as a voter."""
+        st = [n.status() for n in self.nodes]
+        return self.agreed_leader() and all(sum(m.voter for m in s.members) == REPLICAS for s in st)
+
     def converged(self):
         """Every node names the same leader and has applied the same index."""
         st = [n.status() for n in self.nodes]
@@ -587,7 +592,8 @@ def main():
     results = []
     try:
         t0 = time.monotonic()
-        leader = cluster.wait_leader(timeout_s=60)
+        eventually("the cluster to form", cluster.formed, 60)
+        leader = cluster.agreed_leader()
         log(f"formed: leader is node {leader} after {time.monotonic() - t0:.1f} s")
         ledger = Ledger()
         table = {
