@@ -26,14 +26,14 @@ import os
 import pathlib
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 
 import grpc
-from grpc_tools import protoc
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests" / "python"))
+from arbiter_pb import compile_stubs  # noqa: E402
 PREFIX = os.environ.get("ARBITER_CLUSTER", "arbiter-e2e")
 NETWORK = f"{PREFIX}_net"
 REPLICAS = 3
@@ -77,26 +77,6 @@ def eventually(what, fn, timeout_s, interval_s=0.1):
             last = e
         time.sleep(interval_s)
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what} (last error: {last})")
-
-
-def load_stubs():
-    out = tempfile.mkdtemp(prefix="arbiter-e2e-")
-    proto = ROOT / "proto"
-    files = sorted(str(p.relative_to(proto)) for p in (proto / "arbiter" / "v1").glob("*.proto"))
-    include = str(pathlib.Path(protoc.__file__).parent / "_proto")
-    rc = protoc.main(["protoc", f"-I{proto}", f"-I{include}", f"--python_out={out}", f"--grpc_python_out={out}", *files])
-    assert rc == 0, "protoc failed"
-    sys.path.insert(0, out)
-    from arbiter.v1 import cluster_pb2, cluster_pb2_grpc, idempotency_pb2, idempotency_pb2_grpc  # noqa: E402
-    from arbiter.v1 import leases_pb2, leases_pb2_grpc, rate_limiter_pb2, rate_limiter_pb2_grpc  # noqa: E402
-
-    class Pb:
-        cl, cl_grpc = cluster_pb2, cluster_pb2_grpc
-        ls, ls_grpc = leases_pb2, leases_pb2_grpc
-        idem, idem_grpc = idempotency_pb2, idempotency_pb2_grpc
-        rl, rl_grpc = rate_limiter_pb2, rate_limiter_pb2_grpc
-
-    return Pb
 
 
 class Node:
@@ -584,7 +564,7 @@ def main():
     ap.add_argument("--keep", action="store_true", help="leave the cluster running afterwards")
     args = ap.parse_args()
 
-    pb = load_stubs()
+    pb = compile_stubs()
     log(f"starting cluster {PREFIX} from image {os.environ.get('ARBITER_IMAGE', 'arbiter:local')}")
     compose("down", "--volumes", "--timeout", "5")
     compose("up", "-d")

@@ -9,36 +9,20 @@ import os
 import pathlib
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import queue
 
 import grpc
 import pytest
-from grpc_tools import protoc
+from arbiter_pb import compile_stubs
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-PROTO = ROOT / "proto"
 
 
 @pytest.fixture(scope="session")
 def pb():
-    out = tempfile.mkdtemp(prefix="arbiter-py-")
-    files = sorted(str(p.relative_to(PROTO)) for p in (PROTO / "arbiter" / "v1").glob("*.proto"))
-    include = str(pathlib.Path(protoc.__file__).parent / "_proto")
-    rc = protoc.main(["protoc", f"-I{PROTO}", f"-I{include}", f"--python_out={out}", f"--grpc_python_out={out}", *files])
-    assert rc == 0, "protoc failed"
-    sys.path.insert(0, out)
-    from arbiter.v1 import idempotency_pb2, idempotency_pb2_grpc, leases_pb2, leases_pb2_grpc
-    from arbiter.v1 import rate_limiter_pb2, rate_limiter_pb2_grpc
-
-    class Modules:
-        rl, rl_grpc = rate_limiter_pb2, rate_limiter_pb2_grpc
-        ls, ls_grpc = leases_pb2, leases_pb2_grpc
-        idem, idem_grpc = idempotency_pb2, idempotency_pb2_grpc
-
-    return Modules
+    return compile_stubs()
 
 
 @pytest.fixture(scope="session")
