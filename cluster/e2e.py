@@ -6,13 +6,15 @@ if every scenario passed. Every wait has a deadline and every load loop a
 bound, so a hung cluster fails the run rather than stalling it.
 
 Scenarios:
-  image      the containers run as uid 10001, not root
+  image      the containers run as uid 10001, not root, on a read-only root
+             filesystem, and found their peers by DNS name
   kill       docker kill of the leader: a new leader serves within 3 s, no
              acknowledged lease or idempotency record is lost, fencing tokens
              never go backwards; the killed node restarts and catches up
   partition  the leader is cut off the network: it answers UNAVAILABLE to
-             lease grants and renewals while the other two elect a leader and
-             keep serving; after healing all three converge
+             lease grants and renewals, Begin and rate-limit checks, and
+             reports not ready, while the other two elect a leader and keep
+             serving; after healing all three converge
   rolling    each node in turn (2, 1, 0) gets SIGTERM and is started again
              under a steady client load: every acknowledged write survives,
              no call fails except with retryable UNAVAILABLE, and every node
@@ -24,6 +26,7 @@ Scenarios:
 import argparse
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import threading
@@ -34,6 +37,7 @@ import grpc
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "python"))
 from arbiter_pb import compile_stubs  # noqa: E402
+
 PREFIX = os.environ.get("ARBITER_CLUSTER", "arbiter-e2e")
 NETWORK = f"{PREFIX}_net"
 REPLICAS = 3
@@ -60,7 +64,7 @@ def sh(*args, check=True, timeout=120):
 
 
 def compose(*args, timeout=180):
-    cmd = ["docker-compose"] if sh("sh", "-c", "command -v docker-compose", check=False).returncode == 0 else ["docker", "compose"]
+    cmd = ["docker-compose"] if shutil.which("docker-compose") else ["docker", "compose"]
     return sh(*cmd, "-p", PREFIX, "-f", str(ROOT / "cluster" / "compose.yml"), *args, timeout=timeout)
 
 
