@@ -31,12 +31,11 @@ node_status() {
 # Waits (up to $1 seconds) until every node names the same leader and lists
 # all members as voters; prints the leader.
 wait_for_leader() {
-  local deadline=$((SECONDS + $1)) leaders voters
+  local deadline=$((SECONDS + $1)) statuses leaders voters
   while [ $SECONDS -lt $deadline ]; do
-    leaders=$(for i in $(seq 0 $((REPLICAS - 1))); do
-      node_status "$i" | sed -n '1s/.* leader=\([0-9a-z]*\) .*/\1/p'
-    done)
-    voters=$(for i in $(seq 0 $((REPLICAS - 1))); do node_status "$i"; done | grep -c ' voter$' || true)
+    statuses=$(for i in $(seq 0 $((REPLICAS - 1))); do node_status "$i"; done)
+    leaders=$(echo "$statuses" | sed -n 's/^node_id=.* leader=\([0-9a-z]*\) .*/\1/p')
+    voters=$(echo "$statuses" | grep -c ' voter$' || true)
     if [ "$(echo "$leaders" | grep -c '^[0-9]')" = "$REPLICAS" ] && \
        [ "$(echo "$leaders" | sort -u | wc -l)" = 1 ] && [ "$voters" = $((REPLICAS * REPLICAS)) ]; then
       echo "$leaders" | head -1
