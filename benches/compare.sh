@@ -8,7 +8,11 @@
 #   benches/compare.sh                 # defaults below; override by environment
 #   ROUNDS=5 DURATION=20 benches/compare.sh
 #   ROUNDS=0 benches/compare.sh        # only the memory measurement
-#   ARBITER_ARGS="--limit-sync-ms 1000" benches/compare.sh   # extra serve flags
+#   ARBITER_ARGS="--limit-sync-ms 1000" benches/compare.sh   # serve flags
+#
+# Redis serves from one thread; Arbiter gets one serving thread too
+# (ARBITER_ARGS defaults to "--worker-threads 1"; ARBITER_ARGS= gives the
+# server's default of one per core), and the client runs on one thread.
 #
 # Everything listens on 127.0.0.1 ports chosen by the OS.
 set -euo pipefail
@@ -21,7 +25,7 @@ KEYS=${KEYS:-100000}
 INFLIGHT=${INFLIGHT:-50}
 CONNECTIONS=${CONNECTIONS:-2}
 MEMORY_KEYS=${MEMORY_KEYS:-1000000}
-read -r -a ARBITER_ARGS <<<"${ARBITER_ARGS:-}"
+read -r -a ARBITER_ARGS <<<"${ARBITER_ARGS---worker-threads 1}"
 
 if [ "$ROUNDS" -gt 0 ] && ! command -v redis-server >/dev/null; then
   echo "installing redis-server from Debian's packages" >&2

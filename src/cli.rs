@@ -25,16 +25,6 @@ pub struct Cli {
     command: Cmd,
 }
 
-impl Cli {
-    /// The server's `--worker-threads`, if this is `serve` and it was set.
-    pub fn worker_threads(&self) -> Option<usize> {
-        match &self.command {
-            Cmd::Serve(c) => c.worker_threads.filter(|n| *n > 0),
-            _ => None,
-        }
-    }
-}
-
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the server.

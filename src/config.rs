@@ -126,7 +126,8 @@ pub struct Config {
     #[arg(long, env = "ARBITER_SNAPSHOT_LOGS", default_value_t = 10_000)]
     pub snapshot_logs: u64,
 
-    /// Async runtime worker threads (default: one per CPU core).
+    /// Threads serving client connections, each an event loop of its own;
+    /// connections are spread over them in turn (default: one per CPU core).
     #[arg(long, env = "ARBITER_WORKER_THREADS")]
     pub worker_threads: Option<usize>,
 

@@ -9,6 +9,8 @@ use clap::Parser;
 
 fn main() -> std::process::ExitCode {
     let cli = arbiter::cli::Cli::parse();
+    // Raft, peer traffic and background work; client calls are served on
+    // threads of their own (`--worker-threads`, see `server::serving`).
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -40,6 +40,8 @@ pub enum ServerError {
     Node(#[from] crate::node::StartError),
     #[error("cluster configuration: {0}")]
     Cluster(String),
+    #[error("cannot start the serving threads: {0}")]
+    Runtime(std::io::Error),
     #[error("gRPC server: {0}")]
     Serve(#[from] tonic::transport::Error),
 }
@@ -61,10 +63,11 @@ pub async fn run(
         source,
     })?;
     let bind_err = |addr| move |source| ServerError::Bind { addr, source };
-    let incoming = TcpIncoming::bind(config.listen)
-        .map_err(bind_err(config.listen))?
-        .with_nodelay(Some(true));
-    let client_addr = incoming.local_addr().map_err(bind_err(config.listen))?;
+    let listener = std::net::TcpListener::bind(config.listen)
+        .and_then(|l| l.set_nonblocking(true).map(|()| l))
+        .and_then(tokio::net::TcpListener::from_std)
+        .map_err(bind_err(config.listen))?;
+    let client_addr = listener.local_addr().map_err(bind_err(config.listen))?;
     let peer_incoming = TcpIncoming::bind(config.peer_listen)
         .map_err(bind_err(config.peer_listen))?
         .with_nodelay(Some(true));
@@ -175,10 +178,7 @@ pub async fn run(
         "arbiter serving"
     );
 
-    let serve = Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-        .add_service(health_service)
+    let routes = tonic::service::Routes::new(health_service)
         .add_service(reflection)
         .add_service(RateLimiterServer::new(
             api::rate_limiter::RateLimiterService(shared.clone()),
@@ -190,13 +190,18 @@ pub async fn run(
             api::idempotency::IdempotencyService(shared.clone()),
         ))
         .add_service(ClusterServer::new(api::cluster::ClusterService(shared)))
-        .serve_with_incoming_shutdown(incoming, stopping);
-    tokio::pin!(serve);
+        .prepare();
+    let threads = config
+        .worker_threads
+        .filter(|n| *n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let serving = serving::spawn(threads, routes, stopping).map_err(ServerError::Runtime)?;
+    serving::accept(listener, &serving);
 
     let mut stopped = node.shutdown_signal();
     let grace = Duration::from_millis(config.shutdown_grace_ms);
     tokio::select! {
-        r = &mut serve => r?,
+        r = serving.finished() => r?,
         _ = async { Node::stopped(&mut stopped).await; tokio::time::sleep(grace).await } => {
             tracing::warn!(grace_ms = config.shutdown_grace_ms, "in-flight calls outlived the shutdown grace period");
         }
@@ -238,5 +243,128 @@ async fn report_readiness(node: Arc<Node>, health: tonic_health::server::HealthR
             r = metrics.changed() => if r.is_err() { return },
             _ = Node::stopped(&mut shutdown) => return,
         }
+    }
+}
+
+/// Client connections are served by `n` threads, each running its own
+/// single-threaded event loop; the acceptor hands each new connection to the
+/// next thread in turn. A connection stays on one thread for its life, so
+/// the HTTP/2 connection task and the per-call tasks it spawns run on the same
+/// thread: replies that become ready together leave in one write, and no call
+/// pays for a cross-thread wake-up (BENCHMARKS.md has the measurements).
+mod serving {
+    use std::future::Future;
+    use std::time::Duration;
+
+    use tokio::sync::{mpsc, oneshot, watch};
+    use tokio_stream::wrappers::UnboundedReceiverStream;
+    use tokio_stream::StreamExt;
+    use tonic::service::Routes;
+    use tonic::transport::Server;
+
+    use super::ServerError;
+
+    pub struct Serving {
+        conns: Vec<mpsc::UnboundedSender<std::net::TcpStream>>,
+        done: Vec<oneshot::Receiver<Result<(), tonic::transport::Error>>>,
+        stop: watch::Receiver<bool>,
+    }
+
+    impl Serving {
+        /// Resolves when every serving thread has drained its connections.
+        pub async fn finished(self) -> Result<(), ServerError> {
+            drop(self.conns);
+            for done in self.done {
+                // A thread that ended without reporting has panicked;
+                // its calls are gone either way.
+                if let Ok(r) = done.await {
+                    r?;
+                }
+            }
+            Ok(())
+        }
+    }
+
+    /// Starts `n` serving threads. `stopping` resolves when the server is
+    /// asked to stop; each thread then stops taking new calls and returns
+    /// once its in-flight calls have finished.
+    pub fn spawn(
+        n: usize,
+        routes: Routes,
+        stopping: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<Serving> {
+        let (stop_tx, stop) = watch::channel(false);
+        tokio::spawn(async move {
+            stopping.await;
+            stop_tx.send_replace(true);
+            // Keep the sender alive until every receiver is gone.
+            stop_tx.closed().await;
+        });
+        let mut conns = Vec::with_capacity(n);
+        let mut done = Vec::with_capacity(n);
+        for i in 0..n {
+            let (conn_tx, conn_rx) = mpsc::unbounded_channel::<std::net::TcpStream>();
+            let (done_tx, done_rx) = oneshot::channel();
+            let routes = routes.clone();
+            let mut stop = stop.clone();
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            std::thread::Builder::new()
+                .name(format!("arbiter-grpc-{i}"))
+                .spawn(move || {
+                    let incoming = UnboundedReceiverStream::new(conn_rx).map(|conn| {
+                        conn.set_nonblocking(true)?;
+                        tokio::net::TcpStream::from_std(conn)
+                    });
+                    let served = runtime.block_on(
+                        Server::builder()
+                            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+                            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+                            .add_routes(routes)
+                            .serve_with_incoming_shutdown(incoming, async move {
+                                let _ = stop.wait_for(|s| *s).await;
+                            }),
+                    );
+                    let _ = done_tx.send(served);
+                })?;
+            conns.push(conn_tx);
+            done.push(done_rx);
+        }
+        Ok(Serving { conns, done, stop })
+    }
+
+    /// Accepts client connections until the server is asked to stop, handing
+    /// them out to the serving threads in turn.
+    pub fn accept(listener: tokio::net::TcpListener, serving: &Serving) {
+        let conns = serving.conns.clone();
+        let mut stop = serving.stop.clone();
+        tokio::spawn(async move {
+            let mut next = 0usize;
+            loop {
+                let conn = tokio::select! {
+                    r = listener.accept() => r,
+                    _ = stop.wait_for(|s| *s) => return,
+                };
+                let stream = match conn {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        // Out of descriptors and the like: back off briefly
+                        // rather than spin.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let handed = stream
+                    .set_nodelay(true)
+                    .and_then(|()| stream.into_std())
+                    .map(|conn| conns[next % conns.len()].send(conn));
+                if let Err(e) = handed {
+                    tracing::warn!(error = %e, "cannot hand a connection over");
+                }
+                next = next.wrapping_add(1);
+            }
+        });
     }
 }

@@ -135,6 +135,39 @@ async fn metrics_count_decisions_latency_and_live_keys() {
 }
 
 #[tokio::test]
+async fn connections_are_spread_over_the_serving_threads() {
+    let server = Server::start(&["--worker-threads", "3"]);
+    // Each client is its own connection; the acceptor hands them out in
+    // turn, so six connections land two on each of the three threads.
+    let mut clients = Vec::new();
+    for _ in 0..6 {
+        clients.push(server.limits().await);
+    }
+    for (i, c) in clients.iter_mut().enumerate() {
+        let r = c
+            .check(arbiter::proto::CheckRequest {
+                checks: vec![lc("spread", tb(100, 1, 3_600_000), None)],
+                all_or_nothing: false,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.results[0].remaining, 99 - i as u64, "connection {i}");
+    }
+    let mut names: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", server.pid()))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|n| n.trim().to_owned())
+        .filter(|n| n.starts_with("arbiter-grpc"))
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        ["arbiter-grpc-0", "arbiter-grpc-1", "arbiter-grpc-2"]
+    );
+}
+
+#[tokio::test]
 async fn creates_its_data_dir() {
     let server = Server::start(&[]);
     assert!(server.data_dir.is_dir());

@@ -90,6 +90,12 @@ struct Args {
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
+    /// Client threads. With 1 (the default) every connection and in-flight
+    /// request is driven by one event loop, the cheapest way to generate load
+    /// on the same machine as the server; more spread them over a
+    /// work-stealing pool of that many threads.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
 }
 
 /// Per-worker tallies, merged at the end.
@@ -183,10 +189,26 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let args = Args::parse();
-    match run(args).await {
+    let runtime = match args.threads {
+        0 => Err(std::io::Error::other("--threads must be at least 1")),
+        1 => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        n => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n)
+            .enable_all()
+            .build(),
+    };
+    let runtime = match runtime {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("arbiter-bench: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("arbiter-bench: {e}");
@@ -499,6 +521,7 @@ fn report(args: &Args, t: &Tally, secs: f64) {
         "target": args.target,
         "connections": if args.workload == Workload::RedisCheck { args.inflight } else { args.connections },
         "inflight": args.inflight,
+        "threads": args.threads,
         "keys": args.keys,
         "batch": args.batch,
         "all_or_nothing": args.all_or_nothing,
