@@ -57,9 +57,22 @@ fn io_err(
     }
 }
 
-/// Entries handed to the writer but not yet committed, by index, with the
-/// sequence number of the append that wrote them.
+/// The tail of the log held in memory, by index: entries handed to the
+/// writer but not yet committed (with the sequence number of the append that
+/// wrote them), then, once committed, the newest [`RECENT`] of them marked
+/// [`DURABLE`]. Openraft reads each entry back right after it commits (to
+/// apply it, and to send it to followers); serving that from memory saves
+/// decoding what was just encoded. The map always holds a contiguous suffix
+/// of the log: appends add at the end, and only the oldest durable entries
+/// are dropped.
 type Pending = Arc<Mutex<BTreeMap<u64, (u64, Entry)>>>;
+
+/// Marks a committed entry kept in the in-memory tail.
+const DURABLE: u64 = u64::MAX;
+
+/// Committed entries kept in memory. A rate-limit sync entry holds up to
+/// 10,000 cells (under a MiB), so this bounds the tail to a few MiB.
+const RECENT: usize = 8;
 
 enum Job {
     Append {
@@ -143,14 +156,44 @@ fn commit_appends(db: &Database, pending: &Pending, appends: Vec<Job>) {
         {
             if result.is_ok() {
                 for (index, _) in &entries {
-                    if p.get(index).is_some_and(|(s, _)| *s == seq) {
-                        p.remove(index);
+                    if let Some((s, _)) = p.get_mut(index).filter(|(s, _)| *s == seq) {
+                        *s = DURABLE;
                     }
                 }
             }
             callback.log_io_completed(result.clone().map_err(std::io::Error::other));
         }
     }
+    keep_recent(&mut p);
+}
+
+/// Drops the oldest committed entries of the in-memory tail beyond
+/// [`RECENT`]; entries not yet committed always stay.
+fn keep_recent<E>(tail: &mut BTreeMap<u64, (u64, E)>) {
+    let durable = tail.values().take_while(|(s, _)| *s == DURABLE).count();
+    for _ in RECENT..durable {
+        tail.pop_first();
+    }
+}
+
+/// The entries in the range, if the in-memory tail reaches back to its start
+/// (the tail is a contiguous suffix of the log, so it then holds them all).
+fn from_tail<E: Clone>(
+    tail: &BTreeMap<u64, (u64, E)>,
+    start: Bound<u64>,
+    end: Bound<u64>,
+) -> Option<Vec<E>> {
+    let from = match start {
+        Bound::Included(i) => i,
+        Bound::Excluded(i) => i.saturating_add(1),
+        Bound::Unbounded => 0,
+    };
+    let (first, _) = tail.first_key_value()?;
+    (*first <= from).then(|| {
+        tail.range((start, end))
+            .map(|(_, (_, e))| e.clone())
+            .collect()
+    })
 }
 
 fn delete(
@@ -297,8 +340,16 @@ impl Store {
         Ok(out)
     }
 
-    /// Entries in the range: committed ones overlaid with pending ones.
+    /// Entries in the range: from the in-memory tail alone when it reaches
+    /// back to the range's start, else committed ones overlaid with the tail.
     fn entries(&self, start: Bound<u64>, end: Bound<u64>) -> Result<Vec<Entry>, StorageError> {
+        if let Some(hit) = from_tail(
+            &self.pending.lock().unwrap_or_else(|e| e.into_inner()),
+            start,
+            end,
+        ) {
+            return Ok(hit);
+        }
         let mut out = self.committed_entries(start, end)?;
         let p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         for (i, (_, e)) in p.range((start, end)) {
@@ -493,6 +544,36 @@ mod tests {
             let sm = StateMachine::open(engine, store.clone(), Arc::new(|_: &[_]| {}), 1)?;
             Ok((TempDir(dir), store, sm))
         }
+    }
+
+    #[test]
+    fn the_tail_keeps_uncommitted_entries_and_the_newest_committed_ones() {
+        // Indices 1..=20 committed, 21..=23 still pending.
+        let mut tail: BTreeMap<u64, (u64, u64)> = (1..=20).map(|i| (i, (DURABLE, i))).collect();
+        tail.extend((21..=23).map(|i| (i, (7, i))));
+        keep_recent(&mut tail);
+        let kept: Vec<u64> = tail.keys().copied().collect();
+        let want: Vec<u64> = (21 - RECENT as u64..=23).collect();
+        assert_eq!(kept, want);
+        // Reads reaching back before the tail go to the store...
+        assert_eq!(from_tail(&tail, Bound::Included(5), Bound::Unbounded), None);
+        assert_eq!(
+            from_tail(
+                &BTreeMap::<u64, (u64, u64)>::new(),
+                Bound::Unbounded,
+                Bound::Unbounded
+            ),
+            None
+        );
+        // ...the rest are served from memory, bounds respected.
+        assert_eq!(
+            from_tail(&tail, Bound::Included(20), Bound::Excluded(23)),
+            Some(vec![20, 21, 22])
+        );
+        assert_eq!(
+            from_tail(&tail, Bound::Excluded(21), Bound::Unbounded),
+            Some(vec![22, 23])
+        );
     }
 
     /// openraft's conformance suite for log storage and state machines.
