@@ -1,5 +1,6 @@
 //! Engine micro-benchmarks: rate-limit decisions on one hot key and across
-//! 1M keys, lease grant/release and idempotency Begin. Single-threaded, so
+//! 1M keys, draining changed cells for a sync entry, lease grant/release and
+//! idempotency Begin. Single-threaded, so
 //! the per-iteration time is the per-core cost.
 //!
 //! cargo bench --bench engine
@@ -56,6 +57,51 @@ fn token_bucket(c: &mut Criterion) {
             i = (i + 1) % KEYS;
             black_box(engine.check(&checks[i], false, now).expect("decided"))
         })
+    });
+    g.finish();
+}
+
+/// A leader's sync: 10,000 of 100,000 keys changed, drained and packed into
+/// one entry's cells, then encoded as the log stores it. Per changed cell.
+fn sync(c: &mut Criterion) {
+    const KEYS: usize = 100_000;
+    const CHANGED: usize = 10_000;
+    let mut g = c.benchmark_group("sync");
+    g.throughput(Throughput::Elements(CHANGED as u64));
+    let engine = Engine::new(EngineConfig::default());
+    let checks: Vec<[LimitCheck; 1]> = (0..KEYS)
+        .map(|i| [check(format!("bench:user:{i}"))])
+        .collect();
+    let now = 1_700_000_000_000u64;
+    for c in &checks {
+        engine.check(c, false, now).expect("decided");
+    }
+    let mut next = 0usize;
+    let mut change = || {
+        // A stride coprime with KEYS spreads the changed keys over the table.
+        for _ in 0..CHANGED {
+            next = (next + 7_919) % KEYS;
+            engine.check(&checks[next], false, now).expect("decided");
+        }
+    };
+    change();
+    engine.drain_dirty_limits(usize::MAX);
+    g.bench_function("drain_10k_of_100k", |b| {
+        b.iter_batched(
+            &mut change,
+            |()| black_box(engine.drain_dirty_limits(usize::MAX)),
+            BatchSize::PerIteration,
+        )
+    });
+    g.bench_function("drain_and_encode_10k_of_100k", |b| {
+        b.iter_batched(
+            &mut change,
+            |()| {
+                let cells = engine.drain_dirty_limits(usize::MAX);
+                black_box(serde_json::to_vec(&Command::SyncCells { cells }).expect("encodes"))
+            },
+            BatchSize::PerIteration,
+        )
     });
     g.finish();
 }
@@ -156,5 +202,5 @@ fn idempotency(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, token_bucket, baseline, leases, idempotency);
+criterion_group!(benches, token_bucket, sync, baseline, leases, idempotency);
 criterion_main!(benches);

@@ -771,7 +771,7 @@ impl Node {
                     break;
                 }
                 let n = cells.len();
-                if let Err(e) = self.propose_sync(Command::SyncLimits { cells }).await {
+                if let Err(e) = self.propose_sync(Command::SyncCells { cells }).await {
                     tracing::warn!(error = %e, cells = n, "rate-limit sync failed");
                     break;
                 }

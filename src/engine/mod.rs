@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 
 pub use idempotency::{BeginOutcome, Record, RecordState, RecordTable};
 pub use leases::{Lease, LeaseEvent, LeaseEventKind, LeaseTable};
-pub use limits::{Cell, LimitCheck, LimitDef, LimitResult, LimitTable};
+pub use limits::{Cell, LimitCheck, LimitDef, LimitResult, LimitTable, PackedCells};
 
 /// Why a command was refused. Malformed input is rejected before it becomes a
 /// command, so these are the refusals a well-formed command can still get.
@@ -70,8 +70,13 @@ pub enum Command {
         all_or_nothing: bool,
     },
     /// Rate-limit state replicated from the deciding node: plain upserts.
+    /// (Written by earlier versions; still applied when read from a log.)
     SyncLimits {
         cells: Vec<(String, Cell)>,
+    },
+    /// The same, packed: what the leader writes now.
+    SyncCells {
+        cells: PackedCells,
     },
     Acquire {
         name: String,
@@ -185,6 +190,10 @@ impl Engine {
                 self.limits.upsert(cells);
                 Outcome::Synced
             }
+            Command::SyncCells { cells } => {
+                self.limits.upsert(cells.iter());
+                Outcome::Synced
+            }
             Command::Acquire {
                 name,
                 holder,
@@ -287,7 +296,7 @@ impl Engine {
 
     /// Up to about `max` rate-limit cells changed since they were last
     /// drained (for sync entries).
-    pub fn drain_dirty_limits(&self, max: usize) -> Vec<(String, Cell)> {
+    pub fn drain_dirty_limits(&self, max: usize) -> PackedCells {
         self.limits.drain_dirty(max)
     }
 

@@ -163,6 +163,31 @@ fn sync_limits_upserts_state() {
 }
 
 #[test]
+fn packed_syncs_carry_changed_cells_through_the_log_encoding() {
+    let leader = engine();
+    checked(
+        &leader,
+        vec![check("k", TB, 4), check("j", TB, 1)],
+        false,
+        0,
+    );
+    let cells = leader.drain_dirty_limits(usize::MAX);
+    assert_eq!(cells.len(), 2);
+    // As a follower reads it from the log: JSON, then applied.
+    let json = serde_json::to_vec(&Command::SyncCells { cells }).unwrap();
+    let follower = engine();
+    follower
+        .apply(serde_json::from_slice(&json).unwrap(), 0)
+        .unwrap();
+    let left = follower
+        .check(&[check("k", TB, 0), check("j", TB, 0)], false, 0)
+        .unwrap();
+    assert_eq!((left[0].remaining, left[1].remaining), (1, 4));
+    // Nothing changed since: the next drain is empty.
+    assert!(leader.drain_dirty_limits(usize::MAX).is_empty());
+}
+
+#[test]
 fn sweep_reports_expired_leases() {
     let e = engine();
     e.apply(

@@ -5,12 +5,14 @@
 //! with every check, so the cell stores only what the definition cannot give.
 
 mod fixed_window;
+mod packed;
 mod sliding_window;
 mod table;
 mod token_bucket;
 
 use serde::{Deserialize, Serialize};
 
+pub use packed::PackedCells;
 pub use table::LimitTable;
 
 /// Largest capacity / limit / refill amount accepted (10^15).
