@@ -14,7 +14,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use arbiter::proto::idempotency_client::IdempotencyClient;
 use arbiter::proto::leases_client::LeasesClient;
-use arbiter::proto::rate_limiter_client::RateLimiterClient;
 use arbiter::proto::{self as pb, limit::Algorithm};
 use clap::{Parser, ValueEnum};
 use hdrhistogram::Histogram;
@@ -130,11 +129,15 @@ struct Run {
     /// Next key for --key-order sequential.
     next_key: AtomicU64,
     /// Every key's name, made before the run so that requests cost the
-    /// client a copy rather than a format (empty above [`NAMED_KEYS`]).
+    /// client a copy rather than a format (for the workloads other than
+    /// check; empty above [`NAMED_KEYS`]).
     names: Vec<String>,
+    /// For the check workload: every key's encoded check (see
+    /// [`CheckCodec`]; empty above [`NAMED_KEYS`]).
+    entries: Vec<Vec<u8>>,
 }
 
-/// Most keys whose names are made up front (about 30 MiB of names).
+/// Most keys whose names or checks are made up front (tens of MiB).
 const NAMED_KEYS: u64 = 1 << 20;
 
 fn key_name(n: u64) -> String {
@@ -242,8 +245,15 @@ async fn run(args: Args) -> Result<(), String> {
         budget: AtomicU64::new(args.requests),
         stop: AtomicBool::new(false),
         next_key: AtomicU64::new(0),
-        names: if args.keys <= NAMED_KEYS {
+        names: if args.keys <= NAMED_KEYS && args.workload != Workload::Check {
             (0..args.keys).map(key_name).collect()
+        } else {
+            Vec::new()
+        },
+        entries: if args.keys <= NAMED_KEYS && args.workload == Workload::Check {
+            (0..args.keys)
+                .map(|n| check_entry(&args, key_name(n)))
+                .collect()
         } else {
             Vec::new()
         },
@@ -324,14 +334,87 @@ fn record(t: &mut Tally, measured: bool, sent: Instant) {
     }
 }
 
-fn key(args: &Args, run: &Run, rng: &mut Rng) -> String {
-    let n = match args.key_order {
+fn key_index(args: &Args, run: &Run, rng: &mut Rng) -> u64 {
+    match args.key_order {
         KeyOrder::Random => rng.below(args.keys),
         KeyOrder::Sequential => run.next_key.fetch_add(1, Ordering::Relaxed) % args.keys,
-    };
+    }
+}
+
+fn key(args: &Args, run: &Run, rng: &mut Rng) -> String {
+    let n = key_index(args, run, rng);
     match run.names.get(n as usize) {
         Some(name) => name.clone(),
         None => key_name(n),
+    }
+}
+
+/// One key's entry of `CheckRequest.checks` (field 1), encoded.
+fn check_entry(args: &Args, key: String) -> Vec<u8> {
+    use prost::Message;
+    pb::CheckRequest {
+        checks: vec![pb::LimitCheck {
+            key,
+            limit: Some(pb::Limit {
+                algorithm: Some(Algorithm::TokenBucket(pb::TokenBucket {
+                    capacity: args.capacity,
+                    refill_tokens: args.refill_tokens,
+                    refill_interval_ms: args.refill_interval_ms,
+                })),
+            }),
+            cost: None,
+            dry_run: false,
+        }],
+        all_or_nothing: false,
+    }
+    .encode_to_vec()
+}
+
+/// Sends `CheckRequest`s whose bytes the client assembled itself: a
+/// repeated field may be written as its entries one after another, so a
+/// request is the entries of its keys (each encoded once, before the run)
+/// copied end to end. The server receives exactly what a generated client
+/// would send; the client spends a copy per check instead of building and
+/// encoding messages, which matters when it shares the server's cores.
+#[derive(Clone, Copy, Default)]
+struct CheckCodec;
+
+impl tonic::codec::Codec for CheckCodec {
+    type Encode = Vec<u8>;
+    type Decode = pb::CheckResponse;
+    type Encoder = Self;
+    type Decoder = Self;
+    fn encoder(&mut self) -> Self {
+        *self
+    }
+    fn decoder(&mut self) -> Self {
+        *self
+    }
+}
+
+impl tonic::codec::Encoder for CheckCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        prost::bytes::BufMut::put_slice(dst, &item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for CheckCodec {
+    type Item = pb::CheckResponse;
+    type Error = tonic::Status;
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<pb::CheckResponse>, tonic::Status> {
+        prost::Message::decode(src)
+            .map(Some)
+            .map_err(|e| tonic::Status::internal(format!("undecodable CheckResponse: {e}")))
     }
 }
 
@@ -341,31 +424,30 @@ async fn check_worker(
     channel: Channel,
     rng: &mut Rng,
 ) -> Result<Tally, String> {
-    let mut client = RateLimiterClient::new(channel);
+    let mut grpc = tonic::client::Grpc::new(channel);
+    let path =
+        tonic::codegen::http::uri::PathAndQuery::from_static("/arbiter.v1.RateLimiter/Check");
     let mut t = Tally::new();
-    let limit = pb::Limit {
-        algorithm: Some(Algorithm::TokenBucket(pb::TokenBucket {
-            capacity: args.capacity,
-            refill_tokens: args.refill_tokens,
-            refill_interval_ms: args.refill_interval_ms,
-        })),
-    };
     while let Some(measured) = run.admit() {
-        let checks = (0..args.batch)
-            .map(|_| pb::LimitCheck {
-                key: key(args, run, rng),
-                limit: Some(limit),
-                cost: None,
-                dry_run: false,
-            })
-            .collect();
+        let mut body = Vec::with_capacity(args.batch * 48 + 2);
+        for _ in 0..args.batch {
+            let n = key_index(args, run, rng);
+            match run.entries.get(n as usize) {
+                Some(entry) => body.extend_from_slice(entry),
+                None => body.extend_from_slice(&check_entry(args, key_name(n))),
+            }
+        }
+        if args.all_or_nothing {
+            body.extend_from_slice(&[0x10, 0x01]); // field 2, varint 1
+        }
         let sent = Instant::now();
-        let reply = client
-            .check(pb::CheckRequest {
-                checks,
-                all_or_nothing: args.all_or_nothing,
-            })
-            .await;
+        let reply = match grpc.ready().await {
+            Ok(()) => {
+                grpc.unary(tonic::Request::new(body), path.clone(), CheckCodec)
+                    .await
+            }
+            Err(e) => Err(tonic::Status::unavailable(e.to_string())),
+        };
         record(&mut t, measured, sent);
         match reply {
             Ok(r) if measured => {
