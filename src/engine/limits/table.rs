@@ -381,14 +381,16 @@ impl LimitTable {
 mod tests {
     use super::*;
 
+    const BUCKET_OF_TEN: super::super::LimitDef = super::super::LimitDef::TokenBucket {
+        capacity: 10,
+        refill_tokens: 1,
+        refill_interval_ms: 1000,
+    };
+
     #[test]
     fn changed_cells_are_drained_once() {
         let t = LimitTable::new(4, 100);
-        let def = super::super::LimitDef::TokenBucket {
-            capacity: 10,
-            refill_tokens: 1,
-            refill_interval_ms: 1000,
-        };
+        let def = BUCKET_OF_TEN;
         let check = |key: &str, cost| LimitCheck {
             key: key.into(),
             limit: def,
@@ -436,11 +438,7 @@ mod tests {
     #[test]
     fn dirty_cells_drain_in_bounded_chunks() {
         let t = LimitTable::new(4, 10_000);
-        let def = super::super::LimitDef::TokenBucket {
-            capacity: 10,
-            refill_tokens: 1,
-            refill_interval_ms: 1000,
-        };
+        let def = BUCKET_OF_TEN;
         let checks: Vec<_> = (0..1000)
             .map(|i| LimitCheck {
                 key: format!("k{i}"),
