@@ -85,11 +85,11 @@ fn sync(c: &mut Criterion) {
         }
     };
     change();
-    engine.drain_dirty_limits(usize::MAX);
+    engine.drain_dirty_limits(usize::MAX, usize::MAX);
     g.bench_function("drain_10k_of_100k", |b| {
         b.iter_batched(
             &mut change,
-            |()| black_box(engine.drain_dirty_limits(usize::MAX)),
+            |()| black_box(engine.drain_dirty_limits(usize::MAX, usize::MAX)),
             BatchSize::PerIteration,
         )
     });
@@ -97,7 +97,7 @@ fn sync(c: &mut Criterion) {
         b.iter_batched(
             &mut change,
             |()| {
-                let cells = engine.drain_dirty_limits(usize::MAX);
+                let cells = engine.drain_dirty_limits(usize::MAX, usize::MAX);
                 black_box(serde_json::to_vec(&Command::SyncCells { cells }).expect("encodes"))
             },
             BatchSize::PerIteration,

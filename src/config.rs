@@ -88,8 +88,10 @@ pub struct Config {
     #[arg(long, env = "ARBITER_MAX_RETENTION_MS", default_value_t = 604_800_000)]
     pub max_retention_ms: u64,
 
-    /// Largest stored idempotency response, in bytes.
-    #[arg(long, env = "ARBITER_MAX_RESPONSE_BYTES", default_value_t = 65_536)]
+    /// Largest stored idempotency response, in bytes (at most 4 MiB: a
+    /// response travels whole in one log entry and one peer message).
+    #[arg(long, env = "ARBITER_MAX_RESPONSE_BYTES", default_value_t = 65_536,
+          value_parser = max_response_bytes)]
     pub max_response_bytes: usize,
 
     /// Most checks in one Check request.
@@ -174,6 +176,19 @@ impl Config {
 }
 
 /// The pod ordinal at the end of a StatefulSet host name (`arbiter-2` → 2).
+/// The largest `--max-response-bytes` accepted.
+pub const MAX_RESPONSE_BYTES_LIMIT: usize = 4 << 20;
+
+fn max_response_bytes(s: &str) -> Result<usize, String> {
+    let n: usize = s.parse().map_err(|e| format!("{e}"))?;
+    if n > MAX_RESPONSE_BYTES_LIMIT {
+        return Err(format!(
+            "must be at most {MAX_RESPONSE_BYTES_LIMIT} (4 MiB), got {n}"
+        ));
+    }
+    Ok(n)
+}
+
 pub fn ordinal(hostname: &str) -> Option<u64> {
     hostname.trim().rsplit_once('-')?.1.parse().ok()
 }
@@ -249,6 +264,18 @@ mod tests {
     }
 
     const BOUND: &str = "127.0.0.1:7071";
+
+    #[test]
+    fn max_response_bytes_is_bounded() {
+        assert_eq!(
+            cfg(&["--max-response-bytes", "4194304"]).max_response_bytes,
+            4 << 20
+        );
+        let e = DefaultsOnly::try_parse_from(["arbiter", "--max-response-bytes", "4194305"])
+            .err()
+            .expect("refused");
+        assert!(e.to_string().contains("at most 4194304"), "{e}");
+    }
 
     #[test]
     fn single_node_by_default() {

@@ -20,6 +20,7 @@ use crate::proto::idempotency_server::IdempotencyServer;
 use crate::proto::leases_server::LeasesServer;
 use crate::proto::raft_peer_server::RaftPeerServer;
 use crate::proto::rate_limiter_server::RateLimiterServer;
+use crate::raft::network::PEER_MESSAGE_LIMIT;
 use crate::raft::peer_service::PeerService;
 
 #[derive(Debug, thiserror::Error)]
@@ -114,7 +115,11 @@ pub async fn run(
     let (peer_stop, peer_stopped) = tokio::sync::oneshot::channel::<()>();
     let peer_server = tokio::spawn(
         Server::builder()
-            .add_service(RaftPeerServer::new(PeerService(node.clone())))
+            .add_service(
+                RaftPeerServer::new(PeerService(node.clone()))
+                    .max_decoding_message_size(PEER_MESSAGE_LIMIT)
+                    .max_encoding_message_size(PEER_MESSAGE_LIMIT),
+            )
             .serve_with_incoming_shutdown(peer_incoming, async {
                 let _ = peer_stopped.await;
             }),
@@ -216,6 +221,7 @@ pub async fn run(
 /// Readiness: the named services are SERVING only while this node knows a
 /// leader and has applied every entry in its log; NOT_SERVING otherwise.
 async fn report_readiness(node: Arc<Node>, health: tonic_health::server::HealthReporter) {
+    const RECHECK: Duration = Duration::from_millis(100);
     let mut metrics = node.raft().metrics();
     let mut shutdown = node.shutdown_signal();
     let mut last = None;
@@ -223,11 +229,10 @@ async fn report_readiness(node: Arc<Node>, health: tonic_health::server::HealthR
         let ready = {
             let m = metrics.borrow_and_update();
             // openraft 0.9 does not publish the commit index; a node whose
-            // log is fully applied and that knows a leader is caught up.
-            m.current_leader.is_some()
-                && m.last_applied.is_some()
-                && m.last_applied.map(|l| l.index) >= m.last_log_index
-        };
+            // log is fully applied and that is in touch with a leader is
+            // caught up.
+            m.last_applied.is_some() && m.last_applied.map(|l| l.index) >= m.last_log_index
+        } && node.in_touch_with_leader();
         if last != Some(ready) {
             let status = if ready {
                 tonic_health::ServingStatus::Serving
@@ -239,8 +244,11 @@ async fn report_readiness(node: Arc<Node>, health: tonic_health::server::HealthR
             }
             last = Some(ready);
         }
+        // Losing touch with the leader is a matter of time passing, with
+        // no event to wake on: look again at least every `RECHECK`.
         tokio::select! {
             r = metrics.changed() => if r.is_err() { return },
+            _ = tokio::time::sleep(RECHECK) => {}
             _ = Node::stopped(&mut shutdown) => return,
         }
     }

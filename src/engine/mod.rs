@@ -160,6 +160,28 @@ pub struct Engine {
     durable: Mutex<Durable>,
 }
 
+impl Command {
+    /// The bytes of variable-length data the command carries (keys, names,
+    /// fingerprints, responses, packed cells): what its size in a log entry
+    /// grows with. Used to keep log entries and batches bounded in bytes.
+    pub fn payload_bytes(&self) -> usize {
+        match self {
+            Command::Check { checks, .. } => checks.iter().map(|c| c.key.len() + 48).sum(),
+            Command::SyncLimits { cells } => cells.iter().map(|(k, _)| k.len() + 48).sum(),
+            Command::SyncCells { cells } => cells.byte_len(),
+            Command::Acquire { name, holder, .. }
+            | Command::Renew { name, holder, .. }
+            | Command::Release { name, holder, .. } => name.len() + holder.len(),
+            Command::Begin {
+                key, fingerprint, ..
+            } => key.len() + fingerprint.len(),
+            Command::Complete { key, response, .. } => key.len() + response.len(),
+            Command::Abort { key, .. } => key.len(),
+            Command::Sweep | Command::ExtendLeases { .. } => 0,
+        }
+    }
+}
+
 impl Engine {
     pub fn new(config: EngineConfig) -> Self {
         Self {
@@ -294,10 +316,10 @@ impl Engine {
         self.limits.sweep(now_ms)
     }
 
-    /// Up to about `max` rate-limit cells changed since they were last
-    /// drained (for sync entries).
-    pub fn drain_dirty_limits(&self, max: usize) -> PackedCells {
-        self.limits.drain_dirty(max)
+    /// Rate-limit cells changed since they were last drained (for sync
+    /// entries): about `max` cells or `max_bytes` packed bytes at most.
+    pub fn drain_dirty_limits(&self, max: usize, max_bytes: usize) -> PackedCells {
+        self.limits.drain_dirty(max, max_bytes)
     }
 
     /// Whether a [`Command::Sweep`] at `now_ms` would purge anything.

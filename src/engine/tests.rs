@@ -171,7 +171,7 @@ fn packed_syncs_carry_changed_cells_through_the_log_encoding() {
         false,
         0,
     );
-    let cells = leader.drain_dirty_limits(usize::MAX);
+    let cells = leader.drain_dirty_limits(usize::MAX, usize::MAX);
     assert_eq!(cells.len(), 2);
     // As a follower reads it from the log: JSON, then applied.
     let json = serde_json::to_vec(&Command::SyncCells { cells }).unwrap();
@@ -184,7 +184,7 @@ fn packed_syncs_carry_changed_cells_through_the_log_encoding() {
         .unwrap();
     assert_eq!((left[0].remaining, left[1].remaining), (1, 4));
     // Nothing changed since: the next drain is empty.
-    assert!(leader.drain_dirty_limits(usize::MAX).is_empty());
+    assert!(leader.drain_dirty_limits(usize::MAX, usize::MAX).is_empty());
 }
 
 #[test]

@@ -26,6 +26,13 @@ use super::{NodeId, TypeConfig};
 use crate::proto::raft_peer_client::RaftPeerClient;
 use crate::proto::PeerMessage;
 
+/// Largest message either end of the peer channel sends or accepts (set on
+/// both ends; tonic's default is 4 MiB). Appends are split well below it
+/// (`storage::APPEND_BYTES`); what must fit whole is one log entry (a
+/// batch of writes is bounded by bytes, and one idempotency response by
+/// `--max-response-bytes`, at most 4 MiB), a forwarded call, or a snapshot.
+pub const PEER_MESSAGE_LIMIT: usize = 64 << 20;
+
 /// Longest a single Raft RPC (other than a snapshot) may take.
 const RPC_TIMEOUT: Duration = Duration::from_secs(2);
 /// Longest a snapshot transfer may take.
@@ -109,7 +116,9 @@ impl PeerClient {
             .channels
             .get(&self.addr)
             .map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
-        let mut client = RaftPeerClient::new(channel);
+        let mut client = RaftPeerClient::new(channel)
+            .max_decoding_message_size(PEER_MESSAGE_LIMIT)
+            .max_encoding_message_size(PEER_MESSAGE_LIMIT);
         let mut request = tonic::Request::new(encode(req));
         request.set_timeout(timeout);
         let reply = match call {

@@ -3,12 +3,14 @@
 
 use std::sync::Arc;
 
-use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, VoteRequest,
+};
 use tonic::{Request, Response, Status};
 
 use super::network::{decode, encode};
 use super::{NodeId, TypeConfig};
-use crate::node::{Call, Node};
+use crate::node::{Call, Node, PreVoteRequest, PreVoteResponse};
 use crate::proto::raft_peer_server::RaftPeer;
 use crate::proto::PeerMessage;
 
@@ -25,14 +27,22 @@ impl RaftPeer for PeerService {
         request: Request<PeerMessage>,
     ) -> Result<Response<PeerMessage>, Status> {
         let rpc: AppendEntriesRequest<TypeConfig> = decode(request.get_ref()).map_err(bad)?;
-        Ok(Response::new(encode(
-            &self.0.raft().append_entries(rpc).await,
-        )))
+        let reply = self.0.raft().append_entries(rpc).await;
+        if matches!(&reply, Ok(r) if !matches!(r, AppendEntriesResponse::HigherVote(_))) {
+            // A leader of at least this node's term.
+            self.0.heard_from_leader();
+        }
+        Ok(Response::new(encode(&reply)))
     }
 
     async fn vote(&self, request: Request<PeerMessage>) -> Result<Response<PeerMessage>, Status> {
         let rpc: VoteRequest<NodeId> = decode(request.get_ref()).map_err(bad)?;
-        Ok(Response::new(encode(&self.0.raft().vote(rpc).await)))
+        let reply = self.0.raft().vote(rpc).await;
+        if matches!(&reply, Ok(r) if r.vote_granted) {
+            // Give the candidate this node voted for time to win.
+            self.0.heard_from_leader();
+        }
+        Ok(Response::new(encode(&reply)))
     }
 
     async fn install_snapshot(
@@ -40,9 +50,20 @@ impl RaftPeer for PeerService {
         request: Request<PeerMessage>,
     ) -> Result<Response<PeerMessage>, Status> {
         let rpc: InstallSnapshotRequest<TypeConfig> = decode(request.get_ref()).map_err(bad)?;
-        Ok(Response::new(encode(
-            &self.0.raft().install_snapshot(rpc).await,
-        )))
+        let reply = self.0.raft().install_snapshot(rpc).await;
+        if reply.is_ok() {
+            self.0.heard_from_leader();
+        }
+        Ok(Response::new(encode(&reply)))
+    }
+
+    async fn pre_vote(
+        &self,
+        request: Request<PeerMessage>,
+    ) -> Result<Response<PeerMessage>, Status> {
+        let ask: PreVoteRequest = decode(request.get_ref()).map_err(bad)?;
+        let granted = self.0.grants_pre_vote(ask.candidate);
+        Ok(Response::new(encode(&PreVoteResponse { granted })))
     }
 
     async fn forward(

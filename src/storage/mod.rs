@@ -65,7 +65,21 @@ fn io_err(
 /// decoding what was just encoded. The map always holds a contiguous suffix
 /// of the log: appends add at the end, and only the oldest durable entries
 /// are dropped.
-type Pending = Arc<Mutex<BTreeMap<u64, (u64, Entry)>>>;
+type Pending = Arc<Mutex<BTreeMap<u64, (u64, Held)>>>;
+
+/// An entry of the in-memory tail and the size of its encoding.
+#[derive(Clone)]
+struct Held {
+    entry: Entry,
+    bytes: usize,
+}
+
+/// The most bytes of entries handed out for one AppendEntries (at least one
+/// entry always goes). openraft sends whatever the log reader returns in one
+/// RPC, which must reach the follower, be written and fsynced within one
+/// heartbeat interval; a follower that fell behind is sent its backlog in
+/// pieces of this size instead of one message of every missing entry.
+pub const APPEND_BYTES: usize = 512 << 10;
 
 /// Marks a committed entry kept in the in-memory tail.
 const DURABLE: u64 = u64::MAX;
@@ -348,14 +362,70 @@ impl Store {
             start,
             end,
         ) {
-            return Ok(hit);
+            return Ok(hit.into_iter().map(|h| h.entry).collect());
         }
         let mut out = self.committed_entries(start, end)?;
         let p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        for (i, (_, e)) in p.range((start, end)) {
-            out.insert(*i, e.clone());
+        for (i, (_, h)) in p.range((start, end)) {
+            out.insert(*i, h.entry.clone());
         }
         Ok(out.into_values().collect())
+    }
+
+    /// Entries from `start` (up to `end`, exclusive) whose encodings add up
+    /// to at most `budget` bytes, and always at least the first.
+    fn limited_entries(
+        &self,
+        start: u64,
+        end: u64,
+        budget: usize,
+    ) -> Result<Vec<Entry>, StorageError> {
+        // The tail first (it is a contiguous suffix of the log, so every
+        // index below its first one is in the file).
+        let (tail_first, tail) = {
+            let p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            let first = p.first_key_value().map_or(u64::MAX, |(i, _)| *i);
+            let mut taken = Vec::new();
+            let mut bytes = 0;
+            for (_, (_, h)) in p.range(start.max(first)..end.max(start.max(first))) {
+                if !taken.is_empty() && bytes + h.bytes > budget {
+                    break;
+                }
+                bytes += h.bytes;
+                taken.push(h.clone());
+            }
+            (first, taken)
+        };
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        let file_end = end.min(tail_first);
+        if start < file_end {
+            let read = |e: &dyn std::fmt::Display| io_err(ErrorSubject::Logs, ErrorVerb::Read, e);
+            let tx = self.db.begin_read().map_err(|e| read(&e))?;
+            match tx.open_table(LOG) {
+                Ok(table) => {
+                    for item in table.range::<u64>(start..file_end).map_err(|e| read(&e))? {
+                        let (_, v) = item.map_err(|e| read(&e))?;
+                        let v = v.value();
+                        if !out.is_empty() && bytes + v.len() > budget {
+                            return Ok(out);
+                        }
+                        bytes += v.len();
+                        out.push(serde_json::from_slice(v).map_err(|e| read(&e))?);
+                    }
+                }
+                Err(redb::TableError::TableDoesNotExist(_)) => {}
+                Err(e) => return Err(read(&e)),
+            }
+        }
+        for h in tail {
+            if !out.is_empty() && bytes + h.bytes > budget {
+                break;
+            }
+            bytes += h.bytes;
+            out.push(h.entry);
+        }
+        Ok(out)
     }
 
     fn last_committed_id(&self) -> Result<Option<LogId>, StorageError> {
@@ -412,6 +482,15 @@ impl RaftLogReader<TypeConfig> for Store {
     ) -> Result<Vec<Entry>, StorageError> {
         self.entries(range.start_bound().cloned(), range.end_bound().cloned())
     }
+
+    /// What openraft sends in one AppendEntries: bounded by [`APPEND_BYTES`].
+    async fn limited_get_log_entries(
+        &mut self,
+        start: u64,
+        end: u64,
+    ) -> Result<Vec<Entry>, StorageError> {
+        self.limited_entries(start, end, APPEND_BYTES)
+    }
 }
 
 impl RaftLogStorage<TypeConfig> for Store {
@@ -421,7 +500,7 @@ impl RaftLogStorage<TypeConfig> for Store {
         let last_purged_log_id: Option<LogId> = self.get_meta(LAST_PURGED, ErrorSubject::Logs)?;
         let pending_last = {
             let p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-            p.last_key_value().map(|(_, (_, e))| e.log_id)
+            p.last_key_value().map(|(_, (_, h))| h.entry.log_id)
         };
         let last_log_id = pending_last
             .max(self.last_committed_id()?)
@@ -471,9 +550,11 @@ impl RaftLogStorage<TypeConfig> for Store {
         let mut encoded = Vec::new();
         {
             let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-            for e in entries {
-                encoded.push((e.log_id.index, Self::json(&e)));
-                p.insert(e.log_id.index, (seq, e));
+            for entry in entries {
+                let json = Self::json(&entry);
+                let bytes = json.len();
+                encoded.push((entry.log_id.index, json));
+                p.insert(entry.log_id.index, (seq, Held { entry, bytes }));
             }
         }
         self.writer
@@ -574,6 +655,72 @@ mod tests {
             from_tail(&tail, Bound::Excluded(21), Bound::Unbounded),
             Some(vec![22, 23])
         );
+    }
+
+    /// An entry of about `size` bytes (a lease write with a long holder).
+    fn entry_of(index: u64, size: usize) -> Entry {
+        let request = crate::raft::Request {
+            now_ms: 1,
+            commands: vec![crate::engine::Command::Acquire {
+                name: "n".into(),
+                holder: "h".repeat(size),
+                ttl_ms: 1,
+            }],
+            sync_origin: None,
+        };
+        Entry {
+            log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), index),
+            payload: openraft::EntryPayload::Normal(request),
+        }
+    }
+
+    #[test]
+    fn appends_are_handed_out_in_pieces_bounded_by_bytes() {
+        let dir = std::env::temp_dir().join(format!(
+            "arbiter-store-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _guard = TempDir(dir.clone());
+        std::fs::create_dir_all(&dir).unwrap();
+        let store = Store::open(&dir).unwrap();
+        // Entries 1..=10 in the file, 11..=14 in the in-memory tail.
+        let tx = store.db.begin_write().unwrap();
+        {
+            let mut t = tx.open_table(LOG).unwrap();
+            for i in 1..=10 {
+                t.insert(i, Store::json(&entry_of(i, 1000)).as_slice())
+                    .unwrap();
+            }
+        }
+        tx.commit().unwrap();
+        {
+            let mut p = store.pending.lock().unwrap();
+            for i in 11..=14 {
+                let entry = entry_of(i, 1000);
+                let bytes = Store::json(&entry).len();
+                p.insert(i, (DURABLE, Held { entry, bytes }));
+            }
+        }
+        // Entries 1..=9 encode to `size` bytes, later ones (two-digit
+        // indices) to one more.
+        let size = Store::json(&entry_of(1, 1000)).len();
+        let indices = |start, end, budget| -> Vec<u64> {
+            let got = store.limited_entries(start, end, budget).unwrap();
+            got.iter().map(|e| e.log_id.index).collect()
+        };
+        // Unbounded: everything, file then tail, contiguous.
+        assert_eq!(indices(1, 15, usize::MAX), (1..=14).collect::<Vec<_>>());
+        // As many whole entries as fit the budget...
+        assert_eq!(indices(1, 15, 3 * size), vec![1, 2, 3]);
+        assert_eq!(indices(9, 15, 4 * size + 3), vec![9, 10, 11, 12]);
+        assert_eq!(indices(9, 15, 4 * size + 2), vec![9, 10, 11]);
+        assert_eq!(indices(12, 15, 2 * size + 2), vec![12, 13]);
+        // ...but always at least one, however small the budget.
+        assert_eq!(indices(5, 15, 1), vec![5]);
+        assert_eq!(indices(13, 15, 1), vec![13]);
+        // The range's end is respected.
+        assert_eq!(indices(8, 12, usize::MAX), vec![8, 9, 10, 11]);
     }
 
     /// openraft's conformance suite for log storage and state machines.

@@ -12,5 +12,6 @@ mod idempotency;
 mod leases;
 mod linearizability;
 mod rate_limiter;
+mod replication;
 mod server;
 mod validation;

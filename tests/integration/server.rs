@@ -1,7 +1,5 @@
 //! Health, reflection, metrics, data directory and graceful shutdown.
 
-use std::io::{Read, Write};
-
 use arbiter::proto::{AcquireRequest, WatchLeaseRequest};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -12,7 +10,7 @@ use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
 use tonic_reflection::pb::v1::ServerReflectionRequest;
 
 use crate::rate_limiter::{lc, tb};
-use crate::support::{eventually, Server, DEADLINE};
+use crate::support::{eventually, http_get, Server, DEADLINE};
 
 #[tokio::test]
 async fn health_serves_every_service() {
@@ -79,25 +77,6 @@ async fn reflection_lists_the_services() {
 }
 
 /// One HTTP GET; retried (until the deadline) if the connection fails.
-fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
-    let once = || -> std::io::Result<String> {
-        let mut s = std::net::TcpStream::connect(addr)?;
-        s.set_read_timeout(Some(DEADLINE))?;
-        write!(s, "GET {path} HTTP/1.1\r\nhost: x\r\n\r\n")?;
-        let mut out = String::new();
-        s.read_to_string(&mut out)?;
-        Ok(out)
-    };
-    let until = std::time::Instant::now() + DEADLINE;
-    loop {
-        match once() {
-            Ok(out) if !out.is_empty() => return out,
-            other => assert!(std::time::Instant::now() < until, "GET {path}: {other:?}"),
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-}
-
 #[tokio::test]
 async fn metrics_count_decisions_latency_and_live_keys() {
     let server = Server::start(&[]);

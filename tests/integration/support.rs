@@ -1,6 +1,6 @@
 //! Starting and stopping a real server, and polling with deadlines.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -173,17 +173,50 @@ impl Drop for Server {
 }
 
 /// Polls `probe` until it returns Some, failing after the deadline.
-pub async fn eventually<T, F, Fut>(what: &str, mut probe: F) -> T
+pub async fn eventually<T, F, Fut>(what: &str, probe: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
 {
-    let until = Instant::now() + DEADLINE;
+    eventually_within(DEADLINE, what, probe).await
+}
+
+/// [`eventually`] with its own deadline, for conditions that take longer
+/// than [`DEADLINE`] by design (large state moving between processes).
+pub async fn eventually_within<T, F, Fut>(deadline: Duration, what: &str, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let until = Instant::now() + deadline;
     loop {
         if let Some(v) = probe().await {
             return v;
         }
-        assert!(Instant::now() < until, "timed out waiting for {what}");
+        assert!(
+            Instant::now() < until,
+            "timed out after {deadline:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// `GET path` over HTTP/1.1, retried on connection errors until the deadline.
+pub fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    let once = || -> std::io::Result<String> {
+        let mut s = std::net::TcpStream::connect(addr)?;
+        s.set_read_timeout(Some(DEADLINE))?;
+        write!(s, "GET {path} HTTP/1.1\r\nhost: x\r\n\r\n")?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok(out)
+    };
+    let until = std::time::Instant::now() + DEADLINE;
+    loop {
+        match once() {
+            Ok(out) if !out.is_empty() => return out,
+            other => assert!(std::time::Instant::now() < until, "GET {path}: {other:?}"),
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }

@@ -55,6 +55,11 @@ impl PackedCells {
         self.count == 0
     }
 
+    /// Packed size in bytes (what the sync entry carries, before base64).
+    pub fn byte_len(&self) -> usize {
+        self.bytes.len()
+    }
+
     /// The cells in the order they were pushed.
     pub fn iter(&self) -> impl Iterator<Item = (&str, Cell)> + '_ {
         let mut rest = self.bytes.as_slice();

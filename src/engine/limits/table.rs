@@ -326,10 +326,14 @@ impl LimitTable {
         }
     }
 
-    /// Up to about `max` cells changed since they were last drained, marked
-    /// clean again: what a leader replicates in its next sync entry. Call
-    /// until empty to take every change. Locks one shard at a time.
-    pub fn drain_dirty(&self, max: usize) -> PackedCells {
+    /// Cells changed since they were last drained, marked clean again: what
+    /// a leader replicates in its next sync entry. Stops at about `max`
+    /// cells or once the packed cells reach `max_bytes` (a chunk goes past
+    /// either bound only by the cells taken in its last step: one, or the
+    /// few that share its hash tag; a key is at most 1 KiB). Call until
+    /// empty to take every change. Locks one shard at a time.
+    pub fn drain_dirty(&self, max: usize, max_bytes: usize) -> PackedCells {
+        let full = |out: &PackedCells| out.len() >= max || out.byte_len() >= max_bytes;
         let mut out = PackedCells::default();
         for shard in self.shards.iter() {
             let mut guard = lock(shard);
@@ -342,7 +346,7 @@ impl LimitTable {
             if !dirty.is_sorted_by_key(position) {
                 dirty.sort_unstable_by_key(position);
             }
-            while out.len() < max {
+            while !full(&out) {
                 let Some(h) = dirty.pop() else { break };
                 // Several keys may share a hash: take every dirty one.
                 for e in table.iter_hash_mut(h) {
@@ -355,7 +359,7 @@ impl LimitTable {
             if dirty.is_empty() && dirty.capacity() > 4096 {
                 dirty.shrink_to(1024);
             }
-            if out.len() >= max {
+            if full(&out) {
                 break;
             }
         }
@@ -401,7 +405,7 @@ mod tests {
             .unwrap();
         t.check(&[check("c", 0)], false, 0).unwrap(); // a peek changes nothing
         let mut d: Vec<(String, Cell)> = t
-            .drain_dirty(usize::MAX)
+            .drain_dirty(usize::MAX, usize::MAX)
             .iter()
             .map(|(k, c)| (k.to_owned(), c))
             .collect();
@@ -412,13 +416,13 @@ mod tests {
         );
         assert_eq!(d[0].1.a, 7, "the latest state of a");
         assert!(d.iter().all(|x| !x.1.is_dirty()));
-        assert!(t.drain_dirty(usize::MAX).is_empty());
+        assert!(t.drain_dirty(usize::MAX, usize::MAX).is_empty());
         t.check(&[check("b", 1), check("d", 1)], true, 0).unwrap();
-        assert_eq!(t.drain_dirty(usize::MAX).len(), 2);
+        assert_eq!(t.drain_dirty(usize::MAX, usize::MAX).len(), 2);
         // Replicated cells are stored clean, never re-shipped.
         let other = LimitTable::new(4, 100);
         other.upsert(d);
-        assert!(other.drain_dirty(usize::MAX).is_empty());
+        assert!(other.drain_dirty(usize::MAX, usize::MAX).is_empty());
     }
 
     #[test]
@@ -450,7 +454,7 @@ mod tests {
         t.check(&checks, false, 0).unwrap();
         let mut seen = std::collections::BTreeSet::new();
         loop {
-            let chunk = t.drain_dirty(100);
+            let chunk = t.drain_dirty(100, usize::MAX);
             if chunk.is_empty() {
                 break;
             }
@@ -461,6 +465,33 @@ mod tests {
             }
         }
         assert_eq!(seen.len(), 1000, "every changed cell drained once");
+    }
+
+    #[test]
+    fn dirty_cells_of_long_keys_drain_in_chunks_bounded_by_bytes() {
+        let t = LimitTable::new(4, 10_000);
+        let checks: Vec<_> = (0..1000)
+            .map(|i| LimitCheck {
+                key: format!("{i:04}{}", "x".repeat(1020)),
+                limit: BUCKET_OF_TEN,
+                cost: 1,
+                dry_run: false,
+            })
+            .collect();
+        t.check(&checks, false, 0).unwrap();
+        const BYTES: usize = 64 * 1024;
+        let mut drained = 0;
+        loop {
+            let chunk = t.drain_dirty(usize::MAX, BYTES);
+            if chunk.is_empty() {
+                break;
+            }
+            // Over the bound by at most the last step's cells (one, or the
+            // few sharing its hash tag).
+            assert!(chunk.byte_len() < BYTES + 8 * 1100, "{chunk:?}");
+            drained += chunk.len();
+        }
+        assert_eq!(drained, 1000, "every changed cell drained once");
     }
 
     #[test]

@@ -17,13 +17,18 @@ use openraft::{BasicNode, Raft, ServerState, SnapshotPolicy};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, watch, Notify};
 
+mod election;
+mod limit_sync;
+
+pub use election::{PreVoteRequest, PreVoteResponse};
+
 use crate::clock::Clock;
 use crate::engine::{
     Command, Engine, EngineConfig, EngineError, Lease, LeaseEvent, LimitCheck, LimitResult,
     Outcome, Record,
 };
 use crate::proto::raft_peer_client::RaftPeerClient;
-use crate::raft::network::{decode, encode, Channels, PeerNetwork};
+use crate::raft::network::{decode, encode, Channels, PeerNetwork, PEER_MESSAGE_LIMIT};
 use crate::raft::state_machine::{Observer, StateMachine};
 use crate::raft::{NodeId, Request, TypeConfig};
 use crate::storage::Store;
@@ -123,6 +128,11 @@ pub struct Node {
     /// election timeout (kept by [`Node::run_quorum_watch`]). A leader cut
     /// off from the majority stops deciding rate limits once it is false.
     quorum_contact: AtomicBool,
+    /// When this process started (the origin of `leader_contact`).
+    started: Instant,
+    /// Monotonic ms since `started` at which this node last heard from a
+    /// leader (see `election`).
+    leader_contact: AtomicU64,
     clock: Arc<dyn Clock>,
     last_now: AtomicU64,
     watchers: Watchers,
@@ -144,11 +154,11 @@ fn boot_id() -> u64 {
     (t ^ (u64::from(std::process::id()) << 32)).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1
 }
 
-/// Most cells in one sync entry.
-const SYNC_BATCH: usize = 10_000;
-
 /// Most commands batched into one log entry.
 const MAX_BATCH: usize = 1024;
+/// Most payload bytes batched into one log entry (a command larger than
+/// this is written alone).
+const BATCH_BYTES: usize = 256 * 1024;
 
 type Proposal = (
     Command,
@@ -204,6 +214,8 @@ impl Node {
             heartbeat_interval: HEARTBEAT_MS,
             election_timeout_min: ELECTION_TIMEOUT_MIN_MS,
             election_timeout_max: ELECTION_TIMEOUT_MAX_MS,
+            // Elections start only after a pre-vote round (`election`).
+            enable_elect: false,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(snapshot_logs.max(1)),
             max_in_snapshot_log_to_keep: snapshot_logs.clamp(1, 1_000),
             ..Default::default()
@@ -237,6 +249,8 @@ impl Node {
             ready_term: AtomicU64::new(0),
             extended_term: AtomicU64::new(0),
             quorum_contact: AtomicBool::new(false),
+            started: Instant::now(),
+            leader_contact: AtomicU64::new(0),
             clock,
             last_now: AtomicU64::new(0),
             watchers,
@@ -247,6 +261,7 @@ impl Node {
         });
         tokio::spawn(node.clone().run_proposer(queue));
         tokio::spawn(node.clone().run_quorum_watch());
+        tokio::spawn(node.clone().run_elections());
         Ok(node)
     }
 
@@ -334,7 +349,10 @@ impl Node {
             .map_err(|e| NodeError::Unavailable(format!("leader {leader} at {addr}: {e}")))?;
         let mut request = tonic::Request::new(encode(call));
         request.set_timeout(self.leader_wait);
-        match RaftPeerClient::new(channel).forward(request).await {
+        let mut client = RaftPeerClient::new(channel)
+            .max_decoding_message_size(PEER_MESSAGE_LIMIT)
+            .max_encoding_message_size(PEER_MESSAGE_LIMIT);
+        match client.forward(request).await {
             Ok(reply) => decode::<Result<Answer, NodeError>>(&reply.into_inner()).map_err(|e| {
                 NodeError::Unavailable(format!("bad reply from leader {leader}: {e}"))
             })?,
@@ -465,51 +483,67 @@ impl Node {
     }
 
     /// Batches proposals: takes every command queued while the previous
-    /// entry was being committed, stamps them with one time and writes them
-    /// as one entry. Ends when the node is dropped.
+    /// entry was being committed (up to [`MAX_BATCH`] commands and
+    /// [`BATCH_BYTES`] of payload), stamps them with one time and writes
+    /// them as one entry. Ends when the node is dropped.
     async fn run_proposer(
         self: Arc<Self>,
         mut queue: tokio::sync::mpsc::UnboundedReceiver<Proposal>,
     ) {
-        let mut batch: Vec<Proposal> = Vec::new();
-        while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
-            let now = self.now_ms();
-            let (commands, replies): (Vec<Command>, Vec<_>) = batch.drain(..).unzip();
-            let n = commands.len();
-            let request = Request {
-                now_ms: now,
-                commands,
-                sync_origin: None,
+        // A proposal that did not fit the previous batch starts the next.
+        let mut carried: Option<Proposal> = None;
+        loop {
+            let first = match carried.take() {
+                Some(p) => p,
+                None => match queue.recv().await {
+                    Some(p) => p,
+                    None => return,
+                },
             };
-            match self.write_entry(request).await {
-                Ok(outcomes) if outcomes.len() == n => {
-                    for (reply, outcome) in replies.into_iter().zip(outcomes) {
-                        let _ = reply.send(outcome.map(|o| (o, now)).map_err(NodeError::from));
-                    }
+            let mut bytes = first.0.payload_bytes();
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH && bytes < BATCH_BYTES {
+                let Ok(next) = queue.try_recv() else { break };
+                let b = next.0.payload_bytes();
+                if bytes + b > BATCH_BYTES {
+                    carried = Some(next);
+                    break;
                 }
-                Ok(outcomes) => {
-                    let e = format!("{} outcomes for {n} commands", outcomes.len());
-                    for reply in replies {
-                        let _ = reply.send(Err(NodeError::Unavailable(e.clone())));
-                    }
-                }
-                Err(e) => {
-                    for reply in replies {
-                        let _ = reply.send(Err(clone_err(&e)));
-                    }
-                }
+                bytes += b;
+                batch.push(next);
             }
+            self.write_batch(batch).await;
         }
     }
 
-    /// Writes a rate-limit sync as its own entry, tagged with this process.
-    async fn propose_sync(&self, command: Command) -> Result<(), NodeError> {
+    /// Writes one batch of proposals as one entry and answers each.
+    async fn write_batch(&self, batch: Vec<Proposal>) {
+        let now = self.now_ms();
+        let (commands, replies): (Vec<Command>, Vec<_>) = batch.into_iter().unzip();
+        let n = commands.len();
         let request = Request {
-            now_ms: self.now_ms(),
-            commands: vec![command],
-            sync_origin: Some(self.boot_id),
+            now_ms: now,
+            commands,
+            sync_origin: None,
         };
-        self.write_entry(request).await.map(drop)
+        match self.write_entry(request).await {
+            Ok(outcomes) if outcomes.len() == n => {
+                for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                    let _ = reply.send(outcome.map(|o| (o, now)).map_err(NodeError::from));
+                }
+            }
+            Ok(outcomes) => {
+                let e = format!("{} outcomes for {n} commands", outcomes.len());
+                for reply in replies {
+                    let _ = reply.send(Err(NodeError::Unavailable(e.clone())));
+                }
+            }
+            Err(e) => {
+                for reply in replies {
+                    let _ = reply.send(Err(clone_err(&e)));
+                }
+            }
+        }
     }
 
     /// Rate limits are decided only by a leader that has applied everything
@@ -743,39 +777,6 @@ impl Node {
                 self.extended_term.store(term, Ordering::Release);
             }
             Err(e) => tracing::warn!(error = %e, "could not extend leases"),
-        }
-    }
-
-    /// As leader, replicates the rate-limit cells changed since the last
-    /// tick, every `every`. A crash or failover therefore forgets at most
-    /// the consumption of one interval (plus the sync in flight). Ends at
-    /// shutdown.
-    pub async fn run_limit_sync(self: Arc<Self>, every: Duration) {
-        let mut shutdown = self.shutdown_signal();
-        let mut tick = tokio::time::interval(every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                _ = Self::stopped(&mut shutdown) => return,
-            }
-            if !self.is_leader() {
-                continue;
-            }
-            // One bounded chunk at a time, each committed before the next is
-            // drained: memory for syncing stays at one entry's worth however
-            // many keys changed.
-            loop {
-                let cells = self.engine.drain_dirty_limits(SYNC_BATCH);
-                if cells.is_empty() {
-                    break;
-                }
-                let n = cells.len();
-                if let Err(e) = self.propose_sync(Command::SyncCells { cells }).await {
-                    tracing::warn!(error = %e, cells = n, "rate-limit sync failed");
-                    break;
-                }
-            }
         }
     }
 

@@ -1,0 +1,213 @@
+//! When to start an election: a pre-vote round before every one.
+//!
+//! openraft 0.9 has no pre-vote. Left to itself, a follower that was paused
+//! (SIGSTOP, a long GC-like stall, a brief partition) wakes up past its
+//! election timeout, raises its term and asks for votes; the others refuse
+//! (their leader is alive), but the leader's next append meets the higher
+//! term and the leader steps down: one healthy leader deposed, and an
+//! election's worth of unavailability, for nothing.
+//!
+//! So openraft's own election timer is off (`enable_elect: false`) and this
+//! loop decides instead. A voter that has heard from no leader for its
+//! (randomised) election timeout first asks every other voter, without
+//! changing any term, whether it would vote: a peer says yes only if it has
+//! not heard from a leader for [`LEADER_LEASE_MS`] itself (and, if it leads,
+//! only if a majority has not acknowledged it for as long). Only with a
+//! majority of yeses does the node start a real election (openraft's,
+//! which still checks terms and logs). A node that has been away therefore
+//! rejoins quietly, while a dead or cut-off leader is replaced as before.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::ServerState;
+use serde::{Deserialize, Serialize};
+
+use super::{Node, ELECTION_TIMEOUT_MAX_MS, ELECTION_TIMEOUT_MIN_MS};
+use crate::proto::raft_peer_client::RaftPeerClient;
+use crate::raft::network::{decode, encode};
+use crate::raft::NodeId;
+
+/// How long after hearing from a leader a voter refuses to help elect
+/// another: openraft's own leader lease (its vote handler refuses real
+/// votes for as long), which is the longest election timeout.
+pub const LEADER_LEASE_MS: u64 = ELECTION_TIMEOUT_MAX_MS;
+
+/// How often the loop looks at the clock.
+const TICK: Duration = Duration::from_millis(10);
+
+/// How long a lone voter waits between attempts to elect itself.
+const SINGLE_VOTER_WAIT_MS: u64 = 50;
+
+/// How long a pre-vote request may take.
+const PRE_VOTE_TIMEOUT: Duration = Duration::from_millis(100);
+
+/// A voter's question before an election.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PreVoteRequest {
+    pub candidate: NodeId,
+}
+
+/// The answer: whether the peer would vote now.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PreVoteResponse {
+    pub granted: bool,
+}
+
+impl Node {
+    /// Milliseconds on this process's monotonic clock.
+    fn mono_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    /// Notes that a leader (or a candidate this node voted for) was heard
+    /// from just now.
+    pub fn heard_from_leader(&self) {
+        self.leader_contact.store(self.mono_ms(), Ordering::Release);
+    }
+
+    fn ms_since_leader_contact(&self) -> u64 {
+        self.mono_ms()
+            .saturating_sub(self.leader_contact.load(Ordering::Acquire))
+    }
+
+    /// Whether this node is in touch with a leader: it leads with a
+    /// majority's recent acknowledgement, or it heard from its leader within
+    /// the leader lease. A follower whose leader went silent still names it
+    /// (nobody has been elected instead), but is not in touch.
+    pub fn in_touch_with_leader(&self) -> bool {
+        let m = self.server.borrow();
+        match m.current_leader {
+            Some(l) if l == self.id => self.quorum_contact.load(Ordering::Relaxed),
+            Some(_) => self.ms_since_leader_contact() < LEADER_LEASE_MS,
+            None => false,
+        }
+    }
+
+    /// Whether this node would vote in an election now (see the module
+    /// notes).
+    pub fn grants_pre_vote(&self, candidate: NodeId) -> bool {
+        let m = self.raft.metrics().borrow().clone();
+        let granted = if m.state == ServerState::Leader {
+            m.millis_since_quorum_ack
+                .is_some_and(|ms| ms > LEADER_LEASE_MS)
+        } else {
+            self.ms_since_leader_contact() >= LEADER_LEASE_MS
+        };
+        tracing::debug!(candidate, granted, "pre-vote");
+        granted
+    }
+
+    /// A random election timeout: at least the leader lease (before it
+    /// lapses nobody would grant a pre-vote), spread as wide as openraft's.
+    fn election_timeout_ms(&self) -> u64 {
+        let spread = ELECTION_TIMEOUT_MAX_MS - ELECTION_TIMEOUT_MIN_MS;
+        // Cheap per-process randomness: the boot id stirred by the time.
+        let x = (self.boot_id ^ self.mono_ms().wrapping_mul(0x9E37_79B9_7F4A_7C15))
+            .wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        LEADER_LEASE_MS + (x >> 33) % spread.max(1)
+    }
+
+    /// Asks every other voter; true when a majority (this node included)
+    /// would vote. A peer that does not answer in time counts as a no; a
+    /// peer that predates pre-votes (`UNIMPLEMENTED`) as a yes, as it
+    /// would have voted without being asked.
+    async fn pre_vote(&self, voters: &[NodeId]) -> bool {
+        let addrs: Vec<(NodeId, Option<String>)> = {
+            let m = self.raft.metrics();
+            let m = m.borrow();
+            let membership = m.membership_config.membership();
+            voters
+                .iter()
+                .filter(|id| **id != self.id)
+                .map(|id| (*id, membership.get_node(id).map(|n| n.addr.clone())))
+                .collect()
+        };
+        let mut asks = tokio::task::JoinSet::new();
+        for (peer, addr) in addrs {
+            let Some(channel) = addr.and_then(|a| self.channels.get(&a).ok()) else {
+                continue;
+            };
+            let candidate = self.id;
+            asks.spawn(async move {
+                let mut request = tonic::Request::new(encode(&PreVoteRequest { candidate }));
+                request.set_timeout(PRE_VOTE_TIMEOUT);
+                let mut client = RaftPeerClient::new(channel);
+                let call = client.pre_vote(request);
+                let granted = match tokio::time::timeout(PRE_VOTE_TIMEOUT, call).await {
+                    Ok(Ok(reply)) => decode::<PreVoteResponse>(reply.get_ref())
+                        .map(|r| r.granted)
+                        .unwrap_or(false),
+                    Ok(Err(status)) => status.code() == tonic::Code::Unimplemented,
+                    Err(_) => false,
+                };
+                (peer, granted)
+            });
+        }
+        let mut yes = 1; // this node
+        while let Some(answer) = asks.join_next().await {
+            if let Ok((peer, granted)) = answer {
+                tracing::debug!(peer, granted, "pre-vote answer");
+                yes += usize::from(granted);
+            }
+            if yes * 2 > voters.len() {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Starts an election when this voter has heard from no leader for its
+    /// election timeout and a pre-vote round says it could win. Ends at
+    /// shutdown.
+    pub(super) async fn run_elections(self: Arc<Self>) {
+        let mut shutdown = self.shutdown_signal();
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut timeout = self.election_timeout_ms();
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = Self::stopped(&mut shutdown) => return,
+            }
+            let (leading, voters) = {
+                let m = self.server.borrow();
+                let voters: Vec<NodeId> = m.membership_config.membership().voter_ids().collect();
+                (m.state == ServerState::Leader, voters)
+            };
+            if leading {
+                self.heard_from_leader();
+                continue;
+            }
+            if !voters.contains(&self.id) {
+                // A learner, or a node not yet in any membership, must not
+                // start an election (but may be asked to help with one).
+                continue;
+            }
+            // A single voter needs nobody's consent: it elects itself
+            // shortly after starting.
+            let single = voters.len() == 1;
+            let wait = if single {
+                SINGLE_VOTER_WAIT_MS
+            } else {
+                timeout
+            };
+            if self.ms_since_leader_contact() < wait {
+                continue;
+            }
+            if single || self.pre_vote(&voters).await {
+                tracing::info!(
+                    silent_ms = self.ms_since_leader_contact(),
+                    "no leader heard from: starting an election"
+                );
+                if let Err(e) = self.raft.trigger().elect().await {
+                    tracing::warn!(error = %e, "could not start an election");
+                }
+            }
+            // Whatever happened, wait a fresh timeout before trying again.
+            self.heard_from_leader();
+            timeout = self.election_timeout_ms();
+        }
+    }
+}

@@ -1,0 +1,89 @@
+//! The rate-limit sync: the leader replicates changed bucket and window
+//! state every `--limit-sync-ms`, so a failover forgets at most about one
+//! interval of consumption.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::Node;
+use crate::engine::Command;
+use crate::raft::Request;
+
+/// Most cells in one sync entry.
+const SYNC_CELLS: usize = 10_000;
+/// Most packed bytes of cells in one sync entry (plus the few cells of the
+/// last step). With keys of up to 1 KiB a cell count alone would let one
+/// entry reach 10 MB; every entry must reach a follower whole, quickly.
+pub const SYNC_BYTES: usize = 64 * 1024;
+/// Sync entries proposed but not yet committed, at most: enough to keep
+/// many small entries moving through one commit round trip, and a bound
+/// on the memory a sync holds (`SYNC_PIPELINE × SYNC_BYTES`).
+const SYNC_PIPELINE: usize = 16;
+
+impl Node {
+    /// As leader, replicates the rate-limit cells changed since the last
+    /// tick, every `every`. A crash or failover therefore forgets at most
+    /// the consumption of one interval (plus the sync in flight). Ends at
+    /// shutdown.
+    pub async fn run_limit_sync(self: Arc<Self>, every: Duration) {
+        let mut shutdown = self.shutdown_signal();
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = Self::stopped(&mut shutdown) => return,
+            }
+            if self.is_leader() {
+                self.sync_changed_limits().await;
+            }
+        }
+    }
+
+    /// Drains every changed cell into bounded entries and commits them,
+    /// keeping up to [`SYNC_PIPELINE`] entries in flight. Entries are handed
+    /// to Raft in the order they were drained, so a cell drained twice
+    /// lands with its newer state last.
+    async fn sync_changed_limits(&self) {
+        let mut in_flight = VecDeque::new();
+        let mut drained = false;
+        loop {
+            while !drained && in_flight.len() < SYNC_PIPELINE {
+                let cells = self.engine.drain_dirty_limits(SYNC_CELLS, SYNC_BYTES);
+                if cells.is_empty() {
+                    drained = true;
+                    break;
+                }
+                let n = cells.len();
+                let request = Request {
+                    now_ms: self.now_ms(),
+                    commands: vec![Command::SyncCells { cells }],
+                    // This process skips its own syncs when applying them.
+                    sync_origin: Some(self.boot_id),
+                };
+                match self.raft.client_write_ff(request).await {
+                    Ok(committed) => in_flight.push_back((n, committed)),
+                    Err(e) => {
+                        tracing::warn!(error = %e, cells = n, "rate-limit sync failed");
+                        return;
+                    }
+                }
+            }
+            let Some((n, committed)) = in_flight.pop_front() else {
+                return;
+            };
+            match committed.await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, cells = n, "rate-limit sync refused");
+                    return;
+                }
+                Err(_) => {
+                    tracing::warn!(cells = n, "rate-limit sync dropped: raft stopped");
+                    return;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,263 @@
+//! Replication at real size: rate-limit state far larger than one peer
+//! message, and a follower that falls behind while the leader keeps
+//! deciding, must still replicate without deposing the leader or losing
+//! consumption.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arbiter::proto::cluster_client::ClusterClient;
+use arbiter::proto::{CheckRequest, ClusterStatusRequest, ClusterStatusResponse};
+
+use crate::cluster::Cluster;
+use crate::rate_limiter::{lc, tb};
+use crate::support::{eventually_within, http_get, Server};
+
+/// Replication of tens of MB through a debug build takes longer than the
+/// usual deadline.
+const LONG: Duration = Duration::from_secs(60);
+
+/// Longest key the API accepts: 1 KiB.
+fn long_key(prefix: &str, i: usize) -> String {
+    let mut k = format!("{prefix}-{i:07}-");
+    k.extend(std::iter::repeat_n('x', 1024 - k.len()));
+    k
+}
+
+async fn status(s: &Server) -> Option<ClusterStatusResponse> {
+    let mut c = ClusterClient::new(s.channel().await);
+    Some(c.status(ClusterStatusRequest {}).await.ok()?.into_inner())
+}
+
+/// The node's own count of rate-limit keys (followers hold what the syncs
+/// brought them).
+fn live_limit_keys(s: &Server) -> Option<u64> {
+    let body = http_get(s.metrics, "/metrics");
+    body.lines()
+        .find(|l| l.starts_with("arbiter_live_keys{kind=\"rate_limit\"}"))?
+        .rsplit(' ')
+        .next()?
+        .parse::<f64>()
+        .ok()
+        .map(|v| v as u64)
+}
+
+fn signal(s: &Server, sig: &str) {
+    let ok = std::process::Command::new("kill")
+        .args([sig, &s.pid().to_string()])
+        .status()
+        .expect("run kill")
+        .success();
+    assert!(ok, "kill {sig} failed");
+}
+
+/// 30,000 keys of 1 KiB consumed within one sync interval: ~30 MB of state,
+/// several times the peer message limit. It must reach both followers with
+/// no leader change, and survive `kill -9` of the leader.
+#[tokio::test]
+async fn a_burst_of_long_keys_replicates_and_survives_the_leaders_kill9() {
+    const CALLS: usize = 30;
+    const PER_CALL: usize = 1000;
+    let mut cluster = Cluster::start(3, &["--limit-sync-ms", "100"]);
+    let leader = cluster.leader().await;
+    let before = status(cluster.node(leader)).await.expect("leader status");
+    let mut c = cluster.node(leader).limits().await;
+    let limit = || tb(100, 1, 3_600_000);
+    let started = Instant::now();
+    for call in 0..CALLS {
+        let checks = (0..PER_CALL)
+            .map(|i| lc(&long_key("burst", call * PER_CALL + i), limit(), Some(1)))
+            .collect();
+        let r = c
+            .check(CheckRequest {
+                checks,
+                all_or_nothing: false,
+            })
+            .await
+            .expect("check")
+            .into_inner();
+        assert!(r.results.iter().all(|r| r.allowed && r.remaining == 99));
+    }
+    eprintln!(
+        "burst of {} checks took {:?}",
+        CALLS * PER_CALL,
+        started.elapsed()
+    );
+    let total = (CALLS * PER_CALL) as u64;
+    for f in (0..3).filter(|i| *i != leader) {
+        let node = cluster.node(f);
+        eventually_within(
+            LONG,
+            &format!("node {} to hold every key", f + 1),
+            || async { (live_limit_keys(node)? >= total).then_some(()) },
+        )
+        .await;
+    }
+    for i in 0..3 {
+        let s = status(cluster.node(i)).await.expect("status");
+        assert_eq!(
+            (s.term, s.leader_id),
+            (before.term, before.leader_id),
+            "node {} saw a leader change",
+            i + 1
+        );
+    }
+
+    cluster.kill9(leader);
+    let survivor = (leader + 1) % 3;
+    let c = cluster.node(survivor).limits().await;
+    for call in 0..CALLS {
+        let checks: Vec<_> = (0..PER_CALL)
+            .map(|i| lc(&long_key("burst", call * PER_CALL + i), limit(), Some(0)))
+            .collect();
+        let r = eventually_within(LONG, "a decision from the new leader", || {
+            let mut c = c.clone();
+            let checks = checks.clone();
+            async move {
+                let r = c.check(CheckRequest {
+                    checks,
+                    all_or_nothing: false,
+                });
+                Some(r.await.ok()?.into_inner())
+            }
+        })
+        .await;
+        let forgotten = r.results.iter().filter(|r| r.remaining != 99).count();
+        assert_eq!(
+            forgotten, 0,
+            "call {call}: {forgotten} keys lost their consumption"
+        );
+    }
+}
+
+/// A client load that runs until told to stop (or for at most `MAX_LOAD`),
+/// counting answered and failed calls.
+struct Load {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<Vec<String>>,
+}
+
+const MAX_LOAD: Duration = Duration::from_secs(120);
+
+/// How long the follower stays frozen, at least.
+const PAUSE: Duration = Duration::from_secs(3);
+
+impl Load {
+    /// Checks of `batch` distinct 1 KiB keys per call, cycling through
+    /// `keys` keys, against `node`.
+    async fn start(node: &Server, keys: usize, batch: usize) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicU64::new(0));
+        let failed = Arc::new(AtomicU64::new(0));
+        let mut c = node.limits().await;
+        let (s, o, f) = (stop.clone(), ok.clone(), failed.clone());
+        let task = tokio::spawn(async move {
+            let names: Vec<String> = (0..keys).map(|i| long_key("load", i)).collect();
+            let until = Instant::now() + MAX_LOAD;
+            let mut errors = Vec::new();
+            let mut next = 0;
+            while !s.load(Ordering::Relaxed) && Instant::now() < until {
+                let checks = (0..batch)
+                    .map(|i| lc(&names[(next + i) % keys], tb(1_000_000, 1, 1000), Some(1)))
+                    .collect();
+                next = (next + batch) % keys;
+                let call = c.check(CheckRequest {
+                    checks,
+                    all_or_nothing: false,
+                });
+                match tokio::time::timeout(Duration::from_secs(10), call).await {
+                    Ok(Ok(_)) => {
+                        o.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(Err(status)) => {
+                        f.fetch_add(1, Ordering::Relaxed);
+                        errors.push(format!("{:?}: {}", status.code(), status.message()));
+                    }
+                    Err(_) => {
+                        f.fetch_add(1, Ordering::Relaxed);
+                        errors.push("no answer within 10 s".into());
+                    }
+                }
+            }
+            errors
+        });
+        Load {
+            stop,
+            ok,
+            failed,
+            task,
+        }
+    }
+
+    async fn finish(self) -> (u64, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        let errors = self.task.await.expect("load task");
+        assert_eq!(self.failed.load(Ordering::Relaxed), errors.len() as u64);
+        (self.ok.load(Ordering::Relaxed), errors)
+    }
+}
+
+/// A follower frozen (SIGSTOP) while the leader keeps deciding falls many
+/// MB behind; once resumed it must catch up to within a few entries of the
+/// leader, no client call may fail meanwhile, and it must not depose the
+/// leader.
+#[tokio::test]
+async fn a_paused_follower_catches_up_without_failed_calls_or_a_leader_change() {
+    let cluster = Cluster::start(3, &["--limit-sync-ms", "100"]);
+    let leader = cluster.leader().await;
+    let follower = (leader + 1) % 3;
+    let before = status(cluster.node(leader)).await.expect("leader status");
+    let load = Load::start(cluster.node(leader), 50_000, 100).await;
+    let leader_applied = || async { Some(status(cluster.node(leader)).await?.applied_index) };
+    let start = before.applied_index;
+    eventually_within(LONG, "the load to reach the log", || async {
+        (leader_applied().await? >= start + 5).then_some(())
+    })
+    .await;
+
+    signal(cluster.node(follower), "-STOP");
+    let paused = Instant::now();
+    let paused_at = leader_applied().await.expect("leader status");
+    // Paused for a few seconds, and long enough for a backlog of sync
+    // entries (each up to 64 KiB of cells) many times one peer message.
+    let backlog = eventually_within(LONG, "a backlog of sync entries", || async {
+        let now = leader_applied().await?;
+        (now >= paused_at + 200 && paused.elapsed() >= PAUSE).then_some(now)
+    })
+    .await;
+    signal(cluster.node(follower), "-CONT");
+    eprintln!(
+        "follower paused {:?} while the log grew {paused_at} -> {backlog}",
+        paused.elapsed()
+    );
+
+    let caught_up = Instant::now();
+    eventually_within(LONG, "the resumed follower to catch up", || async {
+        let lead = leader_applied().await?;
+        let own = status(cluster.node(follower)).await?.applied_index;
+        (own >= backlog && own + 5 >= lead).then_some(())
+    })
+    .await;
+    eprintln!("resumed follower caught up in {:?}", caught_up.elapsed());
+    let (ok, errors) = load.finish().await;
+    assert!(
+        errors.is_empty(),
+        "{} of {} calls failed: {:?}",
+        errors.len(),
+        ok + errors.len() as u64,
+        &errors[..errors.len().min(5)]
+    );
+    assert!(ok > 0);
+    for i in 0..3 {
+        let s = status(cluster.node(i)).await.expect("status");
+        assert_eq!(
+            (s.term, s.leader_id),
+            (before.term, before.leader_id),
+            "node {} saw a leader change",
+            i + 1
+        );
+    }
+}
