@@ -67,6 +67,18 @@ impl Node {
         self.leader_contact.store(self.mono_ms(), Ordering::Release);
     }
 
+    /// Notes an AppendEntries or InstallSnapshot as it arrives, before it
+    /// is processed: if it comes from a leader whose vote is at least this
+    /// node's, that leader is alive. (Noting it only once the call returns
+    /// would miss every call the leader gave up on while this node was
+    /// still working through a backlog.)
+    pub fn heard_from(&self, vote: &openraft::Vote<NodeId>) {
+        let mine = self.server.borrow().vote;
+        if vote.is_committed() && *vote >= mine {
+            self.heard_from_leader();
+        }
+    }
+
     fn ms_since_leader_contact(&self) -> u64 {
         self.mono_ms()
             .saturating_sub(self.leader_contact.load(Ordering::Acquire))

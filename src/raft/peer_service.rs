@@ -3,9 +3,7 @@
 
 use std::sync::Arc;
 
-use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, VoteRequest,
-};
+use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
 use tonic::{Request, Response, Status};
 
 use super::network::{decode, encode};
@@ -27,12 +25,10 @@ impl RaftPeer for PeerService {
         request: Request<PeerMessage>,
     ) -> Result<Response<PeerMessage>, Status> {
         let rpc: AppendEntriesRequest<TypeConfig> = decode(request.get_ref()).map_err(bad)?;
-        let reply = self.0.raft().append_entries(rpc).await;
-        if matches!(&reply, Ok(r) if !matches!(r, AppendEntriesResponse::HigherVote(_))) {
-            // A leader of at least this node's term.
-            self.0.heard_from_leader();
-        }
-        Ok(Response::new(encode(&reply)))
+        self.0.heard_from(&rpc.vote);
+        Ok(Response::new(encode(
+            &self.0.raft().append_entries(rpc).await,
+        )))
     }
 
     async fn vote(&self, request: Request<PeerMessage>) -> Result<Response<PeerMessage>, Status> {
@@ -50,11 +46,10 @@ impl RaftPeer for PeerService {
         request: Request<PeerMessage>,
     ) -> Result<Response<PeerMessage>, Status> {
         let rpc: InstallSnapshotRequest<TypeConfig> = decode(request.get_ref()).map_err(bad)?;
-        let reply = self.0.raft().install_snapshot(rpc).await;
-        if reply.is_ok() {
-            self.0.heard_from_leader();
-        }
-        Ok(Response::new(encode(&reply)))
+        self.0.heard_from(&rpc.vote);
+        Ok(Response::new(encode(
+            &self.0.raft().install_snapshot(rpc).await,
+        )))
     }
 
     async fn pre_vote(
