@@ -22,6 +22,8 @@ declare -A PIDS
 cleanup() {
   for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
+  # The nodes' logs stay for a look afterwards.
+  mkdir -p target/cluster_bench && cp "$work"/*.log target/cluster_bench/ 2>/dev/null || true
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -31,7 +33,7 @@ port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0));
 # start NAME ID PEERS CLIENT PEER
 start() {
   "$BIN" serve --node-id "$2" --peers "$3" --listen "127.0.0.1:$4" --peer-listen "127.0.0.1:$5" \
-    --metrics-listen 127.0.0.1:0 --data-dir "$work/$1" 2>"$work/$1.log" &
+    --metrics-listen 127.0.0.1:0 --data-dir "$work/$1" 2>>"$work/$1.log" &
   PIDS[$1]=$!
 }
 
@@ -82,6 +84,7 @@ for t in $(seq "$TRIALS"); do
   until "$BIN" lease acquire "failover-$t" --holder bench --ttl 60s --server "http://127.0.0.1:${C[$other]}" >/dev/null 2>&1; do :; done
   t1=$(date +%s%N)
   echo $(( (t1 - t0) / 1000000 )) >>"$work/failover"
+  echo "trial $t: killed node $leader at $(date -u -d @$((t0 / 1000000000)) +%T), $(( (t1 - t0) / 1000000 )) ms" >&2
   start "n$leader" "$leader" "$peers" "${C[$leader]}" "${P[$leader]}"
   # Wait until the restarted node follows a leader again.
   for _ in $(seq 200); do [ -n "$(leader_of "${C[$leader]}")" ] && break; sleep 0.05; done

@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 use super::{Node, ELECTION_TIMEOUT_MAX_MS, ELECTION_TIMEOUT_MIN_MS};
 use crate::proto::raft_peer_client::RaftPeerClient;
 use crate::raft::network::{decode, encode};
-use crate::raft::NodeId;
+use crate::raft::{LogId, NodeId};
 
 /// How long after hearing from a leader a voter refuses to help elect
 /// another: openraft's own leader lease (its vote handler refuses real
@@ -47,6 +47,9 @@ const PRE_VOTE_TIMEOUT: Duration = Duration::from_millis(100);
 #[derive(Debug, Serialize, Deserialize)]
 pub struct PreVoteRequest {
     pub candidate: NodeId,
+    /// The candidate's last log id: a peer whose log is ahead says no, as
+    /// it would in the real vote.
+    pub last_log_id: Option<LogId>,
 }
 
 /// The answer: whether the peer would vote now.
@@ -99,15 +102,21 @@ impl Node {
 
     /// Whether this node would vote in an election now (see the module
     /// notes).
-    pub fn grants_pre_vote(&self, candidate: NodeId) -> bool {
+    pub fn grants_pre_vote(&self, ask: &PreVoteRequest) -> bool {
         let m = self.raft.metrics().borrow().clone();
-        let granted = if m.state == ServerState::Leader {
+        let leader_gone = if m.state == ServerState::Leader {
             m.millis_since_quorum_ack
                 .is_some_and(|ms| ms > LEADER_LEASE_MS)
         } else {
             self.ms_since_leader_contact() >= LEADER_LEASE_MS
         };
-        tracing::debug!(candidate, granted, "pre-vote");
+        // A log that cannot be read says no: the real vote would fail too.
+        let log_ok = self
+            .store
+            .last_log_id()
+            .is_ok_and(|mine| ask.last_log_id >= mine);
+        let granted = leader_gone && log_ok;
+        tracing::debug!(candidate = ask.candidate, leader_gone, log_ok, "pre-vote");
         granted
     }
 
@@ -136,14 +145,20 @@ impl Node {
                 .map(|id| (*id, membership.get_node(id).map(|n| n.addr.clone())))
                 .collect()
         };
+        let Ok(last_log_id) = self.store.last_log_id() else {
+            return false;
+        };
         let mut asks = tokio::task::JoinSet::new();
         for (peer, addr) in addrs {
             let Some(channel) = addr.and_then(|a| self.channels.get(&a).ok()) else {
                 continue;
             };
-            let candidate = self.id;
+            let ask = PreVoteRequest {
+                candidate: self.id,
+                last_log_id,
+            };
             asks.spawn(async move {
-                let mut request = tonic::Request::new(encode(&PreVoteRequest { candidate }));
+                let mut request = tonic::Request::new(encode(&ask));
                 request.set_timeout(PRE_VOTE_TIMEOUT);
                 let mut client = RaftPeerClient::new(channel);
                 let call = client.pre_vote(request);
@@ -178,6 +193,10 @@ impl Node {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut timeout = self.election_timeout_ms();
+        // When this node last tried (kept apart from `leader_contact`: its
+        // own attempt must not make it refuse another candidate's
+        // pre-vote, or two candidates can keep refusing each other).
+        let mut last_attempt = 0;
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
@@ -205,7 +224,9 @@ impl Node {
             } else {
                 timeout
             };
-            if self.ms_since_leader_contact() < wait {
+            if self.ms_since_leader_contact() < wait
+                || self.mono_ms().saturating_sub(last_attempt) < wait
+            {
                 continue;
             }
             if single || self.pre_vote(&voters).await {
@@ -218,7 +239,7 @@ impl Node {
                 }
             }
             // Whatever happened, wait a fresh timeout before trying again.
-            self.heard_from_leader();
+            last_attempt = self.mono_ms();
             timeout = self.election_timeout_ms();
         }
     }

@@ -128,6 +128,8 @@ pub struct Node {
     /// election timeout (kept by [`Node::run_quorum_watch`]). A leader cut
     /// off from the majority stops deciding rate limits once it is false.
     quorum_contact: AtomicBool,
+    /// The log (read by the pre-vote to compare logs).
+    store: Store,
     /// When this process started (the origin of `leader_contact`).
     started: Instant,
     /// Monotonic ms since `started` at which this node last heard from a
@@ -224,9 +226,15 @@ impl Node {
         .map_err(|e| raft_err(&e))?;
         let network = PeerNetwork::default();
         let channels = network.channels.clone();
-        let raft = Raft::new(membership.id, Arc::new(raft_config), network, store, sm)
-            .await
-            .map_err(|e| raft_err(&e))?;
+        let raft = Raft::new(
+            membership.id,
+            Arc::new(raft_config),
+            network,
+            store.clone(),
+            sm,
+        )
+        .await
+        .map_err(|e| raft_err(&e))?;
         let first = membership.peers.keys().next().copied();
         if first == Some(membership.id) && !raft.is_initialized().await.map_err(|e| raft_err(&e))? {
             let members: BTreeMap<NodeId, BasicNode> = membership
@@ -249,6 +257,7 @@ impl Node {
             ready_term: AtomicU64::new(0),
             extended_term: AtomicU64::new(0),
             quorum_contact: AtomicBool::new(false),
+            store,
             started: Instant::now(),
             leader_contact: AtomicU64::new(0),
             clock,

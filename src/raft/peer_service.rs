@@ -57,7 +57,7 @@ impl RaftPeer for PeerService {
         request: Request<PeerMessage>,
     ) -> Result<Response<PeerMessage>, Status> {
         let ask: PreVoteRequest = decode(request.get_ref()).map_err(bad)?;
-        let granted = self.0.grants_pre_vote(ask.candidate);
+        let granted = self.0.grants_pre_vote(&ask);
         Ok(Response::new(encode(&PreVoteResponse { granted })))
     }
 

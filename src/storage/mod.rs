@@ -428,6 +428,20 @@ impl Store {
         Ok(out)
     }
 
+    /// The id of the last entry in the log (or the last purged one when
+    /// the log is empty): what a vote compares.
+    pub fn last_log_id(&self) -> Result<Option<LogId>, StorageError> {
+        let pending_last = {
+            let p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            p.last_key_value().map(|(_, (_, h))| h.entry.log_id)
+        };
+        let last = pending_last.max(self.last_committed_id()?);
+        match last {
+            Some(l) => Ok(Some(l)),
+            None => self.get_meta(LAST_PURGED, ErrorSubject::Logs),
+        }
+    }
+
     fn last_committed_id(&self) -> Result<Option<LogId>, StorageError> {
         let read = |e: &dyn std::fmt::Display| io_err(ErrorSubject::Logs, ErrorVerb::Read, e);
         let tx = self.db.begin_read().map_err(|e| read(&e))?;
@@ -498,13 +512,7 @@ impl RaftLogStorage<TypeConfig> for Store {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
         let last_purged_log_id: Option<LogId> = self.get_meta(LAST_PURGED, ErrorSubject::Logs)?;
-        let pending_last = {
-            let p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-            p.last_key_value().map(|(_, (_, h))| h.entry.log_id)
-        };
-        let last_log_id = pending_last
-            .max(self.last_committed_id()?)
-            .or(last_purged_log_id);
+        let last_log_id = self.last_log_id()?;
         Ok(LogState {
             last_purged_log_id,
             last_log_id,

@@ -261,3 +261,39 @@ async fn a_paused_follower_catches_up_without_failed_calls_or_a_leader_change() 
         );
     }
 }
+
+/// Leader after leader killed, each time right after the previous victim
+/// restarted (so one survivor has a stale log): every time a survivor must
+/// be elected and serve a write well within the deadline. Two survivors
+/// that each refused the other's pre-vote after trying themselves once
+/// kept a cluster leaderless for up to 30 s.
+#[tokio::test]
+async fn repeated_leader_kills_always_elect_a_new_leader() {
+    use arbiter::proto::AcquireRequest;
+    let mut cluster = Cluster::start(3, &[]);
+    for round in 0..8 {
+        let leader = cluster.leader().await;
+        cluster.kill9(leader);
+        let survivor = (leader + 1) % 3;
+        let l = cluster.node(survivor).leases().await;
+        let started = Instant::now();
+        eventually_within(
+            Duration::from_secs(5),
+            &format!("round {round}: a write through a survivor"),
+            || {
+                let mut l = l.clone();
+                async move {
+                    let request = AcquireRequest {
+                        name: format!("round-{round}"),
+                        holder: "h".into(),
+                        ttl_ms: 60_000,
+                    };
+                    l.acquire(request).await.ok().map(drop)
+                }
+            },
+        )
+        .await;
+        eprintln!("round {round}: served {:?} after the kill", started.elapsed());
+        cluster.start_node(leader);
+    }
+}
