@@ -293,7 +293,10 @@ async fn repeated_leader_kills_always_elect_a_new_leader() {
             },
         )
         .await;
-        eprintln!("round {round}: served {:?} after the kill", started.elapsed());
+        eprintln!(
+            "round {round}: served {:?} after the kill",
+            started.elapsed()
+        );
         cluster.start_node(leader);
     }
 }
