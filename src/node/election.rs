@@ -94,7 +94,7 @@ impl Node {
     pub fn in_touch_with_leader(&self) -> bool {
         let m = self.server.borrow();
         match m.current_leader {
-            Some(l) if l == self.id => self.quorum_contact.load(Ordering::Relaxed),
+            Some(l) if l == self.id => self.lease.holds(m.vote.leader_id().get_term()),
             Some(_) => self.ms_since_leader_contact() < LEADER_LEASE_MS,
             None => false,
         }
@@ -105,8 +105,7 @@ impl Node {
     pub fn grants_pre_vote(&self, ask: &PreVoteRequest) -> bool {
         let m = self.raft.metrics().borrow().clone();
         let leader_gone = if m.state == ServerState::Leader {
-            m.millis_since_quorum_ack
-                .is_some_and(|ms| ms > LEADER_LEASE_MS)
+            !self.lease.holds(m.vote.leader_id().get_term())
         } else {
             self.ms_since_leader_contact() >= LEADER_LEASE_MS
         };

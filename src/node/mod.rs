@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -28,6 +28,7 @@ use crate::engine::{
     Outcome, Record,
 };
 use crate::proto::raft_peer_client::RaftPeerClient;
+use crate::raft::lease::LeaderLease;
 use crate::raft::network::{decode, encode, Channels, PeerNetwork, PEER_MESSAGE_LIMIT};
 use crate::raft::state_machine::{Observer, StateMachine};
 use crate::raft::{NodeId, Request, TypeConfig};
@@ -124,10 +125,9 @@ pub struct Node {
     ready_term: AtomicU64,
     /// The term in which this node, as leader, extended every lease.
     extended_term: AtomicU64,
-    /// Whether this node, as leader, heard from a majority within the last
-    /// election timeout (kept by [`Node::run_quorum_watch`]). A leader cut
-    /// off from the majority stops deciding rate limits once it is false.
-    quorum_contact: AtomicBool,
+    /// This node's leader lease (see `raft::lease`): it decides rate limits
+    /// only while it holds it.
+    lease: Arc<LeaderLease>,
     /// The log (read by the pre-vote to compare logs).
     store: Store,
     /// When this process started (the origin of `leader_contact`).
@@ -226,6 +226,7 @@ impl Node {
         .map_err(|e| raft_err(&e))?;
         let network = PeerNetwork::default();
         let channels = network.channels.clone();
+        let lease = network.lease.clone();
         let raft = Raft::new(
             membership.id,
             Arc::new(raft_config),
@@ -256,7 +257,7 @@ impl Node {
             leader_wait,
             ready_term: AtomicU64::new(0),
             extended_term: AtomicU64::new(0),
-            quorum_contact: AtomicBool::new(false),
+            lease,
             store,
             started: Instant::now(),
             leader_contact: AtomicU64::new(0),
@@ -269,7 +270,7 @@ impl Node {
             proposals,
         });
         tokio::spawn(node.clone().run_proposer(queue));
-        tokio::spawn(node.clone().run_quorum_watch());
+        tokio::spawn(node.clone().run_voter_watch());
         tokio::spawn(node.clone().run_elections());
         Ok(node)
     }
@@ -559,10 +560,7 @@ impl Node {
     /// committed before its term (checked once per term).
     async fn ready_to_decide(&self) -> Result<(), NodeError> {
         let (term, leading) = self.term_and_leading();
-        if self.ready_term.load(Ordering::Acquire) == term
-            && leading
-            && self.quorum_contact.load(Ordering::Relaxed)
-        {
+        if self.ready_term.load(Ordering::Acquire) == term && leading && self.lease.holds(term) {
             return Ok(());
         }
         self.read_barrier().await?;
@@ -607,10 +605,7 @@ impl Node {
         all_or_nothing: bool,
     ) -> Result<Vec<LimitResult>, NodeError> {
         let (term, leading) = self.term_and_leading();
-        if leading
-            && self.ready_term.load(Ordering::Acquire) == term
-            && self.quorum_contact.load(Ordering::Relaxed)
-        {
+        if leading && self.ready_term.load(Ordering::Acquire) == term && self.lease.holds(term) {
             // The hot path: no routing, no cloning.
             return Ok(self.engine.check(&checks, all_or_nothing, self.now_ms())?);
         }
@@ -699,27 +694,14 @@ impl Node {
     /// Purges lapsed leases and records as their deadlines pass (so watchers
     /// hear of expiry promptly), and idle rate-limit cells every
     /// `limit_sweep`. Ends at shutdown.
-    /// Keeps `quorum_contact` current: true while this node leads and a
-    /// majority acknowledged it within the longest election timeout (after
-    /// which the others may have elected someone else). Polled, because a
-    /// leader that hears nothing gets no event to react to.
-    async fn run_quorum_watch(self: Arc<Self>) {
+    /// Keeps the leader lease's voter set current with the membership.
+    async fn run_voter_watch(self: Arc<Self>) {
         let mut shutdown = self.shutdown_signal();
-        let mut tick = tokio::time::interval(Duration::from_millis(HEARTBEAT_MS));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let metrics = self.raft.metrics();
+        let mut server = self.server.clone();
         loop {
-            let fresh = {
-                let m = metrics.borrow();
-                let voters = m.membership_config.membership().voter_ids().count();
-                m.state == ServerState::Leader
-                    && (voters <= 1
-                        || m.millis_since_quorum_ack
-                            .is_some_and(|ms| ms <= ELECTION_TIMEOUT_MAX_MS))
-            };
-            self.quorum_contact.store(fresh, Ordering::Relaxed);
+            self.lease.set_voters(self.id, self.voters());
             tokio::select! {
-                _ = tick.tick() => {}
+                r = server.changed() => if r.is_err() { return },
                 _ = Node::stopped(&mut shutdown) => return,
             }
         }

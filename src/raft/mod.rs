@@ -5,6 +5,7 @@
 //! so every replica applies the same command at the same `now_ms` and state
 //! machines never read a clock.
 
+pub mod lease;
 pub mod network;
 pub mod peer_service;
 pub mod state_machine;

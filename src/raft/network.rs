@@ -22,6 +22,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tonic::transport::{Channel, Endpoint};
 
+use super::lease::LeaderLease;
 use super::{NodeId, TypeConfig};
 use crate::proto::raft_peer_client::RaftPeerClient;
 use crate::proto::PeerMessage;
@@ -73,12 +74,15 @@ pub fn decode<T: DeserializeOwned>(m: &PeerMessage) -> Result<T, serde_json::Err
 #[derive(Clone, Default)]
 pub struct PeerNetwork {
     pub channels: Channels,
+    /// Fed with every accepted append (see [`LeaderLease`]).
+    pub lease: Arc<LeaderLease>,
 }
 
 pub struct PeerClient {
     target: NodeId,
     addr: String,
     channels: Channels,
+    lease: Arc<LeaderLease>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for PeerNetwork {
@@ -89,6 +93,7 @@ impl RaftNetworkFactory<TypeConfig> for PeerNetwork {
             target,
             addr: node.addr.clone(),
             channels: self.channels.clone(),
+            lease: self.lease.clone(),
         }
     }
 }
@@ -145,8 +150,21 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        self.call(Call::Append, &rpc, option.hard_ttl().min(RPC_TIMEOUT))
-            .await
+        let sent = self.lease.now_ms();
+        let term = rpc
+            .vote
+            .is_committed()
+            .then(|| rpc.vote.leader_id().get_term());
+        let reply = self
+            .call(Call::Append, &rpc, option.hard_ttl().min(RPC_TIMEOUT))
+            .await;
+        if let (Some(term), Ok(r)) = (term, &reply) {
+            if !matches!(r, AppendEntriesResponse::HigherVote(_)) {
+                // The follower accepted this leader's term.
+                self.lease.acknowledged(self.target, term, sent);
+            }
+        }
+        reply
     }
 
     async fn install_snapshot(

@@ -100,15 +100,28 @@ impl StateMachine {
 pub struct Builder {
     store: Store,
     meta: SnapshotMeta,
-    data: Vec<u8>,
+    data: Option<SnapshotData>,
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for Builder {
+    /// Encodes and stores the captured state on the blocking pool: with a
+    /// large state this takes long enough that, on a runtime thread, it
+    /// would hold up heartbeats and cost the leader its leadership.
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
-        self.store.save_snapshot(&self.meta, &self.data)?;
+        let data = self
+            .data
+            .take()
+            .ok_or_else(|| sm_err(ErrorVerb::Write, "the snapshot builder was used twice"))?;
+        let (store, meta) = (self.store.clone(), self.meta.clone());
+        let bytes = tokio::task::spawn_blocking(move || {
+            let bytes = serde_json::to_vec(&data).expect("engine state serializes to JSON");
+            store.save_snapshot(&meta, &bytes).map(|()| bytes)
+        })
+        .await
+        .map_err(|e| sm_err(ErrorVerb::Write, e))??;
         Ok(Snapshot {
             meta: self.meta.clone(),
-            snapshot: Box::new(Cursor::new(self.data.clone())),
+            snapshot: Box::new(Cursor::new(bytes)),
         })
     }
 }
@@ -176,7 +189,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 last_membership: self.membership.clone(),
                 snapshot_id,
             },
-            data: serde_json::to_vec(&data).expect("engine state serializes to JSON"),
+            data: Some(data),
         }
     }
 

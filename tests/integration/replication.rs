@@ -300,3 +300,77 @@ async fn repeated_leader_kills_always_elect_a_new_leader() {
         cluster.start_node(leader);
     }
 }
+
+/// A leader frozen (SIGSTOP) long enough for the others to elect a new
+/// one must not decide anything when it resumes: calls that reached it
+/// while it was frozen are refused, not allowed from its stale memory. So
+/// the new leader's consumption and the old one's never add up to more
+/// than the limit.
+#[tokio::test]
+async fn a_resumed_deposed_leader_decides_nothing() {
+    const CAPACITY: u64 = 100;
+    let cluster = Cluster::start(3, &["--limit-sync-ms", "50"]);
+    let old = cluster.leader().await;
+    let check = |cost| CheckRequest {
+        checks: vec![lc("frozen", tb(CAPACITY, 1, 3_600_000), Some(cost))],
+        all_or_nothing: false,
+    };
+    let mut to_old = cluster.node(old).limits().await;
+    let r = to_old.check(check(40)).await.unwrap().into_inner().results[0];
+    assert!(r.allowed && r.remaining == CAPACITY - 40);
+    let others: Vec<usize> = (0..3).filter(|i| *i != old).collect();
+    for &f in &others {
+        eventually_within(LONG, "the consumption to reach the followers", || async {
+            (live_limit_keys(cluster.node(f))? >= 1).then_some(())
+        })
+        .await;
+    }
+
+    signal(cluster.node(old), "-STOP");
+    let new = eventually_within(LONG, "a new leader among the others", || async {
+        let l = status(cluster.node(others[0])).await?.leader_id? as usize - 1;
+        (l != old).then_some(l)
+    })
+    .await;
+    let mut to_new = cluster.node(new).limits().await;
+    let r = eventually_within(LONG, "a decision from the new leader", || {
+        let mut c = to_new.clone();
+        async move { Some(c.check(check(0)).await.ok()?.into_inner().results[0]) }
+    })
+    .await;
+    assert_eq!(
+        r.remaining,
+        CAPACITY - 40,
+        "the synced consumption survived"
+    );
+    let r = to_new
+        .check(check(CAPACITY - 40))
+        .await
+        .unwrap()
+        .into_inner()
+        .results[0];
+    assert!(r.allowed, "{r:?}");
+
+    // Calls to the frozen leader wait in its socket until it resumes.
+    let mut pending = tokio::task::JoinSet::new();
+    for _ in 0..20 {
+        let mut c = to_old.clone();
+        pending.spawn(async move { c.check(check(1)).await });
+    }
+    // Not synchronisation: the assertion below holds whenever the calls
+    // arrive. Letting them reach the frozen process's socket first makes
+    // them meet it the moment it resumes, before it can notice anything.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    signal(cluster.node(old), "-CONT");
+    let mut allowed = 0;
+    while let Some(r) = pending.join_next().await {
+        match r.expect("call task") {
+            Ok(reply) => allowed += u64::from(reply.into_inner().results[0].allowed),
+            Err(status) => assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}"),
+        }
+    }
+    assert_eq!(
+        allowed, 0,
+        "the deposed leader allowed {allowed} checks beyond the limit"
+    );
+}
