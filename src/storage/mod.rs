@@ -88,6 +88,17 @@ const DURABLE: u64 = u64::MAX;
 /// 10,000 cells (under a MiB), so this bounds the tail to a few MiB.
 const RECENT: usize = 8;
 
+/// What a deletion records as the last purged log id.
+enum Purged {
+    Id(LogId),
+    /// The id of the entry at this index (read before it is deleted).
+    Index(u64),
+}
+
+/// Entries deleted per transaction when purging, so appends queued behind
+/// a purge wait for one small transaction, not for the whole purge.
+const PURGE_CHUNK: u64 = 256;
+
 enum Job {
     Append {
         seq: u64,
@@ -96,8 +107,9 @@ enum Job {
     },
     Delete {
         range: (Bound<u64>, Bound<u64>),
-        purged: Option<LogId>,
-        done: tokio::sync::oneshot::Sender<Result<(), String>>,
+        purged: Option<Purged>,
+        /// Told the outcome, if anyone waits for it (a purge does not).
+        done: Option<tokio::sync::oneshot::Sender<Result<(), String>>>,
     },
 }
 
@@ -109,6 +121,10 @@ pub struct Store {
     pending: Pending,
     writer: mpsc::Sender<Job>,
     next_seq: Arc<AtomicU64>,
+    /// The last purged log id as openraft was told, ahead of the writer
+    /// (purges are carried out in the background): reads never return
+    /// entries at or below it, and the log state reports it.
+    purged: Arc<Mutex<Option<LogId>>>,
 }
 
 fn write_thread(db: Arc<Database>, pending: Pending, jobs: mpsc::Receiver<Job>) {
@@ -131,7 +147,15 @@ fn write_thread(db: Arc<Database>, pending: Pending, jobs: mpsc::Receiver<Job>) 
                     done,
                 } => {
                     commit_appends(&db, &pending, std::mem::take(&mut appends));
-                    let _ = done.send(delete(&db, range, purged));
+                    let result = delete(&db, range, purged);
+                    match done {
+                        Some(done) => drop(done.send(result)),
+                        None => {
+                            if let Err(e) = result {
+                                tracing::error!(error = %e, "purging the log failed");
+                            }
+                        }
+                    }
                 }
             }
         }
@@ -213,11 +237,25 @@ fn from_tail<E: Clone>(
 fn delete(
     db: &Database,
     range: (Bound<u64>, Bound<u64>),
-    purged: Option<LogId>,
+    purged: Option<Purged>,
 ) -> Result<(), String> {
     let tx = db.begin_write().map_err(|e| e.to_string())?;
     {
         let mut table = tx.open_table(LOG).map_err(|e| e.to_string())?;
+        // The id recorded as last purged, in the same transaction as the
+        // deletion, so a crash between chunks leaves no hole.
+        let purged = match purged {
+            None => None,
+            Some(Purged::Id(id)) => Some(id),
+            Some(Purged::Index(i)) => match table.get(i).map_err(|e| e.to_string())? {
+                Some(v) => Some(
+                    serde_json::from_slice::<Entry>(v.value())
+                        .map_err(|e| e.to_string())?
+                        .log_id,
+                ),
+                None => None,
+            },
+        };
         table
             .retain_in::<u64, _>(range, |_, _| false)
             .map_err(|e| e.to_string())?;
@@ -255,6 +293,7 @@ impl Store {
             pending,
             writer,
             next_seq: Arc::default(),
+            purged: Arc::default(),
         })
     }
 
@@ -357,6 +396,25 @@ impl Store {
     /// Entries in the range: from the in-memory tail alone when it reaches
     /// back to the range's start, else committed ones overlaid with the tail.
     fn entries(&self, start: Bound<u64>, end: Bound<u64>) -> Result<Vec<Entry>, StorageError> {
+        let floor = self.first_unpurged();
+        let start = match start {
+            Bound::Included(i) if i >= floor => Bound::Included(i),
+            Bound::Excluded(i) if i.saturating_add(1) >= floor => Bound::Excluded(i),
+            _ => Bound::Included(floor),
+        };
+        let lo = match start {
+            Bound::Included(i) => i,
+            Bound::Excluded(i) => i.saturating_add(1),
+            Bound::Unbounded => 0,
+        };
+        let empty = match end {
+            Bound::Included(e) => lo > e,
+            Bound::Excluded(e) => lo >= e,
+            Bound::Unbounded => false,
+        };
+        if empty {
+            return Ok(Vec::new());
+        }
         if let Some(hit) = from_tail(
             &self.pending.lock().unwrap_or_else(|e| e.into_inner()),
             start,
@@ -380,6 +438,7 @@ impl Store {
         end: u64,
         budget: usize,
     ) -> Result<Vec<Entry>, StorageError> {
+        let start = start.max(self.first_unpurged());
         // The tail first (it is a contiguous suffix of the log, so every
         // index below its first one is in the file).
         let (tail_first, tail) = {
@@ -436,10 +495,34 @@ impl Store {
             p.last_key_value().map(|(_, (_, h))| h.entry.log_id)
         };
         let last = pending_last.max(self.last_committed_id()?);
+        let purged = *self.purged.lock().unwrap_or_else(|e| e.into_inner());
+        let last = last.filter(|l| Some(*l) > purged);
         match last {
             Some(l) => Ok(Some(l)),
-            None => self.get_meta(LAST_PURGED, ErrorSubject::Logs),
+            None => {
+                let stored: Option<LogId> = self.get_meta(LAST_PURGED, ErrorSubject::Logs)?;
+                Ok(stored.max(purged))
+            }
         }
+    }
+
+    /// The first index not purged.
+    fn first_unpurged(&self) -> u64 {
+        let p = self.purged.lock().unwrap_or_else(|e| e.into_inner());
+        p.map_or(0, |l| l.index + 1)
+    }
+
+    /// The lowest index in the file, if any.
+    fn first_index(&self) -> Result<Option<u64>, StorageError> {
+        let read = |e: &dyn std::fmt::Display| io_err(ErrorSubject::Logs, ErrorVerb::Read, e);
+        let tx = self.db.begin_read().map_err(|e| read(&e))?;
+        let table = match tx.open_table(LOG) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(read(&e)),
+        };
+        let first = table.first().map_err(|e| read(&e))?;
+        Ok(first.map(|(k, _)| k.value()))
     }
 
     fn last_committed_id(&self) -> Result<Option<LogId>, StorageError> {
@@ -464,7 +547,7 @@ impl Store {
     async fn delete_logs(
         &self,
         range: (Bound<u64>, Bound<u64>),
-        purged: Option<LogId>,
+        purged: Option<Purged>,
     ) -> Result<(), StorageError> {
         let write = |e: &dyn std::fmt::Display| io_err(ErrorSubject::Logs, ErrorVerb::Delete, e);
         {
@@ -479,7 +562,7 @@ impl Store {
             .send(Job::Delete {
                 range,
                 purged,
-                done,
+                done: Some(done),
             })
             .map_err(|_| write(&"the log writer stopped"))?;
         result
@@ -511,7 +594,8 @@ impl RaftLogStorage<TypeConfig> for Store {
     type LogReader = Store;
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
-        let last_purged_log_id: Option<LogId> = self.get_meta(LAST_PURGED, ErrorSubject::Logs)?;
+        let stored: Option<LogId> = self.get_meta(LAST_PURGED, ErrorSubject::Logs)?;
+        let last_purged_log_id = stored.max(*self.purged.lock().unwrap_or_else(|e| e.into_inner()));
         let last_log_id = self.last_log_id()?;
         Ok(LogState {
             last_purged_log_id,
@@ -585,12 +669,53 @@ impl RaftLogStorage<TypeConfig> for Store {
             .await
     }
 
+    /// Deletes the log up to `log_id` behind every earlier append, in
+    /// chunks of [`PURGE_CHUNK`] entries, and returns without waiting: a
+    /// purge after a snapshot can cover thousands of entries, and openraft
+    /// awaits this call on its main loop (no heartbeats meanwhile). The
+    /// snapshot covering them is already stored; each chunk records its
+    /// last id as purged, so the log never has a hole.
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
-        self.delete_logs(
-            (Bound::Unbounded, Bound::Included(log_id.index)),
-            Some(log_id),
-        )
-        .await
+        let write = |e: &dyn std::fmt::Display| io_err(ErrorSubject::Logs, ErrorVerb::Delete, e);
+        {
+            let mut purged = self.purged.lock().unwrap_or_else(|e| e.into_inner());
+            *purged = (*purged).max(Some(log_id));
+        }
+        {
+            let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            let doomed: Vec<u64> = p.range(..=log_id.index).map(|(i, _)| *i).collect();
+            for i in doomed {
+                p.remove(&i);
+            }
+        }
+        let first = self.first_index()?.unwrap_or(log_id.index);
+        let mut start = first.min(log_id.index);
+        loop {
+            let end = start.saturating_add(PURGE_CHUNK - 1).min(log_id.index);
+            let last = end == log_id.index;
+            self.writer
+                .send(Job::Delete {
+                    range: (
+                        if start == first {
+                            Bound::Unbounded
+                        } else {
+                            Bound::Included(start)
+                        },
+                        Bound::Included(end),
+                    ),
+                    purged: Some(if last {
+                        Purged::Id(log_id)
+                    } else {
+                        Purged::Index(end)
+                    }),
+                    done: None,
+                })
+                .map_err(|_| write(&"the log writer stopped"))?;
+            if last {
+                return Ok(());
+            }
+            start = end + 1;
+        }
     }
 }
 
@@ -729,6 +854,52 @@ mod tests {
         assert_eq!(indices(13, 15, 1), vec![13]);
         // The range's end is respected.
         assert_eq!(indices(8, 12, usize::MAX), vec![8, 9, 10, 11]);
+    }
+
+    #[test]
+    fn a_purge_returns_at_once_and_is_carried_out_in_chunks_behind_it() {
+        let dir = std::env::temp_dir().join(format!(
+            "arbiter-store-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _guard = TempDir(dir.clone());
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut store = Store::open(&dir).unwrap();
+        let tx = store.db.begin_write().unwrap();
+        {
+            let mut t = tx.open_table(LOG).unwrap();
+            for i in 1..=1000 {
+                t.insert(i, Store::json(&entry_of(i, 10)).as_slice())
+                    .unwrap();
+            }
+        }
+        tx.commit().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let upto = entry_of(700, 10).log_id;
+        rt.block_on(store.purge(upto)).unwrap();
+        // At once: nothing at or below the purged id is handed out, and the
+        // log state reports it.
+        let got = store
+            .entries(Bound::Included(600), Bound::Excluded(705))
+            .unwrap();
+        let first = got.first().map(|e| e.log_id.index);
+        assert_eq!((first, got.len()), (Some(701), 4));
+        assert_eq!(
+            store.limited_entries(1, 1001, usize::MAX).unwrap().len(),
+            300
+        );
+        let state = rt.block_on(store.get_log_state()).unwrap();
+        assert_eq!(state.last_purged_log_id, Some(upto));
+        // Behind it (a waited-for deletion queues after the purge's
+        // chunks): the file holds 701.. and records the purge.
+        rt.block_on(store.delete_logs((Bound::Included(5000), Bound::Unbounded), None))
+            .unwrap();
+        assert_eq!(store.first_index().unwrap(), Some(701));
+        let stored: Option<LogId> = store.get_meta(LAST_PURGED, ErrorSubject::Logs).unwrap();
+        assert_eq!(stored, Some(upto));
     }
 
     /// openraft's conformance suite for log storage and state machines.
