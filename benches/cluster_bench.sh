@@ -78,6 +78,9 @@ run "3-node lease (via follower)" "127.0.0.1:${C[$follower]}" lease
 : >"$work/failover"
 for t in $(seq "$TRIALS"); do
   leader=$(wait_leader "${C[1]}" 2>/dev/null || wait_leader "${C[2]}")
+  # Only the leader's own word counts (a restarted node may name a stale one).
+  for _ in $(seq 200); do [ "$(leader_of "${C[$leader]}")" = "$leader" ] && break; sleep 0.05
+    leader=$(wait_leader "${C[$(( leader % 3 + 1 ))]}"); done
   other=$(( leader % 3 + 1 ))
   kill -9 "${PIDS[n$leader]}"; wait "${PIDS[n$leader]}" 2>/dev/null || true
   t0=$(date +%s%N)

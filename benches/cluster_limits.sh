@@ -77,7 +77,10 @@ for r in $(seq "$ROUNDS"); do
   bench "batch100-via-follower" "${C[$follower]}" 100 "$KEYS" "$DURATION"
 done
 
-# A follower falling behind under sustained load.
+# A follower falling behind under sustained load (leadership may have moved
+# during the rounds above: look again).
+leader=$(wait_leader "${C[1]}")
+follower=$(( leader % 3 + 1 ))
 term_before=$(field "${C[$leader]}" term)
 bench "sustained-unary" "${C[$leader]}" 1 "$KEYS_BIG" "$UNARY_SECS"
 bench "sustained-batch100" "${C[$leader]}" 100 "$KEYS_BIG" "$BATCH_SECS" &
@@ -99,7 +102,8 @@ done
 wait "$load"
 term_after=$(field "${C[$leader]}" term)
 leader_after=$(field "${C[$leader]}" leader)
-grep -c "starting an election" "$work"/n*.log | sed 's/^/elections started: /' >&2 || true
+elections=$(cat "$work"/n*.log | grep -c "starting an election" || true)
+echo "elections started during the whole run: $elections"
 
 python3 - "$work/results" "$term_before" "$term_after" "$leader" "$leader_after" "$caught_up" <<'PY'
 import json, statistics, sys
