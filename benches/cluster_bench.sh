@@ -15,7 +15,8 @@ TRIALS=${TRIALS:-10}
 INFLIGHT=${INFLIGHT:-50}
 
 cargo build --release -j2 --bin arbiter --bin arbiter-bench >&2
-BIN=target/release/arbiter
+# BIN=path runs another build of the server (e.g. an older commit's, to compare).
+BIN=${BIN:-target/release/arbiter}
 BENCH=target/release/arbiter-bench
 work=$(mktemp -d)
 declare -A PIDS
