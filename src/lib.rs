@@ -6,7 +6,11 @@
 //!   `apply(command, now_ms)` is the single entry point for state changes.
 //! - [`clock`]: the one place time is read.
 //! - [`node`]: stamps commands with the time, serialises writes, fans out
-//!   lease events to watchers, runs sweeps.
+//!   lease events to watchers, runs sweeps, the rate-limit sync
+//!   (`node/limit_sync.rs`) and elections behind a pre-vote
+//!   (`node/election.rs`).
+//! - [`raft`]: openraft types, the state machine, the peer network and the
+//!   leader lease (`raft/lease.rs`); [`storage`]: the redb log store.
 //! - [`api`]: one file per gRPC service, proto⇄domain conversion with input
 //!   validation, and the single engine-error → status mapping.
 //! - [`server`]: binds ports, serves gRPC, health, reflection and metrics,
