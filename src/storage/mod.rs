@@ -670,7 +670,7 @@ impl RaftLogStorage<TypeConfig> for Store {
     }
 
     /// Deletes the log up to `log_id` behind every earlier append, in
-    /// chunks of [`PURGE_CHUNK`] entries, and returns without waiting: a
+    /// chunks of `PURGE_CHUNK` entries, and returns without waiting: a
     /// purge after a snapshot can cover thousands of entries, and openraft
     /// awaits this call on its main loop (no heartbeats meanwhile). The
     /// snapshot covering them is already stored; each chunk records its
