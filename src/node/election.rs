@@ -59,9 +59,10 @@ pub struct PreVoteResponse {
 }
 
 impl Node {
-    /// Milliseconds on this process's monotonic clock.
+    /// Milliseconds on this process's monotonic clock (the one the leader
+    /// lease is timed on).
     fn mono_ms(&self) -> u64 {
-        self.started.elapsed().as_millis() as u64
+        self.lease.now_ms()
     }
 
     /// Notes that a leader (or a candidate this node voted for) was heard
@@ -103,9 +104,15 @@ impl Node {
     /// Whether this node would vote in an election now (see the module
     /// notes).
     pub fn grants_pre_vote(&self, ask: &PreVoteRequest) -> bool {
-        let m = self.raft.metrics().borrow().clone();
-        let leader_gone = if m.state == ServerState::Leader {
-            !self.lease.holds(m.vote.leader_id().get_term())
+        let (leading, term) = {
+            let m = self.server.borrow();
+            (
+                m.state == ServerState::Leader,
+                m.vote.leader_id().get_term(),
+            )
+        };
+        let leader_gone = if leading {
+            !self.lease.holds(term)
         } else {
             self.ms_since_leader_contact() >= LEADER_LEASE_MS
         };

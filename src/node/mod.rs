@@ -130,10 +130,8 @@ pub struct Node {
     lease: Arc<LeaderLease>,
     /// The log (read by the pre-vote to compare logs).
     store: Store,
-    /// When this process started (the origin of `leader_contact`).
-    started: Instant,
-    /// Monotonic ms since `started` at which this node last heard from a
-    /// leader (see `election`).
+    /// When (the lease's monotonic ms) this node last heard from a leader
+    /// (see `election`).
     leader_contact: AtomicU64,
     clock: Arc<dyn Clock>,
     last_now: AtomicU64,
@@ -259,7 +257,6 @@ impl Node {
             extended_term: AtomicU64::new(0),
             lease,
             store,
-            started: Instant::now(),
             leader_contact: AtomicU64::new(0),
             clock,
             last_now: AtomicU64::new(0),

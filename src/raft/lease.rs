@@ -63,11 +63,6 @@ impl LeaderLease {
         self.origin.elapsed().as_millis() as u64
     }
 
-    /// Monotonic ms of `at`.
-    pub fn ms_of(&self, at: Instant) -> u64 {
-        at.saturating_duration_since(self.origin).as_millis() as u64
-    }
-
     /// Who votes (from the membership; kept current by the node).
     pub fn set_voters(&self, me: NodeId, voters: BTreeSet<NodeId>) {
         let mut a = self.acks.lock().unwrap_or_else(|e| e.into_inner());

@@ -47,6 +47,10 @@ const STORE_CACHE_BYTES: usize = 8 << 20;
 /// Most appends grouped into one transaction.
 const GROUP: usize = 1024;
 
+fn log_read_err(e: &dyn std::fmt::Display) -> StorageError {
+    io_err(ErrorSubject::Logs, ErrorVerb::Read, e)
+}
+
 fn io_err(
     subject: ErrorSubject<NodeId>,
     verb: ErrorVerb,
@@ -369,28 +373,41 @@ impl Store {
         )
     }
 
+    /// Runs `f` on the log table in a read transaction; `None` when the
+    /// table does not exist yet (nothing was ever appended).
+    fn read_log<R>(
+        &self,
+        f: impl FnOnce(&redb::ReadOnlyTable<u64, &'static [u8]>) -> Result<R, StorageError>,
+    ) -> Result<Option<R>, StorageError> {
+        let tx = self.db.begin_read().map_err(|e| log_read_err(&e))?;
+        match tx.open_table(LOG) {
+            Ok(table) => f(&table).map(Some),
+            Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
+            Err(e) => Err(log_read_err(&e)),
+        }
+    }
+
     /// Committed entries in the range.
     fn committed_entries(
         &self,
         start: Bound<u64>,
         end: Bound<u64>,
     ) -> Result<BTreeMap<u64, Entry>, StorageError> {
-        let read = |e: &dyn std::fmt::Display| io_err(ErrorSubject::Logs, ErrorVerb::Read, e);
-        let tx = self.db.begin_read().map_err(|e| read(&e))?;
-        let table = match tx.open_table(LOG) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(BTreeMap::new()),
-            Err(e) => return Err(read(&e)),
-        };
-        let mut out = BTreeMap::new();
-        for item in table.range::<u64>((start, end)).map_err(|e| read(&e))? {
-            let (k, v) = item.map_err(|e| read(&e))?;
-            out.insert(
-                k.value(),
-                serde_json::from_slice(v.value()).map_err(|e| read(&e))?,
-            );
-        }
-        Ok(out)
+        let entries = self.read_log(|table| {
+            let mut out = BTreeMap::new();
+            for item in table
+                .range::<u64>((start, end))
+                .map_err(|e| log_read_err(&e))?
+            {
+                let (k, v) = item.map_err(|e| log_read_err(&e))?;
+                out.insert(
+                    k.value(),
+                    serde_json::from_slice(v.value()).map_err(|e| log_read_err(&e))?,
+                );
+            }
+            Ok(out)
+        })?;
+        Ok(entries.unwrap_or_default())
     }
 
     /// Entries in the range: from the in-memory tail alone when it reaches
@@ -459,22 +476,23 @@ impl Store {
         let mut bytes = 0;
         let file_end = end.min(tail_first);
         if start < file_end {
-            let read = |e: &dyn std::fmt::Display| io_err(ErrorSubject::Logs, ErrorVerb::Read, e);
-            let tx = self.db.begin_read().map_err(|e| read(&e))?;
-            match tx.open_table(LOG) {
-                Ok(table) => {
-                    for item in table.range::<u64>(start..file_end).map_err(|e| read(&e))? {
-                        let (_, v) = item.map_err(|e| read(&e))?;
-                        let v = v.value();
-                        if !out.is_empty() && bytes + v.len() > budget {
-                            return Ok(out);
-                        }
-                        bytes += v.len();
-                        out.push(serde_json::from_slice(v).map_err(|e| read(&e))?);
+            let over_budget = self.read_log(|table| {
+                for item in table
+                    .range::<u64>(start..file_end)
+                    .map_err(|e| log_read_err(&e))?
+                {
+                    let (_, v) = item.map_err(|e| log_read_err(&e))?;
+                    let v = v.value();
+                    if !out.is_empty() && bytes + v.len() > budget {
+                        return Ok(true);
                     }
+                    bytes += v.len();
+                    out.push(serde_json::from_slice(v).map_err(|e| log_read_err(&e))?);
                 }
-                Err(redb::TableError::TableDoesNotExist(_)) => {}
-                Err(e) => return Err(read(&e)),
+                Ok(false)
+            })?;
+            if over_budget == Some(true) {
+                return Ok(out);
             }
         }
         for h in tail {
@@ -514,31 +532,23 @@ impl Store {
 
     /// The lowest index in the file, if any.
     fn first_index(&self) -> Result<Option<u64>, StorageError> {
-        let read = |e: &dyn std::fmt::Display| io_err(ErrorSubject::Logs, ErrorVerb::Read, e);
-        let tx = self.db.begin_read().map_err(|e| read(&e))?;
-        let table = match tx.open_table(LOG) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
-            Err(e) => return Err(read(&e)),
-        };
-        let first = table.first().map_err(|e| read(&e))?;
-        Ok(first.map(|(k, _)| k.value()))
+        let first = self.read_log(|table| {
+            let first = table.first().map_err(|e| log_read_err(&e))?;
+            Ok(first.map(|(k, _)| k.value()))
+        })?;
+        Ok(first.flatten())
     }
 
     fn last_committed_id(&self) -> Result<Option<LogId>, StorageError> {
-        let read = |e: &dyn std::fmt::Display| io_err(ErrorSubject::Logs, ErrorVerb::Read, e);
-        let tx = self.db.begin_read().map_err(|e| read(&e))?;
-        let table = match tx.open_table(LOG) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
-            Err(e) => return Err(read(&e)),
-        };
-        let last = table.last().map_err(|e| read(&e))?;
-        let entry: Option<Entry> = match last {
-            Some((_, v)) => Some(serde_json::from_slice(v.value()).map_err(|e| read(&e))?),
-            None => None,
-        };
-        Ok(entry.map(|e| e.log_id))
+        let last = self.read_log(|table| match table.last().map_err(|e| log_read_err(&e))? {
+            Some((_, v)) => {
+                let entry: Entry =
+                    serde_json::from_slice(v.value()).map_err(|e| log_read_err(&e))?;
+                Ok(Some(entry.log_id))
+            }
+            None => Ok(None),
+        })?;
+        Ok(last.flatten())
     }
 
     /// Deletes entries with index in `range`: pending ones at once,

@@ -43,6 +43,19 @@ fn live_limit_keys(s: &Server) -> Option<u64> {
         .map(|v| v as u64)
 }
 
+/// Every node still reports the term and leader of `before`.
+async fn assert_no_leader_change(cluster: &Cluster, before: &ClusterStatusResponse) {
+    for i in 0..3 {
+        let s = status(cluster.node(i)).await.expect("status");
+        assert_eq!(
+            (s.term, s.leader_id),
+            (before.term, before.leader_id),
+            "node {} saw a leader change",
+            i + 1
+        );
+    }
+}
+
 fn signal(s: &Server, sig: &str) {
     let ok = std::process::Command::new("kill")
         .args([sig, &s.pid().to_string()])
@@ -94,15 +107,7 @@ async fn a_burst_of_long_keys_replicates_and_survives_the_leaders_kill9() {
         )
         .await;
     }
-    for i in 0..3 {
-        let s = status(cluster.node(i)).await.expect("status");
-        assert_eq!(
-            (s.term, s.leader_id),
-            (before.term, before.leader_id),
-            "node {} saw a leader change",
-            i + 1
-        );
-    }
+    assert_no_leader_change(&cluster, &before).await;
 
     cluster.kill9(leader);
     let survivor = (leader + 1) % 3;
@@ -251,15 +256,7 @@ async fn a_paused_follower_catches_up_without_failed_calls_or_a_leader_change() 
         &errors[..errors.len().min(5)]
     );
     assert!(ok > 0);
-    for i in 0..3 {
-        let s = status(cluster.node(i)).await.expect("status");
-        assert_eq!(
-            (s.term, s.leader_id),
-            (before.term, before.leader_id),
-            "node {} saw a leader change",
-            i + 1
-        );
-    }
+    assert_no_leader_change(&cluster, &before).await;
 }
 
 /// Leader after leader killed, each time right after the previous victim
