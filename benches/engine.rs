@@ -7,7 +7,9 @@
 
 use std::hint::black_box;
 
-use arbiter::engine::{Command, Engine, EngineConfig, LimitCheck, LimitDef};
+use arbiter::engine::{
+    Acquire, Begin, Command, Engine, EngineConfig, LimitCheck, LimitDef, Release,
+};
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 
 const BUCKET: LimitDef = LimitDef::TokenBucket {
@@ -139,25 +141,25 @@ fn leases(c: &mut Criterion) {
             |(name, holder, now)| {
                 let a = engine
                     .apply(
-                        Command::Acquire {
+                        Command::Acquire(Acquire {
                             name: name.clone(),
                             holder: holder.clone(),
                             ttl_ms: 10_000,
-                        },
+                        }),
                         now,
                     )
                     .expect("granted");
                 let token = match a.outcome {
-                    arbiter::engine::Outcome::Acquired { lease, .. } => lease.fencing_token,
+                    arbiter::engine::Outcome::Acquire(a) => a.lease.fencing_token,
                     other => panic!("{other:?}"),
                 };
                 engine
                     .apply(
-                        Command::Release {
+                        Command::Release(Release {
                             name,
                             holder,
                             fencing_token: token,
-                        },
+                        }),
                         now,
                     )
                     .expect("released")
@@ -186,12 +188,12 @@ fn idempotency(c: &mut Criterion) {
             |(key, n)| {
                 engine
                     .apply(
-                        Command::Begin {
+                        Command::Begin(Begin {
                             key,
                             fingerprint: b"sha256:0123456789abcdef".to_vec(),
                             lock_ttl_ms: 30_000,
                             retention_ms: 86_400_000,
-                        },
+                        }),
                         n,
                     )
                     .expect("begun")

@@ -3,6 +3,7 @@
 //! errors (1) or, for `check`, when the check is denied (2).
 
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
@@ -303,7 +304,13 @@ pub async fn run(cli: Cli) -> ExitCode {
     let result = match cli.command {
         Cmd::Serve(config) => {
             init_logging(&config);
-            return match crate::server::run(*config, termination()).await {
+            return match crate::server::run(
+                *config,
+                Arc::new(crate::clock::SystemClock),
+                termination(),
+            )
+            .await
+            {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!(error = %e, "arbiter failed");

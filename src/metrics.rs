@@ -111,7 +111,7 @@ impl Metrics {
     }
 
     fn refresh(&self, node: &Node) {
-        let (keys, leases, records, bytes) = node.engine().counts();
+        let (keys, leases, records, bytes) = node.counts();
         self.limit_keys.set(keys as f64);
         self.leases.set(leases as f64);
         self.records.set(records as f64);

@@ -11,17 +11,16 @@ use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
 
 use crate::api::{self, Bounds, Shared};
-use crate::clock::SystemClock;
+use crate::clock::Clock;
 use crate::config::Config;
 use crate::metrics::{self, Metrics};
-use crate::node::Node;
+use crate::node::{self, Node, PeerService};
 use crate::proto::cluster_server::ClusterServer;
 use crate::proto::idempotency_server::IdempotencyServer;
 use crate::proto::leases_server::LeasesServer;
 use crate::proto::raft_peer_server::RaftPeerServer;
 use crate::proto::rate_limiter_server::RateLimiterServer;
 use crate::raft::network::PEER_MESSAGE_LIMIT;
-use crate::raft::peer_service::PeerService;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -47,18 +46,41 @@ pub enum ServerError {
     Serve(#[from] tonic::transport::Error),
 }
 
-const GRPC_SERVICES: [&str; 3] = [
-    "arbiter.v1.RateLimiter",
-    "arbiter.v1.Leases",
-    "arbiter.v1.Idempotency",
-];
+/// The addresses a started server listens on (ports chosen by the system
+/// when the configuration asked for port 0).
+#[derive(Clone, Copy, Debug)]
+pub struct Addrs {
+    pub client: SocketAddr,
+    pub peer: SocketAddr,
+    pub metrics: SocketAddr,
+}
+
+/// A started server: its ports are bound and its node runs; it serves
+/// clients until [`Started::serve_until`].
+pub struct Started {
+    pub addrs: Addrs,
+    config: Config,
+    node: Arc<Node>,
+    listener: tokio::net::TcpListener,
+    routes: tonic::service::Routes,
+    health: tonic_health::server::HealthReporter,
+    peer_stop: tokio::sync::oneshot::Sender<()>,
+    peer_server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+}
 
 /// Serves until `shutdown` resolves, then stops accepting, lets in-flight
 /// calls finish (up to `shutdown_grace_ms`), ends watch streams and returns.
+/// Commands are stamped with `clock`'s time.
 pub async fn run(
     config: Config,
+    clock: Arc<dyn Clock>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
+    start(config, clock).await?.serve_until(shutdown).await
+}
+
+/// Binds the ports, opens the data directory and starts the node.
+pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Started, ServerError> {
     std::fs::create_dir_all(&config.data_dir).map_err(|source| ServerError::DataDir {
         path: config.data_dir.clone(),
         source,
@@ -81,7 +103,6 @@ pub async fn run(
     let membership = config
         .membership(peer_addr, hostname.as_deref())
         .map_err(ServerError::Cluster)?;
-    let node_id = membership.id;
     let metrics_listener = tokio::net::TcpListener::bind(config.metrics_listen)
         .await
         .map_err(bind_err(config.metrics_listen))?;
@@ -101,14 +122,16 @@ pub async fn run(
         }
     };
     let metrics = Arc::new(Metrics::new());
-    let node = Node::start(
-        config.engine(),
-        &config.data_dir,
+    let node = Node::start(node::Options {
+        engine: config.engine(),
+        data_dir: config.data_dir.clone(),
         membership,
-        config.snapshot_logs,
-        Duration::from_millis(config.leader_wait_ms.max(1)),
-        Arc::new(SystemClock),
-    )
+        snapshot_logs: config.snapshot_logs,
+        leader_wait: Duration::from_millis(config.leader_wait_ms.max(1)),
+        limit_sync: Duration::from_millis(config.limit_sync_ms.max(1)),
+        limit_sweep: Duration::from_millis(config.sweep_interval_ms.max(1)),
+        clock,
+    })
     .await?;
 
     // Raft traffic keeps flowing while client calls drain; it stops last.
@@ -135,52 +158,23 @@ pub async fn run(
     health
         .set_service_status("", tonic_health::ServingStatus::Serving)
         .await;
-    tokio::spawn(report_readiness(node.clone(), health.clone()));
+    node.spawn_task(
+        "readiness",
+        node::report_readiness(node.clone(), health.clone()),
+    );
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
-
-    tokio::spawn(
-        node.clone()
-            .run_limit_sync(Duration::from_millis(config.limit_sync_ms.max(1))),
-    );
-    tokio::spawn(
-        node.clone()
-            .run_sweeper(Duration::from_millis(config.sweep_interval_ms.max(1))),
-    );
-    tokio::spawn(metrics::serve(
-        metrics_listener,
-        handle,
-        metrics,
-        node.clone(),
-        node.shutdown_signal(),
-    ));
-
-    // Shutdown order: mark NOT_SERVING, end watch streams and background
-    // tasks, stop accepting; tonic then waits for in-flight calls.
-    let stopping = {
-        let node = node.clone();
-        let health = health.clone();
-        async move {
-            shutdown.await;
-            tracing::info!("shutting down: draining in-flight calls");
-            for name in GRPC_SERVICES.iter().chain(&[""]) {
-                health
-                    .set_service_status(*name, tonic_health::ServingStatus::NotServing)
-                    .await;
-            }
-            node.begin_shutdown();
-        }
-    };
-
-    tracing::info!(
-        client = %client_addr,
-        peer = %peer_addr,
-        node_id,
-        metrics = %metrics_addr,
-        data_dir = %config.data_dir.display(),
-        "arbiter serving"
+    node.spawn_task(
+        "metrics",
+        metrics::serve(
+            metrics_listener,
+            handle,
+            metrics,
+            node.clone(),
+            node.shutdown_signal(),
+        ),
     );
 
     let routes = tonic::service::Routes::new(health_service)
@@ -196,61 +190,88 @@ pub async fn run(
         ))
         .add_service(ClusterServer::new(api::cluster::ClusterService(shared)))
         .prepare();
-    let threads = config
-        .worker_threads
-        .filter(|n| *n > 0)
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let serving = serving::spawn(threads, routes, stopping).map_err(ServerError::Runtime)?;
-    serving::accept(listener, &serving);
-
-    let mut stopped = node.shutdown_signal();
-    let grace = Duration::from_millis(config.shutdown_grace_ms);
-    tokio::select! {
-        r = serving.finished() => r?,
-        _ = async { Node::stopped(&mut stopped).await; tokio::time::sleep(grace).await } => {
-            tracing::warn!(grace_ms = config.shutdown_grace_ms, "in-flight calls outlived the shutdown grace period");
-        }
-    }
-    node.stop_raft().await;
-    let _ = peer_stop.send(());
-    let _ = peer_server.await;
-    tracing::info!("arbiter stopped");
-    Ok(())
+    let addrs = Addrs {
+        client: client_addr,
+        peer: peer_addr,
+        metrics: metrics_addr,
+    };
+    tracing::info!(
+        client = %addrs.client,
+        peer = %addrs.peer,
+        node_id = node.id(),
+        metrics = %addrs.metrics,
+        data_dir = %config.data_dir.display(),
+        "arbiter serving"
+    );
+    Ok(Started {
+        addrs,
+        config,
+        node,
+        listener,
+        routes,
+        health,
+        peer_stop,
+        peer_server,
+    })
 }
 
-/// Readiness: the named services are SERVING only while this node knows a
-/// leader and has applied every entry in its log; NOT_SERVING otherwise.
-async fn report_readiness(node: Arc<Node>, health: tonic_health::server::HealthReporter) {
-    const RECHECK: Duration = Duration::from_millis(100);
-    let mut metrics = node.raft().metrics();
-    let mut shutdown = node.shutdown_signal();
-    let mut last = None;
-    loop {
-        let ready = {
-            let m = metrics.borrow_and_update();
-            // openraft 0.9 does not publish the commit index; a node whose
-            // log is fully applied and that is in touch with a leader is
-            // caught up.
-            m.last_applied.is_some() && m.last_applied.map(|l| l.index) >= m.last_log_index
-        } && node.in_touch_with_leader();
-        if last != Some(ready) {
-            let status = if ready {
-                tonic_health::ServingStatus::Serving
-            } else {
-                tonic_health::ServingStatus::NotServing
-            };
-            for name in GRPC_SERVICES {
-                health.set_service_status(name, status).await;
+impl Started {
+    /// The node, for tests that look inside.
+    pub fn node(&self) -> &Arc<Node> {
+        &self.node
+    }
+
+    /// Serves clients until `shutdown` resolves, then shuts down in order:
+    /// mark NOT_SERVING, end watch streams, stop accepting, let in-flight
+    /// calls finish (up to `--shutdown-grace-ms`), stop the node's loops,
+    /// Raft, and the peer port.
+    pub async fn serve_until(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServerError> {
+        let Started {
+            config,
+            node,
+            listener,
+            routes,
+            health,
+            peer_stop,
+            peer_server,
+            ..
+        } = self;
+        let stopping = {
+            let node = node.clone();
+            async move {
+                shutdown.await;
+                tracing::info!("shutting down: draining in-flight calls");
+                for name in node::READY_SERVICES.iter().chain(&[""]) {
+                    health
+                        .set_service_status(*name, tonic_health::ServingStatus::NotServing)
+                        .await;
+                }
+                node.begin_shutdown();
             }
-            last = Some(ready);
-        }
-        // Losing touch with the leader is a matter of time passing, with
-        // no event to wake on: look again at least every `RECHECK`.
+        };
+        let threads = config
+            .worker_threads
+            .filter(|n| *n > 0)
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        let serving = serving::spawn(threads, routes, stopping).map_err(ServerError::Runtime)?;
+        serving::accept(listener, &serving);
+
+        let mut stopped = node.shutdown_signal();
+        let grace = Duration::from_millis(config.shutdown_grace_ms);
         tokio::select! {
-            r = metrics.changed() => if r.is_err() { return },
-            _ = tokio::time::sleep(RECHECK) => {}
-            _ = Node::stopped(&mut shutdown) => return,
+            r = serving.finished() => r?,
+            _ = async { Node::stopped(&mut stopped).await; tokio::time::sleep(grace).await } => {
+                tracing::warn!(grace_ms = config.shutdown_grace_ms, "in-flight calls outlived the shutdown grace period");
+            }
         }
+        node.stop().await;
+        let _ = peer_stop.send(());
+        let _ = peer_server.await;
+        tracing::info!("arbiter stopped");
+        Ok(())
     }
 }
 

@@ -4,7 +4,7 @@ use openraft::ServerState;
 use tonic::{Request, Response, Status};
 
 use super::{error, Shared};
-use crate::node::Call;
+use crate::node::{AddMember, RemoveMember};
 use crate::proto::cluster_server::Cluster;
 use crate::proto::{
     AddMemberRequest, ClusterStatusRequest, ClusterStatusResponse, Member, RemoveMemberRequest,
@@ -64,7 +64,7 @@ impl Cluster for ClusterService {
         }
         self.0
             .node
-            .route(Call::AddMember {
+            .execute(AddMember {
                 id: r.id,
                 peer_addr: r.peer_addr,
             })
@@ -79,7 +79,9 @@ impl Cluster for ClusterService {
     ) -> Result<Response<ClusterStatusResponse>, Status> {
         self.0
             .node
-            .route(Call::RemoveMember(request.into_inner().id))
+            .execute(RemoveMember {
+                id: request.into_inner().id,
+            })
             .await
             .map_err(error::node_status)?;
         Ok(Response::new(self.status()))

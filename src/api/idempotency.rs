@@ -5,8 +5,9 @@ use std::time::Instant;
 use tonic::{Request, Response, Status};
 
 use super::{convert, error, Shared};
-use crate::engine::{BeginOutcome, Command, Outcome};
+use crate::engine::{Abort, Begin, BeginOutcome, Complete};
 use crate::metrics::Rpc;
+use crate::node::{GetRecord, Stamped};
 use crate::proto::idempotency_server::Idempotency;
 use crate::proto::{
     AbortRequest, AbortResponse, BeginRequest, BeginResponse, CompleteRequest, CompleteResponse,
@@ -36,22 +37,18 @@ impl Idempotency for IdempotencyService {
                 ms
             }
         };
-        let (outcome, _) = s
+        let outcome = s
             .node
-            .write(Command::Begin {
+            .execute(Begin {
                 key: r.key,
                 fingerprint: r.fingerprint,
                 lock_ttl_ms: r.lock_ttl_ms,
                 retention_ms,
             })
             .await
-            .map_err(error::node_status)?;
+            .map_err(error::node_status)?
+            .value;
         s.metrics.observe(Rpc::Begin, start);
-        let Outcome::Begun(outcome) = outcome else {
-            return Err(Status::internal(format!(
-                "unexpected engine outcome {outcome:?}"
-            )));
-        };
         let reply = match outcome {
             BeginOutcome::Started { attempt } => BeginResponse {
                 outcome: PbOutcome::Started as i32,
@@ -92,7 +89,7 @@ impl Idempotency for IdempotencyService {
         convert::key(&r.key, || "key".into())?;
         convert::bytes(&r.response, "response", s.bounds.max_response_bytes)?;
         s.node
-            .write(Command::Complete {
+            .execute(Complete {
                 key: r.key,
                 attempt: r.attempt,
                 response: r.response,
@@ -113,7 +110,7 @@ impl Idempotency for IdempotencyService {
         let r = request.into_inner();
         convert::key(&r.key, || "key".into())?;
         s.node
-            .write(Command::Abort {
+            .execute(Abort {
                 key: r.key,
                 attempt: r.attempt,
             })
@@ -132,10 +129,14 @@ impl Idempotency for IdempotencyService {
         let s = &self.0;
         let r = request.into_inner();
         convert::key(&r.key, || "key".into())?;
-        let (record, now) = s.node.record(&r.key).await.map_err(error::node_status)?;
+        let Stamped { value, now_ms } = s
+            .node
+            .execute(GetRecord { key: r.key.clone() })
+            .await
+            .map_err(error::node_status)?;
         s.metrics.observe(Rpc::GetRecord, start);
         Ok(Response::new(GetRecordResponse {
-            record: record.map(|rec| convert::record(r.key, rec, now)),
+            record: value.map(|rec| convert::record(r.key, rec, now_ms)),
         }))
     }
 }

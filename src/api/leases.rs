@@ -10,8 +10,9 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use super::{convert, error, Shared};
-use crate::engine::{Command, Outcome};
+use crate::engine::{Acquire, Release, Renew};
 use crate::metrics::Rpc;
+use crate::node::{GetLease, Stamped};
 use crate::proto::leases_server::Leases;
 use crate::proto::{
     lease_event, AcquireRequest, AcquireResponse, GetLeaseRequest, GetLeaseResponse, LeaseEvent,
@@ -28,10 +29,6 @@ fn name_and_holder(name: &str, holder: &str) -> Result<(), Status> {
     convert::key(holder, || "holder".into())
 }
 
-fn unexpected(outcome: Outcome) -> Status {
-    Status::internal(format!("unexpected engine outcome {outcome:?}"))
-}
-
 #[tonic::async_trait]
 impl Leases for LeasesService {
     #[tracing::instrument(level = "debug", skip_all, fields(name, holder))]
@@ -44,9 +41,9 @@ impl Leases for LeasesService {
         let r = request.into_inner();
         name_and_holder(&r.name, &r.holder)?;
         convert::ttl(r.ttl_ms, "ttl_ms", s.bounds.max_ttl_ms)?;
-        let (outcome, now) = s
+        let Stamped { value, now_ms } = s
             .node
-            .write(Command::Acquire {
+            .execute(Acquire {
                 name: r.name,
                 holder: r.holder,
                 ttl_ms: r.ttl_ms,
@@ -54,13 +51,10 @@ impl Leases for LeasesService {
             .await
             .map_err(error::node_status)?;
         s.metrics.observe(Rpc::Acquire, start);
-        match outcome {
-            Outcome::Acquired { acquired, lease } => Ok(Response::new(AcquireResponse {
-                acquired,
-                lease: Some(convert::lease(lease, now)),
-            })),
-            other => Err(unexpected(other)),
-        }
+        Ok(Response::new(AcquireResponse {
+            acquired: value.acquired,
+            lease: Some(convert::lease(value.lease, now_ms)),
+        }))
     }
 
     #[tracing::instrument(level = "debug", skip_all)]
@@ -73,9 +67,9 @@ impl Leases for LeasesService {
         let r = request.into_inner();
         name_and_holder(&r.name, &r.holder)?;
         convert::ttl(r.ttl_ms, "ttl_ms", s.bounds.max_ttl_ms)?;
-        let (outcome, now) = s
+        let Stamped { value, now_ms } = s
             .node
-            .write(Command::Renew {
+            .execute(Renew {
                 name: r.name,
                 holder: r.holder,
                 fencing_token: r.fencing_token,
@@ -84,12 +78,9 @@ impl Leases for LeasesService {
             .await
             .map_err(error::node_status)?;
         s.metrics.observe(Rpc::Renew, start);
-        match outcome {
-            Outcome::Renewed(lease) => Ok(Response::new(RenewResponse {
-                lease: Some(convert::lease(lease, now)),
-            })),
-            other => Err(unexpected(other)),
-        }
+        Ok(Response::new(RenewResponse {
+            lease: Some(convert::lease(value, now_ms)),
+        }))
     }
 
     #[tracing::instrument(level = "debug", skip_all)]
@@ -101,9 +92,9 @@ impl Leases for LeasesService {
         let s = &self.0;
         let r = request.into_inner();
         name_and_holder(&r.name, &r.holder)?;
-        let (outcome, now) = s
+        let Stamped { value, now_ms } = s
             .node
-            .write(Command::Release {
+            .execute(Release {
                 name: r.name,
                 holder: r.holder,
                 fencing_token: r.fencing_token,
@@ -111,12 +102,9 @@ impl Leases for LeasesService {
             .await
             .map_err(error::node_status)?;
         s.metrics.observe(Rpc::Release, start);
-        match outcome {
-            Outcome::Released(lease) => Ok(Response::new(ReleaseResponse {
-                lease: Some(convert::lease(lease, now)),
-            })),
-            other => Err(unexpected(other)),
-        }
+        Ok(Response::new(ReleaseResponse {
+            lease: Some(convert::lease(value, now_ms)),
+        }))
     }
 
     #[tracing::instrument(level = "debug", skip_all)]
@@ -128,10 +116,14 @@ impl Leases for LeasesService {
         let s = &self.0;
         let r = request.into_inner();
         convert::key(&r.name, || "name".into())?;
-        let (lease, now) = s.node.lease(&r.name).await.map_err(error::node_status)?;
+        let Stamped { value, now_ms } = s
+            .node
+            .execute(GetLease { name: r.name })
+            .await
+            .map_err(error::node_status)?;
         s.metrics.observe(Rpc::GetLease, start);
         Ok(Response::new(GetLeaseResponse {
-            lease: lease.map(|l| convert::lease(l, now)),
+            lease: value.map(|l| convert::lease(l, now_ms)),
         }))
     }
 

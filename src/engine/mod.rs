@@ -12,6 +12,7 @@
 pub mod idempotency;
 pub mod leases;
 pub mod limits;
+pub mod ops;
 
 use std::sync::{Mutex, MutexGuard};
 
@@ -20,6 +21,7 @@ use serde::{Deserialize, Serialize};
 pub use idempotency::{BeginOutcome, Record, RecordState, RecordTable};
 pub use leases::{Lease, LeaseEvent, LeaseEventKind, LeaseTable};
 pub use limits::{Cell, LimitCheck, LimitDef, LimitResult, LimitTable, PackedCells};
+pub use ops::{Abort, Acquire, Acquired, Begin, Command, Complete, Outcome, Release, Renew, Write};
 
 /// Why a command was refused. Malformed input is rejected before it becomes a
 /// command, so these are the refusals a well-formed command can still get.
@@ -62,77 +64,6 @@ impl Default for EngineConfig {
     }
 }
 
-/// A state change, serializable so it can travel through a replicated log.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Command {
-    Check {
-        checks: Vec<LimitCheck>,
-        all_or_nothing: bool,
-    },
-    /// Rate-limit state replicated from the deciding node: plain upserts.
-    /// (Written by earlier versions; still applied when read from a log.)
-    SyncLimits {
-        cells: Vec<(String, Cell)>,
-    },
-    /// The same, packed: what the leader writes now.
-    SyncCells {
-        cells: PackedCells,
-    },
-    Acquire {
-        name: String,
-        holder: String,
-        ttl_ms: u64,
-    },
-    Renew {
-        name: String,
-        holder: String,
-        fencing_token: u64,
-        ttl_ms: u64,
-    },
-    Release {
-        name: String,
-        holder: String,
-        fencing_token: u64,
-    },
-    Begin {
-        key: String,
-        fingerprint: Vec<u8>,
-        lock_ttl_ms: u64,
-        retention_ms: u64,
-    },
-    Complete {
-        key: String,
-        attempt: u64,
-        response: Vec<u8>,
-    },
-    Abort {
-        key: String,
-        attempt: u64,
-    },
-    /// Purges lapsed leases (reporting them expired) and records.
-    Sweep,
-    /// Pushes every live lease's deadline `by_ms` later: proposed by a new
-    /// leader, so a failover never shortens a lease.
-    ExtendLeases {
-        by_ms: u64,
-    },
-}
-
-/// What a command did.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Outcome {
-    Checked(Vec<LimitResult>),
-    Synced,
-    Acquired { acquired: bool, lease: Lease },
-    Renewed(Lease),
-    Released(Lease),
-    Begun(BeginOutcome),
-    Completed,
-    Aborted,
-    Swept { leases: usize, records: usize },
-    Extended(usize),
-}
-
 /// An applied command's outcome and the lease changes it caused.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Applied {
@@ -140,10 +71,12 @@ pub struct Applied {
     pub events: Vec<LeaseEvent>,
 }
 
+/// The replicated tables (leases and idempotency records), changed only by
+/// applying [`Command`]s.
 #[derive(Debug, Default)]
-struct Durable {
-    leases: LeaseTable,
-    records: RecordTable,
+pub struct Tables {
+    pub(crate) leases: LeaseTable,
+    pub(crate) records: RecordTable,
 }
 
 /// Everything the engine holds, for snapshots and restore.
@@ -157,29 +90,17 @@ pub struct Snapshot {
 pub struct Engine {
     config: EngineConfig,
     limits: LimitTable,
-    durable: Mutex<Durable>,
+    tables: Mutex<Tables>,
 }
 
-impl Command {
-    /// The bytes of variable-length data the command carries (keys, names,
-    /// fingerprints, responses, packed cells): what its size in a log entry
-    /// grows with. Used to keep log entries and batches bounded in bytes.
-    pub fn payload_bytes(&self) -> usize {
-        match self {
-            Command::Check { checks, .. } => checks.iter().map(|c| c.key.len() + 48).sum(),
-            Command::SyncLimits { cells } => cells.iter().map(|(k, _)| k.len() + 48).sum(),
-            Command::SyncCells { cells } => cells.byte_len(),
-            Command::Acquire { name, holder, .. }
-            | Command::Renew { name, holder, .. }
-            | Command::Release { name, holder, .. } => name.len() + holder.len(),
-            Command::Begin {
-                key, fingerprint, ..
-            } => key.len() + fingerprint.len(),
-            Command::Complete { key, response, .. } => key.len() + response.len(),
-            Command::Abort { key, .. } => key.len(),
-            Command::Sweep | Command::ExtendLeases { .. } => 0,
-        }
-    }
+/// Applies a client operation and wraps its output in its outcome variant.
+fn run<W: Write>(
+    op: W,
+    tables: &mut Tables,
+    now_ms: u64,
+    events: &mut Vec<LeaseEvent>,
+) -> Result<Outcome, EngineError> {
+    op.apply_to(tables, now_ms, events).map(W::into_outcome)
 }
 
 impl Engine {
@@ -187,108 +108,60 @@ impl Engine {
         Self {
             config,
             limits: LimitTable::new(config.limit_shards, config.max_limit_keys),
-            durable: Mutex::new(Durable {
+            tables: Mutex::new(Tables {
                 leases: LeaseTable::new(config.max_leases),
                 records: RecordTable::new(config.max_records, config.max_record_bytes),
             }),
         }
     }
 
-    fn durable(&self) -> MutexGuard<'_, Durable> {
+    fn tables(&self) -> MutexGuard<'_, Tables> {
         // Tables are only changed through `&mut` methods that validate before
         // mutating, so a panic elsewhere cannot leave them half-changed.
-        self.durable.lock().unwrap_or_else(|e| e.into_inner())
+        self.tables.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Applies one command at `now_ms`.
+    /// Applies one command at `now_ms`: the single entry point for changes
+    /// to replicated state. (Rate-limit decisions are not commands: the
+    /// leader makes them with [`Engine::check`] and replicates the cells
+    /// they changed as [`Command::SyncCells`].)
     pub fn apply(&self, command: Command, now_ms: u64) -> Result<Applied, EngineError> {
         let mut events = Vec::new();
+        let mut tables = self.tables();
+        let t = &mut *tables;
         let outcome = match command {
-            Command::Check {
-                checks,
-                all_or_nothing,
-            } => Outcome::Checked(self.limits.check(&checks, all_or_nothing, now_ms)?),
-            Command::SyncLimits { cells } => {
-                self.limits.upsert(cells);
-                Outcome::Synced
-            }
+            Command::Acquire(op) => run(op, t, now_ms, &mut events)?,
+            Command::Renew(op) => run(op, t, now_ms, &mut events)?,
+            Command::Release(op) => run(op, t, now_ms, &mut events)?,
+            Command::Begin(op) => run(op, t, now_ms, &mut events)?,
+            Command::Complete(op) => run(op, t, now_ms, &mut events)?,
+            Command::Abort(op) => run(op, t, now_ms, &mut events)?,
             Command::SyncCells { cells } => {
                 self.limits.upsert(cells.iter());
-                Outcome::Synced
-            }
-            Command::Acquire {
-                name,
-                holder,
-                ttl_ms,
-            } => {
-                let (acquired, lease) =
-                    self.durable()
-                        .leases
-                        .acquire(&name, &holder, ttl_ms, now_ms, &mut events)?;
-                Outcome::Acquired { acquired, lease }
-            }
-            Command::Renew {
-                name,
-                holder,
-                fencing_token,
-                ttl_ms,
-            } => Outcome::Renewed(self.durable().leases.renew(
-                &name,
-                &holder,
-                fencing_token,
-                ttl_ms,
-                now_ms,
-                &mut events,
-            )?),
-            Command::Release {
-                name,
-                holder,
-                fencing_token,
-            } => Outcome::Released(self.durable().leases.release(
-                &name,
-                &holder,
-                fencing_token,
-                now_ms,
-                &mut events,
-            )?),
-            Command::Begin {
-                key,
-                fingerprint,
-                lock_ttl_ms,
-                retention_ms,
-            } => Outcome::Begun(self.durable().records.begin(
-                &key,
-                &fingerprint,
-                lock_ttl_ms,
-                retention_ms,
-                now_ms,
-            )?),
-            Command::Complete {
-                key,
-                attempt,
-                response,
-            } => {
-                self.durable()
-                    .records
-                    .complete(&key, attempt, &response, now_ms)?;
-                Outcome::Completed
-            }
-            Command::Abort { key, attempt } => {
-                self.durable().records.abort(&key, attempt, now_ms)?;
-                Outcome::Aborted
+                Outcome::SyncCells
             }
             Command::ExtendLeases { by_ms } => {
-                let n = self.durable().leases.extend_all(by_ms, now_ms);
-                Outcome::Extended(n)
+                Outcome::ExtendLeases(t.leases.extend_all(by_ms, now_ms))
             }
             Command::Sweep => {
-                let mut d = self.durable();
-                let leases = d.leases.sweep(now_ms, &mut events);
-                let records = d.records.sweep(now_ms);
-                Outcome::Swept { leases, records }
+                let leases = t.leases.sweep(now_ms, &mut events);
+                let records = t.records.sweep(now_ms);
+                Outcome::Sweep { leases, records }
             }
         };
         Ok(Applied { outcome, events })
+    }
+
+    /// Applies one client operation at `now_ms`, with its typed result (as
+    /// [`Engine::apply`] would for its command).
+    pub fn execute<W: Write>(
+        &self,
+        op: W,
+        now_ms: u64,
+    ) -> Result<(W::Output, Vec<LeaseEvent>), EngineError> {
+        let mut events = Vec::new();
+        let output = op.apply_to(&mut self.tables(), now_ms, &mut events)?;
+        Ok((output, events))
     }
 
     /// Rate-limit decisions without building a [`Command`]: the hot path.
@@ -302,11 +175,11 @@ impl Engine {
     }
 
     pub fn lease(&self, name: &str, now_ms: u64) -> Option<Lease> {
-        self.durable().leases.get(name, now_ms)
+        self.tables().leases.get(name, now_ms)
     }
 
     pub fn record(&self, key: &str, now_ms: u64) -> Option<Record> {
-        self.durable().records.get(key, now_ms).cloned()
+        self.tables().records.get(key, now_ms).cloned()
     }
 
     /// Drops rate-limit cells equivalent to absent keys. Local to each node:
@@ -324,14 +197,14 @@ impl Engine {
 
     /// Whether a [`Command::Sweep`] at `now_ms` would purge anything.
     pub fn sweep_due(&self, now_ms: u64) -> bool {
-        let d = self.durable();
+        let d = self.tables();
         let due = |t: Option<u64>| t.is_some_and(|t| t <= now_ms);
         due(d.leases.next_expiry()) || due(d.records.next_expiry())
     }
 
     /// The earliest lease deadline or record expiry, if any.
     pub fn next_expiry(&self) -> Option<u64> {
-        let d = self.durable();
+        let d = self.tables();
         match (d.leases.next_expiry(), d.records.next_expiry()) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -340,7 +213,7 @@ impl Engine {
 
     /// Live counts: (rate-limit keys, leases, records, record bytes).
     pub fn counts(&self) -> (usize, usize, usize, usize) {
-        let d = self.durable();
+        let d = self.tables();
         (
             self.limits.len(),
             d.leases.len(),
@@ -350,7 +223,7 @@ impl Engine {
     }
 
     pub fn snapshot(&self) -> Snapshot {
-        let d = self.durable();
+        let d = self.tables();
         Snapshot {
             limits: self.limits.cells(),
             leases: d.leases.clone(),
@@ -362,7 +235,7 @@ impl Engine {
         let engine = Self::new(config);
         engine.limits.upsert(snapshot.limits);
         {
-            let mut d = engine.durable();
+            let mut d = engine.tables();
             d.leases = snapshot.leases;
             d.leases.restored(config.max_leases);
             d.records = snapshot.records;
@@ -377,16 +250,12 @@ impl Engine {
     pub fn load(&self, snapshot: Snapshot) {
         self.limits.clear();
         self.limits.upsert(snapshot.limits);
-        let mut d = self.durable();
+        let mut d = self.tables();
         d.leases = snapshot.leases;
         d.leases.restored(self.config.max_leases);
         d.records = snapshot.records;
         d.records
             .restored(self.config.max_records, self.config.max_record_bytes);
-    }
-
-    pub fn config(&self) -> &EngineConfig {
-        &self.config
     }
 }
 

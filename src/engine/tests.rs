@@ -27,19 +27,7 @@ const TB: LimitDef = LimitDef::TokenBucket {
 };
 
 fn checked(e: &Engine, checks: Vec<LimitCheck>, aon: bool, now: u64) -> Vec<LimitResult> {
-    match e.apply(
-        Command::Check {
-            checks,
-            all_or_nothing: aon,
-        },
-        now,
-    ) {
-        Ok(Applied {
-            outcome: Outcome::Checked(r),
-            ..
-        }) => r,
-        other => panic!("unexpected {other:?}"),
-    }
+    e.check(&checks, aon, now).expect("within the key cap")
 }
 
 #[test]
@@ -101,21 +89,21 @@ fn snapshot_round_trips_through_serde() {
     let e = engine();
     checked(&e, vec![check("k", TB, 2)], false, 0);
     e.apply(
-        Command::Acquire {
+        Command::Acquire(Acquire {
             name: "l".into(),
             holder: "h".into(),
             ttl_ms: 100,
-        },
+        }),
         0,
     )
     .unwrap();
     e.apply(
-        Command::Begin {
+        Command::Begin(Begin {
             key: "i".into(),
             fingerprint: vec![1],
             lock_ttl_ms: 100,
             retention_ms: 100,
-        },
+        }),
         0,
     )
     .unwrap();
@@ -133,15 +121,17 @@ fn snapshot_round_trips_through_serde() {
     // The restored fencing counter continues.
     let a = restored
         .apply(
-            Command::Acquire {
+            Command::Acquire(Acquire {
                 name: "m".into(),
                 holder: "h".into(),
                 ttl_ms: 100,
-            },
+            }),
             0,
         )
         .unwrap();
-    assert!(matches!(a.outcome, Outcome::Acquired { lease, .. } if lease.fencing_token == 2));
+    assert!(
+        matches!(a.outcome, Outcome::Acquire(Acquired { lease, .. }) if lease.fencing_token == 2)
+    );
 }
 
 #[test]
@@ -150,8 +140,8 @@ fn sync_limits_upserts_state() {
     checked(&a, vec![check("k", TB, 4)], false, 0);
     let b = engine();
     b.apply(
-        Command::SyncLimits {
-            cells: a.snapshot().limits,
+        Command::SyncCells {
+            cells: a.snapshot().limits.into_iter().collect(),
         },
         0,
     )
@@ -191,11 +181,11 @@ fn packed_syncs_carry_changed_cells_through_the_log_encoding() {
 fn sweep_reports_expired_leases() {
     let e = engine();
     e.apply(
-        Command::Acquire {
+        Command::Acquire(Acquire {
             name: "l".into(),
             holder: "h".into(),
             ttl_ms: 100,
-        },
+        }),
         0,
     )
     .unwrap();
@@ -204,7 +194,7 @@ fn sweep_reports_expired_leases() {
     let a = e.apply(Command::Sweep, 100).unwrap();
     assert_eq!(
         a.outcome,
-        Outcome::Swept {
+        Outcome::Sweep {
             leases: 1,
             records: 0
         }
@@ -351,18 +341,18 @@ proptest! {
             let (n, h) = (format!("n{name}"), format!("h{holder}"));
             let token = held[name].map(|x| x.1).unwrap_or(0);
             let cmd = match op {
-                0 | 1 => Command::Acquire { name: n, holder: h, ttl_ms: ttl },
-                2 => Command::Renew { name: n, holder: h, fencing_token: token, ttl_ms: ttl },
-                _ => Command::Release { name: n, holder: h, fencing_token: token },
+                0 | 1 => Command::Acquire(Acquire { name: n, holder: h, ttl_ms: ttl }),
+                2 => Command::Renew(Renew { name: n, holder: h, fencing_token: token, ttl_ms: ttl }),
+                _ => Command::Release(Release { name: n, holder: h, fencing_token: token }),
             };
             match e.apply(cmd, now) {
-                Ok(Applied { outcome: Outcome::Acquired { acquired: true, lease }, .. })
-                | Ok(Applied { outcome: Outcome::Renewed(lease), .. }) => {
+                Ok(Applied { outcome: Outcome::Acquire(Acquired { acquired: true, lease }), .. })
+                | Ok(Applied { outcome: Outcome::Renew(lease), .. }) => {
                     let g = grants.entry(lease.fencing_token).or_insert((name, now, 0));
                     g.2 = lease.expires_at_ms;
                     held[name] = Some((holder, lease.fencing_token));
                 }
-                Ok(Applied { outcome: Outcome::Released(lease), .. }) => {
+                Ok(Applied { outcome: Outcome::Release(lease), .. }) => {
                     grants.get_mut(&lease.fencing_token).unwrap().2 = now;
                 }
                 _ => {}
@@ -391,16 +381,16 @@ proptest! {
             now += dt;
             let last = attempts.last().map(|a| a.0).unwrap_or(0);
             let cmd = match op {
-                0 => Command::Begin { key: "k".into(), fingerprint: vec![], lock_ttl_ms: ttl, retention_ms: 50 },
-                1 => Command::Complete { key: "k".into(), attempt: last, response: vec![] },
-                _ => Command::Abort { key: "k".into(), attempt: last },
+                0 => Command::Begin(Begin { key: "k".into(), fingerprint: vec![], lock_ttl_ms: ttl, retention_ms: 50 }),
+                1 => Command::Complete(Complete { key: "k".into(), attempt: last, response: vec![] }),
+                _ => Command::Abort(Abort { key: "k".into(), attempt: last }),
             };
             match e.apply(cmd, now) {
-                Ok(Applied { outcome: Outcome::Begun(BeginOutcome::Started { attempt }), .. }) => {
+                Ok(Applied { outcome: Outcome::Begin(BeginOutcome::Started { attempt }), .. }) => {
                     prop_assert!(attempt > last);
                     attempts.push((attempt, now, now + ttl));
                 }
-                Ok(Applied { outcome: Outcome::Completed | Outcome::Aborted, .. }) => {
+                Ok(Applied { outcome: Outcome::Complete | Outcome::Abort, .. }) => {
                     attempts.last_mut().unwrap().2 = now;
                 }
                 _ => {}

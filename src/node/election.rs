@@ -192,10 +192,9 @@ impl Node {
     }
 
     /// Starts an election when this voter has heard from no leader for its
-    /// election timeout and a pre-vote round says it could win. Ends at
-    /// shutdown.
+    /// election timeout and a pre-vote round says it could win. Ends when
+    /// the node stops.
     pub(super) async fn run_elections(self: Arc<Self>) {
-        let mut shutdown = self.shutdown_signal();
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut timeout = self.election_timeout_ms();
@@ -206,7 +205,7 @@ impl Node {
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
-                _ = Self::stopped(&mut shutdown) => return,
+                _ = self.tasks.stopping() => return,
             }
             let (leading, voters) = {
                 let m = self.server.borrow();

@@ -24,16 +24,15 @@ const SYNC_PIPELINE: usize = 16;
 impl Node {
     /// As leader, replicates the rate-limit cells changed since the last
     /// tick, every `every`. A crash or failover therefore forgets at most
-    /// the consumption of one interval (plus the sync in flight). Ends at
-    /// shutdown.
-    pub async fn run_limit_sync(self: Arc<Self>, every: Duration) {
-        let mut shutdown = self.shutdown_signal();
+    /// the consumption of one interval (plus the sync in flight). Ends when
+    /// the node stops.
+    pub(super) async fn run_limit_sync(self: Arc<Self>, every: Duration) {
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
-                _ = Self::stopped(&mut shutdown) => return,
+                _ = self.tasks.stopping() => return,
             }
             if self.is_leader() {
                 self.sync_changed_limits().await;

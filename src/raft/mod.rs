@@ -7,7 +7,6 @@
 
 pub mod lease;
 pub mod network;
-pub mod peer_service;
 pub mod state_machine;
 
 use std::io::Cursor;

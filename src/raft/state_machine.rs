@@ -149,7 +149,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 }
                 EntryPayload::Normal(req) if req.sync_origin == Some(self.boot_id) => {
                     // Our own rate-limit sync: memory already holds newer state.
-                    Response(vec![Ok(engine::Outcome::Synced); req.commands.len()])
+                    Response(vec![Ok(engine::Outcome::SyncCells); req.commands.len()])
                 }
                 EntryPayload::Normal(req) => {
                     self.last_now = self.last_now.max(req.now_ms);

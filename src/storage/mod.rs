@@ -804,11 +804,11 @@ mod tests {
     fn entry_of(index: u64, size: usize) -> Entry {
         let request = crate::raft::Request {
             now_ms: 1,
-            commands: vec![crate::engine::Command::Acquire {
+            commands: vec![crate::engine::Command::Acquire(crate::engine::Acquire {
                 name: "n".into(),
                 holder: "h".repeat(size),
                 ttl_ms: 1,
-            }],
+            })],
             sync_origin: None,
         };
         Entry {

@@ -1,16 +1,16 @@
-//! `arbiter.v1.RaftPeer`: the receiving end of the peer network, and of
-//! calls forwarded by followers.
+//! `arbiter.v1.RaftPeer`: the receiving end of the peer network (Raft
+//! traffic and pre-votes), and of calls forwarded by followers.
 
 use std::sync::Arc;
 
 use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
 use tonic::{Request, Response, Status};
 
-use super::network::{decode, encode};
-use super::{NodeId, TypeConfig};
-use crate::node::{Call, Node, PreVoteRequest, PreVoteResponse};
+use super::{Call, Node, PreVoteRequest, PreVoteResponse};
 use crate::proto::raft_peer_server::RaftPeer;
 use crate::proto::PeerMessage;
+use crate::raft::network::{decode, encode};
+use crate::raft::{NodeId, TypeConfig};
 
 pub struct PeerService(pub Arc<Node>);
 
@@ -67,6 +67,6 @@ impl RaftPeer for PeerService {
     ) -> Result<Response<PeerMessage>, Status> {
         let call: Call = decode(request.get_ref()).map_err(bad)?;
         // Served here only if this node leads; otherwise the sender routes again.
-        Ok(Response::new(encode(&self.0.serve_bounded(call).await)))
+        Ok(Response::new(self.0.serve_forwarded(call).await))
     }
 }

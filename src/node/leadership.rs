@@ -1,0 +1,100 @@
+//! Leadership: what a new leader does before serving (catch up, extend
+//! leases), the voter set its leader lease counts, and readiness.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::{Node, ELECTION_TIMEOUT_MAX_MS};
+use crate::engine::Command;
+
+/// The services whose readiness [`report_readiness`] reports.
+pub const READY_SERVICES: [&str; 3] = [
+    "arbiter.v1.RateLimiter",
+    "arbiter.v1.Leases",
+    "arbiter.v1.Idempotency",
+];
+
+impl Node {
+    /// Once per term as leader: catch up with everything committed, then
+    /// extend every lease by one election timeout, so no lease lapses early
+    /// because leadership moved (its holder could not renew meanwhile).
+    pub(super) async fn on_leadership(&self) {
+        let term = self.term_and_leading().0;
+        if self.extended_term.load(Ordering::Acquire) == term {
+            return;
+        }
+        if self.read_barrier().await.is_err() {
+            return;
+        }
+        match self
+            .propose(Command::ExtendLeases {
+                by_ms: ELECTION_TIMEOUT_MAX_MS,
+            })
+            .await
+        {
+            Ok(_) => {
+                tracing::info!(term, "leading: leases extended by one election timeout");
+                self.extended_term.store(term, Ordering::Release);
+            }
+            Err(e) => tracing::warn!(error = %e, "could not extend leases"),
+        }
+    }
+
+    /// Keeps the leader lease's voter set current with the membership.
+    pub(super) async fn run_voter_watch(self: Arc<Self>) {
+        let mut server = self.server.clone();
+        loop {
+            self.lease.set_voters(self.id, self.voters());
+            tokio::select! {
+                r = server.changed() => if r.is_err() { return },
+                _ = self.tasks.stopping() => return,
+            }
+        }
+    }
+
+    /// Whether this node may serve: it knows a leader it is in touch with
+    /// and has applied every entry in its log.
+    pub fn ready(&self) -> bool {
+        let caught_up = {
+            let m = self.raft.metrics();
+            let m = m.borrow();
+            // openraft 0.9 does not publish the commit index; a node whose
+            // log is fully applied and that is in touch with a leader is
+            // caught up.
+            m.last_applied.is_some() && m.last_applied.map(|l| l.index) >= m.last_log_index
+        };
+        caught_up && self.in_touch_with_leader()
+    }
+}
+
+/// Readiness: the named services are SERVING only while [`Node::ready`];
+/// NOT_SERVING otherwise. Ends when the node starts shutting down.
+pub async fn report_readiness(node: Arc<Node>, health: tonic_health::server::HealthReporter) {
+    const RECHECK: Duration = Duration::from_millis(100);
+    let mut metrics = node.raft().metrics();
+    let mut shutdown = node.shutdown_signal();
+    let mut last = None;
+    loop {
+        metrics.borrow_and_update();
+        let ready = node.ready();
+        if last != Some(ready) {
+            let status = if ready {
+                tonic_health::ServingStatus::Serving
+            } else {
+                tonic_health::ServingStatus::NotServing
+            };
+            for name in READY_SERVICES {
+                health.set_service_status(name, status).await;
+            }
+            last = Some(ready);
+        }
+        // Losing touch with the leader is a matter of time passing, with
+        // no event to wake on: look again at least every `RECHECK`.
+        tokio::select! {
+            r = metrics.changed() => if r.is_err() { return },
+            _ = tokio::time::sleep(RECHECK) => {}
+            _ = Node::stopped(&mut shutdown) => return,
+        }
+    }
+}

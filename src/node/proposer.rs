@@ -1,0 +1,131 @@
+//! The proposer: batches lease and idempotency writes into log entries.
+//!
+//! Every write queued while the previous entry was being committed goes
+//! into the next entry (one log write and one fsync for all of them),
+//! stamped with one time.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use openraft::BasicNode;
+use tokio::sync::{mpsc, oneshot};
+
+use super::{Node, NodeError};
+use crate::engine::{Command, EngineError, Outcome};
+use crate::raft::Request;
+
+/// Writes waiting for the proposer, at most; a write that finds the queue
+/// full is refused with UNAVAILABLE (back-pressure: the node is writing as
+/// fast as its disk allows).
+pub const QUEUE: usize = 16 * 1024;
+/// Most commands batched into one log entry.
+const MAX_BATCH: usize = 1024;
+/// Most payload bytes batched into one log entry (a command larger than
+/// this is written alone).
+const BATCH_BYTES: usize = 256 * 1024;
+
+/// A queued write and where its outcome (with the time it was stamped
+/// with) goes.
+pub type Proposal = (Command, oneshot::Sender<Result<(Outcome, u64), NodeError>>);
+
+impl Node {
+    /// Commits `command` through the log as the leader. Concurrent
+    /// proposals are batched into one entry by [`Node::run_proposer`].
+    pub(super) async fn propose(&self, command: Command) -> Result<(Outcome, u64), NodeError> {
+        let (reply, answer) = oneshot::channel();
+        self.proposals
+            .try_send((command, reply))
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => NodeError::Unavailable(format!(
+                    "{QUEUE} writes are already waiting for the log; retry"
+                )),
+                mpsc::error::TrySendError::Closed(_) => {
+                    NodeError::Unavailable("shutting down".into())
+                }
+            })?;
+        let result = answer
+            .await
+            .map_err(|_| NodeError::Unavailable("shutting down".into()))?;
+        let sweep_at = self.sweep_at.load(Ordering::Acquire);
+        if self.engine.next_expiry().is_some_and(|t| t < sweep_at) {
+            self.deadlines_changed.notify_one();
+        }
+        result
+    }
+
+    /// Writes one entry and maps openraft's answer to one result per command.
+    async fn write_entry(
+        &self,
+        request: Request,
+    ) -> Result<Vec<Result<Outcome, EngineError>>, NodeError> {
+        match self.raft.client_write(request).await {
+            Ok(r) => Ok(r.data.0),
+            Err(e) if e.forward_to_leader::<BasicNode>().is_some() => Err(NodeError::NotLeader),
+            Err(e) => Err(NodeError::Unavailable(e.to_string())),
+        }
+    }
+
+    /// Batches proposals: takes every command queued while the previous
+    /// entry was being committed (up to [`MAX_BATCH`] commands and
+    /// [`BATCH_BYTES`] of payload), stamps them with one time and writes
+    /// them as one entry. Ends when the node stops.
+    pub(super) async fn run_proposer(self: Arc<Self>, mut queue: mpsc::Receiver<Proposal>) {
+        // A proposal that did not fit the previous batch starts the next.
+        let mut carried: Option<Proposal> = None;
+        loop {
+            let first = match carried.take() {
+                Some(p) => p,
+                None => tokio::select! {
+                    p = queue.recv() => match p {
+                        Some(p) => p,
+                        None => return,
+                    },
+                    _ = self.tasks.stopping() => return,
+                },
+            };
+            let mut bytes = first.0.payload_bytes();
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH && bytes < BATCH_BYTES {
+                let Ok(next) = queue.try_recv() else { break };
+                let b = next.0.payload_bytes();
+                if bytes + b > BATCH_BYTES {
+                    carried = Some(next);
+                    break;
+                }
+                bytes += b;
+                batch.push(next);
+            }
+            self.write_batch(batch).await;
+        }
+    }
+
+    /// Writes one batch of proposals as one entry and answers each.
+    async fn write_batch(&self, batch: Vec<Proposal>) {
+        let now = self.now_ms();
+        let (commands, replies): (Vec<Command>, Vec<_>) = batch.into_iter().unzip();
+        let n = commands.len();
+        let request = Request {
+            now_ms: now,
+            commands,
+            sync_origin: None,
+        };
+        match self.write_entry(request).await {
+            Ok(outcomes) if outcomes.len() == n => {
+                for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                    let _ = reply.send(outcome.map(|o| (o, now)).map_err(NodeError::from));
+                }
+            }
+            Ok(outcomes) => {
+                let e = format!("{} outcomes for {n} commands", outcomes.len());
+                for reply in replies {
+                    let _ = reply.send(Err(NodeError::Unavailable(e.clone())));
+                }
+            }
+            Err(e) => {
+                for reply in replies {
+                    let _ = reply.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+}

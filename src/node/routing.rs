@@ -1,0 +1,401 @@
+//! Typed operations and where they are served: at the leader, locally when
+//! this node leads, otherwise forwarded over the peer channel.
+//!
+//! Each [`Operation`] names its result type, so a handler gets that type
+//! back (`node.execute(Acquire { .. })` is a `Stamped<Acquired>`), and the
+//! same typed value crosses the forwarding hop: the follower sends the
+//! operation as a [`Call`], the leader serves it and replies with the
+//! operation's own `Result<Output, NodeError>`, which the follower decodes
+//! as the type it asked for.
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use openraft::BasicNode;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use super::{Node, NodeError};
+use crate::engine::{
+    Abort, Acquire, Begin, Complete, Lease, LimitCheck, LimitResult, Record, Release, Renew, Write,
+};
+use crate::proto::raft_peer_client::RaftPeerClient;
+use crate::proto::PeerMessage;
+use crate::raft::network::{decode, encode, PEER_MESSAGE_LIMIT};
+use crate::raft::NodeId;
+
+/// A value as of a time: the time a write was stamped with, or the time a
+/// read was served at (for remaining-time fields).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stamped<T> {
+    pub value: T,
+    pub now_ms: u64,
+}
+
+/// Rate-limit decisions for one request.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CheckLimits {
+    pub checks: Vec<LimitCheck>,
+    pub all_or_nothing: bool,
+}
+
+/// A linearizable read of one lease.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct GetLease {
+    pub name: String,
+}
+
+/// A linearizable read of one idempotency record.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct GetRecord {
+    pub key: String,
+}
+
+/// Adds a voter (as a learner first, then promoted).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AddMember {
+    pub id: NodeId,
+    pub peer_addr: String,
+}
+
+/// Removes a voter.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RemoveMember {
+    pub id: NodeId,
+}
+
+/// Something a client may ask of the leader, with the type of its result.
+pub trait Operation: Clone + Send + Sync + Into<Call> + 'static {
+    type Output: Serialize + DeserializeOwned + Send;
+
+    /// Whether serving it may change state (a write that times out has an
+    /// unknown outcome).
+    const WRITE: bool;
+
+    /// Serves it at this node, which must lead (`NotLeader` otherwise).
+    fn serve(self, node: &Node) -> impl Future<Output = Result<Self::Output, NodeError>> + Send;
+}
+
+/// An operation as a follower forwards it to the leader: only what clients
+/// may ask for, never the node's own upkeep commands.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum Call {
+    Acquire(Acquire),
+    Renew(Renew),
+    Release(Release),
+    Begin(Begin),
+    Complete(Complete),
+    Abort(Abort),
+    Check(CheckLimits),
+    GetLease(GetLease),
+    GetRecord(GetRecord),
+    AddMember(AddMember),
+    RemoveMember(RemoveMember),
+}
+
+macro_rules! calls {
+    ($($op:ident),*) => {
+        $(impl From<$op> for Call {
+            fn from(op: $op) -> Self {
+                Call::$op(op)
+            }
+        })*
+    };
+}
+
+calls!(
+    Acquire,
+    Renew,
+    Release,
+    Begin,
+    Complete,
+    Abort,
+    GetLease,
+    GetRecord,
+    AddMember,
+    RemoveMember
+);
+
+impl From<CheckLimits> for Call {
+    fn from(op: CheckLimits) -> Self {
+        Call::Check(op)
+    }
+}
+
+/// Lease and idempotency writes go through the log.
+macro_rules! writes {
+    ($($op:ident),*) => {
+        $(impl Operation for $op {
+            type Output = Stamped<<$op as Write>::Output>;
+            const WRITE: bool = true;
+
+            async fn serve(self, node: &Node) -> Result<Self::Output, NodeError> {
+                node.serve_write(self).await
+            }
+        })*
+    };
+}
+
+writes!(Acquire, Renew, Release, Begin, Complete, Abort);
+
+impl Operation for CheckLimits {
+    type Output = Vec<LimitResult>;
+    const WRITE: bool = false;
+
+    async fn serve(self, node: &Node) -> Result<Vec<LimitResult>, NodeError> {
+        node.ready_to_decide().await?;
+        Ok(node
+            .engine
+            .check(&self.checks, self.all_or_nothing, node.now_ms())?)
+    }
+}
+
+impl Operation for GetLease {
+    type Output = Stamped<Option<Lease>>;
+    const WRITE: bool = false;
+
+    async fn serve(self, node: &Node) -> Result<Self::Output, NodeError> {
+        if node.is_leader() {
+            // Leases are extended before this term serves any lease call.
+            node.on_leadership().await;
+        }
+        node.read_barrier().await?;
+        let now_ms = node.now_ms();
+        Ok(Stamped {
+            value: node.engine.lease(&self.name, now_ms),
+            now_ms,
+        })
+    }
+}
+
+impl Operation for GetRecord {
+    type Output = Stamped<Option<Record>>;
+    const WRITE: bool = false;
+
+    async fn serve(self, node: &Node) -> Result<Self::Output, NodeError> {
+        node.read_barrier().await?;
+        let now_ms = node.now_ms();
+        Ok(Stamped {
+            value: node.engine.record(&self.key, now_ms),
+            now_ms,
+        })
+    }
+}
+
+impl Operation for AddMember {
+    type Output = ();
+    const WRITE: bool = true;
+
+    async fn serve(self, node: &Node) -> Result<(), NodeError> {
+        if !node.is_leader() {
+            return Err(NodeError::NotLeader);
+        }
+        let refused = |e: &dyn std::fmt::Display| NodeError::Membership(e.to_string());
+        node.raft
+            .add_learner(self.id, BasicNode::new(self.peer_addr), true)
+            .await
+            .map_err(|e| refused(&e))?;
+        let mut voters = node.voters();
+        voters.insert(self.id);
+        node.raft
+            .change_membership(voters, false)
+            .await
+            .map_err(|e| refused(&e))?;
+        Ok(())
+    }
+}
+
+impl Operation for RemoveMember {
+    type Output = ();
+    const WRITE: bool = true;
+
+    async fn serve(self, node: &Node) -> Result<(), NodeError> {
+        if !node.is_leader() {
+            return Err(NodeError::NotLeader);
+        }
+        let mut voters = node.voters();
+        voters.remove(&self.id);
+        if voters.is_empty() {
+            return Err(NodeError::Membership("cannot remove the last voter".into()));
+        }
+        node.raft
+            .change_membership(voters, false)
+            .await
+            .map_err(|e| NodeError::Membership(e.to_string()))?;
+        Ok(())
+    }
+}
+
+impl Node {
+    /// Serves `op` at the leader: here when this node leads, forwarded over
+    /// the peer channel otherwise. Waits up to `leader_wait` for a leader;
+    /// then UNAVAILABLE.
+    pub async fn execute<O: Operation>(&self, op: O) -> Result<O::Output, NodeError> {
+        let deadline = Instant::now() + self.leader_wait;
+        let mut server = self.server.clone();
+        loop {
+            let leader = server.borrow_and_update().current_leader;
+            let result = match leader {
+                Some(l) if l == self.id => self.serve_bounded(op.clone()).await,
+                Some(l) => self.forward::<O>(l, op.clone().into()).await,
+                None => Err(NodeError::NotLeader),
+            };
+            match result {
+                Err(NodeError::NotLeader) => {}
+                other => return other,
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(NodeError::Unavailable(format!(
+                    "no leader within {} ms",
+                    self.leader_wait.as_millis()
+                )));
+            }
+            // Wake on the next leadership change, or poll again shortly.
+            let _ =
+                tokio::time::timeout(left.min(Duration::from_millis(100)), server.changed()).await;
+        }
+    }
+
+    /// Rate-limit decisions, made by the leader from its in-memory table.
+    pub async fn check(
+        &self,
+        checks: Vec<LimitCheck>,
+        all_or_nothing: bool,
+    ) -> Result<Vec<LimitResult>, NodeError> {
+        if self.may_decide() {
+            // The hot path: no routing, no cloning.
+            return Ok(self.engine.check(&checks, all_or_nothing, self.now_ms())?);
+        }
+        self.execute(CheckLimits {
+            checks,
+            all_or_nothing,
+        })
+        .await
+    }
+
+    async fn forward<O: Operation>(
+        &self,
+        leader: NodeId,
+        call: Call,
+    ) -> Result<O::Output, NodeError> {
+        let addr = {
+            let m = self.raft.metrics();
+            let m = m.borrow();
+            m.membership_config
+                .membership()
+                .get_node(&leader)
+                .map(|n| n.addr.clone())
+        };
+        let Some(addr) = addr else {
+            return Err(NodeError::NotLeader);
+        };
+        let channel = self
+            .channels
+            .get(&addr)
+            .map_err(|e| NodeError::Unavailable(format!("leader {leader} at {addr}: {e}")))?;
+        let mut request = tonic::Request::new(encode(&call));
+        request.set_timeout(self.leader_wait);
+        let mut client = RaftPeerClient::new(channel)
+            .max_decoding_message_size(PEER_MESSAGE_LIMIT)
+            .max_encoding_message_size(PEER_MESSAGE_LIMIT);
+        match client.forward(request).await {
+            Ok(reply) => {
+                decode::<Result<O::Output, NodeError>>(&reply.into_inner()).map_err(|e| {
+                    NodeError::Unavailable(format!("bad reply from leader {leader}: {e}"))
+                })?
+            }
+            Err(status) => Err(NodeError::Unavailable(format!(
+                "leader {leader} at {addr} did not answer: {}",
+                status.message()
+            ))),
+        }
+    }
+
+    /// Serves a call a follower forwarded; the reply is the operation's own
+    /// result (`NotLeader` when this node does not lead, and the follower
+    /// routes again).
+    pub(super) async fn serve_forwarded(&self, call: Call) -> PeerMessage {
+        match call {
+            Call::Acquire(op) => encode(&self.serve_bounded(op).await),
+            Call::Renew(op) => encode(&self.serve_bounded(op).await),
+            Call::Release(op) => encode(&self.serve_bounded(op).await),
+            Call::Begin(op) => encode(&self.serve_bounded(op).await),
+            Call::Complete(op) => encode(&self.serve_bounded(op).await),
+            Call::Abort(op) => encode(&self.serve_bounded(op).await),
+            Call::Check(op) => encode(&self.serve_bounded(op).await),
+            Call::GetLease(op) => encode(&self.serve_bounded(op).await),
+            Call::GetRecord(op) => encode(&self.serve_bounded(op).await),
+            Call::AddMember(op) => encode(&self.serve_bounded(op).await),
+            Call::RemoveMember(op) => encode(&self.serve_bounded(op).await),
+        }
+    }
+
+    /// Serves `op` here, answering UNAVAILABLE if it takes longer than the
+    /// leader wait: a leader cut off from the majority can neither commit
+    /// nor confirm its leadership, and must not keep callers waiting. A
+    /// write that times out may still commit later (if this node turns out
+    /// to have a majority after all), so the caller is told its outcome is
+    /// unknown.
+    async fn serve_bounded<O: Operation>(&self, op: O) -> Result<O::Output, NodeError> {
+        match tokio::time::timeout(self.leader_wait, op.serve(self)).await {
+            Ok(result) => result,
+            Err(_) => Err(NodeError::Unavailable(format!(
+                "leader {} could not reach a majority within {} ms{}; retry",
+                self.id,
+                self.leader_wait.as_millis(),
+                if O::WRITE {
+                    " (the write's outcome is unknown)"
+                } else {
+                    ""
+                }
+            ))),
+        }
+    }
+
+    /// Commits a lease or idempotency operation as the leader and returns
+    /// its typed result.
+    async fn serve_write<W: Write>(&self, op: W) -> Result<Stamped<W::Output>, NodeError> {
+        if self.is_leader() {
+            // Leases are extended before this term serves any lease call.
+            self.on_leadership().await;
+        }
+        let (outcome, now_ms) = self.propose(op.into()).await?;
+        // The engine builds every operation's outcome through its own
+        // `Write::into_outcome`, so this is the operation's variant.
+        let value = W::output(outcome)
+            .map_err(|other| NodeError::Unavailable(format!("the log answered with {other:?}")))?;
+        Ok(Stamped { value, now_ms })
+    }
+
+    /// Whether this node may decide rate limits at once: it leads, has
+    /// caught up in this term, and holds its leader lease.
+    fn may_decide(&self) -> bool {
+        let (term, leading) = self.term_and_leading();
+        leading
+            && self.ready_term.load(std::sync::atomic::Ordering::Acquire) == term
+            && self.lease.holds(term)
+    }
+
+    /// Rate limits are decided only by a leader that has applied everything
+    /// committed before its term (checked once per term).
+    async fn ready_to_decide(&self) -> Result<(), NodeError> {
+        if self.may_decide() {
+            return Ok(());
+        }
+        let term = self.term_and_leading().0;
+        self.read_barrier().await?;
+        self.ready_term
+            .store(term, std::sync::atomic::Ordering::Release);
+        Ok(())
+    }
+
+    /// Waits until this node, as leader, may serve a linearizable read.
+    pub(super) async fn read_barrier(&self) -> Result<(), NodeError> {
+        match self.raft.ensure_linearizable().await {
+            Ok(_) => Ok(()),
+            Err(e) if e.forward_to_leader::<BasicNode>().is_some() => Err(NodeError::NotLeader),
+            Err(e) => Err(NodeError::Unavailable(e.to_string())),
+        }
+    }
+}
