@@ -4,7 +4,7 @@ use arbiter::proto::{
 };
 use tonic::Code;
 
-use crate::support::{eventually, Server, DEADLINE};
+use crate::support::{Server, DEADLINE};
 
 fn acquire(name: &str, holder: &str, ttl_ms: u64) -> AcquireRequest {
     AcquireRequest {
@@ -107,55 +107,6 @@ async fn acquire_renew_release_get() {
         next.fencing_token > lease.fencing_token,
         "a new grant gets a larger token"
     );
-}
-
-#[tokio::test]
-async fn lease_expires_at_its_ttl() {
-    let server = Server::start(&[]);
-    let mut c = server.leases().await;
-    let first = c
-        .acquire(acquire("short", "a", 150))
-        .await
-        .unwrap()
-        .into_inner()
-        .lease
-        .unwrap();
-    eventually("the lease to lapse", || {
-        let mut c = c.clone();
-        async move {
-            let l = c
-                .get(GetLeaseRequest {
-                    name: "short".into(),
-                })
-                .await
-                .unwrap()
-                .into_inner()
-                .lease;
-            l.is_none().then_some(())
-        }
-    })
-    .await;
-    let renew = c
-        .renew(RenewRequest {
-            name: "short".into(),
-            holder: "a".into(),
-            fencing_token: first.fencing_token,
-            ttl_ms: 1000,
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(
-        renew.code(),
-        Code::FailedPrecondition,
-        "a lapsed lease cannot be renewed"
-    );
-    let b = c
-        .acquire(acquire("short", "b", 60_000))
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(b.acquired);
-    assert!(b.lease.unwrap().fencing_token > first.fencing_token);
 }
 
 #[tokio::test]

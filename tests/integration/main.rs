@@ -1,5 +1,6 @@
 //! Integration tests: each starts the real `arbiter` binary on OS-chosen
-//! loopback ports and talks to it over gRPC. One test binary with modules,
+//! loopback ports and talks to it over gRPC (time-based tests instead run
+//! the server in-process on a manual clock, `manual_clock.rs`). One test binary with modules,
 //! so it links once.
 
 mod support;
@@ -11,6 +12,7 @@ mod durability;
 mod idempotency;
 mod leases;
 mod linearizability;
+mod manual_clock;
 mod rate_limiter;
 mod replication;
 mod server;
