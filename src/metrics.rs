@@ -10,43 +10,48 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
 use metrics::{counter, gauge, Counter, Gauge};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 use crate::node::Node;
 
-/// The RPCs whose latency is recorded.
-#[derive(Clone, Copy, Debug)]
-pub enum Rpc {
-    Check,
-    Acquire,
-    Renew,
-    Release,
-    GetLease,
-    Begin,
-    Complete,
-    Abort,
-    GetRecord,
-}
-
-const RPCS: [&str; 9] = [
-    "Check",
-    "Acquire",
-    "Renew",
-    "Release",
-    "GetLease",
-    "Begin",
-    "Complete",
-    "Abort",
-    "GetRecord",
+/// The RPCs whose calls are recorded: (gRPC path, metric label).
+const RPCS: [(&str, &str); 13] = [
+    ("/arbiter.v1.RateLimiter/Check", "Check"),
+    ("/arbiter.v1.Leases/Acquire", "Acquire"),
+    ("/arbiter.v1.Leases/Renew", "Renew"),
+    ("/arbiter.v1.Leases/Release", "Release"),
+    ("/arbiter.v1.Leases/Get", "GetLease"),
+    ("/arbiter.v1.Leases/Watch", "WatchLease"),
+    ("/arbiter.v1.Idempotency/Begin", "Begin"),
+    ("/arbiter.v1.Idempotency/Complete", "Complete"),
+    ("/arbiter.v1.Idempotency/Abort", "Abort"),
+    ("/arbiter.v1.Idempotency/Get", "GetRecord"),
+    ("/arbiter.v1.Cluster/Status", "ClusterStatus"),
+    ("/arbiter.v1.Cluster/AddMember", "AddMember"),
+    ("/arbiter.v1.Cluster/RemoveMember", "RemoveMember"),
 ];
+
+/// One of [`RPCS`], by index.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rpc(usize);
+
+impl Rpc {
+    /// The RPC served at `path`, if it is one of Arbiter's own.
+    pub fn from_path(path: &str) -> Option<Rpc> {
+        RPCS.iter().position(|(p, _)| *p == path).map(Rpc)
+    }
+}
 
 pub struct Metrics {
     allowed: Counter,
     denied: Counter,
     latency: [Latency; RPCS.len()],
+    failures: [AtomicU64; RPCS.len()],
     limit_keys: Gauge,
     leases: Gauge,
     records: Gauge,
@@ -65,6 +70,7 @@ impl Metrics {
             allowed: counter!("arbiter_decisions_total", "result" => "allowed"),
             denied: counter!("arbiter_decisions_total", "result" => "denied"),
             latency: RPCS.map(|_| Latency::default()),
+            failures: RPCS.map(|_| AtomicU64::new(0)),
             limit_keys: gauge!("arbiter_live_keys", "kind" => "rate_limit"),
             leases: gauge!("arbiter_live_keys", "kind" => "lease"),
             records: gauge!("arbiter_live_keys", "kind" => "idempotency_record"),
@@ -77,18 +83,22 @@ impl Metrics {
         self.denied.increment(denied);
     }
 
-    /// Records the time since `start` for `rpc`.
-    pub fn observe(&self, rpc: Rpc, start: Instant) {
-        self.latency[rpc as usize].record(start.elapsed());
+    /// Records a call of `rpc` that began at `start` (and whether it
+    /// failed).
+    pub fn observe(&self, rpc: Rpc, start: Instant, failed: bool) {
+        self.latency[rpc.0].record(start.elapsed());
+        if failed {
+            self.failures[rpc.0].fetch_add(1, Ordering::Relaxed);
+        }
     }
 
-    /// The latency histograms in Prometheus text format.
+    /// The latency histograms and failure counts in Prometheus text format.
     pub fn render_latency(&self) -> String {
         let mut out = String::from(
             "# HELP arbiter_rpc_duration_seconds Time to serve a call, by RPC.\n\
              # TYPE arbiter_rpc_duration_seconds histogram\n",
         );
-        for (rpc, h) in RPCS.iter().zip(&self.latency) {
+        for ((_, rpc), h) in RPCS.iter().zip(&self.latency) {
             let mut cumulative = 0;
             for (le, n) in BUCKETS_S.iter().zip(&h.buckets) {
                 cumulative += n.load(Ordering::Relaxed);
@@ -106,6 +116,14 @@ impl Metrics {
                  arbiter_rpc_duration_seconds_sum{{rpc=\"{rpc}\"}} {sum}\n\
                  arbiter_rpc_duration_seconds_count{{rpc=\"{rpc}\"}} {count}"
             );
+        }
+        out.push_str(
+            "# HELP arbiter_rpc_failures_total Calls answered with a status other than OK, by RPC.\n\
+             # TYPE arbiter_rpc_failures_total counter\n",
+        );
+        for ((_, rpc), n) in RPCS.iter().zip(&self.failures) {
+            let n = n.load(Ordering::Relaxed);
+            let _ = writeln!(out, "arbiter_rpc_failures_total{{rpc=\"{rpc}\"}} {n}");
         }
         out
     }
@@ -169,9 +187,9 @@ pub fn install() -> Result<PrometheusHandle, String> {
         .map_err(|e| e.to_string())
 }
 
-/// Serves `GET /metrics` (Prometheus text) and `GET /healthz` over plain
+/// Serves `GET /metrics` (Prometheus text) and `GET /healthz` over
 /// HTTP/1.1 on `listener` until `shutdown` resolves, refreshing gauges on
-/// each scrape. Deliberately tiny: one request per connection, no keep-alive.
+/// each scrape.
 pub async fn serve(
     listener: TcpListener,
     handle: PrometheusHandle,
@@ -180,40 +198,65 @@ pub async fn serve(
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     loop {
-        let (mut stream, _) = tokio::select! {
+        let (stream, _) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(s) => s,
-                Err(e) => { tracing::warn!(error = %e, "metrics accept failed"); continue; }
+                Err(e) => {
+                    // Out of descriptors and the like: back off briefly.
+                    tracing::warn!(error = %e, "metrics accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
             },
             _ = crate::node::Node::stopped(&mut shutdown) => return,
         };
-        metrics.refresh(&node);
-        let latency = metrics.render_latency();
-        let handle = handle.clone();
+        let (handle, metrics, node) = (handle.clone(), metrics.clone(), node.clone());
+        let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+            let reply = respond(request.uri().path(), &handle, &metrics, &node);
+            async move { Ok::<_, std::convert::Infallible>(reply) }
+        });
+        let connection = hyper::server::conn::http1::Builder::new()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(Duration::from_secs(5))
+            .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
         tokio::spawn(async move {
-            let mut buf = [0u8; 1024];
-            let read = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await;
-            let Ok(Ok(n)) = read else { return };
-            let request = String::from_utf8_lossy(&buf[..n]);
-            let path = request.split_whitespace().nth(1).unwrap_or("");
-            let (status, ctype, body) = match path {
-                "/metrics" => (
-                    "200 OK",
-                    "text/plain; version=0.0.4",
-                    handle.render() + &latency,
-                ),
-                "/healthz" => ("200 OK", "text/plain", "ok\n".to_owned()),
-                _ => ("404 Not Found", "text/plain", "not found\n".to_owned()),
-            };
-            let head = format!(
-                "HTTP/1.1 {status}\r\ncontent-type: {ctype}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-                body.len()
-            );
-            let _ = stream.write_all(head.as_bytes()).await;
-            let _ = stream.write_all(body.as_bytes()).await;
-            let _ = stream.shutdown().await;
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "metrics connection");
+            }
         });
     }
+}
+
+/// The answer to `GET path`.
+fn respond(
+    path: &str,
+    handle: &PrometheusHandle,
+    metrics: &Metrics,
+    node: &Node,
+) -> Response<Full<Bytes>> {
+    let (status, content_type, body) = match path {
+        "/metrics" => {
+            metrics.refresh(node);
+            (
+                StatusCode::OK,
+                "text/plain; version=0.0.4",
+                handle.render() + &metrics.render_latency(),
+            )
+        }
+        "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
+        _ => (
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found\n".to_owned(),
+        ),
+    };
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static(content_type),
+    );
+    response
 }
 
 #[cfg(test)]
@@ -223,7 +266,7 @@ mod tests {
     #[test]
     fn latency_buckets_are_cumulative_and_bounded_by_count() {
         let m = Metrics::new();
-        let h = &m.latency[Rpc::Check as usize];
+        let h = &m.latency[Rpc::from_path("/arbiter.v1.RateLimiter/Check").unwrap().0];
         h.record(Duration::from_micros(40)); // <= 50 µs
         h.record(Duration::from_micros(50)); // <= 50 µs, on the bound
         h.record(Duration::from_micros(700)); // <= 1 ms

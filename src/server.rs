@@ -64,6 +64,7 @@ pub struct Started {
     listener: tokio::net::TcpListener,
     routes: tonic::service::Routes,
     health: tonic_health::server::HealthReporter,
+    metrics: Arc<Metrics>,
     peer_stop: tokio::sync::oneshot::Sender<()>,
     peer_server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
 }
@@ -171,12 +172,13 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Started, Ser
         metrics::serve(
             metrics_listener,
             handle,
-            metrics,
+            metrics.clone(),
             node.clone(),
             node.shutdown_signal(),
         ),
     );
 
+    let shared_metrics = metrics;
     let routes = tonic::service::Routes::new(health_service)
         .add_service(reflection)
         .add_service(RateLimiterServer::new(
@@ -210,6 +212,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Started, Ser
         listener,
         routes,
         health,
+        metrics: shared_metrics,
         peer_stop,
         peer_server,
     })
@@ -235,6 +238,7 @@ impl Started {
             listener,
             routes,
             health,
+            metrics,
             peer_stop,
             peer_server,
             ..
@@ -256,7 +260,9 @@ impl Started {
             .worker_threads
             .filter(|n| *n > 0)
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-        let serving = serving::spawn(threads, routes, stopping).map_err(ServerError::Runtime)?;
+        let layer = crate::api::layer::RpcMetricsLayer(metrics);
+        let serving =
+            serving::spawn(threads, routes, layer, stopping).map_err(ServerError::Runtime)?;
         serving::accept(listener, &serving);
 
         let mut stopped = node.shutdown_signal();
@@ -292,6 +298,7 @@ mod serving {
     use tonic::transport::Server;
 
     use super::ServerError;
+    use crate::api::layer::RpcMetricsLayer;
 
     pub struct Serving {
         conns: Vec<mpsc::UnboundedSender<std::net::TcpStream>>,
@@ -320,6 +327,7 @@ mod serving {
     pub fn spawn(
         n: usize,
         routes: Routes,
+        layer: RpcMetricsLayer,
         stopping: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<Serving> {
         let (stop_tx, stop) = watch::channel(false);
@@ -335,6 +343,7 @@ mod serving {
             let (conn_tx, conn_rx) = mpsc::unbounded_channel::<std::net::TcpStream>();
             let (done_tx, done_rx) = oneshot::channel();
             let routes = routes.clone();
+            let layer = layer.clone();
             let mut stop = stop.clone();
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -350,6 +359,7 @@ mod serving {
                         Server::builder()
                             .http2_keepalive_interval(Some(Duration::from_secs(30)))
                             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+                            .layer(layer)
                             .add_routes(routes)
                             .serve_with_incoming_shutdown(incoming, async move {
                                 let _ = stop.wait_for(|s| *s).await;

@@ -1,12 +1,9 @@
 //! `arbiter.v1.Idempotency`: writes go through the node's ordered write path.
 
-use std::time::Instant;
-
 use tonic::{Request, Response, Status};
 
 use super::{convert, error, Shared};
 use crate::engine::{Abort, Begin, BeginOutcome, Complete};
-use crate::metrics::Rpc;
 use crate::node::{GetRecord, Stamped};
 use crate::proto::idempotency_server::Idempotency;
 use crate::proto::{
@@ -18,12 +15,10 @@ pub struct IdempotencyService(pub Shared);
 
 #[tonic::async_trait]
 impl Idempotency for IdempotencyService {
-    #[tracing::instrument(level = "debug", skip_all)]
     async fn begin(
         &self,
         request: Request<BeginRequest>,
     ) -> Result<Response<BeginResponse>, Status> {
-        let start = Instant::now();
         let s = &self.0;
         let b = s.bounds;
         let r = request.into_inner();
@@ -48,7 +43,6 @@ impl Idempotency for IdempotencyService {
             .await
             .map_err(error::node_status)?
             .value;
-        s.metrics.observe(Rpc::Begin, start);
         let reply = match outcome {
             BeginOutcome::Started { attempt } => BeginResponse {
                 outcome: PbOutcome::Started as i32,
@@ -78,12 +72,10 @@ impl Idempotency for IdempotencyService {
         Ok(Response::new(reply))
     }
 
-    #[tracing::instrument(level = "debug", skip_all)]
     async fn complete(
         &self,
         request: Request<CompleteRequest>,
     ) -> Result<Response<CompleteResponse>, Status> {
-        let start = Instant::now();
         let s = &self.0;
         let r = request.into_inner();
         convert::key(&r.key, || "key".into())?;
@@ -96,16 +88,13 @@ impl Idempotency for IdempotencyService {
             })
             .await
             .map_err(error::node_status)?;
-        s.metrics.observe(Rpc::Complete, start);
         Ok(Response::new(CompleteResponse {}))
     }
 
-    #[tracing::instrument(level = "debug", skip_all)]
     async fn abort(
         &self,
         request: Request<AbortRequest>,
     ) -> Result<Response<AbortResponse>, Status> {
-        let start = Instant::now();
         let s = &self.0;
         let r = request.into_inner();
         convert::key(&r.key, || "key".into())?;
@@ -116,16 +105,13 @@ impl Idempotency for IdempotencyService {
             })
             .await
             .map_err(error::node_status)?;
-        s.metrics.observe(Rpc::Abort, start);
         Ok(Response::new(AbortResponse {}))
     }
 
-    #[tracing::instrument(level = "debug", skip_all)]
     async fn get(
         &self,
         request: Request<GetRecordRequest>,
     ) -> Result<Response<GetRecordResponse>, Status> {
-        let start = Instant::now();
         let s = &self.0;
         let r = request.into_inner();
         convert::key(&r.key, || "key".into())?;
@@ -134,7 +120,6 @@ impl Idempotency for IdempotencyService {
             .execute(GetRecord { key: r.key.clone() })
             .await
             .map_err(error::node_status)?;
-        s.metrics.observe(Rpc::GetRecord, start);
         Ok(Response::new(GetRecordResponse {
             record: value.map(|rec| convert::record(r.key, rec, now_ms)),
         }))

@@ -2,7 +2,6 @@
 //! `Watch` streams the current state, then every change.
 
 use std::pin::Pin;
-use std::time::Instant;
 
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
@@ -11,7 +10,6 @@ use tonic::{Request, Response, Status};
 
 use super::{convert, error, Shared};
 use crate::engine::{Acquire, Release, Renew};
-use crate::metrics::Rpc;
 use crate::node::{GetLease, Stamped};
 use crate::proto::leases_server::Leases;
 use crate::proto::{
@@ -31,12 +29,10 @@ fn name_and_holder(name: &str, holder: &str) -> Result<(), Status> {
 
 #[tonic::async_trait]
 impl Leases for LeasesService {
-    #[tracing::instrument(level = "debug", skip_all, fields(name, holder))]
     async fn acquire(
         &self,
         request: Request<AcquireRequest>,
     ) -> Result<Response<AcquireResponse>, Status> {
-        let start = Instant::now();
         let s = &self.0;
         let r = request.into_inner();
         name_and_holder(&r.name, &r.holder)?;
@@ -50,19 +46,16 @@ impl Leases for LeasesService {
             })
             .await
             .map_err(error::node_status)?;
-        s.metrics.observe(Rpc::Acquire, start);
         Ok(Response::new(AcquireResponse {
             acquired: value.acquired,
             lease: Some(convert::lease(value.lease, now_ms)),
         }))
     }
 
-    #[tracing::instrument(level = "debug", skip_all)]
     async fn renew(
         &self,
         request: Request<RenewRequest>,
     ) -> Result<Response<RenewResponse>, Status> {
-        let start = Instant::now();
         let s = &self.0;
         let r = request.into_inner();
         name_and_holder(&r.name, &r.holder)?;
@@ -77,18 +70,15 @@ impl Leases for LeasesService {
             })
             .await
             .map_err(error::node_status)?;
-        s.metrics.observe(Rpc::Renew, start);
         Ok(Response::new(RenewResponse {
             lease: Some(convert::lease(value, now_ms)),
         }))
     }
 
-    #[tracing::instrument(level = "debug", skip_all)]
     async fn release(
         &self,
         request: Request<ReleaseRequest>,
     ) -> Result<Response<ReleaseResponse>, Status> {
-        let start = Instant::now();
         let s = &self.0;
         let r = request.into_inner();
         name_and_holder(&r.name, &r.holder)?;
@@ -101,18 +91,15 @@ impl Leases for LeasesService {
             })
             .await
             .map_err(error::node_status)?;
-        s.metrics.observe(Rpc::Release, start);
         Ok(Response::new(ReleaseResponse {
             lease: Some(convert::lease(value, now_ms)),
         }))
     }
 
-    #[tracing::instrument(level = "debug", skip_all)]
     async fn get(
         &self,
         request: Request<GetLeaseRequest>,
     ) -> Result<Response<GetLeaseResponse>, Status> {
-        let start = Instant::now();
         let s = &self.0;
         let r = request.into_inner();
         convert::key(&r.name, || "name".into())?;
@@ -121,7 +108,6 @@ impl Leases for LeasesService {
             .execute(GetLease { name: r.name })
             .await
             .map_err(error::node_status)?;
-        s.metrics.observe(Rpc::GetLease, start);
         Ok(Response::new(GetLeaseResponse {
             lease: value.map(|l| convert::lease(l, now_ms)),
         }))
@@ -129,7 +115,6 @@ impl Leases for LeasesService {
 
     type WatchStream = Pin<Box<dyn Stream<Item = Result<LeaseEvent, Status>> + Send>>;
 
-    #[tracing::instrument(level = "debug", skip_all)]
     async fn watch(
         &self,
         request: Request<WatchLeaseRequest>,

@@ -1,10 +1,13 @@
 //! The gRPC layer: one file per service, conversions with validation in
-//! [`convert`], and the one engine-error → status mapping in [`error`].
+//! [`convert`], the one engine-error → status mapping in [`error`], and
+//! per-RPC metrics and tracing as one tower layer around them all
+//! ([`layer`]).
 
 pub mod cluster;
 pub mod convert;
 pub mod error;
 pub mod idempotency;
+pub mod layer;
 pub mod leases;
 pub mod rate_limiter;
 

@@ -1,11 +1,8 @@
 //! `arbiter.v1.RateLimiter`: decided at once from the sharded table.
 
-use std::time::Instant;
-
 use tonic::{Request, Response, Status};
 
 use super::{convert, error, Shared};
-use crate::metrics::Rpc;
 use crate::proto::rate_limiter_server::RateLimiter;
 use crate::proto::{CheckRequest, CheckResponse};
 
@@ -13,15 +10,12 @@ pub struct RateLimiterService(pub Shared);
 
 #[tonic::async_trait]
 impl RateLimiter for RateLimiterService {
-    #[tracing::instrument(level = "debug", skip_all, fields(checks))]
     async fn check(
         &self,
         request: Request<CheckRequest>,
     ) -> Result<Response<CheckResponse>, Status> {
-        let start = Instant::now();
         let s = &self.0;
         let req = request.into_inner();
-        tracing::Span::current().record("checks", req.checks.len());
         let n = req.checks.len();
         if n == 0 || n > s.bounds.max_checks {
             return Err(Status::invalid_argument(format!(
@@ -42,7 +36,6 @@ impl RateLimiter for RateLimiterService {
             .map_err(error::node_status)?;
         let allowed = results.iter().filter(|r| r.allowed).count() as u64;
         s.metrics.decisions(allowed, results.len() as u64 - allowed);
-        s.metrics.observe(Rpc::Check, start);
         Ok(Response::new(CheckResponse {
             results: results.into_iter().map(Into::into).collect(),
         }))

@@ -1,6 +1,6 @@
 //! Health, reflection, metrics, data directory and graceful shutdown.
 
-use arbiter::proto::{AcquireRequest, WatchLeaseRequest};
+use arbiter::proto::{AcquireRequest, RenewRequest, WatchLeaseRequest};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
@@ -97,13 +97,37 @@ async fn metrics_count_decisions_latency_and_live_keys() {
     })
     .await
     .unwrap();
+    // Failed calls are timed and counted too: one refused by the engine,
+    // one by validation.
+    let refused = l
+        .renew(RenewRequest {
+            name: "m".into(),
+            holder: "h".into(),
+            fencing_token: 99,
+            ttl_ms: 60_000,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    let invalid = c
+        .check(arbiter::proto::CheckRequest {
+            checks: vec![],
+            all_or_nothing: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(invalid.code(), tonic::Code::InvalidArgument);
     let body = http_get(server.metrics, "/metrics");
     assert!(body.starts_with("HTTP/1.1 200"), "{body}");
     for line in [
         "arbiter_decisions_total{result=\"allowed\"} 2",
         "arbiter_decisions_total{result=\"denied\"} 1",
-        "arbiter_rpc_duration_seconds_count{rpc=\"Check\"} 3",
+        "arbiter_rpc_duration_seconds_count{rpc=\"Check\"} 4",
+        "arbiter_rpc_failures_total{rpc=\"Check\"} 1",
         "arbiter_rpc_duration_seconds_count{rpc=\"Acquire\"} 1",
+        "arbiter_rpc_failures_total{rpc=\"Acquire\"} 0",
+        "arbiter_rpc_duration_seconds_count{rpc=\"Renew\"} 1",
+        "arbiter_rpc_failures_total{rpc=\"Renew\"} 1",
         "arbiter_live_keys{kind=\"rate_limit\"} 1",
         "arbiter_live_keys{kind=\"lease\"} 1",
     ] {

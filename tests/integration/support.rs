@@ -206,7 +206,10 @@ pub fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     let once = || -> std::io::Result<String> {
         let mut s = std::net::TcpStream::connect(addr)?;
         s.set_read_timeout(Some(DEADLINE))?;
-        write!(s, "GET {path} HTTP/1.1\r\nhost: x\r\n\r\n")?;
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
+        )?;
         let mut out = String::new();
         s.read_to_string(&mut out)?;
         Ok(out)
