@@ -10,7 +10,7 @@ run:
 test: test-rust test-python test-helm
 
 test-rust:
-	$(CARGO) test -j$(JOBS)
+	$(CARGO) test -j$(JOBS) --workspace
 
 test-python:
 	$(CARGO) build -j$(JOBS)
@@ -31,12 +31,12 @@ image:
 	docker/build-local.sh
 
 bench:
-	$(CARGO) bench -j$(JOBS) --bench engine
-	$(CARGO) bench -j$(JOBS) --bench memory
+	$(CARGO) bench -j$(JOBS) -p arbiter-engine --bench engine
+	$(CARGO) bench -j$(JOBS) -p arbiter-engine --bench memory
 
 lint:
 	$(CARGO) fmt --all -- --check
-	$(CARGO) clippy -j$(JOBS) --all-targets -- -D warnings
+	$(CARGO) clippy -j$(JOBS) --workspace --all-targets -- -D warnings
 
 fmt:
 	$(CARGO) fmt --all

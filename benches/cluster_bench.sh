@@ -14,7 +14,7 @@ WARMUP=${WARMUP:-2}
 TRIALS=${TRIALS:-10}
 INFLIGHT=${INFLIGHT:-50}
 
-cargo build --release -j2 --bin arbiter --bin arbiter-bench >&2
+cargo build --release -j2 -p arbiter -p arbiter-bench >&2
 # BIN=path runs another build of the server (e.g. an older commit's, to compare).
 BIN=${BIN:-target/release/arbiter}
 BENCH=target/release/arbiter-bench

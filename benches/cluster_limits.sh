@@ -22,7 +22,7 @@ BATCH_SECS=${BATCH_SECS:-30}
 PAUSE_AT=${PAUSE_AT:-10}
 PAUSE_SECS=${PAUSE_SECS:-3}
 
-cargo build --release -j2 --bin arbiter --bin arbiter-bench >&2
+cargo build --release -j2 -p arbiter -p arbiter-bench >&2
 BIN=target/release/arbiter
 BENCH=target/release/arbiter-bench
 work=$(mktemp -d)

@@ -31,7 +31,7 @@ if [ "$ROUNDS" -gt 0 ] && ! command -v redis-server >/dev/null; then
   echo "installing redis-server from Debian's packages" >&2
   apt-get update -qq && apt-get install -y -qq redis-server >/dev/null
 fi
-cargo build --release -j2 --bin arbiter --bin arbiter-bench >&2
+cargo build --release -j2 -p arbiter -p arbiter-bench >&2
 BENCH=target/release/arbiter-bench
 
 work=$(mktemp -d)

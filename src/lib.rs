@@ -21,7 +21,7 @@ pub mod api;
 pub mod cli;
 pub mod clock;
 pub mod config;
-pub mod engine;
+pub use arbiter_engine as engine;
 pub mod metrics;
 pub mod node;
 pub mod raft;

@@ -287,6 +287,10 @@ mod tests {
                 "missing {line:?} in\n{text}"
             );
         }
-        assert_eq!(text.matches("# TYPE").count(), 1);
+        assert_eq!(
+            text.matches("# TYPE").count(),
+            2,
+            "one histogram, one counter"
+        );
     }
 }

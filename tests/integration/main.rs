@@ -5,7 +5,6 @@
 
 mod support;
 
-mod bench_smoke;
 mod cluster;
 mod durability;
 

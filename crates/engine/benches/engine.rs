@@ -7,7 +7,7 @@
 
 use std::hint::black_box;
 
-use arbiter::engine::{
+use arbiter_engine::{
     Acquire, Begin, Command, Engine, EngineConfig, LimitCheck, LimitDef, Release,
 };
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
@@ -150,7 +150,7 @@ fn leases(c: &mut Criterion) {
                     )
                     .expect("granted");
                 let token = match a.outcome {
-                    arbiter::engine::Outcome::Acquire(a) => a.lease.fencing_token,
+                    arbiter_engine::Outcome::Acquire(a) => a.lease.fencing_token,
                     other => panic!("{other:?}"),
                 };
                 engine

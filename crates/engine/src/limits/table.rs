@@ -15,7 +15,7 @@ use std::sync::{Mutex, MutexGuard};
 use hashbrown::{DefaultHashBuilder, HashTable};
 
 use super::{decide, Cell, LimitCheck, LimitResult, PackedCells};
-use crate::engine::EngineError;
+use crate::EngineError;
 
 type Entry = (Key, Cell);
 

@@ -8,7 +8,7 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicIsize, Ordering};
 
-use arbiter::engine::{Engine, EngineConfig, LimitCheck, LimitDef};
+use arbiter_engine::{Engine, EngineConfig, LimitCheck, LimitDef};
 
 struct Counting;
 
