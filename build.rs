@@ -1,5 +1,7 @@
-//! Compiles `proto/arbiter/v1/*.proto` with a vendored `protoc`, so a fresh
-//! machine needs no system protobuf compiler.
+//! Compiles `proto/arbiter/v1/*.proto` (the gRPC API) and
+//! `proto/arbiter/log/v1/log.proto` (the Raft log format, messages only)
+//! with a vendored `protoc`, so a fresh machine needs no system protobuf
+//! compiler.
 
 use std::path::PathBuf;
 
@@ -21,5 +23,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .file_descriptor_set_path(out_dir.join("arbiter_descriptor.bin"))
         .compile_protos(&protos, &["proto"])?;
+    let log = "proto/arbiter/log/v1/log.proto";
+    println!("cargo:rerun-if-changed={log}");
+    tonic_prost_build::configure()
+        .build_client(false)
+        .build_server(false)
+        .compile_protos(&[log], &["proto"])?;
     Ok(())
 }

@@ -28,6 +28,11 @@ pub mod raft;
 pub mod server;
 pub mod storage;
 
+/// The Raft log format (`proto/arbiter/log/v1/log.proto`).
+pub mod log_proto {
+    tonic::include_proto!("arbiter.log.v1");
+}
+
 /// Generated protobuf and gRPC code for `arbiter.v1`.
 pub mod proto {
     tonic::include_proto!("arbiter.v1");

@@ -365,6 +365,10 @@ mod serving {
                                 let _ = stop.wait_for(|s| *s).await;
                             }),
                     );
+                    // Drop every task this thread still holds (and the node
+                    // handles in them) before reporting the thread done, so
+                    // a stopped server has let go of its data directory.
+                    drop(runtime);
                     let _ = done_tx.send(served);
                 })?;
             conns.push(conn_tx);

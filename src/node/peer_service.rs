@@ -3,13 +3,13 @@
 
 use std::sync::Arc;
 
-use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
+use openraft::raft::{InstallSnapshotRequest, VoteRequest};
 use tonic::{Request, Response, Status};
 
 use super::{Call, Node, PreVoteRequest, PreVoteResponse};
 use crate::proto::raft_peer_server::RaftPeer;
 use crate::proto::PeerMessage;
-use crate::raft::network::{decode, encode};
+use crate::raft::network::{decode, decode_append, encode};
 use crate::raft::{NodeId, TypeConfig};
 
 pub struct PeerService(pub Arc<Node>);
@@ -24,7 +24,8 @@ impl RaftPeer for PeerService {
         &self,
         request: Request<PeerMessage>,
     ) -> Result<Response<PeerMessage>, Status> {
-        let rpc: AppendEntriesRequest<TypeConfig> = decode(request.get_ref()).map_err(bad)?;
+        let rpc = decode_append(request.get_ref())
+            .map_err(|e| Status::invalid_argument(format!("undecodable append: {e}")))?;
         self.0.heard_from(&rpc.vote);
         Ok(Response::new(encode(
             &self.0.raft().append_entries(rpc).await,

@@ -5,7 +5,9 @@
 //! so every replica applies the same command at the same `now_ms` and state
 //! machines never read a clock.
 
+pub mod codec;
 pub mod lease;
+mod legacy;
 pub mod network;
 pub mod state_machine;
 

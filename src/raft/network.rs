@@ -3,7 +3,7 @@
 //! Channels are created lazily and kept: tonic reconnects them in the
 //! background, every call has a deadline, and openraft backs off (500 ms) on
 //! a peer that stays unreachable. Messages are JSON inside a protobuf
-//! envelope; both ends run the same build.
+//! envelope, except log entries, which travel in the log's binary format.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -17,13 +17,15 @@ use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
 };
-use openraft::BasicNode;
+use openraft::{BasicNode, Vote};
 use serde::de::DeserializeOwned;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tonic::transport::{Channel, Endpoint};
 
+use super::codec::{decode_entry, encode_entry};
 use super::lease::LeaderLease;
-use super::{NodeId, TypeConfig};
+use super::legacy::LegacyEntry;
+use super::{LogId, NodeId, TypeConfig};
 use crate::proto::raft_peer_client::RaftPeerClient;
 use crate::proto::PeerMessage;
 
@@ -64,7 +66,54 @@ impl Channels {
 pub fn encode<T: Serialize>(v: &T) -> PeerMessage {
     PeerMessage {
         json: serde_json::to_vec(v).expect("raft messages serialize to JSON"),
+        entries: Vec::new(),
     }
+}
+
+/// An AppendEntries without its entries (they travel in binary beside it).
+#[derive(Serialize, Deserialize)]
+struct AppendHeader {
+    vote: Vote<NodeId>,
+    prev_log_id: Option<LogId>,
+    leader_commit: Option<LogId>,
+    /// What a leader of an earlier release sends instead: every entry in
+    /// JSON inside the header.
+    #[serde(default, skip_serializing)]
+    entries: Vec<LegacyEntry>,
+}
+
+/// An AppendEntries as a peer message: a JSON header and binary entries.
+pub fn encode_append(rpc: &AppendEntriesRequest<TypeConfig>) -> PeerMessage {
+    let header = AppendHeader {
+        vote: rpc.vote,
+        prev_log_id: rpc.prev_log_id,
+        leader_commit: rpc.leader_commit,
+        entries: Vec::new(),
+    };
+    PeerMessage {
+        json: serde_json::to_vec(&header).expect("raft messages serialize to JSON"),
+        entries: rpc.entries.iter().map(encode_entry).collect(),
+    }
+}
+
+/// An AppendEntries from a peer message (or from the JSON of an earlier
+/// release's leader).
+pub fn decode_append(m: &PeerMessage) -> Result<AppendEntriesRequest<TypeConfig>, String> {
+    let header: AppendHeader = serde_json::from_slice(&m.json).map_err(|e| e.to_string())?;
+    let mut entries: Vec<_> = header
+        .entries
+        .into_iter()
+        .map(LegacyEntry::into_entry)
+        .collect();
+    for bytes in &m.entries {
+        entries.push(decode_entry(bytes)?);
+    }
+    Ok(AppendEntriesRequest {
+        vote: header.vote,
+        prev_log_id: header.prev_log_id,
+        leader_commit: header.leader_commit,
+        entries,
+    })
 }
 
 pub fn decode<T: DeserializeOwned>(m: &PeerMessage) -> Result<T, serde_json::Error> {
@@ -106,14 +155,13 @@ enum Call {
 
 impl PeerClient {
     /// Sends one message and decodes the peer's `Result<Resp, E>`.
-    async fn call<Req, Resp, E>(
+    async fn call<Resp, E>(
         &self,
         call: Call,
-        req: &Req,
+        message: PeerMessage,
         timeout: Duration,
     ) -> Result<Resp, RPCError<NodeId, BasicNode, E>>
     where
-        Req: Serialize,
         Resp: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
     {
@@ -124,7 +172,7 @@ impl PeerClient {
         let mut client = RaftPeerClient::new(channel)
             .max_decoding_message_size(PEER_MESSAGE_LIMIT)
             .max_encoding_message_size(PEER_MESSAGE_LIMIT);
-        let mut request = tonic::Request::new(encode(req));
+        let mut request = tonic::Request::new(message);
         request.set_timeout(timeout);
         let reply = match call {
             Call::Append => client.append_entries(request).await,
@@ -156,7 +204,11 @@ impl RaftNetwork<TypeConfig> for PeerClient {
             .is_committed()
             .then(|| rpc.vote.leader_id().get_term());
         let reply = self
-            .call(Call::Append, &rpc, option.hard_ttl().min(RPC_TIMEOUT))
+            .call(
+                Call::Append,
+                encode_append(&rpc),
+                option.hard_ttl().min(RPC_TIMEOUT),
+            )
             .await;
         if let (Some(term), Ok(r)) = (term, &reply) {
             if !matches!(r, AppendEntriesResponse::HigherVote(_)) {
@@ -175,7 +227,8 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         InstallSnapshotResponse<NodeId>,
         RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>,
     > {
-        self.call(Call::Snapshot, &rpc, SNAPSHOT_TIMEOUT).await
+        self.call(Call::Snapshot, encode(&rpc), SNAPSHOT_TIMEOUT)
+            .await
     }
 
     async fn vote(
@@ -183,7 +236,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: VoteRequest<NodeId>,
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        self.call(Call::Vote, &rpc, option.hard_ttl().min(RPC_TIMEOUT))
+        self.call(Call::Vote, encode(&rpc), option.hard_ttl().min(RPC_TIMEOUT))
             .await
     }
 }

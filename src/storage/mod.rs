@@ -8,8 +8,9 @@
 //! openraft requires. Any storage error is returned to openraft, which
 //! treats it as fatal for the node: nothing is silently ignored.
 //!
-//! Values are JSON: the entries are small and this keeps the file
-//! inspectable; the encoding is private to this module.
+//! Log entries are stored in the binary log format (`raft::codec`, which
+//! also reads the JSON entries of earlier releases); the vote, commit and
+//! purge markers and the snapshot's meta are JSON.
 
 // openraft's storage traits return its (large) `StorageError` by value;
 // helpers here return the same type so errors pass through unchanged.
@@ -30,6 +31,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::raft::codec::{decode_entry, encode_entry};
 use crate::raft::{Entry, LogId, NodeId, SnapshotMeta, StorageError, TypeConfig};
 
 const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
@@ -252,11 +254,7 @@ fn delete(
             None => None,
             Some(Purged::Id(id)) => Some(id),
             Some(Purged::Index(i)) => match table.get(i).map_err(|e| e.to_string())? {
-                Some(v) => Some(
-                    serde_json::from_slice::<Entry>(v.value())
-                        .map_err(|e| e.to_string())?
-                        .log_id,
-                ),
+                Some(v) => Some(decode_entry(v.value())?.log_id),
                 None => None,
             },
         };
@@ -402,7 +400,7 @@ impl Store {
                 let (k, v) = item.map_err(|e| log_read_err(&e))?;
                 out.insert(
                     k.value(),
-                    serde_json::from_slice(v.value()).map_err(|e| log_read_err(&e))?,
+                    decode_entry(v.value()).map_err(|e| log_read_err(&e))?,
                 );
             }
             Ok(out)
@@ -487,7 +485,7 @@ impl Store {
                         return Ok(true);
                     }
                     bytes += v.len();
-                    out.push(serde_json::from_slice(v).map_err(|e| log_read_err(&e))?);
+                    out.push(decode_entry(v).map_err(|e| log_read_err(&e))?);
                 }
                 Ok(false)
             })?;
@@ -542,8 +540,7 @@ impl Store {
     fn last_committed_id(&self) -> Result<Option<LogId>, StorageError> {
         let last = self.read_log(|table| match table.last().map_err(|e| log_read_err(&e))? {
             Some((_, v)) => {
-                let entry: Entry =
-                    serde_json::from_slice(v.value()).map_err(|e| log_read_err(&e))?;
+                let entry = decode_entry(v.value()).map_err(|e| log_read_err(&e))?;
                 Ok(Some(entry.log_id))
             }
             None => Ok(None),
@@ -653,10 +650,10 @@ impl RaftLogStorage<TypeConfig> for Store {
         {
             let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
             for entry in entries {
-                let json = Self::json(&entry);
-                let bytes = json.len();
-                encoded.push((entry.log_id.index, json));
-                p.insert(entry.log_id.index, (seq, Held { entry, bytes }));
+                let bytes = encode_entry(&entry);
+                let len = bytes.len();
+                encoded.push((entry.log_id.index, bytes));
+                p.insert(entry.log_id.index, (seq, Held { entry, bytes: len }));
             }
         }
         self.writer
@@ -832,7 +829,7 @@ mod tests {
         {
             let mut t = tx.open_table(LOG).unwrap();
             for i in 1..=10 {
-                t.insert(i, Store::json(&entry_of(i, 1000)).as_slice())
+                t.insert(i, encode_entry(&entry_of(i, 1000)).as_slice())
                     .unwrap();
             }
         }
@@ -841,13 +838,13 @@ mod tests {
             let mut p = store.pending.lock().unwrap();
             for i in 11..=14 {
                 let entry = entry_of(i, 1000);
-                let bytes = Store::json(&entry).len();
+                let bytes = encode_entry(&entry).len();
                 p.insert(i, (DURABLE, Held { entry, bytes }));
             }
         }
-        // Entries 1..=9 encode to `size` bytes, later ones (two-digit
-        // indices) to one more.
-        let size = Store::json(&entry_of(1, 1000)).len();
+        // Every entry here encodes to `size` bytes.
+        let size = encode_entry(&entry_of(1, 1000)).len();
+        assert!((1..=14).all(|i| encode_entry(&entry_of(i, 1000)).len() == size));
         let indices = |start, end, budget| -> Vec<u64> {
             let got = store.limited_entries(start, end, budget).unwrap();
             got.iter().map(|e| e.log_id.index).collect()
@@ -856,9 +853,9 @@ mod tests {
         assert_eq!(indices(1, 15, usize::MAX), (1..=14).collect::<Vec<_>>());
         // As many whole entries as fit the budget...
         assert_eq!(indices(1, 15, 3 * size), vec![1, 2, 3]);
-        assert_eq!(indices(9, 15, 4 * size + 3), vec![9, 10, 11, 12]);
-        assert_eq!(indices(9, 15, 4 * size + 2), vec![9, 10, 11]);
-        assert_eq!(indices(12, 15, 2 * size + 2), vec![12, 13]);
+        assert_eq!(indices(9, 15, 4 * size), vec![9, 10, 11, 12]);
+        assert_eq!(indices(9, 15, 4 * size - 1), vec![9, 10, 11]);
+        assert_eq!(indices(12, 15, 2 * size), vec![12, 13]);
         // ...but always at least one, however small the budget.
         assert_eq!(indices(5, 15, 1), vec![5]);
         assert_eq!(indices(13, 15, 1), vec![13]);
@@ -880,7 +877,7 @@ mod tests {
         {
             let mut t = tx.open_table(LOG).unwrap();
             for i in 1..=1000 {
-                t.insert(i, Store::json(&entry_of(i, 10)).as_slice())
+                t.insert(i, encode_entry(&entry_of(i, 10)).as_slice())
                     .unwrap();
             }
         }

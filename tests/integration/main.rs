@@ -15,4 +15,5 @@ mod manual_clock;
 mod rate_limiter;
 mod replication;
 mod server;
+mod upgrade;
 mod validation;

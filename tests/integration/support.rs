@@ -242,12 +242,24 @@ pub const MANUAL_START_MS: u64 = 20_000 * 86_400_000;
 impl InProcess {
     /// A single node on 127.0.0.1:0 ports, its clock at [`MANUAL_START_MS`].
     pub async fn start() -> InProcess {
-        let data_dir = fresh_dir();
-        let clock = std::sync::Arc::new(arbiter::clock::ManualClock::new(MANUAL_START_MS));
-        let config = arbiter::config::Config::for_tests(data_dir.clone());
-        let started = arbiter::server::start(config, clock.clone())
+        Self::start_in(fresh_dir(), MANUAL_START_MS).await
+    }
+
+    /// A single node on `data_dir` (removed when this is dropped), its
+    /// clock at `start_ms`.
+    pub async fn start_in(data_dir: PathBuf, start_ms: u64) -> InProcess {
+        Self::try_start_in(data_dir, start_ms)
             .await
-            .expect("server starts");
+            .expect("server starts")
+    }
+
+    async fn try_start_in(
+        data_dir: PathBuf,
+        start_ms: u64,
+    ) -> Result<InProcess, arbiter::server::ServerError> {
+        let clock = std::sync::Arc::new(arbiter::clock::ManualClock::new(start_ms));
+        let config = arbiter::config::Config::for_tests(data_dir.clone());
+        let started = arbiter::server::start(config, clock.clone()).await?;
         let addr = started.addrs.client;
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let served = tokio::spawn(async move {
@@ -258,13 +270,13 @@ impl InProcess {
                 .await
                 .expect("server stops cleanly");
         });
-        InProcess {
+        Ok(InProcess {
             addr,
             clock,
             stop: Some(stop),
             served: Some(served),
             data_dir,
-        }
+        })
     }
 
     pub fn advance(&self, ms: u64) {
@@ -279,8 +291,31 @@ impl InProcess {
             .expect("connect to arbiter")
     }
 
+    /// Shuts the server down cleanly and starts it again on the same data
+    /// directory, its clock where this one's was.
+    pub async fn restart(mut self) -> InProcess {
+        let (dir, now) = (
+            self.data_dir.clone(),
+            arbiter::clock::Clock::now_ms(&*self.clock),
+        );
+        self.shut_down().await;
+        // Keep the directory for the next start.
+        self.data_dir = PathBuf::new();
+        // Raft's state-machine task lets go of the store just after Raft
+        // has stopped: poll until the file is free.
+        eventually("the data directory to be released", || {
+            let dir = dir.clone();
+            async move { Self::try_start_in(dir, now).await.ok() }
+        })
+        .await
+    }
+
     /// Shuts the server down and waits for it (up to the deadline).
     pub async fn stop(mut self) {
+        self.shut_down().await;
+    }
+
+    async fn shut_down(&mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
@@ -298,6 +333,8 @@ impl Drop for InProcess {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
-        let _ = std::fs::remove_dir_all(&self.data_dir);
+        if !self.data_dir.as_os_str().is_empty() {
+            let _ = std::fs::remove_dir_all(&self.data_dir);
+        }
     }
 }

@@ -63,8 +63,8 @@ fn token_bucket(c: &mut Criterion) {
     g.finish();
 }
 
-/// A leader's sync: 10,000 of 100,000 keys changed, drained and packed into
-/// one entry's cells, then encoded as the log stores it. Per changed cell.
+/// A leader's sync: 10,000 of 100,000 keys changed, drained into one
+/// entry's cells. Per changed cell.
 fn sync(c: &mut Criterion) {
     const KEYS: usize = 100_000;
     const CHANGED: usize = 10_000;
@@ -92,16 +92,6 @@ fn sync(c: &mut Criterion) {
         b.iter_batched(
             &mut change,
             |()| black_box(engine.drain_dirty_limits(usize::MAX, usize::MAX)),
-            BatchSize::PerIteration,
-        )
-    });
-    g.bench_function("drain_and_encode_10k_of_100k", |b| {
-        b.iter_batched(
-            &mut change,
-            |()| {
-                let cells = engine.drain_dirty_limits(usize::MAX, usize::MAX);
-                black_box(serde_json::to_vec(&Command::SyncCells { cells }).expect("encodes"))
-            },
             BatchSize::PerIteration,
         )
     });

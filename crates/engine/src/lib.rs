@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 pub use idempotency::{BeginOutcome, Record, RecordState, RecordTable};
 pub use leases::{Lease, LeaseEvent, LeaseEventKind, LeaseTable};
-pub use limits::{Cell, LimitCheck, LimitDef, LimitResult, LimitTable, PackedCells};
+pub use limits::{Cell, LimitCheck, LimitDef, LimitResult, LimitTable, CELL_BYTES};
 pub use ops::{Abort, Acquire, Acquired, Begin, Command, Complete, Outcome, Release, Renew, Write};
 
 /// Why a command was refused. Malformed input is rejected before it becomes a
@@ -137,7 +137,7 @@ impl Engine {
             Command::Complete(op) => run(op, t, now_ms, &mut events)?,
             Command::Abort(op) => run(op, t, now_ms, &mut events)?,
             Command::SyncCells { cells } => {
-                self.limits.upsert(cells.iter());
+                self.limits.upsert(cells);
                 Outcome::SyncCells
             }
             Command::ExtendLeases { by_ms } => {
@@ -190,8 +190,9 @@ impl Engine {
     }
 
     /// Rate-limit cells changed since they were last drained (for sync
-    /// entries): about `max` cells or `max_bytes` packed bytes at most.
-    pub fn drain_dirty_limits(&self, max: usize, max_bytes: usize) -> PackedCells {
+    /// entries): about `max` cells or `max_bytes` (keys plus
+    /// [`CELL_BYTES`] per cell) at most.
+    pub fn drain_dirty_limits(&self, max: usize, max_bytes: usize) -> Vec<(String, Cell)> {
         self.limits.drain_dirty(max, max_bytes)
     }
 

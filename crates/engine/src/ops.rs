@@ -12,7 +12,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{BeginOutcome, EngineError, Lease, LeaseEvent, PackedCells, Tables};
+use super::{BeginOutcome, Cell, EngineError, Lease, LeaseEvent, Tables, CELL_BYTES};
 
 /// Takes a lease that is free or lapsed, or renews the caller's own.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -261,9 +261,9 @@ impl Write for Abort {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
     /// Rate-limit state replicated from the deciding node (see the node's
-    /// rate-limit sync): plain upserts, packed.
+    /// rate-limit sync): plain upserts.
     SyncCells {
-        cells: PackedCells,
+        cells: Vec<(String, Cell)>,
     },
     Acquire(Acquire),
     Renew(Renew),
@@ -310,11 +310,11 @@ writes!(Acquire, Renew, Release, Begin, Complete, Abort);
 
 impl Command {
     /// The bytes of variable-length data the command carries (keys, names,
-    /// fingerprints, responses, packed cells): what its size in a log entry
+    /// fingerprints, responses, cells): what its size in a log entry
     /// grows with. Used to keep log entries and batches bounded in bytes.
     pub fn payload_bytes(&self) -> usize {
         match self {
-            Command::SyncCells { cells } => cells.byte_len(),
+            Command::SyncCells { cells } => cells.iter().map(|(k, _)| k.len() + CELL_BYTES).sum(),
             Command::Acquire(Acquire { name, holder, .. })
             | Command::Renew(Renew { name, holder, .. })
             | Command::Release(Release { name, holder, .. }) => name.len() + holder.len(),

@@ -5,14 +5,12 @@
 //! with every check, so the cell stores only what the definition cannot give.
 
 mod fixed_window;
-mod packed;
 mod sliding_window;
 mod table;
 mod token_bucket;
 
 use serde::{Deserialize, Serialize};
 
-pub use packed::PackedCells;
 pub use table::LimitTable;
 
 /// Largest capacity / limit / refill amount accepted (10^15).
@@ -166,7 +164,21 @@ const KIND_TOKEN_BUCKET: u32 = 1;
 const KIND_SLIDING_WINDOW: u32 = 2;
 const KIND_FIXED_WINDOW: u32 = 3;
 
+/// About what one cell adds to an encoded sync entry besides its key: the
+/// figure sync entries are bounded by.
+pub const CELL_BYTES: usize = 24;
+
 impl Cell {
+    /// The stored words, for encoders outside the engine: (tag, aux, a, b, c).
+    pub fn to_parts(&self) -> (u32, u32, u64, u64, u64) {
+        (self.tag, self.aux, self.a, self.b, self.c)
+    }
+
+    /// A cell from [`Cell::to_parts`]' words.
+    pub fn from_parts((tag, aux, a, b, c): (u32, u32, u64, u64, u64)) -> Self {
+        Cell { tag, aux, a, b, c }
+    }
+
     fn kind(&self) -> u32 {
         self.tag & 3
     }

@@ -14,7 +14,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use hashbrown::{DefaultHashBuilder, HashTable};
 
-use super::{decide, Cell, LimitCheck, LimitResult, PackedCells};
+use super::{decide, Cell, LimitCheck, LimitResult, CELL_BYTES};
 use crate::EngineError;
 
 type Entry = (Key, Cell);
@@ -328,13 +328,14 @@ impl LimitTable {
 
     /// Cells changed since they were last drained, marked clean again: what
     /// a leader replicates in its next sync entry. Stops at about `max`
-    /// cells or once the packed cells reach `max_bytes` (a chunk goes past
+    /// cells or once keys and cells reach `max_bytes` (a chunk goes past
     /// either bound only by the cells taken in its last step: one, or the
     /// few that share its hash tag; a key is at most 1 KiB). Call until
     /// empty to take every change. Locks one shard at a time.
-    pub fn drain_dirty(&self, max: usize, max_bytes: usize) -> PackedCells {
-        let full = |out: &PackedCells| out.len() >= max || out.byte_len() >= max_bytes;
-        let mut out = PackedCells::default();
+    pub fn drain_dirty(&self, max: usize, max_bytes: usize) -> Vec<(String, Cell)> {
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        let full = |out: &Vec<_>, bytes: usize| out.len() >= max || bytes >= max_bytes;
         for shard in self.shards.iter() {
             let mut guard = lock(shard);
             let ShardState { table, dirty } = &mut *guard;
@@ -346,20 +347,22 @@ impl LimitTable {
             if !dirty.is_sorted_by_key(position) {
                 dirty.sort_unstable_by_key(position);
             }
-            while !full(&out) {
+            while !full(&out, bytes) {
                 let Some(h) = dirty.pop() else { break };
                 // Several keys may share a hash: take every dirty one.
                 for e in table.iter_hash_mut(h) {
                     if e.1.is_dirty() {
                         e.1 = e.1.clean();
-                        out.push(e.0.as_str(), e.1);
+                        let key = e.0.as_str();
+                        bytes += key.len() + CELL_BYTES;
+                        out.push((key.to_owned(), e.1));
                     }
                 }
             }
             if dirty.is_empty() && dirty.capacity() > 4096 {
                 dirty.shrink_to(1024);
             }
-            if full(&out) {
+            if full(&out, bytes) {
                 break;
             }
         }
@@ -404,11 +407,7 @@ mod tests {
         t.check(&[check("a", 1), check("b", 1), check("a", 2)], false, 0)
             .unwrap();
         t.check(&[check("c", 0)], false, 0).unwrap(); // a peek changes nothing
-        let mut d: Vec<(String, Cell)> = t
-            .drain_dirty(usize::MAX, usize::MAX)
-            .iter()
-            .map(|(k, c)| (k.to_owned(), c))
-            .collect();
+        let mut d: Vec<(String, Cell)> = t.drain_dirty(usize::MAX, usize::MAX);
         d.sort_by(|x, y| x.0.cmp(&y.0));
         assert_eq!(
             d.iter().map(|x| x.0.as_str()).collect::<Vec<_>>(),
@@ -488,7 +487,12 @@ mod tests {
             }
             // Over the bound by at most the last step's cells (one, or the
             // few sharing its hash tag).
-            assert!(chunk.byte_len() < BYTES + 8 * 1100, "{chunk:?}");
+            let bytes: usize = chunk.iter().map(|(k, _)| k.len() + CELL_BYTES).sum();
+            assert!(
+                bytes < BYTES + 8 * 1100,
+                "{bytes} bytes in {} cells",
+                chunk.len()
+            );
             drained += chunk.len();
         }
         assert_eq!(drained, 1000, "every changed cell drained once");
