@@ -2,20 +2,26 @@
 //! served over gRPC.
 //!
 //! # Layout
-//! - [`engine`]: the pure state machines (no clock, no I/O, no async);
-//!   `apply(command, now_ms)` is the single entry point for state changes.
-//! - [`clock`]: the one place time is read.
-//! - [`node`]: stamps commands with the time, serialises writes, fans out
-//!   lease events to watchers, runs sweeps, the rate-limit sync
-//!   (`node/limit_sync.rs`) and elections behind a pre-vote
-//!   (`node/election.rs`).
-//! - [`raft`]: openraft types, the state machine, the peer network and the
-//!   leader lease (`raft/lease.rs`); [`storage`]: the redb log store.
+//! - [`engine`]: the pure state machines, a crate of their own
+//!   (`crates/engine`): no clock, no I/O, no async; `apply(command, now_ms)`
+//!   is the single entry point for replicated state, and each client
+//!   operation is a typed struct (`engine::ops`).
+//! - [`clock`]: the one place time is read; [`server::start`] takes it.
+//! - [`node`]: one file per job: routing of typed operations to the leader
+//!   (and serving what peers send), the write proposer, leadership,
+//!   elections behind a pre-vote, sweeps, the rate-limit sync, lease
+//!   watchers, and the background tasks it owns and joins.
+//! - [`raft`]: openraft types, the state machine, the binary log codec
+//!   (and the reader of the earlier JSON format), the peer network and the
+//!   leader lease; [`storage`]: the redb log store.
 //! - [`api`]: one file per gRPC service, proto⇄domain conversion with input
-//!   validation, and the single engine-error → status mapping.
+//!   validation, the single engine-error → status mapping, and the per-RPC
+//!   metrics and tracing layer.
 //! - [`server`]: binds ports, serves gRPC, health, reflection and metrics,
 //!   shuts down gracefully.
 //! - [`config`] / [`cli`]: command-line flags and the client subcommands.
+//!
+//! See `docs/design.md` for where a call goes.
 
 pub mod api;
 pub mod cli;

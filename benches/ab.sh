@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# Two builds of the server side by side, alternating A B A B ... within one
+# run (this VM drifts 10-20 % within an hour, so only interleaved rounds
+# compare): unary Check over 100k keys, batched Check (100 per call), and
+# Raft writes (lease acquire/renew/release), each on a fresh single node
+# with one serving thread, driven by the same load generator.
+#
+#   A=/tmp/arbiter-old B=target/release/arbiter benches/ab.sh
+#   ROUNDS=4 DURATION=10 A=... B=... benches/ab.sh
+#
+# Everything listens on 127.0.0.1 ports chosen by the OS; each round is
+# bounded by --duration.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+A=${A:?A=path to the first server build}
+B=${B:-target/release/arbiter}
+ROUNDS=${ROUNDS:-3}
+DURATION=${DURATION:-10}
+WARMUP=${WARMUP:-2}
+cargo build --release -j2 -p arbiter-bench >&2
+BENCH=target/release/arbiter-bench
+
+work=$(mktemp -d)
+pid=
+cleanup() {
+  [ -n "$pid" ] && kill "$pid" 2>/dev/null || true
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+# start BIN LOG: a fresh single node; sets ADDR and pid.
+start() {
+  rm -rf "$2.data"
+  "$1" serve --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 --peer-listen 127.0.0.1:0 \
+    --data-dir "$2.data" --log-format json --worker-threads 1 2>"$2" &
+  pid=$!
+  ADDR=
+  for _ in $(seq 100); do
+    ADDR=$(python3 -c "import json,sys
+for l in open(sys.argv[1]):
+    if 'arbiter serving' in l: print(json.loads(l)['fields']['client']); break" "$2")
+    [ -n "$ADDR" ] && return
+    sleep 0.1
+  done
+  echo "server did not start; log:" >&2; cat "$2" >&2; exit 1
+}
+
+stop() { kill "$pid"; wait "$pid" 2>/dev/null || true; pid=; }
+
+common=(--duration "$DURATION" --warmup "$WARMUP" --inflight 50 --connections 2 --json)
+: >"$work/runs"
+for round in $(seq "$ROUNDS"); do
+  for side in A B; do
+    bin=${!side}
+    echo "round $round: $side ($bin)" >&2
+    start "$bin" "$work/$side.log"
+    $BENCH --target "$ADDR" --workload check --keys 100000 "${common[@]}" | sed "s/^/$side check /" >>"$work/runs"
+    $BENCH --target "$ADDR" --workload check --keys 100000 --batch 100 "${common[@]}" | sed "s/^/$side batch=100 /" >>"$work/runs"
+    $BENCH --target "$ADDR" --workload lease "${common[@]}" | sed "s/^/$side lease /" >>"$work/runs"
+    stop
+  done
+done
+
+python3 - "$work/runs" <<'PY'
+import json, statistics, sys
+runs = {}
+for line in open(sys.argv[1]):
+    label, _, js = line.partition(" {")
+    runs.setdefault(label, []).append(json.loads("{" + js))
+med = lambda rs, f: statistics.median(f(r) for r in rs)
+print(f"{'side workload':<18}{'runs':>5}{'req/s':>12}{'decisions/s':>14}{'p50 µs':>9}{'p99 µs':>9}")
+for name in sorted(runs, key=lambda n: (n.split(' ', 1)[1], n)):
+    rs = runs[name]
+    print(f"{name:<18}{len(rs):>5}{med(rs, lambda r: r['requests_per_sec']):>12.0f}"
+          f"{med(rs, lambda r: r['decisions_per_sec']):>14.0f}{med(rs, lambda r: r['latency_us']['p50']):>9.0f}"
+          f"{med(rs, lambda r: r['latency_us']['p99']):>9.0f}")
+for w in sorted({n.split(' ', 1)[1] for n in runs}):
+    a, b = runs.get(f"A {w}"), runs.get(f"B {w}")
+    if a and b:
+        print(f"B/A {w}: {med(b, lambda r: r['requests_per_sec']) / med(a, lambda r: r['requests_per_sec']):.2f}x")
+PY

@@ -1,0 +1,302 @@
+//! Command line: `arbiter serve` and the client subcommands for a person at
+//! a terminal. Client commands print `key=value` lines and exit non-zero on
+//! errors (1) or, for `check`, when the check is denied (2).
+
+mod commands;
+mod parse;
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use tonic::transport::Channel;
+
+use crate::config::{Config, LogFormat};
+use crate::proto::{
+    self as pb, cluster_client::ClusterClient, idempotency_client::IdempotencyClient,
+    leases_client::LeasesClient, rate_limiter_client::RateLimiterClient,
+};
+use commands::{check, cluster, health, idem, lease};
+pub use parse::parse_duration_ms;
+use parse::{parse_fixed, parse_sliding, parse_token_bucket};
+
+#[derive(Parser)]
+#[command(
+    name = "arbiter",
+    version,
+    about = "Rate limits, leases with fencing tokens and idempotency records over gRPC"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the server.
+    Serve(Box<Config>),
+    /// Check (and consume from) a rate limit.
+    Check(CheckArgs),
+    /// Leases: acquire, renew, release, get, watch.
+    #[command(subcommand)]
+    Lease(LeaseCmd),
+    /// Idempotency records: begin, complete, abort, get.
+    #[command(subcommand)]
+    Idem(IdemCmd),
+    /// Cluster membership and leadership: status, add, remove.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
+    /// gRPC health check: exits 0 when SERVING, 1 otherwise. With no
+    /// --service it asks about liveness (""); `--service ready` asks whether
+    /// the node can serve calls (a known leader and a caught-up log).
+    Health(HealthArgs),
+}
+
+#[derive(Args)]
+struct HealthArgs {
+    #[command(flatten)]
+    server: Server,
+    /// The health service name: "" (the process), `ready` (shorthand for
+    /// arbiter.v1.Leases), or a full service name such as arbiter.v1.RateLimiter.
+    #[arg(long, default_value = "")]
+    service: String,
+}
+
+#[derive(Subcommand)]
+enum ClusterCmd {
+    /// Members, leader, term and applied index as the server sees them.
+    Status {
+        #[command(flatten)]
+        server: Server,
+    },
+    /// Add a node (started with the same --peers plus itself) as a voter.
+    Add {
+        #[command(flatten)]
+        server: Server,
+        /// The new node's id.
+        id: u64,
+        /// Its peer address, HOST:PORT.
+        peer_addr: String,
+    },
+    /// Remove a voter.
+    Remove {
+        #[command(flatten)]
+        server: Server,
+        id: u64,
+    },
+}
+
+#[derive(Args)]
+struct Server {
+    /// The server to talk to.
+    #[arg(
+        long,
+        env = "ARBITER_SERVER",
+        default_value = "http://127.0.0.1:7070",
+        global = true
+    )]
+    server: String,
+}
+
+#[derive(Args)]
+struct CheckArgs {
+    #[command(flatten)]
+    server: Server,
+    /// The rate-limit key.
+    #[arg(long)]
+    key: String,
+    /// CAPACITY:TOKENS/INTERVAL, e.g. `10:1/s` or `100:5/250ms`.
+    #[arg(long, group = "limit", value_parser = parse_token_bucket)]
+    token_bucket: Option<pb::TokenBucket>,
+    /// LIMIT/WINDOW, e.g. `100/1m`.
+    #[arg(long, group = "limit", value_parser = parse_sliding)]
+    sliding_window: Option<pb::SlidingWindow>,
+    /// LIMIT/WINDOW, e.g. `100/1m`.
+    #[arg(long, group = "limit", value_parser = parse_fixed)]
+    fixed_window: Option<pb::FixedWindow>,
+    /// Units to consume (0 peeks).
+    #[arg(long, default_value_t = 1)]
+    cost: u64,
+    /// Decide without consuming.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+#[derive(Subcommand)]
+enum LeaseCmd {
+    /// Acquire (or, as the holder, renew) a lease.
+    Acquire {
+        #[command(flatten)]
+        server: Server,
+        name: String,
+        #[arg(long)]
+        holder: String,
+        /// e.g. `10s`, `500ms`.
+        #[arg(long, value_parser = parse_duration_ms)]
+        ttl: u64,
+    },
+    /// Extend a held lease.
+    Renew {
+        #[command(flatten)]
+        server: Server,
+        name: String,
+        #[arg(long)]
+        holder: String,
+        #[arg(long)]
+        token: u64,
+        #[arg(long, value_parser = parse_duration_ms)]
+        ttl: u64,
+    },
+    /// Release a held lease.
+    Release {
+        #[command(flatten)]
+        server: Server,
+        name: String,
+        #[arg(long)]
+        holder: String,
+        #[arg(long)]
+        token: u64,
+    },
+    /// Show who holds a lease.
+    Get {
+        #[command(flatten)]
+        server: Server,
+        name: String,
+    },
+    /// Print the lease's state, then every change, until interrupted.
+    Watch {
+        #[command(flatten)]
+        server: Server,
+        name: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum IdemCmd {
+    /// Claim a key (or learn it is in progress / completed).
+    Begin {
+        #[command(flatten)]
+        server: Server,
+        key: String,
+        /// Request digest; a retry with another fingerprint is refused.
+        #[arg(long, default_value = "")]
+        fingerprint: String,
+        #[arg(long, value_parser = parse_duration_ms, default_value = "30s")]
+        lock_ttl: u64,
+        /// Default: the server's.
+        #[arg(long, value_parser = parse_duration_ms)]
+        retention: Option<u64>,
+    },
+    /// Store the response of an attempt.
+    Complete {
+        #[command(flatten)]
+        server: Server,
+        key: String,
+        #[arg(long)]
+        attempt: u64,
+        #[arg(long, default_value = "")]
+        response: String,
+    },
+    /// Give an attempt up so the key can be retried.
+    Abort {
+        #[command(flatten)]
+        server: Server,
+        key: String,
+        #[arg(long)]
+        attempt: u64,
+    },
+    /// Show a record.
+    Get {
+        #[command(flatten)]
+        server: Server,
+        key: String,
+    },
+}
+
+/// `250ms`, `10s`, `5m`, `2h`, `1d`, `s` (= 1s) or a bare number of ms.
+fn init_logging(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&config.log).unwrap_or_else(|e| {
+        eprintln!(
+            "arbiter: bad --log filter {:?} ({e}); using info",
+            config.log
+        );
+        tracing_subscriber::EnvFilter::new("info")
+    });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    match config.log_format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn termination() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await
+            }
+        }
+    };
+    tokio::select! {
+        _ = term => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+pub async fn run(cli: Cli) -> ExitCode {
+    let result = match cli.command {
+        Cmd::Serve(config) => {
+            init_logging(&config);
+            return match crate::server::run(
+                *config,
+                Arc::new(crate::clock::SystemClock),
+                termination(),
+            )
+            .await
+            {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(error = %e, "arbiter failed");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        Cmd::Check(args) => check(args).await,
+        Cmd::Lease(cmd) => lease(cmd).await,
+        Cmd::Idem(cmd) => idem(cmd).await,
+        Cmd::Cluster(cmd) => cluster(cmd).await,
+        Cmd::Health(args) => health(args).await,
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+type CliResult = Result<ExitCode, String>;
+
+async fn connect(server: &Server) -> Result<Channel, String> {
+    let endpoint = Channel::from_shared(server.server.clone())
+        .map_err(|e| format!("--server {:?}: {e}", server.server))?
+        .connect_timeout(Duration::from_secs(5));
+    endpoint
+        .connect()
+        .await
+        .map_err(|e| format!("cannot reach {}: {e}", server.server))
+}
+
+fn status(e: tonic::Status) -> String {
+    format!("{:?}: {}", e.code(), e.message())
+}
