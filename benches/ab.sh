@@ -7,6 +7,7 @@
 #
 #   A=/tmp/arbiter-old B=target/release/arbiter benches/ab.sh
 #   ROUNDS=4 DURATION=10 A=... B=... benches/ab.sh
+#   WORKLOADS="lease" A=... benches/ab.sh     # a subset of: check batch lease
 #
 # Everything listens on 127.0.0.1 ports chosen by the OS; each round is
 # bounded by --duration.
@@ -18,6 +19,7 @@ B=${B:-target/release/arbiter}
 ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-10}
 WARMUP=${WARMUP:-2}
+read -r -a WORKLOADS <<<"${WORKLOADS:-check batch lease}"
 cargo build --release -j2 -p arbiter-bench >&2
 BENCH=target/release/arbiter-bench
 
@@ -56,9 +58,15 @@ for round in $(seq "$ROUNDS"); do
     bin=${!side}
     echo "round $round: $side ($bin)" >&2
     start "$bin" "$work/$side.log"
-    $BENCH --target "$ADDR" --workload check --keys 100000 "${common[@]}" | sed "s/^/$side check /" >>"$work/runs"
-    $BENCH --target "$ADDR" --workload check --keys 100000 --batch 100 "${common[@]}" | sed "s/^/$side batch=100 /" >>"$work/runs"
-    $BENCH --target "$ADDR" --workload lease "${common[@]}" | sed "s/^/$side lease /" >>"$work/runs"
+    for w in "${WORKLOADS[@]}"; do
+      case $w in
+        check) args=(--workload check --keys 100000) ;;
+        batch) args=(--workload check --keys 100000 --batch 100) ;;
+        lease) args=(--workload lease) ;;
+        *) echo "unknown workload $w" >&2; exit 2 ;;
+      esac
+      $BENCH --target "$ADDR" "${args[@]}" "${common[@]}" | sed "s/^/$side $w /" >>"$work/runs"
+    done
     stop
   done
 done
@@ -69,6 +77,8 @@ runs = {}
 for line in open(sys.argv[1]):
     label, _, js = line.partition(" {")
     runs.setdefault(label, []).append(json.loads("{" + js))
+for name, rs in sorted(runs.items()):
+    print(f"{name}: " + ", ".join(f"{r['requests_per_sec']:.0f}" for r in rs))
 med = lambda rs, f: statistics.median(f(r) for r in rs)
 print(f"{'side workload':<18}{'runs':>5}{'req/s':>12}{'decisions/s':>14}{'p50 µs':>9}{'p99 µs':>9}")
 for name in sorted(runs, key=lambda n: (n.split(' ', 1)[1], n)):
