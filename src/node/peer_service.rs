@@ -3,14 +3,14 @@
 
 use std::sync::Arc;
 
-use openraft::raft::{InstallSnapshotRequest, VoteRequest};
+use openraft::raft::VoteRequest;
 use tonic::{Request, Response, Status};
 
 use super::{Call, Node, PreVoteRequest, PreVoteResponse};
 use crate::proto::raft_peer_server::RaftPeer;
 use crate::proto::PeerMessage;
-use crate::raft::network::{decode, decode_append, encode};
-use crate::raft::{NodeId, TypeConfig};
+use crate::raft::network::{decode, decode_append, decode_snapshot, encode};
+use crate::raft::NodeId;
 
 pub struct PeerService(pub Arc<Node>);
 
@@ -46,7 +46,8 @@ impl RaftPeer for PeerService {
         &self,
         request: Request<PeerMessage>,
     ) -> Result<Response<PeerMessage>, Status> {
-        let rpc: InstallSnapshotRequest<TypeConfig> = decode(request.get_ref()).map_err(bad)?;
+        let rpc = decode_snapshot(request.into_inner())
+            .map_err(|e| Status::invalid_argument(format!("undecodable snapshot chunk: {e}")))?;
         self.0.heard_from(&rpc.vote);
         Ok(Response::new(encode(
             &self.0.raft().install_snapshot(rpc).await,

@@ -25,7 +25,7 @@ use tonic::transport::{Channel, Endpoint};
 use super::codec::{decode_entry, encode_entry};
 use super::lease::LeaderLease;
 use super::legacy::LegacyEntry;
-use super::{LogId, NodeId, TypeConfig};
+use super::{LogId, NodeId, SnapshotMeta, TypeConfig};
 use crate::proto::raft_peer_client::RaftPeerClient;
 use crate::proto::PeerMessage;
 
@@ -67,7 +67,50 @@ pub fn encode<T: Serialize>(v: &T) -> PeerMessage {
     PeerMessage {
         json: serde_json::to_vec(v).expect("raft messages serialize to JSON"),
         entries: Vec::new(),
+        data: Vec::new(),
     }
+}
+
+/// An InstallSnapshot without its chunk of data (it travels as bytes).
+#[derive(Serialize, Deserialize)]
+struct SnapshotHeader {
+    vote: Vote<NodeId>,
+    meta: SnapshotMeta,
+    offset: u64,
+    done: bool,
+    /// What a leader of an earlier release sends instead: the chunk as a
+    /// JSON array of byte values inside the header.
+    #[serde(default, skip_serializing)]
+    data: Option<Vec<u8>>,
+}
+
+/// An InstallSnapshot as a peer message: a JSON header and the raw chunk.
+pub fn encode_snapshot(rpc: InstallSnapshotRequest<TypeConfig>) -> PeerMessage {
+    let header = SnapshotHeader {
+        vote: rpc.vote,
+        meta: rpc.meta,
+        offset: rpc.offset,
+        done: rpc.done,
+        data: None,
+    };
+    PeerMessage {
+        json: serde_json::to_vec(&header).expect("raft messages serialize to JSON"),
+        entries: Vec::new(),
+        data: rpc.data,
+    }
+}
+
+/// An InstallSnapshot from a peer message (or from the JSON of an earlier
+/// release's leader).
+pub fn decode_snapshot(m: PeerMessage) -> Result<InstallSnapshotRequest<TypeConfig>, String> {
+    let header: SnapshotHeader = serde_json::from_slice(&m.json).map_err(|e| e.to_string())?;
+    Ok(InstallSnapshotRequest {
+        vote: header.vote,
+        meta: header.meta,
+        offset: header.offset,
+        data: header.data.unwrap_or(m.data),
+        done: header.done,
+    })
 }
 
 /// An AppendEntries without its entries (they travel in binary beside it).
@@ -93,6 +136,7 @@ pub fn encode_append(rpc: &AppendEntriesRequest<TypeConfig>) -> PeerMessage {
     PeerMessage {
         json: serde_json::to_vec(&header).expect("raft messages serialize to JSON"),
         entries: rpc.entries.iter().map(encode_entry).collect(),
+        data: Vec::new(),
     }
 }
 
@@ -227,7 +271,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         InstallSnapshotResponse<NodeId>,
         RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>,
     > {
-        self.call(Call::Snapshot, encode(&rpc), SNAPSHOT_TIMEOUT)
+        self.call(Call::Snapshot, encode_snapshot(rpc), SNAPSHOT_TIMEOUT)
             .await
     }
 

@@ -172,6 +172,19 @@ impl Store {
         key: &str,
         subject: ErrorSubject<NodeId>,
     ) -> Result<Option<T>, StorageError> {
+        match self.get_meta_bytes(key, subject.clone())? {
+            Some(v) => serde_json::from_slice(&v)
+                .map(Some)
+                .map_err(|e| io_err(subject, ErrorVerb::Read, e)),
+            None => Ok(None),
+        }
+    }
+
+    fn get_meta_bytes(
+        &self,
+        key: &str,
+        subject: ErrorSubject<NodeId>,
+    ) -> Result<Option<Vec<u8>>, StorageError> {
         let read = |e: &dyn std::fmt::Display| io_err(subject.clone(), ErrorVerb::Read, e);
         let tx = self.db.begin_read().map_err(|e| read(&e))?;
         let table = match tx.open_table(META) {
@@ -180,12 +193,7 @@ impl Store {
             Err(e) => return Err(read(&e)),
         };
         let value = table.get(key).map_err(|e| read(&e))?;
-        match value {
-            Some(v) => serde_json::from_slice(v.value())
-                .map(Some)
-                .map_err(|e| read(&e)),
-            None => Ok(None),
-        }
+        Ok(value.map(|v| v.value().to_vec()))
     }
 
     /// Writes meta values (None deletes) in one transaction, fsynced when
@@ -217,9 +225,17 @@ impl Store {
 
     /// The stored snapshot, if any: its meta and data.
     pub fn snapshot(&self) -> Result<Option<(SnapshotMeta, Vec<u8>)>, StorageError> {
-        let meta: Option<SnapshotMeta> =
-            self.get_meta(SNAPSHOT_META, ErrorSubject::Snapshot(None))?;
-        let data: Option<Vec<u8>> = self.get_meta(SNAPSHOT_DATA, ErrorSubject::Snapshot(None))?;
+        let subject = ErrorSubject::Snapshot(None);
+        let meta: Option<SnapshotMeta> = self.get_meta(SNAPSHOT_META, subject.clone())?;
+        let data = match self.get_meta_bytes(SNAPSHOT_DATA, subject.clone())? {
+            // Earlier releases stored the snapshot as a JSON array of its
+            // bytes; it is stored as the bytes themselves now.
+            Some(v) if v.first() == Some(&b'[') => Some(
+                serde_json::from_slice::<Vec<u8>>(&v)
+                    .map_err(|e| io_err(subject, ErrorVerb::Read, e))?,
+            ),
+            other => other,
+        };
         Ok(meta.zip(data))
     }
 
@@ -228,7 +244,7 @@ impl Store {
         self.put_meta(
             &[
                 (SNAPSHOT_META, Some(Self::json(meta))),
-                (SNAPSHOT_DATA, Some(Self::json(&data))),
+                (SNAPSHOT_DATA, Some(data.to_vec())),
             ],
             ErrorSubject::Snapshot(Some(meta.signature())),
             true,

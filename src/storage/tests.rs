@@ -189,3 +189,40 @@ fn a_purge_returns_at_once_and_is_carried_out_in_chunks_behind_it() {
 fn openraft_storage_suite() -> Result<(), StorageError> {
     Suite::test_all(Builder)
 }
+
+#[test]
+fn snapshots_are_stored_as_their_bytes_and_the_json_array_form_is_still_read() {
+    let dir = std::env::temp_dir().join(format!(
+        "arbiter-store-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _guard = TempDir(dir.clone());
+    std::fs::create_dir_all(&dir).unwrap();
+    let store = Store::open(&dir).unwrap();
+    let meta = SnapshotMeta {
+        last_log_id: Some(LogId::new(openraft::CommittedLeaderId::new(1, 1), 7)),
+        last_membership: Default::default(),
+        snapshot_id: "1-1-7-1".into(),
+    };
+    let data = br#"{"state":"of the engine"}"#.to_vec();
+    store.save_snapshot(&meta, &data).unwrap();
+    let stored = store
+        .get_meta_bytes(SNAPSHOT_DATA, ErrorSubject::Snapshot(None))
+        .unwrap();
+    assert_eq!(stored.as_deref(), Some(&data[..]), "the bytes themselves");
+    assert_eq!(
+        store.snapshot().unwrap(),
+        Some((meta.clone(), data.clone()))
+    );
+
+    // As earlier releases stored it: a JSON array of the byte values.
+    store
+        .put_meta(
+            &[(SNAPSHOT_DATA, Some(Store::json(&data)))],
+            ErrorSubject::Snapshot(None),
+            true,
+        )
+        .unwrap();
+    assert_eq!(store.snapshot().unwrap(), Some((meta, data)));
+}
