@@ -24,21 +24,27 @@ impl Drop for TempDir {
 
 static N: AtomicUsize = AtomicUsize::new(0);
 
+/// A fresh, empty directory, removed when the guard is dropped.
+fn temp_dir() -> TempDir {
+    let dir = std::env::temp_dir().join(format!(
+        "arbiter-store-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create test dir");
+    TempDir(dir)
+}
+
 struct Builder;
 
 impl StoreBuilder<TypeConfig, Store, StateMachine, TempDir> for Builder {
     async fn build(&self) -> Result<(TempDir, Store, StateMachine), StorageError> {
-        let dir = std::env::temp_dir().join(format!(
-            "arbiter-store-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("create test dir");
-        let store = Store::open(&dir).expect("open store");
+        let dir = temp_dir();
+        let store = Store::open(&dir.0).expect("open store");
         let engine = Arc::new(Engine::new(EngineConfig::default()));
         let sm = StateMachine::open(engine, store.clone(), Arc::new(|_: &[_]| {}), 1)?;
-        Ok((TempDir(dir), store, sm))
+        Ok((dir, store, sm))
     }
 }
 
@@ -91,14 +97,8 @@ fn entry_of(index: u64, size: usize) -> Entry {
 
 #[test]
 fn appends_are_handed_out_in_pieces_bounded_by_bytes() {
-    let dir = std::env::temp_dir().join(format!(
-        "arbiter-store-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
-    let _guard = TempDir(dir.clone());
-    std::fs::create_dir_all(&dir).unwrap();
-    let store = Store::open(&dir).unwrap();
+    let dir = temp_dir();
+    let store = Store::open(&dir.0).unwrap();
     // Entries 1..=10 in the file, 11..=14 in the in-memory tail.
     let tx = store.db.begin_write().unwrap();
     {
@@ -140,14 +140,8 @@ fn appends_are_handed_out_in_pieces_bounded_by_bytes() {
 
 #[test]
 fn a_purge_returns_at_once_and_is_carried_out_in_chunks_behind_it() {
-    let dir = std::env::temp_dir().join(format!(
-        "arbiter-store-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
-    let _guard = TempDir(dir.clone());
-    std::fs::create_dir_all(&dir).unwrap();
-    let mut store = Store::open(&dir).unwrap();
+    let dir = temp_dir();
+    let mut store = Store::open(&dir.0).unwrap();
     let tx = store.db.begin_write().unwrap();
     {
         let mut t = tx.open_table(LOG).unwrap();
@@ -192,14 +186,8 @@ fn openraft_storage_suite() -> Result<(), StorageError> {
 
 #[test]
 fn snapshots_are_stored_as_their_bytes_and_the_json_array_form_is_still_read() {
-    let dir = std::env::temp_dir().join(format!(
-        "arbiter-store-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
-    let _guard = TempDir(dir.clone());
-    std::fs::create_dir_all(&dir).unwrap();
-    let store = Store::open(&dir).unwrap();
+    let dir = temp_dir();
+    let store = Store::open(&dir.0).unwrap();
     let meta = SnapshotMeta {
         last_log_id: Some(LogId::new(openraft::CommittedLeaderId::new(1, 1), 7)),
         last_membership: Default::default(),
