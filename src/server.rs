@@ -219,11 +219,6 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Started, Ser
 }
 
 impl Started {
-    /// The node, for tests that look inside.
-    pub fn node(&self) -> &Arc<Node> {
-        &self.node
-    }
-
     /// Serves clients until `shutdown` resolves, then shuts down in order:
     /// mark NOT_SERVING, end watch streams, stop accepting, let in-flight
     /// calls finish (up to `--shutdown-grace-ms`), stop the node's loops,

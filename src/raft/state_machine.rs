@@ -89,10 +89,6 @@ impl StateMachine {
         self.membership = d.membership;
         Ok(())
     }
-
-    pub fn engine(&self) -> &Arc<Engine> {
-        &self.engine
-    }
 }
 
 /// Captures the state when openraft asks for a builder (between applies),
