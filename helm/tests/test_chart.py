@@ -6,12 +6,14 @@ health service the server reports on, a non-root read-only pod).
 
 Run: python -m pytest helm/tests (needs helm/tests/requirements.txt)."""
 
+import json
 import os
 import pathlib
 import re
 import shutil
 import subprocess
 import sysconfig
+import time
 
 import jsonschema
 import kubernetes_validate
@@ -176,17 +178,53 @@ def test_peer_addresses_match_the_pods_dns_names(replicas):
         assert re.search(r"-(\d+)$", pod).group(1) == str(ordinal)
 
 
-def test_probes_ask_the_health_service_the_server_reports_on():
-    server_rs = (ROOT / "src" / "server.rs").read_text()
-    reported = set(re.findall(r'"(arbiter\.v1\.[A-Za-z]+)"', server_rs))
-    assert reported, "no health service names found in src/server.rs"
+def arbiter_binary():
+    """The debug build of the server (ARBITER_BIN, else under CARGO_TARGET_DIR or ./target)."""
+    target = pathlib.Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
+    binary = pathlib.Path(os.environ.get("ARBITER_BIN", target / "debug" / "arbiter"))
+    if not binary.exists():
+        pytest.skip(f"{binary} not built")
+    return binary
+
+
+def test_probes_ask_the_health_service_the_server_reports_on(tmp_path):
     m = render()
     c = one(m, "StatefulSet")["spec"]["template"]["spec"]["containers"][0]
     client_port = next(p["containerPort"] for p in c["ports"] if p["name"] == "grpc")
     for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
         assert c[probe]["grpc"]["port"] == client_port
     assert c["livenessProbe"]["grpc"]["service"] == ""
-    assert c["readinessProbe"]["grpc"]["service"] in reported
+    # Ask a real server, over its health service, about the readiness
+    # probe's service: it answers SERVING (exit 0) only for a name it reports.
+    binary = arbiter_binary()
+    log = tmp_path / "server.log"
+    with open(log, "w") as err:
+        server = subprocess.Popen(
+            [str(binary), "serve", "--listen", "127.0.0.1:0", "--peer-listen", "127.0.0.1:0",
+             "--metrics-listen", "127.0.0.1:0", "--data-dir", str(tmp_path / "data"), "--log-format", "json"],
+            stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        deadline = time.monotonic() + 10
+        addr = None
+        while addr is None:
+            assert time.monotonic() < deadline, f"server did not start: {log.read_text()}"
+            for line in log.read_text().splitlines():
+                if "arbiter serving" in line:
+                    addr = json.loads(line)["fields"]["client"]
+            time.sleep(0.05)
+
+        def health(service):
+            return subprocess.run([str(binary), "health", "--server", f"http://{addr}", "--service", service],
+                                  capture_output=True, text=True).returncode
+
+        ready = c["readinessProbe"]["grpc"]["service"]
+        while health(ready) != 0:
+            assert time.monotonic() < deadline, f"{ready} never reported SERVING"
+            time.sleep(0.05)
+        assert health("arbiter.v1.NoSuchService") != 0, "a name the server does not report is not SERVING"
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
 
 
 def test_pod_is_non_root_and_read_only_with_resources():
@@ -220,9 +258,7 @@ def test_disruption_budget_and_services_select_the_pods():
 
 
 def test_rendered_flags_are_ones_the_binary_accepts():
-    binary = pathlib.Path(os.environ.get("ARBITER_BIN", ROOT / "target" / "debug" / "arbiter"))
-    if not binary.exists():
-        pytest.skip(f"{binary} not built")
+    binary = arbiter_binary()
     help_text = subprocess.run([str(binary), "serve", "--help"], capture_output=True, text=True, check=True).stdout
     args = one(render("extraArgs={--max-leases,5000}"), "StatefulSet")["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args[0] == "serve"
