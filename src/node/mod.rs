@@ -66,7 +66,7 @@ const ELECTION_TIMEOUT_MAX_MS: u64 = 400;
 const HEARTBEAT_MS: u64 = 50;
 
 /// Why a call could not be served.
-#[derive(Debug, thiserror::Error, Serialize, Deserialize)]
+#[derive(Clone, Debug, thiserror::Error, Serialize, Deserialize)]
 pub enum NodeError {
     /// The state machine refused the command.
     #[error(transparent)]
@@ -80,17 +80,6 @@ pub enum NodeError {
     /// A membership change was refused.
     #[error("membership change refused: {0}")]
     Membership(String),
-}
-
-impl Clone for NodeError {
-    fn clone(&self) -> Self {
-        match self {
-            NodeError::Engine(e) => NodeError::Engine(e.clone()),
-            NodeError::Unavailable(m) => NodeError::Unavailable(m.clone()),
-            NodeError::NotLeader => NodeError::NotLeader,
-            NodeError::Membership(m) => NodeError::Membership(m.clone()),
-        }
-    }
 }
 
 /// Who this node is and whom it starts with.
