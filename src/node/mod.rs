@@ -50,10 +50,10 @@ pub use routing::{
 use crate::clock::Clock;
 use crate::engine::{Engine, EngineConfig, EngineError, LeaseEvent};
 use crate::raft::lease::LeaderLease;
-use crate::raft::network::{Channels, PeerNetwork};
+use crate::raft::network::{Channels, PeerNetwork, SNAPSHOT_CHUNK_BYTES, SNAPSHOT_RPC_CAP};
 use crate::raft::state_machine::{Observer, StateMachine};
 use crate::raft::{NodeId, TypeConfig};
-use crate::storage::Store;
+use crate::storage::{SnapshotDir, Store};
 use proposer::Proposal;
 use tasks::Tasks;
 use watch_fanout::Watchers;
@@ -114,6 +114,8 @@ pub enum StartError {
     Store(#[from] redb::DatabaseError),
     #[error("storage: {0}")]
     Storage(#[from] crate::raft::StorageError),
+    #[error("cannot open the snapshot directory: {0}")]
+    Snapshots(#[from] std::io::Error),
     #[error("raft: {0}")]
     Raft(String),
 }
@@ -183,6 +185,7 @@ impl Node {
             clock,
         } = options;
         let store = Store::open(&data_dir)?;
+        let snapshots = SnapshotDir::open(&data_dir)?;
         let engine = Arc::new(Engine::new(engine));
         let watchers = Watchers::default();
         let observer: Observer = {
@@ -190,7 +193,7 @@ impl Node {
             Arc::new(move |events: &[LeaseEvent]| watchers.publish(events))
         };
         let boot_id = boot_id();
-        let sm = StateMachine::open(engine.clone(), store.clone(), observer, boot_id)?;
+        let sm = StateMachine::open(engine.clone(), store.clone(), snapshots, observer, boot_id)?;
         let raft_err = |e: &dyn std::fmt::Display| StartError::Raft(e.to_string());
         let raft_config = openraft::Config {
             cluster_name: "arbiter".into(),
@@ -201,6 +204,8 @@ impl Node {
             enable_elect: false,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(snapshot_logs.max(1)),
             max_in_snapshot_log_to_keep: snapshot_logs.clamp(1, 1_000),
+            snapshot_max_chunk_size: SNAPSHOT_CHUNK_BYTES,
+            install_snapshot_timeout: SNAPSHOT_RPC_CAP.as_millis() as u64,
             ..Default::default()
         }
         .validate()

@@ -9,9 +9,8 @@ pub mod codec;
 pub mod lease;
 mod legacy;
 pub mod network;
+pub mod snapshot;
 pub mod state_machine;
-
-use std::io::Cursor;
 
 use serde::{Deserialize, Serialize};
 
@@ -44,7 +43,7 @@ openraft::declare_raft_types!(
         R = Response,
         NodeId = u64,
         Node = openraft::BasicNode,
-        SnapshotData = Cursor<Vec<u8>>,
+        SnapshotData = crate::storage::SnapshotFile,
 );
 
 pub type NodeId = u64;

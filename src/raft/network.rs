@@ -31,15 +31,36 @@ use crate::proto::PeerMessage;
 
 /// Largest message either end of the peer channel sends or accepts (set on
 /// both ends; tonic's default is 4 MiB). Appends are split well below it
-/// (`storage::APPEND_BYTES`); what must fit whole is one log entry (a
-/// batch of writes is bounded by bytes, and one idempotency response by
-/// `--max-response-bytes`, at most 4 MiB), a forwarded call, or a snapshot.
+/// (`storage::APPEND_BYTES`), snapshots travel in chunks of
+/// [`SNAPSHOT_CHUNK_BYTES`]; what must fit whole is one log entry (a batch
+/// of writes is bounded by bytes, and one idempotency response by
+/// `--max-response-bytes`, at most 4 MiB) or a forwarded call.
 pub const PEER_MESSAGE_LIMIT: usize = 64 << 20;
 
-/// Longest a single Raft RPC (other than a snapshot) may take.
+/// Longest a single Raft RPC (other than a snapshot's) may take.
 const RPC_TIMEOUT: Duration = Duration::from_secs(2);
-/// Longest a snapshot transfer may take.
-const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Snapshots travel in chunks of this size; the receiver writes each to a
+/// file as it arrives, so neither end holds more than a chunk in flight.
+pub const SNAPSHOT_CHUNK_BYTES: u64 = 1 << 20;
+
+/// Openraft's own cap on every snapshot RPC; the deadlines below, matched
+/// to each message, are always shorter.
+pub const SNAPSHOT_RPC_CAP: Duration = Duration::from_secs(300);
+
+/// The deadline for one snapshot message. A chunk that is not the last
+/// must arrive within [`RPC_TIMEOUT`] plus its transfer at 1 MB/s. The
+/// last chunk's reply comes only once the receiver has loaded the whole
+/// snapshot (`total` bytes), so it also allows 10 s plus 1 s for each
+/// 10 MB (loading runs at well over 50 MB/s; see BENCHMARKS.md).
+pub fn snapshot_chunk_timeout(chunk: usize, total: u64, last: bool) -> Duration {
+    let transfer = RPC_TIMEOUT + Duration::from_micros(chunk as u64);
+    if !last {
+        return transfer;
+    }
+    let load = Duration::from_secs(10) + Duration::from_micros(total / 10);
+    (transfer + load).min(SNAPSHOT_RPC_CAP)
+}
 
 /// Lazily connected, reused channels to peers, keyed by peer address.
 #[derive(Clone, Default)]
@@ -271,7 +292,9 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         InstallSnapshotResponse<NodeId>,
         RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>,
     > {
-        self.call(Call::Snapshot, encode_snapshot(rpc), SNAPSHOT_TIMEOUT)
+        let total = rpc.offset + rpc.data.len() as u64;
+        let timeout = snapshot_chunk_timeout(rpc.data.len(), total, rpc.done);
+        self.call(Call::Snapshot, encode_snapshot(rpc), timeout)
             .await
     }
 

@@ -10,31 +10,33 @@
 // helpers here return the same type so errors pass through unchanged.
 #![allow(clippy::result_large_err)]
 
-use std::io::Cursor;
+use std::io::{BufReader, Read, Seek, SeekFrom, Write};
 use std::sync::Arc;
 
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{EntryPayload, ErrorSubject, ErrorVerb, RaftSnapshotBuilder, StorageIOError};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
+use super::snapshot::{self, MAGIC};
 use super::{Entry, LogId, Response, SnapshotMeta, StorageError, StoredMembership, TypeConfig};
 use crate::engine::{self, Engine, LeaseEvent};
-use crate::storage::Store;
+use crate::storage::{SnapshotDir, SnapshotFile, Store};
 
 /// Receives the lease changes each applied entry caused.
 pub type Observer = Arc<dyn Fn(&[LeaseEvent]) + Send + Sync>;
 
-#[derive(Serialize, Deserialize)]
-struct SnapshotData {
-    last_applied: Option<LogId>,
+/// A snapshot as earlier releases wrote it (one JSON document), read from
+/// their data directories and from their leaders.
+#[derive(Deserialize)]
+struct LegacySnapshot {
     last_now: u64,
-    membership: StoredMembership,
     engine: engine::Snapshot,
 }
 
 pub struct StateMachine {
     engine: Arc<Engine>,
     store: Store,
+    snapshots: SnapshotDir,
     observer: Observer,
     last_applied: Option<LogId>,
     membership: StoredMembership,
@@ -56,17 +58,62 @@ fn sm_err(verb: ErrorVerb, e: impl std::fmt::Display) -> StorageError {
     }
 }
 
+/// Loads the snapshot in `file` into `engine`: checks that all of it
+/// decodes, and only then replaces the engine's state with it, entry by
+/// entry. A snapshot in an earlier release's format (JSON) is read whole
+/// and rewritten in today's format under `meta` (in `rewrite`) so it can be
+/// sent on. Returns the snapshot's last command time. Blocking.
+fn load_file(
+    engine: &Engine,
+    file: &mut std::fs::File,
+    rewrite: Option<(&SnapshotDir, &SnapshotMeta)>,
+) -> std::io::Result<(
+    snapshot::Header,
+    Option<(std::fs::File, std::path::PathBuf)>,
+)> {
+    let mut first = [0u8; 1];
+    file.seek(SeekFrom::Start(0))?;
+    file.read_exact(&mut first)?;
+    file.seek(SeekFrom::Start(0))?;
+    if first[0] == MAGIC[0] {
+        snapshot::read(BufReader::new(&mut *file), None)?;
+        file.seek(SeekFrom::Start(0))?;
+        engine.clear();
+        return Ok((snapshot::read(BufReader::new(file), Some(engine))?, None));
+    }
+    let mut data = Vec::new();
+    file.read_to_end(&mut data)?;
+    let legacy: LegacySnapshot = serde_json::from_slice(&data)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+    drop(data);
+    engine.load(legacy.engine);
+    let Some((dir, meta)) = rewrite else {
+        return Err(std::io::Error::other("a legacy snapshot with no meta"));
+    };
+    let header = snapshot::Header {
+        meta: meta.clone(),
+        last_now_ms: legacy.last_now,
+    };
+    let (mut out, path) = dir.create()?;
+    out.write_all(&snapshot::encode(meta, legacy.last_now, engine))?;
+    Ok((header, Some((out, path))))
+}
+
 impl StateMachine {
-    /// Starts from the store's latest snapshot, if there is one.
+    /// Starts from the latest snapshot, if there is one. A data directory
+    /// of an earlier release has its snapshot in the store (as JSON): it is
+    /// loaded and rewritten as a snapshot file.
     pub fn open(
         engine: Arc<Engine>,
         store: Store,
+        snapshots: SnapshotDir,
         observer: Observer,
         boot_id: u64,
     ) -> Result<Self, StorageError> {
         let mut sm = Self {
             engine,
             store,
+            snapshots,
             observer,
             last_applied: None,
             membership: StoredMembership::default(),
@@ -74,50 +121,72 @@ impl StateMachine {
             last_now: 0,
             boot_id,
         };
-        if let Some((_, data)) = sm.store.snapshot()? {
-            sm.load(&data)?;
+        let read = |e: std::io::Error| sm_err(ErrorVerb::Read, e);
+        if let Some(mut file) = sm.snapshots.current().map_err(read)? {
+            let (header, _) = load_file(&sm.engine, &mut file, None).map_err(read)?;
+            sm.loaded(&header);
+        } else if let Some((meta, data)) = sm.store.legacy_snapshot()? {
+            let legacy: LegacySnapshot =
+                serde_json::from_slice(&data).map_err(|e| sm_err(ErrorVerb::Read, e))?;
+            drop(data);
+            sm.engine.load(legacy.engine);
+            let header = snapshot::Header {
+                meta,
+                last_now_ms: legacy.last_now,
+            };
+            let (mut out, path) = sm.snapshots.create().map_err(read)?;
+            out.write_all(&snapshot::encode(
+                &header.meta,
+                header.last_now_ms,
+                &sm.engine,
+            ))
+            .and_then(|()| sm.snapshots.publish(&out, &path))
+            .map_err(|e| sm_err(ErrorVerb::Write, e))?;
+            sm.store.drop_legacy_snapshot()?;
+            sm.loaded(&header);
         }
         Ok(sm)
     }
 
-    fn load(&mut self, data: &[u8]) -> Result<(), StorageError> {
-        let d: SnapshotData =
-            serde_json::from_slice(data).map_err(|e| sm_err(ErrorVerb::Read, e))?;
-        self.engine.load(d.engine);
-        self.last_applied = d.last_applied;
-        self.last_now = d.last_now;
-        self.membership = d.membership;
-        Ok(())
+    fn loaded(&mut self, header: &snapshot::Header) {
+        self.last_applied = header.meta.last_log_id;
+        self.membership = header.meta.last_membership.clone();
+        self.last_now = header.last_now_ms;
     }
 }
 
-/// Captures the state when openraft asks for a builder (between applies),
-/// so the snapshot is consistent with `last_applied`.
+/// Holds the state encoded when openraft asked for a builder (between
+/// applies), so the snapshot is consistent with `last_applied`.
 pub struct Builder {
-    store: Store,
+    snapshots: SnapshotDir,
     meta: SnapshotMeta,
-    data: Option<SnapshotData>,
+    encoded: Option<Vec<u8>>,
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for Builder {
-    /// Encodes and stores the captured state on the blocking pool: with a
-    /// large state this takes long enough that, on a runtime thread, it
-    /// would hold up heartbeats and cost the leader its leadership.
+    /// Writes the encoded state to a new snapshot file and makes it the
+    /// current one, on the blocking pool (a large state takes long enough
+    /// to write that, on a runtime thread, it would hold up heartbeats).
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
-        let data = self
-            .data
+        let encoded = self
+            .encoded
             .take()
             .ok_or_else(|| sm_err(ErrorVerb::Write, "the snapshot builder was used twice"))?;
-        let (store, meta) = (self.store.clone(), self.meta.clone());
-        let bytes = tokio::task::spawn_blocking(move || {
-            let bytes = serde_json::to_vec(&data).expect("engine state serializes to JSON");
-            store.save_snapshot(&meta, &bytes).map(|()| bytes)
+        let dir = self.snapshots.clone();
+        let file = tokio::task::spawn_blocking(move || {
+            let (mut file, path) = dir.create()?;
+            file.write_all(&encoded)?;
+            drop(encoded);
+            dir.publish(&file, &path)?;
+            file.seek(SeekFrom::Start(0))?;
+            Ok::<_, std::io::Error>(file)
         })
         .await
-        .map_err(|e| sm_err(ErrorVerb::Write, e))??;
+        .map_err(|e| sm_err(ErrorVerb::Write, e))?
+        .map_err(|e| sm_err(ErrorVerb::Write, e))?;
         Ok(Snapshot {
             meta: self.meta.clone(),
-            snapshot: Box::new(Cursor::new(bytes)),
+            snapshot: Box::new(self.snapshots.wrap(file)),
         })
     }
 }
@@ -168,48 +237,71 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
         self.snapshot_seq += 1;
-        let data = SnapshotData {
-            last_applied: self.last_applied,
-            last_now: self.last_now,
-            membership: self.membership.clone(),
-            engine: self.engine.snapshot(),
-        };
         let snapshot_id = match self.last_applied {
             Some(l) => format!("{}-{}-{}", l.leader_id, l.index, self.snapshot_seq),
             None => format!("none-{}", self.snapshot_seq),
         };
+        let meta = SnapshotMeta {
+            last_log_id: self.last_applied,
+            last_membership: self.membership.clone(),
+            snapshot_id,
+        };
+        let encoded = snapshot::encode(&meta, self.last_now, &self.engine);
         Builder {
-            store: self.store.clone(),
-            meta: SnapshotMeta {
-                last_log_id: self.last_applied,
-                last_membership: self.membership.clone(),
-                snapshot_id,
-            },
-            data: Some(data),
+            snapshots: self.snapshots.clone(),
+            meta,
+            encoded: Some(encoded),
         }
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
-        Ok(Box::new(Cursor::new(Vec::new())))
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<SnapshotFile>, StorageError> {
+        let file = self
+            .snapshots
+            .create_async()
+            .map_err(|e| sm_err(ErrorVerb::Write, e))?;
+        Ok(Box::new(file))
     }
 
+    /// Loads a received snapshot (on the blocking pool) and makes it the
+    /// current one.
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMeta,
-        snapshot: Box<Cursor<Vec<u8>>>,
+        snapshot: Box<SnapshotFile>,
     ) -> Result<(), StorageError> {
-        let data = snapshot.into_inner();
-        self.load(&data)?;
+        let (mut file, path) = snapshot.into_std().await;
+        let (engine, dir, m) = (self.engine.clone(), self.snapshots.clone(), meta.clone());
+        let header = tokio::task::spawn_blocking(move || {
+            let (header, rewritten) = load_file(&engine, &mut file, Some((&dir, &m)))?;
+            match rewritten {
+                Some((out, out_path)) => {
+                    dir.publish(&out, &out_path)?;
+                    std::fs::remove_file(&path)?;
+                }
+                None => dir.publish(&file, &path)?,
+            }
+            Ok::<_, std::io::Error>(header)
+        })
+        .await
+        .map_err(|e| sm_err(ErrorVerb::Write, e))?
+        .map_err(|e| sm_err(ErrorVerb::Write, e))?;
+        self.last_now = header.last_now_ms;
         // The sender's bookkeeping wins: it is what the snapshot covers.
         self.last_applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
-        self.store.save_snapshot(meta, &data)
+        Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
-        Ok(self.store.snapshot()?.map(|(meta, data)| Snapshot {
-            meta,
-            snapshot: Box::new(Cursor::new(data)),
+        let read = |e: std::io::Error| sm_err(ErrorVerb::Read, e);
+        let Some(mut file) = self.snapshots.current().map_err(read)? else {
+            return Ok(None);
+        };
+        let header = snapshot::read_header(BufReader::new(&mut file)).map_err(read)?;
+        file.seek(SeekFrom::Start(0)).map_err(read)?;
+        Ok(Some(Snapshot {
+            meta: header.meta,
+            snapshot: Box::new(self.snapshots.wrap(file)),
         }))
     }
 }

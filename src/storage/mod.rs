@@ -1,4 +1,5 @@
-//! The embedded store: Raft log, vote and snapshots in one redb file.
+//! The embedded store: Raft log and vote in one redb file, snapshots in
+//! files beside it ([`SnapshotDir`]).
 //!
 //! Log writes go to one writer thread, in order. It groups every append
 //! queued while the previous commit was in flight into one redb write
@@ -10,14 +11,17 @@
 //!
 //! Log entries are stored in the binary log format (`raft::codec`, which
 //! also reads the JSON entries of earlier releases); the vote, commit and
-//! purge markers and the snapshot's meta are JSON.
+//! purge markers are JSON.
 
 // openraft's storage traits return its (large) `StorageError` by value;
 // helpers here return the same type so errors pass through unchanged.
 #![allow(clippy::result_large_err)]
 
 mod log_storage;
+mod snapshots;
 mod writer;
+
+pub use snapshots::{SnapshotDir, SnapshotFile};
 
 use std::collections::BTreeMap;
 use std::ops::Bound;
@@ -223,13 +227,14 @@ impl Store {
         tx.commit().map_err(|e| write(&e))
     }
 
-    /// The stored snapshot, if any: its meta and data.
-    pub fn snapshot(&self) -> Result<Option<(SnapshotMeta, Vec<u8>)>, StorageError> {
+    /// The snapshot as an earlier release stored it (its meta, and the
+    /// JSON document), if there is one. Snapshots are files now
+    /// ([`SnapshotDir`]).
+    pub fn legacy_snapshot(&self) -> Result<Option<(SnapshotMeta, Vec<u8>)>, StorageError> {
         let subject = ErrorSubject::Snapshot(None);
         let meta: Option<SnapshotMeta> = self.get_meta(SNAPSHOT_META, subject.clone())?;
         let data = match self.get_meta_bytes(SNAPSHOT_DATA, subject.clone())? {
-            // Earlier releases stored the snapshot as a JSON array of its
-            // bytes; it is stored as the bytes themselves now.
+            // The first releases stored it as a JSON array of its bytes.
             Some(v) if v.first() == Some(&b'[') => Some(
                 serde_json::from_slice::<Vec<u8>>(&v)
                     .map_err(|e| io_err(subject, ErrorVerb::Read, e))?,
@@ -239,8 +244,22 @@ impl Store {
         Ok(meta.zip(data))
     }
 
-    /// Replaces the stored snapshot.
-    pub fn save_snapshot(&self, meta: &SnapshotMeta, data: &[u8]) -> Result<(), StorageError> {
+    /// Deletes the legacy snapshot once it was rewritten as a file.
+    pub fn drop_legacy_snapshot(&self) -> Result<(), StorageError> {
+        self.put_meta(
+            &[(SNAPSHOT_META, None), (SNAPSHOT_DATA, None)],
+            ErrorSubject::Snapshot(None),
+            true,
+        )
+    }
+
+    /// Stores a snapshot as earlier releases did, to test reading it.
+    #[cfg(test)]
+    pub fn save_legacy_snapshot(
+        &self,
+        meta: &SnapshotMeta,
+        data: &[u8],
+    ) -> Result<(), StorageError> {
         self.put_meta(
             &[
                 (SNAPSHOT_META, Some(Self::json(meta))),

@@ -43,7 +43,8 @@ impl StoreBuilder<TypeConfig, Store, StateMachine, TempDir> for Builder {
         let dir = temp_dir();
         let store = Store::open(&dir.0).expect("open store");
         let engine = Arc::new(Engine::new(EngineConfig::default()));
-        let sm = StateMachine::open(engine, store.clone(), Arc::new(|_: &[_]| {}), 1)?;
+        let snapshots = SnapshotDir::open(&dir.0).expect("open snapshot directory");
+        let sm = StateMachine::open(engine, store.clone(), snapshots, Arc::new(|_: &[_]| {}), 1)?;
         Ok((dir, store, sm))
     }
 }
@@ -185,7 +186,7 @@ fn openraft_storage_suite() -> Result<(), StorageError> {
 }
 
 #[test]
-fn snapshots_are_stored_as_their_bytes_and_the_json_array_form_is_still_read() {
+fn both_legacy_snapshot_forms_are_read() {
     let dir = temp_dir();
     let store = Store::open(&dir.0).unwrap();
     let meta = SnapshotMeta {
@@ -193,18 +194,15 @@ fn snapshots_are_stored_as_their_bytes_and_the_json_array_form_is_still_read() {
         last_membership: Default::default(),
         snapshot_id: "1-1-7-1".into(),
     };
+    // The release before snapshot files stored the JSON document's bytes.
     let data = br#"{"state":"of the engine"}"#.to_vec();
-    store.save_snapshot(&meta, &data).unwrap();
-    let stored = store
-        .get_meta_bytes(SNAPSHOT_DATA, ErrorSubject::Snapshot(None))
-        .unwrap();
-    assert_eq!(stored.as_deref(), Some(&data[..]), "the bytes themselves");
+    store.save_legacy_snapshot(&meta, &data).unwrap();
     assert_eq!(
-        store.snapshot().unwrap(),
+        store.legacy_snapshot().unwrap(),
         Some((meta.clone(), data.clone()))
     );
 
-    // As earlier releases stored it: a JSON array of the byte values.
+    // The first releases stored a JSON array of the byte values.
     store
         .put_meta(
             &[(SNAPSHOT_DATA, Some(Store::json(&data)))],
@@ -212,5 +210,54 @@ fn snapshots_are_stored_as_their_bytes_and_the_json_array_form_is_still_read() {
             true,
         )
         .unwrap();
-    assert_eq!(store.snapshot().unwrap(), Some((meta, data)));
+    assert_eq!(store.legacy_snapshot().unwrap(), Some((meta, data)));
+}
+
+/// A leader of an earlier release sends its snapshot as one JSON document:
+/// it is installed, and rewritten in today's format so it can be sent on.
+#[tokio::test]
+async fn a_json_snapshot_from_an_earlier_leader_is_installed_and_rewritten() {
+    use openraft::storage::RaftStateMachine;
+    use tokio::io::AsyncWriteExt;
+
+    let source = Engine::new(EngineConfig::default());
+    let acquire = crate::engine::Acquire {
+        name: "old-lease".into(),
+        holder: "h".into(),
+        ttl_ms: 60_000,
+    };
+    source.execute(acquire, 1_000).unwrap();
+    let json = serde_json::json!({
+        "last_applied": null,
+        "last_now": 1_000,
+        "membership": crate::raft::StoredMembership::default(),
+        "engine": source.snapshot(),
+    });
+    let meta = SnapshotMeta {
+        last_log_id: Some(LogId::new(openraft::CommittedLeaderId::new(2, 1), 9)),
+        last_membership: Default::default(),
+        snapshot_id: "2-1-9-1".into(),
+    };
+
+    let dir = temp_dir();
+    let store = Store::open(&dir.0).unwrap();
+    let engine = Arc::new(Engine::new(EngineConfig::default()));
+    let snapshots = SnapshotDir::open(&dir.0).unwrap();
+    let observer = Arc::new(|_: &[_]| {});
+    let mut sm = StateMachine::open(engine.clone(), store, snapshots, observer, 1).unwrap();
+    let mut file = sm.begin_receiving_snapshot().await.unwrap();
+    file.write_all(&serde_json::to_vec(&json).unwrap())
+        .await
+        .unwrap();
+    file.flush().await.unwrap();
+    sm.install_snapshot(&meta, file).await.unwrap();
+
+    assert_eq!(engine.lease("old-lease", 1_500).unwrap().holder, "h");
+    let current = sm.get_current_snapshot().await.unwrap().unwrap();
+    assert_eq!(current.meta, meta);
+    let bytes = std::fs::read(dir.0.join("snapshots/current.snap")).unwrap();
+    assert!(bytes.starts_with(crate::raft::snapshot::MAGIC));
+    // No piece of the received file is left behind.
+    let files = std::fs::read_dir(dir.0.join("snapshots")).unwrap().count();
+    assert_eq!(files, 1);
 }

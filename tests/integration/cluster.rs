@@ -471,6 +471,104 @@ async fn a_node_down_during_compaction_catches_up_from_a_snapshot() {
     assert!(status.applied_index >= 100, "{status:?}");
 }
 
+/// The value of `arbiter_live_keys{kind}` on `node`'s metrics endpoint.
+fn live_keys(node: &Server, kind: &str) -> Option<u64> {
+    let body = crate::support::http_get(node.metrics, "/metrics");
+    let prefix = format!("arbiter_live_keys{{kind=\"{kind}\"}} ");
+    body.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Runs `arbiter <args> --server <node>` and returns its output.
+fn cli(node: &Server, args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_arbiter"))
+        .args(args)
+        .args(["--server", &format!("http://{}", node.addr)])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test]
+async fn a_new_member_and_a_member_down_past_compaction_catch_up_from_a_chunked_snapshot() {
+    const KEYS: usize = 60_000;
+    let mut cluster = Cluster::start_with_spares(3, 1, &["--snapshot-logs", "20"]);
+    let leader = cluster.leader().await;
+    let lagger = (leader + 1) % 3;
+    cluster.kill9(lagger);
+    // Enough state that its snapshot is several chunks (keys of 32 bytes).
+    let mut c = cluster.node(leader).limits().await;
+    for batch in 0..KEYS / 1000 {
+        let checks = (0..1000)
+            .map(|i| {
+                let key = format!("snapshot-catch-up-key-{:010}", batch * 1000 + i);
+                lc(&key, tb(100, 1, 3_600_000), Some(7))
+            })
+            .collect();
+        let request = CheckRequest {
+            checks,
+            all_or_nothing: false,
+        };
+        c.check(request).await.unwrap();
+    }
+    let mut l = cluster.node(leader).leases().await;
+    let mut idem = cluster.node(leader).idem().await;
+    for i in 0..100 {
+        l.acquire(acquire(&format!("chunked-{i}"), "h"))
+            .await
+            .unwrap();
+        idem.begin(BeginRequest {
+            key: format!("pay-{i}"),
+            fingerprint: b"fp".to_vec(),
+            lock_ttl_ms: 600_000,
+            retention_ms: 600_000,
+        })
+        .await
+        .unwrap();
+    }
+    // Every key reached the leader's snapshot: wait until one is built
+    // after the last write.
+    let snapshots: Vec<_> = cluster
+        .dirs
+        .iter()
+        .map(|d| d.join("snapshots/current.snap"))
+        .collect();
+    let size = |i: usize| std::fs::metadata(&snapshots[i]).map_or(0, |m| m.len());
+    let chunk = arbiter::raft::network::SNAPSHOT_CHUNK_BYTES;
+    eventually("a snapshot of several chunks on the leader", || async {
+        (size(leader) > 2 * chunk).then_some(())
+    })
+    .await;
+
+    // (a) A new member, added with the CLI.
+    cluster.start_node(3);
+    let out = cli(
+        cluster.node(leader),
+        &["cluster", "add", "4", &cluster.peer_addr(3)],
+    );
+    assert!(out.contains("member id=4"), "{out}");
+    // (b) The member that was down while the log it missed was purged.
+    cluster.start_node(lagger);
+    for i in [3, lagger] {
+        let node = cluster.node(i);
+        wait_until_held_locally(node, "chunked-99").await;
+        eventually("every rate-limit key on the node", || async {
+            (live_keys(node, "rate_limit")? == KEYS as u64).then_some(())
+        })
+        .await;
+        assert_eq!(live_keys(node, "idempotency_record"), Some(100));
+        // It holds a snapshot file of its own, at least as large as the
+        // chunks it came in.
+        assert!(size(i) > chunk, "node {i}: snapshot of {} bytes", size(i));
+    }
+}
+
 async fn applied_index(s: &Server) -> Option<u64> {
     let mut c = ClusterClient::new(s.channel().await);
     Some(

@@ -1,7 +1,8 @@
 //! A data directory written by the release before the binary log (JSON
 //! entries, `tests/fixtures/v1-data`, made by `make-v1-data.sh`) is read by
 //! this one as it is: the state it held is all there, new writes (in the
-//! binary format) go on from it, and a restart reads the mixed log.
+//! binary format) go on from it, and a restart reads the mixed log. Its
+//! snapshot (one JSON document in the store) is rewritten as a file.
 
 use std::path::Path;
 
@@ -62,7 +63,10 @@ async fn holder(server: &InProcess, name: &str) -> Option<(String, u64)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_data_directory_of_the_json_format_is_read_as_it_is() {
     let (dir, written_ms) = fixture();
-    let server = InProcess::start_in(dir, written_ms + 1_000).await;
+    let server = InProcess::start_in(dir.clone(), written_ms + 1_000).await;
+    // The snapshot the store held (JSON) was rewritten as a snapshot file.
+    let snapshot = std::fs::read(dir.join("snapshots/current.snap")).unwrap();
+    assert!(snapshot.starts_with(arbiter::raft::snapshot::MAGIC));
 
     // Rate-limit state (from the snapshot and packed sync entries).
     let bucket = Algorithm::TokenBucket(TokenBucket {

@@ -95,6 +95,12 @@ struct Args {
     /// work-stealing pool of that many threads.
     #[arg(long, default_value_t = 1)]
     threads: usize,
+    /// Leave state behind for this many seconds (0: the usual round trips):
+    /// the lease workload then only acquires fresh names with this TTL, and
+    /// the idem workload keeps its records this long. For filling a node
+    /// before measuring snapshots or memory; bound it with --requests.
+    #[arg(long, default_value_t = 0)]
+    keep_secs: u64,
 }
 
 /// Per-worker tallies, merged at the end.
@@ -302,7 +308,9 @@ async fn run(args: Args) -> Result<(), String> {
                 Workload::Lease => {
                     lease_worker(&args, &run, channel.expect("channel"), w, &mut rng).await
                 }
-                Workload::Idem => idem_worker(&run, channel.expect("channel"), w).await,
+                Workload::Idem => {
+                    idem_worker(&run, channel.expect("channel"), w, args.keep_secs).await
+                }
                 Workload::RedisCheck => {
                     redis_worker(&args, &run, addr, sha.expect("sha"), &mut rng).await
                 }
@@ -472,18 +480,29 @@ async fn lease_worker(
     let mut client = LeasesClient::new(channel);
     let mut t = Tally::new();
     let holder = format!("bench-worker-{w}");
+    let keep_ms = args.keep_secs * 1000;
+    let mut n = 0u64;
     while let Some(measured) = run.admit() {
         // Workers use disjoint names so every acquire is a grant.
-        let name = format!("bench:lease:{w}:{}", rng.below(args.keys));
+        n += 1;
+        let name = if keep_ms > 0 {
+            format!("bench:lease:{}:{w}:{n}", now_ms())
+        } else {
+            format!("bench:lease:{w}:{}", rng.below(args.keys))
+        };
         let sent = Instant::now();
         let acquired = client
             .acquire(pb::AcquireRequest {
                 name: name.clone(),
                 holder: holder.clone(),
-                ttl_ms: 10_000,
+                ttl_ms: if keep_ms > 0 { keep_ms } else { 10_000 },
             })
             .await;
         record(&mut t, measured, sent);
+        if keep_ms > 0 {
+            t.errors += u64::from(acquired.is_err() && measured);
+            continue;
+        }
         let Ok(acquired) = acquired else {
             t.errors += u64::from(measured);
             continue;
@@ -520,7 +539,12 @@ async fn lease_worker(
     Ok(t)
 }
 
-async fn idem_worker(run: &Run, channel: Channel, w: usize) -> Result<Tally, String> {
+async fn idem_worker(
+    run: &Run,
+    channel: Channel,
+    w: usize,
+    keep_secs: u64,
+) -> Result<Tally, String> {
     let mut client = IdempotencyClient::new(channel);
     let mut t = Tally::new();
     let prefix = format!("bench:idem:{}:{w}", now_ms());
@@ -534,7 +558,7 @@ async fn idem_worker(run: &Run, channel: Channel, w: usize) -> Result<Tally, Str
                 key: key.clone(),
                 fingerprint: b"sha256:bench".to_vec(),
                 lock_ttl_ms: 10_000,
-                retention_ms: 1_000,
+                retention_ms: (keep_secs * 1000).max(1_000),
             })
             .await;
         record(&mut t, measured, sent);

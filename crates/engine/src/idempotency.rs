@@ -92,6 +92,26 @@ impl RecordTable {
         self.records.insert(key.to_owned(), r);
     }
 
+    /// Every stored record (lapsed ones not yet swept too), in no order.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (&str, &Record)> {
+        self.records.iter().map(|(k, r)| (k.as_str(), r))
+    }
+
+    /// Stores a record as exported (a snapshot being loaded), replacing any
+    /// under its key; ignores the caps, as a restore does.
+    pub(crate) fn put(&mut self, key: &str, r: Record) {
+        self.remove(key);
+        self.insert(key, r);
+    }
+
+    pub(crate) fn last_attempt(&self) -> u64 {
+        self.last_attempt
+    }
+
+    pub(crate) fn set_last_attempt(&mut self, attempt: u64) {
+        self.last_attempt = attempt;
+    }
+
     pub fn len(&self) -> usize {
         self.records.len()
     }

@@ -92,6 +92,29 @@ impl LeaseTable {
             .collect();
     }
 
+    /// Every stored lease (lapsed ones not yet swept too), in no order.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = Lease> + '_ {
+        self.held.iter().map(|(n, h)| view(n, h))
+    }
+
+    /// Stores a lease as exported (a snapshot being loaded), replacing any
+    /// under its name; ignores the cap, as a restore does.
+    pub(crate) fn put(&mut self, lease: Lease) {
+        let held = Held {
+            holder: lease.holder,
+            fencing_token: lease.fencing_token,
+            ttl_ms: lease.ttl_ms,
+            expires_at_ms: lease.expires_at_ms,
+        };
+        let old = self.held.get(&lease.name).map(|h| h.expires_at_ms);
+        self.set_deadline(&lease.name, old, Some(held.expires_at_ms));
+        self.held.insert(lease.name, held);
+    }
+
+    pub(crate) fn set_last_token(&mut self, token: u64) {
+        self.last_token = token;
+    }
+
     fn set_deadline(&mut self, name: &str, old: Option<u64>, new: Option<u64>) {
         if let Some(old) = old {
             self.deadlines.remove(&(old, name.to_owned()));

@@ -9,6 +9,7 @@
 //! idempotency records live behind one mutex, matching the single-threaded
 //! apply order of a replicated log.
 
+mod export;
 pub mod idempotency;
 pub mod leases;
 pub mod limits;
@@ -18,6 +19,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
 
+pub use export::Item;
 pub use idempotency::{BeginOutcome, Record, RecordState, RecordTable};
 pub use leases::{Lease, LeaseEvent, LeaseEventKind, LeaseTable};
 pub use limits::{Cell, LimitCheck, LimitDef, LimitResult, LimitTable, CELL_BYTES};

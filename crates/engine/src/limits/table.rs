@@ -369,6 +369,16 @@ impl LimitTable {
         out
     }
 
+    /// Visits every stored cell (clean), one shard at a time, holding only
+    /// that shard's lock while visiting it.
+    pub fn for_each(&self, mut f: impl FnMut(&str, Cell)) {
+        for shard in self.shards.iter() {
+            for (k, c) in lock(shard).iter() {
+                f(k.as_str(), c.clean());
+            }
+        }
+    }
+
     /// Every stored cell, for snapshots.
     pub fn cells(&self) -> Vec<(String, Cell)> {
         let mut out = Vec::with_capacity(self.len());

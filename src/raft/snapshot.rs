@@ -1,0 +1,368 @@
+//! The snapshot format: the engine's state as a stream of bounded frames.
+//!
+//! A snapshot is the 8 bytes [`MAGIC`], then frames, each a little-endian
+//! `u32` length and one protobuf message (`proto/arbiter/log/v1/log.proto`):
+//! a `SnapshotHeader` (openraft's meta, the last command time, the
+//! counters), `SnapshotPart`s of about [`PART_BYTES`] each, and a
+//! `SnapshotEnd` with the number of entries, so a cut-off file is refused
+//! rather than loaded short. Nothing here holds more than one part: a
+//! snapshot is encoded as the engine is visited and loaded frame by frame.
+
+use std::borrow::Cow;
+use std::io::{self, Read, Write};
+
+use prost::Message;
+
+use super::SnapshotMeta;
+use crate::engine::{Cell, Engine, Item, Lease, Record, RecordState};
+use crate::log_proto as pb;
+
+/// The first bytes of a snapshot in this format. (Earlier releases wrote a
+/// JSON document, which starts with `{`.)
+pub const MAGIC: &[u8; 8] = b"ARBSNAP1";
+
+/// A part is closed once its entries reach about this many bytes.
+const PART_BYTES: usize = 256 << 10;
+
+/// Largest frame a reader accepts: a part closes after the entry that
+/// takes it past [`PART_BYTES`], and one entry is at most a record with a
+/// 4 MiB response.
+const MAX_FRAME: usize = 16 << 20;
+
+/// What a snapshot's header says.
+#[derive(Debug)]
+pub struct Header {
+    pub meta: SnapshotMeta,
+    pub last_now_ms: u64,
+}
+
+fn frame(out: &mut impl Write, m: &impl Message) -> io::Result<()> {
+    let len = u32::try_from(m.encoded_len()).map_err(io::Error::other)?;
+    out.write_all(&len.to_le_bytes())?;
+    out.write_all(&m.encode_to_vec())
+}
+
+fn to_pb_record(key: &str, r: &Record) -> pb::Record {
+    pb::Record {
+        key: key.to_owned(),
+        fingerprint: r.fingerprint.clone(),
+        attempt: r.attempt,
+        response: match &r.state {
+            RecordState::InProgress => None,
+            RecordState::Completed { response } => Some(response.clone()),
+        },
+        retention_ms: r.retention_ms,
+        expires_at_ms: r.expires_at_ms,
+    }
+}
+
+/// Encodes the engine's whole state with `meta` (so it must be called
+/// where no entry is being applied, for the state to match
+/// `meta.last_log_id`). The result is compact (keys and a few words per
+/// entry): a fraction of the state's size in memory.
+pub fn encode(meta: &SnapshotMeta, last_now_ms: u64, engine: &Engine) -> Vec<u8> {
+    let mut out = MAGIC.to_vec();
+    let mut part = pb::SnapshotPart::default();
+    let mut part_bytes = 0;
+    let mut entries = 0u64;
+    let meta_json = serde_json::to_vec(meta).expect("snapshot meta serializes to JSON");
+    let part_frame = |part: pb::SnapshotPart| pb::SnapshotFrame {
+        kind: Some(pb::snapshot_frame::Kind::Part(part)),
+    };
+    // Writing to memory cannot fail.
+    engine.export(|item| {
+        part_bytes += match item {
+            Item::Counters {
+                last_token,
+                last_attempt,
+            } => {
+                let header = pb::SnapshotHeader {
+                    meta_json: meta_json.clone(),
+                    last_now_ms,
+                    last_fencing_token: last_token,
+                    last_attempt,
+                };
+                frame(&mut out, &header).expect("writing to memory");
+                return;
+            }
+            Item::Cell(key, cell) => {
+                let (tag, aux, a, b, c) = cell.to_parts();
+                part.cells.push(pb::Cell {
+                    key: key.to_owned(),
+                    tag,
+                    aux,
+                    a,
+                    b,
+                    c,
+                });
+                key.len() + 32
+            }
+            Item::Lease(l) => {
+                let size = l.name.len() + l.holder.len() + 24;
+                part.leases.push(pb::Lease {
+                    name: l.name,
+                    holder: l.holder,
+                    fencing_token: l.fencing_token,
+                    ttl_ms: l.ttl_ms,
+                    expires_at_ms: l.expires_at_ms,
+                });
+                size
+            }
+            Item::Record(key, r) => {
+                let r = to_pb_record(key, &r);
+                let size =
+                    key.len() + r.fingerprint.len() + r.response.as_ref().map_or(0, Vec::len);
+                part.records.push(r);
+                size + 32
+            }
+        };
+        entries += 1;
+        if part_bytes >= PART_BYTES {
+            frame(&mut out, &part_frame(std::mem::take(&mut part))).expect("writing to memory");
+            part_bytes = 0;
+        }
+    });
+    if part_bytes > 0 {
+        frame(&mut out, &part_frame(part)).expect("writing to memory");
+    }
+    let end = pb::SnapshotFrame {
+        kind: Some(pb::snapshot_frame::Kind::End(pb::SnapshotEnd { entries })),
+    };
+    frame(&mut out, &end).expect("writing to memory");
+    out
+}
+
+/// Reads one frame into `buf`; `None` at a clean end of input.
+fn read_frame(r: &mut impl Read, buf: &mut Vec<u8>) -> io::Result<Option<()>> {
+    let mut len = [0u8; 4];
+    match r.read_exact(&mut len) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let len = u32::from_le_bytes(len) as usize;
+    if len > MAX_FRAME {
+        return Err(invalid(format!(
+            "a frame of {len} bytes (at most {MAX_FRAME})"
+        )));
+    }
+    buf.resize(len, 0);
+    r.read_exact(buf)?;
+    Ok(Some(()))
+}
+
+fn invalid(e: impl ToString) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e.to_string())
+}
+
+/// Reads a snapshot from `r` (positioned at its start). With `engine`,
+/// stores every entry into it as it goes (the caller clears it first);
+/// without, only checks the whole snapshot decodes, so a bad file is
+/// refused before any state is dropped.
+pub fn read(mut r: impl Read, engine: Option<&Engine>) -> io::Result<Header> {
+    let mut buf = Vec::new();
+    let (header, h) = read_magic_and_header(&mut r, &mut buf)?;
+    let cut = || invalid("the snapshot is cut off");
+    let import = |item: Item<'_>| {
+        if let Some(e) = engine {
+            e.import(item);
+        }
+    };
+    import(Item::Counters {
+        last_token: h.last_fencing_token,
+        last_attempt: h.last_attempt,
+    });
+    let mut entries = 0u64;
+    loop {
+        read_frame(&mut r, &mut buf)?.ok_or_else(cut)?;
+        let part = match pb::SnapshotFrame::decode(buf.as_slice())
+            .map_err(invalid)?
+            .kind
+        {
+            Some(pb::snapshot_frame::Kind::Part(part)) => part,
+            Some(pb::snapshot_frame::Kind::End(end)) if end.entries == entries => {
+                return Ok(header)
+            }
+            Some(pb::snapshot_frame::Kind::End(end)) => {
+                return Err(invalid(format!(
+                    "the snapshot holds {entries} entries, its end says {}",
+                    end.entries
+                )))
+            }
+            None => return Err(invalid("a snapshot frame of no known kind")),
+        };
+        entries += (part.cells.len() + part.leases.len() + part.records.len()) as u64;
+        for c in part.cells {
+            import(Item::Cell(
+                &c.key,
+                Cell::from_parts((c.tag, c.aux, c.a, c.b, c.c)),
+            ));
+        }
+        for l in part.leases {
+            import(Item::Lease(Lease {
+                name: l.name,
+                holder: l.holder,
+                fencing_token: l.fencing_token,
+                ttl_ms: l.ttl_ms,
+                expires_at_ms: l.expires_at_ms,
+            }));
+        }
+        for rec in part.records {
+            let record = Record {
+                fingerprint: rec.fingerprint,
+                attempt: rec.attempt,
+                state: match rec.response {
+                    None => RecordState::InProgress,
+                    Some(response) => RecordState::Completed { response },
+                },
+                retention_ms: rec.retention_ms,
+                expires_at_ms: rec.expires_at_ms,
+            };
+            import(Item::Record(&rec.key, Cow::Owned(record)));
+        }
+    }
+}
+
+/// Reads only the header (the meta) of a snapshot.
+pub fn read_header(mut r: impl Read) -> io::Result<Header> {
+    read_magic_and_header(&mut r, &mut Vec::new()).map(|(header, _)| header)
+}
+
+fn read_magic_and_header(
+    r: &mut impl Read,
+    buf: &mut Vec<u8>,
+) -> io::Result<(Header, pb::SnapshotHeader)> {
+    let mut magic = [0u8; 8];
+    r.read_exact(&mut magic)?;
+    if &magic != MAGIC {
+        return Err(invalid("not a snapshot (bad magic bytes)"));
+    }
+    read_frame(r, buf)?.ok_or_else(|| invalid("the snapshot is cut off"))?;
+    let h = pb::SnapshotHeader::decode(buf.as_slice()).map_err(invalid)?;
+    let header = Header {
+        meta: serde_json::from_slice(&h.meta_json).map_err(invalid)?,
+        last_now_ms: h.last_now_ms,
+    };
+    Ok((header, h))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::{Acquire, Begin, EngineConfig, LimitCheck, LimitDef};
+
+    fn meta() -> SnapshotMeta {
+        SnapshotMeta {
+            last_log_id: Some(openraft::LogId::new(
+                openraft::CommittedLeaderId::new(3, 1),
+                42,
+            )),
+            last_membership: Default::default(),
+            snapshot_id: "3-1-42-1".into(),
+        }
+    }
+
+    /// An engine with `keys` rate-limit keys, a lease and a record.
+    fn engine(keys: usize) -> Engine {
+        let e = Engine::new(EngineConfig::default());
+        let limit = LimitDef::TokenBucket {
+            capacity: 10,
+            refill_tokens: 1,
+            refill_interval_ms: 1000,
+        };
+        let checks: Vec<_> = (0..keys)
+            .map(|i| LimitCheck {
+                key: format!("key-{i:08}"),
+                limit,
+                cost: 1,
+                dry_run: false,
+            })
+            .collect();
+        e.check(&checks, false, 5).unwrap();
+        let acquire = Acquire {
+            name: "lease".into(),
+            holder: "h".into(),
+            ttl_ms: 1000,
+        };
+        e.execute(acquire, 5).unwrap();
+        let begin = Begin {
+            key: "pay".into(),
+            fingerprint: b"fp".to_vec(),
+            lock_ttl_ms: 1000,
+            retention_ms: 1000,
+        };
+        e.execute(begin, 5).unwrap();
+        e
+    }
+
+    #[test]
+    fn a_snapshot_loads_back_into_the_same_state_and_header() {
+        let from = engine(20_000);
+        let bytes = encode(&meta(), 77, &from);
+        let to = engine(3);
+        to.clear();
+        let header = read(bytes.as_slice(), Some(&to)).unwrap();
+        assert_eq!(header.meta, meta());
+        assert_eq!(header.last_now_ms, 77);
+        assert_eq!(to.snapshot(), from.snapshot());
+        assert_eq!(read_header(bytes.as_slice()).unwrap().meta, meta());
+    }
+
+    #[test]
+    fn a_large_state_is_written_in_bounded_parts() {
+        let bytes = encode(&meta(), 1, &engine(50_000));
+        let mut r = &bytes[MAGIC.len()..];
+        let mut frames = Vec::new();
+        let mut buf = Vec::new();
+        while read_frame(&mut r, &mut buf).unwrap().is_some() {
+            frames.push(buf.len());
+        }
+        // Header, several parts, end.
+        assert!(frames.len() > 4, "{frames:?}");
+        let largest = frames.iter().max().unwrap();
+        assert!(*largest < PART_BYTES + 1024, "{frames:?}");
+    }
+
+    #[test]
+    fn a_cut_or_foreign_file_is_refused_without_touching_the_engine() {
+        let bytes = encode(&meta(), 1, &engine(5_000));
+        let target = engine(10);
+        let before = target.snapshot();
+        for bad in [
+            &bytes[..bytes.len() - 3],
+            &bytes[..bytes.len() / 2],
+            &bytes[..MAGIC.len() + 2],
+            b"{\"last_now\":1}".as_slice(),
+        ] {
+            let err = read(bad, None).unwrap_err();
+            assert!(
+                matches!(
+                    err.kind(),
+                    io::ErrorKind::UnexpectedEof | io::ErrorKind::InvalidData
+                ),
+                "{err}"
+            );
+        }
+        // The end frame's count is checked too.
+        let mut wrong = bytes.clone();
+        let end = pb::SnapshotFrame {
+            kind: Some(pb::snapshot_frame::Kind::End(pb::SnapshotEnd {
+                entries: 1,
+            })),
+        };
+        let end_len = 4 + end.encoded_len();
+        let good_end_len = {
+            let entries = 5_000 + 2;
+            4 + pb::SnapshotFrame {
+                kind: Some(pb::snapshot_frame::Kind::End(pb::SnapshotEnd { entries })),
+            }
+            .encoded_len()
+        };
+        wrong.truncate(wrong.len() - good_end_len);
+        frame(&mut wrong, &end).unwrap();
+        assert_eq!(wrong.len(), bytes.len() - good_end_len + end_len);
+        let err = read(wrong.as_slice(), None).unwrap_err();
+        assert!(err.to_string().contains("its end says 1"), "{err}");
+        assert_eq!(target.snapshot(), before);
+    }
+}
