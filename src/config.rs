@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, ValueEnum};
 
 use crate::engine::EngineConfig;
-use crate::node::Membership;
+use crate::node::{Membership, WatchLimits};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -98,22 +98,52 @@ pub struct Config {
     #[arg(long, env = "ARBITER_MAX_CHECKS_PER_REQUEST", default_value_t = 1000)]
     pub max_checks_per_request: usize,
 
+    /// Memory for state, in MiB: sets the caps below that are not given,
+    /// half of it for rate-limit keys, a quarter for leases and a quarter
+    /// for idempotency records and what they hold (see "Sizing" in the
+    /// README). The default
+    /// fits the helm chart's default memory limit (1 GiB) with room for a
+    /// snapshot being built.
+    #[arg(long, env = "ARBITER_MEMORY_BUDGET_MIB", default_value_t = 600)]
+    pub memory_budget_mib: usize,
+
     /// Most rate-limit keys held at once (idle keys are swept and do not count
-    /// for long); beyond it new keys get RESOURCE_EXHAUSTED.
-    #[arg(long, env = "ARBITER_MAX_LIMIT_KEYS", default_value_t = 10_000_000)]
-    pub max_limit_keys: usize,
+    /// for long); beyond it new keys get RESOURCE_EXHAUSTED [default: from
+    /// --memory-budget-mib].
+    #[arg(long, env = "ARBITER_MAX_LIMIT_KEYS")]
+    pub max_limit_keys: Option<usize>,
 
-    /// Most leases held at once.
-    #[arg(long, env = "ARBITER_MAX_LEASES", default_value_t = 1_000_000)]
-    pub max_leases: usize,
+    /// Most leases held at once [default: from --memory-budget-mib].
+    #[arg(long, env = "ARBITER_MAX_LEASES")]
+    pub max_leases: Option<usize>,
 
-    /// Most idempotency records held at once.
-    #[arg(long, env = "ARBITER_MAX_RECORDS", default_value_t = 1_000_000)]
-    pub max_records: usize,
+    /// Most idempotency records held at once [default: from
+    /// --memory-budget-mib].
+    #[arg(long, env = "ARBITER_MAX_RECORDS")]
+    pub max_records: Option<usize>,
 
-    /// Most bytes of idempotency records (keys, fingerprints, responses).
-    #[arg(long, env = "ARBITER_MAX_RECORD_BYTES", default_value_t = 1 << 30)]
-    pub max_record_bytes: usize,
+    /// Most bytes of idempotency records (keys, fingerprints, responses)
+    /// [default: from --memory-budget-mib].
+    #[arg(long, env = "ARBITER_MAX_RECORD_BYTES")]
+    pub max_record_bytes: Option<usize>,
+
+    /// Most lease watches served at once; beyond it a Watch gets
+    /// RESOURCE_EXHAUSTED.
+    #[arg(long, env = "ARBITER_MAX_WATCHERS", default_value_t = 10_000)]
+    pub max_watchers: usize,
+
+    /// Most watches of one lease at once.
+    #[arg(long, env = "ARBITER_MAX_WATCHERS_PER_LEASE", default_value_t = 1_000)]
+    pub max_watchers_per_lease: usize,
+
+    /// Most calls in flight on one client connection (HTTP/2 concurrent
+    /// streams); a client past it waits for one of its calls to finish.
+    #[arg(
+        long,
+        env = "ARBITER_MAX_STREAMS_PER_CONNECTION",
+        default_value_t = 1024
+    )]
+    pub max_streams_per_connection: u32,
 
     /// Shards of the rate-limit table (rounded up to a power of two).
     #[arg(long, env = "ARBITER_LIMIT_SHARDS", default_value_t = 64)]
@@ -137,6 +167,15 @@ pub struct Config {
     #[arg(long, env = "ARBITER_SHUTDOWN_GRACE_MS", default_value_t = 10_000)]
     pub shutdown_grace_ms: u64,
 }
+
+/// Memory one rate-limit key takes (resident, with its share of the table
+/// and snapshot slack; BENCHMARKS.md "Snapshots at size").
+pub const BYTES_PER_LIMIT_KEY: usize = 200;
+/// Memory one lease takes, names of about 30 bytes.
+pub const BYTES_PER_LEASE: usize = 400;
+/// Memory one idempotency record takes beyond its key, fingerprint and
+/// response.
+pub const BYTES_PER_RECORD: usize = 400;
 
 #[derive(Parser)]
 struct DefaultsOnly {
@@ -164,13 +203,30 @@ impl Config {
         }
     }
 
+    /// The engine's caps: each as given, or its share of
+    /// `--memory-budget-mib` at the measured cost of one entry.
     pub fn engine(&self) -> EngineConfig {
+        let budget = self.memory_budget_mib.saturating_mul(1 << 20);
+        let share = |part: usize, per_entry: usize| (budget / part / per_entry).max(1);
         EngineConfig {
             limit_shards: self.limit_shards,
-            max_limit_keys: self.max_limit_keys,
-            max_leases: self.max_leases,
-            max_records: self.max_records,
-            max_record_bytes: self.max_record_bytes,
+            max_limit_keys: self
+                .max_limit_keys
+                .unwrap_or_else(|| share(2, BYTES_PER_LIMIT_KEY)),
+            max_leases: self.max_leases.unwrap_or_else(|| share(4, BYTES_PER_LEASE)),
+            // Records' quarter is split between their fixed cost and what
+            // they hold (key, fingerprint, response: `--max-record-bytes`).
+            max_records: self
+                .max_records
+                .unwrap_or_else(|| share(8, BYTES_PER_RECORD)),
+            max_record_bytes: self.max_record_bytes.unwrap_or_else(|| share(8, 1)),
+        }
+    }
+
+    pub fn watch_limits(&self) -> WatchLimits {
+        WatchLimits {
+            total: self.max_watchers,
+            per_lease: self.max_watchers_per_lease,
         }
     }
 }
@@ -275,6 +331,26 @@ mod tests {
             .err()
             .expect("refused");
         assert!(e.to_string().contains("at most 4194304"), "{e}");
+    }
+
+    #[test]
+    fn the_memory_budget_sets_the_caps_not_given_within_itself() {
+        let budget_of = |e: &EngineConfig| {
+            e.max_limit_keys * BYTES_PER_LIMIT_KEY
+                + e.max_leases * BYTES_PER_LEASE
+                + e.max_records * BYTES_PER_RECORD
+                + e.max_record_bytes
+        };
+        let e = cfg(&[]).engine();
+        assert_eq!(e.max_limit_keys, (600 << 20) / 2 / BYTES_PER_LIMIT_KEY);
+        assert!(budget_of(&e) <= 600 << 20, "{e:?}");
+        assert!(budget_of(&e) > 590 << 20, "most of it is used: {e:?}");
+        let e = cfg(&["--memory-budget-mib", "2400"]).engine();
+        assert_eq!(e.max_leases, (2400 << 20) / 4 / BYTES_PER_LEASE);
+        // A cap given by itself wins; the others still come from the budget.
+        let e = cfg(&["--max-leases", "7"]).engine();
+        assert_eq!(e.max_leases, 7);
+        assert_eq!(e.max_records, (600 << 20) / 8 / BYTES_PER_RECORD);
     }
 
     #[test]

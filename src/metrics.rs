@@ -56,6 +56,7 @@ pub struct Metrics {
     leases: Gauge,
     records: Gauge,
     record_bytes: Gauge,
+    watchers: Gauge,
 }
 
 impl Default for Metrics {
@@ -75,6 +76,7 @@ impl Metrics {
             leases: gauge!("arbiter_live_keys", "kind" => "lease"),
             records: gauge!("arbiter_live_keys", "kind" => "idempotency_record"),
             record_bytes: gauge!("arbiter_idempotency_record_bytes"),
+            watchers: gauge!("arbiter_lease_watchers"),
         }
     }
 
@@ -134,6 +136,7 @@ impl Metrics {
         self.leases.set(leases as f64);
         self.records.set(records as f64);
         self.record_bytes.set(bytes as f64);
+        self.watchers.set(node.watchers() as f64);
     }
 }
 

@@ -132,6 +132,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Started, Ser
         limit_sync: Duration::from_millis(config.limit_sync_ms.max(1)),
         limit_sweep: Duration::from_millis(config.sweep_interval_ms.max(1)),
         clock,
+        watch_limits: config.watch_limits(),
     })
     .await?;
 
@@ -256,8 +257,14 @@ impl Started {
             .filter(|n| *n > 0)
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
         let layer = crate::api::layer::RpcMetricsLayer(metrics);
-        let serving =
-            serving::spawn(threads, routes, layer, stopping).map_err(ServerError::Runtime)?;
+        let serving = serving::spawn(
+            threads,
+            config.max_streams_per_connection,
+            routes,
+            layer,
+            stopping,
+        )
+        .map_err(ServerError::Runtime)?;
         serving::accept(listener, &serving);
 
         let mut stopped = node.shutdown_signal();
@@ -287,7 +294,7 @@ mod serving {
     use std::time::Duration;
 
     use tokio::sync::{mpsc, oneshot, watch};
-    use tokio_stream::wrappers::UnboundedReceiverStream;
+    use tokio_stream::wrappers::ReceiverStream;
     use tokio_stream::StreamExt;
     use tonic::service::Routes;
     use tonic::transport::Server;
@@ -295,8 +302,12 @@ mod serving {
     use super::ServerError;
     use crate::api::layer::RpcMetricsLayer;
 
+    /// Accepted connections waiting for a serving thread to take them up,
+    /// per thread, at most.
+    const HANDOFF: usize = 64;
+
     pub struct Serving {
-        conns: Vec<mpsc::UnboundedSender<std::net::TcpStream>>,
+        conns: Vec<mpsc::Sender<std::net::TcpStream>>,
         done: Vec<oneshot::Receiver<Result<(), tonic::transport::Error>>>,
         stop: watch::Receiver<bool>,
     }
@@ -321,6 +332,7 @@ mod serving {
     /// once its in-flight calls have finished.
     pub fn spawn(
         n: usize,
+        max_streams: u32,
         routes: Routes,
         layer: RpcMetricsLayer,
         stopping: impl Future<Output = ()> + Send + 'static,
@@ -335,7 +347,7 @@ mod serving {
         let mut conns = Vec::with_capacity(n);
         let mut done = Vec::with_capacity(n);
         for i in 0..n {
-            let (conn_tx, conn_rx) = mpsc::unbounded_channel::<std::net::TcpStream>();
+            let (conn_tx, conn_rx) = mpsc::channel::<std::net::TcpStream>(HANDOFF);
             let (done_tx, done_rx) = oneshot::channel();
             let routes = routes.clone();
             let layer = layer.clone();
@@ -346,7 +358,7 @@ mod serving {
             std::thread::Builder::new()
                 .name(format!("arbiter-grpc-{i}"))
                 .spawn(move || {
-                    let incoming = UnboundedReceiverStream::new(conn_rx).map(|conn| {
+                    let incoming = ReceiverStream::new(conn_rx).map(|conn| {
                         conn.set_nonblocking(true)?;
                         tokio::net::TcpStream::from_std(conn)
                     });
@@ -354,6 +366,7 @@ mod serving {
                         Server::builder()
                             .http2_keepalive_interval(Some(Duration::from_secs(30)))
                             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+                            .max_concurrent_streams(Some(max_streams))
                             .layer(layer)
                             .add_routes(routes)
                             .serve_with_incoming_shutdown(incoming, async move {
@@ -394,15 +407,64 @@ mod serving {
                         continue;
                     }
                 };
-                let handed = stream
-                    .set_nodelay(true)
-                    .and_then(|()| stream.into_std())
-                    .map(|conn| conns[next % conns.len()].send(conn));
-                if let Err(e) = handed {
-                    tracing::warn!(error = %e, "cannot hand a connection over");
+                let conn = match stream.set_nodelay(true).and_then(|()| stream.into_std()) {
+                    Ok(conn) => conn,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot hand a connection over");
+                        continue;
+                    }
+                };
+                // A serving thread with HANDOFF connections not yet taken
+                // up holds the acceptor back: new connections then wait in
+                // the kernel's backlog instead of in memory.
+                tokio::select! {
+                    _ = conns[next % conns.len()].send(conn) => {}
+                    _ = stop.wait_for(|s| *s) => return,
                 }
                 next = next.wrapping_add(1);
             }
         });
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        /// With no serving thread taking connections up, the acceptor
+        /// hands over HANDOFF and then waits; every connection is handed
+        /// over once there is room, none is dropped.
+        #[tokio::test]
+        async fn the_hand_off_is_bounded_and_loses_no_connection() {
+            let (tx, mut rx) = mpsc::channel(HANDOFF);
+            let (stop_tx, stop) = watch::channel(false);
+            let serving = Serving {
+                conns: vec![tx],
+                done: Vec::new(),
+                stop,
+            };
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            accept(listener, &serving);
+            let total = HANDOFF + 8;
+            let mut clients = Vec::new();
+            for _ in 0..total {
+                clients.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+            }
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while rx.len() < HANDOFF {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "only {} handed",
+                    rx.len()
+                );
+                tokio::task::yield_now().await;
+            }
+            assert_eq!(rx.len(), HANDOFF);
+            for n in 0..total {
+                let taken = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await;
+                assert!(matches!(taken, Ok(Some(_))), "connection {n}: {taken:?}");
+            }
+            stop_tx.send_replace(true);
+        }
     }
 }

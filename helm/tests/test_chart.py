@@ -264,3 +264,23 @@ def test_rendered_flags_are_ones_the_binary_accepts():
     assert args[0] == "serve"
     for flag in (a for a in args if a.startswith("--")):
         assert re.search(rf"\s{re.escape(flag)}\b", help_text), f"{flag} is not an `arbiter serve` flag"
+
+
+def mebibytes(quantity):
+    units = {"Ki": 1 / 1024, "Mi": 1, "Gi": 1024}
+    for suffix, factor in units.items():
+        if quantity.endswith(suffix):
+            return float(quantity[: -len(suffix)]) * factor
+    return float(quantity) / 2**20
+
+
+@pytest.mark.parametrize("sets", [(), ("resources.limits.memory=4Gi", "memoryBudgetMiB=2400")])
+def test_one_value_sets_the_state_caps_within_the_memory_limit(sets):
+    c = one(render(*sets), "StatefulSet")["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    budget = int(env["ARBITER_MEMORY_BUDGET_MIB"])
+    limit = mebibytes(c["resources"]["limits"]["memory"])
+    # Room beside the state for a snapshot being built and the runtime.
+    assert budget <= 0.6 * limit, (budget, limit)
+    help_text = subprocess.run([str(arbiter_binary()), "serve", "--help"], capture_output=True, text=True, check=True).stdout
+    assert "ARBITER_MEMORY_BUDGET_MIB" in help_text

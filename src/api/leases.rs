@@ -122,7 +122,8 @@ impl Leases for LeasesService {
         let name = request.into_inner().name;
         convert::key(&name, || "name".into())?;
         let node = self.0.node.clone();
-        let (lease, now, mut events) = node.watch(&name);
+        let watch = node.watch(&name).map_err(error::node_status)?;
+        let (lease, now, mut events, slot) = (watch.lease, watch.now_ms, watch.events, watch.slot);
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let current = |lease: Option<crate::engine::Lease>, now| LeaseEvent {
             kind: lease_event::Kind::Current as i32,
@@ -130,6 +131,8 @@ impl Leases for LeasesService {
         };
         let mut shutdown = node.shutdown_signal();
         tokio::spawn(async move {
+            // The watch counts against the caps until this task ends.
+            let _slot = slot;
             if tx.send(Ok(current(lease, now))).await.is_err() {
                 return;
             }

@@ -46,6 +46,7 @@ pub use peer_service::PeerService;
 pub use routing::{
     AddMember, Call, CheckLimits, GetLease, GetRecord, Operation, RemoveMember, Stamped,
 };
+pub use watch_fanout::{Watch, WatchLimits};
 
 use crate::clock::Clock;
 use crate::engine::{Engine, EngineConfig, EngineError, LeaseEvent};
@@ -105,6 +106,8 @@ pub struct Options {
     pub limit_sweep: Duration,
     /// The only clock commands are stamped with.
     pub clock: Arc<dyn Clock>,
+    /// How many lease watches are served at once.
+    pub watch_limits: WatchLimits,
 }
 
 /// Why the node could not start.
@@ -183,11 +186,12 @@ impl Node {
             limit_sync,
             limit_sweep,
             clock,
+            watch_limits,
         } = options;
         let store = Store::open(&data_dir)?;
         let snapshots = SnapshotDir::open(&data_dir)?;
         let engine = Arc::new(Engine::new(engine));
-        let watchers = Watchers::default();
+        let watchers = Watchers::new(watch_limits);
         let observer: Observer = {
             let watchers = watchers.clone();
             Arc::new(move |events: &[LeaseEvent]| watchers.publish(events))
@@ -283,6 +287,11 @@ impl Node {
     /// Live counts: (rate-limit keys, leases, records, record bytes).
     pub fn counts(&self) -> (usize, usize, usize, usize) {
         self.engine.counts()
+    }
+
+    /// Lease watches being served.
+    pub fn watchers(&self) -> usize {
+        self.watchers.active()
     }
 
     /// The current term (from the vote) and whether this node leads in it.

@@ -28,21 +28,24 @@ const BATCH_BYTES: usize = 256 * 1024;
 /// with) goes.
 pub type Proposal = (Command, oneshot::Sender<Result<(Outcome, u64), NodeError>>);
 
+/// Queues a proposal, or refuses it at once when the queue is full
+/// (UNAVAILABLE: retry) or closed (shutting down).
+fn enqueue(queue: &mpsc::Sender<Proposal>, proposal: Proposal) -> Result<(), NodeError> {
+    queue.try_send(proposal).map_err(|e| match e {
+        mpsc::error::TrySendError::Full(_) => NodeError::Unavailable(format!(
+            "{} writes are already waiting for the log; retry",
+            queue.max_capacity()
+        )),
+        mpsc::error::TrySendError::Closed(_) => NodeError::Unavailable("shutting down".into()),
+    })
+}
+
 impl Node {
     /// Commits `command` through the log as the leader. Concurrent
     /// proposals are batched into one entry by [`Node::run_proposer`].
     pub(super) async fn propose(&self, command: Command) -> Result<(Outcome, u64), NodeError> {
         let (reply, answer) = oneshot::channel();
-        self.proposals
-            .try_send((command, reply))
-            .map_err(|e| match e {
-                mpsc::error::TrySendError::Full(_) => NodeError::Unavailable(format!(
-                    "{QUEUE} writes are already waiting for the log; retry"
-                )),
-                mpsc::error::TrySendError::Closed(_) => {
-                    NodeError::Unavailable("shutting down".into())
-                }
-            })?;
+        enqueue(&self.proposals, (command, reply))?;
         let result = answer
             .await
             .map_err(|_| NodeError::Unavailable("shutting down".into()))?;
@@ -126,6 +129,30 @@ impl Node {
                     let _ = reply.send(Err(e.clone()));
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_queue_refuses_at_once_and_takes_again_once_drained() {
+        let (tx, mut rx) = mpsc::channel(2);
+        let proposal = || (Command::Sweep, oneshot::channel().0);
+        enqueue(&tx, proposal()).unwrap();
+        enqueue(&tx, proposal()).unwrap();
+        match enqueue(&tx, proposal()) {
+            Err(NodeError::Unavailable(m)) => assert!(m.contains("2 writes are already"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        rx.try_recv().unwrap();
+        enqueue(&tx, proposal()).unwrap();
+        drop(rx);
+        match enqueue(&tx, proposal()) {
+            Err(NodeError::Unavailable(m)) => assert_eq!(m, "shutting down"),
+            other => panic!("{other:?}"),
         }
     }
 }

@@ -2,23 +2,83 @@
 //! lease, on every replica, in apply order.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::broadcast;
 
-use super::Node;
-use crate::engine::{Lease, LeaseEvent};
+use super::{Node, NodeError};
+use crate::engine::{EngineError, Lease, LeaseEvent};
 
 /// Events buffered per watched lease before a slow watcher is resynchronised.
 const WATCH_BUFFER: usize = 256;
 
+/// How many watches a node serves at once.
+#[derive(Clone, Copy, Debug)]
+pub struct WatchLimits {
+    /// In total (`--max-watchers`).
+    pub total: usize,
+    /// On one lease (`--max-watchers-per-lease`).
+    pub per_lease: usize,
+}
+
+impl Default for WatchLimits {
+    fn default() -> Self {
+        Self {
+            total: 10_000,
+            per_lease: 1_000,
+        }
+    }
+}
+
+type Channels = HashMap<String, broadcast::Sender<LeaseEvent>>;
+
 /// The watched leases and their channels.
 #[derive(Clone, Default)]
-pub struct Watchers(Arc<Mutex<HashMap<String, broadcast::Sender<LeaseEvent>>>>);
+pub struct Watchers(Arc<Inner>);
+
+#[derive(Default)]
+struct Inner {
+    channels: Mutex<Channels>,
+    /// Watches being served (each holds a [`WatchSlot`]).
+    active: AtomicUsize,
+    limits: WatchLimits,
+}
+
+/// One watch's place in the total; given back when dropped (when the
+/// stream serving it ends).
+pub struct WatchSlot(Arc<Inner>);
+
+impl Drop for WatchSlot {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A new watch: the lease as it stands, the time it was read at, every
+/// later change, and the watch's slot.
+pub struct Watch {
+    pub lease: Option<Lease>,
+    pub now_ms: u64,
+    pub events: broadcast::Receiver<LeaseEvent>,
+    pub slot: WatchSlot,
+}
 
 impl Watchers {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, broadcast::Sender<LeaseEvent>>> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    pub fn new(limits: WatchLimits) -> Self {
+        Self(Arc::new(Inner {
+            limits,
+            ..Inner::default()
+        }))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Channels> {
+        self.0.channels.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Watches being served now.
+    pub fn active(&self) -> usize {
+        self.0.active.load(Ordering::Acquire)
     }
 
     /// Sends each event to the lease's watchers (called by the state
@@ -41,19 +101,50 @@ impl Watchers {
 }
 
 impl Node {
-    /// The lease's current state and a receiver for every later change.
+    /// The lease's current state and a receiver for every later change;
+    /// `RESOURCE_EXHAUSTED` once the node serves `--max-watchers` watches,
+    /// or the lease has `--max-watchers-per-lease`.
     ///
     /// The state is read while holding the watcher table, which the state
     /// machine also takes to publish: a change is either in the state read
     /// or delivered as an event (at worst both, never neither).
-    pub fn watch(&self, name: &str) -> (Option<Lease>, u64, broadcast::Receiver<LeaseEvent>) {
-        let mut watchers = self.watchers.lock();
-        let rx = watchers
+    pub fn watch(&self, name: &str) -> Result<Watch, NodeError> {
+        let inner = &self.watchers.0;
+        let limits = inner.limits;
+        let mut channels = self.watchers.lock();
+        let exhausted = |what: &'static str, max| {
+            NodeError::Engine(EngineError::Exhausted {
+                what: what.into(),
+                max,
+            })
+        };
+        if channels
+            .get(name)
+            .is_some_and(|tx| tx.receiver_count() >= limits.per_lease)
+        {
+            return Err(exhausted(
+                "watchers of one lease (--max-watchers-per-lease)",
+                limits.per_lease,
+            ));
+        }
+        // Taken under the table's lock, so two watches cannot both take
+        // the last place.
+        if inner.active.load(Ordering::Acquire) >= limits.total {
+            return Err(exhausted("watchers (--max-watchers)", limits.total));
+        }
+        inner.active.fetch_add(1, Ordering::AcqRel);
+        let slot = WatchSlot(inner.clone());
+        let events = channels
             .entry(name.to_owned())
             .or_insert_with(|| broadcast::channel(WATCH_BUFFER).0)
             .subscribe();
-        let now = self.now_ms();
-        (self.engine.lease(name, now), now, rx)
+        let now_ms = self.now_ms();
+        Ok(Watch {
+            lease: self.engine.lease(name, now_ms),
+            now_ms,
+            events,
+            slot,
+        })
     }
 
     /// The current lease without a read barrier (to resynchronise a watcher

@@ -5,6 +5,7 @@
 
 mod support;
 
+mod bounds;
 mod cluster;
 mod durability;
 
