@@ -6,7 +6,7 @@
 //! counters), `SnapshotPart`s of about [`PART_BYTES`] each, and a
 //! `SnapshotEnd` with the number of entries, so a cut-off file is refused
 //! rather than loaded short. Nothing here holds more than one part: a
-//! snapshot is encoded as the engine is visited and loaded frame by frame.
+//! snapshot is written as the engine is visited and loaded frame by frame.
 
 use std::borrow::Cow;
 use std::io::{self, Read, Write};
@@ -36,7 +36,7 @@ pub struct Header {
     pub last_now_ms: u64,
 }
 
-fn frame(out: &mut impl Write, m: &impl Message) -> io::Result<()> {
+fn frame(out: &mut (impl Write + ?Sized), m: &impl Message) -> io::Result<()> {
     let len = u32::try_from(m.encoded_len()).map_err(io::Error::other)?;
     out.write_all(&len.to_le_bytes())?;
     out.write_all(&m.encode_to_vec())
@@ -56,12 +56,23 @@ fn to_pb_record(key: &str, r: &Record) -> pb::Record {
     }
 }
 
-/// Encodes the engine's whole state with `meta` (so it must be called
-/// where no entry is being applied, for the state to match
-/// `meta.last_log_id`). The result is compact (keys and a few words per
-/// entry): a fraction of the state's size in memory.
-pub fn encode(meta: &SnapshotMeta, last_now_ms: u64, engine: &Engine) -> Vec<u8> {
-    let mut out = MAGIC.to_vec();
+/// Writes the engine's whole state with `meta` to `out` (so it must be
+/// called where no entry is being applied, for the state to match
+/// `meta.last_log_id`), one part at a time: nothing larger than a part is
+/// held in memory. The first write error ends it.
+pub fn encode(
+    mut out: impl Write,
+    meta: &SnapshotMeta,
+    last_now_ms: u64,
+    engine: &Engine,
+) -> io::Result<()> {
+    out.write_all(MAGIC)?;
+    let mut failed: io::Result<()> = Ok(());
+    let mut put = |out: &mut dyn Write, m: &dyn ErasedFrame| {
+        if failed.is_ok() {
+            failed = m.write_to(out);
+        }
+    };
     let mut part = pb::SnapshotPart::default();
     let mut part_bytes = 0;
     let mut entries = 0u64;
@@ -69,7 +80,6 @@ pub fn encode(meta: &SnapshotMeta, last_now_ms: u64, engine: &Engine) -> Vec<u8>
     let part_frame = |part: pb::SnapshotPart| pb::SnapshotFrame {
         kind: Some(pb::snapshot_frame::Kind::Part(part)),
     };
-    // Writing to memory cannot fail.
     engine.export(|item| {
         part_bytes += match item {
             Item::Counters {
@@ -82,7 +92,7 @@ pub fn encode(meta: &SnapshotMeta, last_now_ms: u64, engine: &Engine) -> Vec<u8>
                     last_fencing_token: last_token,
                     last_attempt,
                 };
-                frame(&mut out, &header).expect("writing to memory");
+                put(&mut out, &header);
                 return;
             }
             Item::Cell(key, cell) => {
@@ -118,18 +128,31 @@ pub fn encode(meta: &SnapshotMeta, last_now_ms: u64, engine: &Engine) -> Vec<u8>
         };
         entries += 1;
         if part_bytes >= PART_BYTES {
-            frame(&mut out, &part_frame(std::mem::take(&mut part))).expect("writing to memory");
+            put(&mut out, &part_frame(std::mem::take(&mut part)));
             part_bytes = 0;
         }
     });
     if part_bytes > 0 {
-        frame(&mut out, &part_frame(part)).expect("writing to memory");
+        put(&mut out, &part_frame(part));
     }
     let end = pb::SnapshotFrame {
         kind: Some(pb::snapshot_frame::Kind::End(pb::SnapshotEnd { entries })),
     };
-    frame(&mut out, &end).expect("writing to memory");
-    out
+    put(&mut out, &end);
+    failed?;
+    out.flush()
+}
+
+/// A message written as one frame (so frames of different types can go
+/// through one writer closure).
+trait ErasedFrame {
+    fn write_to(&self, out: &mut dyn Write) -> io::Result<()>;
+}
+
+impl<M: Message> ErasedFrame for M {
+    fn write_to(&self, out: &mut dyn Write) -> io::Result<()> {
+        frame(out, self)
+    }
 }
 
 /// Reads one frame into `buf`; `None` at a clean end of input.
@@ -262,6 +285,12 @@ mod tests {
         }
     }
 
+    fn encoded(meta: &SnapshotMeta, last_now_ms: u64, engine: &Engine) -> Vec<u8> {
+        let mut out = Vec::new();
+        encode(&mut out, meta, last_now_ms, engine).unwrap();
+        out
+    }
+
     /// An engine with `keys` rate-limit keys, a lease and a record.
     fn engine(keys: usize) -> Engine {
         let e = Engine::new(EngineConfig::default());
@@ -298,7 +327,7 @@ mod tests {
     #[test]
     fn a_snapshot_loads_back_into_the_same_state_and_header() {
         let from = engine(20_000);
-        let bytes = encode(&meta(), 77, &from);
+        let bytes = encoded(&meta(), 77, &from);
         let to = engine(3);
         to.clear();
         let header = read(bytes.as_slice(), Some(&to)).unwrap();
@@ -310,7 +339,7 @@ mod tests {
 
     #[test]
     fn a_large_state_is_written_in_bounded_parts() {
-        let bytes = encode(&meta(), 1, &engine(50_000));
+        let bytes = encoded(&meta(), 1, &engine(50_000));
         let mut r = &bytes[MAGIC.len()..];
         let mut frames = Vec::new();
         let mut buf = Vec::new();
@@ -325,7 +354,7 @@ mod tests {
 
     #[test]
     fn a_cut_or_foreign_file_is_refused_without_touching_the_engine() {
-        let bytes = encode(&meta(), 1, &engine(5_000));
+        let bytes = encoded(&meta(), 1, &engine(5_000));
         let target = engine(10);
         let before = target.snapshot();
         for bad in [

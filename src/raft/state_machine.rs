@@ -10,7 +10,7 @@
 // helpers here return the same type so errors pass through unchanged.
 #![allow(clippy::result_large_err)]
 
-use std::io::{BufReader, Read, Seek, SeekFrom, Write};
+use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom};
 use std::sync::Arc;
 
 use openraft::storage::{RaftStateMachine, Snapshot};
@@ -94,9 +94,8 @@ fn load_file(
         meta: meta.clone(),
         last_now_ms: legacy.last_now,
     };
-    let (mut out, path) = dir.create()?;
-    out.write_all(&snapshot::encode(meta, legacy.last_now, engine))?;
-    Ok((header, Some((out, path))))
+    let rewritten = write_snapshot(dir, meta, legacy.last_now, engine)?;
+    Ok((header, Some(rewritten)))
 }
 
 impl StateMachine {
@@ -134,14 +133,10 @@ impl StateMachine {
                 meta,
                 last_now_ms: legacy.last_now,
             };
-            let (mut out, path) = sm.snapshots.create().map_err(read)?;
-            out.write_all(&snapshot::encode(
-                &header.meta,
-                header.last_now_ms,
-                &sm.engine,
-            ))
-            .and_then(|()| sm.snapshots.publish(&out, &path))
-            .map_err(|e| sm_err(ErrorVerb::Write, e))?;
+            let meta = &header.meta;
+            write_snapshot(&sm.snapshots, meta, header.last_now_ms, &sm.engine)
+                .and_then(|(out, path)| sm.snapshots.publish(&out, &path))
+                .map_err(|e| sm_err(ErrorVerb::Write, e))?;
             sm.store.drop_legacy_snapshot()?;
             sm.loaded(&header);
         }
@@ -155,28 +150,44 @@ impl StateMachine {
     }
 }
 
-/// Holds the state encoded when openraft asked for a builder (between
-/// applies), so the snapshot is consistent with `last_applied`.
+/// A snapshot written when openraft asked for a builder (between two
+/// applies, so it matches `last_applied`) and not yet published.
 pub struct Builder {
     snapshots: SnapshotDir,
     meta: SnapshotMeta,
-    encoded: Option<Vec<u8>>,
+    written: Option<std::io::Result<(std::fs::File, std::path::PathBuf)>>,
+}
+
+/// Writes the state to a new snapshot file, part by part. This runs on the
+/// state machine's task between two applies (the state must not change
+/// under it); the file is fsynced and published later, off the runtime.
+fn write_snapshot(
+    dir: &SnapshotDir,
+    meta: &SnapshotMeta,
+    last_now: u64,
+    engine: &Engine,
+) -> std::io::Result<(std::fs::File, std::path::PathBuf)> {
+    let (file, path) = dir.create()?;
+    let written = snapshot::encode(BufWriter::new(&file), meta, last_now, engine);
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&path);
+        return Err(e);
+    }
+    Ok((file, path))
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for Builder {
-    /// Writes the encoded state to a new snapshot file and makes it the
-    /// current one, on the blocking pool (a large state takes long enough
-    /// to write that, on a runtime thread, it would hold up heartbeats).
+    /// Fsyncs the written file and makes it the current snapshot, on the
+    /// blocking pool (with a large state an fsync takes long enough that,
+    /// on a runtime thread, it would hold up heartbeats).
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
-        let encoded = self
-            .encoded
+        let (mut file, path) = self
+            .written
             .take()
-            .ok_or_else(|| sm_err(ErrorVerb::Write, "the snapshot builder was used twice"))?;
+            .ok_or_else(|| sm_err(ErrorVerb::Write, "the snapshot builder was used twice"))?
+            .map_err(|e| sm_err(ErrorVerb::Write, e))?;
         let dir = self.snapshots.clone();
         let file = tokio::task::spawn_blocking(move || {
-            let (mut file, path) = dir.create()?;
-            file.write_all(&encoded)?;
-            drop(encoded);
             dir.publish(&file, &path)?;
             file.seek(SeekFrom::Start(0))?;
             Ok::<_, std::io::Error>(file)
@@ -246,11 +257,20 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             last_membership: self.membership.clone(),
             snapshot_id,
         };
-        let encoded = snapshot::encode(&meta, self.last_now, &self.engine);
+        let write = || write_snapshot(&self.snapshots, &meta, self.last_now, &self.engine);
+        // Blocking writes: on a multi-threaded runtime, let this worker's
+        // other tasks (heartbeats among them) move to another thread.
+        let multi = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        let written = if multi {
+            tokio::task::block_in_place(write)
+        } else {
+            write()
+        };
         Builder {
             snapshots: self.snapshots.clone(),
             meta,
-            encoded: Some(encoded),
+            written: Some(written),
         }
     }
 
