@@ -21,6 +21,10 @@ Scenarios:
              exits 0 within the grace period
   scale      two more members started as a 5-replica StatefulSet would start
              them, added with `arbiter cluster add`, used, and removed
+  emptydisk  node 1 (the lowest id, which forms new clusters) loses its
+             volume: restarted empty it exits with an error instead of
+             rejoining as a voter or forming a second cluster; the documented
+             recovery (cluster remove, start, cluster add) brings it back
 """
 
 import argparse
@@ -562,9 +566,45 @@ def scenario_scale(cluster):
     return "members 4 and 5 added with `cluster add` (5 voters, served a grant), removed with `cluster remove`; 3 voters serve on"
 
 
+def scenario_empty_disk(cluster):
+    pb = cluster.pb
+    n, survivor = cluster.nodes[0], cluster.nodes[1]
+    Client(cluster, Ledger(), name="disk-before").acquire("disk-before")
+    volume = sh("docker", "inspect", "-f", '{{range .Mounts}}{{if eq .Destination "/data"}}{{.Name}}{{end}}{{end}}', n.name).stdout.strip()
+    assert volume, f"{n.name} has no /data volume"
+    log(f"emptydisk: removing {n.name} and its volume {volume}, then starting it again")
+    sh("docker", "rm", "-f", n.name)
+    sh("docker", "volume", "rm", volume)
+    compose("up", "-d", "--no-deps", "arbiter-0")
+
+    def exited():
+        return sh("docker", "inspect", "-f", "{{.State.Running}}", n.name).stdout.strip() == "false"
+
+    eventually(f"{n.name} to refuse and exit", exited, 60, 0.25)
+    code = sh("docker", "inspect", "-f", "{{.State.ExitCode}}", n.name).stdout.strip()
+    logs = sh("docker", "logs", n.name, check=False)
+    text = logs.stdout + logs.stderr
+    assert code != "0", f"{n.name} exited 0"
+    assert "has an empty data directory" in text and "cluster remove 1" in text, text[-2000:]
+    assert "initialising a new cluster" not in text, "node 1 formed a second cluster"
+    Client(cluster, Ledger(), name="disk-during", nodes=cluster.nodes[1:]).acquire("disk-during")
+
+    # The recovery the error names.
+    r = survivor.cli("cluster", "remove", "1", timeout=60)
+    assert r.returncode == 0, f"cluster remove 1: {r.stderr}"
+    sh("docker", "start", n.name)
+    eventually(f"{n.name} to answer", lambda: n.channel(refresh=True) and n.status(), 30)
+    r = survivor.cli("cluster", "add", "1", "arbiter-0.arbiter-peers:7071", timeout=60)
+    assert r.returncode == 0, f"cluster add 1: {r.stderr}"
+    eventually("three voters again", cluster.formed, 60)
+    got = n.leases().Get(pb.ls.GetLeaseRequest(name="disk-during"), timeout=CALL_TIMEOUT_S)
+    assert got.lease.holder, got
+    return f"{n.name} restarted empty exited {code} naming the recovery; removed and added back, it holds the data again"
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("scenarios", nargs="*", default=["image", "kill", "partition", "rolling", "scale"])
+    ap.add_argument("scenarios", nargs="*", default=["image", "kill", "partition", "rolling", "scale", "emptydisk"])
     ap.add_argument("--keep", action="store_true", help="leave the cluster running afterwards")
     args = ap.parse_args()
 
@@ -586,6 +626,7 @@ def main():
             "partition": lambda: scenario_partition(cluster, ledger),
             "rolling": lambda: scenario_rolling(cluster, ledger),
             "scale": lambda: scenario_scale(cluster),
+            "emptydisk": lambda: scenario_empty_disk(cluster),
         }
         for name in args.scenarios:
             t = time.monotonic()

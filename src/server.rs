@@ -44,6 +44,8 @@ pub enum ServerError {
     Runtime(std::io::Error),
     #[error("gRPC server: {0}")]
     Serve(#[from] tonic::transport::Error),
+    #[error("this node may not join its cluster: {0}")]
+    Refused(String),
 }
 
 /// The addresses a started server listens on (ports chosen by the system
@@ -241,8 +243,14 @@ impl Started {
         } = self;
         let stopping = {
             let node = node.clone();
+            let mut admission = node.admission();
             async move {
-                shutdown.await;
+                // A node refused by its peers (see `node::admission`) shuts
+                // down as if asked to, and reports why.
+                tokio::select! {
+                    _ = shutdown => {}
+                    _ = admission.wait_for(|a| matches!(a, node::Admission::Refused(_))) => {}
+                }
                 tracing::info!("shutting down: draining in-flight calls");
                 for name in node::READY_SERVICES.iter().chain(&[""]) {
                     health
@@ -279,7 +287,10 @@ impl Started {
         let _ = peer_stop.send(());
         let _ = peer_server.await;
         tracing::info!("arbiter stopped");
-        Ok(())
+        match &*node.admission().borrow() {
+            node::Admission::Refused(why) => Err(ServerError::Refused(why.clone())),
+            _ => Ok(()),
+        }
     }
 }
 

@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{Node, ELECTION_TIMEOUT_MAX_MS, ELECTION_TIMEOUT_MIN_MS};
 use crate::proto::raft_peer_client::RaftPeerClient;
-use crate::raft::network::{decode, encode};
+use crate::raft::network::{decode, encode, with_cluster};
 use crate::raft::{LogId, NodeId};
 
 /// How long after hearing from a leader a voter refuses to help elect
@@ -163,9 +163,8 @@ impl Node {
                 candidate: self.id,
                 last_log_id,
             };
+            let request = with_cluster(encode(&ask), &self.cluster, PRE_VOTE_TIMEOUT);
             asks.spawn(async move {
-                let mut request = tonic::Request::new(encode(&ask));
-                request.set_timeout(PRE_VOTE_TIMEOUT);
                 let mut client = RaftPeerClient::new(channel);
                 let call = client.pre_vote(request);
                 let granted = match tokio::time::timeout(PRE_VOTE_TIMEOUT, call).await {
@@ -216,7 +215,7 @@ impl Node {
                 self.heard_from_leader();
                 continue;
             }
-            if !voters.contains(&self.id) {
+            if !voters.contains(&self.id) || !self.admitted() {
                 // A learner, or a node not yet in any membership, must not
                 // start an election (but may be asked to help with one).
                 continue;

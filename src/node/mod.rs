@@ -30,6 +30,7 @@ use openraft::{BasicNode, Raft, ServerState, SnapshotPolicy};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{watch, Notify};
 
+mod admission;
 mod election;
 mod leadership;
 mod limit_sync;
@@ -40,6 +41,7 @@ mod sweeper;
 mod tasks;
 mod watch_fanout;
 
+pub use admission::{Admission, Identified, Identity, CLUSTER_HEADER};
 pub use election::{PreVoteRequest, PreVoteResponse};
 pub use leadership::{report_readiness, READY_SERVICES};
 pub use peer_service::PeerService;
@@ -119,6 +121,8 @@ pub enum StartError {
     Storage(#[from] crate::raft::StorageError),
     #[error("cannot open the snapshot directory: {0}")]
     Snapshots(#[from] std::io::Error),
+    #[error("{0}")]
+    Identity(String),
     #[error("raft: {0}")]
     Raft(String),
 }
@@ -159,6 +163,12 @@ pub struct Node {
     /// Queue of writes for the batching proposer.
     proposals: tokio::sync::mpsc::Sender<Proposal>,
     tasks: Tasks,
+    /// Whether this node may take part in Raft (see `admission`).
+    admission: watch::Sender<Admission>,
+    /// This node's cluster id, once known (sent with every peer message).
+    cluster: admission::ClusterId,
+    /// The members given at start-up, with their peer addresses.
+    initial_peers: BTreeMap<NodeId, String>,
 }
 
 /// A process-unique id (time and pid mixed), distinct across restarts.
@@ -190,6 +200,19 @@ impl Node {
         } = options;
         let store = Store::open(&data_dir)?;
         let snapshots = SnapshotDir::open(&data_dir)?;
+        let cluster = admission::ClusterId::default();
+        match store.identity()? {
+            Some(identity) => {
+                admission::check_node_id(&identity, membership.id).map_err(StartError::Identity)?;
+                if let Some(c) = identity.cluster_id {
+                    let _ = cluster.set(c);
+                }
+            }
+            None => store.save_identity(&Identity {
+                node_id: membership.id,
+                cluster_id: None,
+            })?,
+        }
         let engine = Arc::new(Engine::new(engine));
         let watchers = Watchers::new(watch_limits);
         let observer: Observer = {
@@ -214,7 +237,7 @@ impl Node {
         }
         .validate()
         .map_err(|e| raft_err(&e))?;
-        let network = PeerNetwork::default();
+        let network = PeerNetwork::new(cluster.clone());
         let channels = network.channels.clone();
         let lease = network.lease.clone();
         let raft = Raft::new(
@@ -226,16 +249,12 @@ impl Node {
         )
         .await
         .map_err(|e| raft_err(&e))?;
-        let first = membership.peers.keys().next().copied();
-        if first == Some(membership.id) && !raft.is_initialized().await.map_err(|e| raft_err(&e))? {
-            let members: BTreeMap<NodeId, BasicNode> = membership
-                .peers
-                .iter()
-                .map(|(id, addr)| (*id, BasicNode::new(addr)))
-                .collect();
-            tracing::info!(members = members.len(), "initialising a new cluster");
-            raft.initialize(members).await.map_err(|e| raft_err(&e))?;
-        }
+        let has_state = raft.is_initialized().await.map_err(|e| raft_err(&e))?;
+        let admission = if has_state {
+            Admission::Admitted
+        } else {
+            Admission::Checking
+        };
         let (proposals, queue) = tokio::sync::mpsc::channel(proposer::QUEUE);
         let node = Arc::new(Self {
             id: membership.id,
@@ -258,7 +277,20 @@ impl Node {
             shutdown: watch::channel(false).0,
             proposals,
             tasks: Tasks::default(),
+            admission: watch::channel(admission).0,
+            cluster,
+            initial_peers: membership.peers.clone(),
         });
+        if !has_state {
+            if node.initial_peers.len() <= 1 {
+                // A single node: nobody to ask.
+                node.initialise_if_lowest()
+                    .await
+                    .map_err(|e| raft_err(&e))?;
+            } else {
+                node.tasks.spawn("admission", node.clone().run_admission());
+            }
+        }
         node.tasks
             .spawn("proposer", node.clone().run_proposer(queue));
         node.tasks

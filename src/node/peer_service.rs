@@ -6,7 +6,7 @@ use std::sync::Arc;
 use openraft::raft::VoteRequest;
 use tonic::{Request, Response, Status};
 
-use super::{Call, Node, PreVoteRequest, PreVoteResponse};
+use super::{Admission, Call, Node, PreVoteRequest, PreVoteResponse, CLUSTER_HEADER};
 use crate::proto::raft_peer_server::RaftPeer;
 use crate::proto::PeerMessage;
 use crate::raft::network::{decode, decode_append, decode_snapshot, encode};
@@ -18,12 +18,39 @@ fn bad(e: serde_json::Error) -> Status {
     Status::invalid_argument(format!("undecodable peer message: {e}"))
 }
 
+impl PeerService {
+    /// Lets a Raft message or forwarded call through only if this node is
+    /// admitted (see `admission`) and the sender is of its cluster.
+    fn admit<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        let node = &self.0;
+        match &*node.admission().borrow() {
+            Admission::Admitted => {}
+            Admission::Checking => {
+                return Err(Status::unavailable(format!(
+                    "node {} is asking its peers whether it may join",
+                    node.id()
+                )))
+            }
+            Admission::Refused(why) => return Err(Status::failed_precondition(why.clone())),
+        }
+        let sender = request
+            .metadata()
+            .get(CLUSTER_HEADER)
+            .and_then(|v| v.to_str().ok());
+        node.check_cluster(sender).map_err(|why| {
+            tracing::warn!("{why}");
+            Status::failed_precondition(why)
+        })
+    }
+}
+
 #[tonic::async_trait]
 impl RaftPeer for PeerService {
     async fn append_entries(
         &self,
         request: Request<PeerMessage>,
     ) -> Result<Response<PeerMessage>, Status> {
+        self.admit(&request)?;
         let rpc = decode_append(request.get_ref())
             .map_err(|e| Status::invalid_argument(format!("undecodable append: {e}")))?;
         self.0.heard_from(&rpc.vote);
@@ -33,6 +60,7 @@ impl RaftPeer for PeerService {
     }
 
     async fn vote(&self, request: Request<PeerMessage>) -> Result<Response<PeerMessage>, Status> {
+        self.admit(&request)?;
         let rpc: VoteRequest<NodeId> = decode(request.get_ref()).map_err(bad)?;
         let reply = self.0.raft().vote(rpc).await;
         if matches!(&reply, Ok(r) if r.vote_granted) {
@@ -46,6 +74,7 @@ impl RaftPeer for PeerService {
         &self,
         request: Request<PeerMessage>,
     ) -> Result<Response<PeerMessage>, Status> {
+        self.admit(&request)?;
         let rpc = decode_snapshot(request.into_inner())
             .map_err(|e| Status::invalid_argument(format!("undecodable snapshot chunk: {e}")))?;
         self.0.heard_from(&rpc.vote);
@@ -58,6 +87,7 @@ impl RaftPeer for PeerService {
         &self,
         request: Request<PeerMessage>,
     ) -> Result<Response<PeerMessage>, Status> {
+        self.admit(&request)?;
         let ask: PreVoteRequest = decode(request.get_ref()).map_err(bad)?;
         let granted = self.0.grants_pre_vote(&ask);
         Ok(Response::new(encode(&PreVoteResponse { granted })))
@@ -67,8 +97,16 @@ impl RaftPeer for PeerService {
         &self,
         request: Request<PeerMessage>,
     ) -> Result<Response<PeerMessage>, Status> {
+        self.admit(&request)?;
         let call: Call = decode(request.get_ref()).map_err(bad)?;
         // Served here only if this node leads; otherwise the sender routes again.
         Ok(Response::new(self.0.serve_forwarded(call).await))
+    }
+
+    async fn identify(
+        &self,
+        _request: Request<PeerMessage>,
+    ) -> Result<Response<PeerMessage>, Status> {
+        Ok(Response::new(encode(&self.0.identify())))
     }
 }

@@ -21,7 +21,7 @@ use crate::engine::{
 };
 use crate::proto::raft_peer_client::RaftPeerClient;
 use crate::proto::PeerMessage;
-use crate::raft::network::{decode, encode, PEER_MESSAGE_LIMIT};
+use crate::raft::network::{decode, encode, with_cluster, PEER_MESSAGE_LIMIT};
 use crate::raft::NodeId;
 
 /// A value as of a time: the time a write was stamped with, or the time a
@@ -294,8 +294,7 @@ impl Node {
             .channels
             .get(&addr)
             .map_err(|e| NodeError::Unavailable(format!("leader {leader} at {addr}: {e}")))?;
-        let mut request = tonic::Request::new(encode(&call));
-        request.set_timeout(self.leader_wait);
+        let request = with_cluster(encode(&call), &self.cluster, self.leader_wait);
         let mut client = RaftPeerClient::new(channel)
             .max_decoding_message_size(PEER_MESSAGE_LIMIT)
             .max_encoding_message_size(PEER_MESSAGE_LIMIT);

@@ -6,7 +6,7 @@
 //! envelope, except log entries, which travel in the log's binary format.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use openraft::error::{
@@ -185,11 +185,30 @@ pub fn decode<T: DeserializeOwned>(m: &PeerMessage) -> Result<T, serde_json::Err
     serde_json::from_slice(&m.json)
 }
 
-#[derive(Clone, Default)]
+/// The gRPC metadata key carrying the sender's cluster id on every peer
+/// message (see `node::admission`).
+pub const CLUSTER_HEADER: &str = "x-arbiter-cluster";
+
+/// This node's cluster id, once known; shared with the node, which learns
+/// or makes it.
+pub type ClusterId = Arc<OnceLock<String>>;
+
+#[derive(Clone)]
 pub struct PeerNetwork {
     pub channels: Channels,
     /// Fed with every accepted append (see [`LeaderLease`]).
     pub lease: Arc<LeaderLease>,
+    cluster: ClusterId,
+}
+
+impl PeerNetwork {
+    pub fn new(cluster: ClusterId) -> Self {
+        Self {
+            channels: Channels::default(),
+            lease: Arc::default(),
+            cluster,
+        }
+    }
 }
 
 pub struct PeerClient {
@@ -197,6 +216,17 @@ pub struct PeerClient {
     addr: String,
     channels: Channels,
     lease: Arc<LeaderLease>,
+    cluster: ClusterId,
+}
+
+/// Adds this node's cluster id (if known) to an outgoing peer request.
+pub fn with_cluster<T>(message: T, cluster: &ClusterId, timeout: Duration) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.set_timeout(timeout);
+    if let Some(id) = cluster.get().and_then(|c| c.parse().ok()) {
+        request.metadata_mut().insert(CLUSTER_HEADER, id);
+    }
+    request
 }
 
 impl RaftNetworkFactory<TypeConfig> for PeerNetwork {
@@ -208,6 +238,7 @@ impl RaftNetworkFactory<TypeConfig> for PeerNetwork {
             addr: node.addr.clone(),
             channels: self.channels.clone(),
             lease: self.lease.clone(),
+            cluster: self.cluster.clone(),
         }
     }
 }
@@ -237,8 +268,7 @@ impl PeerClient {
         let mut client = RaftPeerClient::new(channel)
             .max_decoding_message_size(PEER_MESSAGE_LIMIT)
             .max_encoding_message_size(PEER_MESSAGE_LIMIT);
-        let mut request = tonic::Request::new(message);
-        request.set_timeout(timeout);
+        let request = with_cluster(message, &self.cluster, timeout);
         let reply = match call {
             Call::Append => client.append_entries(request).await,
             Call::Vote => client.vote(request).await,

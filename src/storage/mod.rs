@@ -47,6 +47,7 @@ const COMMITTED: &str = "committed";
 const LAST_PURGED: &str = "last_purged";
 const SNAPSHOT_META: &str = "snapshot_meta";
 const SNAPSHOT_DATA: &str = "snapshot_data";
+const IDENTITY: &str = "identity";
 
 /// redb page cache size.
 const STORE_CACHE_BYTES: usize = 8 << 20;
@@ -242,6 +243,20 @@ impl Store {
             other => other,
         };
         Ok(meta.zip(data))
+    }
+
+    /// What this data directory records about its node and cluster.
+    pub fn identity(&self) -> Result<Option<crate::node::Identity>, StorageError> {
+        self.get_meta(IDENTITY, ErrorSubject::Store)
+    }
+
+    /// Records this data directory's node and cluster (fsynced).
+    pub fn save_identity(&self, identity: &crate::node::Identity) -> Result<(), StorageError> {
+        self.put_meta(
+            &[(IDENTITY, Some(Self::json(identity)))],
+            ErrorSubject::Store,
+            true,
+        )
     }
 
     /// Deletes the legacy snapshot once it was rewritten as a file.

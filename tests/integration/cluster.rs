@@ -89,7 +89,8 @@ impl Cluster {
     }
 
     /// Polls the live nodes until one of them is the leader all live nodes
-    /// agree on; returns its index.
+    /// agree on, and every initial member is a voter (a new cluster adds
+    /// them one by one as they catch up); returns its index.
     pub async fn leader(&self) -> usize {
         eventually("an agreed leader", || async {
             let mut seen = BTreeMap::new();
@@ -97,6 +98,10 @@ impl Cluster {
                 let Some(s) = s else { continue };
                 let mut c = ClusterClient::new(s.channel().await);
                 let st = c.status(ClusterStatusRequest {}).await.ok()?.into_inner();
+                let voters = st.members.iter().filter(|m| m.voter).count();
+                if voters < self.initial {
+                    return None;
+                }
                 seen.insert(i, st.leader_id?);
             }
             let first = *seen.values().next()?;
@@ -813,4 +818,90 @@ async fn a_leader_without_its_majority_answers_unavailable_promptly() {
     })
     .await;
     assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+}
+
+/// Node 1 (the lowest id, the one that initialises a new cluster) loses its
+/// data directory. Restarted empty, it must neither rejoin as a voter nor
+/// start a second cluster: it exits with the error and the recovery. The
+/// documented recovery (remove it, add it back) then works.
+#[tokio::test]
+async fn a_voter_restarted_empty_is_refused_until_removed_and_added_again() {
+    let mut cluster = Cluster::start(3, &[]);
+    let leader = cluster.leader().await;
+    let survivor = if leader == 0 { 1 } else { leader };
+    let mut l = cluster.node(survivor).leases().await;
+    l.acquire(acquire("before-the-loss", "h")).await.unwrap();
+    cluster.kill9(0);
+    std::fs::remove_dir_all(&cluster.dirs[0]).unwrap();
+
+    cluster.start_node(0);
+    let status = cluster.nodes[0].as_mut().unwrap().wait_exit();
+    assert!(!status.success(), "{status:?}");
+    let log = cluster.node(0).log().join("\n");
+    assert!(
+        log.contains("node 1 has an empty data directory") && log.contains("as a voter"),
+        "{log}"
+    );
+    assert!(log.contains("arbiter cluster remove 1"), "{log}");
+    assert!(!log.contains("initialising a new cluster"), "{log}");
+    cluster.nodes[0] = None;
+    // The other two go on (electing a new leader if node 1 led).
+    eventually("a write through the other two", || {
+        let mut l = l.clone();
+        async move { l.acquire(acquire("after-the-loss", "h")).await.ok() }
+    })
+    .await;
+
+    // Recovery: remove it, start it empty, add it back.
+    cli(cluster.node(survivor), &["cluster", "remove", "1"]);
+    std::fs::remove_dir_all(&cluster.dirs[0]).unwrap();
+    cluster.start_node(0);
+    let peer = cluster.peer_addr(0);
+    cli(cluster.node(survivor), &["cluster", "add", "1", &peer]);
+    wait_until_held_locally(cluster.node(0), "after-the-loss").await;
+    eventually("three voters again", || async {
+        let mut c = ClusterClient::new(cluster.node(0).channel().await);
+        let st = c.status(ClusterStatusRequest {}).await.ok()?.into_inner();
+        (st.members.iter().filter(|m| m.voter).count() == 3).then_some(())
+    })
+    .await;
+}
+
+/// A data directory holds the cluster it belongs to: a node started on
+/// another cluster's directory refuses that cluster's messages (and the
+/// cluster goes on without it).
+#[tokio::test]
+async fn a_node_on_another_clusters_data_refuses_its_messages() {
+    let mut a = Cluster::start(3, &[]);
+    a.leader().await;
+    let mut b = Cluster::start(3, &[]);
+    let b_leader = b.leader().await;
+    // Node 3 of cluster b restarts on node 3 of cluster a's directory.
+    let b3 = if b_leader == 2 { 1 } else { 2 };
+    a.kill9(b3);
+    b.kill9(b3);
+    std::fs::remove_dir_all(&b.dirs[b3]).unwrap();
+    copy_dir(&a.dirs[b3], &b.dirs[b3]);
+    b.start_node(b3);
+    eventually("the refusal in the node's log", || async {
+        let log = b.node(b3).log().join("\n");
+        (log.contains("belongs to cluster") && log.contains("refusing a message from cluster"))
+            .then_some(())
+    })
+    .await;
+    let mut l = b.node(b_leader).leases().await;
+    l.acquire(acquire("still-served", "h")).await.unwrap();
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
 }

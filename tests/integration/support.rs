@@ -1,11 +1,12 @@
 //! Starting and stopping a real server, and polling with deadlines.
 
+use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arbiter::proto::idempotency_client::IdempotencyClient;
@@ -22,7 +23,11 @@ pub struct Server {
     pub data_dir: PathBuf,
     /// Whether dropping this server removes its data directory.
     owns_dir: bool,
+    /// The newest lines of its log (at most `LOG_LINES`).
+    log: Arc<Mutex<VecDeque<String>>>,
 }
+
+const LOG_LINES: usize = 1000;
 
 /// A fresh, empty directory for a server's data (not removed automatically).
 pub fn fresh_dir() -> PathBuf {
@@ -74,8 +79,17 @@ impl Server {
             .expect("spawn arbiter");
         let stderr = child.stderr.take().expect("piped stderr");
         let (tx, rx) = mpsc::channel();
+        let log = Arc::new(Mutex::new(VecDeque::new()));
+        let kept = log.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                {
+                    let mut kept = kept.lock().unwrap_or_else(|e| e.into_inner());
+                    if kept.len() == LOG_LINES {
+                        kept.pop_front();
+                    }
+                    kept.push_back(line.clone());
+                }
                 if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
                     if v["fields"]["message"] == "arbiter serving" {
                         let addr = |k: &str| {
@@ -104,7 +118,14 @@ impl Server {
             metrics,
             data_dir,
             owns_dir: false,
+            log,
         }
+    }
+
+    /// The newest lines it logged.
+    pub fn log(&self) -> Vec<String> {
+        let log = self.log.lock().unwrap_or_else(|e| e.into_inner());
+        log.iter().cloned().collect()
     }
 
     pub async fn channel(&self) -> Channel {
