@@ -3,49 +3,139 @@
 //! The engine never reads a clock: every command carries `now_ms`. Only the
 //! node stamps commands, through this trait, so tests drive time with
 //! [`ManualClock`] instead of sleeping.
+//!
+//! A clock has two readings. The wall clock (`now_ms`) is read once, when a
+//! node starts, and used only if it has applied no time from the log yet;
+//! the node advances time with the monotonic reading (`mono_ms`), which no
+//! clock step moves (see `node::timekeeping`).
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::OnceLock;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-/// Milliseconds since the Unix epoch. Fixed windows align to the epoch, so
-/// this is wall-clock time; the node makes it monotonic before use.
 pub trait Clock: Send + Sync + 'static {
+    /// Wall-clock milliseconds since the Unix epoch (fixed windows align to
+    /// the epoch). May step forward or back.
     fn now_ms(&self) -> u64;
+    /// Milliseconds on a monotonic clock: never steps, only advances.
+    fn mono_ms(&self) -> u64;
 }
 
-/// The system's wall clock.
+/// Milliseconds since this process first asked.
+fn process_mono_ms() -> u64 {
+    static ORIGIN: OnceLock<Instant> = OnceLock::new();
+    ORIGIN.get_or_init(Instant::now).elapsed().as_millis() as u64
+}
+
+fn system_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The system's clocks.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct SystemClock;
 
 impl Clock for SystemClock {
     fn now_ms(&self) -> u64 {
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0)
+        system_ms()
+    }
+
+    fn mono_ms(&self) -> u64 {
+        process_mono_ms()
     }
 }
 
-/// A clock that moves only when told to.
+/// A clock that moves only when told to. [`ManualClock::advance`] moves
+/// both readings (time passing); [`ManualClock::set`] moves only the wall
+/// clock (a step).
 #[derive(Debug, Default)]
-pub struct ManualClock(AtomicU64);
+pub struct ManualClock {
+    wall: AtomicU64,
+    mono: AtomicU64,
+}
 
 impl ManualClock {
     pub fn new(start_ms: u64) -> Self {
-        Self(AtomicU64::new(start_ms))
+        Self {
+            wall: AtomicU64::new(start_ms),
+            mono: AtomicU64::new(0),
+        }
     }
 
     pub fn advance(&self, ms: u64) {
-        self.0.fetch_add(ms, Ordering::SeqCst);
+        self.wall.fetch_add(ms, Ordering::SeqCst);
+        self.mono.fetch_add(ms, Ordering::SeqCst);
     }
 
     pub fn set(&self, ms: u64) {
-        self.0.store(ms, Ordering::SeqCst);
+        self.wall.store(ms, Ordering::SeqCst);
     }
 }
 
 impl Clock for ManualClock {
     fn now_ms(&self) -> u64 {
-        self.0.load(Ordering::SeqCst)
+        self.wall.load(Ordering::SeqCst)
+    }
+
+    fn mono_ms(&self) -> u64 {
+        self.mono.load(Ordering::SeqCst)
+    }
+}
+
+/// The system clock with its wall reading shifted by an offset (signed ms)
+/// read from a file, re-read every 10 ms: a test-only way to skew or step
+/// one process's wall clock (`ARBITER_TEST_CLOCK_FILE`). A missing or
+/// unreadable file means no offset.
+#[derive(Debug)]
+pub struct FileOffsetClock {
+    path: PathBuf,
+    offset: AtomicI64,
+    read_at: AtomicU64,
+}
+
+impl FileOffsetClock {
+    pub fn new(path: PathBuf) -> Self {
+        let clock = Self {
+            path,
+            offset: AtomicI64::new(0),
+            read_at: AtomicU64::new(0),
+        };
+        clock.reread();
+        clock
+    }
+
+    fn reread(&self) {
+        let offset = std::fs::read_to_string(&self.path)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0);
+        self.offset.store(offset, Ordering::Relaxed);
+        self.read_at.store(process_mono_ms(), Ordering::Relaxed);
+    }
+}
+
+impl Clock for FileOffsetClock {
+    fn now_ms(&self) -> u64 {
+        if process_mono_ms().saturating_sub(self.read_at.load(Ordering::Relaxed)) >= 10 {
+            self.reread();
+        }
+        system_ms().saturating_add_signed(self.offset.load(Ordering::Relaxed))
+    }
+
+    fn mono_ms(&self) -> u64 {
+        process_mono_ms()
+    }
+}
+
+/// The clock a server runs on: the system's, unless the test-only
+/// `ARBITER_TEST_CLOCK_FILE` names an offset file.
+pub fn from_env() -> std::sync::Arc<dyn Clock> {
+    match std::env::var_os("ARBITER_TEST_CLOCK_FILE") {
+        Some(path) => std::sync::Arc::new(FileOffsetClock::new(path.into())),
+        None => std::sync::Arc::new(SystemClock),
     }
 }

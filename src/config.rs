@@ -60,6 +60,14 @@ pub struct Config {
     #[arg(long, env = "ARBITER_LEADER_WAIT_MS", default_value_t = 3000)]
     pub leader_wait_ms: u64,
 
+    /// The most the members' wall clocks may differ by. A node that has
+    /// applied nothing yet (the first leader of a new cluster) starts the
+    /// replicated timeline this far behind its wall clock, so a clock ahead
+    /// by up to this much never makes a lease or lock lapse early (see
+    /// "Guarantees" in the README).
+    #[arg(long, env = "ARBITER_MAX_CLOCK_SKEW_MS", default_value_t = 1000)]
+    pub max_clock_skew_ms: u64,
+
     /// Where state is kept. Created at start-up.
     #[arg(long, env = "ARBITER_DATA_DIR", default_value = "./data")]
     pub data_dir: PathBuf,
@@ -199,6 +207,8 @@ impl Config {
             metrics_listen: "127.0.0.1:0".parse().expect("literal address"),
             peer_listen: "127.0.0.1:0".parse().expect("literal address"),
             data_dir,
+            // The manual clock of in-process tests is the only clock.
+            max_clock_skew_ms: 0,
             ..Self::default()
         }
     }

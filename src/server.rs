@@ -135,6 +135,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Started, Ser
         limit_sweep: Duration::from_millis(config.sweep_interval_ms.max(1)),
         clock,
         watch_limits: config.watch_limits(),
+        max_clock_skew_ms: config.max_clock_skew_ms,
     })
     .await?;
 
@@ -256,6 +257,11 @@ impl Started {
                     health
                         .set_service_status(*name, tonic_health::ServingStatus::NotServing)
                         .await;
+                }
+                // A leader hands over first: its calls in flight and the
+                // ones still arriving go to the new leader.
+                if let Some(new_leader) = node.hand_over().await {
+                    tracing::info!(new_leader, "leadership handed over");
                 }
                 node.begin_shutdown();
             }

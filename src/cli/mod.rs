@@ -6,7 +6,6 @@ mod commands;
 mod parse;
 
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
@@ -256,12 +255,7 @@ pub async fn run(cli: Cli) -> ExitCode {
     let result = match cli.command {
         Cmd::Serve(config) => {
             init_logging(&config);
-            return match crate::server::run(
-                *config,
-                Arc::new(crate::clock::SystemClock),
-                termination(),
-            )
-            .await
+            return match crate::server::run(*config, crate::clock::from_env(), termination()).await
             {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

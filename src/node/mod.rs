@@ -22,7 +22,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,6 +32,7 @@ use tokio::sync::{watch, Notify};
 
 mod admission;
 mod election;
+mod handover;
 mod leadership;
 mod limit_sync;
 mod peer_service;
@@ -39,10 +40,12 @@ mod proposer;
 mod routing;
 mod sweeper;
 mod tasks;
+mod timekeeping;
 mod watch_fanout;
 
 pub use admission::{Admission, Identified, Identity, CLUSTER_HEADER};
 pub use election::{PreVoteRequest, PreVoteResponse};
+pub use handover::TakeOver;
 pub use leadership::{report_readiness, READY_SERVICES};
 pub use peer_service::PeerService;
 pub use routing::{
@@ -59,6 +62,7 @@ use crate::raft::{NodeId, TypeConfig};
 use crate::storage::{SnapshotDir, Store};
 use proposer::Proposal;
 use tasks::Tasks;
+use timekeeping::Timekeeper;
 use watch_fanout::Watchers;
 
 /// Raft election timeout bounds, in ms. A new leader extends every lease by
@@ -110,6 +114,8 @@ pub struct Options {
     pub clock: Arc<dyn Clock>,
     /// How many lease watches are served at once.
     pub watch_limits: WatchLimits,
+    /// The most the members' wall clocks may differ by.
+    pub max_clock_skew_ms: u64,
 }
 
 /// Why the node could not start.
@@ -151,8 +157,8 @@ pub struct Node {
     /// When (the lease's monotonic ms) this node last heard from a leader
     /// (see `election`).
     leader_contact: AtomicU64,
-    clock: Arc<dyn Clock>,
-    last_now: AtomicU64,
+    /// The replicated clock (see `timekeeping`).
+    time: Arc<Timekeeper>,
     watchers: Watchers,
     /// Wakes the sweeper when a write set a deadline earlier than the one it
     /// sleeps until (`sweep_at`).
@@ -169,6 +175,8 @@ pub struct Node {
     cluster: admission::ClusterId,
     /// The members given at start-up, with their peer addresses.
     initial_peers: BTreeMap<NodeId, String>,
+    /// Set by a leader handing over on shutdown: it serves no more calls.
+    stepping_down: std::sync::atomic::AtomicBool,
 }
 
 /// A process-unique id (time and pid mixed), distinct across restarts.
@@ -197,6 +205,7 @@ impl Node {
             limit_sweep,
             clock,
             watch_limits,
+            max_clock_skew_ms,
         } = options;
         let store = Store::open(&data_dir)?;
         let snapshots = SnapshotDir::open(&data_dir)?;
@@ -215,9 +224,13 @@ impl Node {
         }
         let engine = Arc::new(Engine::new(engine));
         let watchers = Watchers::new(watch_limits);
-        let observer: Observer = {
-            let watchers = watchers.clone();
-            Arc::new(move |events: &[LeaseEvent]| watchers.publish(events))
+        let time = Arc::new(Timekeeper::new(clock, max_clock_skew_ms));
+        let observer = {
+            let (watchers, time) = (watchers.clone(), time.clone());
+            Observer {
+                lease_events: Arc::new(move |events: &[LeaseEvent]| watchers.publish(events)),
+                applied_time: Arc::new(move |now_ms| time.observe(now_ms)),
+            }
         };
         let boot_id = boot_id();
         let sm = StateMachine::open(engine.clone(), store.clone(), snapshots, observer, boot_id)?;
@@ -269,8 +282,7 @@ impl Node {
             lease,
             store,
             leader_contact: AtomicU64::new(0),
-            clock,
-            last_now: AtomicU64::new(0),
+            time,
             watchers,
             deadlines_changed: Notify::new(),
             sweep_at: AtomicU64::new(u64::MAX),
@@ -280,6 +292,7 @@ impl Node {
             admission: watch::channel(admission).0,
             cluster,
             initial_peers: membership.peers.clone(),
+            stepping_down: std::sync::atomic::AtomicBool::new(false),
         });
         if !has_state {
             if node.initial_peers.len() <= 1 {
@@ -349,12 +362,11 @@ impl Node {
             .collect()
     }
 
-    /// The command time: the clock, but never earlier than a time already
-    /// handed out. (The state machine also never lets time run backwards,
-    /// whatever order concurrent proposals reach the log in.)
+    /// The command time (see `timekeeping`): monotonic, never behind a
+    /// time already applied. (The state machine also never lets time run
+    /// backwards, whatever order concurrent proposals reach the log in.)
     pub fn now_ms(&self) -> u64 {
-        let t = self.clock.now_ms();
-        self.last_now.fetch_max(t, Ordering::AcqRel).max(t)
+        self.time.now_ms()
     }
 
     /// Runs `task` until the node stops, which waits for it (see

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use openraft::raft::VoteRequest;
 use tonic::{Request, Response, Status};
 
-use super::{Admission, Call, Node, PreVoteRequest, PreVoteResponse, CLUSTER_HEADER};
+use super::{Admission, Call, Node, PreVoteRequest, PreVoteResponse, TakeOver, CLUSTER_HEADER};
 use crate::proto::raft_peer_server::RaftPeer;
 use crate::proto::PeerMessage;
 use crate::raft::network::{decode, decode_append, decode_snapshot, encode};
@@ -101,6 +101,19 @@ impl RaftPeer for PeerService {
         let call: Call = decode(request.get_ref()).map_err(bad)?;
         // Served here only if this node leads; otherwise the sender routes again.
         Ok(Response::new(self.0.serve_forwarded(call).await))
+    }
+
+    async fn take_over(
+        &self,
+        request: Request<PeerMessage>,
+    ) -> Result<Response<PeerMessage>, Status> {
+        self.admit(&request)?;
+        let ask: TakeOver = decode(request.get_ref()).map_err(bad)?;
+        self.0
+            .take_over(ask)
+            .await
+            .map_err(Status::failed_precondition)?;
+        Ok(Response::new(encode(&())))
     }
 
     async fn identify(

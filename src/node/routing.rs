@@ -236,6 +236,8 @@ impl Node {
         loop {
             let leader = server.borrow_and_update().current_leader;
             let result = match leader {
+                // Shutting down after handing over: wait for the next leader.
+                Some(l) if l == self.id && self.stepping_down() => Err(NodeError::NotLeader),
                 Some(l) if l == self.id => self.serve_bounded(op.clone()).await,
                 Some(l) => self.forward::<O>(l, op.clone().into()).await,
                 None => Err(NodeError::NotLeader),
@@ -337,6 +339,9 @@ impl Node {
     /// to have a majority after all), so the caller is told its outcome is
     /// unknown.
     async fn serve_bounded<O: Operation>(&self, op: O) -> Result<O::Output, NodeError> {
+        if self.stepping_down() {
+            return Err(NodeError::NotLeader);
+        }
         match tokio::time::timeout(self.leader_wait, op.serve(self)).await {
             Ok(result) => result,
             Err(_) => Err(NodeError::Unavailable(format!(
@@ -372,6 +377,7 @@ impl Node {
     fn may_decide(&self) -> bool {
         let (term, leading) = self.term_and_leading();
         leading
+            && !self.stepping_down()
             && self.ready_term.load(std::sync::atomic::Ordering::Acquire) == term
             && self.lease.holds(term)
     }

@@ -22,8 +22,26 @@ use super::{Entry, LogId, Response, SnapshotMeta, StorageError, StoredMembership
 use crate::engine::{self, Engine, LeaseEvent};
 use crate::storage::{SnapshotDir, SnapshotFile, Store};
 
-/// Receives the lease changes each applied entry caused.
-pub type Observer = Arc<dyn Fn(&[LeaseEvent]) + Send + Sync>;
+/// Told what applying entries did: the lease changes each caused (for
+/// watchers), and the time each was stamped with (for the node's clock).
+#[derive(Clone)]
+pub struct Observer {
+    pub lease_events: LeaseEvents,
+    pub applied_time: Arc<dyn Fn(u64) + Send + Sync>,
+}
+
+/// Receives the lease changes an applied entry caused.
+pub type LeaseEvents = Arc<dyn Fn(&[LeaseEvent]) + Send + Sync>;
+
+impl Observer {
+    /// One that ignores everything (for tests of storage alone).
+    pub fn none() -> Self {
+        Self {
+            lease_events: Arc::new(|_| {}),
+            applied_time: Arc::new(|_| {}),
+        }
+    }
+}
 
 /// A snapshot as earlier releases wrote it (one JSON document), read from
 /// their data directories and from their leaders.
@@ -147,6 +165,7 @@ impl StateMachine {
         self.last_applied = header.meta.last_log_id;
         self.membership = header.meta.last_membership.clone();
         self.last_now = header.last_now_ms;
+        (self.observer.applied_time)(header.last_now_ms);
     }
 }
 
@@ -229,11 +248,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 }
                 EntryPayload::Normal(req) => {
                     self.last_now = self.last_now.max(req.now_ms);
+                    (self.observer.applied_time)(self.last_now);
                     let mut outcomes = Vec::with_capacity(req.commands.len());
                     for command in req.commands {
                         outcomes.push(self.engine.apply(command, self.last_now).map(|applied| {
                             if !applied.events.is_empty() {
-                                (self.observer)(&applied.events);
+                                (self.observer.lease_events)(&applied.events);
                             }
                             applied.outcome
                         }));
@@ -306,6 +326,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         .map_err(|e| sm_err(ErrorVerb::Write, e))?
         .map_err(|e| sm_err(ErrorVerb::Write, e))?;
         self.last_now = header.last_now_ms;
+        (self.observer.applied_time)(header.last_now_ms);
         // The sender's bookkeeping wins: it is what the snapshot covers.
         self.last_applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();

@@ -11,7 +11,7 @@ use super::writer::{from_tail, keep_recent};
 use super::*;
 use crate::engine::{Engine, EngineConfig};
 use crate::raft::codec::encode_entry;
-use crate::raft::state_machine::StateMachine;
+use crate::raft::state_machine::{Observer, StateMachine};
 
 /// Removes the store's directory when the suite is done with it.
 struct TempDir(PathBuf);
@@ -44,7 +44,7 @@ impl StoreBuilder<TypeConfig, Store, StateMachine, TempDir> for Builder {
         let store = Store::open(&dir.0).expect("open store");
         let engine = Arc::new(Engine::new(EngineConfig::default()));
         let snapshots = SnapshotDir::open(&dir.0).expect("open snapshot directory");
-        let sm = StateMachine::open(engine, store.clone(), snapshots, Arc::new(|_: &[_]| {}), 1)?;
+        let sm = StateMachine::open(engine, store.clone(), snapshots, Observer::none(), 1)?;
         Ok((dir, store, sm))
     }
 }
@@ -243,8 +243,7 @@ async fn a_json_snapshot_from_an_earlier_leader_is_installed_and_rewritten() {
     let store = Store::open(&dir.0).unwrap();
     let engine = Arc::new(Engine::new(EngineConfig::default()));
     let snapshots = SnapshotDir::open(&dir.0).unwrap();
-    let observer = Arc::new(|_: &[_]| {});
-    let mut sm = StateMachine::open(engine.clone(), store, snapshots, observer, 1).unwrap();
+    let mut sm = StateMachine::open(engine.clone(), store, snapshots, Observer::none(), 1).unwrap();
     let mut file = sm.begin_receiving_snapshot().await.unwrap();
     file.write_all(&serde_json::to_vec(&json).unwrap())
         .await

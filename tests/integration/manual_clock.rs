@@ -159,3 +159,37 @@ async fn denied_calls_are_admitted_exactly_at_retry_after() {
     }
     server.stop().await;
 }
+
+/// The wall clock stepping forward or back under a running node moves no
+/// deadline: time advances by the monotonic clock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wall_clock_steps_move_no_lease_deadline() {
+    let server = InProcess::start().await;
+    let mut c = LeasesClient::new(server.channel().await);
+    c.acquire(acquire("steady", "a", 10_000)).await.unwrap();
+    let remaining = |mut c: LeasesClient<_>| async move {
+        c.get(GetLeaseRequest {
+            name: "steady".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .lease
+        .map(|l| l.remaining_ms)
+    };
+    server.step_wall_clock(3_600_000);
+    assert_eq!(
+        remaining(c.clone()).await,
+        Some(10_000),
+        "a step forward ends nothing"
+    );
+    server.step_wall_clock(-7_200_000);
+    server.advance(4_000);
+    assert_eq!(
+        remaining(c.clone()).await,
+        Some(6_000),
+        "a step back stops nothing"
+    );
+    server.advance(6_000);
+    assert_eq!(remaining(c.clone()).await, None, "lapsed at its ttl");
+}

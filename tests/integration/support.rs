@@ -53,6 +53,21 @@ impl Server {
 
     /// Starts a server on `data_dir` (which it leaves in place on drop).
     pub fn start_in(data_dir: &std::path::Path, extra: &[&str]) -> Server {
+        Self::start_with_env(data_dir, extra, &[])
+    }
+
+    /// As [`Server::start_in`], its wall clock shifted by the offset in
+    /// `clock_file` (a test-only hook, `ARBITER_TEST_CLOCK_FILE`).
+    pub fn start_with_clock(
+        data_dir: &std::path::Path,
+        extra: &[&str],
+        clock_file: &std::path::Path,
+    ) -> Server {
+        let file = clock_file.to_string_lossy();
+        Self::start_with_env(data_dir, extra, &[("ARBITER_TEST_CLOCK_FILE", &file)])
+    }
+
+    fn start_with_env(data_dir: &std::path::Path, extra: &[&str], env: &[(&str, &str)]) -> Server {
         let data_dir = data_dir.to_path_buf();
         let mut child = Command::new(env!("CARGO_BIN_EXE_arbiter"))
             .arg("serve")
@@ -73,6 +88,7 @@ impl Server {
                 &["--peer-listen", "127.0.0.1:0"][..]
             })
             .env_remove("ARBITER_LISTEN")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -302,6 +318,13 @@ impl InProcess {
 
     pub fn advance(&self, ms: u64) {
         self.clock.advance(ms);
+    }
+
+    /// Steps the wall clock (as NTP or an operator might) without time
+    /// passing.
+    pub fn step_wall_clock(&self, by_ms: i64) {
+        let now = arbiter::clock::Clock::now_ms(&*self.clock);
+        self.clock.set(now.saturating_add_signed(by_ms));
     }
 
     pub async fn channel(&self) -> Channel {
