@@ -50,6 +50,17 @@ wait_leader() { # client port
   echo "no leader" >&2; exit 1
 }
 
+voters() { # client port -> how many members are voters
+  "$BIN" cluster status --server "http://127.0.0.1:$1" 2>/dev/null | grep -c ' voter' || true
+}
+wait_voters() { # client port, count: a new cluster adds its members as voters one by one
+  for _ in $(seq 200); do
+    [ "$(voters "$1")" = "$2" ] && return
+    sleep 0.05
+  done
+  echo "not $2 voters" >&2; exit 1
+}
+
 run() { # label target workload
   $BENCH --target "$2" --workload "$3" --duration "$DURATION" --warmup "$WARMUP" --inflight "$INFLIGHT" \
     --connections 2 --keys 10000 --json | sed "s/^/$1 /" >>"$work/results"
@@ -69,6 +80,7 @@ peers=""
 for i in 1 2 3; do C[$i]=$(port); P[$i]=$(port); peers+="$i=127.0.0.1:${P[$i]},"; done
 peers=${peers%,}
 for i in 1 2 3; do start "n$i" "$i" "$peers" "${C[$i]}" "${P[$i]}"; done
+wait_voters "${C[1]}" 3
 leader=$(wait_leader "${C[1]}")
 run "3-node lease (via leader)" "127.0.0.1:${C[$leader]}" lease
 run "3-node idem (via leader)" "127.0.0.1:${C[$leader]}" idem

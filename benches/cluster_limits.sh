@@ -40,6 +40,17 @@ port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0));
 field() { # client port, field name -> value from `cluster status`
   "$BIN" cluster status --server "http://127.0.0.1:$1" 2>/dev/null | sed -n "s/.*$2=\([0-9]*\).*/\1/p" | head -1
 }
+voters() { # client port -> how many members are voters
+  "$BIN" cluster status --server "http://127.0.0.1:$1" 2>/dev/null | grep -c ' voter' || true
+}
+wait_voters() { # client port, count: a new cluster adds its members as voters one by one
+  for _ in $(seq 200); do
+    [ "$(voters "$1")" = "$2" ] && return
+    sleep 0.05
+  done
+  echo "not $2 voters" >&2; exit 1
+}
+
 wait_leader() { # client port
   for _ in $(seq 200); do
     l=$(field "$1" leader); [ -n "$l" ] && { echo "$l"; return; }
@@ -58,6 +69,7 @@ for i in 1 2 3; do
     2>"$work/n$i.log" &
   PIDS[n$i]=$!
 done
+wait_voters "${C[1]}" 3
 leader=$(wait_leader "${C[1]}")
 follower=$(( leader % 3 + 1 ))
 echo "leader: node $leader; follower used: node $follower" >&2

@@ -64,6 +64,11 @@ for i in 1 2 3; do start "$i" "$peers"; done
 leader=""
 for _ in $(seq 200); do leader=$(field "${C[1]}" leader); [ -n "$leader" ] && break; sleep 0.05; done
 [ -n "$leader" ] || { echo "no leader" >&2; exit 1; }
+# A new cluster adds its members as voters one by one: wait for all three.
+for _ in $(seq 200); do
+  [ "$("$BIN" cluster status --server "http://127.0.0.1:${C[1]}" 2>/dev/null | grep -c ' voter')" = 3 ] && break
+  sleep 0.05
+done
 lagger=$(( leader % 3 + 1 ))
 kill -9 "${PIDS[n$lagger]}"; unset "PIDS[n$lagger]"
 echo "leader: node $leader; killed: node $lagger" >&2

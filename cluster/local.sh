@@ -38,12 +38,15 @@ up() {
     echo "node $i: client 127.0.0.1:$((BASE_CLIENT + i)), log $DIR/node-$i.log"
   done
   for _ in $(seq 100); do
-    if "$BIN" cluster status --server "http://127.0.0.1:$((BASE_CLIENT + 1))" 2>/dev/null | grep -q 'leader=[0-9]'; then
+    # Formed: a leader, and every member a voter (a new cluster adds them
+    # one by one as they catch up).
+    st=$("$BIN" cluster status --server "http://127.0.0.1:$((BASE_CLIENT + 1))" 2>/dev/null || true)
+    if echo "$st" | grep -q 'leader=[0-9]' && [ "$(echo "$st" | grep -c ' voter')" = 3 ]; then
       status; return
     fi
     sleep 0.1
   done
-  echo "no leader after 10 s; see $DIR/node-*.log" >&2; exit 1
+  echo "not formed after 10 s; see $DIR/node-*.log" >&2; exit 1
 }
 
 status() { "$BIN" cluster status --server "http://127.0.0.1:$((BASE_CLIENT + 1))"; }

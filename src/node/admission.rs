@@ -292,58 +292,66 @@ impl Node {
         Ok(())
     }
 
-    /// Adds the other initial members, one at a time: as a learner, then,
-    /// once it has everything up to that change, as a voter. Retries until
-    /// done or this node stops leading (the rest are then added with
-    /// `arbiter cluster add`, as the log says).
+    /// Adds the other initial members: each as a learner, then, once it
+    /// has replicated up to the membership change that added it, as a
+    /// voter. Checks every 100 ms (a member that is not up yet holds back
+    /// no other) until all are voters, or this node stops leading (the rest
+    /// are then added with `arbiter cluster add`, as the log says).
     async fn add_initial_members(self: Arc<Self>) {
-        let others: Vec<(NodeId, String)> = self
-            .initial_peers
-            .iter()
-            .filter(|(id, _)| **id != self.id)
-            .map(|(id, addr)| (*id, addr.clone()))
-            .collect();
-        let mut metrics = self.raft.metrics();
-        for (id, addr) in others {
-            loop {
-                let leading = self.is_leader();
-                if !leading && self.voters().len() > 1 {
-                    tracing::warn!(node = id, "no longer leading: add the remaining initial members with `arbiter cluster add`");
-                    return;
+        loop {
+            let voters = self.voters();
+            let pending: Vec<(NodeId, String)> = self
+                .initial_peers
+                .iter()
+                .filter(|(id, _)| !voters.contains(id))
+                .map(|(id, addr)| (*id, addr.clone()))
+                .collect();
+            if pending.is_empty() {
+                return;
+            }
+            if self.is_leader() {
+                self.add_step(pending).await;
+            } else if voters.len() > 1 {
+                tracing::warn!(
+                    "no longer leading: add the remaining initial members with `arbiter cluster add`"
+                );
+                return;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                _ = self.tasks.stopping() => return,
+            }
+        }
+    }
+
+    /// One step for each member not yet a voter: add it as a learner, or
+    /// make a caught-up learner a voter. Refusals (another change still in
+    /// progress) are retried on the next step.
+    async fn add_step(&self, pending: Vec<(NodeId, String)>) {
+        let m = self.raft.metrics().borrow().clone();
+        let config = m.membership_config.membership();
+        let change_index = m.membership_config.log_id().map(|l| l.index);
+        for (id, addr) in pending {
+            if config.get_node(&id).is_none() {
+                let _ = self
+                    .raft
+                    .add_learner(id, BasicNode::new(&addr), false)
+                    .await;
+                continue;
+            }
+            let matched = m
+                .replication
+                .as_ref()
+                .and_then(|r| r.get(&id).copied().flatten())
+                .map(|l| l.index);
+            if matched.is_some() && matched >= change_index {
+                let mut voters = self.voters();
+                voters.insert(id);
+                if self.raft.change_membership(voters, false).await.is_ok() {
+                    tracing::info!(node = id, "initial member joined as a voter");
                 }
-                let added = if leading {
-                    self.raft
-                        .add_learner(id, BasicNode::new(&addr), false)
-                        .await
-                        .ok()
-                } else {
-                    None
-                };
-                if let Some(added) = added {
-                    // Caught up to the change that added it: promote it.
-                    let caught_up = metrics.wait_for(|m| {
-                        m.replication
-                            .as_ref()
-                            .is_some_and(|r| r.get(&id).copied().flatten() >= Some(added.log_id))
-                    });
-                    let stopped = tokio::select! {
-                        r = caught_up => r.is_err(),
-                        _ = self.tasks.stopping() => true,
-                    };
-                    if stopped {
-                        return;
-                    }
-                    let mut voters = self.voters();
-                    voters.insert(id);
-                    if self.raft.change_membership(voters, false).await.is_ok() {
-                        tracing::info!(node = id, "initial member joined as a voter");
-                        break;
-                    }
-                }
-                tokio::select! {
-                    _ = tokio::time::sleep(ASK_EVERY) => {}
-                    _ = self.tasks.stopping() => return,
-                }
+                // One change at a time: the next waits for this one.
+                return;
             }
         }
     }

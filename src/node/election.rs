@@ -61,7 +61,7 @@ pub struct PreVoteResponse {
 impl Node {
     /// Milliseconds on this process's monotonic clock (the one the leader
     /// lease is timed on).
-    fn mono_ms(&self) -> u64 {
+    pub(super) fn mono_ms(&self) -> u64 {
         self.lease.now_ms()
     }
 
@@ -215,7 +215,7 @@ impl Node {
                 self.heard_from_leader();
                 continue;
             }
-            if !voters.contains(&self.id) || !self.admitted() {
+            if !voters.contains(&self.id) || !self.admitted() || self.stepping_down() {
                 // A learner, or a node not yet in any membership, must not
                 // start an election (but may be asked to help with one).
                 continue;

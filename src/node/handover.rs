@@ -23,6 +23,11 @@ use crate::raft::NodeId;
 /// How long the old leader waits for the new one before shutting down.
 const HAND_OVER_WAIT: Duration = Duration::from_secs(2);
 
+/// openraft refuses to vote for anyone else for this long after a node's
+/// own vote last changed (for a leader: its election), so a leader younger
+/// than this waits until it is this old before handing over.
+const VOTE_LEASE_MS: u64 = super::ELECTION_TIMEOUT_MAX_MS + 50;
+
 /// `TakeOver`: the leader of `term` asks the receiver to stand at once.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct TakeOver {
@@ -31,6 +36,16 @@ pub struct TakeOver {
 }
 
 impl Node {
+    /// Notes when this node became leader of its current term (called on
+    /// every change of the server metrics).
+    pub(super) fn note_leadership(&self) {
+        let (term, leading) = self.term_and_leading();
+        let mut since = self.leading_since.lock().unwrap_or_else(|e| e.into_inner());
+        if leading && since.0 != term {
+            *since = (term, self.mono_ms());
+        }
+    }
+
     /// Whether this node, shutting down, has stopped serving as leader.
     pub fn stepping_down(&self) -> bool {
         self.stepping_down
@@ -71,6 +86,19 @@ impl Node {
                 .is_some_and(|r| r.get(&successor).copied().flatten().map(|l| l.index) >= last)
         });
         let _ = tokio::time::timeout(Duration::from_millis(500), caught_up).await;
+        // A leader elected moments ago would refuse the successor its vote.
+        let elected_at = {
+            let since = self.leading_since.lock().unwrap_or_else(|e| e.into_inner());
+            if since.0 == term {
+                since.1
+            } else {
+                self.mono_ms()
+            }
+        };
+        let age = self.mono_ms().saturating_sub(elected_at);
+        if age < VOTE_LEASE_MS {
+            tokio::time::sleep(Duration::from_millis(VOTE_LEASE_MS - age)).await;
+        }
         let ask = TakeOver {
             leader: self.id,
             term,

@@ -46,6 +46,7 @@ impl Node {
         let mut server = self.server.clone();
         loop {
             self.lease.set_voters(self.id, self.voters());
+            self.note_leadership();
             tokio::select! {
                 r = server.changed() => if r.is_err() { return },
                 _ = self.tasks.stopping() => return,

@@ -177,6 +177,8 @@ pub struct Node {
     initial_peers: BTreeMap<NodeId, String>,
     /// Set by a leader handing over on shutdown: it serves no more calls.
     stepping_down: std::sync::atomic::AtomicBool,
+    /// The term this node last led and when (monotonic ms) it began to.
+    leading_since: std::sync::Mutex<(u64, u64)>,
 }
 
 /// A process-unique id (time and pid mixed), distinct across restarts.
@@ -293,6 +295,7 @@ impl Node {
             cluster,
             initial_peers: membership.peers.clone(),
             stepping_down: std::sync::atomic::AtomicBool::new(false),
+            leading_since: std::sync::Mutex::new((0, 0)),
         });
         if !has_state {
             if node.initial_peers.len() <= 1 {
