@@ -10,10 +10,12 @@
 //! - [`node`]: one file per job: routing of typed operations to the leader
 //!   (and serving what peers send), the write proposer, leadership,
 //!   elections behind a pre-vote, sweeps, the rate-limit sync, lease
-//!   watchers, and the background tasks it owns and joins.
+//!   watchers, admission of an empty node, the hand-over on shutdown, the
+//!   replicated clock, and the background tasks it owns and joins.
 //! - [`raft`]: openraft types, the state machine, the binary log codec
-//!   (and the reader of the earlier JSON format), the peer network and the
-//!   leader lease; [`storage`]: the redb log store.
+//!   (and the reader of the earlier JSON format), the snapshot format, the
+//!   peer network and the leader lease; [`storage`]: the redb log store and
+//!   the snapshot files.
 //! - [`api`]: one file per gRPC service, proto⇄domain conversion with input
 //!   validation, the single engine-error → status mapping, and the per-RPC
 //!   metrics and tracing layer.

@@ -144,7 +144,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Started, Ser
     let peer_server = tokio::spawn(
         Server::builder()
             .add_service(
-                RaftPeerServer::new(PeerService(node.clone()))
+                RaftPeerServer::new(PeerService::new(node.clone()))
                     .max_decoding_message_size(PEER_MESSAGE_LIMIT)
                     .max_encoding_message_size(PEER_MESSAGE_LIMIT),
             )

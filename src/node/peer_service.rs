@@ -1,6 +1,7 @@
 //! `arbiter.v1.RaftPeer`: the receiving end of the peer network (Raft
 //! traffic and pre-votes), and of calls forwarded by followers.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use openraft::raft::VoteRequest;
@@ -12,7 +13,16 @@ use crate::proto::PeerMessage;
 use crate::raft::network::{decode, decode_append, decode_snapshot, encode};
 use crate::raft::NodeId;
 
-pub struct PeerService(pub Arc<Node>);
+pub struct PeerService(pub Arc<Node>, AtomicU64);
+
+/// How often a refused message of another cluster is logged, at most.
+const FOREIGN_WARN_EVERY_MS: u64 = 10_000;
+
+impl PeerService {
+    pub fn new(node: Arc<Node>) -> Self {
+        Self(node, AtomicU64::new(0))
+    }
+}
 
 fn bad(e: serde_json::Error) -> Status {
     Status::invalid_argument(format!("undecodable peer message: {e}"))
@@ -38,7 +48,14 @@ impl PeerService {
             .get(CLUSTER_HEADER)
             .and_then(|v| v.to_str().ok());
         node.check_cluster(sender).map_err(|why| {
-            tracing::warn!("{why}");
+            // Every heartbeat of the other cluster lands here: say it once
+            // in a while, not twenty times a second.
+            let now = node.mono_ms();
+            let last = self.1.load(Ordering::Relaxed);
+            if last == 0 || now.saturating_sub(last) >= FOREIGN_WARN_EVERY_MS {
+                self.1.store(now.max(1), Ordering::Relaxed);
+                tracing::warn!("{why}");
+            }
             Status::failed_precondition(why)
         })
     }
