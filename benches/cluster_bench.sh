@@ -14,51 +14,15 @@ WARMUP=${WARMUP:-2}
 TRIALS=${TRIALS:-10}
 INFLIGHT=${INFLIGHT:-50}
 
-cargo build --release -j2 -p arbiter -p arbiter-bench >&2
-# BIN=path runs another build of the server (e.g. an older commit's, to compare).
-BIN=${BIN:-target/release/arbiter}
-BENCH=target/release/arbiter-bench
-work=$(mktemp -d)
-declare -A PIDS
-cleanup() {
-  for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  # The nodes' logs stay for a look afterwards.
-  mkdir -p target/cluster_bench && cp "$work"/*.log target/cluster_bench/ 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
-
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+BENCH_NAME=cluster_bench
+# shellcheck source=benches/lib.sh
+. benches/lib.sh
 
 # start NAME ID PEERS CLIENT PEER
 start() {
   "$BIN" serve --node-id "$2" --peers "$3" --listen "127.0.0.1:$4" --peer-listen "127.0.0.1:$5" \
     --metrics-listen 127.0.0.1:0 --data-dir "$work/$1" 2>>"$work/$1.log" &
   PIDS[$1]=$!
-}
-
-leader_of() { # client port -> leader id (empty if none)
-  "$BIN" cluster status --server "http://127.0.0.1:$1" 2>/dev/null | sed -n 's/.*leader=\([0-9]*\).*/\1/p'  || true
-}
-
-wait_leader() { # client port
-  for _ in $(seq 200); do
-    l=$(leader_of "$1"); [ -n "$l" ] && { echo "$l"; return; }
-    sleep 0.05
-  done
-  echo "no leader" >&2; exit 1
-}
-
-voters() { # client port -> how many members are voters
-  "$BIN" cluster status --server "http://127.0.0.1:$1" 2>/dev/null | grep -c ' voter' || true
-}
-wait_voters() { # client port, count: a new cluster adds its members as voters one by one
-  for _ in $(seq 200); do
-    [ "$(voters "$1")" = "$2" ] && return
-    sleep 0.05
-  done
-  echo "not $2 voters" >&2; exit 1
 }
 
 run() { # label target workload
@@ -92,7 +56,7 @@ run "3-node lease (via follower)" "127.0.0.1:${C[$follower]}" lease
 for t in $(seq "$TRIALS"); do
   leader=$(wait_leader "${C[1]}" 2>/dev/null || wait_leader "${C[2]}")
   # Only the leader's own word counts (a restarted node may name a stale one).
-  for _ in $(seq 200); do [ "$(leader_of "${C[$leader]}")" = "$leader" ] && break; sleep 0.05
+  for _ in $(seq 200); do [ "$(field "${C[$leader]}" leader)" = "$leader" ] && break; sleep 0.05
     leader=$(wait_leader "${C[$(( leader % 3 + 1 ))]}"); done
   other=$(( leader % 3 + 1 ))
   kill -9 "${PIDS[n$leader]}"; wait "${PIDS[n$leader]}" 2>/dev/null || true
@@ -103,7 +67,7 @@ for t in $(seq "$TRIALS"); do
   echo "trial $t: killed node $leader at $(date -u -d @$((t0 / 1000000000)) +%T), $(( (t1 - t0) / 1000000 )) ms" >&2
   start "n$leader" "$leader" "$peers" "${C[$leader]}" "${P[$leader]}"
   # Wait until the restarted node follows a leader again.
-  for _ in $(seq 200); do [ -n "$(leader_of "${C[$leader]}")" ] && break; sleep 0.05; done
+  for _ in $(seq 200); do [ -n "$(field "${C[$leader]}" leader)" ] && break; sleep 0.05; done
 done
 
 python3 - "$work/results" "$work/failover" <<'PY'

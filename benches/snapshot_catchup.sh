@@ -21,23 +21,9 @@ KEYS=${KEYS:-1000000}
 LEASES=${LEASES:-100000}
 RECORDS=${RECORDS:-100000}
 
-cargo build --release -j2 -p arbiter -p arbiter-bench >&2
-BIN=target/release/arbiter
-BENCH=target/release/arbiter-bench
-work=$(mktemp -d)
-declare -A PIDS
-cleanup() {
-  for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  mkdir -p target/snapshot_catchup && cp "$work"/n*.log target/snapshot_catchup/ 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
-
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-field() { # client port, field name -> value from `cluster status`
-  "$BIN" cluster status --server "http://127.0.0.1:$1" 2>/dev/null | sed -n "s/.*$2=\([0-9]*\).*/\1/p" | head -1
-}
+BENCH_NAME=snapshot_catchup
+# shellcheck source=benches/lib.sh
+. benches/lib.sh
 live() { # node, kind -> arbiter_live_keys{kind} from its metrics
   python3 - "${M[$1]}" "$2" <<'PY' 2>/dev/null || echo 0
 import sys, urllib.request
@@ -64,11 +50,7 @@ for i in 1 2 3; do start "$i" "$peers"; done
 leader=""
 for _ in $(seq 200); do leader=$(field "${C[1]}" leader); [ -n "$leader" ] && break; sleep 0.05; done
 [ -n "$leader" ] || { echo "no leader" >&2; exit 1; }
-# A new cluster adds its members as voters one by one: wait for all three.
-for _ in $(seq 200); do
-  [ "$("$BIN" cluster status --server "http://127.0.0.1:${C[1]}" 2>/dev/null | grep -c ' voter')" = 3 ] && break
-  sleep 0.05
-done
+wait_voters "${C[1]}" 3
 lagger=$(( leader % 3 + 1 ))
 kill -9 "${PIDS[n$lagger]}"; unset "PIDS[n$lagger]"
 echo "leader: node $leader; killed: node $lagger" >&2

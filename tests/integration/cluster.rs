@@ -388,18 +388,16 @@ async fn leader_kill9_under_writes_loses_nothing_and_fails_over_quickly() {
             "{name} lost or changed after failover"
         );
     }
-    // The killed node rejoins.
+    // The killed node rejoins: its own applied state (what its Watch
+    // serves; a Get would be forwarded to the leader) has the write made
+    // while it was down, and its applied index reaches the leader's.
     cluster.start_node(leader);
-    let mut back = cluster.node(leader).leases().await;
-    let l = back
-        .get(GetLeaseRequest {
-            name: "after-kill".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .lease;
-    assert!(l.is_some());
+    wait_until_held_locally(cluster.node(leader), "after-kill").await;
+    let target = applied_index(cluster.node(survivors[0])).await.unwrap();
+    eventually("the rejoined node to apply up to the leader", || async {
+        (applied_index(cluster.node(leader)).await? >= target).then_some(())
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -676,9 +674,31 @@ async fn a_watch_on_a_follower_keeps_streaming_across_a_leader_change() {
         .unwrap()
         .into_inner();
     assert_eq!(next().await.kind(), Kind::Acquired);
+    let remaining = |mut l: arbiter::proto::leases_client::LeasesClient<
+        tonic::transport::Channel,
+    >| async move {
+        let r = l.get(GetLeaseRequest {
+            name: "watched".into(),
+        });
+        Some(r.await.ok()?.into_inner().lease?.remaining_ms)
+    };
+    let before = remaining(l.clone()).await.expect("held before the kill");
+    let read_before = Instant::now();
     cluster.kill9(leader);
-    // The lease survives the failover (extended, not expired), and a later
-    // change still reaches the same stream.
+    // The lease survives the failover: its remaining time is at least what
+    // it was less the time since (no early expiry), and at most that plus
+    // the new leader's extension (one election timeout).
+    let after = eventually("a read under the new leader", || remaining(l.clone())).await;
+    let elapsed = read_before.elapsed().as_millis() as u64;
+    assert!(
+        after + elapsed >= before,
+        "remaining {before} ms before, {after} ms after {elapsed} ms"
+    );
+    assert!(
+        after <= before + 400,
+        "remaining {before} ms before, {after} ms after"
+    );
+    // A later change still reaches the same stream.
     let renewed = eventually("a renewal under the new leader", || {
         let mut l = l.clone();
         let token = first.lease.as_ref().unwrap().fencing_token;
@@ -706,20 +726,8 @@ async fn scale_up_and_down_with_membership_changes() {
     let mut l = cluster.node(0).leases().await;
     l.acquire(acquire("before-join", "h")).await.unwrap();
     cluster.start_node(3);
-    let url = format!("http://{}", cluster.node(1).addr);
-    let cli = |args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_arbiter"))
-            .args(args)
-            .args(["--server", &url])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    // Through node 2 (a fixed member: node 4 joins and leaves).
+    let cli = |args: &[&str]| cli(cluster.node(1), args);
     let out = cli(&["cluster", "status"]);
     assert_eq!(out.matches(" voter").count(), 3, "{out}");
     let out = cli(&["cluster", "add", "4", &cluster.peer_addr(3)]);

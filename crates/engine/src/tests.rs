@@ -321,79 +321,143 @@ proptest! {
         }
     }
 
-    /// At most one holder per lease at any instant, and fencing tokens of
-    /// successive grants strictly increase.
+    /// Leases against a model of who holds each name until when: every
+    /// outcome is the one the model predicts (grants, renewals, releases,
+    /// refusals and "held by another" answers alike), a new grant's
+    /// fencing token is above every token before it (across names), and a
+    /// renewal keeps its token.
     #[test]
-    fn one_holder_at_a_time_and_tokens_increase(
-        ops in prop::collection::vec((0u64..80, 0u8..4, 0usize..2, 0usize..3, 1u64..200), 1..80),
+    fn leases_follow_the_model_and_tokens_only_grow(
+        ops in prop::collection::vec((0u64..80, 0u8..4, 0usize..2, 0usize..3, 1u64..200, 0u8..3), 1..80),
     ) {
         let e = engine();
         let mut now = 0;
-        // token -> (name, start, end)
-        let mut grants: std::collections::BTreeMap<u64, (usize, u64, u64)> = Default::default();
-        let mut held: Vec<Option<(usize, u64)>> = vec![None; 2]; // name -> (holder, token) as last seen
-        for (dt, op, name, holder, ttl) in ops {
+        // The model: name -> (holder, token, expires_at) of the live grant.
+        let mut model: Vec<Option<(usize, u64, u64)>> = vec![None; 2];
+        let mut last_token: u64 = 0;
+        for (dt, op, name, holder, ttl, token_pick) in ops {
             now += dt;
-            let (n, h) = (format!("n{name}"), format!("h{holder}"));
-            let token = held[name].map(|x| x.1).unwrap_or(0);
-            let cmd = match op {
-                0 | 1 => Command::Acquire(Acquire { name: n, holder: h, ttl_ms: ttl }),
-                2 => Command::Renew(Renew { name: n, holder: h, fencing_token: token, ttl_ms: ttl }),
-                _ => Command::Release(Release { name: n, holder: h, fencing_token: token }),
+            let live = model[name].filter(|m| now < m.2);
+            // The token a client presents: the live one, an older one, or
+            // one never issued.
+            let live_token = live.map_or(0, |m| m.1);
+            let token = match token_pick {
+                0 => live_token,
+                1 => live_token.saturating_sub(1),
+                _ => last_token + 1,
             };
-            match e.apply(cmd, now) {
-                Ok(Applied { outcome: Outcome::Acquire(Acquired { acquired: true, lease }), .. })
-                | Ok(Applied { outcome: Outcome::Renew(lease), .. }) => {
-                    let g = grants.entry(lease.fencing_token).or_insert((name, now, 0));
-                    g.2 = lease.expires_at_ms;
-                    held[name] = Some((holder, lease.fencing_token));
+            let (n, h) = (format!("n{name}"), format!("h{holder}"));
+            let owns = live.is_some_and(|m| m.0 == holder && m.1 == token);
+            match op {
+                0 | 1 => {
+                    let a = e.execute(Acquire { name: n, holder: h, ttl_ms: ttl }, now).unwrap().0;
+                    match live {
+                        Some(m) if m.0 != holder => {
+                            prop_assert!(!a.acquired);
+                            prop_assert_eq!((a.lease.fencing_token, a.lease.expires_at_ms), (m.1, m.2));
+                        }
+                        Some(m) => {
+                            // The holder's own acquire renews: same token.
+                            prop_assert!(a.acquired);
+                            prop_assert_eq!(a.lease.fencing_token, m.1);
+                            model[name] = Some((holder, m.1, now + ttl));
+                        }
+                        None => {
+                            prop_assert!(a.acquired);
+                            prop_assert!(a.lease.fencing_token > last_token, "token reissued");
+                            last_token = a.lease.fencing_token;
+                            model[name] = Some((holder, last_token, now + ttl));
+                        }
+                    }
+                    prop_assert_eq!(a.lease.expires_at_ms, model[name].unwrap().2);
                 }
-                Ok(Applied { outcome: Outcome::Release(lease), .. }) => {
-                    grants.get_mut(&lease.fencing_token).unwrap().2 = now;
+                2 => {
+                    let r = e.execute(Renew { name: n, holder: h, fencing_token: token, ttl_ms: ttl }, now);
+                    if owns {
+                        let lease = r.unwrap().0;
+                        prop_assert_eq!((lease.fencing_token, lease.expires_at_ms), (token, now + ttl));
+                        model[name] = Some((holder, token, now + ttl));
+                    } else {
+                        prop_assert!(matches!(r, Err(EngineError::NotHolder { .. })), "{:?}", r);
+                    }
                 }
-                _ => {}
+                _ => {
+                    let r = e.execute(Release { name: n, holder: h, fencing_token: token }, now);
+                    if owns {
+                        prop_assert_eq!(r.unwrap().0.fencing_token, token);
+                        model[name] = None;
+                    } else {
+                        prop_assert!(matches!(r, Err(EngineError::NotHolder { .. })), "{:?}", r);
+                    }
+                }
             }
-        }
-        for name in 0..2 {
-            let mine: Vec<_> = grants.iter().filter(|g| g.1 .0 == name).collect();
-            for w in mine.windows(2) {
-                // BTreeMap order is token order: later tokens start no earlier
-                // than the previous grant ended.
-                prop_assert!(w[1].1 .1 >= w[0].1 .2, "overlap: {:?}", w);
-            }
+            prop_assert_eq!(
+                e.lease(&format!("n{name}"), now).map(|l| (l.fencing_token, l.expires_at_ms)),
+                model[name].filter(|m| now < m.2).map(|m| (m.1, m.2))
+            );
         }
     }
 
-    /// An idempotency key never has two STARTED attempts live at once, and
-    /// attempt numbers strictly increase.
+    /// Idempotency records against a model: Begin starts an attempt only
+    /// when none is live and the key holds no result; otherwise it reports
+    /// the live attempt or the stored result. Complete and Abort succeed
+    /// only for the live attempt; stale and unknown attempts are refused.
+    /// Attempt numbers strictly increase.
     #[test]
-    fn never_two_concurrent_started_attempts(
-        ops in prop::collection::vec((0u64..60, 0u8..3, 1u64..150), 1..80),
+    fn idempotency_follows_the_model(
+        ops in prop::collection::vec((0u64..60, 0u8..3, 1u64..150, 0u8..3), 1..80),
     ) {
+        #[derive(Clone, Copy, Debug)]
+        enum State { Running { attempt: u64, until: u64 }, Done { attempt: u64, until: u64 } }
         let e = engine();
         let mut now = 0;
-        let mut attempts: Vec<(u64, u64, u64)> = Vec::new(); // (attempt, start, end)
-        for (dt, op, ttl) in ops {
+        let mut model: Option<State> = None;
+        let mut last_attempt: u64 = 0;
+        for (dt, op, ttl, pick) in ops {
             now += dt;
-            let last = attempts.last().map(|a| a.0).unwrap_or(0);
-            let cmd = match op {
-                0 => Command::Begin(Begin { key: "k".into(), fingerprint: vec![], lock_ttl_ms: ttl, retention_ms: 50 }),
-                1 => Command::Complete(Complete { key: "k".into(), attempt: last, response: vec![] }),
-                _ => Command::Abort(Abort { key: "k".into(), attempt: last }),
-            };
-            match e.apply(cmd, now) {
-                Ok(Applied { outcome: Outcome::Begin(BeginOutcome::Started { attempt }), .. }) => {
-                    prop_assert!(attempt > last);
-                    attempts.push((attempt, now, now + ttl));
+            let live = model.filter(|s| match *s {
+                State::Running { until, .. } | State::Done { until, .. } => now < until,
+            });
+            let running = match live { Some(State::Running { attempt, .. }) => attempt, _ => 0 };
+            let attempt = match pick { 0 => running, 1 => last_attempt.saturating_sub(1), _ => last_attempt + 1 };
+            match op {
+                0 => {
+                    let begin = Begin { key: "k".into(), fingerprint: vec![], lock_ttl_ms: ttl, retention_ms: 50 };
+                    let out = e.execute(begin, now).unwrap().0;
+                    match (live, out) {
+                        (None, BeginOutcome::Started { attempt }) => {
+                            prop_assert!(attempt > last_attempt);
+                            last_attempt = attempt;
+                            model = Some(State::Running { attempt, until: now + ttl });
+                        }
+                        (Some(State::Running { attempt: a, until }), BeginOutcome::InProgress { attempt, retry_after_ms }) => {
+                            prop_assert_eq!((attempt, retry_after_ms), (a, until - now));
+                        }
+                        (Some(State::Done { attempt: a, .. }), BeginOutcome::Completed { attempt, .. }) => {
+                            prop_assert_eq!(attempt, a);
+                        }
+                        (m, out) => prop_assert!(false, "model {:?}, engine {:?}", m, out),
+                    }
                 }
-                Ok(Applied { outcome: Outcome::Complete | Outcome::Abort, .. }) => {
-                    attempts.last_mut().unwrap().2 = now;
+                1 => {
+                    let r = e.execute(Complete { key: "k".into(), attempt, response: vec![1] }, now);
+                    if running != 0 && attempt == running {
+                        prop_assert!(r.is_ok(), "{:?}", r);
+                        model = Some(State::Done { attempt, until: now + 50 });
+                    } else {
+                        prop_assert!(matches!(r, Err(EngineError::StaleAttempt { .. })), "{:?}", r);
+                    }
                 }
-                _ => {}
+                _ => {
+                    let r = e.execute(Abort { key: "k".into(), attempt }, now);
+                    if running != 0 && attempt == running {
+                        prop_assert!(r.is_ok(), "{:?}", r);
+                        model = None;
+                    } else {
+                        prop_assert!(matches!(r, Err(EngineError::StaleAttempt { .. })), "{:?}", r);
+                    }
+                }
             }
-        }
-        for w in attempts.windows(2) {
-            prop_assert!(w[1].1 >= w[0].2, "overlapping attempts {:?}", w);
         }
     }
 }
