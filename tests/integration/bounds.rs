@@ -84,3 +84,55 @@ async fn calls_past_the_streams_per_connection_wait_for_a_free_one() {
     })
     .await;
 }
+
+/// The lease and record caps answer RESOURCE_EXHAUSTED over gRPC, naming
+/// what is full and the bound, and the node serves on (freed room is
+/// usable again).
+#[tokio::test]
+async fn lease_and_record_caps_answer_resource_exhausted() {
+    use arbiter::proto::{AcquireRequest, BeginRequest, ReleaseRequest};
+
+    let server = Server::start(&["--max-leases", "2", "--max-records", "1"]);
+    let mut l = server.leases().await;
+    let acquire = |name: &str| AcquireRequest {
+        name: name.into(),
+        holder: "h".into(),
+        ttl_ms: 60_000,
+    };
+    let first = l.acquire(acquire("a")).await.unwrap().into_inner();
+    l.acquire(acquire("b")).await.unwrap();
+    let full = l.acquire(acquire("c")).await.unwrap_err();
+    assert_eq!(full.code(), Code::ResourceExhausted, "{full:?}");
+    assert!(
+        full.message().contains("leases limit reached (2)"),
+        "{full:?}"
+    );
+    // Room freed by a release is usable at once.
+    l.release(ReleaseRequest {
+        name: "a".into(),
+        holder: "h".into(),
+        fencing_token: first.lease.unwrap().fencing_token,
+    })
+    .await
+    .unwrap();
+    assert!(l.acquire(acquire("c")).await.unwrap().into_inner().acquired);
+
+    let mut idem = server.idem().await;
+    let begin = |key: &str| BeginRequest {
+        key: key.into(),
+        fingerprint: vec![],
+        lock_ttl_ms: 60_000,
+        retention_ms: 0,
+    };
+    idem.begin(begin("k1")).await.unwrap();
+    let full = idem.begin(begin("k2")).await.unwrap_err();
+    assert_eq!(full.code(), Code::ResourceExhausted, "{full:?}");
+    assert!(
+        full.message()
+            .contains("idempotency records limit reached (1)"),
+        "{full:?}"
+    );
+    // Still serving.
+    let get = l.get(GetLeaseRequest { name: "b".into() }).await;
+    assert!(get.unwrap().into_inner().lease.is_some());
+}
