@@ -101,19 +101,32 @@ fn load_file(
     }
     let mut data = Vec::new();
     file.read_to_end(&mut data)?;
+    let Some((dir, meta)) = rewrite else {
+        return Err(std::io::Error::other("a legacy snapshot with no meta"));
+    };
+    let (header, rewritten) = load_legacy(engine, data, dir, meta)?;
+    Ok((header, Some(rewritten)))
+}
+
+/// Loads a snapshot in an earlier release's format (one JSON document)
+/// into `engine` and writes it again in today's format under `meta` (not
+/// yet published).
+fn load_legacy(
+    engine: &Engine,
+    data: Vec<u8>,
+    dir: &SnapshotDir,
+    meta: &SnapshotMeta,
+) -> std::io::Result<(snapshot::Header, (std::fs::File, std::path::PathBuf))> {
     let legacy: LegacySnapshot = serde_json::from_slice(&data)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
     drop(data);
     engine.load(legacy.engine);
-    let Some((dir, meta)) = rewrite else {
-        return Err(std::io::Error::other("a legacy snapshot with no meta"));
-    };
     let header = snapshot::Header {
         meta: meta.clone(),
         last_now_ms: legacy.last_now,
     };
     let rewritten = write_snapshot(dir, meta, legacy.last_now, engine)?;
-    Ok((header, Some(rewritten)))
+    Ok((header, rewritten))
 }
 
 impl StateMachine {
@@ -143,17 +156,10 @@ impl StateMachine {
             let (header, _) = load_file(&sm.engine, &mut file, None).map_err(read)?;
             sm.loaded(&header);
         } else if let Some((meta, data)) = sm.store.legacy_snapshot()? {
-            let legacy: LegacySnapshot =
-                serde_json::from_slice(&data).map_err(|e| sm_err(ErrorVerb::Read, e))?;
-            drop(data);
-            sm.engine.load(legacy.engine);
-            let header = snapshot::Header {
-                meta,
-                last_now_ms: legacy.last_now,
-            };
-            let meta = &header.meta;
-            write_snapshot(&sm.snapshots, meta, header.last_now_ms, &sm.engine)
-                .and_then(|(out, path)| sm.snapshots.publish(&out, &path))
+            let (header, (out, path)) =
+                load_legacy(&sm.engine, data, &sm.snapshots, &meta).map_err(read)?;
+            sm.snapshots
+                .publish(&out, &path)
                 .map_err(|e| sm_err(ErrorVerb::Write, e))?;
             sm.store.drop_legacy_snapshot()?;
             sm.loaded(&header);
