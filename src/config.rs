@@ -9,6 +9,7 @@ use clap::{Args, Parser, ValueEnum};
 
 use crate::engine::EngineConfig;
 use crate::node::{Membership, WatchLimits};
+use crate::security::{ClientCerts, ClientFiles, ServerFiles};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -174,6 +175,51 @@ pub struct Config {
     /// On SIGTERM/SIGINT, how long in-flight calls may take to finish.
     #[arg(long, env = "ARBITER_SHUTDOWN_GRACE_MS", default_value_t = 10_000)]
     pub shutdown_grace_ms: u64,
+
+    /// Serve the client port over TLS with this certificate chain (PEM);
+    /// needs --tls-key. Re-read when the file changes.
+    #[arg(long, env = "ARBITER_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The client port's private key (PEM).
+    #[arg(long, env = "ARBITER_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Verify client certificates presented on the client port against
+    /// this CA (PEM); a client may instead send a bearer token. Needs
+    /// --tls-cert.
+    #[arg(long, env = "ARBITER_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+
+    /// Principals and their namespaces (YAML, see "Security" in the
+    /// README). With it every call but health and reflection needs a known
+    /// principal. Re-read when the file changes; a bad file keeps the last
+    /// good rules.
+    #[arg(long, env = "ARBITER_AUTH_FILE")]
+    pub auth_file: Option<PathBuf>,
+
+    /// Mutual TLS on the peer port and to peers: this member's certificate
+    /// (PEM). Needs --peer-tls-key and --peer-tls-ca.
+    #[arg(long, env = "ARBITER_PEER_TLS_CERT", requires_all = ["peer_tls_key", "peer_tls_ca"])]
+    pub peer_tls_cert: Option<PathBuf>,
+
+    /// This member's peer private key (PEM).
+    #[arg(long, env = "ARBITER_PEER_TLS_KEY", requires = "peer_tls_cert")]
+    pub peer_tls_key: Option<PathBuf>,
+
+    /// The CA every member's peer certificate is signed by (PEM); a peer
+    /// without such a certificate is refused at the handshake.
+    #[arg(long, env = "ARBITER_PEER_TLS_CA", requires = "peer_tls_cert")]
+    pub peer_tls_ca: Option<PathBuf>,
+
+    /// Serve metrics over TLS with this certificate (PEM); needs
+    /// --metrics-tls-key.
+    #[arg(long, env = "ARBITER_METRICS_TLS_CERT", requires = "metrics_tls_key")]
+    pub metrics_tls_cert: Option<PathBuf>,
+
+    /// The metrics port's private key (PEM).
+    #[arg(long, env = "ARBITER_METRICS_TLS_KEY", requires = "metrics_tls_cert")]
+    pub metrics_tls_key: Option<PathBuf>,
 }
 
 /// Memory one rate-limit key takes (resident, with its share of the table
@@ -231,6 +277,52 @@ impl Config {
                 .unwrap_or_else(|| share(8, BYTES_PER_RECORD)),
             max_record_bytes: self.max_record_bytes.unwrap_or_else(|| share(8, 1)),
         }
+    }
+
+    /// The client port's TLS files, if TLS is on.
+    pub fn client_tls(&self) -> Option<ServerFiles> {
+        Some(ServerFiles {
+            cert: self.tls_cert.clone()?,
+            key: self.tls_key.clone()?,
+            ca: self.tls_client_ca.clone(),
+            client_certs: if self.tls_client_ca.is_some() {
+                ClientCerts::Optional
+            } else {
+                ClientCerts::None
+            },
+        })
+    }
+
+    /// The peer port's mutual TLS files: the server side and the client
+    /// side (the same certificate, presented to other members).
+    pub fn peer_tls(&self) -> Option<(ServerFiles, ClientFiles)> {
+        let (cert, key, ca) = (
+            self.peer_tls_cert.clone()?,
+            self.peer_tls_key.clone()?,
+            self.peer_tls_ca.clone()?,
+        );
+        Some((
+            ServerFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                ca: Some(ca.clone()),
+                client_certs: ClientCerts::Required,
+            },
+            ClientFiles {
+                ca,
+                cert: Some(cert),
+                key: Some(key),
+            },
+        ))
+    }
+
+    pub fn metrics_tls(&self) -> Option<ServerFiles> {
+        Some(ServerFiles {
+            cert: self.metrics_tls_cert.clone()?,
+            key: self.metrics_tls_key.clone()?,
+            ca: None,
+            client_certs: ClientCerts::None,
+        })
     }
 
     pub fn watch_limits(&self) -> WatchLimits {

@@ -19,6 +19,8 @@
 //! - [`api`]: one file per gRPC service, proto⇄domain conversion with input
 //!   validation, the single engine-error → status mapping, and the per-RPC
 //!   metrics and tracing layer.
+//! - [`security`]: TLS on every port (re-read when the files change),
+//!   principals and namespaces from the auth file.
 //! - [`server`]: binds ports, serves gRPC, health, reflection and metrics,
 //!   shuts down gracefully.
 //! - [`config`] / [`cli`]: command-line flags and the client subcommands.
@@ -33,6 +35,7 @@ pub use arbiter_engine as engine;
 pub mod metrics;
 pub mod node;
 pub mod raft;
+pub mod security;
 pub mod server;
 pub mod storage;
 

@@ -198,6 +198,7 @@ pub async fn serve(
     handle: PrometheusHandle,
     metrics: Arc<Metrics>,
     node: Arc<Node>,
+    tls: Option<Arc<crate::security::Reloading<rustls::ServerConfig>>>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     loop {
@@ -218,11 +219,20 @@ pub async fn serve(
             let reply = respond(request.uri().path(), &handle, &metrics, &node);
             async move { Ok::<_, std::convert::Infallible>(reply) }
         });
-        let connection = hyper::server::conn::http1::Builder::new()
-            .timer(hyper_util::rt::TokioTimer::new())
-            .header_read_timeout(Duration::from_secs(5))
-            .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+        let tls = tls.clone();
         tokio::spawn(async move {
+            // The handshake (if any) runs here, not in the accept loop.
+            let io = match crate::security::tls::accept(stream, tls.as_deref()).await {
+                Ok(io) => io,
+                Err(e) => {
+                    tracing::debug!(error = %e, "metrics TLS handshake");
+                    return;
+                }
+            };
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(5))
+                .serve_connection(hyper_util::rt::TokioIo::new(io), service);
             if let Err(e) = connection.await {
                 tracing::debug!(error = %e, "metrics connection");
             }

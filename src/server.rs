@@ -7,7 +7,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
 
 use crate::api::{self, Bounds, Shared};
@@ -21,6 +20,7 @@ use crate::proto::leases_server::LeasesServer;
 use crate::proto::raft_peer_server::RaftPeerServer;
 use crate::proto::rate_limiter_server::RateLimiterServer;
 use crate::raft::network::PEER_MESSAGE_LIMIT;
+use crate::security::{self, Connector};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -46,6 +46,8 @@ pub enum ServerError {
     Serve(#[from] tonic::transport::Error),
     #[error("this node may not join its cluster: {0}")]
     Refused(String),
+    #[error("{0}")]
+    Security(String),
 }
 
 /// The addresses a started server listens on (ports chosen by the system
@@ -67,8 +69,9 @@ pub struct Started {
     routes: tonic::service::Routes,
     health: tonic_health::server::HealthReporter,
     metrics: Arc<Metrics>,
-    peer_stop: tokio::sync::oneshot::Sender<()>,
+    peer_stop: tokio::sync::watch::Sender<bool>,
     peer_server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    client_tls: Option<Arc<security::Reloading<rustls::ServerConfig>>>,
 }
 
 /// Serves until `shutdown` resolves, then stops accepting, lets in-flight
@@ -94,12 +97,13 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Started, Ser
         .and_then(tokio::net::TcpListener::from_std)
         .map_err(bind_err(config.listen))?;
     let client_addr = listener.local_addr().map_err(bind_err(config.listen))?;
-    let peer_incoming = TcpIncoming::bind(config.peer_listen)
-        .map_err(bind_err(config.peer_listen))?
-        .with_nodelay(Some(true));
-    let peer_addr = peer_incoming
+    let peer_listener = tokio::net::TcpListener::bind(config.peer_listen)
+        .await
+        .map_err(bind_err(config.peer_listen))?;
+    let peer_addr = peer_listener
         .local_addr()
         .map_err(bind_err(config.peer_listen))?;
+    let tls = Tls::load(&config).map_err(ServerError::Security)?;
     let hostname = std::env::var("HOSTNAME")
         .ok()
         .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok());
@@ -136,26 +140,36 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Started, Ser
         clock,
         watch_limits: config.watch_limits(),
         max_clock_skew_ms: config.max_clock_skew_ms,
+        peer_tls: tls.peer_client.clone().map(Connector::new),
     })
     .await?;
 
     // Raft traffic keeps flowing while client calls drain; it stops last.
-    let (peer_stop, peer_stopped) = tokio::sync::oneshot::channel::<()>();
-    let peer_server = tokio::spawn(
-        Server::builder()
-            .add_service(
-                RaftPeerServer::new(PeerService::new(node.clone()))
-                    .max_decoding_message_size(PEER_MESSAGE_LIMIT)
-                    .max_encoding_message_size(PEER_MESSAGE_LIMIT),
-            )
-            .serve_with_incoming_shutdown(peer_incoming, async {
-                let _ = peer_stopped.await;
-            }),
-    );
+    let (peer_stop, peer_stopped) = tokio::sync::watch::channel(false);
+    let (peer_tx, peer_rx) = tokio::sync::mpsc::channel(serving::HANDOFF);
+    serving::accept(peer_listener, vec![peer_tx], peer_stopped.clone());
+    let peer_server = {
+        let mut stopped = peer_stopped;
+        tokio::spawn(
+            Server::builder()
+                .add_service(
+                    RaftPeerServer::new(PeerService::new(node.clone(), tls.auth.clone()))
+                        .max_decoding_message_size(PEER_MESSAGE_LIMIT)
+                        .max_encoding_message_size(PEER_MESSAGE_LIMIT),
+                )
+                .serve_with_incoming_shutdown(
+                    serving::handshakes(peer_rx, tls.peer_server.clone()),
+                    async move {
+                        let _ = stopped.wait_for(|s| *s).await;
+                    },
+                ),
+        )
+    };
     let shared = Shared {
         node: node.clone(),
         metrics: metrics.clone(),
         bounds: Bounds::from(&config),
+        auth: tls.auth.clone(),
     };
 
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -178,6 +192,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Started, Ser
             handle,
             metrics.clone(),
             node.clone(),
+            tls.metrics.clone(),
             node.shutdown_signal(),
         ),
     );
@@ -205,6 +220,9 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Started, Ser
         client = %addrs.client,
         peer = %addrs.peer,
         node_id = node.id(),
+        client_tls = tls.client.is_some(),
+        peer_tls = tls.peer_server.is_some(),
+        auth = tls.auth.is_some(),
         metrics = %addrs.metrics,
         data_dir = %config.data_dir.display(),
         "arbiter serving"
@@ -219,7 +237,70 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Started, Ser
         metrics: shared_metrics,
         peer_stop,
         peer_server,
+        client_tls: tls.client,
     })
+}
+
+/// The TLS configurations and auth rules a server was started with, each
+/// re-read when its files change.
+struct Tls {
+    client: Option<Arc<security::Reloading<rustls::ServerConfig>>>,
+    peer_server: Option<Arc<security::Reloading<rustls::ServerConfig>>>,
+    peer_client: Option<Arc<security::Reloading<rustls::ClientConfig>>>,
+    metrics: Option<Arc<security::Reloading<rustls::ServerConfig>>>,
+    auth: Option<security::Auth>,
+}
+
+impl Tls {
+    fn load(config: &Config) -> Result<Tls, String> {
+        let client = config
+            .client_tls()
+            .map(|f| f.watch("client TLS"))
+            .transpose()?;
+        let (peer_server, peer_client) = match config.peer_tls() {
+            Some((server, client)) => (
+                Some(server.watch("peer TLS")?),
+                Some(client.watch("peer TLS (outgoing)")?),
+            ),
+            None => (None, None),
+        };
+        let metrics = config
+            .metrics_tls()
+            .map(|f| f.watch("metrics TLS"))
+            .transpose()?;
+        let auth = config
+            .auth_file
+            .clone()
+            .map(security::auth::watch)
+            .transpose()?;
+        let exposed = !config.listen.ip().is_loopback();
+        if auth.is_none() && exposed {
+            tracing::warn!(
+                listen = %config.listen,
+                "no --auth-file: any client that reaches this port may use every key and lease"
+            );
+        }
+        if auth.is_some() && client.is_none() && exposed {
+            tracing::warn!(
+                "--auth-file without --tls-cert: bearer tokens cross the network in clear text"
+            );
+        }
+        if auth.is_some()
+            && peer_server.is_none()
+            && (!config.peers.is_empty() || config.peers_dns.is_some())
+        {
+            tracing::warn!(
+                "--auth-file without --peer-tls-*: anyone who reaches the peer port can forward calls as any principal"
+            );
+        }
+        Ok(Tls {
+            client,
+            peer_server,
+            peer_client,
+            metrics,
+            auth,
+        })
+    }
 }
 
 impl Started {
@@ -240,6 +321,7 @@ impl Started {
             metrics,
             peer_stop,
             peer_server,
+            client_tls,
             ..
         } = self;
         let stopping = {
@@ -276,10 +358,11 @@ impl Started {
             config.max_streams_per_connection,
             routes,
             layer,
+            client_tls,
             stopping,
         )
         .map_err(ServerError::Runtime)?;
-        serving::accept(listener, &serving);
+        serving::accept(listener, serving.conns.clone(), serving.stop.clone());
 
         let mut stopped = node.shutdown_signal();
         let grace = Duration::from_millis(config.shutdown_grace_ms);
@@ -290,7 +373,7 @@ impl Started {
             }
         }
         node.stop().await;
-        let _ = peer_stop.send(());
+        let _ = peer_stop.send(true);
         let _ = peer_server.await;
         tracing::info!("arbiter stopped");
         match &*node.admission().borrow() {
@@ -308,25 +391,71 @@ impl Started {
 /// pays for a cross-thread wake-up (BENCHMARKS.md has the measurements).
 mod serving {
     use std::future::Future;
+    use std::sync::Arc;
     use std::time::Duration;
 
-    use tokio::sync::{mpsc, oneshot, watch};
+    use tokio::sync::{mpsc, oneshot, watch, Semaphore};
     use tokio_stream::wrappers::ReceiverStream;
-    use tokio_stream::StreamExt;
     use tonic::service::Routes;
     use tonic::transport::Server;
 
     use super::ServerError;
     use crate::api::layer::RpcMetricsLayer;
+    use crate::security::tls::{self, ServerIo};
+    use crate::security::Reloading;
 
     /// Accepted connections waiting for a serving thread to take them up,
     /// per thread, at most.
-    const HANDOFF: usize = 64;
+    pub const HANDOFF: usize = 64;
+
+    /// TLS handshakes in progress per serving thread, at most; past it the
+    /// thread takes up no new connection until one finishes.
+    const HANDSHAKES: usize = 256;
 
     pub struct Serving {
-        conns: Vec<mpsc::Sender<std::net::TcpStream>>,
+        pub conns: Vec<mpsc::Sender<std::net::TcpStream>>,
         done: Vec<oneshot::Receiver<Result<(), tonic::transport::Error>>>,
-        stop: watch::Receiver<bool>,
+        pub stop: watch::Receiver<bool>,
+    }
+
+    /// Takes up handed-over connections on the current runtime and
+    /// completes their TLS handshakes (when `tls` is given) concurrently,
+    /// yielding the ready connections. A failed handshake is logged and
+    /// dropped, never passed to the server.
+    pub fn handshakes(
+        mut conns: mpsc::Receiver<std::net::TcpStream>,
+        tls: Option<Arc<Reloading<rustls::ServerConfig>>>,
+    ) -> ReceiverStream<std::io::Result<ServerIo>> {
+        let (tx, rx) = mpsc::channel(HANDOFF);
+        let pending = Arc::new(Semaphore::new(HANDSHAKES));
+        tokio::spawn(async move {
+            while let Some(conn) = conns.recv().await {
+                let Ok(permit) = pending.clone().acquire_owned().await else {
+                    return;
+                };
+                let tcp = match conn
+                    .set_nonblocking(true)
+                    .and_then(|()| tokio::net::TcpStream::from_std(conn))
+                {
+                    Ok(tcp) => tcp,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot take a connection up");
+                        continue;
+                    }
+                };
+                let (tx, tls) = (tx.clone(), tls.clone());
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    match tls::accept(tcp, tls.as_deref()).await {
+                        Ok(io) => {
+                            let _ = tx.send(Ok(io)).await;
+                        }
+                        Err(e) => tracing::debug!(error = %e, "TLS handshake failed"),
+                    }
+                });
+            }
+        });
+        ReceiverStream::new(rx)
     }
 
     impl Serving {
@@ -352,6 +481,7 @@ mod serving {
         max_streams: u32,
         routes: Routes,
         layer: RpcMetricsLayer,
+        tls: Option<Arc<Reloading<rustls::ServerConfig>>>,
         stopping: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<Serving> {
         let (stop_tx, stop) = watch::channel(false);
@@ -369,16 +499,17 @@ mod serving {
             let routes = routes.clone();
             let layer = layer.clone();
             let mut stop = stop.clone();
+            let tls = tls.clone();
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
             std::thread::Builder::new()
                 .name(format!("arbiter-grpc-{i}"))
                 .spawn(move || {
-                    let incoming = ReceiverStream::new(conn_rx).map(|conn| {
-                        conn.set_nonblocking(true)?;
-                        tokio::net::TcpStream::from_std(conn)
-                    });
+                    let incoming = {
+                        let _on = runtime.enter();
+                        handshakes(conn_rx, tls)
+                    };
                     let served = runtime.block_on(
                         Server::builder()
                             .http2_keepalive_interval(Some(Duration::from_secs(30)))
@@ -402,11 +533,13 @@ mod serving {
         Ok(Serving { conns, done, stop })
     }
 
-    /// Accepts client connections until the server is asked to stop, handing
-    /// them out to the serving threads in turn.
-    pub fn accept(listener: tokio::net::TcpListener, serving: &Serving) {
-        let conns = serving.conns.clone();
-        let mut stop = serving.stop.clone();
+    /// Accepts connections until `stop` turns true, handing them out to
+    /// `conns` (the serving threads) in turn.
+    pub fn accept(
+        listener: tokio::net::TcpListener,
+        conns: Vec<mpsc::Sender<std::net::TcpStream>>,
+        mut stop: watch::Receiver<bool>,
+    ) {
         tokio::spawn(async move {
             let mut next = 0usize;
             loop {
@@ -454,14 +587,9 @@ mod serving {
         async fn the_hand_off_is_bounded_and_loses_no_connection() {
             let (tx, mut rx) = mpsc::channel(HANDOFF);
             let (stop_tx, stop) = watch::channel(false);
-            let serving = Serving {
-                conns: vec![tx],
-                done: Vec::new(),
-                stop,
-            };
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let addr = listener.local_addr().unwrap();
-            accept(listener, &serving);
+            accept(listener, vec![tx], stop);
             let total = HANDOFF + 8;
             let mut clients = Vec::new();
             for _ in 0..total {

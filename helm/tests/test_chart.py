@@ -78,6 +78,7 @@ SERVICE_MONITOR_SCHEMA = {
                         "properties": {
                             "port": {"type": "string"},
                             "path": {"type": "string"},
+                            "scheme": {"enum": ["http", "https"]},
                             "interval": {"type": "string", "pattern": "^(0|(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"},
                         },
                     },
@@ -87,6 +88,16 @@ SERVICE_MONITOR_SCHEMA = {
     },
 }
 
+TLS_ALL = [
+    "tls.client.secretName=arbiter-client-tls",
+    "tls.client.verifyClients=true",
+    "tls.peer.secretName=arbiter-peer-tls",
+    "tls.metrics.secretName=arbiter-metrics-tls",
+    "auth.secretName=arbiter-auth",
+    "networkPolicy.enabled=true",
+    "serviceMonitor.enabled=true",
+]
+
 VARIANTS = [
     [],
     ["replicas=1"],
@@ -95,6 +106,10 @@ VARIANTS = [
     ["serviceMonitor.enabled=true", "serviceMonitor.labels.release=kube-prometheus"],
     ["fullnameOverride=arb", "podDisruptionBudget.enabled=false", "serviceAccount.create=false"],
     ["probes.startup.enabled=false", "extraArgs={--max-leases,5000}", "persistence.storageClass=fast"],
+    TLS_ALL,
+    ["tls.peer.secretName=arbiter-peer-tls", "networkPolicy.enabled=true",
+     "networkPolicy.clientFrom[0].namespaceSelector.matchLabels.team=payments"],
+    ["tls.client.secretName=arbiter-client-tls", "auth.secretName=arbiter-auth", "auth.key=rules.yaml"],
 ]
 
 
@@ -249,19 +264,84 @@ def test_disruption_budget_and_services_select_the_pods():
     pdb = one(m, "PodDisruptionBudget")
     assert pdb["spec"]["maxUnavailable"] == 1
     assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
-    client = next(s for (k, n), s in m.items() if k == "Service" and s["spec"].get("clusterIP") != "None")
-    assert client["spec"]["selector"].items() <= labels.items()
-    assert {p["name"] for p in client["spec"]["ports"]} == {"grpc", "metrics"}
+    services = {n: s for (k, n), s in m.items() if k == "Service" and s["spec"].get("clusterIP") != "None"}
+    client, metrics = services["prod-arbiter"], services["prod-arbiter-metrics"]
+    for svc in (client, metrics):
+        assert svc["spec"]["selector"].items() <= labels.items()
+    # Metrics are not served on the client Service.
+    assert {p["name"] for p in client["spec"]["ports"]} == {"grpc"}
+    assert {p["name"] for p in metrics["spec"]["ports"]} == {"metrics"}
     sm = one(m, "ServiceMonitor")
     assert sm["spec"]["endpoints"][0]["port"] == "metrics"
-    assert sm["spec"]["selector"]["matchLabels"].items() <= client["metadata"]["labels"].items()
+    assert sm["spec"]["selector"]["matchLabels"].items() <= metrics["metadata"]["labels"].items()
+    assert not sm["spec"]["selector"]["matchLabels"].items() <= client["metadata"]["labels"].items()
+
+
+def test_tls_and_auth_secrets_are_mounted_whole_and_passed_as_flags():
+    m = render(*TLS_ALL)
+    pod = one(m, "StatefulSet")["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    args = c["args"]
+    flag = lambda f: args[args.index(f) + 1]
+    mounts = {v["name"]: v for v in c["volumeMounts"]}
+    secrets = {v["name"]: v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v}
+    assert secrets == {"tls-client": "arbiter-client-tls", "tls-peer": "arbiter-peer-tls",
+                       "tls-metrics": "arbiter-metrics-tls", "auth": "arbiter-auth"}
+    for name in secrets:
+        # A subPath mount never sees a renewed Secret.
+        assert "subPath" not in mounts[name] and mounts[name]["readOnly"] is True
+    expect = {
+        "--tls-cert": "/tls/client/tls.crt", "--tls-key": "/tls/client/tls.key",
+        "--tls-client-ca": "/tls/client/ca.crt",
+        "--peer-tls-cert": "/tls/peer/tls.crt", "--peer-tls-key": "/tls/peer/tls.key",
+        "--peer-tls-ca": "/tls/peer/ca.crt",
+        "--metrics-tls-cert": "/tls/metrics/tls.crt", "--metrics-tls-key": "/tls/metrics/tls.key",
+        "--auth-file": "/auth/auth.yaml",
+    }
+    for f, path in expect.items():
+        assert flag(f) == path, f
+        mount = next(v for v in mounts.values() if path.startswith(v["mountPath"] + "/"))
+        assert mount["name"] in secrets
+    # kubelet's gRPC probe cannot speak TLS: the probes run `arbiter health`
+    # over TLS inside the pod, trusting the mounted CA.
+    for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+        cmd = c[probe]["exec"]["command"]
+        assert cmd[:2] == ["arbiter", "health"] and "grpc" not in c[probe]
+        assert cmd[cmd.index("--tls-ca") + 1] == "/tls/client/ca.crt"
+        assert cmd[cmd.index("--server") + 1].startswith("https://")
+    assert c["readinessProbe"]["exec"]["command"][-1] == "arbiter.v1.Leases"
+    sm = one(m, "ServiceMonitor")
+    assert sm["spec"]["endpoints"][0]["scheme"] == "https"
+    # Without verifyClients the client CA flag is left out; the auth key is chosen.
+    args = one(render("tls.client.secretName=x", "auth.secretName=a", "auth.key=rules.yaml"),
+               "StatefulSet")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--tls-client-ca" not in args and args[args.index("--auth-file") + 1] == "/auth/rules.yaml"
+    # The CLI flags the probe uses exist.
+    binary = arbiter_binary()
+    help_text = subprocess.run([str(binary), "health", "--help"], capture_output=True, text=True, check=True).stdout
+    for f in ("--server", "--tls-ca", "--tls-server-name", "--service"):
+        assert re.search(rf"\s{re.escape(f)}\b", help_text), f
+
+
+def test_network_policy_admits_peers_only_from_the_statefulset():
+    assert not [k for k in render() if k[0] == "NetworkPolicy"]
+    m = render("networkPolicy.enabled=true", "networkPolicy.metricsFrom[0].namespaceSelector.matchLabels.name=monitoring")
+    labels = one(m, "StatefulSet")["spec"]["template"]["metadata"]["labels"]
+    np = one(m, "NetworkPolicy")
+    assert np["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
+    rules = {r["ports"][0]["port"]: r for r in np["spec"]["ingress"]}
+    peer_from = rules["peer"]["from"]
+    assert len(peer_from) == 1 and peer_from[0]["podSelector"]["matchLabels"].items() <= labels.items()
+    assert "from" not in rules["grpc"]
+    assert rules["metrics"]["from"][0]["namespaceSelector"]["matchLabels"] == {"name": "monitoring"}
 
 
 def test_rendered_flags_are_ones_the_binary_accepts():
     binary = arbiter_binary()
     help_text = subprocess.run([str(binary), "serve", "--help"], capture_output=True, text=True, check=True).stdout
-    args = one(render("extraArgs={--max-leases,5000}"), "StatefulSet")["spec"]["template"]["spec"]["containers"][0]["args"]
+    args = one(render("extraArgs={--max-leases,5000}", *TLS_ALL), "StatefulSet")["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args[0] == "serve"
+    assert "--peer-tls-ca" in args and "--auth-file" in args
     for flag in (a for a in args if a.startswith("--")):
         assert re.search(rf"\s{re.escape(flag)}\b", help_text), f"{flag} is not an `arbiter serve` flag"
 

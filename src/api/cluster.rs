@@ -47,8 +47,9 @@ impl ClusterService {
 impl Cluster for ClusterService {
     async fn status(
         &self,
-        _: Request<ClusterStatusRequest>,
+        request: Request<ClusterStatusRequest>,
     ) -> Result<Response<ClusterStatusResponse>, Status> {
+        self.0.caller(&request)?;
         Ok(Response::new(self.status()))
     }
 
@@ -56,6 +57,8 @@ impl Cluster for ClusterService {
         &self,
         request: Request<AddMemberRequest>,
     ) -> Result<Response<ClusterStatusResponse>, Status> {
+        let caller = self.0.caller(&request)?;
+        caller.admin("AddMember")?;
         let r = request.into_inner();
         if r.peer_addr.is_empty() {
             return Err(Status::invalid_argument(
@@ -64,10 +67,13 @@ impl Cluster for ClusterService {
         }
         self.0
             .node
-            .execute(AddMember {
-                id: r.id,
-                peer_addr: r.peer_addr,
-            })
+            .execute_as(
+                AddMember {
+                    id: r.id,
+                    peer_addr: r.peer_addr,
+                },
+                caller.name(),
+            )
             .await
             .map_err(error::node_status)?;
         Ok(Response::new(self.status()))
@@ -77,11 +83,16 @@ impl Cluster for ClusterService {
         &self,
         request: Request<RemoveMemberRequest>,
     ) -> Result<Response<ClusterStatusResponse>, Status> {
+        let caller = self.0.caller(&request)?;
+        caller.admin("RemoveMember")?;
         self.0
             .node
-            .execute(RemoveMember {
-                id: request.into_inner().id,
-            })
+            .execute_as(
+                RemoveMember {
+                    id: request.into_inner().id,
+                },
+                caller.name(),
+            )
             .await
             .map_err(error::node_status)?;
         Ok(Response::new(self.status()))

@@ -101,6 +101,7 @@ pub fn lease(l: engine::Lease, now_ms: u64) -> pb::Lease {
         holder: l.holder,
         fencing_token: l.fencing_token,
         ttl_ms: l.ttl_ms,
+        principal: l.principal,
     }
 }
 

@@ -21,8 +21,10 @@ impl Idempotency for IdempotencyService {
     ) -> Result<Response<BeginResponse>, Status> {
         let s = &self.0;
         let b = s.bounds;
+        let caller = s.caller(&request)?;
         let r = request.into_inner();
         convert::key(&r.key, || "key".into())?;
+        caller.may_use("idempotency key", &r.key)?;
         convert::bytes(&r.fingerprint, "fingerprint", convert::MAX_KEY_BYTES)?;
         convert::ttl(r.lock_ttl_ms, "lock_ttl_ms", b.max_ttl_ms)?;
         let retention_ms = match r.retention_ms {
@@ -34,12 +36,15 @@ impl Idempotency for IdempotencyService {
         };
         let outcome = s
             .node
-            .execute(Begin {
-                key: r.key,
-                fingerprint: r.fingerprint,
-                lock_ttl_ms: r.lock_ttl_ms,
-                retention_ms,
-            })
+            .execute_as(
+                Begin {
+                    key: r.key,
+                    fingerprint: r.fingerprint,
+                    lock_ttl_ms: r.lock_ttl_ms,
+                    retention_ms,
+                },
+                caller.name(),
+            )
             .await
             .map_err(error::node_status)?
             .value;
@@ -77,15 +82,20 @@ impl Idempotency for IdempotencyService {
         request: Request<CompleteRequest>,
     ) -> Result<Response<CompleteResponse>, Status> {
         let s = &self.0;
+        let caller = s.caller(&request)?;
         let r = request.into_inner();
         convert::key(&r.key, || "key".into())?;
+        caller.may_use("idempotency key", &r.key)?;
         convert::bytes(&r.response, "response", s.bounds.max_response_bytes)?;
         s.node
-            .execute(Complete {
-                key: r.key,
-                attempt: r.attempt,
-                response: r.response,
-            })
+            .execute_as(
+                Complete {
+                    key: r.key,
+                    attempt: r.attempt,
+                    response: r.response,
+                },
+                caller.name(),
+            )
             .await
             .map_err(error::node_status)?;
         Ok(Response::new(CompleteResponse {}))
@@ -96,13 +106,18 @@ impl Idempotency for IdempotencyService {
         request: Request<AbortRequest>,
     ) -> Result<Response<AbortResponse>, Status> {
         let s = &self.0;
+        let caller = s.caller(&request)?;
         let r = request.into_inner();
         convert::key(&r.key, || "key".into())?;
+        caller.may_use("idempotency key", &r.key)?;
         s.node
-            .execute(Abort {
-                key: r.key,
-                attempt: r.attempt,
-            })
+            .execute_as(
+                Abort {
+                    key: r.key,
+                    attempt: r.attempt,
+                },
+                caller.name(),
+            )
             .await
             .map_err(error::node_status)?;
         Ok(Response::new(AbortResponse {}))
@@ -113,11 +128,13 @@ impl Idempotency for IdempotencyService {
         request: Request<GetRecordRequest>,
     ) -> Result<Response<GetRecordResponse>, Status> {
         let s = &self.0;
+        let caller = s.caller(&request)?;
         let r = request.into_inner();
         convert::key(&r.key, || "key".into())?;
+        caller.may_use("idempotency key", &r.key)?;
         let Stamped { value, now_ms } = s
             .node
-            .execute(GetRecord { key: r.key.clone() })
+            .execute_as(GetRecord { key: r.key.clone() }, caller.name())
             .await
             .map_err(error::node_status)?;
         Ok(Response::new(GetRecordResponse {

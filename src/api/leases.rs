@@ -34,16 +34,22 @@ impl Leases for LeasesService {
         request: Request<AcquireRequest>,
     ) -> Result<Response<AcquireResponse>, Status> {
         let s = &self.0;
+        let caller = s.caller(&request)?;
         let r = request.into_inner();
         name_and_holder(&r.name, &r.holder)?;
+        caller.may_use("lease", &r.name)?;
         convert::ttl(r.ttl_ms, "ttl_ms", s.bounds.max_ttl_ms)?;
         let Stamped { value, now_ms } = s
             .node
-            .execute(Acquire {
-                name: r.name,
-                holder: r.holder,
-                ttl_ms: r.ttl_ms,
-            })
+            .execute_as(
+                Acquire {
+                    name: r.name,
+                    holder: r.holder,
+                    ttl_ms: r.ttl_ms,
+                    principal: caller.name().to_owned(),
+                },
+                caller.name(),
+            )
             .await
             .map_err(error::node_status)?;
         Ok(Response::new(AcquireResponse {
@@ -57,17 +63,23 @@ impl Leases for LeasesService {
         request: Request<RenewRequest>,
     ) -> Result<Response<RenewResponse>, Status> {
         let s = &self.0;
+        let caller = s.caller(&request)?;
         let r = request.into_inner();
         name_and_holder(&r.name, &r.holder)?;
+        caller.may_use("lease", &r.name)?;
         convert::ttl(r.ttl_ms, "ttl_ms", s.bounds.max_ttl_ms)?;
         let Stamped { value, now_ms } = s
             .node
-            .execute(Renew {
-                name: r.name,
-                holder: r.holder,
-                fencing_token: r.fencing_token,
-                ttl_ms: r.ttl_ms,
-            })
+            .execute_as(
+                Renew {
+                    name: r.name,
+                    holder: r.holder,
+                    fencing_token: r.fencing_token,
+                    ttl_ms: r.ttl_ms,
+                    principal: caller.name().to_owned(),
+                },
+                caller.name(),
+            )
             .await
             .map_err(error::node_status)?;
         Ok(Response::new(RenewResponse {
@@ -80,15 +92,21 @@ impl Leases for LeasesService {
         request: Request<ReleaseRequest>,
     ) -> Result<Response<ReleaseResponse>, Status> {
         let s = &self.0;
+        let caller = s.caller(&request)?;
         let r = request.into_inner();
         name_and_holder(&r.name, &r.holder)?;
+        caller.may_use("lease", &r.name)?;
         let Stamped { value, now_ms } = s
             .node
-            .execute(Release {
-                name: r.name,
-                holder: r.holder,
-                fencing_token: r.fencing_token,
-            })
+            .execute_as(
+                Release {
+                    name: r.name,
+                    holder: r.holder,
+                    fencing_token: r.fencing_token,
+                    principal: caller.name().to_owned(),
+                },
+                caller.name(),
+            )
             .await
             .map_err(error::node_status)?;
         Ok(Response::new(ReleaseResponse {
@@ -101,11 +119,13 @@ impl Leases for LeasesService {
         request: Request<GetLeaseRequest>,
     ) -> Result<Response<GetLeaseResponse>, Status> {
         let s = &self.0;
+        let caller = s.caller(&request)?;
         let r = request.into_inner();
         convert::key(&r.name, || "name".into())?;
+        caller.may_use("lease", &r.name)?;
         let Stamped { value, now_ms } = s
             .node
-            .execute(GetLease { name: r.name })
+            .execute_as(GetLease { name: r.name }, caller.name())
             .await
             .map_err(error::node_status)?;
         Ok(Response::new(GetLeaseResponse {
@@ -119,8 +139,10 @@ impl Leases for LeasesService {
         &self,
         request: Request<WatchLeaseRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
+        let caller = self.0.caller(&request)?;
         let name = request.into_inner().name;
         convert::key(&name, || "name".into())?;
+        caller.may_use("lease", &name)?;
         let node = self.0.node.clone();
         let watch = node.watch(&name).map_err(error::node_status)?;
         let (lease, now, mut events, slot) = (watch.lease, watch.now_ms, watch.events, watch.slot);

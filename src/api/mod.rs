@@ -16,6 +16,7 @@ use std::sync::Arc;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::node::Node;
+use crate::security::{Auth, Caller};
 
 /// Request bounds the API enforces before anything reaches the engine.
 #[derive(Clone, Copy, Debug)]
@@ -45,4 +46,14 @@ pub struct Shared {
     pub node: Arc<Node>,
     pub metrics: Arc<Metrics>,
     pub bounds: Bounds,
+    /// The auth file's rules (`--auth-file`); `None` lets every call in.
+    pub auth: Option<Auth>,
+}
+
+impl Shared {
+    /// Who sent `request` (`UNAUTHENTICATED` when authentication is on
+    /// and the caller is not known).
+    pub fn caller<T>(&self, request: &tonic::Request<T>) -> Result<Caller, tonic::Status> {
+        Caller::of(self.auth.as_ref(), request)
+    }
 }

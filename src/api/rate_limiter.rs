@@ -5,6 +5,7 @@ use tonic::{Request, Response, Status};
 use super::{convert, error, Shared};
 use crate::proto::rate_limiter_server::RateLimiter;
 use crate::proto::{CheckRequest, CheckResponse};
+use crate::security::Caller;
 
 pub struct RateLimiterService(pub Shared);
 
@@ -15,6 +16,7 @@ impl RateLimiter for RateLimiterService {
         request: Request<CheckRequest>,
     ) -> Result<Response<CheckResponse>, Status> {
         let s = &self.0;
+        let caller = s.caller(&request)?;
         let req = request.into_inner();
         let n = req.checks.len();
         if n == 0 || n > s.bounds.max_checks {
@@ -22,6 +24,11 @@ impl RateLimiter for RateLimiterService {
                 "checks: must hold 1 to {} checks, got {n}",
                 s.bounds.max_checks
             )));
+        }
+        if !matches!(caller, Caller::Anyone) {
+            for c in &req.checks {
+                caller.may_use("key", &c.key)?;
+            }
         }
         let checks = req
             .checks
@@ -31,7 +38,7 @@ impl RateLimiter for RateLimiterService {
             .collect::<Result<Vec<_>, _>>()?;
         let results = s
             .node
-            .check(checks, req.all_or_nothing)
+            .check_as(checks, req.all_or_nothing, caller.name())
             .await
             .map_err(error::node_status)?;
         let allowed = results.iter().filter(|r| r.allowed).count() as u64;

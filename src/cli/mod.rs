@@ -9,7 +9,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use tonic::transport::Channel;
+
+use crate::security::{self, ClientFiles, ClientOptions, Conn};
 
 use crate::config::{Config, LogFormat};
 use crate::proto::{
@@ -96,6 +97,23 @@ struct Server {
         global = true
     )]
     server: String,
+    /// Connect over TLS, trusting this CA (PEM).
+    #[arg(long, env = "ARBITER_TLS_CA", global = true)]
+    tls_ca: Option<std::path::PathBuf>,
+    /// Client certificate (PEM) for mutual TLS; needs --tls-key and --tls-ca.
+    #[arg(long, env = "ARBITER_TLS_CERT", global = true)]
+    tls_cert: Option<std::path::PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, env = "ARBITER_TLS_KEY", global = true)]
+    tls_key: Option<std::path::PathBuf>,
+    /// Verify the server's certificate for this name instead of the
+    /// --server host.
+    #[arg(long, env = "ARBITER_TLS_SERVER_NAME", global = true)]
+    tls_server_name: Option<String>,
+    /// Bearer token sent as `authorization: Bearer TOKEN` (`--token` is
+    /// the lease commands' fencing token).
+    #[arg(long, env = "ARBITER_TOKEN", global = true, hide_env_values = true)]
+    auth_token: Option<String>,
 }
 
 #[derive(Args)]
@@ -281,14 +299,25 @@ pub async fn run(cli: Cli) -> ExitCode {
 
 type CliResult = Result<ExitCode, String>;
 
-async fn connect(server: &Server) -> Result<Channel, String> {
-    let endpoint = Channel::from_shared(server.server.clone())
-        .map_err(|e| format!("--server {:?}: {e}", server.server))?
-        .connect_timeout(Duration::from_secs(5));
-    endpoint
-        .connect()
-        .await
-        .map_err(|e| format!("cannot reach {}: {e}", server.server))
+async fn connect(server: &Server) -> Result<Conn, String> {
+    let tls = match (&server.tls_ca, &server.tls_cert, &server.tls_key) {
+        (None, None, None) => None,
+        (Some(ca), cert, key) => Some(ClientFiles {
+            ca: ca.clone(),
+            cert: cert.clone(),
+            key: key.clone(),
+        }),
+        (None, _, _) => return Err("--tls-cert and --tls-key need --tls-ca".into()),
+    };
+    security::connect(
+        &server.server,
+        &ClientOptions {
+            tls,
+            token: server.auth_token.clone(),
+            server_name: server.tls_server_name.clone(),
+        },
+    )
+    .await
 }
 
 fn status(e: tonic::Status) -> String {

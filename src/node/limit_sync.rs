@@ -56,7 +56,7 @@ impl Node {
                 }
                 let n = cells.len();
                 let request = Request {
-                    now_ms: self.now_ms(),
+                    now_ms: self.stamp_ms(),
                     commands: vec![Command::SyncCells { cells }],
                     // This process skips its own syncs when applying them.
                     sync_origin: Some(self.boot_id),

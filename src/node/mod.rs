@@ -116,6 +116,8 @@ pub struct Options {
     pub watch_limits: WatchLimits,
     /// The most the members' wall clocks may differ by.
     pub max_clock_skew_ms: u64,
+    /// Mutual TLS towards peers (with `--peer-tls-*`).
+    pub peer_tls: Option<crate::security::Connector>,
 }
 
 /// Why the node could not start.
@@ -208,6 +210,7 @@ impl Node {
             clock,
             watch_limits,
             max_clock_skew_ms,
+            peer_tls,
         } = options;
         let store = Store::open(&data_dir)?;
         let snapshots = SnapshotDir::open(&data_dir)?;
@@ -252,7 +255,7 @@ impl Node {
         }
         .validate()
         .map_err(|e| raft_err(&e))?;
-        let network = PeerNetwork::new(cluster.clone());
+        let network = PeerNetwork::new(cluster.clone(), peer_tls);
         let channels = network.channels.clone();
         let lease = network.lease.clone();
         let raft = Raft::new(
@@ -370,6 +373,12 @@ impl Node {
     /// backwards, whatever order concurrent proposals reach the log in.)
     pub fn now_ms(&self) -> u64 {
         self.time.now_ms()
+    }
+
+    /// [`now_ms`](Self::now_ms) for a command this node proposes (see
+    /// `Timekeeper::stamp`).
+    pub(crate) fn stamp_ms(&self) -> u64 {
+        self.time.stamp()
     }
 
     /// Runs `task` until the node stops, which waits for it (see

@@ -12,15 +12,53 @@ use crate::proto::raft_peer_server::RaftPeer;
 use crate::proto::PeerMessage;
 use crate::raft::network::{decode, decode_append, decode_snapshot, encode};
 use crate::raft::NodeId;
+use crate::security::{Auth, Caller, PRINCIPAL_HEADER};
 
-pub struct PeerService(pub Arc<Node>, AtomicU64);
+/// Applies to a forwarded call the checks the client-facing handlers make:
+/// namespaces, admin, and that lease calls carry the caller's own
+/// principal.
+fn authorize(caller: &Caller, call: &Call) -> Result<(), Status> {
+    if matches!(caller, Caller::Anyone) {
+        return Ok(());
+    }
+    let own = |principal: &str| {
+        if principal == caller.name() {
+            Ok(())
+        } else {
+            Err(Status::permission_denied(format!(
+                "a lease call for principal {principal:?} was forwarded as {:?}",
+                caller.name()
+            )))
+        }
+    };
+    match call {
+        Call::Acquire(op) => own(&op.principal).and(caller.may_use("lease", &op.name)),
+        Call::Renew(op) => own(&op.principal).and(caller.may_use("lease", &op.name)),
+        Call::Release(op) => own(&op.principal).and(caller.may_use("lease", &op.name)),
+        Call::GetLease(op) => caller.may_use("lease", &op.name),
+        Call::Begin(op) => caller.may_use("idempotency key", &op.key),
+        Call::Complete(op) => caller.may_use("idempotency key", &op.key),
+        Call::Abort(op) => caller.may_use("idempotency key", &op.key),
+        Call::GetRecord(op) => caller.may_use("idempotency key", &op.key),
+        Call::Check(op) => op
+            .checks
+            .iter()
+            .try_for_each(|c| caller.may_use("key", &c.key)),
+        Call::AddMember(_) => caller.admin("AddMember"),
+        Call::RemoveMember(_) => caller.admin("RemoveMember"),
+    }
+}
+
+pub struct PeerService(pub Arc<Node>, AtomicU64, Option<Auth>);
 
 /// How often a refused message of another cluster is logged, at most.
 const FOREIGN_WARN_EVERY_MS: u64 = 10_000;
 
 impl PeerService {
-    pub fn new(node: Arc<Node>) -> Self {
-        Self(node, AtomicU64::new(0))
+    /// With `auth`, forwarded calls are authorised as the principal they
+    /// carry, as the follower did.
+    pub fn new(node: Arc<Node>, auth: Option<Auth>) -> Self {
+        Self(node, AtomicU64::new(0), auth)
     }
 }
 
@@ -115,7 +153,13 @@ impl RaftPeer for PeerService {
         request: Request<PeerMessage>,
     ) -> Result<Response<PeerMessage>, Status> {
         self.admit(&request)?;
+        let principal = request
+            .metadata()
+            .get(PRINCIPAL_HEADER)
+            .and_then(|v| v.to_str().ok());
+        let caller = Caller::forwarded(self.2.as_ref(), principal)?;
         let call: Call = decode(request.get_ref()).map_err(bad)?;
+        authorize(&caller, &call)?;
         // Served here only if this node leads; otherwise the sender routes again.
         Ok(Response::new(self.0.serve_forwarded(call).await))
     }

@@ -104,7 +104,7 @@ impl Node {
 
     /// Writes one batch of proposals as one entry and answers each.
     async fn write_batch(&self, batch: Vec<Proposal>) {
-        let now = self.now_ms();
+        let now = self.stamp_ms();
         let (commands, replies): (Vec<Command>, Vec<_>) = batch.into_iter().unzip();
         let n = commands.len();
         let request = Request {

@@ -23,6 +23,7 @@ use crate::proto::raft_peer_client::RaftPeerClient;
 use crate::proto::PeerMessage;
 use crate::raft::network::{decode, encode, with_cluster, PEER_MESSAGE_LIMIT};
 use crate::raft::NodeId;
+use crate::security::PRINCIPAL_HEADER;
 
 /// A value as of a time: the time a write was stamped with, or the time a
 /// read was served at (for remaining-time fields).
@@ -231,6 +232,17 @@ impl Node {
     /// the peer channel otherwise. Waits up to `leader_wait` for a leader;
     /// then UNAVAILABLE.
     pub async fn execute<O: Operation>(&self, op: O) -> Result<O::Output, NodeError> {
+        self.execute_as(op, "").await
+    }
+
+    /// [`execute`](Self::execute) for an authenticated caller: a forwarded
+    /// call carries `principal` (unless empty), and the leader authorises
+    /// it as that principal.
+    pub async fn execute_as<O: Operation>(
+        &self,
+        op: O,
+        principal: &str,
+    ) -> Result<O::Output, NodeError> {
         let deadline = Instant::now() + self.leader_wait;
         let mut server = self.server.clone();
         loop {
@@ -239,7 +251,7 @@ impl Node {
                 // Shutting down after handing over: wait for the next leader.
                 Some(l) if l == self.id && self.stepping_down() => Err(NodeError::NotLeader),
                 Some(l) if l == self.id => self.serve_bounded(op.clone()).await,
-                Some(l) => self.forward::<O>(l, op.clone().into()).await,
+                Some(l) => self.forward::<O>(l, op.clone().into(), principal).await,
                 None => Err(NodeError::NotLeader),
             };
             match result {
@@ -265,14 +277,27 @@ impl Node {
         checks: Vec<LimitCheck>,
         all_or_nothing: bool,
     ) -> Result<Vec<LimitResult>, NodeError> {
+        self.check_as(checks, all_or_nothing, "").await
+    }
+
+    /// [`check`](Self::check) for an authenticated caller.
+    pub async fn check_as(
+        &self,
+        checks: Vec<LimitCheck>,
+        all_or_nothing: bool,
+        principal: &str,
+    ) -> Result<Vec<LimitResult>, NodeError> {
         if self.may_decide() {
             // The hot path: no routing, no cloning.
             return Ok(self.engine.check(&checks, all_or_nothing, self.now_ms())?);
         }
-        self.execute(CheckLimits {
-            checks,
-            all_or_nothing,
-        })
+        self.execute_as(
+            CheckLimits {
+                checks,
+                all_or_nothing,
+            },
+            principal,
+        )
         .await
     }
 
@@ -280,6 +305,7 @@ impl Node {
         &self,
         leader: NodeId,
         call: Call,
+        principal: &str,
     ) -> Result<O::Output, NodeError> {
         let addr = {
             let m = self.raft.metrics();
@@ -296,7 +322,19 @@ impl Node {
             .channels
             .get(&addr)
             .map_err(|e| NodeError::Unavailable(format!("leader {leader} at {addr}: {e}")))?;
-        let request = with_cluster(encode(&call), &self.cluster, self.leader_wait);
+        let mut request = with_cluster(encode(&call), &self.cluster, self.leader_wait);
+        if !principal.is_empty() {
+            match tonic::metadata::MetadataValue::try_from(principal) {
+                Ok(v) => {
+                    request.metadata_mut().insert(PRINCIPAL_HEADER, v);
+                }
+                Err(_) => {
+                    return Err(NodeError::Unavailable(format!(
+                        "principal name {principal:?} cannot be forwarded (not ASCII)"
+                    )))
+                }
+            }
+        }
         let mut client = RaftPeerClient::new(channel)
             .max_decoding_message_size(PEER_MESSAGE_LIMIT)
             .max_encoding_message_size(PEER_MESSAGE_LIMIT);

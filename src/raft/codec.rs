@@ -125,17 +125,20 @@ fn command_to_proto(c: &Command) -> pb::Command {
             name: o.name.clone(),
             holder: o.holder.clone(),
             ttl_ms: o.ttl_ms,
+            principal: o.principal.clone(),
         }),
         Command::Renew(o) => Op::Renew(pb::Renew {
             name: o.name.clone(),
             holder: o.holder.clone(),
             fencing_token: o.fencing_token,
             ttl_ms: o.ttl_ms,
+            principal: o.principal.clone(),
         }),
         Command::Release(o) => Op::Release(pb::Release {
             name: o.name.clone(),
             holder: o.holder.clone(),
             fencing_token: o.fencing_token,
+            principal: o.principal.clone(),
         }),
         Command::Begin(o) => Op::Begin(pb::Begin {
             key: o.key.clone(),
@@ -172,17 +175,20 @@ fn command_from_proto(c: pb::Command) -> Result<Command, String> {
             name: o.name,
             holder: o.holder,
             ttl_ms: o.ttl_ms,
+            principal: o.principal,
         }),
         Op::Renew(o) => Command::Renew(e::Renew {
             name: o.name,
             holder: o.holder,
             fencing_token: o.fencing_token,
             ttl_ms: o.ttl_ms,
+            principal: o.principal,
         }),
         Op::Release(o) => Command::Release(e::Release {
             name: o.name,
             holder: o.holder,
             fencing_token: o.fencing_token,
+            principal: o.principal,
         }),
         Op::Begin(o) => Command::Begin(e::Begin {
             key: o.key,
@@ -237,6 +243,7 @@ mod tests {
             payload: EntryPayload::Normal(Request {
                 now_ms: 1_700_000_000_000,
                 commands: vec![Command::Acquire(e::Acquire {
+                    principal: String::new(),
                     name: "orders-leader".into(),
                     holder: "orders-7f9c-0".into(),
                     ttl_ms: 10_000,
@@ -259,12 +266,14 @@ mod tests {
         );
         let commands = vec![
             Command::Renew(e::Renew {
+                principal: String::new(),
                 name: "n".into(),
                 holder: "h".into(),
                 fencing_token: 4,
                 ttl_ms: 5,
             }),
             Command::Release(e::Release {
+                principal: String::new(),
                 name: "n".into(),
                 holder: "h".into(),
                 fencing_token: 4,

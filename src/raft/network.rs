@@ -22,6 +22,8 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tonic::transport::{Channel, Endpoint};
 
+use crate::security::Connector;
+
 use super::codec::{decode_entry, encode_entry};
 use super::lease::LeaderLease;
 use super::legacy::LegacyEntry;
@@ -62,23 +64,38 @@ pub fn snapshot_chunk_timeout(chunk: usize, total: u64, last: bool) -> Duration 
     (transfer + load).min(SNAPSHOT_RPC_CAP)
 }
 
-/// Lazily connected, reused channels to peers, keyed by peer address.
+/// Lazily connected, reused channels to peers, keyed by peer address;
+/// over mutual TLS when the node has a peer certificate.
 #[derive(Clone, Default)]
-pub struct Channels(Arc<Mutex<HashMap<String, Channel>>>);
+pub struct Channels {
+    map: Arc<Mutex<HashMap<String, Channel>>>,
+    tls: Option<Connector>,
+}
 
 impl Channels {
+    pub fn new(tls: Option<Connector>) -> Self {
+        Self {
+            map: Arc::default(),
+            tls,
+        }
+    }
+
     /// The channel to `addr` (`host:port`), created on first use.
     pub fn get(&self, addr: &str) -> Result<Channel, tonic::transport::Error> {
-        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(ch) = map.get(addr) {
             return Ok(ch.clone());
         }
-        let ch = Endpoint::from_shared(format!("http://{addr}"))?
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))?
             .connect_timeout(Duration::from_secs(1))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(5))
-            .connect_lazy();
+            .keep_alive_timeout(Duration::from_secs(5));
+        let ch = match &self.tls {
+            Some(tls) => tls.channel(endpoint),
+            None => endpoint.connect_lazy(),
+        };
         map.insert(addr.to_owned(), ch.clone());
         Ok(ch)
     }
@@ -202,9 +219,9 @@ pub struct PeerNetwork {
 }
 
 impl PeerNetwork {
-    pub fn new(cluster: ClusterId) -> Self {
+    pub fn new(cluster: ClusterId, tls: Option<Connector>) -> Self {
         Self {
-            channels: Channels::default(),
+            channels: Channels::new(tls),
             lease: Arc::default(),
             cluster,
         }

@@ -108,13 +108,14 @@ pub fn encode(
                 key.len() + 32
             }
             Item::Lease(l) => {
-                let size = l.name.len() + l.holder.len() + 24;
+                let size = l.name.len() + l.holder.len() + l.principal.len() + 24;
                 part.leases.push(pb::Lease {
                     name: l.name,
                     holder: l.holder,
                     fencing_token: l.fencing_token,
                     ttl_ms: l.ttl_ms,
                     expires_at_ms: l.expires_at_ms,
+                    principal: l.principal,
                 });
                 size
             }
@@ -228,6 +229,7 @@ pub fn read(mut r: impl Read, engine: Option<&Engine>) -> io::Result<Header> {
                 fencing_token: l.fencing_token,
                 ttl_ms: l.ttl_ms,
                 expires_at_ms: l.expires_at_ms,
+                principal: l.principal,
             }));
         }
         for rec in part.records {
@@ -309,6 +311,7 @@ mod tests {
             .collect();
         e.check(&checks, false, 5).unwrap();
         let acquire = Acquire {
+            principal: String::new(),
             name: "lease".into(),
             holder: "h".into(),
             ttl_ms: 1000,

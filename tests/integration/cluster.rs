@@ -22,6 +22,9 @@ pub struct Cluster {
     extra: Vec<String>,
     /// How many of the nodes are initial members (the rest join later).
     initial: usize,
+    /// How the harness itself connects (TLS and a principal when the
+    /// nodes require them).
+    client: arbiter::security::ClientOptions,
 }
 
 /// A currently free loopback port. Peer addresses must be known to every
@@ -46,6 +49,33 @@ impl Cluster {
         Self::start_with_clocks(n, spares, extra, &[])
     }
 
+    /// `n` members that require TLS (and a principal) of their clients;
+    /// the harness connects with `client`.
+    pub fn start_secured(
+        n: usize,
+        extra: &[&str],
+        client: arbiter::security::ClientOptions,
+    ) -> Cluster {
+        let mut c = Self::new(n, 0, extra);
+        c.client = client;
+        for i in 0..n {
+            c.start_node(i);
+        }
+        c
+    }
+
+    fn new(n: usize, spares: usize, extra: &[&str]) -> Cluster {
+        let total = n + spares;
+        Cluster {
+            nodes: (0..total).map(|_| None).collect(),
+            dirs: (0..total).map(|_| fresh_dir()).collect(),
+            peer_ports: (0..total).map(|_| free_port()).collect(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            initial: n,
+            client: Default::default(),
+        }
+    }
+
     /// As [`Cluster::start_with_spares`], node `i`'s wall clock shifted by
     /// `offsets_ms[i]` from its start (a test-only clock offset).
     pub fn start_with_clocks(
@@ -54,14 +84,7 @@ impl Cluster {
         extra: &[&str],
         offsets_ms: &[i64],
     ) -> Cluster {
-        let total = n + spares;
-        let mut c = Cluster {
-            nodes: (0..total).map(|_| None).collect(),
-            dirs: (0..total).map(|_| fresh_dir()).collect(),
-            peer_ports: (0..total).map(|_| free_port()).collect(),
-            extra: extra.iter().map(|s| s.to_string()).collect(),
-            initial: n,
-        };
+        let mut c = Self::new(n, spares, extra);
         for (i, offset) in offsets_ms.iter().enumerate() {
             std::fs::create_dir_all(&c.dirs[i]).unwrap();
             std::fs::write(c.clock_file(i), offset.to_string()).unwrap();
@@ -118,7 +141,7 @@ impl Cluster {
             let mut seen = BTreeMap::new();
             for (i, s) in self.nodes.iter().enumerate() {
                 let Some(s) = s else { continue };
-                let mut c = ClusterClient::new(s.channel().await);
+                let mut c = ClusterClient::new(s.conn(&self.client).await);
                 let st = c.status(ClusterStatusRequest {}).await.ok()?.into_inner();
                 let voters = st.members.iter().filter(|m| m.voter).count();
                 if voters < self.initial {

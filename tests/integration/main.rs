@@ -15,6 +15,7 @@ mod linearizability;
 mod manual_clock;
 mod rate_limiter;
 mod replication;
+mod security;
 mod server;
 mod upgrade;
 mod validation;

@@ -152,6 +152,23 @@ impl Server {
             .expect("connect to arbiter")
     }
 
+    /// A connection with `options` (TLS: `https://` to the client port).
+    pub async fn conn(
+        &self,
+        options: &arbiter::security::ClientOptions,
+    ) -> arbiter::security::Conn {
+        let scheme = if options.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let url = format!("{scheme}://{}", self.addr);
+        eventually("a connection", || async {
+            arbiter::security::connect(&url, options).await.ok()
+        })
+        .await
+    }
+
     pub async fn limits(&self) -> RateLimiterClient<Channel> {
         RateLimiterClient::new(self.channel().await)
     }

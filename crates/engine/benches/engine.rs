@@ -132,6 +132,7 @@ fn leases(c: &mut Criterion) {
                 let a = engine
                     .apply(
                         Command::Acquire(Acquire {
+                            principal: String::new(),
                             name: name.clone(),
                             holder: holder.clone(),
                             ttl_ms: 10_000,
@@ -146,6 +147,7 @@ fn leases(c: &mut Criterion) {
                 engine
                     .apply(
                         Command::Release(Release {
+                            principal: String::new(),
                             name,
                             holder,
                             fencing_token: token,

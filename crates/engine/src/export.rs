@@ -44,14 +44,19 @@ impl Engine {
             .for_each(|key, cell| visit(Item::Cell(key, cell)));
     }
 
-    /// Drops all state, as the first step of loading a snapshot item by
-    /// item (so the old state and the new are never held together).
+    /// Drops all state but the token and attempt counters, as the first
+    /// step of loading a snapshot item by item (so the old state and the new
+    /// are never held together).
     pub fn clear(&self) {
         self.limits.clear();
-        *self.tables() = Tables {
+        let mut t = self.tables();
+        let (last_token, last_attempt) = (t.leases.last_token(), t.records.last_attempt());
+        *t = Tables {
             leases: LeaseTable::new(self.config.max_leases),
             records: RecordTable::new(self.config.max_records, self.config.max_record_bytes),
         };
+        t.leases.raise_last_token(last_token);
+        t.records.raise_last_attempt(last_attempt);
     }
 
     /// Stores one exported item, replacing what is stored under its key.
@@ -63,9 +68,12 @@ impl Engine {
                 last_token,
                 last_attempt,
             } => {
+                // Counters only ever rise: a snapshot older than what this
+                // node has seen cannot make a token or attempt number be
+                // granted twice.
                 let mut t = self.tables();
-                t.leases.set_last_token(last_token);
-                t.records.set_last_attempt(last_attempt);
+                t.leases.raise_last_token(last_token);
+                t.records.raise_last_attempt(last_attempt);
             }
             Item::Cell(key, cell) => self.limits.upsert([(key, cell)]),
             Item::Lease(lease) => self.tables().leases.put(lease),
@@ -98,6 +106,7 @@ mod tests {
         for i in 0..5 {
             e.execute(
                 crate::Acquire {
+                    principal: String::new(),
                     name: format!("lease-{i}"),
                     holder: "h".into(),
                     ttl_ms: 5_000,
@@ -135,6 +144,7 @@ mod tests {
         // Something to be replaced: an import starts from a cleared engine.
         to.execute(
             crate::Acquire {
+                principal: String::new(),
                 name: "stale".into(),
                 holder: "x".into(),
                 ttl_ms: 1,
@@ -156,6 +166,7 @@ mod tests {
         let (next, _) = to
             .execute(
                 crate::Acquire {
+                    principal: String::new(),
                     name: "new".into(),
                     holder: "h".into(),
                     ttl_ms: 5_000,
@@ -167,7 +178,7 @@ mod tests {
     }
 
     #[test]
-    fn clear_leaves_nothing() {
+    fn clear_leaves_nothing_but_the_counters() {
         let e = busy_engine();
         e.clear();
         assert_eq!(e.counts(), (0, 0, 0, 0));
@@ -175,7 +186,50 @@ mod tests {
         e.export(|item| items.push(format!("{item:?}")));
         assert_eq!(
             items,
-            vec!["Counters { last_token: 0, last_attempt: 0 }".to_string()]
+            vec!["Counters { last_token: 5, last_attempt: 5 }".to_string()]
         );
+    }
+
+    /// A snapshot taken before this engine granted its latest token and
+    /// attempt cannot make either be granted again.
+    #[test]
+    fn an_older_snapshot_never_moves_the_counters_back() {
+        let old = busy_engine();
+        let e = busy_engine();
+        let grant = |name: &str| {
+            e.execute(
+                crate::Acquire {
+                    principal: String::new(),
+                    name: name.into(),
+                    holder: "h".into(),
+                    ttl_ms: 5_000,
+                },
+                300,
+            )
+            .unwrap()
+            .0
+            .lease
+            .fencing_token
+        };
+        assert_eq!(grant("later"), 6);
+        let attempt = e
+            .execute(
+                Begin {
+                    key: "pay-later".into(),
+                    fingerprint: b"fp".to_vec(),
+                    lock_ttl_ms: 1_000,
+                    retention_ms: 60_000,
+                },
+                300,
+            )
+            .unwrap()
+            .0;
+        assert!(
+            matches!(attempt, crate::BeginOutcome::Started { attempt: 6 }),
+            "{attempt:?}"
+        );
+        e.clear();
+        old.export(|item| e.import(item));
+        assert_eq!(grant("after-install"), 7);
     }
 }

@@ -108,8 +108,9 @@ impl RecordTable {
         self.last_attempt
     }
 
-    pub(crate) fn set_last_attempt(&mut self, attempt: u64) {
-        self.last_attempt = attempt;
+    /// Raises the attempt counter to `attempt`, never lowers it.
+    pub(crate) fn raise_last_attempt(&mut self, attempt: u64) {
+        self.last_attempt = self.last_attempt.max(attempt);
     }
 
     pub fn len(&self) -> usize {

@@ -5,6 +5,11 @@
 //! come from one counter shared by all names, so a token is never reused
 //! even after a name's lease was purged, and tokens for one name strictly
 //! increase with every new grant.
+//!
+//! With authentication on, a lease also records the principal that was
+//! granted it; only that principal may then renew it (by `renew` or by
+//! acquiring it again) or release it. A lease granted without a principal
+//! (authentication off) is owned by its holder name alone.
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -20,6 +25,10 @@ pub struct Lease {
     pub fencing_token: u64,
     pub ttl_ms: u64,
     pub expires_at_ms: u64,
+    /// The authenticated principal it was granted to ("" without
+    /// authentication).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub principal: String,
 }
 
 impl Lease {
@@ -49,6 +58,15 @@ pub(crate) struct Held {
     fencing_token: u64,
     ttl_ms: u64,
     expires_at_ms: u64,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    principal: String,
+}
+
+impl Held {
+    /// Whether `principal` may renew or release this lease.
+    fn owned_by(&self, principal: &str) -> bool {
+        self.principal.is_empty() || self.principal == principal
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -71,6 +89,7 @@ fn view(name: &str, h: &Held) -> Lease {
         fencing_token: h.fencing_token,
         ttl_ms: h.ttl_ms,
         expires_at_ms: h.expires_at_ms,
+        principal: h.principal.clone(),
     }
 }
 
@@ -105,14 +124,17 @@ impl LeaseTable {
             fencing_token: lease.fencing_token,
             ttl_ms: lease.ttl_ms,
             expires_at_ms: lease.expires_at_ms,
+            principal: lease.principal,
         };
         let old = self.held.get(&lease.name).map(|h| h.expires_at_ms);
         self.set_deadline(&lease.name, old, Some(held.expires_at_ms));
         self.held.insert(lease.name, held);
     }
 
-    pub(crate) fn set_last_token(&mut self, token: u64) {
-        self.last_token = token;
+    /// Raises the token counter to `token` (a loaded snapshot never moves
+    /// it back: a token once granted is never granted again).
+    pub(crate) fn raise_last_token(&mut self, token: u64) {
+        self.last_token = self.last_token.max(token);
     }
 
     fn set_deadline(&mut self, name: &str, old: Option<u64>, new: Option<u64>) {
@@ -146,7 +168,7 @@ impl LeaseTable {
     }
 
     /// Grants a free or lapsed lease, renews the holder's own, or reports the
-    /// other holder's (`acquired = false`).
+    /// other holder's (`acquired = false`). No principal: see [`acquire_as`](Self::acquire_as).
     pub fn acquire(
         &mut self,
         name: &str,
@@ -155,9 +177,24 @@ impl LeaseTable {
         now_ms: u64,
         events: &mut Vec<LeaseEvent>,
     ) -> Result<(bool, Lease), EngineError> {
+        self.acquire_as(name, holder, "", ttl_ms, now_ms, events)
+    }
+
+    /// [`acquire`](Self::acquire) by `principal`: a lease held under the
+    /// same holder name by another principal is reported as held, not
+    /// renewed.
+    pub fn acquire_as(
+        &mut self,
+        name: &str,
+        holder: &str,
+        principal: &str,
+        ttl_ms: u64,
+        now_ms: u64,
+        events: &mut Vec<LeaseEvent>,
+    ) -> Result<(bool, Lease), EngineError> {
         let expires_at_ms = now_ms.saturating_add(ttl_ms);
         if let Some(h) = self.live(name, now_ms) {
-            if h.holder != holder {
+            if h.holder != holder || !h.owned_by(principal) {
                 return Ok((false, view(name, h)));
             }
             let h = self.held.get_mut(name).expect("live lease is stored");
@@ -190,6 +227,7 @@ impl LeaseTable {
             fencing_token: self.last_token,
             ttl_ms,
             expires_at_ms,
+            principal: principal.to_owned(),
         };
         let lease = view(name, &h);
         self.held.insert(name.to_owned(), h);
@@ -205,10 +243,17 @@ impl LeaseTable {
         &mut self,
         name: &str,
         holder: &str,
+        principal: &str,
         token: u64,
         now_ms: u64,
     ) -> Result<&mut Held, EngineError> {
         match self.held.get_mut(name) {
+            Some(h) if now_ms < h.expires_at_ms && !h.owned_by(principal) => {
+                Err(EngineError::NotOwner {
+                    name: name.to_owned(),
+                    principal: principal.to_owned(),
+                })
+            }
             Some(h)
                 if now_ms < h.expires_at_ms && h.holder == holder && h.fencing_token == token =>
             {
@@ -231,7 +276,22 @@ impl LeaseTable {
         now_ms: u64,
         events: &mut Vec<LeaseEvent>,
     ) -> Result<Lease, EngineError> {
-        let h = self.owned_mut(name, holder, token, now_ms)?;
+        self.renew_as(name, holder, "", token, ttl_ms, now_ms, events)
+    }
+
+    /// [`renew`](Self::renew) by `principal`, which must own the lease.
+    #[allow(clippy::too_many_arguments)]
+    pub fn renew_as(
+        &mut self,
+        name: &str,
+        holder: &str,
+        principal: &str,
+        token: u64,
+        ttl_ms: u64,
+        now_ms: u64,
+        events: &mut Vec<LeaseEvent>,
+    ) -> Result<Lease, EngineError> {
+        let h = self.owned_mut(name, holder, principal, token, now_ms)?;
         let new = now_ms.saturating_add(ttl_ms);
         let old = std::mem::replace(&mut h.expires_at_ms, new);
         h.ttl_ms = ttl_ms;
@@ -252,7 +312,20 @@ impl LeaseTable {
         now_ms: u64,
         events: &mut Vec<LeaseEvent>,
     ) -> Result<Lease, EngineError> {
-        self.owned_mut(name, holder, token, now_ms)?;
+        self.release_as(name, holder, "", token, now_ms, events)
+    }
+
+    /// [`release`](Self::release) by `principal`, which must own the lease.
+    pub fn release_as(
+        &mut self,
+        name: &str,
+        holder: &str,
+        principal: &str,
+        token: u64,
+        now_ms: u64,
+        events: &mut Vec<LeaseEvent>,
+    ) -> Result<Lease, EngineError> {
+        self.owned_mut(name, holder, principal, token, now_ms)?;
         let h = self.held.remove(name).expect("owned lease is stored");
         self.set_deadline(name, Some(h.expires_at_ms), None);
         let lease = view(name, &h);
@@ -316,6 +389,36 @@ impl LeaseTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_granted_principal_renews_or_releases() {
+        let mut t = LeaseTable::new(10);
+        let ev = &mut Vec::new();
+        let (_, l) = t.acquire_as("db", "pod", "bob", 100, 0, ev).unwrap();
+        assert_eq!(l.principal, "bob");
+        let tok = l.fencing_token;
+        // Another principal knowing the holder name and token gets nowhere.
+        let (ok, seen) = t.acquire_as("db", "pod", "alice", 100, 10, ev).unwrap();
+        assert!(!ok && seen.expires_at_ms == 100, "{seen:?}");
+        let not_owner =
+            |r: Result<Lease, EngineError>| matches!(r, Err(EngineError::NotOwner { .. }));
+        assert!(not_owner(
+            t.renew_as("db", "pod", "alice", tok, 100, 20, ev)
+        ));
+        assert!(not_owner(t.release_as("db", "pod", "alice", tok, 30, ev)));
+        // The owner can; a lease granted without a principal is anyone's
+        // who names its holder and token.
+        assert_eq!(
+            t.renew_as("db", "pod", "bob", tok, 100, 40, ev)
+                .unwrap()
+                .expires_at_ms,
+            140
+        );
+        t.release_as("db", "pod", "bob", tok, 50, ev).unwrap();
+        let (_, l) = t.acquire("db", "pod", 100, 60, ev).unwrap();
+        t.renew_as("db", "pod", "alice", l.fencing_token, 100, 70, ev)
+            .unwrap();
+    }
 
     #[test]
     fn grant_renew_release_and_tokens() {

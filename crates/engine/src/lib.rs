@@ -35,6 +35,8 @@ pub enum EngineError {
         holder: String,
         fencing_token: u64,
     },
+    #[error("lease {name:?} was granted to another principal; {principal:?} may not renew or release it")]
+    NotOwner { name: String, principal: String },
     #[error("attempt {attempt} no longer owns idempotency key {key:?} (its lock lapsed, or it completed or aborted)")]
     StaleAttempt { key: String, attempt: u64 },
     #[error("{what} limit reached ({max})")]

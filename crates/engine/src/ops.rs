@@ -20,6 +20,9 @@ pub struct Acquire {
     pub name: String,
     pub holder: String,
     pub ttl_ms: u64,
+    /// The authenticated caller ("" without authentication).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub principal: String,
 }
 
 /// Extends a held lease, proving ownership with its fencing token.
@@ -29,6 +32,8 @@ pub struct Renew {
     pub holder: String,
     pub fencing_token: u64,
     pub ttl_ms: u64,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub principal: String,
 }
 
 /// Gives up a held lease.
@@ -37,6 +42,8 @@ pub struct Release {
     pub name: String,
     pub holder: String,
     pub fencing_token: u64,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub principal: String,
 }
 
 /// Starts (or reports) an attempt under an idempotency key.
@@ -103,9 +110,14 @@ impl Write for Acquire {
         now_ms: u64,
         events: &mut Vec<LeaseEvent>,
     ) -> Result<Acquired, EngineError> {
-        let (acquired, lease) =
-            t.leases
-                .acquire(&self.name, &self.holder, self.ttl_ms, now_ms, events)?;
+        let (acquired, lease) = t.leases.acquire_as(
+            &self.name,
+            &self.holder,
+            &self.principal,
+            self.ttl_ms,
+            now_ms,
+            events,
+        )?;
         Ok(Acquired { acquired, lease })
     }
 
@@ -130,9 +142,10 @@ impl Write for Renew {
         now_ms: u64,
         events: &mut Vec<LeaseEvent>,
     ) -> Result<Lease, EngineError> {
-        t.leases.renew(
+        t.leases.renew_as(
             &self.name,
             &self.holder,
+            &self.principal,
             self.fencing_token,
             self.ttl_ms,
             now_ms,
@@ -161,8 +174,14 @@ impl Write for Release {
         now_ms: u64,
         events: &mut Vec<LeaseEvent>,
     ) -> Result<Lease, EngineError> {
-        t.leases
-            .release(&self.name, &self.holder, self.fencing_token, now_ms, events)
+        t.leases.release_as(
+            &self.name,
+            &self.holder,
+            &self.principal,
+            self.fencing_token,
+            now_ms,
+            events,
+        )
     }
 
     fn into_outcome(v: Lease) -> Outcome {
@@ -339,6 +358,7 @@ mod tests {
             (
                 r#"{"Acquire":{"name":"n","holder":"h","ttl_ms":5}}"#,
                 Command::Acquire(Acquire {
+                    principal: String::new(),
                     name: "n".into(),
                     holder: "h".into(),
                     ttl_ms: 5,
@@ -347,6 +367,7 @@ mod tests {
             (
                 r#"{"Renew":{"name":"n","holder":"h","fencing_token":2,"ttl_ms":5}}"#,
                 Command::Renew(Renew {
+                    principal: String::new(),
                     name: "n".into(),
                     holder: "h".into(),
                     fencing_token: 2,
@@ -356,6 +377,7 @@ mod tests {
             (
                 r#"{"Release":{"name":"n","holder":"h","fencing_token":2}}"#,
                 Command::Release(Release {
+                    principal: String::new(),
                     name: "n".into(),
                     holder: "h".into(),
                     fencing_token: 2,

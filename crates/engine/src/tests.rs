@@ -90,6 +90,7 @@ fn snapshot_round_trips_through_serde() {
     checked(&e, vec![check("k", TB, 2)], false, 0);
     e.apply(
         Command::Acquire(Acquire {
+            principal: String::new(),
             name: "l".into(),
             holder: "h".into(),
             ttl_ms: 100,
@@ -122,6 +123,7 @@ fn snapshot_round_trips_through_serde() {
     let a = restored
         .apply(
             Command::Acquire(Acquire {
+                principal: String::new(),
                 name: "m".into(),
                 holder: "h".into(),
                 ttl_ms: 100,
@@ -178,6 +180,7 @@ fn sweep_reports_expired_leases() {
     let e = engine();
     e.apply(
         Command::Acquire(Acquire {
+            principal: String::new(),
             name: "l".into(),
             holder: "h".into(),
             ttl_ms: 100,
@@ -350,7 +353,7 @@ proptest! {
             let owns = live.is_some_and(|m| m.0 == holder && m.1 == token);
             match op {
                 0 | 1 => {
-                    let a = e.execute(Acquire { name: n, holder: h, ttl_ms: ttl }, now).unwrap().0;
+                    let a = e.execute(Acquire { name: n, holder: h, ttl_ms: ttl, principal: String::new() }, now).unwrap().0;
                     match live {
                         Some(m) if m.0 != holder => {
                             prop_assert!(!a.acquired);
@@ -372,7 +375,7 @@ proptest! {
                     prop_assert_eq!(a.lease.expires_at_ms, model[name].unwrap().2);
                 }
                 2 => {
-                    let r = e.execute(Renew { name: n, holder: h, fencing_token: token, ttl_ms: ttl }, now);
+                    let r = e.execute(Renew { name: n, holder: h, fencing_token: token, ttl_ms: ttl, principal: String::new() }, now);
                     if owns {
                         let lease = r.unwrap().0;
                         prop_assert_eq!((lease.fencing_token, lease.expires_at_ms), (token, now + ttl));
@@ -382,7 +385,7 @@ proptest! {
                     }
                 }
                 _ => {
-                    let r = e.execute(Release { name: n, holder: h, fencing_token: token }, now);
+                    let r = e.execute(Release { name: n, holder: h, fencing_token: token, principal: String::new() }, now);
                     if owns {
                         prop_assert_eq!(r.unwrap().0.fencing_token, token);
                         model[name] = None;

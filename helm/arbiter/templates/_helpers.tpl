@@ -53,3 +53,57 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- default "default" .Values.serviceAccount.name }}
 {{- end }}
 {{- end }}
+
+{{/*
+The Secrets mounted into the pod, by volume name: the TLS Secrets and the
+auth file's.
+*/}}
+{{- define "arbiter.secretVolumes" -}}
+{{- if .Values.tls.client.secretName }}
+tls-client:
+  secretName: {{ .Values.tls.client.secretName }}
+  path: /tls/client
+{{- end }}
+{{- if .Values.tls.peer.secretName }}
+tls-peer:
+  secretName: {{ .Values.tls.peer.secretName }}
+  path: /tls/peer
+{{- end }}
+{{- if .Values.tls.metrics.secretName }}
+tls-metrics:
+  secretName: {{ .Values.tls.metrics.secretName }}
+  path: /tls/metrics
+{{- end }}
+{{- if .Values.auth.secretName }}
+auth:
+  secretName: {{ .Values.auth.secretName }}
+  path: /auth
+{{- end }}
+{{- end }}
+
+{{/*
+A probe of the health service named "service": kubelet's gRPC probe on a
+plaintext client port; with client TLS (which kubelet's gRPC probe cannot
+speak) `arbiter health` run in the pod, trusting the Secret's ca.crt.
+*/}}
+{{- define "arbiter.probe" -}}
+{{- $v := .root.Values -}}
+{{- if $v.tls.client.secretName }}
+exec:
+  command:
+    - arbiter
+    - health
+    - --server
+    - "https://127.0.0.1:{{ $v.ports.client }}"
+    - --tls-ca
+    - /tls/client/ca.crt
+    - --tls-server-name
+    - {{ $v.tls.client.serverName | quote }}
+    - --service
+    - {{ .service | quote }}
+{{- else }}
+grpc:
+  port: {{ $v.ports.client }}
+  service: {{ .service | quote }}
+{{- end }}
+{{- end }}

@@ -1,0 +1,781 @@
+//! Security from the outside: TLS on the client port, principals and
+//! namespaces from the auth file, lease ownership by principal, reloads of
+//! certificates and rules, and a peer port only members can use. Every
+//! certificate and key is generated here, at test time.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use arbiter::proto::cluster_client::ClusterClient;
+use arbiter::proto::idempotency_client::IdempotencyClient;
+use arbiter::proto::leases_client::LeasesClient;
+use arbiter::proto::raft_peer_client::RaftPeerClient;
+use arbiter::proto::rate_limiter_client::RateLimiterClient;
+use arbiter::proto::{
+    AcquireRequest, AddMemberRequest, BeginRequest, CheckRequest, ClusterStatusRequest,
+    CompleteRequest, GetLeaseRequest, GetRecordRequest, PeerMessage, ReleaseRequest, RenewRequest,
+    WatchLeaseRequest,
+};
+use arbiter::security::{connect, ClientFiles, ClientOptions, Conn};
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+use tonic::Code;
+
+use crate::rate_limiter::{lc, tb};
+use crate::support::{eventually, fresh_dir, Server};
+
+/// A certificate authority that signs certificates into files under `dir`.
+pub struct Pki {
+    pub dir: PathBuf,
+    issuer: Issuer<'static, KeyPair>,
+    pub ca: PathBuf,
+}
+
+/// A certificate and its key, as files.
+#[derive(Clone)]
+pub struct Identity {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl Pki {
+    pub fn new(dir: &Path, name: &str) -> Pki {
+        std::fs::create_dir_all(dir).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, name);
+        let cert = params.self_signed(&key).unwrap();
+        let ca = dir.join(format!("{name}-ca.pem"));
+        std::fs::write(&ca, cert.pem()).unwrap();
+        Pki {
+            dir: dir.to_path_buf(),
+            issuer: Issuer::new(params, key),
+            ca,
+        }
+    }
+
+    /// A certificate with common name `cn`, valid for 127.0.0.1 and
+    /// localhost, written as `<file>.pem` and `<file>.key`.
+    pub fn issue(&self, cn: &str, file: &str) -> Identity {
+        let key = KeyPair::generate().unwrap();
+        let mut params =
+            CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+        params.distinguished_name.push(DnType::CommonName, cn);
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        let id = Identity {
+            cert: self.dir.join(format!("{file}.pem")),
+            key: self.dir.join(format!("{file}.key")),
+        };
+        std::fs::write(&id.cert, cert.pem()).unwrap();
+        std::fs::write(&id.key, key.serialize_pem()).unwrap();
+        id
+    }
+
+    pub fn client(&self, id: Option<&Identity>, token: Option<&str>) -> ClientOptions {
+        ClientOptions {
+            tls: Some(ClientFiles {
+                ca: self.ca.clone(),
+                cert: id.map(|i| i.cert.clone()),
+                key: id.map(|i| i.key.clone()),
+            }),
+            token: token.map(str::to_owned),
+            server_name: None,
+        }
+    }
+}
+
+fn sha256_hex(token: &str) -> String {
+    ring::digest::digest(&ring::digest::SHA256, token.as_bytes())
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+const CI_TOKEN: &str = "ci-token-4f1c9a";
+
+fn auth_file(dir: &Path) -> PathBuf {
+    let path = dir.join("auth.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"principals:
+  - name: alice
+    certificate: alice
+    namespaces: ["a/", "shared/"]
+  - name: bob
+    certificate: bob
+    namespaces: ["b/", "shared/"]
+  - name: ops
+    certificate: ops
+    admin: true
+  - name: ci
+    token_sha256: "{}"
+    namespaces: ["ci/"]
+"#,
+            sha256_hex(CI_TOKEN)
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// One node with TLS on its client port, client certificates from `pki`,
+/// and the auth file above.
+struct Secured {
+    pki: Pki,
+    server: Server,
+    alice: Identity,
+    bob: Identity,
+    ops: Identity,
+    auth: PathBuf,
+    server_id: Identity,
+}
+
+impl Secured {
+    fn start() -> Secured {
+        let dir = fresh_dir().with_extension("pki");
+        let pki = Pki::new(&dir, "clients");
+        let server_id = pki.issue("arbiter", "server");
+        let auth = auth_file(&dir);
+        let server = Server::start(&[
+            "--tls-cert",
+            server_id.cert.to_str().unwrap(),
+            "--tls-key",
+            server_id.key.to_str().unwrap(),
+            "--tls-client-ca",
+            pki.ca.to_str().unwrap(),
+            "--auth-file",
+            auth.to_str().unwrap(),
+        ]);
+        Secured {
+            alice: pki.issue("alice", "alice"),
+            bob: pki.issue("bob", "bob"),
+            ops: pki.issue("ops", "ops"),
+            pki,
+            server,
+            auth,
+            server_id,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("https://{}", self.server.addr)
+    }
+
+    async fn conn(&self, id: Option<&Identity>, token: Option<&str>) -> Conn {
+        connect(&self.url(), &self.pki.client(id, token))
+            .await
+            .expect("connect over TLS")
+    }
+}
+
+fn code<T: std::fmt::Debug>(r: Result<T, tonic::Status>) -> Code {
+    match r {
+        Ok(v) => panic!("expected an error, got {v:?}"),
+        Err(s) => s.code(),
+    }
+}
+
+fn lease(name: &str, holder: &str) -> AcquireRequest {
+    AcquireRequest {
+        name: name.into(),
+        holder: holder.into(),
+        ttl_ms: 60_000,
+    }
+}
+
+#[tokio::test]
+async fn plaintext_to_a_tls_port_fails_and_unknown_callers_are_unauthenticated() {
+    let s = Secured::start();
+    // Plaintext HTTP/2 to the TLS port.
+    let plain = connect(
+        &format!("http://{}", s.server.addr),
+        &ClientOptions::default(),
+    )
+    .await;
+    match plain {
+        Err(_) => {}
+        Ok(conn) => {
+            let r = LeasesClient::new(conn)
+                .get(GetLeaseRequest { name: "a/x".into() })
+                .await;
+            assert!(r.is_err(), "plaintext call answered: {r:?}");
+        }
+    }
+    // TLS, but neither a certificate nor a token.
+    let anon = s.conn(None, None).await;
+    let r = LeasesClient::new(anon.clone())
+        .get(GetLeaseRequest { name: "a/x".into() })
+        .await;
+    assert_eq!(code(r), Code::Unauthenticated);
+    let r = ClusterClient::new(anon.clone())
+        .status(ClusterStatusRequest {})
+        .await;
+    assert_eq!(code(r), Code::Unauthenticated);
+    // A wrong token is no better.
+    let r = LeasesClient::new(s.conn(None, Some("not-the-token")).await)
+        .get(GetLeaseRequest {
+            name: "ci/x".into(),
+        })
+        .await;
+    assert_eq!(code(r), Code::Unauthenticated);
+    // Health stays open for probes.
+    let mut health = tonic_health::pb::health_client::HealthClient::new(anon);
+    let h = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await;
+    assert!(h.is_ok(), "health: {h:?}");
+    // The right token, in its namespace, is served.
+    let mut ci = LeasesClient::new(s.conn(None, Some(CI_TOKEN)).await);
+    assert!(
+        ci.acquire(lease("ci/build", "runner-1"))
+            .await
+            .unwrap()
+            .into_inner()
+            .acquired
+    );
+    assert_eq!(
+        code(ci.get(GetLeaseRequest { name: "a/x".into() }).await),
+        Code::PermissionDenied
+    );
+}
+
+#[tokio::test]
+async fn a_certificate_from_another_ca_is_refused() {
+    let s = Secured::start();
+    let other = Pki::new(&s.pki.dir.join("other"), "other");
+    let mallory = other.issue("alice", "mallory");
+    // Trusts the server's CA, presents a certificate of another CA, named
+    // like a known principal.
+    let opts = ClientOptions {
+        tls: Some(ClientFiles {
+            ca: s.pki.ca.clone(),
+            cert: Some(mallory.cert.clone()),
+            key: Some(mallory.key.clone()),
+        }),
+        token: None,
+        server_name: None,
+    };
+    let refused = match connect(&s.url(), &opts).await {
+        Err(_) => true,
+        Ok(conn) => LeasesClient::new(conn)
+            .get(GetLeaseRequest { name: "a/x".into() })
+            .await
+            .is_err(),
+    };
+    assert!(refused, "a certificate of another CA was accepted");
+}
+
+#[tokio::test]
+async fn a_principal_is_kept_to_its_namespaces() {
+    let s = Secured::start();
+    let alice = s.conn(Some(&s.alice), None).await;
+    let bob = s.conn(Some(&s.bob), None).await;
+    let mut bob_leases = LeasesClient::new(bob.clone());
+    let held = bob_leases
+        .acquire(lease("b/orders", "pod-b"))
+        .await
+        .unwrap()
+        .into_inner();
+    let token = held.lease.unwrap().fencing_token;
+
+    let mut leases = LeasesClient::new(alice.clone());
+    let denied = |r: Result<_, tonic::Status>, what: &str| {
+        let s = r.err().unwrap_or_else(|| panic!("{what}: allowed"));
+        assert_eq!(s.code(), Code::PermissionDenied, "{what}: {s:?}");
+        assert!(
+            s.message().contains("alice") && s.message().contains("b/"),
+            "{what}: the refusal names the principal and the key: {s:?}"
+        );
+    };
+    denied(
+        leases
+            .get(GetLeaseRequest {
+                name: "b/orders".into(),
+            })
+            .await
+            .map(|_| ()),
+        "Get",
+    );
+    denied(
+        leases.acquire(lease("b/orders", "pod-b")).await.map(|_| ()),
+        "Acquire",
+    );
+    denied(
+        leases
+            .release(ReleaseRequest {
+                name: "b/orders".into(),
+                holder: "pod-b".into(),
+                fencing_token: token,
+            })
+            .await
+            .map(|_| ()),
+        "Release",
+    );
+    denied(
+        leases
+            .renew(RenewRequest {
+                name: "b/orders".into(),
+                holder: "pod-b".into(),
+                fencing_token: token,
+                ttl_ms: 60_000,
+            })
+            .await
+            .map(|_| ()),
+        "Renew",
+    );
+    denied(
+        leases
+            .watch(WatchLeaseRequest {
+                name: "b/orders".into(),
+            })
+            .await
+            .map(|_| ()),
+        "Watch",
+    );
+    let mut limits = RateLimiterClient::new(alice.clone());
+    denied(
+        limits
+            .check(CheckRequest {
+                checks: vec![
+                    lc("a/fine", tb(10, 1, 1000), Some(1)),
+                    lc("b/api", tb(10, 1, 1000), Some(1)),
+                ],
+                all_or_nothing: false,
+            })
+            .await
+            .map(|_| ()),
+        "Check",
+    );
+    let mut idem = IdempotencyClient::new(alice.clone());
+    denied(
+        idem.begin(BeginRequest {
+            key: "b/pay-9".into(),
+            fingerprint: b"f".to_vec(),
+            lock_ttl_ms: 10_000,
+            retention_ms: 0,
+        })
+        .await
+        .map(|_| ()),
+        "Begin",
+    );
+    denied(
+        idem.complete(CompleteRequest {
+            key: "b/pay-9".into(),
+            attempt: 1,
+            response: b"forged".to_vec(),
+        })
+        .await
+        .map(|_| ()),
+        "Complete",
+    );
+    denied(
+        idem.get(GetRecordRequest {
+            key: "b/pay-9".into(),
+        })
+        .await
+        .map(|_| ()),
+        "Get record",
+    );
+
+    // In her own namespace alice is served, and bob's lease is untouched.
+    assert!(
+        leases
+            .acquire(lease("a/jobs", "pod-a"))
+            .await
+            .unwrap()
+            .into_inner()
+            .acquired
+    );
+    let r = limits
+        .check(CheckRequest {
+            checks: vec![lc("a/api", tb(10, 1, 1000), Some(1))],
+            all_or_nothing: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.results[0].allowed);
+    let still = bob_leases
+        .get(GetLeaseRequest {
+            name: "b/orders".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .lease
+        .unwrap();
+    assert_eq!(
+        (still.holder.as_str(), still.fencing_token),
+        ("pod-b", token)
+    );
+}
+
+#[tokio::test]
+async fn a_lease_is_renewed_and_released_only_by_the_principal_it_was_granted_to() {
+    let s = Secured::start();
+    let mut alice = LeasesClient::new(s.conn(Some(&s.alice), None).await);
+    let mut bob = LeasesClient::new(s.conn(Some(&s.bob), None).await);
+    let held = bob
+        .acquire(lease("shared/leader", "pod-b"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(held.acquired);
+    let token = held.lease.unwrap().fencing_token;
+    // Alice shares the namespace and knows the holder name and the token.
+    let r = alice
+        .renew(RenewRequest {
+            name: "shared/leader".into(),
+            holder: "pod-b".into(),
+            fencing_token: token,
+            ttl_ms: 60_000,
+        })
+        .await;
+    assert_eq!(code(r), Code::PermissionDenied);
+    let r = alice
+        .release(ReleaseRequest {
+            name: "shared/leader".into(),
+            holder: "pod-b".into(),
+            fencing_token: token,
+        })
+        .await;
+    assert_eq!(code(r), Code::PermissionDenied);
+    // Renew-by-Acquire under bob's holder name does not take it either.
+    let r = alice
+        .acquire(lease("shared/leader", "pod-b"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!r.acquired, "alice renewed bob's lease by Acquire");
+    // Bob still holds it under the same token, and can release it.
+    let l = bob
+        .get(GetLeaseRequest {
+            name: "shared/leader".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .lease
+        .unwrap();
+    assert_eq!((l.holder.as_str(), l.fencing_token), ("pod-b", token));
+    bob.release(ReleaseRequest {
+        name: "shared/leader".into(),
+        holder: "pod-b".into(),
+        fencing_token: token,
+    })
+    .await
+    .unwrap();
+    // Now free, alice can take it.
+    assert!(
+        alice
+            .acquire(lease("shared/leader", "pod-a"))
+            .await
+            .unwrap()
+            .into_inner()
+            .acquired
+    );
+}
+
+#[tokio::test]
+async fn only_an_admin_changes_membership() {
+    let s = Secured::start();
+    let add = || AddMemberRequest {
+        id: 9,
+        peer_addr: "127.0.0.1:1".into(),
+    };
+    let r = ClusterClient::new(s.conn(Some(&s.alice), None).await)
+        .add_member(add())
+        .await;
+    assert_eq!(code(r), Code::PermissionDenied);
+    let r = ClusterClient::new(s.conn(None, Some(CI_TOKEN)).await)
+        .remove_member(arbiter::proto::RemoveMemberRequest { id: 1 })
+        .await;
+    assert_eq!(code(r), Code::PermissionDenied);
+    // Any principal may read the status; ops is let through to the
+    // membership change itself, which the cluster then refuses on its own
+    // terms (the last voter cannot be removed).
+    let mut ops = ClusterClient::new(s.conn(Some(&s.ops), None).await);
+    ClusterClient::new(s.conn(Some(&s.alice), None).await)
+        .status(ClusterStatusRequest {})
+        .await
+        .unwrap();
+    let r = ops
+        .remove_member(arbiter::proto::RemoveMemberRequest { id: 1 })
+        .await;
+    assert_eq!(code(r), Code::FailedPrecondition);
+}
+
+#[tokio::test]
+async fn a_rotated_certificate_and_an_edited_auth_file_are_picked_up_without_a_restart() {
+    let s = Secured::start();
+    let served_cert = || async {
+        // The leaf certificate the server presents now.
+        let files = ClientFiles {
+            ca: s.pki.ca.clone(),
+            cert: Some(s.alice.cert.clone()),
+            key: Some(s.alice.key.clone()),
+        };
+        let config = std::sync::Arc::new(files.load().unwrap());
+        let tcp = tokio::net::TcpStream::connect(s.server.addr).await.ok()?;
+        let name = rustls::pki_types::ServerName::IpAddress(s.server.addr.ip().into());
+        let tls = tokio_rustls::TlsConnector::from(config)
+            .connect(name, tcp)
+            .await
+            .ok()?;
+        let der = tls
+            .get_ref()
+            .1
+            .peer_certificates()?
+            .first()?
+            .as_ref()
+            .to_vec();
+        Some(der)
+    };
+    let before = served_cert().await.expect("TLS handshake");
+    // cert-manager writes a new certificate and key in place.
+    let renewed = s.pki.issue("arbiter-renewed", "server-next");
+    std::fs::copy(&renewed.key, &s.server_id.key).unwrap();
+    std::fs::copy(&renewed.cert, &s.server_id.cert).unwrap();
+    let now_served = eventually("the renewed certificate served", || async {
+        let der = served_cert().await?;
+        (der != before).then_some(der)
+    })
+    .await;
+    assert_eq!(
+        arbiter::security::tls::cert_names(&now_served)[0],
+        "arbiter-renewed"
+    );
+
+    // The auth file: alice is given "c/"; a broken edit keeps the rules.
+    let mut alice = LeasesClient::new(s.conn(Some(&s.alice), None).await);
+    assert_eq!(
+        code(alice.get(GetLeaseRequest { name: "c/x".into() }).await),
+        Code::PermissionDenied
+    );
+    let text = std::fs::read_to_string(&s.auth).unwrap();
+    std::fs::write(
+        &s.auth,
+        text.replace(r#"["a/", "shared/"]"#, r#"["a/", "shared/", "c/"]"#),
+    )
+    .unwrap();
+    eventually("alice's new namespace", || async {
+        alice
+            .clone()
+            .get(GetLeaseRequest { name: "c/x".into() })
+            .await
+            .ok()
+    })
+    .await;
+    std::fs::write(&s.auth, "principals: [ this is not yaml").unwrap();
+    eventually("the bad file reported", || async {
+        s.server
+            .log()
+            .iter()
+            .any(|l| l.contains("cannot reload") && l.contains("auth file"))
+            .then_some(())
+    })
+    .await;
+    // The last good rules still hold: alice keeps "c/", bob is still known.
+    alice
+        .get(GetLeaseRequest { name: "c/x".into() })
+        .await
+        .unwrap();
+    LeasesClient::new(s.conn(Some(&s.bob), None).await)
+        .get(GetLeaseRequest { name: "b/x".into() })
+        .await
+        .unwrap();
+}
+
+/// Three members with mutual TLS between them and TLS plus the auth file
+/// for clients.
+mod cluster {
+    use super::*;
+    use crate::cluster::Cluster;
+
+    struct SecureCluster {
+        cluster: Cluster,
+        peers: Pki,
+        clients: Pki,
+        alice: Identity,
+    }
+
+    fn start() -> SecureCluster {
+        let dir = fresh_dir().with_extension("pki");
+        let peers = Pki::new(&dir, "peers");
+        let clients = Pki::new(&dir, "clients");
+        let member = peers.issue("member", "member");
+        let server = clients.issue("arbiter", "server");
+        let auth = auth_file(&dir);
+        let args: Vec<String> = [
+            ("--peer-tls-cert", &member.cert),
+            ("--peer-tls-key", &member.key),
+            ("--peer-tls-ca", &peers.ca),
+            ("--tls-cert", &server.cert),
+            ("--tls-key", &server.key),
+            ("--tls-client-ca", &clients.ca),
+            ("--auth-file", &auth),
+        ]
+        .iter()
+        .flat_map(|(flag, path)| [flag.to_string(), path.to_string_lossy().into_owned()])
+        .collect();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let cluster = Cluster::start_secured(
+            3,
+            &args,
+            clients.client(Some(&clients.issue("ops", "ops")), None),
+        );
+        SecureCluster {
+            alice: clients.issue("alice", "alice"),
+            cluster,
+            peers,
+            clients,
+        }
+    }
+
+    fn peer_message() -> PeerMessage {
+        PeerMessage {
+            json: b"{}".to_vec(),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn members_talk_over_mutual_tls_and_a_forwarded_call_is_authorised_as_its_caller() {
+        let c = start();
+        let leader = c.cluster.leader().await;
+        let follower = (leader + 1) % 3;
+        let url = format!("https://{}", c.cluster.node(follower).addr);
+        let alice = connect(&url, &c.clients.client(Some(&c.alice), None))
+            .await
+            .unwrap();
+        // Through a follower: forwarded to the leader, granted in alice's
+        // namespace, refused outside it.
+        let mut leases = LeasesClient::new(alice.clone());
+        let held = leases
+            .acquire(lease("a/job", "pod-a"))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(held.acquired);
+        let r = leases.acquire(lease("b/job", "pod-a")).await;
+        assert_eq!(code(r), Code::PermissionDenied);
+
+        // The peer port: plaintext is refused; so is TLS with a certificate
+        // of another CA, and TLS with none.
+        let peer = c.cluster.peer_addr(leader);
+        let plain = tonic::transport::Endpoint::from_shared(format!("http://{peer}"))
+            .unwrap()
+            .connect_timeout(Duration::from_secs(5))
+            .connect()
+            .await;
+        // (`Identify` answers any caller that gets through, so an error
+        // here is the transport refusing, not a bad message.)
+        if let Ok(ch) = plain {
+            let mut p = RaftPeerClient::new(ch);
+            assert!(
+                p.identify(peer_message()).await.is_err(),
+                "plaintext Identify answered"
+            );
+            assert!(
+                p.vote(peer_message()).await.is_err(),
+                "plaintext Vote answered"
+            );
+            assert!(
+                p.append_entries(peer_message()).await.is_err(),
+                "plaintext AppendEntries answered"
+            );
+            assert!(
+                p.forward(peer_message()).await.is_err(),
+                "plaintext Forward answered"
+            );
+        }
+        let other = Pki::new(&c.peers.dir.join("other"), "rogue");
+        let rogue = other.issue("member", "rogue");
+        for cert in [Some(&rogue), None] {
+            let opts = ClientOptions {
+                tls: Some(ClientFiles {
+                    ca: c.peers.ca.clone(),
+                    cert: cert.map(|i| i.cert.clone()),
+                    key: cert.map(|i| i.key.clone()),
+                }),
+                token: None,
+                server_name: None,
+            };
+            let answered = match connect(&format!("https://{peer}"), &opts).await {
+                Err(_) => false,
+                Ok(conn) => {
+                    let mut p = RaftPeerClient::new(conn);
+                    p.identify(peer_message()).await.is_ok()
+                }
+            };
+            assert!(
+                !answered,
+                "a peer without a member certificate was answered"
+            );
+        }
+        // A member forwarding a call is trusted for who the caller was, not
+        // for what the caller may do: the leader applies the caller's
+        // namespaces itself, and refuses a call forwarded with no caller.
+        let member = c.peers.issue("member", "member-2");
+        let member_opts = ClientOptions {
+            tls: Some(ClientFiles {
+                ca: c.peers.ca.clone(),
+                cert: Some(member.cert.clone()),
+                key: Some(member.key.clone()),
+            }),
+            token: None,
+            server_name: None,
+        };
+        let mut p = RaftPeerClient::new(
+            connect(&format!("https://{peer}"), &member_opts)
+                .await
+                .unwrap(),
+        );
+        p.identify(peer_message())
+            .await
+            .expect("a member is answered");
+        let call = |name: &str| {
+            arbiter::raft::network::encode(&arbiter::node::Call::Acquire(
+                arbiter::engine::Acquire {
+                    name: name.into(),
+                    holder: "pod-a".into(),
+                    ttl_ms: 60_000,
+                    principal: "alice".into(),
+                },
+            ))
+        };
+        let as_alice = |m: PeerMessage| {
+            let mut r = tonic::Request::new(m);
+            r.metadata_mut()
+                .insert("x-arbiter-principal", "alice".parse().unwrap());
+            r
+        };
+        assert_eq!(
+            code(p.forward(as_alice(call("b/job"))).await),
+            Code::PermissionDenied
+        );
+        assert_eq!(
+            code(p.forward(call("a/other")).await),
+            Code::Unauthenticated
+        );
+        p.forward(as_alice(call("a/other")))
+            .await
+            .expect("alice's own namespace");
+
+        // The cluster still serves after all that.
+        let l = leases
+            .get(GetLeaseRequest {
+                name: "a/job".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .lease
+            .unwrap();
+        assert_eq!(l.holder, "pod-a");
+    }
+}
