@@ -37,6 +37,9 @@ bench:
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy -j$(JOBS) --workspace --all-targets -- -D warnings
+	# Licenses, banned crates and sources (deny.toml); advisories need the
+	# RustSec database from GitHub: `cargo deny check advisories` where reachable.
+	$(CARGO) deny check licenses bans sources
 
 fmt:
 	$(CARGO) fmt --all
