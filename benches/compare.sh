@@ -9,6 +9,8 @@
 #   ROUNDS=5 DURATION=20 benches/compare.sh
 #   ROUNDS=0 benches/compare.sh        # only the memory measurement
 #   ARBITER_ARGS="--limit-sync-ms 1000" benches/compare.sh   # serve flags
+#   TLS=1 benches/compare.sh           # also Arbiter with TLS on its client port
+#                                      # (a certificate made with openssl), in the same rounds
 #
 # Redis serves from one thread; Arbiter gets one serving thread too
 # (ARBITER_ARGS defaults to "--worker-threads 1"; ARBITER_ARGS= gives the
@@ -85,6 +87,17 @@ for _ in $(seq 100); do
 done
 REDIS=127.0.0.1:$redis_port
 start_arbiter "$work/arbiter.log"
+if [ "${TLS:-0}" = 1 ]; then
+  command -v openssl >/dev/null || { apt-get update -qq && apt-get install -y -qq openssl >/dev/null; }
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 -subj /CN=localhost \
+    -addext subjectAltName=DNS:localhost -keyout "$work/tls.key" -out "$work/tls.pem" 2>/dev/null
+  plain=("${ARBITER_ARGS[@]}")
+  ARBITER_ARGS=("${plain[@]}" --tls-cert "$work/tls.pem" --tls-key "$work/tls.key")
+  start_arbiter "$work/arbiter-tls.log"
+  ARBITER_TLS=$ARBITER
+  ARBITER_ARGS=("${plain[@]}")
+  ARBITER=$(arbiter_addr "$work/arbiter.log")
+fi
 
 common=(--duration "$DURATION" --warmup "$WARMUP" --inflight "$INFLIGHT" --connections "$CONNECTIONS" --json)
 echo "arbiter at $ARBITER, redis at $REDIS; $ROUNDS rounds of ${DURATION}s (+${WARMUP}s warm-up), $INFLIGHT in flight" >&2
@@ -93,6 +106,10 @@ for round in $(seq "$ROUNDS"); do
     echo "round $round: $keys keys" >&2
     $BENCH --target "$ARBITER" --workload check --keys "$keys" "${common[@]}" | sed "s/^/arbiter keys=$keys /" >>"$work/runs"
     $BENCH --target "$REDIS" --workload redis-check --keys "$keys" "${common[@]}" | sed "s/^/redis keys=$keys /" >>"$work/runs"
+    if [ -n "${ARBITER_TLS:-}" ]; then
+      $BENCH --target "$ARBITER_TLS" --tls-ca "$work/tls.pem" --workload check --keys "$keys" "${common[@]}" \
+        | sed "s/^/arbiter-tls keys=$keys /" >>"$work/runs"
+    fi
   done
   $BENCH --target "$ARBITER" --workload check --keys "$KEYS" --batch 100 "${common[@]}" | sed "s/^/arbiter batch=100 /" >>"$work/runs"
 done
@@ -131,6 +148,12 @@ for keys in sorted({k.split('=')[1] for k in runs if k.startswith('arbiter keys=
     if a and r:
         ratio = med(a, lambda x: x['requests_per_sec']) / med(r, lambda x: x['requests_per_sec'])
         print(f"Arbiter/Redis throughput, {keys} keys: {ratio:.2f}x")
+for keys in sorted({k.split('=')[1] for k in runs if k.startswith('arbiter-tls keys=')}, key=int, reverse=True):
+    a, t = runs.get(f"arbiter keys={keys}"), runs.get(f"arbiter-tls keys={keys}")
+    if a and t:
+        print(f"Arbiter TLS/plaintext throughput, {keys} keys: "
+              f"{med(t, lambda x: x['requests_per_sec']) / med(a, lambda x: x['requests_per_sec']):.2f}x, "
+              f"p99 {med(a, lambda x: x['latency_us']['p99']):.0f} -> {med(t, lambda x: x['latency_us']['p99']):.0f} µs")
 u, h = runs.get("arbiter keys=100000") or next(iter(runs.values()), None), runs.get("arbiter keys=1")
 if u and h:
     print(f"Arbiter hot key vs uniform keys: {med(h, lambda x: x['requests_per_sec']) / med(u, lambda x: x['requests_per_sec']):.2f}x")

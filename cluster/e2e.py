@@ -25,6 +25,13 @@ Scenarios:
              volume: restarted empty it exits with an error instead of
              rejoining as a voter or forming a second cluster; the documented
              recovery (cluster remove, start, cluster add) brings it back
+  secure     a second cluster with TLS, client certificates, the auth file
+             and peer mutual TLS (certificates made at run time): it forms
+             over mTLS, a principal is served in its namespace through a
+             follower and refused outside it, unknown callers and plaintext
+             are refused, the peer port refuses a non-member, and after the
+             leader is killed the survivors elect a new one and keep the
+             principal's lease
 """
 
 import argparse
@@ -67,9 +74,16 @@ def sh(*args, check=True, timeout=120):
     return r
 
 
-def compose(*args, timeout=180):
+def compose(*args, timeout=180, project=PREFIX, overlays=(), env=None):
     cmd = ["docker-compose"] if shutil.which("docker-compose") else ["docker", "compose"]
-    return sh(*cmd, "-p", PREFIX, "-f", str(ROOT / "cluster" / "compose.yml"), *args, timeout=timeout)
+    files = ["-f", str(ROOT / "cluster" / "compose.yml")]
+    for o in overlays:
+        files += ["-f", str(ROOT / "cluster" / o)]
+    r = subprocess.run([*cmd, "-p", project, *files, *args], capture_output=True, text=True,
+                       timeout=timeout, env={**os.environ, **(env or {})})
+    if r.returncode != 0:
+        raise RuntimeError(f"compose {' '.join(args)}: exit {r.returncode}: {r.stderr.strip()}")
+    return r
 
 
 def eventually(what, fn, timeout_s, interval_s=0.1):
@@ -91,17 +105,20 @@ class Node:
     """One container, reached from the host at its address on the private
     network (looked up again whenever the container restarts)."""
 
-    def __init__(self, pb, ordinal):
+    def __init__(self, pb, ordinal, prefix=PREFIX, creds=None):
         self.pb = pb
         self.ordinal = ordinal
         self.id = ordinal + 1
-        self.name = f"{PREFIX}-{ordinal}"
+        self.name = f"{prefix}-{ordinal}"
+        self.network = f"{prefix}_net"
+        # With TLS: channel credentials (the server certificate names localhost).
+        self.creds = creds
         self._lock = threading.Lock()
         self._ip = None
         self._channel = None
 
     def ip(self):
-        r = sh("docker", "inspect", "-f", f'{{{{with index .NetworkSettings.Networks "{NETWORK}"}}}}{{{{.IPAddress}}}}{{{{end}}}}', self.name, check=False)
+        r = sh("docker", "inspect", "-f", f'{{{{with index .NetworkSettings.Networks "{self.network}"}}}}{{{{.IPAddress}}}}{{{{end}}}}', self.name, check=False)
         return r.stdout.strip() if r.returncode == 0 else ""
 
     def channel(self, refresh=False):
@@ -109,14 +126,19 @@ class Node:
             if refresh or self._channel is None:
                 ip = self.ip()
                 if not ip:
-                    raise ConnectionError(f"{self.name} has no address on {NETWORK}")
+                    raise ConnectionError(f"{self.name} has no address on {self.network}")
                 if ip != self._ip or self._channel is None:
                     # Not closed: other threads may be mid-call on it.
                     self._ip = ip
                     # HTTP/2 keepalive: a connection to a killed container
                     # gets no reset, so only a missed ping reveals it (the
                     # call then fails UNAVAILABLE instead of hanging).
-                    self._channel = grpc.insecure_channel(f"{ip}:7070", options=KEEPALIVE)
+                    if self.creds is None:
+                        self._channel = grpc.insecure_channel(f"{ip}:7070", options=KEEPALIVE)
+                    else:
+                        self._channel = grpc.secure_channel(
+                            f"{ip}:7070", self.creds,
+                            options=KEEPALIVE + [("grpc.ssl_target_name_override", "localhost")])
             return self._channel
 
     def reachable(self, timeout_s=1.0):
@@ -148,9 +170,9 @@ class Node:
 
 
 class Cluster:
-    def __init__(self, pb):
+    def __init__(self, pb, prefix=PREFIX, creds=None):
         self.pb = pb
-        self.nodes = [Node(pb, i) for i in range(REPLICAS)]
+        self.nodes = [Node(pb, i, prefix, creds) for i in range(REPLICAS)]
 
     def node(self, node_id):
         return self.nodes[node_id - 1]
@@ -602,9 +624,141 @@ def scenario_empty_disk(cluster):
     return f"{n.name} restarted empty exited {code} naming the recovery; removed and added back, it holds the data again"
 
 
+class Pki:
+    """A CA that issues certificates into a directory the containers mount."""
+
+    def __init__(self, directory, name):
+        from cryptography import x509
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import NameOID
+
+        self.x509, self.ec, self.oid = x509, ec, NameOID
+        self.dir = directory
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        self.name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        self.cert = self._builder(self.name, self.key.public_key()).add_extension(
+            x509.BasicConstraints(ca=True, path_length=None), critical=True).sign(self.key, self._sha256())
+        self.ca = self._write(f"{name}-ca.pem", self._pem(self.cert))
+
+    @staticmethod
+    def _sha256():
+        from cryptography.hazmat.primitives import hashes
+        return hashes.SHA256()
+
+    @staticmethod
+    def _pem(obj):
+        from cryptography.hazmat.primitives import serialization
+        if hasattr(obj, "private_bytes"):
+            return obj.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                     serialization.NoEncryption())
+        return obj.public_bytes(serialization.Encoding.PEM)
+
+    def _builder(self, subject, public_key):
+        import datetime
+        now = datetime.datetime.now(datetime.timezone.utc)
+        return (self.x509.CertificateBuilder().subject_name(subject).issuer_name(getattr(self, "name", subject))
+                .public_key(public_key).serial_number(self.x509.random_serial_number())
+                .not_valid_before(now - datetime.timedelta(minutes=5))
+                .not_valid_after(now + datetime.timedelta(days=1)))
+
+    def _write(self, name, data):
+        path = self.dir / name
+        path.write_bytes(data)
+        path.chmod(0o644)  # read by uid 10001 in the containers; test-only keys
+        return path
+
+    def issue(self, cn, file, dns=("localhost",)):
+        key = self.ec.generate_private_key(self.ec.SECP256R1())
+        subject = self.x509.Name([self.x509.NameAttribute(self.oid.COMMON_NAME, cn)])
+        cert = (self._builder(subject, key.public_key())
+                .add_extension(self.x509.SubjectAlternativeName([self.x509.DNSName(d) for d in dns]), critical=False)
+                .add_extension(self.x509.BasicConstraints(ca=False, path_length=None), critical=True)
+                .sign(self.key, self._sha256()))
+        return self._write(f"{file}.pem", self._pem(cert)), self._write(f"{file}.key", self._pem(key))
+
+    def credentials(self, cert=None, key=None):
+        return grpc.ssl_channel_credentials(
+            root_certificates=self.ca.read_bytes(),
+            private_key=key.read_bytes() if key else None,
+            certificate_chain=cert.read_bytes() if cert else None)
+
+
+def scenario_secure(pb):
+    import tempfile
+    project = f"{PREFIX}-secure"
+    certs = pathlib.Path(tempfile.mkdtemp(prefix="arbiter-e2e-certs-"))
+    certs.chmod(0o755)
+    peers, clients = Pki(certs, "peers"), Pki(certs, "clients")
+    peers.issue("member", "member", dns=[f"arbiter-{i}.arbiter-peers" for i in range(REPLICAS)])
+    clients.issue("arbiter", "server")
+    alice = clients.issue("alice", "alice")
+    (certs / "auth.yaml").write_text('principals:\n  - name: alice\n    certificate: alice\n    namespaces: ["a/"]\n')
+    (certs / "auth.yaml").chmod(0o644)
+    env = {"ARBITER_CERTS": str(certs)}
+    up = dict(project=project, overlays=["compose.secure.yml"], env=env)
+    compose("down", "--volumes", "--timeout", "5", **up)
+    compose("up", "-d", **up)
+    try:
+        cluster = Cluster(pb, prefix=project, creds=clients.credentials(*alice))
+        eventually("the secure cluster to form over mutual TLS", cluster.formed, 90)
+        leader_id = cluster.agreed_leader()
+        follower = next(n for n in cluster.nodes if n.id != leader_id)
+        ls = pb.ls
+        # Through a follower: forwarded to the leader over mTLS, as alice.
+        held = follower.leases().Acquire(ls.AcquireRequest(name="a/lock", holder="pod-a", ttl_ms=TTL_MS), timeout=CALL_TIMEOUT_S)
+        assert held.acquired, held
+        token = held.lease.fencing_token
+        try:
+            follower.leases().Acquire(ls.AcquireRequest(name="b/lock", holder="pod-a", ttl_ms=TTL_MS), timeout=CALL_TIMEOUT_S)
+            raise AssertionError("alice acquired a lease outside her namespace")
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.PERMISSION_DENIED, e
+        ip = follower.ip()
+        target = [("grpc.ssl_target_name_override", "localhost")]
+        anon = grpc.secure_channel(f"{ip}:7070", clients.credentials(), options=target)
+        try:
+            pb.ls_grpc.LeasesStub(anon).Get(ls.GetLeaseRequest(name="a/lock"), timeout=5)
+            raise AssertionError("a caller without a certificate was served")
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.UNAUTHENTICATED, e
+        def refused(call, what):
+            try:
+                call()
+            except grpc.RpcError as e:
+                assert e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED), (what, e)
+                return
+            raise AssertionError(f"{what} was answered")
+
+        refused(lambda: pb.cl_grpc.ClusterStub(grpc.insecure_channel(f"{ip}:7070")).Status(
+            pb.cl.ClusterStatusRequest(), timeout=3), "plaintext to the client port")
+        # The peer port's Identify answers anyone who gets through, so only
+        # the transport can refuse these.
+        identify = lambda ch: pb.cl_grpc.RaftPeerStub(ch).Identify(pb.cl.PeerMessage(), timeout=3)  # noqa: E731
+        refused(lambda: identify(grpc.insecure_channel(f"{ip}:7071")), "plaintext to the peer port")
+        rogue = grpc.secure_channel(f"{ip}:7071", grpc.ssl_channel_credentials(
+            root_certificates=peers.ca.read_bytes(), private_key=alice[1].read_bytes(),
+            certificate_chain=alice[0].read_bytes()),
+            options=[("grpc.ssl_target_name_override", f"arbiter-{follower.ordinal}.arbiter-peers")])
+        refused(lambda: identify(rogue), "a client certificate (not a member's) on the peer port")
+        # Failover over mTLS: the survivors elect a leader and keep alice's lease.
+        leader = cluster.node(leader_id)
+        survivors = [n for n in cluster.nodes if n is not leader]
+        sh("docker", "kill", leader.name)
+        new_id = eventually("a new leader among the survivors",
+                            lambda: (lid := cluster.agreed_leader(survivors)) != leader_id and lid, 30)
+        got = cluster.node(new_id).leases().Get(ls.GetLeaseRequest(name="a/lock"), timeout=CALL_TIMEOUT_S)
+        assert (got.lease.holder, got.lease.fencing_token) == ("pod-a", token), got
+        return (f"formed over mTLS; alice served via node {follower.id} in a/ and refused in b/; "
+                f"no-certificate caller UNAUTHENTICATED; plaintext and a non-member refused; "
+                f"after killing leader {leader_id}, node {new_id} leads and holds a/lock under token {token}")
+    finally:
+        compose("down", "--volumes", "--timeout", "5", **up)
+        shutil.rmtree(certs, ignore_errors=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("scenarios", nargs="*", default=["image", "kill", "partition", "rolling", "scale", "emptydisk"])
+    ap.add_argument("scenarios", nargs="*", default=["image", "kill", "partition", "rolling", "scale", "emptydisk", "secure"])
     ap.add_argument("--keep", action="store_true", help="leave the cluster running afterwards")
     args = ap.parse_args()
 
@@ -627,6 +781,7 @@ def main():
             "rolling": lambda: scenario_rolling(cluster, ledger),
             "scale": lambda: scenario_scale(cluster),
             "emptydisk": lambda: scenario_empty_disk(cluster),
+            "secure": lambda: scenario_secure(pb),
         }
         for name in args.scenarios:
             t = time.monotonic()

@@ -450,7 +450,11 @@ mod serving {
                         Ok(io) => {
                             let _ = tx.send(Ok(io)).await;
                         }
-                        Err(e) => tracing::debug!(error = %e, "TLS handshake failed"),
+                        Err(e) => {
+                            ::metrics::counter!("arbiter_tls_handshake_failures_total")
+                                .increment(1);
+                            tracing::debug!(error = %e, "TLS handshake failed");
+                        }
                     }
                 });
             }

@@ -24,8 +24,8 @@ pub struct Reloading<T> {
 
 impl<T: Send + Sync + 'static> Reloading<T> {
     /// Loads the value (an error here is the caller's to report) and, when
-    /// called inside a Tokio runtime, watches its files until the value is
-    /// dropped.
+    /// there are files to watch and this runs inside a Tokio runtime,
+    /// watches them until the value is dropped.
     pub fn start(
         what: &'static str,
         paths: Vec<PathBuf>,
@@ -40,7 +40,7 @@ impl<T: Send + Sync + 'static> Reloading<T> {
             current: RwLock::new(Arc::new(value)),
             seen: Mutex::new(seen),
         });
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+        if let (false, Ok(rt)) = (this.paths.is_empty(), tokio::runtime::Handle::try_current()) {
             rt.spawn(Self::watch(Arc::downgrade(&this)));
         }
         Ok(this)

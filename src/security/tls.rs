@@ -304,51 +304,6 @@ impl AsyncWrite for ServerIo {
     }
 }
 
-/// Accepts connections on `listener` and completes their handshakes
-/// concurrently (at most `max_pending` at once), yielding the finished
-/// ones; a failed handshake is logged and dropped, never handed to the
-/// server. Ends when `listener` fails for good or the receiver is dropped.
-pub fn incoming(
-    listener: tokio::net::TcpListener,
-    tls: Option<Arc<Reloading<ServerConfig>>>,
-    max_pending: usize,
-) -> tokio_stream::wrappers::ReceiverStream<io::Result<ServerIo>> {
-    let (tx, rx) = tokio::sync::mpsc::channel(max_pending);
-    let pending = Arc::new(tokio::sync::Semaphore::new(max_pending));
-    tokio::spawn(async move {
-        loop {
-            let Ok(permit) = pending.clone().acquire_owned().await else {
-                return;
-            };
-            let tcp = tokio::select! {
-                r = listener.accept() => r,
-                _ = tx.closed() => return,
-            };
-            let tcp = match tcp {
-                Ok((tcp, _)) => tcp,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    // Out of descriptors and the like: back off, not spin.
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            let _ = tcp.set_nodelay(true);
-            let (tx, tls) = (tx.clone(), tls.clone());
-            tokio::spawn(async move {
-                let _permit = permit;
-                match accept(tcp, tls.as_deref()).await {
-                    Ok(io) => {
-                        let _ = tx.send(Ok(io)).await;
-                    }
-                    Err(e) => tracing::debug!(error = %e, "TLS handshake failed"),
-                }
-            });
-        }
-    });
-    tokio_stream::wrappers::ReceiverStream::new(rx)
-}
-
 /// Connects tonic channels over TLS: verifies the server's certificate
 /// against the CA for the host name (or IP) in the address, and presents
 /// the client certificate if there is one. Reads the configuration

@@ -132,6 +132,12 @@ struct Secured {
     server_id: Identity,
 }
 
+impl Drop for Secured {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.pki.dir);
+    }
+}
+
 impl Secured {
     fn start() -> Secured {
         let dir = fresh_dir().with_extension("pki");
@@ -636,6 +642,12 @@ mod cluster {
         }
     }
 
+    impl Drop for SecureCluster {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.peers.dir);
+        }
+    }
+
     fn peer_message() -> PeerMessage {
         PeerMessage {
             json: b"{}".to_vec(),
@@ -778,4 +790,53 @@ mod cluster {
             .unwrap();
         assert_eq!(l.holder, "pod-a");
     }
+}
+
+#[tokio::test]
+async fn metrics_are_served_over_tls_when_asked() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = fresh_dir().with_extension("pki");
+    let pki = Pki::new(&dir, "metrics");
+    let id = pki.issue("arbiter-metrics", "metrics");
+    let server = Server::start(&[
+        "--metrics-tls-cert",
+        id.cert.to_str().unwrap(),
+        "--metrics-tls-key",
+        id.key.to_str().unwrap(),
+    ]);
+    let get = b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
+    let files = ClientFiles {
+        ca: pki.ca.clone(),
+        cert: None,
+        key: None,
+    };
+    let mut config = files.load().unwrap();
+    config.alpn_protocols.clear(); // HTTP/1.1
+    let tcp = tokio::net::TcpStream::connect(server.metrics)
+        .await
+        .unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(
+            rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+            tcp,
+        )
+        .await
+        .expect("TLS to the metrics port");
+    tls.write_all(get).await.unwrap();
+    let mut body = String::new();
+    tls.read_to_string(&mut body).await.unwrap();
+    assert!(body.starts_with("HTTP/1.1 200"), "{body:.200}");
+    assert!(body.contains("arbiter_live_keys"), "{body:.400}");
+    // Plaintext HTTP gets no metrics.
+    let mut plain = tokio::net::TcpStream::connect(server.metrics)
+        .await
+        .unwrap();
+    plain.write_all(get).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), plain.read_to_end(&mut answer)).await;
+    assert!(
+        !String::from_utf8_lossy(&answer).contains("arbiter_live_keys"),
+        "plaintext was served metrics"
+    );
+    let _ = std::fs::remove_dir_all(dir);
 }

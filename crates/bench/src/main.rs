@@ -49,6 +49,12 @@ struct Args {
     /// Target HOST:PORT; must resolve to loopback.
     #[arg(long, default_value = "127.0.0.1:7070")]
     target: String,
+    /// Connect to Arbiter over TLS, trusting this CA (PEM).
+    #[arg(long)]
+    tls_ca: Option<std::path::PathBuf>,
+    /// With --tls-ca: the name to verify the server's certificate for.
+    #[arg(long, default_value = "localhost")]
+    tls_server_name: String,
     /// TCP connections (for redis-check every in-flight request needs its own,
     /// so this is raised to --inflight).
     #[arg(long, default_value_t = 4)]
@@ -266,14 +272,35 @@ async fn run(args: Args) -> Result<(), String> {
     });
     let mut channels = Vec::new();
     if args.workload != Workload::RedisCheck {
+        let tls = match &args.tls_ca {
+            Some(ca) => {
+                let files = arbiter::security::ClientFiles {
+                    ca: ca.clone(),
+                    cert: None,
+                    key: None,
+                };
+                let config =
+                    arbiter::security::Reloading::start("bench TLS", Vec::new(), move || {
+                        files.load()
+                    })?;
+                Some(
+                    arbiter::security::Connector::new(config)
+                        .with_server_name(Some(args.tls_server_name.clone())),
+                )
+            }
+            None => None,
+        };
+        let scheme = if tls.is_some() { "https" } else { "http" };
         for _ in 0..args.connections {
-            let ch = Endpoint::from_shared(format!("http://{addr}"))
+            let endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))
                 .map_err(|e| e.to_string())?
                 .tcp_nodelay(true)
-                .connect_timeout(Duration::from_secs(5))
-                .connect()
-                .await
-                .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+                .connect_timeout(Duration::from_secs(5));
+            let ch = match &tls {
+                Some(tls) => tls.connect(endpoint).await,
+                None => endpoint.connect().await,
+            }
+            .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
             channels.push(ch);
         }
     }
