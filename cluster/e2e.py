@@ -694,7 +694,7 @@ def scenario_secure(pb):
     alice = clients.issue("alice", "alice")
     (certs / "auth.yaml").write_text('principals:\n  - name: alice\n    certificate: alice\n    namespaces: ["a/"]\n')
     (certs / "auth.yaml").chmod(0o644)
-    env = {"ARBITER_CERTS": str(certs)}
+    env = {"ARBITER_CERTS": str(certs), "ARBITER_CLUSTER": project}
     up = dict(project=project, overlays=["compose.secure.yml"], env=env)
     compose("down", "--volumes", "--timeout", "5", **up)
     compose("up", "-d", **up)
