@@ -89,8 +89,14 @@ REDIS=127.0.0.1:$redis_port
 start_arbiter "$work/arbiter.log"
 if [ "${TLS:-0}" = 1 ]; then
   command -v openssl >/dev/null || { apt-get update -qq && apt-get install -y -qq openssl >/dev/null; }
-  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 -subj /CN=localhost \
-    -addext subjectAltName=DNS:localhost -keyout "$work/tls.key" -out "$work/tls.pem" 2>/dev/null
+  # A CA, and a server certificate it signs (a CA certificate cannot serve).
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 -subj /CN=bench-ca \
+    -keyout "$work/ca.key" -out "$work/ca.pem" 2>/dev/null
+  openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=localhost \
+    -keyout "$work/tls.key" -out "$work/tls.csr" 2>/dev/null
+  printf 'subjectAltName=DNS:localhost\nbasicConstraints=critical,CA:FALSE\n' >"$work/tls.ext"
+  openssl x509 -req -in "$work/tls.csr" -CA "$work/ca.pem" -CAkey "$work/ca.key" -CAcreateserial \
+    -days 1 -extfile "$work/tls.ext" -out "$work/tls.pem" 2>/dev/null
   plain=("${ARBITER_ARGS[@]}")
   ARBITER_ARGS=("${plain[@]}" --tls-cert "$work/tls.pem" --tls-key "$work/tls.key")
   start_arbiter "$work/arbiter-tls.log"
@@ -107,7 +113,7 @@ for round in $(seq "$ROUNDS"); do
     $BENCH --target "$ARBITER" --workload check --keys "$keys" "${common[@]}" | sed "s/^/arbiter keys=$keys /" >>"$work/runs"
     $BENCH --target "$REDIS" --workload redis-check --keys "$keys" "${common[@]}" | sed "s/^/redis keys=$keys /" >>"$work/runs"
     if [ -n "${ARBITER_TLS:-}" ]; then
-      $BENCH --target "$ARBITER_TLS" --tls-ca "$work/tls.pem" --workload check --keys "$keys" "${common[@]}" \
+      $BENCH --target "$ARBITER_TLS" --tls-ca "$work/ca.pem" --workload check --keys "$keys" "${common[@]}" \
         | sed "s/^/arbiter-tls keys=$keys /" >>"$work/runs"
     fi
   done

@@ -300,7 +300,11 @@ async fn run(args: Args) -> Result<(), String> {
                 Some(tls) => tls.connect(endpoint).await,
                 None => endpoint.connect().await,
             }
-            .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+            .map_err(|e| {
+                let cause =
+                    std::error::Error::source(&e).map_or(String::new(), |s| format!(": {s}"));
+                format!("cannot connect to {addr}: {e}{cause}")
+            })?;
             channels.push(ch);
         }
     }
