@@ -4,8 +4,9 @@
 //! `u32` length and one protobuf message (`proto/arbiter/log/v1/log.proto`):
 //! a `SnapshotHeader` (openraft's meta, the last command time, the
 //! counters), `SnapshotPart`s of about [`PART_BYTES`] each, and a
-//! `SnapshotEnd` with the number of entries, so a cut-off file is refused
-//! rather than loaded short. Nothing here holds more than one part: a
+//! `SnapshotEnd` with the number of entries and a SHA-256 of everything
+//! before it, so a cut-off or damaged file is refused rather than loaded
+//! short or wrong. Nothing here holds more than one part: a
 //! snapshot is written as the engine is visited and loaded frame by frame.
 
 use std::borrow::Cow;
@@ -36,6 +37,46 @@ pub struct Header {
     pub last_now_ms: u64,
 }
 
+/// Passes bytes through while hashing them (SHA-256).
+struct Hashing<T> {
+    inner: T,
+    sha: ring::digest::Context,
+}
+
+impl<T> Hashing<T> {
+    fn new(inner: T) -> Self {
+        Self {
+            inner,
+            sha: ring::digest::Context::new(&ring::digest::SHA256),
+        }
+    }
+
+    /// The hash of everything passed so far.
+    fn digest(&self) -> Vec<u8> {
+        self.sha.clone().finish().as_ref().to_vec()
+    }
+}
+
+impl<W: Write> Write for Hashing<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.sha.update(&buf[..n]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+impl<R: Read> Read for Hashing<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.sha.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
 fn frame(out: &mut (impl Write + ?Sized), m: &impl Message) -> io::Result<()> {
     let len = u32::try_from(m.encoded_len()).map_err(io::Error::other)?;
     out.write_all(&len.to_le_bytes())?;
@@ -61,11 +102,12 @@ fn to_pb_record(key: &str, r: &Record) -> pb::Record {
 /// `meta.last_log_id`), one part at a time: nothing larger than a part is
 /// held in memory. The first write error ends it.
 pub fn encode(
-    mut out: impl Write,
+    out: impl Write,
     meta: &SnapshotMeta,
     last_now_ms: u64,
     engine: &Engine,
 ) -> io::Result<()> {
+    let mut out = Hashing::new(out);
     out.write_all(MAGIC)?;
     let mut failed: io::Result<()> = Ok(());
     let mut put = |out: &mut dyn Write, m: &dyn ErasedFrame| {
@@ -137,7 +179,10 @@ pub fn encode(
         put(&mut out, &part_frame(part));
     }
     let end = pb::SnapshotFrame {
-        kind: Some(pb::snapshot_frame::Kind::End(pb::SnapshotEnd { entries })),
+        kind: Some(pb::snapshot_frame::Kind::End(pb::SnapshotEnd {
+            entries,
+            sha256: out.digest(),
+        })),
     };
     put(&mut out, &end);
     failed?;
@@ -183,7 +228,8 @@ fn invalid(e: impl ToString) -> io::Error {
 /// stores every entry into it as it goes (the caller clears it first);
 /// without, only checks the whole snapshot decodes, so a bad file is
 /// refused before any state is dropped.
-pub fn read(mut r: impl Read, engine: Option<&Engine>) -> io::Result<Header> {
+pub fn read(r: impl Read, engine: Option<&Engine>) -> io::Result<Header> {
+    let mut r = Hashing::new(r);
     let mut buf = Vec::new();
     let (header, h) = read_magic_and_header(&mut r, &mut buf)?;
     let cut = || invalid("the snapshot is cut off");
@@ -198,12 +244,20 @@ pub fn read(mut r: impl Read, engine: Option<&Engine>) -> io::Result<Header> {
     });
     let mut entries = 0u64;
     loop {
+        let before = r.digest();
         read_frame(&mut r, &mut buf)?.ok_or_else(cut)?;
         let part = match pb::SnapshotFrame::decode(buf.as_slice())
             .map_err(invalid)?
             .kind
         {
             Some(pb::snapshot_frame::Kind::Part(part)) => part,
+            Some(pb::snapshot_frame::Kind::End(end))
+                if !end.sha256.is_empty() && end.sha256 != before =>
+            {
+                return Err(invalid(
+                    "the snapshot is damaged: its contents do not match its SHA-256",
+                ))
+            }
             Some(pb::snapshot_frame::Kind::End(end)) if end.entries == entries => {
                 return Ok(header)
             }
@@ -380,13 +434,17 @@ mod tests {
         let end = pb::SnapshotFrame {
             kind: Some(pb::snapshot_frame::Kind::End(pb::SnapshotEnd {
                 entries: 1,
+                ..Default::default()
             })),
         };
         let end_len = 4 + end.encoded_len();
         let good_end_len = {
             let entries = 5_000 + 2;
             4 + pb::SnapshotFrame {
-                kind: Some(pb::snapshot_frame::Kind::End(pb::SnapshotEnd { entries })),
+                kind: Some(pb::snapshot_frame::Kind::End(pb::SnapshotEnd {
+                    entries,
+                    sha256: vec![0; 32],
+                })),
             }
             .encoded_len()
         };
@@ -396,5 +454,31 @@ mod tests {
         let err = read(wrong.as_slice(), None).unwrap_err();
         assert!(err.to_string().contains("its end says 1"), "{err}");
         assert_eq!(target.snapshot(), before);
+    }
+
+    /// A changed byte that still decodes (a letter of a key) is caught by
+    /// the SHA-256 in the end frame, and nothing is loaded (seen failing
+    /// before the end frame carried it: the file loaded with the key
+    /// renamed).
+    #[test]
+    fn a_damaged_file_that_still_decodes_is_refused() {
+        let bytes = encoded(&meta(), 1, &engine(100));
+        let at = bytes
+            .windows(12)
+            .position(|w| w == b"key-00000042")
+            .expect("the key is in the file");
+        let mut damaged = bytes.clone();
+        damaged[at + 4] = b'9';
+        let err = read(damaged.as_slice(), None).unwrap_err();
+        assert!(
+            err.to_string().contains("do not match its SHA-256"),
+            "{err}"
+        );
+        let target = engine(10);
+        let before = target.snapshot();
+        assert!(read(damaged.as_slice(), None).is_err());
+        assert_eq!(target.snapshot(), before);
+        // The undamaged file loads.
+        read(bytes.as_slice(), None).unwrap();
     }
 }

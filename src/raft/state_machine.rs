@@ -153,7 +153,19 @@ impl StateMachine {
         };
         let read = |e: std::io::Error| sm_err(ErrorVerb::Read, e);
         if let Some(mut file) = sm.snapshots.current().map_err(read)? {
-            let (header, _) = load_file(&sm.engine, &mut file, None).map_err(read)?;
+            // The log before it is gone: a node cannot start without it.
+            let (header, _) = load_file(&sm.engine, &mut file, None).map_err(|e| {
+                read(std::io::Error::new(
+                    e.kind(),
+                    format!(
+                        "snapshot {} is damaged ({e}); the log before it was purged, so this \
+                         node cannot start from its data directory: restore it from a backup, \
+                         or in a cluster replace this member's volume (README: replacing a lost \
+                         volume)",
+                        sm.snapshots.current_path().display()
+                    ),
+                ))
+            })?;
             sm.loaded(&header);
         } else if let Some((meta, data)) = sm.store.legacy_snapshot()? {
             let (header, (out, path)) =

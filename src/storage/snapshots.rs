@@ -97,6 +97,11 @@ impl SnapshotDir {
         })
     }
 
+    /// Where the latest snapshot is kept.
+    pub fn current_path(&self) -> PathBuf {
+        self.dir.join(CURRENT)
+    }
+
     /// The latest snapshot, open for reading, if there is one.
     pub fn current(&self) -> io::Result<Option<std::fs::File>> {
         match std::fs::File::open(self.dir.join(CURRENT)) {

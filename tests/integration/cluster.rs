@@ -25,6 +25,31 @@ pub struct Cluster {
     /// How the harness itself connects (TLS and a principal when the
     /// nodes require them).
     client: arbiter::security::ClientOptions,
+    /// This test's turn (see [`ONE_CLUSTER_AT_A_TIME`]), held by its first
+    /// cluster and released after that cluster's nodes are stopped.
+    _turn: Option<std::sync::MutexGuard<'static, ()>>,
+}
+
+/// Three-node tests run one at a time. On two cores, two of them side by
+/// side (six servers and two client loads) starved a leader's heartbeats
+/// often enough to elect another leader in tests that assert there is no
+/// leader change; single-node tests still run beside them. A test that
+/// starts a second cluster while holding its turn (its own thread) goes on.
+static ONE_CLUSTER_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+thread_local! {
+    static CLUSTERS_HERE: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+fn take_turn() -> Option<std::sync::MutexGuard<'static, ()>> {
+    let held = CLUSTERS_HERE.with(|n| n.replace(n.get() + 1));
+    // A test that failed while holding the turn poisons it; the next one
+    // still runs.
+    (held == 0).then(|| {
+        ONE_CLUSTER_AT_A_TIME
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    })
 }
 
 /// A currently free loopback port. Peer addresses must be known to every
@@ -66,6 +91,8 @@ impl Cluster {
 
     fn new(n: usize, spares: usize, extra: &[&str]) -> Cluster {
         let total = n + spares;
+        // The turn first: ports picked before a wait could be taken by then.
+        let turn = take_turn();
         Cluster {
             nodes: (0..total).map(|_| None).collect(),
             dirs: (0..total).map(|_| fresh_dir()).collect(),
@@ -73,6 +100,7 @@ impl Cluster {
             extra: extra.iter().map(|s| s.to_string()).collect(),
             initial: n,
             client: Default::default(),
+            _turn: turn,
         }
     }
 
@@ -159,6 +187,7 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
+        CLUSTERS_HERE.with(|n| n.set(n.get().saturating_sub(1)));
         self.nodes.iter_mut().for_each(|n| drop(n.take()));
         for (i, d) in self.dirs.iter().enumerate() {
             let _ = std::fs::remove_dir_all(d);
@@ -947,7 +976,7 @@ async fn a_node_on_another_clusters_data_refuses_its_messages() {
     l.acquire(acquire("still-served", "h")).await.unwrap();
 }
 
-fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+pub(crate) fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
     std::fs::create_dir_all(to).unwrap();
     for entry in std::fs::read_dir(from).unwrap() {
         let entry = entry.unwrap();

@@ -194,3 +194,131 @@ async fn synced_rate_limit_state_survives_a_restart() {
     drop(second);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Runs `arbiter serve` on `dir` expecting it to refuse to start: returns
+/// its exit status and stderr (killing it if it is still up at the
+/// deadline).
+fn refused_start(dir: &std::path::Path) -> (std::process::ExitStatus, String) {
+    use std::io::Read;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_arbiter"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--peer-listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn arbiter");
+    let deadline = std::time::Instant::now() + crate::support::DEADLINE;
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("try_wait") {
+            break s;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("a server on a damaged data directory kept running");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    (status, err)
+}
+
+/// A damaged data directory stops the server at start with an error that
+/// says what is damaged; it never panics and never serves part of the
+/// state: the store cut short or overwritten at its start, the snapshot
+/// cut short or with one byte changed.
+// Multi-threaded: the client's connection must answer the server's
+// GOAWAY while this thread waits for the server to exit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_store_or_snapshot_is_refused_with_a_clear_error() {
+    let dir = fresh_dir();
+    let mut first = Server::start_in(&dir, &["--snapshot-logs", "5"]);
+    let mut leases = first.leases().await;
+    for i in 0..20 {
+        leases
+            .acquire(acquire(&format!("lease-{i:04}"), "h"))
+            .await
+            .unwrap();
+    }
+    let snap = dir.join("snapshots").join("current.snap");
+    crate::support::eventually("a snapshot on disk", || async {
+        snap.exists().then_some(())
+    })
+    .await;
+    assert!(first.terminate().success());
+    drop(first);
+    type Damage = fn(&std::path::Path);
+    let cases: [(&str, Damage, &str); 4] = [
+        (
+            "arbiter.redb",
+            |p| truncate_to_half(p),
+            "cannot open the store",
+        ),
+        ("arbiter.redb", |p| overwrite(p, 0), "cannot open the store"),
+        (
+            "snapshots/current.snap",
+            |p| truncate_to_half(p),
+            "is damaged",
+        ),
+        (
+            "snapshots/current.snap",
+            |p| change_key_byte(p),
+            "do not match its SHA-256",
+        ),
+    ];
+    for (file, damage, want) in cases {
+        let copy = fresh_dir();
+        crate::cluster::copy_dir(&dir, &copy);
+        damage(&copy.join(file));
+        let (status, err) = refused_start(&copy);
+        let _ = std::fs::remove_dir_all(&copy);
+        assert!(!status.success(), "{file}: started on a damaged file");
+        assert!(!err.contains("panicked"), "{file}: panicked: {err}");
+        assert!(
+            err.contains(want),
+            "{file}: the error should say {want:?}: {err}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn truncate_to_half(p: &std::path::Path) {
+    let len = std::fs::metadata(p).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(p)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+}
+
+fn overwrite(p: &std::path::Path, at: usize) {
+    let mut bytes = std::fs::read(p).unwrap();
+    let end = (at + 4096).min(bytes.len());
+    bytes[at..end].fill(0xff);
+    std::fs::write(p, bytes).unwrap();
+}
+
+/// Changes one letter of a lease name: the file still decodes.
+fn change_key_byte(p: &std::path::Path) {
+    let mut bytes = std::fs::read(p).unwrap();
+    let at = bytes
+        .windows(10)
+        .position(|w| w == b"lease-0003")
+        .expect("a lease name in the snapshot");
+    bytes[at] = b'L';
+    std::fs::write(p, bytes).unwrap();
+}
