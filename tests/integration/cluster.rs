@@ -1066,3 +1066,102 @@ async fn sigterm_on_the_leader_hands_leadership_over_before_it_exits() {
     l.acquire(acquire("after-handover", "h")).await.unwrap();
     eprintln!("new leader {new_leader} named {after:?} after the old one exited");
 }
+
+/// Grants made through every node at once, on many names, never share a
+/// fencing token: the counter is one for all names and lives in the
+/// replicated state, whichever node a call comes through.
+#[tokio::test]
+async fn fencing_tokens_are_unique_across_names_and_nodes() {
+    let cluster = Cluster::start(3, &[]);
+    cluster.leader().await;
+    let mut calls = Vec::new();
+    for i in 0..30 {
+        let mut c = cluster.node(i % 3).leases().await;
+        calls.push(async move {
+            let r = c.acquire(acquire(&format!("unique-{i}"), "h")).await;
+            r.expect("acquire").into_inner()
+        });
+    }
+    let mut tokens: Vec<u64> = futures_join_all(calls)
+        .await
+        .into_iter()
+        .map(|r| {
+            assert!(r.acquired, "{r:?}");
+            r.lease.expect("lease").fencing_token
+        })
+        .collect();
+    tokens.sort_unstable();
+    let n = tokens.len();
+    tokens.dedup();
+    assert_eq!(
+        tokens.len(),
+        n,
+        "a fencing token was granted twice: {tokens:?}"
+    );
+}
+
+/// The same idempotency key begun at once through all three nodes starts
+/// exactly one attempt; the others are told it is in progress under that
+/// attempt.
+#[tokio::test]
+async fn concurrent_begins_through_different_nodes_start_one_attempt() {
+    use arbiter::proto::Outcome;
+    let cluster = Cluster::start(3, &[]);
+    cluster.leader().await;
+    for k in 0..10 {
+        let mut calls = Vec::new();
+        for i in 0..3 {
+            let mut c = cluster.node(i).idem().await;
+            calls.push(async move {
+                let r = c
+                    .begin(BeginRequest {
+                        key: format!("pay-{k}"),
+                        fingerprint: b"same".to_vec(),
+                        lock_ttl_ms: 60_000,
+                        retention_ms: 0,
+                    })
+                    .await;
+                r.expect("begin").into_inner()
+            });
+        }
+        let answers = futures_join_all(calls).await;
+        let started: Vec<_> = answers
+            .iter()
+            .filter(|a| a.outcome == Outcome::Started as i32)
+            .collect();
+        assert_eq!(started.len(), 1, "key pay-{k}: {answers:?}");
+        let attempt = started[0].attempt;
+        for a in &answers {
+            assert!(
+                a.outcome == Outcome::Started as i32
+                    || (a.outcome == Outcome::InProgress as i32 && a.attempt == attempt),
+                "key pay-{k}: {answers:?}"
+            );
+        }
+    }
+}
+
+/// Runs the futures concurrently on this task and returns their outputs in
+/// order.
+async fn futures_join_all<F: std::future::Future>(futures: Vec<F>) -> Vec<F::Output> {
+    let mut handles: Vec<_> = futures.into_iter().map(Box::pin).collect();
+    let mut out: Vec<Option<F::Output>> = handles.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (h, o) in handles.iter_mut().zip(out.iter_mut()) {
+            if o.is_none() {
+                match h.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => *o = Some(v),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    out.into_iter().map(|o| o.expect("finished")).collect()
+}
