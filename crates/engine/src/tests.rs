@@ -30,6 +30,67 @@ fn checked(e: &Engine, checks: Vec<LimitCheck>, aon: bool, now: u64) -> Vec<Limi
     e.check(&checks, aon, now).expect("within the key cap")
 }
 
+/// A key checked under another algorithm starts afresh under it: no
+/// state of the old algorithm is read as the new one's.
+#[test]
+fn switching_a_keys_algorithm_starts_it_afresh() {
+    let e = engine();
+    let tb = LimitDef::TokenBucket {
+        capacity: 2,
+        refill_tokens: 1,
+        refill_interval_ms: 3_600_000,
+    };
+    let fixed = LimitDef::FixedWindow {
+        limit: 3,
+        window_ms: 3_600_000,
+    };
+    let sliding = LimitDef::SlidingWindow {
+        limit: 3,
+        window_ms: 3_600_000,
+    };
+    let one = |def, now| checked(&e, vec![check("k", def, 2)], false, now)[0];
+    assert!(one(tb, 10).allowed);
+    assert!(!one(tb, 11).allowed, "the bucket is empty");
+    let r = one(fixed, 12);
+    assert!(r.allowed && r.remaining == 1, "{r:?}");
+    let r = one(sliding, 13);
+    assert!(r.allowed && r.remaining == 1, "{r:?}");
+    let r = one(tb, 14);
+    assert!(
+        r.allowed && r.remaining == 0,
+        "a new bucket starts full: {r:?}"
+    );
+}
+
+/// A fixed window whose length changes keeps its count while the old
+/// window is current, then counts in the new alignment from zero.
+#[test]
+fn a_changed_fixed_window_realigns_once_the_old_window_ends() {
+    let e = engine();
+    let short = LimitDef::FixedWindow {
+        limit: 2,
+        window_ms: 1_000,
+    };
+    let long = LimitDef::FixedWindow {
+        limit: 2,
+        window_ms: 10_000,
+    };
+    let one = |def, now| checked(&e, vec![check("w", def, 1)], false, now)[0];
+    assert!(one(short, 100).allowed && one(short, 200).allowed);
+    assert!(!one(short, 300).allowed);
+    // Still inside the old window [0, 1000): its count holds.
+    assert!(
+        !one(long, 400).allowed,
+        "the changed limit forgot the window's count"
+    );
+    // Past it: the new alignment ([0, 10000)) starts from zero.
+    let r = one(long, 1_000);
+    assert!(r.allowed && r.remaining == 1, "{r:?}");
+    assert!(one(long, 5_000).allowed);
+    let r = one(long, 9_999);
+    assert!(!r.allowed && r.retry_after_ms == 1, "{r:?}");
+}
+
 #[test]
 fn all_or_nothing_consumes_nothing_when_one_denies() {
     let e = engine();
