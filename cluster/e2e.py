@@ -280,20 +280,23 @@ class Client:
 
     def acquire(self, name, holder="e2e"):
         ls = self.pb.ls
+        invoked = time.monotonic()
         r = self.call(lambda n: n.leases().Acquire(ls.AcquireRequest(name=name, holder=holder, ttl_ms=TTL_MS), timeout=CALL_TIMEOUT_S))
+        acked = time.monotonic()
         assert r.acquired, f"{name}: not acquired: {r}"
         self.ledger.lease(name, holder, r.lease.fencing_token)
         with self.ledger.lock:
-            self.ledger.tokens.append((self.name, r.lease.fencing_token))
+            self.ledger.tokens.append((self.name, r.lease.fencing_token, invoked, acked))
         return r.lease
 
     def record(self, key):
         idem = self.pb.idem
         b = self.call(lambda n: n.idem().Begin(idem.BeginRequest(key=key, fingerprint=b"fp", lock_ttl_ms=60_000, retention_ms=TTL_MS), timeout=CALL_TIMEOUT_S))
-        if b.outcome != idem.STARTED:
-            # An earlier try of this Begin was applied but its answer lost:
-            # nothing was acknowledged, so nothing is owed.
-            return False
+        # The key is this call's own, so a retried Begin whose first try was
+        # applied (its answer lost) finds that try's attempt IN_PROGRESS: it
+        # is ours to complete. Any other outcome is wrong.
+        assert b.outcome in (idem.STARTED, idem.IN_PROGRESS), f"{key}: Begin answered {b}"
+        assert b.attempt > 0, f"{key}: Begin answered no attempt: {b}"
         response = f"done:{key}".encode()
 
         def complete(n):
@@ -312,10 +315,18 @@ class Client:
         return True
 
     def check(self, key):
+        """One unit of a bucket far larger than one client's rate (1000
+        per second, refilled as fast): every check is allowed, and leaves
+        less than the capacity (a failover may forget consumption, never
+        invent it)."""
         rl = self.pb.rl
         limit = rl.Limit(token_bucket=rl.TokenBucket(capacity=1000, refill_tokens=1000, refill_interval_ms=1000))
         check = rl.LimitCheck(key=key, limit=limit, cost=1)
-        return self.call(lambda n: n.limits().Check(rl.CheckRequest(checks=[check]), timeout=CALL_TIMEOUT_S))
+        r = self.call(lambda n: n.limits().Check(rl.CheckRequest(checks=[check]), timeout=CALL_TIMEOUT_S))
+        assert len(r.results) == 1, f"{key}: {len(r.results)} results for one check"
+        got = r.results[0]
+        assert got.allowed and got.remaining <= 999 and got.limit == 1000, f"{key}: {got}"
+        return r
 
 
 def verify_ledger(cluster, ledger, via):
@@ -339,13 +350,43 @@ def verify_ledger(cluster, ledger, via):
 
 
 def tokens_monotonic(ledger):
-    """Per client, fencing tokens of successive acknowledged grants strictly increase."""
-    per = {}
+    """Across all clients: no fencing token is granted twice, and a grant
+    invoked after another was acknowledged has a larger token (real-time
+    order, whichever clients and nodes made them)."""
     with ledger.lock:
-        for client, token in ledger.tokens:
-            if token <= per.get(client, 0):
-                raise AssertionError(f"{client}: fencing token {token} after {per[client]}")
-            per[client] = token
+        grants = list(ledger.tokens)
+    seen = {}
+    for client, token, _, _ in grants:
+        if token in seen:
+            raise AssertionError(f"fencing token {token} granted to {seen[token]} and to {client}")
+        seen[token] = client
+    by_ack = sorted(grants, key=lambda g: g[3])
+    for client, token, invoked, _ in grants:
+        for other, earlier, _, acked in by_ack:
+            if acked >= invoked:
+                break
+            if earlier >= token:
+                raise AssertionError(
+                    f"{client} got token {token}, invoked after {other}'s token {earlier} was acknowledged")
+
+
+def self_test_checkers():
+    """The ledger checks fail on hand-made bad histories, so a pass means
+    something."""
+    def bad(tokens, why):
+        ledger = Ledger()
+        ledger.tokens = tokens
+        try:
+            tokens_monotonic(ledger)
+        except AssertionError:
+            return
+        raise AssertionError(f"tokens_monotonic accepted {why}")
+
+    bad([("a", 5, 0.0, 1.0), ("b", 5, 2.0, 3.0)], "a token granted twice")
+    bad([("a", 7, 0.0, 1.0), ("b", 6, 2.0, 3.0)], "a smaller token after an acknowledged larger one, another client")
+    ok = Ledger()
+    ok.tokens = [("a", 7, 0.0, 2.0), ("b", 6, 1.0, 3.0)]  # overlapping: either order
+    tokens_monotonic(ok)
 
 
 class Load:
@@ -762,6 +803,7 @@ def main():
     ap.add_argument("--keep", action="store_true", help="leave the cluster running afterwards")
     args = ap.parse_args()
 
+    self_test_checkers()
     pb = compile_stubs()
     log(f"starting cluster {PREFIX} from image {os.environ.get('ARBITER_IMAGE', 'arbiter:local')}")
     compose("down", "--volumes", "--timeout", "5")
