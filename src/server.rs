@@ -103,7 +103,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Started, Ser
     let peer_addr = peer_listener
         .local_addr()
         .map_err(bind_err(config.peer_listen))?;
-    let tls = Tls::load(&config).map_err(ServerError::Security)?;
+    let tls = Security::load(&config).map_err(ServerError::Security)?;
     let hostname = std::env::var("HOSTNAME")
         .ok()
         .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok());
@@ -243,7 +243,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Started, Ser
 
 /// The TLS configurations and auth rules a server was started with, each
 /// re-read when its files change.
-struct Tls {
+struct Security {
     client: Option<Arc<security::Reloading<rustls::ServerConfig>>>,
     peer_server: Option<Arc<security::Reloading<rustls::ServerConfig>>>,
     peer_client: Option<Arc<security::Reloading<rustls::ClientConfig>>>,
@@ -251,8 +251,8 @@ struct Tls {
     auth: Option<security::Auth>,
 }
 
-impl Tls {
-    fn load(config: &Config) -> Result<Tls, String> {
+impl Security {
+    fn load(config: &Config) -> Result<Security, String> {
         let client = config
             .client_tls()
             .map(|f| f.watch("client TLS"))
@@ -293,7 +293,7 @@ impl Tls {
                 "--auth-file without --peer-tls-*: anyone who reaches the peer port can forward calls as any principal"
             );
         }
-        Ok(Tls {
+        Ok(Security {
             client,
             peer_server,
             peer_client,

@@ -195,47 +195,6 @@ async fn synced_rate_limit_state_survives_a_restart() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Runs `arbiter serve` on `dir` expecting it to refuse to start: returns
-/// its exit status and stderr (killing it if it is still up at the
-/// deadline).
-fn refused_start(dir: &std::path::Path) -> (std::process::ExitStatus, String) {
-    use std::io::Read;
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_arbiter"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "127.0.0.1:0",
-        ])
-        .args(["--peer-listen", "127.0.0.1:0", "--data-dir"])
-        .arg(dir)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn arbiter");
-    let deadline = std::time::Instant::now() + crate::support::DEADLINE;
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("try_wait") {
-            break s;
-        }
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("a server on a damaged data directory kept running");
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    };
-    let mut err = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
-    (status, err)
-}
-
 /// A damaged data directory stops the server at start with an error that
 /// says what is damaged; it never panics and never serves part of the
 /// state: the store cut short or overwritten at its start, the snapshot
@@ -283,7 +242,7 @@ async fn a_damaged_store_or_snapshot_is_refused_with_a_clear_error() {
         let copy = fresh_dir();
         crate::cluster::copy_dir(&dir, &copy);
         damage(&copy.join(file));
-        let (status, err) = refused_start(&copy);
+        let (status, err) = crate::support::refused_start(&copy, &[]);
         let _ = std::fs::remove_dir_all(&copy);
         assert!(!status.success(), "{file}: started on a damaged file");
         assert!(!err.contains("panicked"), "{file}: panicked: {err}");

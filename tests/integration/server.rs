@@ -285,23 +285,12 @@ async fn a_data_directory_of_another_node_is_refused() {
     assert!(first.terminate().success());
     drop(first);
     // The same directory as node 2 of a cluster.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_arbiter"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "127.0.0.1:0",
-        ])
-        .args(["--peer-listen", "127.0.0.1:0", "--node-id", "2"])
-        .args(["--peers", "1=127.0.0.1:9,2=127.0.0.1:0"])
-        .arg("--data-dir")
-        .arg(&dir)
-        .output()
-        .unwrap();
+    let (status, stderr) = crate::support::refused_start(
+        &dir,
+        &["--node-id", "2", "--peers", "1=127.0.0.1:9,2=127.0.0.1:0"],
+    );
     let _ = std::fs::remove_dir_all(&dir);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{stderr}");
+    assert!(!status.success(), "{stderr}");
     assert!(
         stderr.contains("the data directory belongs to node 1, not node 2"),
         "{stderr}"
