@@ -2,12 +2,12 @@
 CARGO ?= cargo
 JOBS ?= 2
 
-.PHONY: run test test-rust test-python test-helm e2e image bench lint fmt
+.PHONY: run test test-rust test-python test-python-client test-helm e2e image bench lint fmt
 
 run:
 	$(CARGO) run -j$(JOBS) --release -- serve
 
-test: test-rust test-python test-helm
+test: test-rust test-python test-python-client test-helm
 
 test-rust:
 	$(CARGO) test -j$(JOBS) --workspace
@@ -16,6 +16,13 @@ test-python:
 	$(CARGO) build -j$(JOBS)
 	python3 -m pip install --quiet --disable-pip-version-check -r tests/python/requirements.txt
 	python3 -m pytest -q tests/python
+
+# The Python client package (clients/python): installed with pip, then tested
+# against real servers (single node, TLS + auth, a 3-node cluster).
+test-python-client:
+	$(CARGO) build -j$(JOBS)
+	python3 -m pip install --quiet --disable-pip-version-check -r clients/python/tests/requirements.txt ./clients/python
+	python3 -m pytest -q clients/python/tests
 
 # The helm chart: rendered by real Helm, manifests validated strictly.
 test-helm:

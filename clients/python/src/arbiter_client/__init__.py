@@ -1,0 +1,66 @@
+"""Arbiter's Python client: rate limits (check, wait, a decorator), leases
+kept alive in the background, leader election with fencing tokens,
+`@idempotent` functions, and retries with jittered backoff. `Client` blocks;
+`AsyncClient` is its asyncio twin."""
+
+from .aio import AsyncClient, AsyncElection, AsyncLease, AsyncLeaseWatch
+from .client import Client, Election, Lease, LeaseWatch
+from .errors import (
+    ArbiterError,
+    IdempotencyInProgress,
+    IdempotencyKeyMismatch,
+    InvalidArgument,
+    LeaseLost,
+    LeaseNotHeld,
+    PermissionDenied,
+    RateLimited,
+    Unavailable,
+)
+from .types import (
+    TLS,
+    BeginResult,
+    ClusterStatus,
+    Decision,
+    FixedWindow,
+    Leader,
+    LeaseEvent,
+    LeaseInfo,
+    Record,
+    Retry,
+    SlidingWindow,
+    TokenBucket,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "TLS",
+    "ArbiterError",
+    "AsyncClient",
+    "AsyncElection",
+    "AsyncLease",
+    "AsyncLeaseWatch",
+    "BeginResult",
+    "Client",
+    "ClusterStatus",
+    "Decision",
+    "Election",
+    "FixedWindow",
+    "IdempotencyInProgress",
+    "IdempotencyKeyMismatch",
+    "InvalidArgument",
+    "Leader",
+    "Lease",
+    "LeaseEvent",
+    "LeaseInfo",
+    "LeaseLost",
+    "LeaseNotHeld",
+    "LeaseWatch",
+    "PermissionDenied",
+    "RateLimited",
+    "Record",
+    "Retry",
+    "SlidingWindow",
+    "TokenBucket",
+    "Unavailable",
+]

@@ -1,0 +1,570 @@
+"""The asyncio client: `AsyncClient` has every method of `Client`, as
+coroutines (and async context managers and iterators)."""
+
+import asyncio
+import functools
+import inspect
+import logging
+import random
+import time
+from typing import Any, AsyncIterator, Awaitable, Callable, List, Optional, Sequence, Tuple, TypeVar, Union
+
+import grpc
+import grpc.aio
+
+from . import _common as c
+from . import _pb
+from .errors import (
+    ArbiterError,
+    IdempotencyInProgress,
+    IdempotencyKeyMismatch,
+    LeaseLost,
+    LeaseNotHeld,
+    RateLimited,
+    Unavailable,
+)
+from .types import (
+    TLS,
+    BeginResult,
+    ClusterStatus,
+    Decision,
+    Duration,
+    Leader,
+    LeaseEvent,
+    LeaseInfo,
+    Limit,
+    Record,
+    Retry,
+    millis,
+    seconds,
+)
+
+log = logging.getLogger("arbiter_client")
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+KeyArg = Union[str, Callable[..., str]]
+
+_NO_RETRY = Retry(attempts=1)
+
+
+def _coroutine_function(fn: Any, decorator: str) -> None:
+    if not inspect.iscoroutinefunction(fn):
+        raise TypeError(f"AsyncClient.{decorator} decorates coroutine functions (async def); use Client for others")
+
+
+class AsyncClient:
+    """The asyncio twin of `Client`: same arguments, same methods, each a
+    coroutine; `async with` closes it. Create it inside the event loop that
+    uses it."""
+
+    def __init__(
+        self,
+        target: str = "127.0.0.1:7070",
+        *,
+        tls: Optional[TLS] = None,
+        token: Optional[str] = None,
+        timeout: float = 5.0,
+        retry: Optional[Retry] = None,
+    ) -> None:
+        if timeout <= 0:
+            raise ValueError("timeout must be > 0 seconds")
+        args = c.channel_args(tls)
+        if tls is None:
+            self._channel = grpc.aio.insecure_channel(target, options=args)
+        else:
+            self._channel = grpc.aio.secure_channel(target, c.credentials(tls), options=args)
+        self.target = target
+        self.timeout = float(timeout)
+        self.retry = retry if retry is not None else Retry()
+        self._metadata = c.metadata(token)
+        self._methods = _pb.bind(self._channel)
+        self._rng = random.Random()
+        self.leases = AsyncLeases(self)
+        self.idempotency = AsyncIdempotency(self)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
+
+    async def _call(self, name: str, request: Any, *, timeout: Optional[float] = None, retry: bool = True) -> Any:
+        method = self._methods[name]
+        policy = self.retry if retry else _NO_RETRY
+        start = time.monotonic()
+        repeat = 0
+        while True:
+            try:
+                return await method(
+                    request, timeout=self.timeout if timeout is None else timeout, metadata=self._metadata
+                )
+            except grpc.RpcError as e:
+                delay = c.retry_delay(policy, e, repeat, time.monotonic() - start)
+                if delay is None:
+                    raise c.map_error(e, retried=repeat > 0) from e
+            await asyncio.sleep(delay)
+            repeat += 1
+
+    def _stream(self, name: str, request: Any) -> Any:
+        return self._methods[name](request, metadata=self._metadata)
+
+    async def status(self) -> ClusterStatus:
+        return c.cluster_status(await self._call("status", _pb.ClusterStatusRequest()))
+
+    # Rate limits -----------------------------------------------------------
+
+    async def check(self, key: str, limit: Limit, cost: int = 1, dry_run: bool = False) -> Decision:
+        request = c.check_request([(key, limit, cost)], all_or_nothing=False, dry_run=dry_run)
+        return c.decisions(await self._call("check", request))[0]
+
+    async def check_many(
+        self,
+        checks: Sequence[Union[Tuple[str, Limit], Tuple[str, Limit, int]]],
+        all_or_nothing: bool = False,
+    ) -> List[Decision]:
+        request = c.check_request(c.normalise_checks(checks), all_or_nothing=all_or_nothing, dry_run=False)
+        return c.decisions(await self._call("check", request))
+
+    async def wait(self, key: str, limit: Limit, cost: int = 1, timeout: Optional[float] = None) -> Decision:
+        deadline = None if timeout is None else time.monotonic() + seconds(timeout, "timeout")
+        while True:
+            decision = await self.check(key, limit, cost)
+            if decision.allowed:
+                return decision
+            pause = c.wait_delay(decision, self._rng)
+            if decision.retry_after == float("inf") or (deadline is not None and time.monotonic() + pause > deadline):
+                raise RateLimited(f"rate limited on {key!r}: retry after {decision.retry_after:.3f} s", decision)
+            await asyncio.sleep(pause)
+
+    def rate_limited(
+        self, key: KeyArg, limit: Limit, cost: int = 1, wait: bool = True, timeout: Optional[float] = None
+    ) -> Callable[[F], F]:
+        def decorate(fn: F) -> F:
+            _coroutine_function(fn, "rate_limited")
+
+            @functools.wraps(fn)
+            async def wrapper(*args: Any, **kwargs: Any) -> Any:
+                k = c.resolve_key(key, args, kwargs)
+                if wait:
+                    await self.wait(k, limit, cost, timeout)
+                else:
+                    decision = await self.check(k, limit, cost)
+                    if not decision.allowed:
+                        raise RateLimited(f"rate limited on {k!r}: retry after {decision.retry_after:.3f} s", decision)
+                return await fn(*args, **kwargs)
+
+            return wrapper  # type: ignore[return-value]
+
+        return decorate
+
+    # Leases ----------------------------------------------------------------
+
+    def lease(
+        self,
+        name: str,
+        ttl: Duration = 10.0,
+        holder: Optional[str] = None,
+        wait: bool = True,
+        timeout: Optional[float] = None,
+    ) -> "AsyncLease":
+        """`async with client.lease(name) as lease:` (see Client.lease)."""
+        return AsyncLease(self, name, ttl, holder or c.default_holder(), wait, timeout)
+
+    async def get_lease(self, name: str) -> Optional[LeaseInfo]:
+        return await self.leases.get(name)
+
+    def watch_lease(self, name: str) -> "AsyncLeaseWatch":
+        """`async for event in client.watch_lease(name):`"""
+        return self.leases.watch(name)
+
+    def election(self, name: str, candidate: str, ttl: Duration = 10.0) -> "AsyncElection":
+        return AsyncElection(self, name, candidate, ttl)
+
+    # Idempotency -----------------------------------------------------------
+
+    def idempotent(
+        self,
+        key: KeyArg,
+        lock_ttl: Duration = 30.0,
+        retention: Duration = 86400.0,
+        fingerprint: Optional[Callable[..., Union[bytes, str]]] = None,
+        wait: Duration = 0.0,
+    ) -> Callable[[F], F]:
+        """Runs a coroutine function once per key (see Client.idempotent)."""
+        wait_s = seconds(wait, "wait")
+
+        def decorate(fn: F) -> F:
+            _coroutine_function(fn, "idempotent")
+
+            @functools.wraps(fn)
+            async def wrapper(*args: Any, **kwargs: Any) -> Any:
+                k = c.resolve_key(key, args, kwargs)
+                fp = c.fingerprint_of(fingerprint, args, kwargs)
+                deadline = time.monotonic() + wait_s
+                step = 0.0
+                while True:
+                    begun = await self.idempotency.begin(k, fp, lock_ttl, retention)
+                    if begun.outcome == "started":
+                        break
+                    if begun.outcome == "completed":
+                        return c.decode_result(begun.response)
+                    if begun.outcome == "fingerprint_mismatch":
+                        raise IdempotencyKeyMismatch(f"idempotency key {k!r} was used with a different payload")
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise IdempotencyInProgress(
+                            f"idempotency key {k!r} is in progress in another attempt", begun.retry_after
+                        )
+                    step = c.in_progress_step(step)
+                    await asyncio.sleep(min(left, step, begun.retry_after))
+                try:
+                    result = await fn(*args, **kwargs)
+                    data = c.encode_result(result)
+                except BaseException:
+                    await self._abort_quietly(k, begun.attempt)
+                    raise
+                await self.idempotency.complete(k, begun.attempt, data)
+                return result
+
+            return wrapper  # type: ignore[return-value]
+
+        return decorate
+
+    async def _abort_quietly(self, key: str, attempt: int) -> None:
+        try:
+            await self.idempotency.abort(key, attempt)
+        except ArbiterError as e:
+            log.warning("could not abort idempotency attempt %s of %r: %s", attempt, key, e)
+
+
+class AsyncLeases:
+    """Lease calls one by one (`client.leases`)."""
+
+    def __init__(self, client: AsyncClient) -> None:
+        self._client = client
+
+    async def acquire(self, name: str, holder: str, ttl: Duration) -> Tuple[bool, LeaseInfo]:
+        r = await self._client._call("acquire", c.acquire_request(name, holder, ttl))
+        return r.acquired, c.lease_info(r.lease)
+
+    async def renew(
+        self, name: str, holder: str, fencing_token: int, ttl: Duration, *, timeout: Optional[float] = None
+    ) -> LeaseInfo:
+        request = _pb.RenewRequest(
+            name=name, holder=holder, fencing_token=fencing_token, ttl_ms=millis(ttl, "ttl")
+        )
+        try:
+            r = await self._client._call("renew", request, timeout=timeout, retry=timeout is None)
+            return c.lease_info(r.lease)
+        except ArbiterError as e:
+            if e.code == "FAILED_PRECONDITION":
+                raise LeaseNotHeld(f"lease {name!r} is no longer held by {holder!r}: {e.details}") from e
+            raise
+
+    async def release(self, name: str, holder: str, fencing_token: int) -> None:
+        request = _pb.ReleaseRequest(name=name, holder=holder, fencing_token=fencing_token)
+        try:
+            await self._client._call("release", request)
+        except ArbiterError as e:
+            if e.code == "FAILED_PRECONDITION":
+                if e.retried:
+                    return
+                raise LeaseNotHeld(f"lease {name!r} is not held by {holder!r}: {e.details}") from e
+            raise
+
+    async def get(self, name: str) -> Optional[LeaseInfo]:
+        r = await self._client._call("get_lease", _pb.GetLeaseRequest(name=c.check_key(name, "name")))
+        return c.lease_info(r.lease) if r.HasField("lease") else None
+
+    def watch(self, name: str) -> "AsyncLeaseWatch":
+        request = _pb.WatchLeaseRequest(name=c.check_key(name, "name"))
+        return AsyncLeaseWatch(self._client._stream("watch_lease", request))
+
+
+class AsyncLeaseWatch:
+    """An open watch of one lease: an async iterator of LeaseEvent."""
+
+    def __init__(self, call: Any) -> None:
+        self._call = call
+        self._events = call.__aiter__()
+
+    def __aiter__(self) -> "AsyncLeaseWatch":
+        return self
+
+    async def __anext__(self) -> LeaseEvent:
+        try:
+            return c.lease_event(await self._events.__anext__())
+        except asyncio.CancelledError:
+            if self._call.cancelled():
+                raise StopAsyncIteration from None
+            raise
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.CANCELLED:
+                raise StopAsyncIteration from None
+            raise c.map_error(e) from e
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+    async def __aenter__(self) -> "AsyncLeaseWatch":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        self.cancel()
+
+
+class AsyncLease:
+    """The asyncio twin of `Lease`; `lost` is an asyncio.Event."""
+
+    def __init__(
+        self, client: AsyncClient, name: str, ttl: Duration, holder: str, wait: bool, timeout: Optional[float]
+    ) -> None:
+        self._client = client
+        self.name = c.check_key(name, "name")
+        self.holder = c.check_key(holder, "holder")
+        self.ttl = seconds(ttl, "ttl")
+        millis(ttl, "ttl")
+        self._wait = wait
+        self._timeout = timeout
+        self.fencing_token: Optional[int] = None
+        self.lost = asyncio.Event()
+        self._renewer: Optional["asyncio.Task[None]"] = None
+
+    @property
+    def held(self) -> bool:
+        return self.fencing_token is not None and not self.lost.is_set()
+
+    async def acquire(self, wait: Optional[bool] = None, timeout: Optional[float] = None) -> LeaseInfo:
+        if self._renewer is not None:
+            raise ArbiterError(f"lease {self.name!r} is already acquired by this object")
+        wait = self._wait if wait is None else wait
+        timeout = self._timeout if timeout is None else timeout
+        deadline = None if timeout is None else time.monotonic() + seconds(timeout, "timeout")
+        sent = time.monotonic()
+        acquired, info = await self._client.leases.acquire(self.name, self.holder, self.ttl)
+        if not acquired:
+            if not wait:
+                raise LeaseNotHeld(f"lease {self.name!r} is held by {info.holder!r}")
+            sent, info = await self._wait_for_it(info, deadline)
+        self.fencing_token = info.fencing_token
+        self.lost.clear()
+        self._renewer = asyncio.ensure_future(self._keep_alive(sent + info.remaining))
+        return info
+
+    async def _wait_for_it(self, current: LeaseInfo, deadline: Optional[float]) -> Tuple[float, LeaseInfo]:
+        events: "asyncio.Queue[Any]" = asyncio.Queue(maxsize=64)
+        repeat = 0
+        while True:
+            watch = self._client.leases.watch(self.name)
+            pump = asyncio.ensure_future(_pump(watch, events))
+            try:
+                while True:
+                    wake = current.remaining + 0.05
+                    if deadline is not None:
+                        left = deadline - time.monotonic()
+                        if left <= 0:
+                            raise LeaseNotHeld(
+                                f"lease {self.name!r} is held by {current.holder!r}; not acquired in time"
+                            )
+                        wake = min(wake, left)
+                    try:
+                        item = await asyncio.wait_for(events.get(), timeout=max(wake, 0.0))
+                    except asyncio.TimeoutError:
+                        item = None
+                    if isinstance(item, ArbiterError):
+                        break
+                    if isinstance(item, LeaseEvent) and item.kind in ("current", "acquired", "renewed"):
+                        if item.lease is not None:
+                            current = item.lease
+                            continue
+                    sent = time.monotonic()
+                    acquired, info = await self._client.leases.acquire(self.name, self.holder, self.ttl)
+                    if acquired:
+                        return sent, info
+                    current = info
+                    repeat = 0
+            finally:
+                watch.cancel()
+                pump.cancel()
+                await asyncio.gather(pump, return_exceptions=True)
+            await asyncio.sleep(self._client.retry.delay(min(repeat, 5)))
+            repeat += 1
+
+    async def _keep_alive(self, expires: float) -> None:
+        interval = c.renew_interval(self.ttl)
+        pause = interval
+        token = self.fencing_token
+        assert token is not None
+        while True:
+            await asyncio.sleep(pause)
+            left = expires - time.monotonic()
+            if left <= 0:
+                log.warning("lease %r lapsed before it could be renewed", self.name)
+                self.lost.set()
+                return
+            sent = time.monotonic()
+            try:
+                info = await self._client.leases.renew(
+                    self.name, self.holder, token, self.ttl, timeout=min(left, interval)
+                )
+            except LeaseNotHeld as e:
+                log.warning("lease %r lost: %s", self.name, e)
+                self.lost.set()
+                return
+            except ArbiterError as e:
+                left = expires - time.monotonic()
+                if left <= 0:
+                    log.warning("lease %r lapsed: renewal failed: %s", self.name, e)
+                    self.lost.set()
+                    return
+                pause = min(interval / 4, left)
+                continue
+            expires = sent + info.remaining
+            pause = interval
+
+    async def _stop_renewing(self) -> None:
+        if self._renewer is not None:
+            self._renewer.cancel()
+            await asyncio.gather(self._renewer, return_exceptions=True)
+            self._renewer = None
+
+    async def release(self) -> None:
+        await self._stop_renewing()
+        token, self.fencing_token = self.fencing_token, None
+        if token is None:
+            return
+        if self.lost.is_set():
+            raise LeaseLost(f"lease {self.name!r} (token {token}) was lost while held")
+        try:
+            await self._client.leases.release(self.name, self.holder, token)
+        except LeaseNotHeld as e:
+            self.lost.set()
+            raise LeaseLost(f"lease {self.name!r} (token {token}) was lost while held") from e
+
+    async def __aenter__(self) -> "AsyncLease":
+        await self.acquire()
+        return self
+
+    async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        try:
+            await self.release()
+        except LeaseLost:
+            if exc_type is None:
+                raise
+        except ArbiterError as e:
+            log.warning("could not release lease %r: %s", self.name, e)
+
+
+async def _pump(watch: AsyncLeaseWatch, events: "asyncio.Queue[Any]") -> None:
+    try:
+        async for event in watch:
+            _put_latest(events, event)
+    except ArbiterError as e:
+        _put_latest(events, e)
+
+
+def _put_latest(events: "asyncio.Queue[Any]", item: Any) -> None:
+    if events.full():
+        events.get_nowait()
+    events.put_nowait(item)
+
+
+class AsyncElection:
+    """The asyncio twin of `Election`."""
+
+    def __init__(self, client: AsyncClient, name: str, candidate: str, ttl: Duration) -> None:
+        self._client = client
+        self.name = name
+        self.candidate = candidate
+        self._lease = AsyncLease(client, name, ttl, candidate, True, None)
+
+    @property
+    def is_leader(self) -> bool:
+        return self._lease.held
+
+    @property
+    def fencing_token(self) -> Optional[int]:
+        return self._lease.fencing_token if self._lease.held else None
+
+    @property
+    def lost(self) -> asyncio.Event:
+        return self._lease.lost
+
+    async def campaign(self, timeout: Optional[float] = None) -> Leader:
+        if self._lease._renewer is not None and not self._lease.held:
+            await self._lease._stop_renewing()
+            self._lease.fencing_token = None
+        if not self._lease.held:
+            await self._lease.acquire(wait=True, timeout=timeout)
+        assert self._lease.fencing_token is not None
+        return Leader(self.candidate, self._lease.fencing_token)
+
+    async def resign(self) -> None:
+        try:
+            await self._lease.release()
+        except LeaseLost:
+            pass
+
+    async def observe(self) -> AsyncIterator[Optional[Leader]]:
+        last: Any = ()
+        repeat = 0
+        while True:
+            try:
+                async with self._client.leases.watch(self.name) as watch:
+                    async for event in watch:
+                        repeat = 0
+                        lease = event.lease if event.kind in ("current", "acquired", "renewed") else None
+                        now = Leader(lease.holder, lease.fencing_token) if lease else None
+                        if now != last:
+                            last = now
+                            yield now
+            except Unavailable:
+                await asyncio.sleep(self._client.retry.delay(min(repeat, 5)))
+                repeat += 1
+
+    async def __aenter__(self) -> "AsyncElection":
+        await self.campaign()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.resign()
+
+
+class AsyncIdempotency:
+    """Idempotency calls one by one (`client.idempotency`)."""
+
+    def __init__(self, client: AsyncClient) -> None:
+        self._client = client
+
+    async def begin(
+        self, key: str, fingerprint: bytes = b"", lock_ttl: Duration = 30.0, retention: Duration = 86400.0
+    ) -> BeginResult:
+        request = c.begin_request(key, fingerprint, lock_ttl, retention)
+        return c.begin_result(await self._client._call("begin", request))
+
+    async def complete(self, key: str, attempt: int, response: bytes) -> None:
+        try:
+            await self._client._call("complete", _pb.CompleteRequest(key=key, attempt=attempt, response=response))
+        except ArbiterError as e:
+            if e.code == "FAILED_PRECONDITION" and e.retried:
+                record = await self.get(key)
+                if record is not None and record.attempt == attempt and record.state == "completed":
+                    return
+            raise
+
+    async def abort(self, key: str, attempt: int) -> None:
+        try:
+            await self._client._call("abort", _pb.AbortRequest(key=key, attempt=attempt))
+        except ArbiterError as e:
+            if e.code == "FAILED_PRECONDITION" and e.retried:
+                record = await self.get(key)
+                if record is None or record.attempt != attempt:
+                    return
+            raise
+
+    async def get(self, key: str) -> Optional[Record]:
+        r = await self._client._call("get_record", _pb.GetRecordRequest(key=c.check_key(key, "key")))
+        return c.record(r)
