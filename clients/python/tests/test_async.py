@@ -43,6 +43,15 @@ def test_checks_wait_and_the_decorator(server, name):
         with pytest.raises(TypeError, match="coroutine"):
             client.rate_limited("k", ac.FixedWindow(1, 1))(lambda: None)
 
+        @client.rate_limited(f"{name}/waits", ac.TokenBucket(1, 1, 0.2), timeout=5)
+        async def tick():
+            return time.monotonic()
+
+        first, second = await tick(), await tick()
+        assert second - first >= 0.1
+        status = await client.status()
+        assert status.leader_id == status.node_id and status.state == "Leader"
+
     run(server, body)
 
 

@@ -1,6 +1,6 @@
 """Message classes and method paths of the arbiter.v1 API, built at import
 from the committed descriptors in a private pool (no generated code, so any
-protobuf runtime from 4.23 on works, and an application that compiles the
+protobuf runtime from 4.25 on works, and an application that compiles the
 same protos itself sees no clash)."""
 
 import base64
