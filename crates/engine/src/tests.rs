@@ -91,6 +91,45 @@ fn a_changed_fixed_window_realigns_once_the_old_window_ends() {
     assert!(!r.allowed && r.retry_after_ms == 1, "{r:?}");
 }
 
+/// A clock behind the one that filled a window (a new leader's) never
+/// moves the count to an earlier window that ends sooner: the window's
+/// limit holds, and waits are measured from the caller's time. (Seen
+/// failing: a fixed window re-stamped its count into the earlier window,
+/// forgot it at that window's end and admitted the limit again; both
+/// windows measured retry_after from the later window.)
+#[test]
+fn a_clock_behind_the_window_neither_reopens_it_nor_shortens_waits() {
+    let fixed = LimitDef::FixedWindow {
+        limit: 2,
+        window_ms: 100,
+    };
+    let e = engine();
+    assert!(checked(&e, vec![check("f", fixed, 1)], false, 1_050)[0].allowed);
+    // 60 ms behind, in what this clock calls the previous window.
+    let behind = checked(&e, vec![check("f", fixed, 1)], false, 990)[0];
+    assert!(behind.allowed);
+    assert_eq!(behind.reset_after_ms, 110, "the count lasts until 1100");
+    let denied = checked(&e, vec![check("f", fixed, 1)], false, 1_060)[0];
+    assert!(!denied.allowed, "window 1000 admitted its limit already");
+    assert_eq!(denied.retry_after_ms, 40);
+
+    let sliding = LimitDef::SlidingWindow {
+        limit: 1,
+        window_ms: 100,
+    };
+    assert!(checked(&e, vec![check("s", sliding, 1)], false, 1_050)[0].allowed);
+    let early = checked(&e, vec![check("s", sliding, 1)], false, 990)[0];
+    assert!(!early.allowed);
+    // Allowed once 1000 (this clock's 990) is two windows behind: at 1200.
+    assert_eq!(early.retry_after_ms, 210);
+    let probe = LimitCheck {
+        dry_run: true,
+        ..check("s", sliding, 1)
+    };
+    assert!(!checked(&e, vec![probe.clone()], false, 990 + 209)[0].allowed);
+    assert!(checked(&e, vec![probe], false, 990 + 210)[0].allowed);
+}
+
 #[test]
 fn all_or_nothing_consumes_nothing_when_one_denies() {
     let e = engine();

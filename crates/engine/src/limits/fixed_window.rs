@@ -30,10 +30,23 @@ impl FixedWindow {
         now_ms: u64,
         cost: u64,
     ) -> (LimitResult, Option<Cell>) {
-        let start = now_ms - now_ms % self.window;
-        let count = match cell {
-            Some(c) if c.kind() == KIND_FIXED_WINDOW && now_ms < idle_at(c) => c.a,
-            _ => 0,
+        let aligned = now_ms - now_ms % self.window;
+        // A window never goes back: at a time before the stored window (a
+        // clock behind the one that made it) the count stays in that window,
+        // rather than moving to an earlier one that would end sooner.
+        let (count, start) = match cell {
+            Some(c) if c.kind() == KIND_FIXED_WINDOW && now_ms < idle_at(c) => {
+                let same_windows = u64::from(c.aux) == self.window;
+                (
+                    c.a,
+                    if same_windows {
+                        aligned.max(c.b)
+                    } else {
+                        aligned
+                    },
+                )
+            }
+            _ => (0, aligned),
         };
         let allowed = u128::from(count) + u128::from(cost) <= u128::from(self.limit);
         let end_in = start + self.window - now_ms;

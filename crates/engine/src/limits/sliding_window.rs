@@ -100,6 +100,10 @@ impl SlidingWindow {
         let mut s = self.load(cell, now_ms);
         let w = self.window;
         let e = now_ms.max(s.start) - s.start; // < w
+                                               // A time before the latest window (a clock behind the one that made
+                                               // it) counts as that window's first millisecond, so waits are
+                                               // measured from there: `behind` ms more from `now_ms`.
+        let behind = s.start.saturating_sub(now_ms);
         let used = u128::from(s.cur) + self.weighted_prev(&s, e);
         let limit = u128::from(self.limit);
         let allowed = used + u128::from(cost) <= limit;
@@ -108,7 +112,7 @@ impl SlidingWindow {
         } else if cost > self.limit {
             NEVER
         } else {
-            self.retry_after(&s, e, cost)
+            self.retry_after(&s, e, cost).saturating_add(behind)
         };
         let changed = allowed && cost > 0;
         let mut used_after = used;
@@ -117,9 +121,9 @@ impl SlidingWindow {
             used_after += u128::from(cost);
         }
         let reset_after_ms = if s.cur > 0 {
-            2 * w - e
+            2 * w - e + behind
         } else if s.prev > 0 {
-            w - e
+            w - e + behind
         } else {
             0
         };
