@@ -428,18 +428,18 @@ proptest! {
     /// outcome is the one the model predicts (grants, renewals, releases,
     /// refusals and "held by another" answers alike), a new grant's
     /// fencing token is above every token before it (across names), and a
-    /// renewal keeps its token.
+    /// renewal keeps its token; time sometimes steps back.
     #[test]
     fn leases_follow_the_model_and_tokens_only_grow(
-        ops in prop::collection::vec((0u64..80, 0u8..4, 0usize..2, 0usize..3, 1u64..200, 0u8..3), 1..80),
+        ops in prop::collection::vec((prop_oneof![6 => 0i64..80, 1 => -60i64..0], 0u8..4, 0usize..2, 0usize..3, 1u64..200, 0u8..3), 1..80),
     ) {
         let e = engine();
-        let mut now = 0;
+        let mut now = 1_000u64;
         // The model: name -> (holder, token, expires_at) of the live grant.
         let mut model: Vec<Option<(usize, u64, u64)>> = vec![None; 2];
         let mut last_token: u64 = 0;
         for (dt, op, name, holder, ttl, token_pick) in ops {
-            now += dt;
+            now = now.saturating_add_signed(dt);
             let live = model[name].filter(|m| now < m.2);
             // The token a client presents: the live one, an older one, or
             // one never issued.
@@ -505,19 +505,19 @@ proptest! {
     /// when none is live and the key holds no result; otherwise it reports
     /// the live attempt or the stored result. Complete and Abort succeed
     /// only for the live attempt; stale and unknown attempts are refused.
-    /// Attempt numbers strictly increase.
+    /// Attempt numbers strictly increase; time sometimes steps back.
     #[test]
     fn idempotency_follows_the_model(
-        ops in prop::collection::vec((0u64..60, 0u8..3, 1u64..150, 0u8..3), 1..80),
+        ops in prop::collection::vec((prop_oneof![6 => 0i64..60, 1 => -60i64..0], 0u8..3, 1u64..150, 0u8..3), 1..80),
     ) {
         #[derive(Clone, Copy, Debug)]
         enum State { Running { attempt: u64, until: u64 }, Done { attempt: u64, until: u64 } }
         let e = engine();
-        let mut now = 0;
+        let mut now = 1_000u64;
         let mut model: Option<State> = None;
         let mut last_attempt: u64 = 0;
         for (dt, op, ttl, pick) in ops {
-            now += dt;
+            now = now.saturating_add_signed(dt);
             let live = model.filter(|s| match *s {
                 State::Running { until, .. } | State::Done { until, .. } => now < until,
             });
