@@ -1,6 +1,7 @@
 //! Compiles `proto/arbiter/v1/*.proto` (the gRPC API) and
 //! `proto/arbiter/log/v1/log.proto` (the Raft log format, messages only)
-//! with a vendored `protoc`, so a fresh machine needs no system protobuf
+//! and Envoy's rate limit service (`proto/envoy`, server side only) with a
+//! vendored `protoc`, so a fresh machine needs no system protobuf
 //! compiler.
 
 use std::path::PathBuf;
@@ -23,6 +24,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .file_descriptor_set_path(out_dir.join("arbiter_descriptor.bin"))
         .compile_protos(&protos, &["proto"])?;
+    let envoy = [
+        "proto/envoy/service/ratelimit/v3/rls.proto",
+        "proto/envoy/extensions/common/ratelimit/v3/ratelimit.proto",
+        "proto/envoy/type/v3/ratelimit_unit.proto",
+        "proto/envoy/config/core/v3/base.proto",
+    ];
+    for p in &envoy {
+        println!("cargo:rerun-if-changed={p}");
+    }
+    // The client too: the tests and the CLI speak to the service.
+    tonic_prost_build::configure()
+        .file_descriptor_set_path(out_dir.join("envoy_descriptor.bin"))
+        .compile_protos(&envoy, &["proto"])?;
     let log = "proto/arbiter/log/v1/log.proto";
     println!("cargo:rerun-if-changed={log}");
     tonic_prost_build::configure()

@@ -198,6 +198,26 @@ pub struct Config {
     #[arg(long, env = "ARBITER_AUTH_FILE")]
     pub auth_file: Option<PathBuf>,
 
+    /// Named limits in envoyproxy/ratelimit's format (plus `algorithm` and
+    /// `burst`): one YAML file, or a directory of them (one domain per
+    /// file, as a ConfigMap mounts it). Served to Envoy as its rate limit
+    /// service and by name in `arbiter.v1`. Re-read when it changes; a bad
+    /// change keeps the last good limits. `arbiter limits check PATH`
+    /// validates a file offline.
+    #[arg(long, env = "ARBITER_LIMITS")]
+    pub limits: Option<PathBuf>,
+
+    /// Envoy's rate limit service: consume from the descriptors that pass
+    /// even when another is over limit (envoyproxy/ratelimit's behaviour).
+    /// By default nothing is consumed unless every descriptor passes.
+    #[arg(long, env = "ARBITER_RLS_CONSUME_ON_DENY")]
+    pub rls_consume_on_deny: bool,
+
+    /// Envoy's rate limit service: add x-ratelimit-limit, -remaining and
+    /// -reset response headers (IETF draft form) for the tightest limit.
+    #[arg(long, env = "ARBITER_RLS_HEADERS")]
+    pub rls_headers: bool,
+
     /// Mutual TLS on the peer port and to peers: this member's certificate
     /// (PEM). Needs --peer-tls-key and --peer-tls-ca.
     #[arg(long, env = "ARBITER_PEER_TLS_CERT", requires_all = ["peer_tls_key", "peer_tls_ca"])]

@@ -32,6 +32,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub use arbiter_engine as engine;
+pub mod limits;
 pub mod metrics;
 pub mod node;
 pub mod raft;
@@ -42,6 +43,43 @@ pub mod storage;
 /// The Raft log format (`proto/arbiter/log/v1/log.proto`).
 pub mod log_proto {
     tonic::include_proto!("arbiter.log.v1");
+}
+
+/// Envoy's rate limit service (`proto/envoy`, trimmed to what Arbiter
+/// serves), in modules that mirror its packages.
+#[allow(clippy::all, missing_docs)]
+pub mod envoy {
+    pub mod service {
+        pub mod ratelimit {
+            pub mod v3 {
+                tonic::include_proto!("envoy.service.ratelimit.v3");
+            }
+        }
+    }
+    pub mod extensions {
+        pub mod common {
+            pub mod ratelimit {
+                pub mod v3 {
+                    tonic::include_proto!("envoy.extensions.common.ratelimit.v3");
+                }
+            }
+        }
+    }
+    pub mod config {
+        pub mod core {
+            pub mod v3 {
+                tonic::include_proto!("envoy.config.core.v3");
+            }
+        }
+    }
+    pub mod r#type {
+        pub mod v3 {
+            tonic::include_proto!("envoy.r#type.v3");
+        }
+    }
+
+    /// Encoded file descriptors, for server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("envoy_descriptor");
 }
 
 /// Generated protobuf and gRPC code for `arbiter.v1`.

@@ -12,6 +12,8 @@ use tonic::transport::Server;
 use crate::api::{self, Bounds, Shared};
 use crate::clock::Clock;
 use crate::config::Config;
+use crate::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer;
+use crate::limits::NamedLimits;
 use crate::metrics::{self, Metrics};
 use crate::node::{self, Node, PeerService};
 use crate::proto::cluster_server::ClusterServer;
@@ -48,6 +50,8 @@ pub enum ServerError {
     Refused(String),
     #[error("{0}")]
     Security(String),
+    #[error("limits: {0}")]
+    Limits(String),
 }
 
 /// The addresses a started server listens on (ports chosen by the system
@@ -165,11 +169,16 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Started, Ser
                 ),
         )
     };
+    let limits = match &config.limits {
+        Some(path) => NamedLimits::watch(path).map_err(ServerError::Limits)?,
+        None => NamedLimits::none(),
+    };
     let shared = Shared {
         node: node.clone(),
         metrics: metrics.clone(),
         bounds: Bounds::from(&config),
         auth: tls.auth.clone(),
+        limits: limits.clone(),
     };
 
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -184,6 +193,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Started, Ser
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(crate::envoy::FILE_DESCRIPTOR_SET)
         .build_v1()?;
     node.spawn_task(
         "metrics",
@@ -209,6 +219,14 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Started, Ser
         .add_service(IdempotencyServer::new(
             api::idempotency::IdempotencyService(shared.clone()),
         ))
+        .add_service(RateLimitServiceServer::new(api::rls::RlsService {
+            shared: shared.clone(),
+            limits,
+            options: api::rls::RlsOptions {
+                consume_on_deny: config.rls_consume_on_deny,
+                headers: config.rls_headers,
+            },
+        }))
         .add_service(ClusterServer::new(api::cluster::ClusterService(shared)))
         .prepare();
     let addrs = Addrs {

@@ -10,10 +10,12 @@ pub mod idempotency;
 pub mod layer;
 pub mod leases;
 pub mod rate_limiter;
+pub mod rls;
 
 use std::sync::Arc;
 
 use crate::config::Config;
+use crate::limits::NamedLimits;
 use crate::metrics::Metrics;
 use crate::node::Node;
 use crate::security::{Auth, Caller};
@@ -48,6 +50,8 @@ pub struct Shared {
     pub bounds: Bounds,
     /// The auth file's rules (`--auth-file`); `None` lets every call in.
     pub auth: Option<Auth>,
+    /// The named limits (`--limits`); empty without it.
+    pub limits: NamedLimits,
 }
 
 impl Shared {

@@ -13,27 +13,46 @@ fn print_lease(l: &pb::Lease) {
 
 pub(super) async fn check(a: CheckArgs) -> CliResult {
     use pb::limit::Algorithm;
-    let algorithm = match (a.token_bucket, a.sliding_window, a.fixed_window) {
-        (Some(t), _, _) => Algorithm::TokenBucket(t),
-        (_, Some(s), _) => Algorithm::SlidingWindow(s),
-        (_, _, Some(f)) => Algorithm::FixedWindow(f),
+    let check = match (a.domain, a.descriptor) {
+        (Some(domain), Some(Entries(entries))) => pb::LimitCheck {
+            key: String::new(),
+            limit: None,
+            cost: Some(a.cost),
+            dry_run: a.dry_run,
+            named: Some(pb::NamedLimit {
+                domain,
+                entries: entries
+                    .into_iter()
+                    .map(|(key, value)| pb::named_limit::Entry { key, value })
+                    .collect(),
+            }),
+        },
         _ => {
-            return Err(
-                "one of --token-bucket, --sliding-window or --fixed-window is required".into(),
-            )
-        }
-    };
-    let mut client = RateLimiterClient::new(connect(&a.server).await?);
-    let reply = client
-        .check(pb::CheckRequest {
-            checks: vec![pb::LimitCheck {
-                key: a.key,
+            let algorithm = match (a.token_bucket, a.sliding_window, a.fixed_window) {
+                (Some(t), _, _) => Algorithm::TokenBucket(t),
+                (_, Some(s), _) => Algorithm::SlidingWindow(s),
+                (_, _, Some(f)) => Algorithm::FixedWindow(f),
+                _ => {
+                    return Err("one of --token-bucket, --sliding-window or --fixed-window \
+                                (or --domain with --descriptor) is required"
+                        .into())
+                }
+            };
+            pb::LimitCheck {
+                key: a.key.unwrap_or_default(),
                 limit: Some(pb::Limit {
                     algorithm: Some(algorithm),
                 }),
                 cost: Some(a.cost),
                 dry_run: a.dry_run,
-            }],
+                named: None,
+            }
+        }
+    };
+    let mut client = RateLimiterClient::new(connect(&a.server).await?);
+    let reply = client
+        .check(pb::CheckRequest {
+            checks: vec![check],
             all_or_nothing: false,
         })
         .await
@@ -308,4 +327,21 @@ pub(super) async fn health(args: HealthArgs) -> CliResult {
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// `arbiter limits check PATH`: the server's parser, offline.
+pub(super) fn limits_check(path: &std::path::Path) -> CliResult {
+    let limits = crate::limits::Limits::load(path)?;
+    let mut domains: Vec<&str> = limits.domains().collect();
+    domains.sort_unstable();
+    for file in &limits.files {
+        println!("ok {}", file.display());
+    }
+    println!(
+        "{} file(s), {} domain(s): {}",
+        limits.files.len(),
+        domains.len(),
+        domains.join(", ")
+    );
+    Ok(ExitCode::SUCCESS)
 }

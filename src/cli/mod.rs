@@ -17,9 +17,9 @@ use crate::proto::{
     self as pb, cluster_client::ClusterClient, idempotency_client::IdempotencyClient,
     leases_client::LeasesClient, rate_limiter_client::RateLimiterClient,
 };
-use commands::{check, cluster, health, idem, lease};
+use commands::{check, cluster, health, idem, lease, limits_check};
 pub use parse::parse_duration_ms;
-use parse::{parse_fixed, parse_sliding, parse_token_bucket};
+use parse::{parse_descriptor, parse_fixed, parse_sliding, parse_token_bucket, Entries};
 
 #[derive(Parser)]
 #[command(
@@ -47,6 +47,10 @@ enum Cmd {
     /// Cluster membership and leadership: status, add, remove.
     #[command(subcommand)]
     Cluster(ClusterCmd),
+    /// Named limits: `limits check PATH` validates a limits file or
+    /// directory offline (exit 1 on errors).
+    #[command(subcommand)]
+    Limits(LimitsCmd),
     /// gRPC health check: exits 0 when SERVING, 1 otherwise. With no
     /// --service it asks about liveness (""); `--service ready` asks whether
     /// the node can serve calls (a known leader and a caught-up log).
@@ -116,13 +120,27 @@ struct Server {
     auth_token: Option<String>,
 }
 
+#[derive(Subcommand)]
+enum LimitsCmd {
+    /// Parse and validate a limits file, or a directory of them, with the
+    /// server's own parser; prints each domain, exits 1 on the first error.
+    Check { path: std::path::PathBuf },
+}
+
 #[derive(Args)]
 struct CheckArgs {
     #[command(flatten)]
     server: Server,
-    /// The rate-limit key.
-    #[arg(long)]
-    key: String,
+    /// The rate-limit key (not with --domain).
+    #[arg(long, required_unless_present = "domain", conflicts_with = "domain")]
+    key: Option<String>,
+    /// A named limit's domain (the server's --limits), with --descriptor
+    /// instead of a key and a limit definition.
+    #[arg(long, requires = "descriptor", conflicts_with = "limit")]
+    domain: Option<String>,
+    /// The descriptor's entries: `k=v[,k=v...]`, in nesting order.
+    #[arg(long, value_parser = parse_descriptor)]
+    descriptor: Option<Entries>,
     /// CAPACITY:TOKENS/INTERVAL, e.g. `10:1/s` or `100:5/250ms`.
     #[arg(long, group = "limit", value_parser = parse_token_bucket)]
     token_bucket: Option<pb::TokenBucket>,
@@ -287,6 +305,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Cmd::Idem(cmd) => idem(cmd).await,
         Cmd::Cluster(cmd) => cluster(cmd).await,
         Cmd::Health(args) => health(args).await,
+        Cmd::Limits(LimitsCmd::Check { path }) => limits_check(&path),
     };
     match result {
         Ok(code) => code,

@@ -76,3 +76,17 @@ mod tests {
         assert_eq!(parse_fixed("100/1m").unwrap().window_ms, 60_000);
     }
 }
+
+/// A named limit's descriptor entries, `k=v[,k=v...]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entries(pub Vec<(String, String)>);
+
+pub fn parse_descriptor(s: &str) -> Result<Entries, String> {
+    s.split(',')
+        .map(|pair| match pair.split_once('=') {
+            Some((k, v)) if !k.is_empty() && !v.is_empty() => Ok((k.to_owned(), v.to_owned())),
+            _ => Err(format!("expected KEY=VALUE[,KEY=VALUE...], got {pair:?}")),
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(Entries)
+}

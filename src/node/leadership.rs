@@ -9,10 +9,11 @@ use super::{Node, ELECTION_TIMEOUT_MAX_MS};
 use crate::engine::Command;
 
 /// The services whose readiness [`report_readiness`] reports.
-pub const READY_SERVICES: [&str; 3] = [
+pub const READY_SERVICES: [&str; 4] = [
     "arbiter.v1.RateLimiter",
     "arbiter.v1.Leases",
     "arbiter.v1.Idempotency",
+    "envoy.service.ratelimit.v3.RateLimitService",
 ];
 
 impl Node {

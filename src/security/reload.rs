@@ -2,7 +2,9 @@
 //! rotated by cert-manager, an edited auth file. The files are read every
 //! [`RELOAD_EVERY`]; when their bytes differ from the last load, the value
 //! is rebuilt. A file that fails to load keeps the last good value and the
-//! log says why (once per change).
+//! log says why (once per change). `arbiter_config_generation{what}` counts
+//! the loads that took effect and `arbiter_config_reload_failures_total{what}`
+//! the changes that were refused.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock, Weak};
@@ -12,10 +14,18 @@ use std::time::Duration;
 pub const RELOAD_EVERY: Duration = Duration::from_secs(1);
 
 type Loader<T> = Box<dyn Fn() -> Result<T, String> + Send + Sync>;
+type Lister = Box<dyn Fn() -> Vec<PathBuf> + Send + Sync>;
+
+/// What is watched: fixed files, or whatever a listing returns each time
+/// (the files of a directory, which may come and go).
+enum Watched {
+    Files(Vec<PathBuf>),
+    Listing(Lister),
+}
 
 pub struct Reloading<T> {
     what: &'static str,
-    paths: Vec<PathBuf>,
+    watched: Watched,
     load: Loader<T>,
     current: RwLock<Arc<T>>,
     /// The files' bytes as last seen (loaded or refused).
@@ -31,16 +41,37 @@ impl<T: Send + Sync + 'static> Reloading<T> {
         paths: Vec<PathBuf>,
         load: impl Fn() -> Result<T, String> + Send + Sync + 'static,
     ) -> Result<Arc<Self>, String> {
-        let seen = Self::read(&paths);
+        let watch = !paths.is_empty();
+        Self::begin(what, Watched::Files(paths), watch, Box::new(load))
+    }
+
+    /// As `start`, watching the files `list` returns at each look (their
+    /// names and bytes), so files added or removed count as changes.
+    pub fn start_listing(
+        what: &'static str,
+        list: impl Fn() -> Vec<PathBuf> + Send + Sync + 'static,
+        load: impl Fn() -> Result<T, String> + Send + Sync + 'static,
+    ) -> Result<Arc<Self>, String> {
+        Self::begin(what, Watched::Listing(Box::new(list)), true, Box::new(load))
+    }
+
+    fn begin(
+        what: &'static str,
+        watched: Watched,
+        watch: bool,
+        load: Loader<T>,
+    ) -> Result<Arc<Self>, String> {
+        let seen = watched.read();
         let value = load().map_err(|e| format!("{what}: {e}"))?;
+        metrics::gauge!("arbiter_config_generation", "what" => what).set(1.0);
         let this = Arc::new(Self {
             what,
-            paths,
-            load: Box::new(load),
+            watched,
+            load,
             current: RwLock::new(Arc::new(value)),
             seen: Mutex::new(seen),
         });
-        if let (false, Ok(rt)) = (this.paths.is_empty(), tokio::runtime::Handle::try_current()) {
+        if let (true, Ok(rt)) = (watch, tokio::runtime::Handle::try_current()) {
             rt.spawn(Self::watch(Arc::downgrade(&this)));
         }
         Ok(this)
@@ -54,14 +85,10 @@ impl<T: Send + Sync + 'static> Reloading<T> {
             .clone()
     }
 
-    fn read(paths: &[PathBuf]) -> Vec<Option<Vec<u8>>> {
-        paths.iter().map(|p| std::fs::read(p).ok()).collect()
-    }
-
     /// Reloads if a file changed since the last look; returns whether the
     /// value was replaced.
     pub fn check(&self) -> bool {
-        let now = Self::read(&self.paths);
+        let now = self.watched.read();
         {
             let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
             if *seen == now {
@@ -72,10 +99,13 @@ impl<T: Send + Sync + 'static> Reloading<T> {
         match (self.load)() {
             Ok(v) => {
                 *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(v);
+                metrics::gauge!("arbiter_config_generation", "what" => self.what).increment(1.0);
                 tracing::info!(what = self.what, "reloaded");
                 true
             }
             Err(e) => {
+                metrics::counter!("arbiter_config_reload_failures_total", "what" => self.what)
+                    .increment(1);
                 tracing::warn!(what = self.what, error = %e, "cannot reload; keeping the last good one");
                 false
             }
@@ -90,6 +120,24 @@ impl<T: Send + Sync + 'static> Reloading<T> {
             let Some(this) = this.upgrade() else { return };
             // Reading files blocks; keep it off the event loop.
             let _ = tokio::task::spawn_blocking(move || this.check()).await;
+        }
+    }
+}
+
+impl Watched {
+    /// The watched files' bytes; a listing's entries carry their names too.
+    fn read(&self) -> Vec<Option<Vec<u8>>> {
+        match self {
+            Watched::Files(paths) => paths.iter().map(|p| std::fs::read(p).ok()).collect(),
+            Watched::Listing(list) => list()
+                .iter()
+                .map(|p| {
+                    let mut named = p.as_os_str().as_encoded_bytes().to_vec();
+                    named.push(0);
+                    named.extend(std::fs::read(p).ok()?);
+                    Some(named)
+                })
+                .collect(),
         }
     }
 }

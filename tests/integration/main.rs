@@ -15,6 +15,7 @@ mod linearizability;
 mod manual_clock;
 mod rate_limiter;
 mod replication;
+mod rls;
 mod security;
 mod server;
 mod upgrade;

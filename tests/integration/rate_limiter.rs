@@ -20,6 +20,7 @@ pub fn lc(key: &str, limit: Option<Limit>, cost: Option<u64>) -> LimitCheck {
         limit,
         cost,
         dry_run: false,
+        named: None,
     }
 }
 

@@ -23,6 +23,7 @@ async fn health_serves_every_service() {
         "arbiter.v1.RateLimiter",
         "arbiter.v1.Leases",
         "arbiter.v1.Idempotency",
+        "envoy.service.ratelimit.v3.RateLimitService",
     ] {
         eventually(&format!("{service:?} to be SERVING"), || {
             let mut h = h.clone();
@@ -71,6 +72,7 @@ async fn reflection_lists_the_services() {
         "arbiter.v1.Leases",
         "arbiter.v1.Idempotency",
         "grpc.health.v1.Health",
+        "envoy.service.ratelimit.v3.RateLimitService",
     ] {
         assert!(names.iter().any(|n| n == s), "{s} missing from {names:?}");
     }

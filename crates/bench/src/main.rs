@@ -403,6 +403,7 @@ fn check_entry(args: &Args, key: String) -> Vec<u8> {
             }),
             cost: None,
             dry_run: false,
+            named: None,
         }],
         all_or_nothing: false,
     }

@@ -1,0 +1,225 @@
+//! `envoy.service.ratelimit.v3.RateLimitService`: Envoy's rate limit
+//! service over the named limits (`--limits`).
+//!
+//! Every descriptor is checked against its matched rule; nothing is consumed
+//! unless every enforced descriptor passes (`--rls-consume-on-deny` restores
+//! envoyproxy/ratelimit's "each counts on its own"). Unmatched descriptors
+//! and shadow-mode rules answer OK; no quorum answers `UNAVAILABLE`, so
+//! Envoy's `failure_mode_deny` decides.
+
+use tonic::{Request, Response, Status};
+
+use super::{error, Shared};
+use crate::envoy::config::core::v3::HeaderValue;
+use crate::envoy::service::ratelimit::v3::rate_limit_response::{
+    rate_limit::Unit as EnvoyUnit, Code, DescriptorStatus, RateLimit,
+};
+use crate::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitService;
+use crate::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
+use crate::limits::{self, Descriptor, NamedLimits, Unit, Verdict};
+use crate::security::Caller;
+
+/// At most this many descriptors per request, and entries per descriptor.
+const MAX_DESCRIPTORS: usize = 64;
+const MAX_ENTRIES: usize = 32;
+
+/// How the service answers (from `--rls-consume-on-deny`, `--rls-headers`).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RlsOptions {
+    pub consume_on_deny: bool,
+    pub headers: bool,
+}
+
+pub struct RlsService {
+    pub shared: Shared,
+    pub limits: NamedLimits,
+    pub options: RlsOptions,
+}
+
+#[tonic::async_trait]
+impl RateLimitService for RlsService {
+    async fn should_rate_limit(
+        &self,
+        request: Request<RateLimitRequest>,
+    ) -> Result<Response<RateLimitResponse>, Status> {
+        let s = &self.shared;
+        let caller = s.caller(&request)?;
+        let req = request.into_inner();
+        if req.domain.is_empty() {
+            return Err(Status::invalid_argument("domain: must not be empty"));
+        }
+        if req.descriptors.is_empty() || req.descriptors.len() > MAX_DESCRIPTORS {
+            return Err(Status::invalid_argument(format!(
+                "descriptors: must hold 1 to {MAX_DESCRIPTORS}, got {}",
+                req.descriptors.len()
+            )));
+        }
+        let request_hits = u64::from(req.hits_addend.max(1));
+        let mut descriptors = Vec::with_capacity(req.descriptors.len());
+        for (i, d) in req.descriptors.into_iter().enumerate() {
+            if d.entries.is_empty() || d.entries.len() > MAX_ENTRIES {
+                return Err(Status::invalid_argument(format!(
+                    "descriptors[{i}].entries: must hold 1 to {MAX_ENTRIES}, got {}",
+                    d.entries.len()
+                )));
+            }
+            let limit_override = match d.limit {
+                Some(o) => Some((
+                    u64::from(o.requests_per_unit),
+                    Unit::from_envoy(o.unit).ok_or_else(|| {
+                        Status::invalid_argument(format!(
+                            "descriptors[{i}].limit.unit: SECOND to YEAR, got {}",
+                            o.unit
+                        ))
+                    })?,
+                )),
+                None => None,
+            };
+            descriptors.push(Descriptor {
+                entries: d.entries.into_iter().map(|e| (e.key, e.value)).collect(),
+                hits: d.hits_addend.unwrap_or(request_hits),
+                limit_override,
+            });
+        }
+        let limits = self.limits.current();
+        if !matches!(caller, Caller::Anyone) {
+            for key in limits::keys(&limits, &req.domain, &descriptors) {
+                caller.may_use("key", &key)?;
+            }
+        }
+        let verdicts = limits::decide(
+            &s.node,
+            caller.name(),
+            &limits,
+            &req.domain,
+            &descriptors,
+            self.options.consume_on_deny,
+        )
+        .await
+        .map_err(error::node_status)?;
+        let over = verdicts.iter().any(Verdict::over);
+        for v in &verdicts {
+            if let Verdict::Checked {
+                rule,
+                result,
+                shadow: true,
+                ..
+            } = v
+            {
+                if !result.allowed {
+                    tracing::info!(domain = %req.domain, rule = %rule.id, "shadow-mode rule over limit");
+                }
+            }
+        }
+        let allowed = verdicts.iter().filter(|v| !v.over()).count() as u64;
+        s.metrics
+            .decisions(allowed, verdicts.len() as u64 - allowed);
+        let headers = if self.options.headers {
+            rate_limit_headers(&verdicts)
+        } else {
+            Vec::new()
+        };
+        Ok(Response::new(RateLimitResponse {
+            overall_code: if over { Code::OverLimit } else { Code::Ok } as i32,
+            statuses: verdicts.iter().map(status).collect(),
+            response_headers_to_add: headers,
+            request_headers_to_add: Vec::new(),
+        }))
+    }
+}
+
+fn envoy_unit(unit: Unit) -> EnvoyUnit {
+    match unit.envoy() {
+        1 => EnvoyUnit::Second,
+        2 => EnvoyUnit::Minute,
+        3 => EnvoyUnit::Hour,
+        4 => EnvoyUnit::Day,
+        5 => EnvoyUnit::Month,
+        6 => EnvoyUnit::Year,
+        7 => EnvoyUnit::Week,
+        _ => EnvoyUnit::Unknown,
+    }
+}
+
+/// Milliseconds until the descriptor's window resets: the wait before a
+/// retry when over, else until it is back to full.
+fn reset_ms(result: &crate::engine::LimitResult) -> u64 {
+    if !result.allowed && result.retry_after_ms != u64::MAX {
+        result.retry_after_ms
+    } else {
+        result.reset_after_ms
+    }
+}
+
+fn status(v: &Verdict) -> DescriptorStatus {
+    match v {
+        Verdict::Unmatched | Verdict::Unlimited { .. } => DescriptorStatus {
+            code: Code::Ok as i32,
+            current_limit: None,
+            limit_remaining: u32::MAX,
+            duration_until_reset: None,
+        },
+        Verdict::Checked {
+            rule,
+            requests_per_unit,
+            unit,
+            result,
+            shadow,
+        } => {
+            let ms = reset_ms(result);
+            DescriptorStatus {
+                code: if result.allowed || *shadow {
+                    Code::Ok
+                } else {
+                    Code::OverLimit
+                } as i32,
+                current_limit: Some(RateLimit {
+                    name: rule.id.clone(),
+                    requests_per_unit: u32::try_from(*requests_per_unit).unwrap_or(u32::MAX),
+                    unit: envoy_unit(*unit) as i32,
+                }),
+                limit_remaining: u32::try_from(result.remaining).unwrap_or(u32::MAX),
+                duration_until_reset: Some(prost_types::Duration {
+                    seconds: (ms / 1000) as i64,
+                    nanos: ((ms % 1000) * 1_000_000) as i32,
+                }),
+            }
+        }
+    }
+}
+
+/// `x-ratelimit-limit`, `-remaining` and `-reset` in the IETF draft's form
+/// (draft-polli-ratelimit-headers-03), for the enforced descriptor with the
+/// least remaining: `limit, limit;w=window_seconds`, remaining, and whole
+/// seconds until reset (rounded up).
+fn rate_limit_headers(verdicts: &[Verdict]) -> Vec<HeaderValue> {
+    let tightest = verdicts
+        .iter()
+        .filter_map(|v| match v {
+            Verdict::Checked {
+                requests_per_unit,
+                unit,
+                result,
+                shadow: false,
+                ..
+            } => Some((*requests_per_unit, *unit, result)),
+            _ => None,
+        })
+        .min_by_key(|(_, _, r)| r.remaining);
+    let Some((rpu, unit, result)) = tightest else {
+        return Vec::new();
+    };
+    let window_s = unit.millis().unwrap_or(0) / 1000;
+    let header = |key: &str, value: String| HeaderValue {
+        key: key.to_owned(),
+        value,
+    };
+    vec![
+        header("x-ratelimit-limit", format!("{rpu}, {rpu};w={window_s}")),
+        header("x-ratelimit-remaining", result.remaining.to_string()),
+        header(
+            "x-ratelimit-reset",
+            reset_ms(result).div_ceil(1000).to_string(),
+        ),
+    ]
+}

@@ -1,0 +1,350 @@
+//! Named limits: rules configured on the server (`--limits`, in
+//! envoyproxy/ratelimit's format) that callers name by domain and
+//! descriptor entries instead of sending a limit definition. Served to Envoy
+//! as its rate limit service (`api/rls.rs`) and in `arbiter.v1` as a
+//! `LimitCheck.named`.
+//!
+//! The configuration is reloaded when its files change (checked every
+//! second; a directory's files may come and go, as a ConfigMap's do);
+//! a change that fails to load keeps the last good one.
+
+pub mod config;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+pub use config::{Algorithm, Limits, Rule, Unit};
+
+use crate::engine::{LimitCheck, LimitResult};
+use crate::node::{Node, NodeError};
+use crate::security::Reloading;
+
+/// The longest key the engine takes (bytes); longer derived keys are hashed.
+const MAX_KEY_BYTES: usize = 1024;
+
+/// The configured limits, reloaded on change; empty without `--limits`.
+#[derive(Clone)]
+pub struct NamedLimits(Option<Arc<Reloading<Limits>>>);
+
+impl NamedLimits {
+    pub fn none() -> Self {
+        Self(None)
+    }
+
+    /// Loads `path` (a file or a directory) and watches it.
+    pub fn watch(path: &Path) -> Result<Self, String> {
+        let (list, load) = (path.to_owned(), path.to_owned());
+        let reloading = Reloading::start_listing(
+            "limits",
+            move || config::files_of(&list).unwrap_or_default(),
+            move || Limits::load(&load),
+        )?;
+        let limits = reloading.current();
+        tracing::info!(
+            files = limits.files.len(),
+            domains = limits.domains().count(),
+            "named limits loaded"
+        );
+        Ok(Self(Some(reloading)))
+    }
+
+    /// The limits as last loaded.
+    pub fn current(&self) -> Arc<Limits> {
+        match &self.0 {
+            Some(r) => r.current(),
+            None => Arc::new(Limits::default()),
+        }
+    }
+
+    /// Re-reads the files now if they changed (tests; the watcher does it
+    /// every second).
+    pub fn check(&self) -> bool {
+        self.0.as_ref().is_some_and(|r| r.check())
+    }
+
+    pub fn path_files(path: &Path) -> Result<Vec<PathBuf>, String> {
+        config::files_of(path)
+    }
+}
+
+/// One descriptor to decide: its entries, the hits it adds, and the
+/// caller's limit override, if any.
+#[derive(Clone, Debug)]
+pub struct Descriptor {
+    pub entries: Vec<(String, String)>,
+    pub hits: u64,
+    pub limit_override: Option<(u64, Unit)>,
+}
+
+/// What became of one descriptor.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Verdict {
+    /// No rule matched (and no override): not limited.
+    Unmatched,
+    /// Matched an `unlimited` rule.
+    Unlimited { rule: Rule },
+    /// Checked against a limit. `shadow`: counted, but never denies.
+    Checked {
+        rule: Rule,
+        requests_per_unit: u64,
+        unit: Unit,
+        result: LimitResult,
+        shadow: bool,
+    },
+}
+
+impl Verdict {
+    /// Whether this descriptor makes the request over limit.
+    pub fn over(&self) -> bool {
+        matches!(self, Verdict::Checked { result, shadow: false, .. } if !result.allowed)
+    }
+}
+
+/// The engine key for a descriptor: the domain and every entry, hashed when
+/// longer than a key may be.
+pub fn key_for(domain: &str, entries: &[(String, String)]) -> String {
+    let mut key = format!("rls/{domain}");
+    for (k, v) in entries {
+        key.push('/');
+        key.push_str(k);
+        key.push('=');
+        key.push_str(v);
+    }
+    if key.len() <= MAX_KEY_BYTES {
+        return key;
+    }
+    let digest = ring::digest::digest(&ring::digest::SHA256, key.as_bytes());
+    let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    format!("rls/{}/#{hex}", truncate(domain, 256))
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// A descriptor resolved to its rule and engine check.
+enum Plan {
+    Unmatched,
+    Unlimited(Rule),
+    /// `requests_per_unit: 0`: admits nothing, nothing to count.
+    Blocked(Rule, u64, Unit),
+    Check(Rule, u64, Unit, LimitCheck),
+}
+
+/// Resolves descriptors against the configuration: the matching rule (or
+/// the caller's override), `replaces` applied across the request.
+fn plan(limits: &Limits, domain: &str, descriptors: &[Descriptor]) -> Vec<(Plan, String)> {
+    let matched: Vec<Option<&Rule>> = descriptors
+        .iter()
+        .map(|d| limits.matching(domain, &d.entries))
+        .collect();
+    let replaced: Vec<&str> = matched
+        .iter()
+        .flatten()
+        .flat_map(|r| r.replaces.iter().map(String::as_str))
+        .collect();
+    descriptors
+        .iter()
+        .zip(matched)
+        .map(|(d, rule)| {
+            let rule = rule.filter(|r| r.name.is_empty() || !replaced.contains(&r.name.as_str()));
+            let key = key_for(domain, &d.entries);
+            let plan = match (rule, d.limit_override) {
+                (None, None) => Plan::Unmatched,
+                (Some(r), None) if r.unlimited => Plan::Unlimited(r.clone()),
+                (rule, over) => {
+                    let mut rule = rule.cloned().unwrap_or_else(|| Rule {
+                        id: "override".into(),
+                        name: String::new(),
+                        unit: Unit::Second,
+                        requests_per_unit: 0,
+                        algorithm: Algorithm::FixedWindow,
+                        burst: None,
+                        unlimited: false,
+                        shadow_mode: false,
+                        replaces: Vec::new(),
+                    });
+                    let (rpu, unit) = over.unwrap_or((rule.requests_per_unit, rule.unit));
+                    rule.unlimited = false;
+                    match rule.def(rpu, unit) {
+                        Some(limit) => Plan::Check(
+                            rule,
+                            rpu,
+                            unit,
+                            LimitCheck {
+                                key: key.clone(),
+                                limit,
+                                cost: d.hits,
+                                dry_run: false,
+                            },
+                        ),
+                        None if unit.millis().is_none() => Plan::Unmatched,
+                        None => Plan::Blocked(rule, rpu, unit),
+                    }
+                }
+            };
+            (plan, key)
+        })
+        .collect()
+}
+
+/// The keys a request would use (for namespace checks before deciding).
+pub fn keys(limits: &Limits, domain: &str, descriptors: &[Descriptor]) -> Vec<String> {
+    plan(limits, domain, descriptors)
+        .into_iter()
+        .filter(|(p, _)| matches!(p, Plan::Check(..)))
+        .map(|(_, k)| k)
+        .collect()
+}
+
+/// Decides every descriptor: enforced limits together (all-or-nothing
+/// unless `consume_on_deny`), shadow-mode limits on their own (counted,
+/// never denying). Records per-rule metrics.
+pub async fn decide(
+    node: &Node,
+    principal: &str,
+    limits: &Limits,
+    domain: &str,
+    descriptors: &[Descriptor],
+    consume_on_deny: bool,
+) -> Result<Vec<Verdict>, NodeError> {
+    let plans = plan(limits, domain, descriptors);
+    let mut enforced = Vec::new();
+    let mut shadow = Vec::new();
+    for (i, (p, _)) in plans.iter().enumerate() {
+        if let Plan::Check(rule, _, _, check) = p {
+            if rule.shadow_mode {
+                shadow.push((i, check.clone()));
+            } else {
+                enforced.push((i, check.clone()));
+            }
+        }
+    }
+    let mut results: Vec<Option<LimitResult>> = vec![None; plans.len()];
+    for (group, all_or_nothing) in [(enforced, !consume_on_deny), (shadow, false)] {
+        if group.is_empty() {
+            continue;
+        }
+        let (idx, checks): (Vec<usize>, Vec<LimitCheck>) = group.into_iter().unzip();
+        let decided = node.check_as(checks, all_or_nothing, principal).await?;
+        for (i, mut r) in idx.into_iter().zip(decided) {
+            // In a denied all-or-nothing request, a check that would have
+            // passed says so with retry_after_ms = 0: it is within its limit
+            // (OK to Envoy), though nothing was consumed.
+            if !r.allowed && r.retry_after_ms == 0 {
+                r.allowed = true;
+            }
+            results[i] = Some(r);
+        }
+    }
+    let verdicts = plans
+        .into_iter()
+        .zip(results)
+        .zip(descriptors)
+        .map(|(((p, _), r), d)| match (p, r) {
+            (Plan::Check(rule, rpu, unit, _), Some(result)) => {
+                record(domain, &rule, d.hits, &result);
+                Verdict::Checked {
+                    shadow: rule.shadow_mode,
+                    rule,
+                    requests_per_unit: rpu,
+                    unit,
+                    result,
+                }
+            }
+            (Plan::Blocked(rule, rpu, unit), _) => {
+                let result = LimitResult {
+                    allowed: false,
+                    limit: 0,
+                    remaining: 0,
+                    retry_after_ms: u64::MAX,
+                    reset_after_ms: 0,
+                };
+                record(domain, &rule, d.hits, &result);
+                Verdict::Checked {
+                    shadow: rule.shadow_mode,
+                    rule,
+                    requests_per_unit: rpu,
+                    unit,
+                    result,
+                }
+            }
+            (Plan::Unlimited(rule), _) => Verdict::Unlimited { rule },
+            _ => Verdict::Unmatched,
+        })
+        .collect();
+    Ok(verdicts)
+}
+
+/// The counters envoyproxy/ratelimit users dashboard on, per domain and
+/// rule: hits, over limit, near limit (at least 80 % used) and shadow-mode
+/// denials.
+pub fn record(domain: &str, rule: &Rule, hits: u64, r: &LimitResult) {
+    let labels = [("domain", domain.to_owned()), ("rule", rule.id.clone())];
+    metrics::counter!("arbiter_rls_hits_total", &labels).increment(hits);
+    if !r.allowed {
+        let name = if rule.shadow_mode {
+            "arbiter_rls_shadow_mode_total"
+        } else {
+            "arbiter_rls_over_limit_total"
+        };
+        metrics::counter!(name, &labels).increment(hits);
+    } else if r.limit > 0 && u128::from(r.remaining) * 5 <= u128::from(r.limit) {
+        metrics::counter!("arbiter_rls_near_limit_total", &labels).increment(hits);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_name_the_domain_and_entries_and_long_ones_are_hashed() {
+        let e = |k: &str, v: &str| (k.to_string(), v.to_string());
+        assert_eq!(
+            key_for("edge", &[e("path", "/a"), e("user", "ann")]),
+            "rls/edge/path=/a/user=ann"
+        );
+        let long = key_for("edge", &[e("path", &"x".repeat(2000))]);
+        assert!(long.len() <= MAX_KEY_BYTES && long.starts_with("rls/edge/#"));
+        assert_ne!(long, key_for("edge", &[e("path", &"y".repeat(2000))]));
+    }
+
+    #[test]
+    fn replaces_drops_the_named_rule_and_overrides_apply_without_a_rule() {
+        let (domain, level) = config::parse(
+            r#"
+domain: d
+descriptors:
+  - key: a
+    rate_limit: {unit: second, requests_per_unit: 10, name: general}
+  - key: b
+    value: vip
+    rate_limit: {unit: second, requests_per_unit: 100}
+    replaces: [{name: general}]
+"#,
+        )
+        .unwrap();
+        let limits = Limits::with(domain, level);
+        let d = |k: &str, v: &str| Descriptor {
+            entries: vec![(k.into(), v.into())],
+            hits: 1,
+            limit_override: None,
+        };
+        let plans = plan(&limits, "d", &[d("a", "1"), d("b", "vip")]);
+        assert!(matches!(plans[0].0, Plan::Unmatched), "replaced");
+        assert!(matches!(plans[1].0, Plan::Check(_, 100, Unit::Second, _)));
+        let plans = plan(&limits, "d", &[d("a", "1")]);
+        assert!(matches!(plans[0].0, Plan::Check(_, 10, _, _)));
+        let overridden = Descriptor {
+            limit_override: Some((3, Unit::Minute)),
+            ..d("zzz", "1")
+        };
+        let plans = plan(&limits, "d", &[overridden]);
+        assert!(matches!(&plans[0].0, Plan::Check(r, 3, Unit::Minute, _) if r.id == "override"));
+    }
+}
