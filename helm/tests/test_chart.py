@@ -364,3 +364,57 @@ def test_one_value_sets_the_state_caps_within_the_memory_limit(sets):
     assert budget <= 0.6 * limit, (budget, limit)
     help_text = subprocess.run([str(arbiter_binary()), "serve", "--help"], capture_output=True, text=True, check=True).stdout
     assert "ARBITER_MEMORY_BUDGET_MIB" in help_text
+
+
+EDGE_LIMITS = """domain: edge
+descriptors:
+  - key: remote_address
+    rate_limit: {unit: second, requests_per_unit: 10, algorithm: sliding_window}
+  - key: path
+    value: /login
+    rate_limit: {unit: minute, requests_per_unit: 5}
+"""
+
+
+def test_limits_become_a_configmap_mounted_whole_and_reloaded_live(tmp_path):
+    values = tmp_path / "values.yaml"
+    values.write_text(yaml.safe_dump({"limits": {"files": {"edge.yaml": EDGE_LIMITS}, "headers": True}}))
+    args = ["template", "prod", str(CHART), "--namespace", NAMESPACE, "-f", str(values)]
+    m = {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all(helm(*args).stdout) if d}
+    for version in KUBE_VERSIONS:
+        for manifest in m.values():
+            validate(manifest, version)
+    cm = m[("ConfigMap", "prod-arbiter-limits")]
+    assert cm["data"]["edge.yaml"].strip() == EDGE_LIMITS.strip()
+    sts = one(m, "StatefulSet")
+    pod = sts["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    args = c["args"]
+    assert args[args.index("--limits") + 1] == "/limits" and "--rls-headers" in args
+    assert "--rls-consume-on-deny" not in args
+    mount = next(v for v in c["volumeMounts"] if v["name"] == "limits")
+    # A subPath mount never sees an edited ConfigMap.
+    assert mount["mountPath"] == "/limits" and "subPath" not in mount and mount["readOnly"]
+    volume = next(v for v in pod["volumes"] if v["name"] == "limits")
+    assert volume["configMap"]["name"] == "prod-arbiter-limits"
+    # No checksum annotation: a limits edit must not restart the pods.
+    annotations = sts["spec"]["template"]["metadata"].get("annotations") or {}
+    assert not any("limits" in k for k in annotations)
+    # The rendered file is one the server's own parser accepts, and the
+    # flags are ones `arbiter serve` has.
+    binary = arbiter_binary()
+    rendered = tmp_path / "limits"
+    rendered.mkdir()
+    (rendered / "edge.yaml").write_text(cm["data"]["edge.yaml"])
+    out = subprocess.run([str(binary), "limits", "check", str(rendered)], capture_output=True, text=True)
+    assert out.returncode == 0 and "edge" in out.stdout, out.stderr
+    help_text = subprocess.run([str(binary), "serve", "--help"], capture_output=True, text=True, check=True).stdout
+    for flag in ("--limits", "--rls-headers", "--rls-consume-on-deny"):
+        assert re.search(rf"\s{re.escape(flag)}\b", help_text), flag
+    # An existing ConfigMap instead; none at all leaves the flag out.
+    m = render("limits.existingConfigMap=shared-limits", "limits.consumeOnDeny=true")
+    assert not [k for k in m if k[0] == "ConfigMap"]
+    pod = one(m, "StatefulSet")["spec"]["template"]["spec"]
+    assert next(v for v in pod["volumes"] if v["name"] == "limits")["configMap"]["name"] == "shared-limits"
+    assert "--rls-consume-on-deny" in pod["containers"][0]["args"]
+    assert "--limits" not in one(render(), "StatefulSet")["spec"]["template"]["spec"]["containers"][0]["args"]

@@ -15,6 +15,7 @@ use arbiter::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse
 use arbiter::proto::{named_limit, CheckRequest, LimitCheck, NamedLimit};
 use tonic::transport::Channel;
 
+use crate::cluster::Cluster;
 use crate::support::{eventually, fresh_dir, http_get, Server};
 
 const EDGE: &str = r#"
@@ -200,6 +201,10 @@ async fn envoy_descriptors_match_rules_and_are_limited() {
         metrics.contains(r#"arbiter_rls_over_limit_total{domain="edge",rule="remote_address"} 1"#)
     );
     assert!(metrics.contains(r#"arbiter_rls_hits_total{domain="edge",rule="login"} 1"#));
+    // The third of 3 left nothing: near the limit (at least 80 % used).
+    assert!(
+        metrics.contains(r#"arbiter_rls_near_limit_total{domain="edge",rule="remote_address"} 1"#)
+    );
     assert!(metrics.contains(r#"arbiter_config_generation{what="limits"} 1"#));
 }
 
@@ -393,6 +398,18 @@ async fn v1_checks_name_configured_rules() {
         "{}",
         err.message()
     );
+    // The CLI names rules too: exit 0 allowed, 2 denied.
+    let cli = |entries: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_arbiter"))
+            .args(["check", "--server", &format!("http://{}", server.addr)])
+            .args(["--domain", "edge", "--descriptor", entries])
+            .output()
+            .unwrap()
+    };
+    let out = cli("remote_address=cli");
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("allowed limit=3 remaining=2"));
+    assert_eq!(cli("path=/login").status.code(), Some(2));
     let mut both = named(&[("path", "/login")]);
     both.key = "k".into();
     let err = c.check(check(vec![both])).await.unwrap_err();
@@ -440,4 +457,69 @@ fn limits_check_validates_offline() {
         "{log}"
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Every member serves the same limits from its own copy of the files, a
+/// follower's answers are decided by the leader (one counter), and a change
+/// applies on every member.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_member_answers_from_one_counter_and_reloads() {
+    let mut cm = ConfigMap::new(&[("edge.yaml", EDGE)]);
+    let mut cluster = Cluster::start(
+        3,
+        &[
+            "--limits",
+            cm.path().to_str().unwrap(),
+            "--leader-wait-ms",
+            "500",
+        ],
+    );
+    let leader = cluster.leader().await;
+    let mut clients = Vec::new();
+    for i in 0..3 {
+        clients.push(rls(cluster.node(i)).await);
+    }
+    let addr = || request("edge", vec![descriptor(&[("remote_address", "shared")])]);
+    // 3 an hour in all, whichever member is asked.
+    let mut codes_seen = Vec::new();
+    for i in [(leader + 1) % 3, (leader + 2) % 3, leader, (leader + 1) % 3] {
+        codes_seen.push(ask(&mut clients[i], addr()).await.overall_code);
+    }
+    assert_eq!(codes_seen, [1, 1, 1, 2], "OK, OK, OK, OVER_LIMIT");
+    cm.swap(&[(
+        "edge.yaml",
+        &EDGE.replace("requests_per_unit: 3", "requests_per_unit: 9"),
+    )]);
+    for i in 0..3 {
+        let node = cluster.node(i);
+        eventually("every member applies the change", || async {
+            let r = ask(
+                &mut rls(node).await,
+                request("edge", vec![descriptor(&[("remote_address", "x")])]),
+            )
+            .await;
+            (r.statuses[0]
+                .current_limit
+                .as_ref()
+                .map(|l| l.requests_per_unit)
+                == Some(9))
+            .then_some(())
+        })
+        .await;
+    }
+    // Without a majority: UNAVAILABLE, so Envoy's failure_mode_deny decides.
+    let survivor = (leader + 1) % 3;
+    cluster.kill9(leader);
+    cluster.kill9((leader + 2) % 3);
+    let c = rls(cluster.node(survivor)).await;
+    eventually("UNAVAILABLE from the lone survivor", || {
+        let mut c = c.clone();
+        async move {
+            c.should_rate_limit(addr())
+                .await
+                .err()
+                .filter(|e| e.code() == tonic::Code::Unavailable)
+        }
+    })
+    .await;
 }

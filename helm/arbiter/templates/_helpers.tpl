@@ -107,3 +107,14 @@ grpc:
   service: {{ .service | quote }}
 {{- end }}
 {{- end }}
+
+{{/*
+The ConfigMap holding the named limits, or "" when there are none.
+*/}}
+{{- define "arbiter.limitsConfigMap" -}}
+{{- if .Values.limits.existingConfigMap -}}
+{{- .Values.limits.existingConfigMap -}}
+{{- else if .Values.limits.files -}}
+{{- include "arbiter.fullname" . }}-limits
+{{- end -}}
+{{- end }}
