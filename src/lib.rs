@@ -32,6 +32,8 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub use arbiter_engine as engine;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod limits;
 pub mod metrics;
 pub mod node;

@@ -214,3 +214,30 @@ async fn idempotency_inputs() {
     .await
     .unwrap();
 }
+
+/// Every committed fuzz seed and every input that once made a fuzz target
+/// fail (`fuzz/seeds/<target>/`, `fuzz/regressions/<target>/`) runs
+/// through the target's body here too, so a fixed crash stays fixed without
+/// the fuzzer.
+#[test]
+fn fuzz_seeds_and_regressions_run_clean() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
+    let mut ran = 0;
+    for (name, body) in arbiter::fuzzing::TARGETS {
+        for dir in ["seeds", "regressions"] {
+            let Ok(files) = std::fs::read_dir(root.join(dir).join(name)) else {
+                continue;
+            };
+            for file in files.flatten() {
+                let data = std::fs::read(file.path()).unwrap();
+                let outcome = std::panic::catch_unwind(|| body(&data));
+                assert!(outcome.is_ok(), "{name} fails on {}", file.path().display());
+                ran += 1;
+            }
+        }
+    }
+    assert!(
+        ran >= arbiter::fuzzing::TARGETS.len(),
+        "only {ran} inputs found"
+    );
+}
