@@ -21,7 +21,7 @@ enum Item {
     Check {
         check: LimitCheck,
         shadow: bool,
-        rule: Option<(String, limits::Rule)>,
+        rule: Option<(String, std::sync::Arc<limits::Rule>)>,
     },
     /// Answered without the engine (an unlimited or a zero rule).
     Fixed(LimitResult),

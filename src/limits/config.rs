@@ -22,6 +22,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
 
 use serde::Deserialize;
 
@@ -176,14 +177,58 @@ pub struct Rule {
     pub unlimited: bool,
     pub shadow_mode: bool,
     pub replaces: Vec<String>,
+    /// Its metrics, resolved on first use (see `limits::record`).
+    pub counters: RuleCounters,
+}
+
+/// A rule's counters, looked up in the metrics registry once rather than
+/// on every decision.
+#[derive(Clone, Default)]
+pub struct RuleCounters(Arc<OnceLock<[metrics::Counter; 4]>>);
+
+impl std::fmt::Debug for RuleCounters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RuleCounters")
+    }
+}
+
+/// Counters are not part of what a rule is.
+impl PartialEq for RuleCounters {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl RuleCounters {
+    /// Hits, over limit, near limit and shadow-mode denials, registered
+    /// under `domain` and `id` the first time.
+    pub fn get(&self, domain: &str, id: &str) -> &[metrics::Counter; 4] {
+        self.0.get_or_init(|| {
+            let labels = [("domain", domain.to_owned()), ("rule", id.to_owned())];
+            [
+                metrics::counter!("arbiter_rls_hits_total", &labels),
+                metrics::counter!("arbiter_rls_over_limit_total", &labels),
+                metrics::counter!("arbiter_rls_near_limit_total", &labels),
+                metrics::counter!("arbiter_rls_shadow_mode_total", &labels),
+            ]
+        })
+    }
 }
 
 impl Rule {
     /// The engine definition, or `None` when the rule admits nothing
     /// (`requests_per_unit: 0`) or everything (`unlimited`).
     pub fn def(&self, requests_per_unit: u64, unit: Unit) -> Option<LimitDef> {
+        if self.unlimited {
+            return None;
+        }
+        self.def_ignoring_unlimited(requests_per_unit, unit)
+    }
+
+    /// As [`Rule::def`], for a caller's override of an `unlimited` rule.
+    pub fn def_ignoring_unlimited(&self, requests_per_unit: u64, unit: Unit) -> Option<LimitDef> {
         let window_ms = unit.millis()?;
-        if requests_per_unit == 0 || self.unlimited {
+        if requests_per_unit == 0 {
             return None;
         }
         Some(match self.algorithm {
@@ -206,7 +251,8 @@ impl Rule {
 
 #[derive(Debug, Default)]
 pub struct Level {
-    exact: HashMap<(String, String), Node>,
+    /// key -> value -> node (nested, so a lookup borrows the request's strings).
+    exact: HashMap<String, HashMap<String, Node>>,
     /// (key, value prefix), longest prefix first.
     wildcard: Vec<(String, String, Node)>,
     key_only: HashMap<String, Node>,
@@ -214,7 +260,7 @@ pub struct Level {
 
 #[derive(Debug, Default)]
 struct Node {
-    rule: Option<Rule>,
+    rule: Option<Arc<Rule>>,
     children: Level,
 }
 
@@ -244,13 +290,14 @@ impl Limits {
 
     /// The rule a descriptor's entries match in `domain`: the most specific
     /// rule at exactly the entries' depth, if any.
-    pub fn matching(&self, domain: &str, entries: &[(String, String)]) -> Option<&Rule> {
+    pub fn matching(&self, domain: &str, entries: &[(String, String)]) -> Option<&Arc<Rule>> {
         let mut level = self.domains.get(domain)?;
         let mut node = None;
         for (key, value) in entries {
             let next = level
                 .exact
-                .get(&(key.clone(), value.clone()))
+                .get(key)
+                .and_then(|values| values.get(value))
                 .or_else(|| {
                     level
                         .wildcard
@@ -341,7 +388,7 @@ fn build(docs: &[DescriptorDoc], parent: &str) -> Result<Level, String> {
         let rule = d
             .rate_limit
             .as_ref()
-            .map(|r| rule(r, d, &here))
+            .map(|r| rule(r, d, &here).map(Arc::new))
             .transpose()?;
         if rule.is_none() && (d.shadow_mode || !d.replaces.is_empty()) {
             return Err(format!(
@@ -364,7 +411,9 @@ fn build(docs: &[DescriptorDoc], parent: &str) -> Result<Level, String> {
             }
             Some(v) => level
                 .exact
-                .insert((d.key.clone(), v.clone()), node)
+                .entry(d.key.clone())
+                .or_default()
+                .insert(v.clone(), node)
                 .is_some(),
             None => level.key_only.insert(d.key.clone(), node).is_some(),
         };
@@ -420,6 +469,7 @@ fn rule(r: &RateLimitDoc, d: &DescriptorDoc, here: &str) -> Result<Rule, String>
         unlimited: r.unlimited,
         shadow_mode: d.shadow_mode,
         replaces: d.replaces.iter().map(|x| x.name.clone()).collect(),
+        counters: RuleCounters::default(),
     })
 }
 

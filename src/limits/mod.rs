@@ -82,10 +82,10 @@ pub enum Verdict {
     /// No rule matched (and no override): not limited.
     Unmatched,
     /// Matched an `unlimited` rule.
-    Unlimited { rule: Rule },
+    Unlimited { rule: Arc<Rule> },
     /// Checked against a limit. `shadow`: counted, but never denies.
     Checked {
-        rule: Rule,
+        rule: Arc<Rule>,
         requests_per_unit: u64,
         unit: Unit,
         result: LimitResult,
@@ -103,7 +103,15 @@ impl Verdict {
 /// The engine key for a descriptor: the domain and every entry, hashed when
 /// longer than a key may be.
 pub fn key_for(domain: &str, entries: &[(String, String)]) -> String {
-    let mut key = format!("rls/{domain}");
+    let len = 4
+        + domain.len()
+        + entries
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + 2)
+            .sum::<usize>();
+    let mut key = String::with_capacity(len);
+    key.push_str("rls/");
+    key.push_str(domain);
     for (k, v) in entries {
         key.push('/');
         key.push_str(k);
@@ -129,16 +137,16 @@ fn truncate(s: &str, max: usize) -> &str {
 /// A descriptor resolved to its rule and engine check.
 enum Plan {
     Unmatched,
-    Unlimited(Rule),
+    Unlimited(Arc<Rule>),
     /// `requests_per_unit: 0`: admits nothing, nothing to count.
-    Blocked(Rule, u64, Unit),
-    Check(Rule, u64, Unit, LimitCheck),
+    Blocked(Arc<Rule>, u64, Unit),
+    Check(Arc<Rule>, u64, Unit, LimitCheck),
 }
 
 /// Resolves descriptors against the configuration: the matching rule (or
 /// the caller's override), `replaces` applied across the request.
-fn plan(limits: &Limits, domain: &str, descriptors: &[Descriptor]) -> Vec<(Plan, String)> {
-    let matched: Vec<Option<&Rule>> = descriptors
+fn plan(limits: &Limits, domain: &str, descriptors: &[Descriptor]) -> Vec<Plan> {
+    let matched: Vec<Option<&Arc<Rule>>> = descriptors
         .iter()
         .map(|d| limits.matching(domain, &d.entries))
         .collect();
@@ -152,42 +160,41 @@ fn plan(limits: &Limits, domain: &str, descriptors: &[Descriptor]) -> Vec<(Plan,
         .zip(matched)
         .map(|(d, rule)| {
             let rule = rule.filter(|r| r.name.is_empty() || !replaced.contains(&r.name.as_str()));
-            let key = key_for(domain, &d.entries);
-            let plan = match (rule, d.limit_override) {
+            match (rule, d.limit_override) {
                 (None, None) => Plan::Unmatched,
                 (Some(r), None) if r.unlimited => Plan::Unlimited(r.clone()),
                 (rule, over) => {
-                    let mut rule = rule.cloned().unwrap_or_else(|| Rule {
-                        id: "override".into(),
-                        name: String::new(),
-                        unit: Unit::Second,
-                        requests_per_unit: 0,
-                        algorithm: Algorithm::FixedWindow,
-                        burst: None,
-                        unlimited: false,
-                        shadow_mode: false,
-                        replaces: Vec::new(),
-                    });
+                    let rule = match rule {
+                        Some(r) => r.clone(),
+                        None => Arc::new(Rule {
+                            id: "override".into(),
+                            name: String::new(),
+                            unit: Unit::Second,
+                            requests_per_unit: 0,
+                            algorithm: Algorithm::FixedWindow,
+                            burst: None,
+                            unlimited: false,
+                            shadow_mode: false,
+                            replaces: Vec::new(),
+                            counters: Default::default(),
+                        }),
+                    };
                     let (rpu, unit) = over.unwrap_or((rule.requests_per_unit, rule.unit));
-                    rule.unlimited = false;
-                    match rule.def(rpu, unit) {
-                        Some(limit) => Plan::Check(
-                            rule,
-                            rpu,
-                            unit,
-                            LimitCheck {
-                                key: key.clone(),
+                    match rule.def_ignoring_unlimited(rpu, unit) {
+                        Some(limit) => {
+                            let check = LimitCheck {
+                                key: key_for(domain, &d.entries),
                                 limit,
                                 cost: d.hits,
                                 dry_run: false,
-                            },
-                        ),
+                            };
+                            Plan::Check(rule, rpu, unit, check)
+                        }
                         None if unit.millis().is_none() => Plan::Unmatched,
                         None => Plan::Blocked(rule, rpu, unit),
                     }
                 }
-            };
-            (plan, key)
+            }
         })
         .collect()
 }
@@ -196,8 +203,10 @@ fn plan(limits: &Limits, domain: &str, descriptors: &[Descriptor]) -> Vec<(Plan,
 pub fn keys(limits: &Limits, domain: &str, descriptors: &[Descriptor]) -> Vec<String> {
     plan(limits, domain, descriptors)
         .into_iter()
-        .filter(|(p, _)| matches!(p, Plan::Check(..)))
-        .map(|(_, k)| k)
+        .filter_map(|p| match p {
+            Plan::Check(_, _, _, check) => Some(check.key),
+            _ => None,
+        })
         .collect()
 }
 
@@ -212,24 +221,35 @@ pub async fn decide(
     descriptors: &[Descriptor],
     consume_on_deny: bool,
 ) -> Result<Vec<Verdict>, NodeError> {
-    let plans = plan(limits, domain, descriptors);
-    let mut enforced = Vec::new();
-    let mut shadow = Vec::new();
-    for (i, (p, _)) in plans.iter().enumerate() {
+    let mut plans = plan(limits, domain, descriptors);
+    // (descriptor index, check) for the enforced rules and the shadow-mode ones.
+    let mut enforced = (
+        Vec::with_capacity(plans.len()),
+        Vec::with_capacity(plans.len()),
+    );
+    let mut shadow = (Vec::new(), Vec::new());
+    for (i, p) in plans.iter_mut().enumerate() {
         if let Plan::Check(rule, _, _, check) = p {
-            if rule.shadow_mode {
-                shadow.push((i, check.clone()));
+            let group = if rule.shadow_mode {
+                &mut shadow
             } else {
-                enforced.push((i, check.clone()));
-            }
+                &mut enforced
+            };
+            group.0.push(i);
+            // The plan keeps the rest; the key moves to the engine.
+            group.1.push(LimitCheck {
+                key: std::mem::take(&mut check.key),
+                limit: check.limit,
+                cost: check.cost,
+                dry_run: check.dry_run,
+            });
         }
     }
     let mut results: Vec<Option<LimitResult>> = vec![None; plans.len()];
-    for (group, all_or_nothing) in [(enforced, !consume_on_deny), (shadow, false)] {
-        if group.is_empty() {
+    for ((idx, checks), all_or_nothing) in [(enforced, !consume_on_deny), (shadow, false)] {
+        if checks.is_empty() {
             continue;
         }
-        let (idx, checks): (Vec<usize>, Vec<LimitCheck>) = group.into_iter().unzip();
         let decided = node.check_as(checks, all_or_nothing, principal).await?;
         for (i, mut r) in idx.into_iter().zip(decided) {
             // In a denied all-or-nothing request, a check that would have
@@ -245,7 +265,7 @@ pub async fn decide(
         .into_iter()
         .zip(results)
         .zip(descriptors)
-        .map(|(((p, _), r), d)| match (p, r) {
+        .map(|((p, r), d)| match (p, r) {
             (Plan::Check(rule, rpu, unit, _), Some(result)) => {
                 record(domain, &rule, d.hits, &result);
                 Verdict::Checked {
@@ -284,17 +304,12 @@ pub async fn decide(
 /// rule: hits, over limit, near limit (at least 80 % used) and shadow-mode
 /// denials.
 pub fn record(domain: &str, rule: &Rule, hits: u64, r: &LimitResult) {
-    let labels = [("domain", domain.to_owned()), ("rule", rule.id.clone())];
-    metrics::counter!("arbiter_rls_hits_total", &labels).increment(hits);
+    let [total, over, near, shadow] = rule.counters.get(domain, &rule.id);
+    total.increment(hits);
     if !r.allowed {
-        let name = if rule.shadow_mode {
-            "arbiter_rls_shadow_mode_total"
-        } else {
-            "arbiter_rls_over_limit_total"
-        };
-        metrics::counter!(name, &labels).increment(hits);
+        if rule.shadow_mode { shadow } else { over }.increment(hits);
     } else if r.limit > 0 && u128::from(r.remaining) * 5 <= u128::from(r.limit) {
-        metrics::counter!("arbiter_rls_near_limit_total", &labels).increment(hits);
+        near.increment(hits);
     }
 }
 
@@ -336,15 +351,15 @@ descriptors:
             limit_override: None,
         };
         let plans = plan(&limits, "d", &[d("a", "1"), d("b", "vip")]);
-        assert!(matches!(plans[0].0, Plan::Unmatched), "replaced");
-        assert!(matches!(plans[1].0, Plan::Check(_, 100, Unit::Second, _)));
+        assert!(matches!(plans[0], Plan::Unmatched), "replaced");
+        assert!(matches!(plans[1], Plan::Check(_, 100, Unit::Second, _)));
         let plans = plan(&limits, "d", &[d("a", "1")]);
-        assert!(matches!(plans[0].0, Plan::Check(_, 10, _, _)));
+        assert!(matches!(plans[0], Plan::Check(_, 10, _, _)));
         let overridden = Descriptor {
             limit_override: Some((3, Unit::Minute)),
             ..d("zzz", "1")
         };
         let plans = plan(&limits, "d", &[overridden]);
-        assert!(matches!(&plans[0].0, Plan::Check(r, 3, Unit::Minute, _) if r.id == "override"));
+        assert!(matches!(&plans[0], Plan::Check(r, 3, Unit::Minute, _) if r.id == "override"));
     }
 }

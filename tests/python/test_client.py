@@ -4,57 +4,15 @@ project's own proto files, against a real `arbiter serve` on a free port.
 Run: python -m pytest tests/python (needs grpcio, grpcio-tools, pytest and a
 built binary; ARBITER_BIN overrides $CARGO_TARGET_DIR or target/debug/arbiter)."""
 
-import json
-import os
-import pathlib
-import signal
-import subprocess
-import tempfile
-import threading
-import queue
-
 import grpc
 import pytest
-from arbiter_pb import compile_stubs
-
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="session")
-def pb():
-    return compile_stubs()
+from arbiter_pb import serve
 
 
 @pytest.fixture(scope="session")
 def server():
-    target = pathlib.Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
-    binary = os.environ.get("ARBITER_BIN", str(target / "debug" / "arbiter"))
-    data = tempfile.mkdtemp(prefix="arbiter-py-data-")
-    proc = subprocess.Popen(
-        [binary, "serve", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--peer-listen", "127.0.0.1:0",
-         "--log-format", "json", "--data-dir", data],
-        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-    )
-    ready = queue.Queue()
-
-    def drain():
-        for line in proc.stderr:
-            try:
-                fields = json.loads(line).get("fields", {})
-            except ValueError:
-                continue
-            if fields.get("message") == "arbiter serving":
-                ready.put(fields["client"])
-
-    threading.Thread(target=drain, daemon=True).start()
-    try:
-        addr = ready.get(timeout=10)
-    except queue.Empty:
-        proc.kill()
-        pytest.fail("arbiter did not announce its address within 10 s")
-    yield addr
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=10) == 0, "arbiter did not exit cleanly on SIGTERM"
+    with serve() as addr:
+        yield addr
 
 
 @pytest.fixture

@@ -27,6 +27,9 @@ enum Workload {
     Lease,
     /// Idempotency Begin then Complete on fresh keys (each call counts).
     Idem,
+    /// Envoy's ShouldRateLimit on domain `bench`, one descriptor `user=<key>`
+    /// per batch entry: the server needs a rule for it (see benches/rls.sh).
+    Rls,
     /// The token-bucket Lua script on Redis via EVALSHA.
     RedisCheck,
 }
@@ -145,7 +148,7 @@ struct Run {
     /// check; empty above [`NAMED_KEYS`]).
     names: Vec<String>,
     /// For the check workload: every key's encoded check (see
-    /// [`CheckCodec`]; empty above [`NAMED_KEYS`]).
+    /// [`RawCodec`]; empty above [`NAMED_KEYS`]).
     entries: Vec<Vec<u8>>,
 }
 
@@ -257,14 +260,18 @@ async fn run(args: Args) -> Result<(), String> {
         budget: AtomicU64::new(args.requests),
         stop: AtomicBool::new(false),
         next_key: AtomicU64::new(0),
-        names: if args.keys <= NAMED_KEYS && args.workload != Workload::Check {
+        names: if args.keys <= NAMED_KEYS
+            && !matches!(args.workload, Workload::Check | Workload::Rls)
+        {
             (0..args.keys).map(key_name).collect()
         } else {
             Vec::new()
         },
-        entries: if args.keys <= NAMED_KEYS && args.workload == Workload::Check {
+        entries: if args.keys <= NAMED_KEYS
+            && matches!(args.workload, Workload::Check | Workload::Rls)
+        {
             (0..args.keys)
-                .map(|n| check_entry(&args, key_name(n)))
+                .map(|n| request_entry(&args, key_name(n)))
                 .collect()
         } else {
             Vec::new()
@@ -336,6 +343,7 @@ async fn run(args: Args) -> Result<(), String> {
                 Workload::Check => {
                     check_worker(&args, &run, channel.expect("channel"), &mut rng).await
                 }
+                Workload::Rls => rls_worker(&args, &run, channel.expect("channel"), &mut rng).await,
                 Workload::Lease => {
                     lease_worker(&args, &run, channel.expect("channel"), w, &mut rng).await
                 }
@@ -388,6 +396,38 @@ fn key(args: &Args, run: &Run, rng: &mut Rng) -> String {
     }
 }
 
+/// One key's entry of the request's repeated field, encoded: for the rls
+/// workload a `RateLimitRequest.descriptors` entry, else a
+/// `CheckRequest.checks` entry.
+fn request_entry(args: &Args, key: String) -> Vec<u8> {
+    if args.workload == Workload::Rls {
+        rls_entry(key)
+    } else {
+        check_entry(args, key)
+    }
+}
+
+/// One descriptor `user=<key>` of `RateLimitRequest.descriptors` (field 2).
+fn rls_entry(key: String) -> Vec<u8> {
+    use arbiter::envoy::extensions::common::ratelimit::v3::{
+        rate_limit_descriptor, RateLimitDescriptor,
+    };
+    use arbiter::envoy::service::ratelimit::v3::RateLimitRequest;
+    use prost::Message;
+    RateLimitRequest {
+        domain: String::new(),
+        descriptors: vec![RateLimitDescriptor {
+            entries: vec![rate_limit_descriptor::Entry {
+                key: "user".into(),
+                value: key,
+            }],
+            ..Default::default()
+        }],
+        hits_addend: 0,
+    }
+    .encode_to_vec()
+}
+
 /// One key's entry of `CheckRequest.checks` (field 1), encoded.
 fn check_entry(args: &Args, key: String) -> Vec<u8> {
     use prost::Message;
@@ -416,23 +456,35 @@ fn check_entry(args: &Args, key: String) -> Vec<u8> {
 /// copied end to end. The server receives exactly what a generated client
 /// would send; the client spends a copy per check instead of building and
 /// encoding messages, which matters when it shares the server's cores.
-#[derive(Clone, Copy, Default)]
-struct CheckCodec;
+/// (The rls workload sends `RateLimitRequest`s the same way.)
+struct RawCodec<R>(std::marker::PhantomData<fn() -> R>);
 
-impl tonic::codec::Codec for CheckCodec {
-    type Encode = Vec<u8>;
-    type Decode = pb::CheckResponse;
-    type Encoder = Self;
-    type Decoder = Self;
-    fn encoder(&mut self) -> Self {
-        *self
-    }
-    fn decoder(&mut self) -> Self {
-        *self
+impl<R> RawCodec<R> {
+    fn new() -> Self {
+        Self(std::marker::PhantomData)
     }
 }
 
-impl tonic::codec::Encoder for CheckCodec {
+impl<R> Clone for RawCodec<R> {
+    fn clone(&self) -> Self {
+        Self::new()
+    }
+}
+
+impl<R: prost::Message + Default + Send + 'static> tonic::codec::Codec for RawCodec<R> {
+    type Encode = Vec<u8>;
+    type Decode = R;
+    type Encoder = Self;
+    type Decoder = Self;
+    fn encoder(&mut self) -> Self {
+        self.clone()
+    }
+    fn decoder(&mut self) -> Self {
+        self.clone()
+    }
+}
+
+impl<R: Send + 'static> tonic::codec::Encoder for RawCodec<R> {
     type Item = Vec<u8>;
     type Error = tonic::Status;
     fn encode(
@@ -445,17 +497,72 @@ impl tonic::codec::Encoder for CheckCodec {
     }
 }
 
-impl tonic::codec::Decoder for CheckCodec {
-    type Item = pb::CheckResponse;
+impl<R: prost::Message + Default + Send + 'static> tonic::codec::Decoder for RawCodec<R> {
+    type Item = R;
     type Error = tonic::Status;
     fn decode(
         &mut self,
         src: &mut tonic::codec::DecodeBuf<'_>,
-    ) -> Result<Option<pb::CheckResponse>, tonic::Status> {
-        prost::Message::decode(src)
+    ) -> Result<Option<R>, tonic::Status> {
+        R::decode(src)
             .map(Some)
-            .map_err(|e| tonic::Status::internal(format!("undecodable CheckResponse: {e}")))
+            .map_err(|e| tonic::Status::internal(format!("undecodable response: {e}")))
     }
+}
+
+/// `RateLimitRequest.domain` (field 1) = "bench", encoded.
+const RLS_DOMAIN: &[u8] = b"\x0a\x05bench";
+
+async fn rls_worker(
+    args: &Args,
+    run: &Run,
+    channel: Channel,
+    rng: &mut Rng,
+) -> Result<Tally, String> {
+    use arbiter::envoy::service::ratelimit::v3::{rate_limit_response::Code, RateLimitResponse};
+    let mut grpc = tonic::client::Grpc::new(channel);
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static(
+        "/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit",
+    );
+    let mut t = Tally::new();
+    while let Some(measured) = run.admit() {
+        let mut body = Vec::with_capacity(args.batch * 40 + RLS_DOMAIN.len());
+        body.extend_from_slice(RLS_DOMAIN);
+        for _ in 0..args.batch {
+            let n = key_index(args, run, rng);
+            match run.entries.get(n as usize) {
+                Some(entry) => body.extend_from_slice(entry),
+                None => body.extend_from_slice(&rls_entry(key_name(n))),
+            }
+        }
+        let sent = Instant::now();
+        let reply = match grpc.ready().await {
+            Ok(()) => {
+                grpc.unary(
+                    tonic::Request::new(body),
+                    path.clone(),
+                    RawCodec::<RateLimitResponse>::new(),
+                )
+                .await
+            }
+            Err(e) => Err(tonic::Status::unavailable(e.to_string())),
+        };
+        record(&mut t, measured, sent);
+        match reply {
+            Ok(r) if measured => {
+                let r = r.into_inner();
+                t.decisions += r.statuses.len() as u64;
+                t.allowed += r
+                    .statuses
+                    .iter()
+                    .filter(|s| s.code == Code::Ok as i32)
+                    .count() as u64;
+            }
+            Ok(_) => {}
+            Err(_) => t.errors += u64::from(measured),
+        }
+    }
+    Ok(t)
 }
 
 async fn check_worker(
@@ -483,8 +590,12 @@ async fn check_worker(
         let sent = Instant::now();
         let reply = match grpc.ready().await {
             Ok(()) => {
-                grpc.unary(tonic::Request::new(body), path.clone(), CheckCodec)
-                    .await
+                grpc.unary(
+                    tonic::Request::new(body),
+                    path.clone(),
+                    RawCodec::<pb::CheckResponse>::new(),
+                )
+                .await
             }
             Err(e) => Err(tonic::Status::unavailable(e.to_string())),
         };
