@@ -52,15 +52,38 @@ fn take_turn() -> Option<std::sync::MutexGuard<'static, ()>> {
     })
 }
 
-/// A currently free loopback port. Peer addresses must be known to every
-/// member before any starts, so these are picked by binding port 0 and
-/// releasing it (client and metrics ports are still read back from logs).
+/// A free loopback port for a peer listener. Peer addresses must be known
+/// to every member before any starts, so they cannot be read back from
+/// logs like client and metrics ports. Picking one by binding port 0 and
+/// releasing it raced with every other server of the suite binding port 0
+/// (the kernel could hand the released port to one of them before the
+/// member bound it). These come from below the kernel's ephemeral range,
+/// which port-0 binds and outgoing connections never use, from a cursor
+/// that starts at a place derived from the process id (two suites side by
+/// side start apart) and never hands a port out twice in one process; each
+/// is still checked free.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static CURSOR: AtomicU32 = AtomicU32::new(0);
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768);
+    // Ports [10000, low) unless the ephemeral range starts unusually low.
+    let (base, span) = if low > 12_000 {
+        (10_000, low - 10_000)
+    } else {
+        (low + 30_000, 65_535 - low - 30_000)
+    };
+    let start = (u64::from(std::process::id()) * 997 % u64::from(span)) as u32;
+    for _ in 0..span {
+        let n = CURSOR.fetch_add(1, Ordering::Relaxed);
+        let port = (base + (start + n) % span) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in [{base}, {})", base + span)
 }
 
 impl Cluster {

@@ -125,9 +125,23 @@ impl Server {
                 }
             }
         });
-        let (addr, metrics) = rx
-            .recv_timeout(DEADLINE)
-            .unwrap_or_else(|_| panic!("server did not announce its address within {DEADLINE:?}"));
+        let (addr, metrics) = match rx.recv_timeout(DEADLINE) {
+            Ok(addrs) => addrs,
+            Err(_) => {
+                let exited = child.try_wait().ok().flatten();
+                let _ = child.kill();
+                let _ = child.wait();
+                let tail: Vec<String> = {
+                    let log = log.lock().unwrap_or_else(|e| e.into_inner());
+                    log.iter().rev().take(20).rev().cloned().collect()
+                };
+                panic!(
+                    "server did not announce its address within {DEADLINE:?} \
+                     (exited: {exited:?}); its last log lines:\n{}",
+                    tail.join("\n")
+                )
+            }
+        };
         Server {
             child,
             addr,
