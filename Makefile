@@ -2,7 +2,7 @@
 CARGO ?= cargo
 JOBS ?= 2
 
-.PHONY: run test test-rust test-python test-python-client test-helm e2e image bench lint fmt
+.PHONY: run test test-rust test-python test-python-client test-helm e2e nemesis image bench lint fmt
 
 run:
 	$(CARGO) run -j$(JOBS) --release -- serve
@@ -32,6 +32,11 @@ test-helm:
 # Fault tests on a 3-container cluster (needs a Docker engine).
 e2e:
 	cluster/e2e.sh
+
+# Randomised fault runs with checked histories (cluster/nemesis.sh; needs
+# Docker and root). RUNS=100 for the long mode recorded in docs/RELIABILITY.md.
+nemesis:
+	cluster/nemesis.sh
 
 # The container image arbiter:local, without an image registry.
 image:

@@ -48,6 +48,8 @@ pub enum ServerError {
     Serve(#[from] tonic::transport::Error),
     #[error("this node may not join its cluster: {0}")]
     Refused(String),
+    #[error("Raft stopped on a fatal error: {0}")]
+    RaftFailed(String),
     #[error("{0}")]
     Security(String),
     #[error("limits: {0}")]
@@ -342,15 +344,28 @@ impl Started {
             client_tls,
             ..
         } = self;
+        let failed = Arc::new(std::sync::OnceLock::new());
         let stopping = {
             let node = node.clone();
+            let failed = failed.clone();
             let mut admission = node.admission();
             async move {
                 // A node refused by its peers (see `node::admission`) shuts
-                // down as if asked to, and reports why.
+                // down as if asked to, and reports why. So does one whose
+                // Raft stopped on a fatal error (a failed disk write): it
+                // could never serve again, so it exits non-zero and its
+                // supervisor starts it afresh, from what is on disk.
                 tokio::select! {
                     _ = shutdown => {}
                     _ = admission.wait_for(|a| matches!(a, node::Admission::Refused(_))) => {}
+                    why = node.raft_failed() => {
+                        tracing::error!(
+                            error = %why,
+                            "Raft stopped on a fatal error: storage failed or its core panicked; \
+                             shutting down so that the node is restarted"
+                        );
+                        let _ = failed.set(why);
+                    }
                 }
                 tracing::info!("shutting down: draining in-flight calls");
                 for name in node::READY_SERVICES.iter().chain(&[""]) {
@@ -360,8 +375,10 @@ impl Started {
                 }
                 // A leader hands over first: its calls in flight and the
                 // ones still arriving go to the new leader.
-                if let Some(new_leader) = node.hand_over().await {
-                    tracing::info!(new_leader, "leadership handed over");
+                if failed.get().is_none() {
+                    if let Some(new_leader) = node.hand_over().await {
+                        tracing::info!(new_leader, "leadership handed over");
+                    }
                 }
                 node.begin_shutdown();
             }
@@ -394,6 +411,9 @@ impl Started {
         let _ = peer_stop.send(true);
         let _ = peer_server.await;
         tracing::info!("arbiter stopped");
+        if let Some(why) = failed.get() {
+            return Err(ServerError::RaftFailed(why.clone()));
+        }
         match &*node.admission().borrow() {
             node::Admission::Refused(why) => Err(ServerError::Refused(why.clone())),
             _ => Ok(()),

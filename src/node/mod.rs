@@ -404,6 +404,22 @@ impl Node {
         let _ = signal.wait_for(|s| *s).await;
     }
 
+    /// Resolves when Raft has stopped on a fatal error (a storage write or
+    /// read failed, say on a full disk, or its core panicked), with the
+    /// error. Such a node can serve nothing again until it is restarted.
+    pub async fn raft_failed(&self) -> String {
+        let mut metrics = self.raft.metrics();
+        let why = match metrics.wait_for(|m| m.running_state.is_err()).await {
+            Ok(m) => match &m.running_state {
+                Err(openraft::error::Fatal::StorageError(e)) => format!("storage failed: {e}"),
+                Err(e) => e.to_string(),
+                Ok(()) => String::new(),
+            },
+            Err(_) => "Raft's core ended".to_string(),
+        };
+        why
+    }
+
     /// Ends watch streams and other long-lived calls; the node keeps
     /// serving calls in flight until [`Node::stop`].
     pub fn begin_shutdown(&self) {

@@ -281,3 +281,45 @@ fn change_key_byte(p: &std::path::Path) {
     bytes[at] = b'L';
     std::fs::write(p, bytes).unwrap();
 }
+
+/// A node whose disk refuses writes (full, or here a file size limit) must
+/// not run on with its Raft core stopped, answering every call UNAVAILABLE
+/// and never recovering: it exits non-zero naming the error, so its
+/// supervisor (a StatefulSet, a container restart policy) starts it again
+/// once the disk has room. The nemesis suite's disk-full fault found this.
+#[tokio::test]
+async fn a_node_whose_writes_fail_exits_with_an_error() {
+    let mut server = Server::start_with_file_size_limit(&[], 4 << 20);
+    let mut idem = server.idem().await;
+    let response = vec![7u8; 64 << 10];
+    let mut refused = None;
+    for i in 0..1_000 {
+        let key = format!("big-{i}");
+        let started = idem.begin(begin(&key)).await;
+        let done = match started {
+            Ok(b) => {
+                idem.complete(CompleteRequest {
+                    key,
+                    attempt: b.into_inner().attempt,
+                    response: response.clone(),
+                })
+                .await
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = done {
+            refused = Some(e);
+            break;
+        }
+    }
+    let refused = refused.expect("writes past the file size limit failed");
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    let status = server.wait_exit();
+    assert!(!status.success(), "exited {status:?}");
+    let log = server.log().join("\n");
+    assert!(
+        log.contains("storage failed") && log.contains("File too large"),
+        "the log does not name the failure: {}",
+        &log[log.len().saturating_sub(2000)..]
+    );
+}

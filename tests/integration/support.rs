@@ -67,9 +67,49 @@ impl Server {
         Self::start_with_env(data_dir, extra, &[("ARBITER_TEST_CLOCK_FILE", &file)])
     }
 
+    /// Starts one whose files may not grow past `bytes` (RLIMIT_FSIZE, with
+    /// SIGXFSZ ignored, so a write beyond it fails with EFBIG as a write to
+    /// a full disk fails with ENOSPC).
+    pub fn start_with_file_size_limit(extra: &[&str], bytes: u64) -> Server {
+        use std::os::unix::process::CommandExt;
+        let mut command = Command::new(env!("CARGO_BIN_EXE_arbiter"));
+        // SAFETY: between fork and exec only async-signal-safe calls
+        // (setrlimit, signal) are made, and nothing is allocated.
+        unsafe {
+            command.pre_exec(move || {
+                let limit = libc::rlimit {
+                    rlim_cur: bytes,
+                    rlim_max: bytes,
+                };
+                if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+                Ok(())
+            });
+        }
+        let mut s = Self::spawn(command, &fresh_dir(), extra, &[]);
+        s.owns_dir = true;
+        s
+    }
+
     fn start_with_env(data_dir: &std::path::Path, extra: &[&str], env: &[(&str, &str)]) -> Server {
+        Self::spawn(
+            Command::new(env!("CARGO_BIN_EXE_arbiter")),
+            data_dir,
+            extra,
+            env,
+        )
+    }
+
+    fn spawn(
+        mut command: Command,
+        data_dir: &std::path::Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Server {
         let data_dir = data_dir.to_path_buf();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_arbiter"))
+        let mut child = command
             .arg("serve")
             .args([
                 "--listen",

@@ -1,0 +1,491 @@
+"""Checkers for nemesis histories (cluster/nemesis.py). Pure Python, no gRPC.
+
+A history is a list of operations, each a dict:
+
+    {"p": "w3", "f": "acquire", "key": "lease-a", "args": {...},
+     "t0": 12.031, "t1": 12.044 or None, "status": "ok" | "fail" | "unknown",
+     "code": "FAILED_PRECONDITION" or None, "out": {...}}
+
+t0 is when the call was sent and t1 when its answer came (host monotonic
+seconds). "fail" means the call certainly had no effect (a refused
+precondition); "unknown" means it may or may not have taken effect (a
+timeout, UNAVAILABLE, a lost connection): such an operation has no t1.
+
+Functions here return lists of violations (strings); an empty list passes.
+`check(history, faults)` runs them all and also counts acknowledged writes
+and lost ones.
+
+Leases live 600 s and idempotency locks 600 s in the runner, so within a run
+nothing expires and the models need no time.
+"""
+
+import collections
+
+INF = float("inf")
+
+LEASE_OPS = ("acquire", "renew", "release", "get_lease")
+IDEM_OPS = ("begin", "complete", "abort", "get_record")
+
+
+# ------------------------------------------------------- linearizability
+
+
+def linearizable(ops, init, step, budget=2_000_000):
+    """Whether `ops` (one object's operations) have a linearization under
+    `step(state, op) -> list of next states` (empty: illegal) from `init`.
+
+    Wing & Gong's search with Lowe's memo, as porcupine does it: walk the
+    calls and returns in time order, linearize a pending call when its step
+    is legal, backtrack at a return whose call is not yet linearized; a set
+    of (linearized ops, states) already tried is never tried again. States
+    are frozensets of model states, so a nondeterministic step (an unknown
+    release may or may not have matched) stays one branch. Unknown
+    operations return at infinity: they may be linearized anywhere after
+    their call, or never. Returns (True|False|None, detail); None means the
+    budget of steps ran out (inconclusive)."""
+    ops = [o for o in ops if o["status"] != "unknown" or not _no_effect_when_unknown(o)]
+    n = len(ops)
+    if n == 0:
+        return True, ""
+    events = []
+    for i, o in enumerate(ops):
+        t1 = o["t1"] if o["status"] != "unknown" else INF
+        events.append((o["t0"], 0, i))  # calls before returns at equal times
+        events.append((t1, 1, i))
+    events.sort()
+    # A doubly linked list over the events: [kind, op index, prev, next].
+    nodes = [[None, None, None, None] for _ in range(len(events) + 1)]
+    head = len(events)
+    nodes[head] = [None, None, None, 0 if events else None]
+    ret_node = {}
+    for k, (_, kind, i) in enumerate(events):
+        nodes[k] = [kind, i, k - 1 if k > 0 else head, k + 1 if k + 1 < len(events) else None]
+        if kind == 1:
+            ret_node[i] = k
+    call_node = {i: k for k, (_, kind, i) in enumerate(events) if kind == 0}
+
+    def unlink(k):
+        _, _, p, nx = nodes[k]
+        nodes[p][3] = nx
+        if nx is not None:
+            nodes[nx][2] = p
+
+    def relink(k):
+        _, _, p, nx = nodes[k]
+        nodes[p][3] = k
+        if nx is not None:
+            nodes[nx][2] = k
+
+    known = sum(1 for o in ops if o["status"] != "unknown")
+    state = frozenset([init])
+    linearized = 0
+    done_known = 0
+    seen = set()
+    stack = []
+    entry = nodes[head][3]
+    steps = 0
+    deepest = 0
+    while True:
+        steps += 1
+        if steps > budget:
+            return None, f"inconclusive after {budget} steps ({len(ops)} ops)"
+        if done_known == known:
+            return True, ""
+        if entry is None:
+            # Only unknown calls remain ahead: everything known is placed.
+            return True, ""
+        kind, i, _, _ = nodes[entry]
+        if kind == 0:
+            nxt = frozenset(s2 for s in state for s2 in step(s, ops[i]))
+            bit = linearized | (1 << i)
+            if nxt and (bit, nxt) not in seen:
+                seen.add((bit, nxt))
+                stack.append((entry, state))
+                state = nxt
+                linearized = bit
+                if ops[i]["status"] != "unknown":
+                    done_known += 1
+                deepest = max(deepest, done_known)
+                unlink(entry)
+                unlink(ret_node[i])
+                entry = nodes[head][3]
+            else:
+                entry = nodes[entry][3]
+        else:
+            if ops[i]["status"] == "unknown":
+                # Every call before infinity was skipped or placed: what is
+                # left never has to take effect.
+                return True, ""
+            if not stack:
+                return False, _stuck(ops, deepest)
+            entry, state = stack.pop()
+            j = nodes[entry][1]
+            linearized &= ~(1 << j)
+            if ops[j]["status"] != "unknown":
+                done_known -= 1
+            relink(ret_node[j])
+            relink(entry)
+            entry = nodes[entry][3]
+    _ = call_node
+
+
+def _no_effect_when_unknown(op):
+    # A read or a renewal (TTLs outlive the run) changes nothing whether or
+    # not it took effect.
+    return op["f"] in ("get_lease", "renew", "get_record", "check")
+
+
+def _stuck(ops, deepest):
+    known = sorted((o for o in ops if o["status"] != "unknown"), key=lambda o: o["t1"])
+    around = known[max(0, deepest - 3): deepest + 3]
+    return "no linearization; near " + "; ".join(_show(o) for o in around)
+
+
+def _show(o):
+    t1 = f"{o['t1']:.3f}" if o.get("t1") is not None else "?"
+    return f"{o['p']} {o['f']}({o['args']}) [{o['t0']:.3f},{t1}] {o['status']} {o.get('code') or ''} {o.get('out') or ''}".strip()
+
+
+# ------------------------------------------------------------ lease model
+
+# State: (holder or None, token or None, floor). A held lease whose token
+# is not yet known (granted by an unknown acquire) has token None; floor is
+# the largest token the name has had, which every new grant exceeds.
+LEASE_INIT = (None, None, 0)
+
+
+def _bind(state, token):
+    """The held state with its token equal to `token`, or None."""
+    holder, tok, floor = state
+    if tok is None:
+        return (holder, token, max(floor, token)) if token > floor else None
+    return state if tok == token else None
+
+
+def lease_step(s, op):
+    holder, tok, floor = s
+    f, a, st, out = op["f"], op["args"], op["status"], op.get("out") or {}
+    me = a.get("holder")
+    if f == "acquire":
+        if st == "unknown":
+            return [(me, None, floor)] if holder is None else [s]
+        if st == "fail":
+            return [s]
+        if holder is None:
+            if out["acquired"] and out["holder"] == me and out["token"] > floor:
+                return [(me, out["token"], out["token"])]
+            return []
+        if holder == me:
+            b = _bind(s, out["token"]) if out["acquired"] and out["holder"] == me else None
+        else:
+            b = _bind(s, out["token"]) if not out["acquired"] and out["holder"] == holder else None
+        return [b] if b else []
+    if f == "renew":
+        if st == "ok":
+            b = _bind(s, a["token"]) if holder == me else None
+            return [b] if b else []
+        if st == "fail":
+            if holder == me and tok == a["token"]:
+                return []
+            return [s]
+        return [s]
+    if f == "release":
+        matches = holder == me and (tok == a["token"] or (tok is None and a["token"] > floor))
+        released = (None, None, max(floor, a["token"]))
+        if st == "ok":
+            return [released] if matches else []
+        if st == "fail":
+            return [] if holder == me and tok == a["token"] else [s]
+        if not matches:
+            return [s]
+        return [released, s] if tok is None else [released]
+    if f == "get_lease":
+        if st != "ok":
+            return [s]
+        if out["holder"] is None:
+            return [s] if holder is None else []
+        if holder != out["holder"]:
+            return []
+        b = _bind(s, out["token"])
+        return [b] if b else []
+    raise ValueError(f"not a lease operation: {f}")
+
+
+# ------------------------------------------------------ idempotency model
+
+# State: (kind, attempt or None, response, floor): kind None (no record),
+# "ip" (in progress) or "done"; attempt None while an unknown Begin's
+# attempt is not yet seen; floor is the largest attempt seen (attempts are
+# never reused, so a new one exceeds it).
+IDEM_INIT = (None, None, None, 0)
+
+
+def _bind_attempt(s, attempt):
+    kind, att, resp, floor = s
+    if att is None:
+        return (kind, attempt, resp, max(floor, attempt)) if attempt > floor else None
+    return s if att == attempt else None
+
+
+def idem_step(s, op):
+    kind, att, resp, floor = s
+    f, a, st, out = op["f"], op["args"], op["status"], op.get("out") or {}
+    if f == "begin":
+        if st == "unknown":
+            return [("ip", None, None, floor)] if kind is None else [s]
+        if st == "fail":
+            return [s]
+        outcome = out["outcome"]
+        if kind is None:
+            if outcome == "STARTED" and out["attempt"] > floor:
+                return [("ip", out["attempt"], None, out["attempt"])]
+            return []
+        if kind == "ip":
+            b = _bind_attempt(s, out["attempt"]) if outcome == "IN_PROGRESS" else None
+            return [b] if b else []
+        return [s] if outcome == "COMPLETED" and out["response"] == resp else []
+    if f in ("complete", "abort"):
+        matches = kind == "ip" and (att == a["attempt"] or (att is None and a["attempt"] > floor))
+        if f == "complete":
+            after = ("done", a["attempt"], a["response"], max(floor, a["attempt"]))
+        else:
+            after = (None, None, None, max(floor, a["attempt"]))
+        if st == "ok":
+            return [after] if matches else []
+        if st == "fail":
+            return [] if kind == "ip" and att == a["attempt"] else [s]
+        if not matches:
+            return [s]
+        return [after, s]
+    if f == "get_record":
+        if st != "ok":
+            return [s]
+        if out["state"] is None:
+            return [s] if kind is None else []
+        if out["state"] == "IN_PROGRESS":
+            b = _bind_attempt(s, out["attempt"]) if kind == "ip" else None
+            return [b] if b else []
+        if kind != "done" or out["response"] != resp:
+            return []
+        b = _bind_attempt(s, out["attempt"])
+        return [b] if b else []
+    raise ValueError(f"not an idempotency operation: {f}")
+
+
+# ------------------------------------------------------------- checkers
+
+
+def by_key(history, fs):
+    groups = collections.defaultdict(list)
+    for o in history:
+        if o["f"] in fs:
+            groups[o["key"]].append(o)
+    return groups
+
+
+def check_linearizable(history, budget=2_000_000):
+    """Leases per name and idempotency records per key. Returns
+    (violations, inconclusive keys)."""
+    violations, inconclusive = [], []
+    for fs, init, step, what in ((LEASE_OPS, LEASE_INIT, lease_step, "lease"), (IDEM_OPS, IDEM_INIT, idem_step, "record")):
+        for key, ops in sorted(by_key(history, fs).items()):
+            ok, detail = linearizable(ops, init, step, budget)
+            if ok is None:
+                inconclusive.append(f"{what} {key}: {detail}")
+            elif not ok:
+                violations.append(f"{what} {key} is not linearizable: {detail}")
+    return violations, inconclusive
+
+
+def _grants(history):
+    """Acknowledged acquires that hold the lease: (name, holder, token, t0, t1)."""
+    return [(o["key"], o["out"]["holder"], o["out"]["token"], o["t0"], o["t1"])
+            for o in history
+            if o["f"] == "acquire" and o["status"] == "ok" and o["out"]["acquired"]]
+
+
+def check_fencing(history):
+    """No token is seen for two different (name, holder) pairs, and per name
+    an acquire invoked after another was acknowledged never answers a
+    smaller token (tokens strictly increase in real-time order)."""
+    violations = []
+    owner = {}
+    for o in history:
+        out = o.get("out") or {}
+        if o["status"] == "ok" and o["f"] in ("acquire", "get_lease") and out.get("token"):
+            who = (o["key"], out["holder"])
+            if owner.setdefault(out["token"], who) != who:
+                violations.append(f"fencing token {out['token']} seen for {owner[out['token']]} and {who}")
+    per_name = collections.defaultdict(list)
+    for g in _grants(history):
+        per_name[g[0]].append(g)
+    for name, gs in per_name.items():
+        by_end = sorted(gs, key=lambda g: g[4])
+        by_start = sorted(gs, key=lambda g: g[3])
+        k, best = 0, None
+        for g in by_start:
+            while k < len(by_end) and by_end[k][4] < g[3]:
+                if best is None or by_end[k][2] > best[2]:
+                    best = by_end[k]
+                k += 1
+            if best is not None and g[2] < best[2]:
+                violations.append(
+                    f"lease {name}: {g[1]} was granted token {g[2]} by an acquire sent at {g[3]:.3f}, "
+                    f"after token {best[2]} ({best[1]}) was acknowledged at {best[4]:.3f}")
+    return violations
+
+
+def check_one_holder(history):
+    """Per name, for acknowledged grants with tokens a < b: the holder of a
+    sent a release of a (acknowledged or unknown) before b's grant was
+    acknowledged; otherwise two holders held the lease at once."""
+    violations = []
+    releases = collections.defaultdict(list)
+    for o in history:
+        if o["f"] == "release" and o["status"] in ("ok", "unknown"):
+            releases[(o["key"], o["args"]["holder"], o["args"]["token"])].append(o["t0"])
+    first = {}
+    for name, holder, token, _, t1 in _grants(history):
+        k = (name, token)
+        if k not in first or t1 < first[k][1]:
+            first[k] = (holder, t1)
+    per_name = collections.defaultdict(list)
+    for (name, token), (holder, t1) in first.items():
+        per_name[name].append((token, holder, t1))
+    for name, gs in per_name.items():
+        gs.sort()
+        for (ta, ha, _), (tb, hb, t1b) in zip(gs, gs[1:]):
+            sent = releases.get((name, ha, ta), [])
+            if not any(t < t1b for t in sent):
+                violations.append(
+                    f"lease {name}: {hb} was granted token {tb} (acknowledged at {t1b:.3f}) while {ha} "
+                    f"held token {ta} and had sent no release of it")
+    return violations
+
+
+def check_idempotency(history):
+    """Per key: at most one attempt completes; once a completion is
+    acknowledged every later answer shows that response; STARTED is never
+    given for a second attempt unless the first was aborted (acknowledged or
+    unknown) before the second Begin was answered."""
+    violations = []
+    for key, ops in sorted(by_key(history, IDEM_OPS).items()):
+        done = [o for o in ops if o["f"] == "complete" and o["status"] == "ok"]
+        attempts = {o["args"]["attempt"] for o in done}
+        if len(attempts) > 1:
+            violations.append(f"record {key}: attempts {sorted(attempts)} all completed")
+        if done:
+            first = min(done, key=lambda o: o["t1"])
+            want = first["args"]["response"]
+            for o in ops:
+                if o["status"] != "ok" or o["t0"] <= first["t1"]:
+                    continue
+                out = o.get("out") or {}
+                if o["f"] == "begin" and (out["outcome"] != "COMPLETED" or out["response"] != want):
+                    violations.append(f"record {key}: completed with {want!r} at {first['t1']:.3f}, then Begin answered {out}")
+                if o["f"] == "get_record" and (out["state"] != "COMPLETED" or out["response"] != want):
+                    violations.append(f"record {key}: completed with {want!r} at {first['t1']:.3f}, then Get answered {out}")
+        started = sorted((o for o in ops if o["f"] == "begin" and o["status"] == "ok" and o["out"]["outcome"] == "STARTED"),
+                         key=lambda o: o["out"]["attempt"])
+        aborts = collections.defaultdict(list)
+        for o in ops:
+            if o["f"] == "abort" and o["status"] in ("ok", "unknown"):
+                aborts[o["args"]["attempt"]].append(o["t0"])
+        for a, b in zip(started, started[1:]):
+            if not any(t < b["t1"] for t in aborts.get(a["out"]["attempt"], [])):
+                violations.append(
+                    f"record {key}: STARTED attempt {a['out']['attempt']} ({a['p']}) and then attempt "
+                    f"{b['out']['attempt']} ({b['p']}) with no abort of the first sent before")
+    return violations
+
+
+def check_rate_limits(history, faults, capacity, per_s, window_s=10.0, margin_s=0.5):
+    """Per key: the admitted checks that certainly took effect inside any
+    interval [a, b] (sent at or after a, answered by b) number at most
+    capacity + per_s * (b - a), plus, for every fault event (injection or
+    heal) within [a - margin, b + margin], the checks admitted within
+    margin_s of it: the documented bound is that a failover forgets at most
+    one sync interval (100 ms) of consumption, and a fault may cause one.
+    Intervals up to window_s long are examined."""
+    violations = []
+    events = sorted(t for f in faults for t in (f["t_inject"], f.get("t_heal")) if t is not None)
+    for key, ops in sorted(by_key(history, ("check",)).items()):
+        admitted = sorted((o["t0"], o["t1"]) for o in ops if o["status"] == "ok" and o["out"]["allowed"])
+        ends = sorted(t1 for _, t1 in admitted)
+
+        def near(e):
+            import bisect
+            return bisect.bisect_right(ends, e + margin_s) - bisect.bisect_left(ends, e - margin_s)
+
+        allowance = {e: near(e) for e in events}
+        worst = None
+        for i, (a, _) in enumerate(admitted):
+            inside = sorted(t1 for t0, t1 in admitted[i:] if t1 - a <= window_s)
+            extra_events = [e for e in events if a - margin_s <= e]
+            for n, b in enumerate(inside, start=1):
+                extra = sum(allowance[e] for e in extra_events if e <= b + margin_s)
+                bound = capacity + per_s * (b - a) + extra
+                if n > bound and (worst is None or n - bound > worst[0]):
+                    worst = (n - bound, n, a, b, bound)
+        if worst:
+            _, n, a, b, bound = worst
+            violations.append(f"limit {key}: {n} checks admitted within [{a:.3f}, {b:.3f}], bound {bound:.1f}")
+    return violations
+
+
+def lost_writes(history, final):
+    """Acknowledged writes missing from the final reads (after the last heal
+    and a full restart). `final` maps ("lease", name) / ("record", key) to
+    the final read's out. Returns (lost descriptions)."""
+    lost = []
+    for key, ops in by_key(history, IDEM_OPS).items():
+        done = [o for o in ops if o["f"] == "complete" and o["status"] == "ok"]
+        if not done:
+            continue
+        got = final.get(("record", key))
+        want = done[0]["args"]["response"]
+        if got is None or got["state"] != "COMPLETED" or got["response"] != want:
+            lost.append(f"record {key}: completed with {want!r}, finally {got}")
+    for name, ops in by_key(history, LEASE_OPS).items():
+        tokens = [o["out"]["token"] for o in ops
+                  if o["status"] == "ok" and o["f"] == "acquire" and o["out"]["acquired"]]
+        if not tokens:
+            continue
+        top = max(tokens)
+        got = final.get(("lease", name))
+        if got is None:
+            lost.append(f"lease {name}: no final read")
+            continue
+        if got["holder"] is not None and got["token"] >= top:
+            continue
+        released = any(o["f"] == "release" and o["status"] in ("ok", "unknown") and o["args"]["token"] == top for o in ops)
+        if got["holder"] is None and released:
+            continue
+        lost.append(f"lease {name}: token {top} acknowledged, finally {got}")
+    return lost
+
+
+def acknowledged_writes(history):
+    n = 0
+    for o in history:
+        if o["status"] != "ok":
+            continue
+        out = o.get("out") or {}
+        if o["f"] == "acquire" and out.get("acquired"):
+            n += 1
+        elif o["f"] in ("renew", "release", "complete", "abort"):
+            n += 1
+        elif o["f"] == "begin" and out.get("outcome") == "STARTED":
+            n += 1
+    return n
+
+
+def check(history, faults, final, capacity, per_s, budget=2_000_000):
+    """Every checker over one run. Returns a dict with violations (list),
+    inconclusive (list), lost (list) and writes (int)."""
+    lin, inconclusive = check_linearizable(history, budget)
+    violations = (lin + check_fencing(history) + check_one_holder(history) + check_idempotency(history)
+                  + check_rate_limits(history, faults, capacity, per_s))
+    lost = lost_writes(history, final)
+    return {"violations": violations, "inconclusive": inconclusive, "lost": lost,
+            "writes": acknowledged_writes(history)}

@@ -1,0 +1,200 @@
+"""The nemesis checkers (cluster/nemesis_check.py) accept good histories and
+reject hand-made bad ones, so a passing nemesis run means something."""
+
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "cluster"))
+import nemesis_check as nc  # noqa: E402
+
+
+def op(p, f, key, t0, t1, status="ok", code=None, out=None, **args):
+    return {"p": p, "f": f, "key": key, "args": args, "t0": t0, "t1": None if status == "unknown" else t1,
+            "status": status, "code": code, "out": out}
+
+
+def acq(p, t0, t1, acquired, holder, token, key="L", status="ok"):
+    return op(p, "acquire", key, t0, t1, status, out={"acquired": acquired, "holder": holder, "token": token}, holder=p)
+
+
+def rel(p, t0, t1, token, key="L", status="ok"):
+    return op(p, "release", key, t0, t1, status, code="FAILED_PRECONDITION" if status == "fail" else None, holder=p, token=token)
+
+
+def get(p, t0, t1, holder, token, key="L"):
+    return op(p, "get_lease", key, t0, t1, out={"holder": holder, "token": token})
+
+
+def lin(history):
+    violations, inconclusive = nc.check_linearizable(history)
+    assert not inconclusive
+    return violations
+
+
+# ------------------------------------------------------------------ leases
+
+
+def test_a_sequential_lease_history_is_linearizable():
+    h = [acq("a", 0, 1, True, "a", 5), acq("b", 2, 3, False, "a", 5), rel("a", 4, 5, 5),
+         acq("b", 6, 7, True, "b", 9), get("c", 8, 9, "b", 9)]
+    assert lin(h) == []
+    assert nc.check_fencing(h) == [] and nc.check_one_holder(h) == []
+
+
+def test_concurrent_grants_in_either_order_are_linearizable():
+    # b's acquire overlaps a's release: b may have come after it.
+    h = [acq("a", 0, 1, True, "a", 5), rel("a", 2, 6, 5), acq("b", 3, 4, True, "b", 7)]
+    assert lin(h) == []
+    assert nc.check_one_holder(h) == []
+
+
+def test_two_holders_at_once_are_rejected():
+    h = [acq("a", 0, 1, True, "a", 5), acq("b", 2, 3, True, "b", 7)]
+    assert lin(h), "two grants without a release passed linearizability"
+    assert nc.check_one_holder(h), "two holders passed the holder check"
+
+
+def test_a_read_of_a_released_lease_is_rejected():
+    h = [acq("a", 0, 1, True, "a", 5), rel("a", 2, 3, 5), get("c", 4, 5, "a", 5)]
+    assert lin(h)
+
+
+def test_a_stale_read_after_a_regrant_is_rejected():
+    h = [acq("a", 0, 1, True, "a", 5), rel("a", 2, 3, 5), acq("b", 4, 5, True, "b", 8), get("c", 6, 7, None, None)]
+    assert lin(h)
+
+
+def test_an_unknown_acquire_may_take_effect_later_or_never():
+    # a's acquire timed out; c later sees a holding a token it never saw.
+    took = [acq("a", 0, None, None, None, None, status="unknown"), get("c", 5, 6, "a", 3)]
+    assert lin(took) == []
+    never = [acq("a", 0, None, None, None, None, status="unknown"), get("c", 5, 6, None, None)]
+    assert lin(never) == []
+    # But not before it was sent.
+    early = [get("c", 0, 1, "a", 3), acq("a", 2, None, None, None, None, status="unknown")]
+    assert lin(early)
+
+
+def test_an_unknown_release_may_or_may_not_have_freed_the_lease():
+    base = [acq("a", 0, 1, True, "a", 5), rel("a", 2, None, 5, status="unknown")]
+    assert lin(base + [get("c", 4, 5, None, None)]) == []
+    assert lin(base + [get("c", 4, 5, "a", 5)]) == []
+    # Freed then held again by a is impossible without a new acquire.
+    assert lin(base + [get("c", 4, 5, None, None), get("c", 6, 7, "a", 5)])
+
+
+def test_a_token_going_backwards_is_rejected():
+    h = [acq("a", 0, 1, True, "a", 9), rel("a", 2, 3, 9), acq("b", 4, 5, True, "b", 7)]
+    assert lin(h)
+    assert nc.check_fencing(h)
+
+
+def test_one_token_for_two_names_is_rejected():
+    h = [acq("a", 0, 1, True, "a", 5, key="L1"), acq("b", 2, 3, True, "b", 5, key="L2")]
+    assert nc.check_fencing(h)
+
+
+def test_a_renewal_refused_while_held_is_rejected():
+    h = [acq("a", 0, 1, True, "a", 5),
+         op("a", "renew", "L", 2, 3, "fail", code="FAILED_PRECONDITION", holder="a", token=5)]
+    assert lin(h)
+
+
+# -------------------------------------------------------------- idempotency
+
+
+def begin(p, t0, t1, outcome, attempt, response=None, key="K", status="ok"):
+    return op(p, "begin", key, t0, t1, status, out={"outcome": outcome, "attempt": attempt, "response": response})
+
+
+def complete(p, t0, t1, attempt, response, key="K", status="ok"):
+    return op(p, "complete", key, t0, t1, status, code="FAILED_PRECONDITION" if status == "fail" else None,
+              attempt=attempt, response=response)
+
+
+def abort(p, t0, t1, attempt, key="K", status="ok"):
+    return op(p, "abort", key, t0, t1, status, attempt=attempt)
+
+
+def get_record(p, t0, t1, state, attempt=None, response=None, key="K"):
+    return op(p, "get_record", key, t0, t1, out={"state": state, "attempt": attempt, "response": response})
+
+
+def test_a_good_idempotency_history_passes():
+    h = [begin("a", 0, 1, "STARTED", 1), begin("b", 2, 3, "IN_PROGRESS", 1), abort("a", 4, 5, 1),
+         begin("b", 6, 7, "STARTED", 2), complete("b", 8, 9, 2, "r2"), begin("c", 10, 11, "COMPLETED", 2, "r2"),
+         get_record("c", 12, 13, "COMPLETED", 2, "r2")]
+    assert lin(h) == [] and nc.check_idempotency(h) == []
+
+
+def test_two_started_at_once_are_rejected():
+    h = [begin("a", 0, 1, "STARTED", 1), begin("b", 2, 3, "STARTED", 2)]
+    assert lin(h)
+    assert nc.check_idempotency(h)
+
+
+def test_two_completed_attempts_are_rejected():
+    h = [begin("a", 0, 1, "STARTED", 1), complete("a", 2, 3, 1, "r1"),
+         begin("b", 4, 5, "STARTED", 2), complete("b", 6, 7, 2, "r2")]
+    assert lin(h)
+    assert nc.check_idempotency(h)
+
+
+def test_a_changed_or_lost_response_is_rejected():
+    changed = [begin("a", 0, 1, "STARTED", 1), complete("a", 2, 3, 1, "r1"), begin("b", 4, 5, "COMPLETED", 1, "other")]
+    assert lin(changed) and nc.check_idempotency(changed)
+    lost = [begin("a", 0, 1, "STARTED", 1), complete("a", 2, 3, 1, "r1"), get_record("b", 4, 5, None)]
+    assert lin(lost) and nc.check_idempotency(lost)
+
+
+def test_an_unknown_complete_may_have_completed():
+    h = [begin("a", 0, 1, "STARTED", 1), complete("a", 2, None, 1, "r1", status="unknown")]
+    assert lin(h + [get_record("b", 5, 6, "COMPLETED", 1, "r1")]) == []
+    assert lin(h + [get_record("b", 5, 6, "IN_PROGRESS", 1)]) == []
+
+
+# ------------------------------------------------------------- rate limits
+
+
+def check(p, t0, t1, allowed, key="R"):
+    return op(p, "check", key, t0, t1, out={"allowed": allowed}, cost=1)
+
+
+def test_admissions_within_the_bucket_pass_and_beyond_fail():
+    # Capacity 5, 1 per second: 5 at once, then one a second.
+    ok = [check("a", 0.01 * i, 0.01 * i + 0.005, True) for i in range(5)]
+    ok += [check("a", 1.0 + i, 1.0 + i + 0.005, True) for i in range(5)]
+    assert nc.check_rate_limits(ok, [], capacity=5, per_s=1) == []
+    over = ok + [check("b", 0.2, 0.3, True), check("b", 0.4, 0.5, True)]
+    assert nc.check_rate_limits(over, [], capacity=5, per_s=1)
+
+
+def test_a_fault_allows_what_was_admitted_around_it():
+    burst = [check("a", 0.01 * i, 0.01 * i + 0.005, True) for i in range(5)]
+    again = [check("b", 0.2 + 0.01 * i, 0.2 + 0.01 * i + 0.005, True) for i in range(5)]
+    fault = [{"t_inject": 0.1, "t_heal": 0.15}]
+    assert nc.check_rate_limits(burst + again, [], capacity=5, per_s=1)
+    assert nc.check_rate_limits(burst + again, fault, capacity=5, per_s=1) == []
+
+
+# --------------------------------------------------------------- durability
+
+
+def test_lost_writes_are_counted():
+    h = [acq("a", 0, 1, True, "a", 5), begin("a", 0, 1, "STARTED", 1), complete("a", 2, 3, 1, "r1")]
+    final = {("lease", "L"): {"holder": "a", "token": 5}, ("record", "K"): {"state": "COMPLETED", "attempt": 1, "response": "r1"}}
+    assert nc.lost_writes(h, final) == []
+    assert len(nc.lost_writes(h, {("lease", "L"): {"holder": None, "token": None},
+                                  ("record", "K"): {"state": None, "attempt": None, "response": None}})) == 2
+    released = h + [rel("a", 4, 5, 5)]
+    assert nc.lost_writes(released, {**final, ("lease", "L"): {"holder": None, "token": None}}) == []
+
+
+def test_an_unlinearizable_history_gives_up_within_its_budget():
+    # Many overlapping unknown acquires and a contradiction at the end.
+    h = [acq(f"p{i}", 0, None, None, None, None, status="unknown") for i in range(12)]
+    h += [get("c", 1, 2, "p3", 4), get("c", 3, 4, "p4", 4)]
+    ok, _ = nc.linearizable(h, nc.LEASE_INIT, nc.lease_step, budget=100)
+    assert ok is None
+    ok, _ = nc.linearizable(h, nc.LEASE_INIT, nc.lease_step)
+    assert ok is False
