@@ -269,6 +269,7 @@ class Worker(threading.Thread):
         self.held = {}  # lease name -> token
         self.owned = {}  # idempotency key -> attempt
         self.refreshed = {}
+        self.last_status = "ok"
 
     def call(self, f, key, args, fn):
         node = self.rng.choice(self.nem.nodes)
@@ -284,13 +285,16 @@ class Worker(threading.Thread):
             o["status"], o["out"] = "ok", out
         except grpc.RpcError as e:
             o["code"] = e.code().name
-            if e.code() == grpc.StatusCode.FAILED_PRECONDITION:
+            o["detail"] = e.details()
+            if e.code() == grpc.StatusCode.UNAVAILABLE and unsent(e.details()):
+                # No connection: the request never left this process.
+                o["status"] = "unsent"
+            elif e.code() == grpc.StatusCode.FAILED_PRECONDITION:
                 o["t1"] = time.monotonic()
                 o["status"] = "fail"
             elif o["code"] not in UNKNOWN_CODES:
                 o["t1"] = time.monotonic()
                 o["status"] = "error"
-                o["detail"] = e.details()
             now = time.monotonic()
             if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) and now - self.refreshed.get(node.name, 0) > 1.0:
                 self.refreshed[node.name] = now
@@ -299,6 +303,7 @@ class Worker(threading.Thread):
                 except ConnectionError:
                     pass
         self.history.append(o)
+        self.last_status = o["status"]
         return o
 
     def lease_op(self):
@@ -390,7 +395,18 @@ class Worker(threading.Thread):
                 self.idem_op()
             else:
                 self.check_op()
-            time.sleep(self.rng.uniform(0, 0.01))  # pacing, not synchronisation
+            # Pacing, not synchronisation; after a call that failed on a
+            # fault, a pause as a real client's backoff would make.
+            failed = self.last_status in ("unknown", "unsent")
+            pause = self.rng.uniform(0.05, 0.25) if failed else self.rng.uniform(0, 0.01)
+            time.sleep(pause)
+
+
+def unsent(details):
+    """Whether gRPC's UNAVAILABLE details say no connection was made (so the
+    call was never sent), as opposed to one lost or refused by a server."""
+    d = (details or "").lower()
+    return "failed to connect" in d or "connection refused" in d
 
 
 def record_out(idem, r):
@@ -518,7 +534,8 @@ def evaluate(run, faults, ops, final, problems, budget):
     errors = [o for o in ops if o["status"] == "error"]
     # An unexpected error is reported below; to the models it is a call that
     # may or may not have taken effect.
-    ops = [{**o, "status": "unknown", "t1": None} if o["status"] == "error" else o for o in ops]
+    ops = [{**o, "status": "unknown", "t1": None} if o["status"] == "error" else o
+           for o in ops if o["status"] != "unsent"]
     result = nc.check(ops, faults, final, run["capacity"], run["per_s"], budget)
     result["violations"] += problems + [f"unexpected {o['code']} from {o['f']}: {o.get('detail')}" for o in errors[:5]]
     if len(errors) > 5:

@@ -62,7 +62,6 @@ def linearizable(ops, init, step, budget=2_000_000):
         nodes[k] = [kind, i, k - 1 if k > 0 else head, k + 1 if k + 1 < len(events) else None]
         if kind == 1:
             ret_node[i] = k
-    call_node = {i: k for k, (_, kind, i) in enumerate(events) if kind == 0}
 
     def unlink(k):
         _, _, p, nx = nodes[k]
@@ -77,11 +76,18 @@ def linearizable(ops, init, step, budget=2_000_000):
             nodes[nx][2] = k
 
     known = sum(1 for o in ops if o["status"] != "unknown")
+    # Unknown operations with the same call and arguments are
+    # interchangeable (they never return): only the earliest one not yet
+    # linearized is tried, which keeps many timed-out retries of one call
+    # from multiplying the search. `passed` holds the classes of unknown
+    # calls passed over since the walk last restarted from the head.
+    cls = [_unknown_class(o) if o["status"] == "unknown" else None for o in ops]
     state = frozenset([init])
     linearized = 0
     done_known = 0
     seen = set()
     stack = []
+    passed = set()
     entry = nodes[head][3]
     steps = 0
     deepest = 0
@@ -89,44 +95,54 @@ def linearizable(ops, init, step, budget=2_000_000):
         steps += 1
         if steps > budget:
             return None, f"inconclusive after {budget} steps ({len(ops)} ops)"
-        if done_known == known:
-            return True, ""
-        if entry is None:
-            # Only unknown calls remain ahead: everything known is placed.
+        if done_known == known or entry is None:
+            # Everything known is placed; what is left is unknown calls,
+            # which never have to take effect.
             return True, ""
         kind, i, _, _ = nodes[entry]
         if kind == 0:
+            if cls[i] is not None and cls[i] in passed:
+                entry = nodes[entry][3]
+                continue
             nxt = frozenset(s2 for s in state for s2 in step(s, ops[i]))
             bit = linearized | (1 << i)
             if nxt and (bit, nxt) not in seen:
                 seen.add((bit, nxt))
-                stack.append((entry, state))
+                stack.append((entry, state, passed))
                 state = nxt
                 linearized = bit
-                if ops[i]["status"] != "unknown":
+                passed = set()
+                if cls[i] is None:
                     done_known += 1
                 deepest = max(deepest, done_known)
                 unlink(entry)
                 unlink(ret_node[i])
                 entry = nodes[head][3]
             else:
+                if cls[i] is not None:
+                    passed.add(cls[i])
                 entry = nodes[entry][3]
         else:
-            if ops[i]["status"] == "unknown":
+            if cls[i] is not None:
                 # Every call before infinity was skipped or placed: what is
                 # left never has to take effect.
                 return True, ""
             if not stack:
                 return False, _stuck(ops, deepest)
-            entry, state = stack.pop()
+            entry, state, passed = stack.pop()
             j = nodes[entry][1]
             linearized &= ~(1 << j)
-            if ops[j]["status"] != "unknown":
+            if cls[j] is None:
                 done_known -= 1
+            else:
+                passed = passed | {cls[j]}
             relink(ret_node[j])
             relink(entry)
             entry = nodes[entry][3]
-    _ = call_node
+
+
+def _unknown_class(op):
+    return (op["f"], tuple(sorted((k, str(v)) for k, v in op["args"].items())))
 
 
 def _no_effect_when_unknown(op):
