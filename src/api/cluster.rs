@@ -39,6 +39,8 @@ impl ClusterService {
                 })
                 .collect(),
             state: state.into(),
+            membership_changing: membership.get_joint_config().len() > 1,
+            ready: node.ready(),
         }
     }
 }

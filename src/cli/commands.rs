@@ -291,9 +291,12 @@ pub(super) async fn cluster(cmd: ClusterCmd) -> CliResult {
     .into_inner();
     let leader = st.leader_id.map_or("none".to_owned(), |l| l.to_string());
     println!(
-        "node_id={} state={} leader={leader} term={} applied_index={}",
-        st.node_id, st.state, st.term, st.applied_index
+        "node_id={} state={} leader={leader} term={} applied_index={} ready={}",
+        st.node_id, st.state, st.term, st.applied_index, st.ready
     );
+    if st.membership_changing {
+        println!("membership change in progress (joint: old and new voters must both agree)");
+    }
     for m in &st.members {
         println!(
             "member id={} peer={} {}",

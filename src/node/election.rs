@@ -76,11 +76,21 @@ impl Node {
     /// node's, that leader is alive. (Noting it only once the call returns
     /// would miss every call the leader gave up on while this node was
     /// still working through a backlog.)
-    pub fn heard_from(&self, vote: &openraft::Vote<NodeId>) {
+    /// `committed` is the leader's commit index, when the message carries
+    /// one: [`Node::ready`] waits until this node has applied it.
+    pub fn heard_from(&self, vote: &openraft::Vote<NodeId>, committed: Option<LogId>) {
         let mine = self.server.borrow().vote;
         if vote.is_committed() && *vote >= mine {
             self.heard_from_leader();
+            if let Some(c) = committed {
+                self.leader_commit.fetch_max(c.index + 1, Ordering::AcqRel);
+            }
         }
+    }
+
+    /// Whether this node has applied every entry a leader said is committed.
+    pub(super) fn applied_what_leader_committed(&self, applied: Option<u64>) -> bool {
+        applied.map_or(0, |i| i + 1) >= self.leader_commit.load(Ordering::Acquire)
     }
 
     fn ms_since_leader_contact(&self) -> u64 {

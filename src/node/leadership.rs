@@ -55,16 +55,18 @@ impl Node {
         }
     }
 
-    /// Whether this node may serve: it knows a leader it is in touch with
-    /// and has applied every entry in its log.
+    /// Whether this node may serve: it knows a leader it is in touch with,
+    /// has applied every entry in its log, and every entry a leader told it
+    /// is committed (a follower that was away hears from its leader again
+    /// well before it has received the backlog).
     pub fn ready(&self) -> bool {
         let caught_up = {
             let m = self.raft.metrics();
             let m = m.borrow();
-            // openraft 0.9 does not publish the commit index; a node whose
-            // log is fully applied and that is in touch with a leader is
-            // caught up.
-            m.last_applied.is_some() && m.last_applied.map(|l| l.index) >= m.last_log_index
+            let applied = m.last_applied.map(|l| l.index);
+            applied.is_some()
+                && applied >= m.last_log_index
+                && self.applied_what_leader_committed(applied)
         };
         caught_up && self.in_touch_with_leader()
     }

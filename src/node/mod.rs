@@ -159,6 +159,9 @@ pub struct Node {
     /// When (the lease's monotonic ms) this node last heard from a leader
     /// (see `election`).
     leader_contact: AtomicU64,
+    /// One more than the highest commit index a current leader has told
+    /// this node of (0: none): readiness waits until it is applied.
+    leader_commit: AtomicU64,
     /// The replicated clock (see `timekeeping`).
     time: Arc<Timekeeper>,
     watchers: Watchers,
@@ -287,6 +290,7 @@ impl Node {
             lease,
             store,
             leader_contact: AtomicU64::new(0),
+            leader_commit: AtomicU64::new(0),
             time,
             watchers,
             deadlines_changed: Notify::new(),

@@ -108,7 +108,7 @@ impl RaftPeer for PeerService {
         self.admit(&request)?;
         let rpc = decode_append(request.get_ref())
             .map_err(|e| Status::invalid_argument(format!("undecodable append: {e}")))?;
-        self.0.heard_from(&rpc.vote);
+        self.0.heard_from(&rpc.vote, rpc.leader_commit);
         Ok(Response::new(encode(
             &self.0.raft().append_entries(rpc).await,
         )))
@@ -132,7 +132,7 @@ impl RaftPeer for PeerService {
         self.admit(&request)?;
         let rpc = decode_snapshot(request.into_inner())
             .map_err(|e| Status::invalid_argument(format!("undecodable snapshot chunk: {e}")))?;
-        self.0.heard_from(&rpc.vote);
+        self.0.heard_from(&rpc.vote, None);
         Ok(Response::new(encode(
             &self.0.raft().install_snapshot(rpc).await,
         )))

@@ -195,7 +195,10 @@ impl Cluster {
                 let mut c = ClusterClient::new(s.conn(&self.client).await);
                 let st = c.status(ClusterStatusRequest {}).await.ok()?.into_inner();
                 let voters = st.members.iter().filter(|m| m.voter).count();
-                if voters < self.initial {
+                // Not while the last initial member is still being added:
+                // under the joint membership, killing the leader leaves
+                // the others without a majority of the old voters.
+                if voters < self.initial || st.membership_changing {
                     return None;
                 }
                 seen.insert(i, st.leader_id?);

@@ -259,6 +259,88 @@ async fn a_paused_follower_catches_up_without_failed_calls_or_a_leader_change() 
     assert_no_leader_change(&cluster, &before).await;
 }
 
+/// A follower that was frozen while the leader committed a large backlog
+/// is not ready until it has applied everything committed before it
+/// resumed, even once it hears from the leader again; then its health says
+/// SERVING.
+#[tokio::test]
+async fn a_lagging_follower_is_not_ready_until_it_has_applied_the_committed_log() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+
+    const CALLS: usize = 20;
+    const PER_CALL: usize = 1000;
+    let cluster = Cluster::start(3, &["--limit-sync-ms", "100"]);
+    let leader = cluster.leader().await;
+    let follower = (leader + 1) % 3;
+    eventually_within(LONG, "the follower to be ready", || async {
+        status(cluster.node(follower)).await?.ready.then_some(())
+    })
+    .await;
+    signal(cluster.node(follower), "-STOP");
+    // About 20 MB of rate-limit state for the follower to catch up on.
+    let mut c = cluster.node(leader).limits().await;
+    for call in 0..CALLS {
+        let checks = (0..PER_CALL)
+            .map(|i| {
+                lc(
+                    &long_key("lag", call * PER_CALL + i),
+                    tb(100, 1, 3_600_000),
+                    Some(1),
+                )
+            })
+            .collect();
+        c.check(CheckRequest {
+            checks,
+            all_or_nothing: false,
+        })
+        .await
+        .expect("check");
+    }
+    let total = (CALLS * PER_CALL) as u64;
+    eventually_within(LONG, "the burst to reach the leader's log", || async {
+        (live_limit_keys(cluster.node((leader + 2) % 3))? >= total).then_some(())
+    })
+    .await;
+    let committed = status(cluster.node(leader))
+        .await
+        .expect("status")
+        .applied_index;
+    signal(cluster.node(follower), "-CONT");
+
+    let node = cluster.node(follower);
+    let health = tonic_health::pb::health_client::HealthClient::new(node.channel().await);
+    let mut lagging = 0;
+    let deadline = Instant::now() + LONG;
+    loop {
+        assert!(Instant::now() < deadline, "the follower never caught up");
+        let Some(st) = status(node).await else {
+            continue;
+        };
+        if st.applied_index >= committed {
+            break;
+        }
+        lagging += 1;
+        assert!(
+            !st.ready,
+            "ready at applied index {} while {committed} was committed",
+            st.applied_index
+        );
+    }
+    eprintln!("{lagging} status answers while lagging");
+    assert!(lagging > 0, "the follower was never seen lagging");
+    eventually_within(LONG, "the follower to be ready and serving", || {
+        let mut health = health.clone();
+        async move {
+            let request = tonic_health::pb::HealthCheckRequest {
+                service: "arbiter.v1.RateLimiter".into(),
+            };
+            let h = health.check(request).await.ok()?.into_inner();
+            (h.status == ServingStatus::Serving as i32).then_some(())
+        }
+    })
+    .await;
+}
+
 /// Leader after leader killed, each time right after the previous victim
 /// restarted (so one survivor has a stale log): every time a survivor must
 /// be elected and serve a write well within the deadline. Two survivors
