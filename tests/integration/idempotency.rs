@@ -118,3 +118,35 @@ async fn abort_frees_the_key_and_stale_attempts_are_refused() {
         .unwrap_err();
     assert_eq!(stale.code(), Code::FailedPrecondition);
 }
+
+/// Concurrent Begins of one key on one node (so they share log entries):
+/// exactly one starts an attempt, the others find it in progress.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_begins_of_one_key_start_one_attempt() {
+    let s = Server::start(&[]);
+    let idem = s.idem().await;
+    for round in 0..20 {
+        let calls = (0..8).map(|_| {
+            let mut idem = idem.clone();
+            let request = BeginRequest {
+                retention_ms: 60_000,
+                ..begin(&format!("together-{round}"), b"fp", 30_000)
+            };
+            tokio::spawn(async move { idem.begin(request).await.unwrap().into_inner() })
+        });
+        let mut outcomes = Vec::new();
+        for c in calls.collect::<Vec<_>>() {
+            outcomes.push(c.await.unwrap());
+        }
+        let started: Vec<_> = outcomes
+            .iter()
+            .filter(|r| r.outcome == Outcome::Started as i32)
+            .collect();
+        assert_eq!(started.len(), 1, "round {round}: {outcomes:?}");
+        let attempt = started[0].attempt;
+        assert!(
+            outcomes.iter().all(|r| r.attempt == attempt),
+            "round {round}: {outcomes:?}"
+        );
+    }
+}

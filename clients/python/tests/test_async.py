@@ -146,7 +146,7 @@ def test_idempotent_coroutines(server, name):
         deadline = time.monotonic() + 20
         while outcomes.count("in_progress") < 19 and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
-        assert runs == ["o1"] and outcomes.count("in_progress") >= 19
+        assert runs == ["o1"] and outcomes.count("in_progress") >= 19, (runs, outcomes)
         release.set()
         assert await asyncio.gather(*calls) == [{"paid": "o1"}] * 20
         assert runs == ["o1"]
