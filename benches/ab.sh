@@ -15,13 +15,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 A=${A:?A=path to the first server build}
-B=${B:-target/release/arbiter}
+B=${B:-${CARGO_TARGET_DIR:-target}/release/arbiter}
 ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-10}
 WARMUP=${WARMUP:-2}
 read -r -a WORKLOADS <<<"${WORKLOADS:-check batch lease}"
 cargo build --release -j2 -p arbiter-bench >&2
-BENCH=target/release/arbiter-bench
+BENCH=${CARGO_TARGET_DIR:-target}/release/arbiter-bench
 
 work=$(mktemp -d)
 pid=

@@ -34,7 +34,7 @@ if [ "$ROUNDS" -gt 0 ] && ! command -v redis-server >/dev/null; then
   apt-get update -qq && apt-get install -y -qq redis-server >/dev/null
 fi
 cargo build --release -j2 -p arbiter -p arbiter-bench >&2
-BENCH=target/release/arbiter-bench
+BENCH=${CARGO_TARGET_DIR:-target}/release/arbiter-bench
 
 work=$(mktemp -d)
 pids=()
@@ -69,7 +69,7 @@ PY
 }
 
 start_arbiter() { # $1 = log file (the data directory is named after it)
-  target/release/arbiter serve --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 --peer-listen 127.0.0.1:0 \
+  ${CARGO_TARGET_DIR:-target}/release/arbiter serve --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 --peer-listen 127.0.0.1:0 \
     --data-dir "$1.data" --log-format json "${ARBITER_ARGS[@]}" 2>"$1" &
   pids+=($!)
   ARBITER_PID=$!

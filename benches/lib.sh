@@ -4,8 +4,8 @@
 # BIN=path runs another build of the server (e.g. an older commit's).
 
 cargo build --release -j2 -p arbiter -p arbiter-bench >&2
-BIN=${BIN:-target/release/arbiter}
-BENCH=target/release/arbiter-bench
+BIN=${BIN:-${CARGO_TARGET_DIR:-target}/release/arbiter}
+BENCH=${CARGO_TARGET_DIR:-target}/release/arbiter-bench
 work=$(mktemp -d)
 declare -A PIDS
 cleanup() {

@@ -23,7 +23,7 @@ BATCH=${BATCH:-1}
 read -r -a ARBITER_ARGS <<<"${ARBITER_ARGS---worker-threads 1}"
 
 cargo build --release -j2 -p arbiter -p arbiter-bench >&2
-BENCH=target/release/arbiter-bench
+BENCH=${CARGO_TARGET_DIR:-target}/release/arbiter-bench
 work=$(mktemp -d)
 pid=
 cleanup() {
@@ -39,8 +39,8 @@ descriptors:
   - key: user
     rate_limit: {unit: second, requests_per_unit: 100, algorithm: token_bucket, burst: 1000}
 YAML
-target/release/arbiter limits check "$work/bench.yaml" >&2
-target/release/arbiter serve --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 --peer-listen 127.0.0.1:0 \
+${CARGO_TARGET_DIR:-target}/release/arbiter limits check "$work/bench.yaml" >&2
+${CARGO_TARGET_DIR:-target}/release/arbiter serve --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 --peer-listen 127.0.0.1:0 \
   --data-dir "$work/data" --log-format json --limits "$work/bench.yaml" "${ARBITER_ARGS[@]}" 2>"$work/arbiter.log" &
 pid=$!
 addr=

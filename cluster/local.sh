@@ -15,7 +15,7 @@ BASE_CLIENT=${BASE_CLIENT:-7100}
 BASE_PEER=${BASE_PEER:-7200}
 BASE_METRICS=${BASE_METRICS:-7300}
 DIR=${DIR:-data/cluster}
-BIN=target/release/arbiter
+BIN=${CARGO_TARGET_DIR:-target}/release/arbiter
 
 peers() {
   local p=()

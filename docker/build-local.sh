@@ -10,8 +10,8 @@ BASE=$(docker/make-base.sh)
 cargo build --release -j2 --locked --bin arbiter >&2
 ctx=$(mktemp -d)
 trap 'rm -rf "$ctx"' EXIT
-# Debug info stays on the host (target/release/arbiter); the image gets a stripped copy.
-strip -o "$ctx/arbiter" target/release/arbiter
+# Debug info stays on the host (target/release/arbiter, or under $CARGO_TARGET_DIR); the image gets a stripped copy.
+strip -o "$ctx/arbiter" "${CARGO_TARGET_DIR:-target}/release/arbiter"
 cp docker/Dockerfile.local "$ctx/"
 docker build -q -t "$TAG" --build-arg "BASE_IMAGE=$BASE" -f "$ctx/Dockerfile.local" "$ctx" >&2
 echo "$TAG"
