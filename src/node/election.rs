@@ -76,6 +76,7 @@ impl Node {
     /// node's, that leader is alive. (Noting it only once the call returns
     /// would miss every call the leader gave up on while this node was
     /// still working through a backlog.)
+    ///
     /// `committed` is the leader's commit index, when the message carries
     /// one: [`Node::ready`] waits until this node has applied it.
     pub fn heard_from(&self, vote: &openraft::Vote<NodeId>, committed: Option<LogId>) {

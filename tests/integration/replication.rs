@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arbiter::proto::cluster_client::ClusterClient;
-use arbiter::proto::{CheckRequest, ClusterStatusRequest, ClusterStatusResponse};
+use arbiter::proto::{CheckRequest, ClusterStatusRequest, ClusterStatusResponse, LimitCheck};
 
 use crate::cluster::Cluster;
 use crate::rate_limiter::{lc, tb};
@@ -23,6 +23,18 @@ fn long_key(prefix: &str, i: usize) -> String {
     let mut k = format!("{prefix}-{i:07}-");
     k.extend(std::iter::repeat_n('x', 1024 - k.len()));
     k
+}
+
+/// One call's worth of checks in a burst of long keys: keys
+/// `call * per_call ..` of `prefix`, each a bucket of 100 refilling one an
+/// hour, at `cost`.
+fn long_key_checks(prefix: &str, call: usize, per_call: usize, cost: u64) -> Vec<LimitCheck> {
+    (0..per_call)
+        .map(|i| {
+            let key = long_key(prefix, call * per_call + i);
+            lc(&key, tb(100, 1, 3_600_000), Some(cost))
+        })
+        .collect()
 }
 
 async fn status(s: &Server) -> Option<ClusterStatusResponse> {
@@ -76,12 +88,9 @@ async fn a_burst_of_long_keys_replicates_and_survives_the_leaders_kill9() {
     let leader = cluster.leader().await;
     let before = status(cluster.node(leader)).await.expect("leader status");
     let mut c = cluster.node(leader).limits().await;
-    let limit = || tb(100, 1, 3_600_000);
     let started = Instant::now();
     for call in 0..CALLS {
-        let checks = (0..PER_CALL)
-            .map(|i| lc(&long_key("burst", call * PER_CALL + i), limit(), Some(1)))
-            .collect();
+        let checks = long_key_checks("burst", call, PER_CALL, 1);
         let r = c
             .check(CheckRequest {
                 checks,
@@ -113,9 +122,7 @@ async fn a_burst_of_long_keys_replicates_and_survives_the_leaders_kill9() {
     let survivor = (leader + 1) % 3;
     let c = cluster.node(survivor).limits().await;
     for call in 0..CALLS {
-        let checks: Vec<_> = (0..PER_CALL)
-            .map(|i| lc(&long_key("burst", call * PER_CALL + i), limit(), Some(0)))
-            .collect();
+        let checks = long_key_checks("burst", call, PER_CALL, 0);
         let r = eventually_within(LONG, "a decision from the new leader", || {
             let mut c = c.clone();
             let checks = checks.clone();
@@ -282,17 +289,8 @@ async fn a_lagging_follower_is_not_ready_until_it_has_applied_the_committed_log(
     // About 20 MB of rate-limit state for the follower to catch up on.
     let mut c = cluster.node(leader).limits().await;
     for call in 0..CALLS {
-        let checks = (0..PER_CALL)
-            .map(|i| {
-                lc(
-                    &long_key("lag", call * PER_CALL + i),
-                    tb(100, 1, 3_600_000),
-                    Some(1),
-                )
-            })
-            .collect();
         c.check(CheckRequest {
-            checks,
+            checks: long_key_checks("lag", call, PER_CALL, 1),
             all_or_nothing: false,
         })
         .await
