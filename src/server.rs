@@ -147,6 +147,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Started, Ser
         watch_limits: config.watch_limits(),
         max_clock_skew_ms: config.max_clock_skew_ms,
         peer_tls: tls.peer_client.clone().map(Connector::new),
+        simulation: None,
     })
     .await?;
 

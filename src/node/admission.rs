@@ -242,6 +242,7 @@ impl Node {
                 }
             }
             tokio::select! {
+                biased;
                 _ = tokio::time::sleep(ASK_EVERY) => {}
                 _ = self.tasks.stopping() => return,
             }
@@ -318,6 +319,7 @@ impl Node {
                 return;
             }
             tokio::select! {
+                biased;
                 _ = tokio::time::sleep(Duration::from_millis(100)) => {}
                 _ = self.tasks.stopping() => return,
             }

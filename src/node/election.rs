@@ -214,6 +214,7 @@ impl Node {
         let mut last_attempt = 0;
         loop {
             tokio::select! {
+                biased;
                 _ = tick.tick() => {}
                 _ = self.tasks.stopping() => return,
             }

@@ -49,6 +49,7 @@ impl Node {
             self.lease.set_voters(self.id, self.voters());
             self.note_leadership();
             tokio::select! {
+                biased;
                 r = server.changed() => if r.is_err() { return },
                 _ = self.tasks.stopping() => return,
             }
@@ -96,6 +97,7 @@ pub async fn report_readiness(node: Arc<Node>, health: tonic_health::server::Hea
         // Losing touch with the leader is a matter of time passing, with
         // no event to wake on: look again at least every `RECHECK`.
         tokio::select! {
+            biased;
             r = metrics.changed() => if r.is_err() { return },
             _ = tokio::time::sleep(RECHECK) => {}
             _ = Node::stopped(&mut shutdown) => return,

@@ -56,7 +56,7 @@ pub use watch_fanout::{Watch, WatchLimits};
 use crate::clock::Clock;
 use crate::engine::{Engine, EngineConfig, EngineError, LeaseEvent};
 use crate::raft::lease::LeaderLease;
-use crate::raft::network::{Channels, PeerNetwork, SNAPSHOT_CHUNK_BYTES, SNAPSHOT_RPC_CAP};
+use crate::raft::network::{Channels, Dialer, PeerNetwork, SNAPSHOT_CHUNK_BYTES, SNAPSHOT_RPC_CAP};
 use crate::raft::state_machine::{Observer, StateMachine};
 use crate::raft::{NodeId, TypeConfig};
 use crate::storage::{SnapshotDir, Store};
@@ -118,6 +118,21 @@ pub struct Options {
     pub max_clock_skew_ms: u64,
     /// Mutual TLS towards peers (with `--peer-tls-*`).
     pub peer_tls: Option<crate::security::Connector>,
+    /// What the simulated cluster replaces (`tests/sim`); `None` in a
+    /// server.
+    pub simulation: Option<Simulation>,
+}
+
+/// What an in-process simulated cluster replaces so that one seed decides
+/// a whole run: the network, the boot id (which seeds the election
+/// timeouts), and the log writer thread (writes are carried out by the
+/// call that makes them, so a paused clock never moves on while a write
+/// is in flight elsewhere). Peers' calls reach the node through a
+/// [`PeerService`] served over the dialled streams.
+#[derive(Clone)]
+pub struct Simulation {
+    pub dial: Dialer,
+    pub boot_id: u64,
 }
 
 /// Why the node could not start.
@@ -214,8 +229,9 @@ impl Node {
             watch_limits,
             max_clock_skew_ms,
             peer_tls,
+            simulation,
         } = options;
-        let store = Store::open(&data_dir)?;
+        let store = Store::open_with(&data_dir, simulation.is_some())?;
         let snapshots = SnapshotDir::open(&data_dir)?;
         let cluster = admission::ClusterId::default();
         match store.identity()? {
@@ -240,7 +256,7 @@ impl Node {
                 applied_time: Arc::new(move |now_ms| time.observe(now_ms)),
             }
         };
-        let boot_id = boot_id();
+        let boot_id = simulation.as_ref().map_or_else(boot_id, |s| s.boot_id);
         let sm = StateMachine::open(engine.clone(), store.clone(), snapshots, observer, boot_id)?;
         let raft_err = |e: &dyn std::fmt::Display| StartError::Raft(e.to_string());
         let raft_config = openraft::Config {
@@ -258,7 +274,7 @@ impl Node {
         }
         .validate()
         .map_err(|e| raft_err(&e))?;
-        let network = PeerNetwork::new(cluster.clone(), peer_tls);
+        let network = PeerNetwork::new(cluster.clone(), peer_tls, simulation.map(|s| s.dial));
         let channels = network.channels.clone();
         let lease = network.lease.clone();
         let raft = Raft::new(

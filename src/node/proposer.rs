@@ -79,6 +79,7 @@ impl Node {
             let first = match carried.take() {
                 Some(p) => p,
                 None => tokio::select! {
+                    biased;
                     p = queue.recv() => match p {
                         Some(p) => p,
                         None => return,

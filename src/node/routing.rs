@@ -9,7 +9,8 @@
 //! as the type it asked for.
 
 use std::future::Future;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 use openraft::BasicNode;
 use serde::de::DeserializeOwned;

@@ -9,6 +9,11 @@ use std::time::Duration;
 use super::Node;
 use crate::engine::Command;
 
+/// The shortest wait between two turns of the sweeper.
+const MIN_WAIT: Duration = Duration::from_millis(1);
+/// The wait after a sweep could not be proposed (no majority, say).
+const RETRY_WAIT: Duration = Duration::from_millis(50);
+
 impl Node {
     /// Sleeps until the next deadline (or a write that set an earlier one,
     /// or a leadership change), then sweeps. The lease and record sweep is
@@ -22,11 +27,17 @@ impl Node {
         let mut next_limit_sweep = self.now_ms() + limit_sweep.as_millis() as u64;
         loop {
             let now = self.now_ms();
-            if self.is_leader() {
+            let leading = self.is_leader();
+            // The least wait before looking again: never none, so a
+            // deadline that has passed but is not swept yet (the sweep's
+            // stamp fell just before it) cannot make this loop spin.
+            let mut at_least = MIN_WAIT;
+            if leading {
                 self.on_leadership().await;
                 if self.engine.sweep_due(now) {
                     if let Err(e) = self.propose(Command::Sweep).await {
                         tracing::warn!(error = %e, "sweep failed");
+                        at_least = RETRY_WAIT;
                     }
                 }
             }
@@ -35,14 +46,19 @@ impl Node {
                 tracing::debug!(dropped, "swept idle rate-limit keys");
                 next_limit_sweep = now + limit_sweep.as_millis() as u64;
             }
-            let wake_at = self
-                .engine
-                .next_expiry()
-                .unwrap_or(u64::MAX)
-                .min(next_limit_sweep);
+            // Only the leader sweeps lapsed leases and records; a follower
+            // learns of it from the log, so it wakes for none of their
+            // deadlines (which, cut off from its leader, it would find
+            // passed and unswept at every turn).
+            let expiry = match leading {
+                true => self.engine.next_expiry().unwrap_or(u64::MAX),
+                false => u64::MAX,
+            };
+            let wake_at = expiry.min(next_limit_sweep);
             self.sweep_at.store(wake_at, Ordering::Release);
-            let wait = Duration::from_millis(wake_at.saturating_sub(self.now_ms()));
+            let wait = Duration::from_millis(wake_at.saturating_sub(self.now_ms())).max(at_least);
             tokio::select! {
+                biased;
                 _ = tokio::time::sleep(wait) => {}
                 _ = self.deadlines_changed.notified() => {}
                 _ = server.changed() => {}

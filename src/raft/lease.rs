@@ -9,14 +9,15 @@
 //! acknowledged requests sent at `t`, no new leader can exist before
 //! `t + LEADER_LEASE_MS`; this node decides rate limits only until
 //! `t + LEASE_MS`, a margin earlier. Time here is this process's monotonic
-//! clock (no wall clock), read at the moment of each decision: a process
-//! frozen and resumed sees its lease lapsed at once, however stale anything
-//! else it remembers.
+//! clock (tokio's, which is the system's except in the simulated cluster;
+//! no wall clock), read at the moment of each decision: a process frozen
+//! and resumed sees its lease lapsed at once, however stale anything else
+//! it remembers.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
-use std::time::Instant;
+use tokio::time::Instant;
 
 use super::NodeId;
 

@@ -6,7 +6,10 @@
 //! envelope, except log entries, which travel in the log's binary format.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use openraft::error::{
@@ -20,6 +23,7 @@ use openraft::raft::{
 use openraft::{BasicNode, Vote};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use tokio::io::DuplexStream;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::security::Connector;
@@ -64,19 +68,49 @@ pub fn snapshot_chunk_timeout(chunk: usize, total: u64, last: bool) -> Duration 
     (transfer + load).min(SNAPSHOT_RPC_CAP)
 }
 
+/// Opens a byte stream to a peer address in process, instead of a TCP
+/// connection: the simulated cluster's network (`tests/sim`).
+pub type Dialer = Arc<
+    dyn Fn(String) -> Pin<Box<dyn Future<Output = std::io::Result<DuplexStream>> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// A tonic connector over a [`Dialer`].
+#[derive(Clone)]
+struct InProcess(Dialer);
+
+impl tower_service::Service<http::Uri> for InProcess {
+    type Response = hyper_util::rt::TokioIo<DuplexStream>;
+    type Error = std::io::Error;
+    type Future = Pin<Box<dyn Future<Output = std::io::Result<Self::Response>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        let stream = (self.0)(uri.authority().map_or_else(String::new, |a| a.to_string()));
+        Box::pin(async move { stream.await.map(hyper_util::rt::TokioIo::new) })
+    }
+}
+
 /// Lazily connected, reused channels to peers, keyed by peer address;
-/// over mutual TLS when the node has a peer certificate.
+/// over mutual TLS when the node has a peer certificate, or through a
+/// [`Dialer`] in process.
 #[derive(Clone, Default)]
 pub struct Channels {
     map: Arc<Mutex<HashMap<String, Channel>>>,
     tls: Option<Connector>,
+    dial: Option<Dialer>,
 }
 
 impl Channels {
-    pub fn new(tls: Option<Connector>) -> Self {
+    pub fn new(tls: Option<Connector>, dial: Option<Dialer>) -> Self {
         Self {
             map: Arc::default(),
             tls,
+            dial,
         }
     }
 
@@ -92,9 +126,10 @@ impl Channels {
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(5));
-        let ch = match &self.tls {
-            Some(tls) => tls.channel(endpoint),
-            None => endpoint.connect_lazy(),
+        let ch = match (&self.dial, &self.tls) {
+            (Some(dial), _) => endpoint.connect_with_connector_lazy(InProcess(dial.clone())),
+            (None, Some(tls)) => tls.channel(endpoint),
+            (None, None) => endpoint.connect_lazy(),
         };
         map.insert(addr.to_owned(), ch.clone());
         Ok(ch)
@@ -219,9 +254,9 @@ pub struct PeerNetwork {
 }
 
 impl PeerNetwork {
-    pub fn new(cluster: ClusterId, tls: Option<Connector>) -> Self {
+    pub fn new(cluster: ClusterId, tls: Option<Connector>, dial: Option<Dialer>) -> Self {
         Self {
-            channels: Channels::new(tls),
+            channels: Channels::new(tls, dial),
             lease: Arc::default(),
             cluster,
         }

@@ -93,19 +93,20 @@ impl RaftLogStorage<TypeConfig> for Store {
                 p.insert(entry.log_id.index, (seq, Held { entry, bytes: len }));
             }
         }
-        self.writer
-            .send(Job::Append {
-                seq,
-                entries: encoded,
-                callback,
-            })
-            .map_err(|_| {
-                io_err(
-                    ErrorSubject::Logs,
-                    ErrorVerb::Write,
-                    "the log writer stopped",
-                )
-            })
+        let job = Job::Append {
+            seq,
+            entries: encoded,
+            callback,
+        };
+        if self.submit(job) {
+            Ok(())
+        } else {
+            Err(io_err(
+                ErrorSubject::Logs,
+                ErrorVerb::Write,
+                "the log writer stopped",
+            ))
+        }
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
@@ -137,24 +138,25 @@ impl RaftLogStorage<TypeConfig> for Store {
         loop {
             let end = start.saturating_add(PURGE_CHUNK - 1).min(log_id.index);
             let last = end == log_id.index;
-            self.writer
-                .send(Job::Delete {
-                    range: (
-                        if start == first {
-                            Bound::Unbounded
-                        } else {
-                            Bound::Included(start)
-                        },
-                        Bound::Included(end),
-                    ),
-                    purged: Some(if last {
-                        Purged::Id(log_id)
+            let job = Job::Delete {
+                range: (
+                    if start == first {
+                        Bound::Unbounded
                     } else {
-                        Purged::Index(end)
-                    }),
-                    done: None,
-                })
-                .map_err(|_| write(&"the log writer stopped"))?;
+                        Bound::Included(start)
+                    },
+                    Bound::Included(end),
+                ),
+                purged: Some(if last {
+                    Purged::Id(log_id)
+                } else {
+                    Purged::Index(end)
+                }),
+                done: None,
+            };
+            if !self.submit(job) {
+                return Err(write(&"the log writer stopped"));
+            }
             if last {
                 return Ok(());
             }

@@ -125,13 +125,23 @@ enum Job {
     },
 }
 
+/// Where log writes are carried out.
+#[derive(Clone)]
+enum Writer {
+    /// On the writer thread, in groups (a server).
+    Thread(mpsc::Sender<Job>),
+    /// In the caller, one at a time: the simulated cluster, whose paused
+    /// clock must not move on while a write is in flight on another thread.
+    Inline,
+}
+
 /// The file and the typed operations on it. Cloning shares the file and the
 /// writer thread (which ends when the last clone is dropped).
 #[derive(Clone)]
 pub struct Store {
     db: Arc<Database>,
     pending: Pending,
-    writer: mpsc::Sender<Job>,
+    writer: Writer,
     next_seq: Arc<AtomicU64>,
     /// The last purged log id as openraft was told, ahead of the writer
     /// (purges are carried out in the background): reads never return
@@ -142,6 +152,12 @@ pub struct Store {
 impl Store {
     /// Opens (or creates) `dir/arbiter.redb` and starts its writer thread.
     pub fn open(dir: &Path) -> Result<Self, redb::DatabaseError> {
+        Self::open_with(dir, false)
+    }
+
+    /// [`open`](Self::open), or with `inline`, without a writer thread:
+    /// every log write is carried out by the call that makes it.
+    pub fn open_with(dir: &Path, inline: bool) -> Result<Self, redb::DatabaseError> {
         // redb's page cache defaults to 1 GiB; the log is written once and
         // read back rarely (replication, restarts), so a small cache keeps
         // the node's memory for state.
@@ -151,14 +167,17 @@ impl Store {
                 .create(dir.join("arbiter.redb"))?,
         );
         let pending: Pending = Arc::default();
-        let (writer, jobs) = mpsc::channel();
-        {
+        let writer = if inline {
+            Writer::Inline
+        } else {
+            let (writer, jobs) = mpsc::channel();
             let (db, pending) = (db.clone(), pending.clone());
             std::thread::Builder::new()
                 .name("arbiter-log-writer".into())
                 .spawn(move || write_thread(db, pending, jobs))
                 .map_err(|e| redb::DatabaseError::Storage(redb::StorageError::Io(e)))?;
-        }
+            Writer::Thread(writer)
+        };
         Ok(Self {
             db,
             pending,
@@ -166,6 +185,17 @@ impl Store {
             next_seq: Arc::default(),
             purged: Arc::default(),
         })
+    }
+
+    /// Hands `job` to the writer; false if the writer thread has stopped.
+    fn submit(&self, job: Job) -> bool {
+        match &self.writer {
+            Writer::Thread(jobs) => jobs.send(job).is_ok(),
+            Writer::Inline => {
+                writer::run(&self.db, &self.pending, vec![job]);
+                true
+            }
+        }
     }
 
     fn json<T: Serialize>(v: &T) -> Vec<u8> {
@@ -479,13 +509,14 @@ impl Store {
             }
         }
         let (done, result) = tokio::sync::oneshot::channel();
-        self.writer
-            .send(Job::Delete {
-                range,
-                purged,
-                done: Some(done),
-            })
-            .map_err(|_| write(&"the log writer stopped"))?;
+        let job = Job::Delete {
+            range,
+            purged,
+            done: Some(done),
+        };
+        if !self.submit(job) {
+            return Err(write(&"the log writer stopped"));
+        }
         result
             .await
             .map_err(|_| write(&"the log writer stopped"))?

@@ -19,31 +19,36 @@ pub(super) fn write_thread(db: Arc<Database>, pending: Pending, jobs: mpsc::Rece
                 Err(_) => break,
             }
         }
-        // Consecutive appends commit together; a delete ends a group.
-        let mut appends = Vec::new();
-        for job in batch {
-            match job {
-                Job::Append { .. } => appends.push(job),
-                Job::Delete {
-                    range,
-                    purged,
-                    done,
-                } => {
-                    commit_appends(&db, &pending, std::mem::take(&mut appends));
-                    let result = delete(&db, range, purged);
-                    match done {
-                        Some(done) => drop(done.send(result)),
-                        None => {
-                            if let Err(e) = result {
-                                tracing::error!(error = %e, "purging the log failed");
-                            }
+        run(&db, &pending, batch);
+    }
+}
+
+/// Carries out `batch` in order: consecutive appends commit together; a
+/// delete ends a group.
+pub(super) fn run(db: &Database, pending: &Pending, batch: Vec<Job>) {
+    let mut appends = Vec::new();
+    for job in batch {
+        match job {
+            Job::Append { .. } => appends.push(job),
+            Job::Delete {
+                range,
+                purged,
+                done,
+            } => {
+                commit_appends(db, pending, std::mem::take(&mut appends));
+                let result = delete(db, range, purged);
+                match done {
+                    Some(done) => drop(done.send(result)),
+                    None => {
+                        if let Err(e) = result {
+                            tracing::error!(error = %e, "purging the log failed");
                         }
                     }
                 }
             }
         }
-        commit_appends(&db, &pending, appends);
     }
+    commit_appends(db, pending, appends);
 }
 
 fn commit_appends(db: &Database, pending: &Pending, appends: Vec<Job>) {

@@ -1,0 +1,506 @@
+//! What the clients of a simulated run saw, and the checks on it.
+//!
+//! Times are virtual ms since the cluster started; `sent` and `done`
+//! bracket the moment the cluster decided. Every check flags only what is
+//! certainly wrong whatever that moment was.
+
+use std::collections::BTreeMap;
+
+use arbiter::engine::{BeginOutcome, Lease, LimitResult};
+
+use super::cluster::Answer;
+
+#[derive(Clone, Debug)]
+pub struct Event {
+    /// Which client called, through which node (read in the trace).
+    #[allow(dead_code)]
+    pub client: usize,
+    #[allow(dead_code)]
+    pub node: u64,
+    pub sent: u64,
+    pub done: u64,
+    pub what: What,
+}
+
+#[derive(Clone, Debug)]
+pub enum What {
+    /// An Acquire (or a Renew) by `holder`: Ok is the lease it now holds.
+    Grant {
+        name: String,
+        holder: String,
+        ttl: u64,
+        renew: bool,
+        answer: Answer<Lease>,
+    },
+    /// A lease read: the lease, and the leader's time when it was read.
+    Read {
+        name: String,
+        answer: Answer<(Option<Lease>, u64)>,
+    },
+    Begin {
+        key: String,
+        answer: Answer<BeginOutcome>,
+    },
+    Complete {
+        key: String,
+        attempt: u64,
+        answer: Answer<()>,
+    },
+    Check {
+        answer: Answer<LimitResult>,
+    },
+}
+
+/// The response a client stores for `key`'s `attempt`.
+pub fn response(key: &str, attempt: u64) -> Vec<u8> {
+    format!("{key}:{attempt}").into_bytes()
+}
+
+struct Granted<'a> {
+    name: &'a str,
+    lease: &'a Lease,
+    ttl: u64,
+    renew: bool,
+    sent: u64,
+    done: u64,
+}
+
+fn granted(history: &[Event]) -> Vec<Granted<'_>> {
+    history
+        .iter()
+        .filter_map(|e| match &e.what {
+            What::Grant {
+                name,
+                ttl,
+                renew,
+                answer: Answer::Ok(lease),
+                ..
+            } => Some(Granted {
+                name,
+                lease,
+                ttl: *ttl,
+                renew: *renew,
+                sent: e.sent,
+                done: e.done,
+            }),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Never two holders, no early expiry: a holder granted a lease by a call
+/// sent at `s` may rely on it until `s + ttl`, so a later holder's grant
+/// (a higher token) must not have been answered before then. Fencing
+/// tokens: one token, one grant, across every name; acquisitions in real
+/// time order get non-decreasing tokens.
+pub fn check_leases(history: &[Event]) -> Result<(), String> {
+    let grants = granted(history);
+    let mut owner: BTreeMap<u64, (&str, &str)> = BTreeMap::new();
+    for g in &grants {
+        let who = (g.name, g.lease.holder.as_str());
+        if let Some(other) = owner.insert(g.lease.fencing_token, who) {
+            if other != who {
+                return Err(format!(
+                    "token {} granted to {other:?} and to {who:?}",
+                    g.lease.fencing_token
+                ));
+            }
+        }
+    }
+    for a in &grants {
+        for b in grants.iter().filter(|b| b.name == a.name) {
+            if b.lease.holder != a.lease.holder
+                && b.lease.fencing_token > a.lease.fencing_token
+                && b.done < a.sent + a.ttl
+            {
+                return Err(format!(
+                    "lease {}: {} was granted token {} at {} ms, while {} could rely on token {} until {} ms",
+                    a.name,
+                    b.lease.holder,
+                    b.lease.fencing_token,
+                    b.done,
+                    a.lease.holder,
+                    a.lease.fencing_token,
+                    a.sent + a.ttl
+                ));
+            }
+            if !b.renew && a.done < b.sent && b.lease.fencing_token < a.lease.fencing_token {
+                return Err(format!(
+                    "lease {}: token {} granted after token {}",
+                    a.name, b.lease.fencing_token, a.lease.fencing_token
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Reads never see a lease's time run faster than real time, across any
+/// failover: a read that found `r` ms left means the lease holds until at
+/// least `r` ms after the read, so a later read must find at least what is
+/// left of that, and must not find it gone (nobody releases). Only the
+/// holder may change that, by renewing: a renewal sets the lease to its
+/// TTL from then, which can undo the time a failover added, so pairs of
+/// reads around a call of the holder's are not compared.
+pub fn check_reads(history: &[Event]) -> Result<(), String> {
+    // When each holder's calls on each name could have taken effect (an
+    // unanswered call at any time after it was sent).
+    let mut calls: BTreeMap<(&str, &str), Vec<(u64, u64)>> = BTreeMap::new();
+    for e in history {
+        if let What::Grant {
+            name,
+            holder,
+            answer,
+            ..
+        } = &e.what
+        {
+            let until = match answer {
+                Answer::Unknown(_) => u64::MAX,
+                _ => e.done,
+            };
+            calls
+                .entry((name, holder))
+                .or_default()
+                .push((e.sent, until));
+        }
+    }
+    let untouched = |name: &str, holder: &str, from: u64, to: u64| {
+        calls
+            .get(&(name, holder))
+            .is_none_or(|c| c.iter().all(|(sent, until)| *until < from || *sent > to))
+    };
+    let reads: Vec<(&Event, &str, Option<&Lease>, u64)> = history
+        .iter()
+        .filter_map(|e| match &e.what {
+            What::Read {
+                name,
+                answer: Answer::Ok((lease, now)),
+            } => Some((e, name.as_str(), lease.as_ref(), *now)),
+            _ => None,
+        })
+        .collect();
+    for (first, name, lease, now) in &reads {
+        let Some(lease) = lease else { continue };
+        let left = lease.expires_at_ms.saturating_sub(*now);
+        let holds_until = first.sent + left;
+        for (later, _, seen, now2) in reads.iter().filter(|r| {
+            r.1 == *name
+                && r.0.sent >= first.done
+                && r.0.done < holds_until
+                && untouched(name, &lease.holder, first.sent, r.0.done)
+        }) {
+            match seen {
+                Some(l) if l.fencing_token == lease.fencing_token => {
+                    let left2 = l.expires_at_ms.saturating_sub(*now2);
+                    if left2 + (later.done - first.sent) < left {
+                        return Err(format!(
+                            "lease {name} token {}: {left} ms left at {}-{} ms, then {left2} ms at {}-{} ms",
+                            lease.fencing_token, first.sent, first.done, later.sent, later.done
+                        ));
+                    }
+                }
+                Some(l) if l.holder == lease.holder => {}
+                other => {
+                    return Err(format!(
+                        "lease {name} token {} read at {}-{} ms with {left} ms left, but at {}-{} ms: {other:?}",
+                        lease.fencing_token, first.sent, first.done, later.sent, later.done
+                    ))
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One started attempt per key (locks outlast the run), and whatever
+/// anyone sees of the key agrees with it.
+pub fn check_records(history: &[Event]) -> Result<(), String> {
+    let mut started: BTreeMap<&str, u64> = BTreeMap::new();
+    for e in history {
+        if let What::Begin {
+            key,
+            answer: Answer::Ok(BeginOutcome::Started { attempt }),
+        } = &e.what
+        {
+            if let Some(first) = started.insert(key, *attempt) {
+                return Err(format!(
+                    "key {key}: attempts {first} and {attempt} both started"
+                ));
+            }
+        }
+    }
+    for e in history {
+        let What::Begin {
+            key,
+            answer: Answer::Ok(outcome),
+        } = &e.what
+        else {
+            continue;
+        };
+        let seen = match outcome {
+            BeginOutcome::InProgress { attempt, .. } => *attempt,
+            BeginOutcome::Completed {
+                attempt,
+                response: r,
+            } => {
+                if *r != response(key, *attempt) {
+                    return Err(format!("key {key}: attempt {attempt} completed with {r:?}"));
+                }
+                *attempt
+            }
+            _ => continue,
+        };
+        // The attempt seen may have started with an answer that was lost.
+        if let Some(s) = started.get(key.as_str()) {
+            if *s != seen {
+                return Err(format!("key {key}: attempt {s} started, {seen} seen"));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The rate limit (a bucket of `capacity` that does not refill in a run):
+/// never more allowed than `capacity` plus, per change of leader, what was
+/// allowed in the last sync interval and the sync in flight (250 ms);
+/// never a denial before `capacity` could have been consumed.
+pub fn check_rate(history: &[Event], capacity: u64, leader_changes: u64) -> Result<(), String> {
+    let checks: Vec<(&Event, &Answer<LimitResult>)> = history
+        .iter()
+        .filter_map(|e| match &e.what {
+            What::Check { answer } => Some((e, answer)),
+            _ => None,
+        })
+        .collect();
+    let allowed: Vec<u64> = checks
+        .iter()
+        .filter(|(_, a)| matches!(a, Answer::Ok(r) if r.allowed))
+        .map(|(e, _)| e.done)
+        .collect();
+    let burst = allowed
+        .iter()
+        .map(|t| {
+            allowed
+                .iter()
+                .filter(|u| **u >= *t && **u < t + 250)
+                .count() as u64
+        })
+        .max()
+        .unwrap_or(0);
+    let bound = capacity + leader_changes * burst;
+    if allowed.len() as u64 > bound {
+        return Err(format!(
+            "{} allowed: more than {capacity} plus {leader_changes} leader changes of {burst}",
+            allowed.len()
+        ));
+    }
+    let first_denial = checks
+        .iter()
+        .filter(|(_, a)| matches!(a, Answer::Ok(r) if !r.allowed))
+        .map(|(e, _)| e.done)
+        .min();
+    if let Some(denied_at) = first_denial {
+        let could_have_consumed = checks
+            .iter()
+            .filter(|(e, a)| e.sent < denied_at && !matches!(a, Answer::Ok(r) if !r.allowed))
+            .filter(|(_, a)| !matches!(a, Answer::Refused(_)))
+            .count() as u64;
+        if could_have_consumed < capacity {
+            return Err(format!(
+                "denied at {denied_at} ms after at most {could_have_consumed} of {capacity} were consumed"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The checks reject hand-made histories that break each guarantee (and
+/// accept their correct versions), so a run that passes means something.
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lease(name: &str, holder: &str, token: u64, expires: u64) -> Lease {
+        Lease {
+            name: name.into(),
+            holder: holder.into(),
+            fencing_token: token,
+            ttl_ms: 1_000,
+            expires_at_ms: expires,
+            principal: String::new(),
+        }
+    }
+
+    fn event(sent: u64, done: u64, what: What) -> Event {
+        Event {
+            client: 0,
+            node: 1,
+            sent,
+            done,
+            what,
+        }
+    }
+
+    fn grant(sent: u64, done: u64, holder: &str, token: u64, renew: bool) -> Event {
+        event(
+            sent,
+            done,
+            What::Grant {
+                name: "a".into(),
+                holder: holder.into(),
+                ttl: 1_000,
+                renew,
+                answer: Answer::Ok(lease("a", holder, token, 0)),
+            },
+        )
+    }
+
+    fn read(sent: u64, done: u64, found: Option<(&str, u64, u64)>, now: u64) -> Event {
+        event(
+            sent,
+            done,
+            What::Read {
+                name: "a".into(),
+                answer: Answer::Ok((found.map(|(h, t, e)| lease("a", h, t, e)), now)),
+            },
+        )
+    }
+
+    #[test]
+    fn a_second_holder_before_the_first_could_stop_relying_is_caught() {
+        let ok = [
+            grant(0, 5, "x", 1, false),
+            grant(1_000, 1_005, "y", 2, false),
+        ];
+        assert_eq!(check_leases(&ok), Ok(()));
+        // Granted to y at 900 ms, while x may rely on its lease until 1000.
+        let bad = [grant(0, 5, "x", 1, false), grant(890, 900, "y", 2, false)];
+        assert!(check_leases(&bad).is_err());
+        // The same through x's renewal at 500 (x may rely until 1500).
+        let bad = [
+            grant(0, 5, "x", 1, false),
+            grant(500, 505, "x", 1, true),
+            grant(1_200, 1_205, "y", 2, false),
+        ];
+        assert!(check_leases(&bad).is_err());
+    }
+
+    #[test]
+    fn a_token_granted_twice_or_going_back_is_caught() {
+        let mut other_name = grant(2_000, 2_005, "y", 1, false);
+        if let What::Grant { name, answer, .. } = &mut other_name.what {
+            *name = "b".into();
+            *answer = Answer::Ok(lease("b", "y", 1, 0));
+        }
+        assert!(check_leases(&[grant(0, 5, "x", 1, false), other_name]).is_err());
+        let back = [
+            grant(0, 5, "x", 5, false),
+            grant(3_000, 3_005, "x", 4, false),
+        ];
+        assert!(check_leases(&back).is_err());
+    }
+
+    #[test]
+    fn lease_time_running_faster_than_real_time_is_caught() {
+        // 800 ms left at 0-10; 500 ms later at most 500 ms have passed.
+        let ok = [
+            read(0, 10, Some(("x", 1, 1_800)), 1_000),
+            read(500, 510, Some(("x", 1, 1_800)), 1_500),
+        ];
+        assert_eq!(check_reads(&ok), Ok(()));
+        let early = [
+            read(0, 10, Some(("x", 1, 1_800)), 1_000),
+            read(500, 510, Some(("x", 1, 1_800)), 1_700),
+        ];
+        assert!(check_reads(&early).is_err());
+        let gone = [
+            read(0, 10, Some(("x", 1, 1_800)), 1_000),
+            read(500, 510, None, 1_500),
+        ];
+        assert!(check_reads(&gone).is_err());
+        // A renewal by the holder between the reads may shorten it.
+        let renewed = [
+            read(0, 10, Some(("x", 1, 1_800)), 1_000),
+            grant(100, 110, "x", 1, true),
+            read(500, 510, Some(("x", 1, 1_800)), 1_700),
+        ];
+        assert_eq!(check_reads(&renewed), Ok(()));
+    }
+
+    fn begin(key: &str, outcome: BeginOutcome) -> Event {
+        event(
+            0,
+            1,
+            What::Begin {
+                key: key.into(),
+                answer: Answer::Ok(outcome),
+            },
+        )
+    }
+
+    #[test]
+    fn two_started_attempts_or_a_foreign_response_are_caught() {
+        let ok = [
+            begin("k", BeginOutcome::Started { attempt: 1 }),
+            begin(
+                "k",
+                BeginOutcome::Completed {
+                    attempt: 1,
+                    response: response("k", 1),
+                },
+            ),
+        ];
+        assert_eq!(check_records(&ok), Ok(()));
+        let twice = [
+            begin("k", BeginOutcome::Started { attempt: 1 }),
+            begin("k", BeginOutcome::Started { attempt: 2 }),
+        ];
+        assert!(check_records(&twice).is_err());
+        let foreign = [begin(
+            "k",
+            BeginOutcome::Completed {
+                attempt: 1,
+                response: response("j", 1),
+            },
+        )];
+        assert!(check_records(&foreign).is_err());
+        let other = [
+            begin("k", BeginOutcome::Started { attempt: 1 }),
+            begin(
+                "k",
+                BeginOutcome::InProgress {
+                    attempt: 2,
+                    retry_after_ms: 5,
+                },
+            ),
+        ];
+        assert!(check_records(&other).is_err());
+    }
+
+    fn limit(at: u64, allowed: bool) -> Event {
+        event(
+            at,
+            at + 1,
+            What::Check {
+                answer: Answer::Ok(LimitResult {
+                    allowed,
+                    ..LimitResult::default()
+                }),
+            },
+        )
+    }
+
+    #[test]
+    fn over_allowance_beyond_the_bound_and_early_denial_are_caught() {
+        let exact: Vec<Event> = (0..10).map(|i| limit(i * 100, i < 5)).collect();
+        assert_eq!(check_rate(&exact, 5, 0), Ok(()));
+        // Six allowed of five with no leader change.
+        let over: Vec<Event> = (0..10).map(|i| limit(i * 100, i < 6)).collect();
+        assert!(check_rate(&over, 5, 0).is_err());
+        // One leader change allows what was allowed in 250 ms once more.
+        assert_eq!(check_rate(&over, 5, 1), Ok(()));
+        // Denied after four of five.
+        let early: Vec<Event> = (0..10).map(|i| limit(i * 100, i < 4)).collect();
+        assert!(check_rate(&early, 5, 0).is_err());
+    }
+}
