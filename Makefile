@@ -20,7 +20,7 @@ test-rust:
 # RUSTFLAGS="--cfg tokio_unstable" SIM_SEED=S cargo test --test sim --target-dir target/replay
 SIM_TARGET ?= $(if $(CARGO_TARGET_DIR),$(CARGO_TARGET_DIR),target)/replay
 test-sim-replay:
-	SIM_FIRST_SEED=1001 RUSTFLAGS="--cfg tokio_unstable" $(CARGO) test -j$(JOBS) --test sim --target-dir $(SIM_TARGET)
+	SIM_FIRST_SEED=1001 SIM_SEEDS=200 RUSTFLAGS="--cfg tokio_unstable" $(CARGO) test -j$(JOBS) --test sim --target-dir $(SIM_TARGET)
 
 test-python:
 	$(CARGO) build -j$(JOBS)

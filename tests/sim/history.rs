@@ -47,8 +47,68 @@ pub enum What {
         answer: Answer<()>,
     },
     Check {
+        key: String,
         answer: Answer<LimitResult>,
     },
+}
+
+/// A node's term and role from the moment `at` (virtual ms), as its
+/// server metrics reported them.
+#[derive(Clone, Debug)]
+pub struct Role {
+    pub at: u64,
+    pub node: u64,
+    pub term: u64,
+    pub leading: bool,
+}
+
+/// One rate-limit decider at a time: once a leader of a later term is
+/// elected, a deposed leader allows nothing more from its own memory. A
+/// check sent to it after that election, and answered allowed before it
+/// even learned of the later term, can only have been its own decision
+/// (knowing no other leader, it cannot have forwarded the call).
+pub fn check_one_decider(history: &[Event], roles: &[Role]) -> Result<(), String> {
+    for e in history {
+        let What::Check {
+            key,
+            answer: Answer::Ok(r),
+        } = &e.what
+        else {
+            continue;
+        };
+        if !r.allowed {
+            continue;
+        }
+        let Some(mine) = roles
+            .iter()
+            .rev()
+            .find(|r| r.node == e.node && r.at <= e.sent)
+        else {
+            continue;
+        };
+        if !mine.leading {
+            continue;
+        }
+        let elected = roles
+            .iter()
+            .filter(|r| r.leading && r.term > mine.term && r.at < e.sent)
+            .map(|r| r.at)
+            .min();
+        let Some(elected) = elected else { continue };
+        let learned = roles
+            .iter()
+            .filter(|r| r.node == e.node && r.term > mine.term)
+            .map(|r| r.at)
+            .min()
+            .unwrap_or(u64::MAX);
+        if e.done < learned {
+            return Err(format!(
+                "{key}: node {} allowed a check at {}-{} ms as the leader of term {}, though a leader of a later term was elected at {elected} ms",
+                e.node, e.sent, e.done, mine.term
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The response a client stores for `key`'s `attempt`.
@@ -260,18 +320,36 @@ pub fn check_records(history: &[Event]) -> Result<(), String> {
     Ok(())
 }
 
-/// The rate limit (a bucket of `capacity` that does not refill in a run):
-/// never more allowed than `capacity` plus, per change of leader, what was
-/// allowed in the last sync interval and the sync in flight (250 ms);
-/// never a denial before `capacity` could have been consumed.
+/// The rate limits (buckets of `capacity` that do not refill in a run):
+/// per key, never more allowed than `capacity` plus, per change of leader,
+/// what was allowed in [`FORGOTTEN_MS`]; never a denial before `capacity`
+/// could have been consumed.
+/// The most a failover forgets: a leader cut off from the others goes on
+/// deciding until its leader lease lapses (300 ms after the newest request
+/// a majority acknowledged), and what it allowed since its last sync that
+/// reached them (syncs go every 100 ms) is lost, plus a sync's time in
+/// flight.
+pub const FORGOTTEN_MS: u64 = 500;
+
 pub fn check_rate(history: &[Event], capacity: u64, leader_changes: u64) -> Result<(), String> {
-    let checks: Vec<(&Event, &Answer<LimitResult>)> = history
-        .iter()
-        .filter_map(|e| match &e.what {
-            What::Check { answer } => Some((e, answer)),
-            _ => None,
-        })
-        .collect();
+    let mut keys: BTreeMap<&str, Vec<(&Event, &Answer<LimitResult>)>> = BTreeMap::new();
+    for e in history {
+        if let What::Check { key, answer } = &e.what {
+            keys.entry(key).or_default().push((e, answer));
+        }
+    }
+    for (key, checks) in keys {
+        check_bucket(key, &checks, capacity, leader_changes)?;
+    }
+    Ok(())
+}
+
+fn check_bucket(
+    key: &str,
+    checks: &[(&Event, &Answer<LimitResult>)],
+    capacity: u64,
+    leader_changes: u64,
+) -> Result<(), String> {
     let allowed: Vec<u64> = checks
         .iter()
         .filter(|(_, a)| matches!(a, Answer::Ok(r) if r.allowed))
@@ -282,7 +360,7 @@ pub fn check_rate(history: &[Event], capacity: u64, leader_changes: u64) -> Resu
         .map(|t| {
             allowed
                 .iter()
-                .filter(|u| **u >= *t && **u < t + 250)
+                .filter(|u| **u >= *t && **u < t + FORGOTTEN_MS)
                 .count() as u64
         })
         .max()
@@ -290,7 +368,7 @@ pub fn check_rate(history: &[Event], capacity: u64, leader_changes: u64) -> Resu
     let bound = capacity + leader_changes * burst;
     if allowed.len() as u64 > bound {
         return Err(format!(
-            "{} allowed: more than {capacity} plus {leader_changes} leader changes of {burst}",
+            "{key}: {} allowed, more than {capacity} plus {leader_changes} leader changes of {burst}",
             allowed.len()
         ));
     }
@@ -302,12 +380,14 @@ pub fn check_rate(history: &[Event], capacity: u64, leader_changes: u64) -> Resu
     if let Some(denied_at) = first_denial {
         let could_have_consumed = checks
             .iter()
-            .filter(|(e, a)| e.sent < denied_at && !matches!(a, Answer::Ok(r) if !r.allowed))
+            // Sent by the denial's answer (to the ms): it may have been
+            // decided before the denial.
+            .filter(|(e, a)| e.sent <= denied_at && !matches!(a, Answer::Ok(r) if !r.allowed))
             .filter(|(_, a)| !matches!(a, Answer::Refused(_)))
             .count() as u64;
         if could_have_consumed < capacity {
             return Err(format!(
-                "denied at {denied_at} ms after at most {could_have_consumed} of {capacity} were consumed"
+                "{key}: denied at {denied_at} ms after at most {could_have_consumed} of {capacity} were consumed"
             ));
         }
     }
@@ -482,6 +562,7 @@ mod tests {
             at,
             at + 1,
             What::Check {
+                key: "k".into(),
                 answer: Answer::Ok(LimitResult {
                     allowed,
                     ..LimitResult::default()
@@ -491,13 +572,50 @@ mod tests {
     }
 
     #[test]
+    fn a_deposed_leader_allowing_a_check_is_caught() {
+        let role = |at, node, term, leading| Role {
+            at,
+            node,
+            term,
+            leading,
+        };
+        // Node 1 leads term 1; node 2 is elected for term 2 at 500 ms; node
+        // 1 learns of it at 900 ms.
+        let roles = [
+            role(0, 1, 1, true),
+            role(0, 2, 1, false),
+            role(500, 2, 2, true),
+            role(900, 1, 2, false),
+        ];
+        let via_1 = |sent, done, allowed| {
+            Event {
+                node: 1,
+                ..limit(sent, allowed)
+            }
+            .with_done(done)
+        };
+        assert_eq!(check_one_decider(&[via_1(400, 401, true)], &roles), Ok(()));
+        assert_eq!(check_one_decider(&[via_1(600, 601, false)], &roles), Ok(()));
+        // Answered once node 1 knew of term 2 (forwarded to node 2).
+        assert_eq!(check_one_decider(&[via_1(600, 950, true)], &roles), Ok(()));
+        assert!(check_one_decider(&[via_1(600, 601, true)], &roles).is_err());
+    }
+
+    impl Event {
+        fn with_done(mut self, done: u64) -> Self {
+            self.done = done;
+            self
+        }
+    }
+
+    #[test]
     fn over_allowance_beyond_the_bound_and_early_denial_are_caught() {
         let exact: Vec<Event> = (0..10).map(|i| limit(i * 100, i < 5)).collect();
         assert_eq!(check_rate(&exact, 5, 0), Ok(()));
         // Six allowed of five with no leader change.
         let over: Vec<Event> = (0..10).map(|i| limit(i * 100, i < 6)).collect();
         assert!(check_rate(&over, 5, 0).is_err());
-        // One leader change allows what was allowed in 250 ms once more.
+        // One leader change allows what was allowed in 500 ms once more.
         assert_eq!(check_rate(&over, 5, 1), Ok(()));
         // Denied after four of five.
         let early: Vec<Event> = (0..10).map(|i| limit(i * 100, i < 4)).collect();

@@ -13,9 +13,10 @@
 //! and checks the time-dependent guarantees on what the clients saw
 //! (`history`): no lease granted to a second holder before the first could
 //! stop relying on it, across failovers and skewed clocks; no lease time
-//! lost on a failover; one started attempt per key; the rate limit's
-//! failover bound and no early denial. `SIM_SEEDS` sets how many seeds run
-//! (default 200); `SIM_FIRST_SEED` where they start.
+//! lost on a failover; one started attempt per key; one rate-limit decider
+//! at a time, the rate limit's failover bound and no early denial. `SIM_SEEDS` sets how many seeds run
+//! (default 100; `make test-sim-replay` runs 200 more); `SIM_FIRST_SEED` where
+//! they start.
 
 mod cluster;
 mod history;
@@ -40,9 +41,15 @@ use rng::Rng;
 /// Cluster time each seed runs its workload for, before the final heal.
 const RUN_MS: u64 = 12_000;
 /// The rate limit's capacity (it does not refill within a run).
-const CAPACITY: u64 = 150;
+const CAPACITY: u64 = 100;
+/// Clients move to a fresh rate-limit key this often (by the time a call
+/// is sent), so every part of a run has a bucket to spend: the clients
+/// offer about 66 checks a second.
+const KEY_EVERY_MS: u64 = 2_000;
 const LEASE_NAMES: [&str; 2] = ["orders", "billing"];
 const KEYS: u64 = 6;
+/// Most rate-limit checks one client has unanswered at once.
+const IN_FLIGHT: usize = 32;
 
 type History = Arc<Mutex<Vec<Event>>>;
 
@@ -55,6 +62,8 @@ struct Run {
     history: Vec<Event>,
     faults: Vec<String>,
     leader_changes: u64,
+    /// Every node's term and role over the run.
+    roles: Vec<history::Role>,
     final_token: Option<u64>,
     /// Each key's record as read after the run.
     final_records: Vec<(String, Answer<Option<arbiter::engine::Record>>)>,
@@ -74,6 +83,7 @@ impl Run {
         history::check_reads(&self.history)?;
         history::check_records(&self.history)?;
         history::check_rate(&self.history, CAPACITY, self.leader_changes)?;
+        history::check_one_decider(&self.history, &self.roles)?;
         // Every acknowledged grant is still counted: a fresh lease after
         // the run gets a higher token than any acknowledged one.
         let acknowledged = self
@@ -291,44 +301,58 @@ async fn payer(c: Arc<Cluster>, me: usize, mut rng: Rng, h: History, until: u64)
     }
 }
 
+/// Open loop: a check every 10-80 ms whether or not earlier ones were
+/// answered (at most [`IN_FLIGHT`] at once), so a fault that stalls some
+/// calls does not stop the traffic a second decider would have to answer.
 async fn limited(c: Arc<Cluster>, me: usize, mut rng: Rng, h: History, until: u64) {
-    let check = LimitCheck {
-        key: "api".into(),
-        limit: LimitDef::TokenBucket {
-            capacity: CAPACITY,
-            refill_tokens: 1,
-            refill_interval_ms: 3_600_000,
-        },
-        cost: 1,
-        dry_run: false,
-    };
+    let mut calls = tokio::task::JoinSet::new();
     while c.now() < until {
         tokio::time::sleep(Duration::from_millis(rng.range(10, 80))).await;
+        while calls.try_join_next().is_some() {}
+        if calls.len() >= IN_FLIGHT {
+            continue;
+        }
         let node = pick(&mut rng, &c.ids());
-        let sent = c.now();
-        let result = tokio::time::timeout(
-            cluster::CALL_DEADLINE,
-            c.node(node).check(vec![check.clone()], false),
-        )
-        .await;
-        let answer = match result {
-            Ok(Ok(mut r)) if r.len() == 1 => Answer::Ok(r.remove(0)),
-            Ok(Ok(r)) => Answer::Refused(format!("{} results for one check", r.len())),
-            Ok(Err(arbiter::node::NodeError::Engine(e))) => Answer::Refused(e.to_string()),
-            Ok(Err(e)) => Answer::Unknown(e.to_string()),
-            Err(_) => Answer::Unknown("deadline".into()),
-        };
-        record(
-            &h,
-            Event {
-                client: me,
-                node,
-                sent,
-                done: c.now(),
-                what: What::Check { answer },
-            },
-        );
+        let (c, h) = (c.clone(), h.clone());
+        calls.spawn(async move {
+            let sent = c.now();
+            let check = LimitCheck {
+                key: format!("api-{}", sent / KEY_EVERY_MS),
+                limit: LimitDef::TokenBucket {
+                    capacity: CAPACITY,
+                    refill_tokens: 1,
+                    refill_interval_ms: 3_600_000,
+                },
+                cost: 1,
+                dry_run: false,
+            };
+            let key = check.key.clone();
+            let result = tokio::time::timeout(
+                cluster::CALL_DEADLINE,
+                c.node(node).check(vec![check], false),
+            )
+            .await;
+            let answer = match result {
+                Ok(Ok(mut r)) if r.len() == 1 => Answer::Ok(r.remove(0)),
+                Ok(Ok(r)) => Answer::Refused(format!("{} results for one check", r.len())),
+                Ok(Err(arbiter::node::NodeError::Engine(e))) => Answer::Refused(e.to_string()),
+                Ok(Err(e)) => Answer::Unknown(e.to_string()),
+                Err(_) => Answer::Unknown("deadline".into()),
+            };
+            let done = c.now();
+            record(
+                &h,
+                Event {
+                    client: me,
+                    node,
+                    sent,
+                    done,
+                    what: What::Check { key, answer },
+                },
+            );
+        });
     }
+    while calls.join_next().await.is_some() {}
 }
 
 /// Faults one at a time, each healed before the next.
@@ -392,6 +416,23 @@ async fn nemesis(c: Arc<Cluster>, mut rng: Rng, until: u64) -> Vec<String> {
     log
 }
 
+/// `op` through random nodes, again while its outcome is unknown (as a
+/// client retries `UNAVAILABLE`), at most five times.
+async fn settled<O: arbiter::node::Operation>(
+    c: &Cluster,
+    rng: &mut Rng,
+    op: O,
+) -> Answer<O::Output> {
+    let mut answer = Answer::Unknown("not tried".into());
+    for _ in 0..5 {
+        answer = call(c.node(pick(rng, &c.ids())), op.clone()).await;
+        if !matches!(answer, Answer::Unknown(_)) {
+            break;
+        }
+    }
+    answer
+}
+
 async fn run(seed: u64) -> Result<Run, String> {
     let mut rng = Rng::new(seed);
     let n = if seed % 4 == 3 { 5 } else { 3 };
@@ -402,6 +443,29 @@ async fn run(seed: u64) -> Result<Run, String> {
     let first_term = c.term();
     let until = c.now() + RUN_MS;
     let h: History = Arc::default();
+    let roles: Arc<Mutex<Vec<history::Role>>> = Arc::default();
+    let mut watchers = Vec::new();
+    for id in c.ids() {
+        let mut metrics = c.node(id).raft().server_metrics();
+        let (c, roles) = (c.clone(), roles.clone());
+        watchers.push(tokio::spawn(async move {
+            loop {
+                let role = {
+                    let m = metrics.borrow_and_update();
+                    history::Role {
+                        at: c.now(),
+                        node: id,
+                        term: m.vote.leader_id().get_term(),
+                        leading: m.state == openraft::ServerState::Leader,
+                    }
+                };
+                roles.lock().unwrap_or_else(|e| e.into_inner()).push(role);
+                if metrics.changed().await.is_err() {
+                    return;
+                }
+            }
+        }));
+    }
     let mut clients = Vec::new();
     for me in 0..3 {
         clients.push(tokio::spawn(lease_client(
@@ -448,25 +512,25 @@ async fn run(seed: u64) -> Result<Run, String> {
         return Err("no leader within 10 s of healing".into());
     }
     let leader_changes = c.term() - first_term;
-    let final_token = match call(
-        c.node(pick(&mut rng, &c.ids())),
-        Acquire {
-            name: "after-the-run".into(),
-            holder: "checker".into(),
-            ttl_ms: 1_000,
-            principal: String::new(),
-        },
-    )
-    .await
-    {
+    for w in watchers {
+        w.abort();
+        let _ = w.await;
+    }
+    let roles = std::mem::take(&mut *roles.lock().unwrap_or_else(|e| e.into_inner()));
+    let acquire = Acquire {
+        name: "after-the-run".into(),
+        holder: "checker".into(),
+        ttl_ms: 1_000,
+        principal: String::new(),
+    };
+    let final_token = match settled(&c, &mut rng, acquire).await {
         Answer::Ok(s) => Some(s.value.lease.fencing_token),
         _ => None,
     };
     let mut final_records = Vec::new();
     for k in 0..KEYS {
         let key = format!("payment-{k}");
-        let node = pick(&mut rng, &c.ids());
-        let answer = match call(c.node(node), GetRecord { key: key.clone() }).await {
+        let answer = match settled(&c, &mut rng, GetRecord { key: key.clone() }).await {
             Answer::Ok(s) => Answer::Ok(s.value),
             Answer::Refused(e) => Answer::Refused(e),
             Answer::Unknown(e) => Answer::Unknown(e),
@@ -480,6 +544,7 @@ async fn run(seed: u64) -> Result<Run, String> {
         history,
         faults,
         leader_changes,
+        roles,
         final_token,
         final_records,
     })
@@ -587,7 +652,7 @@ fn time_dependent_guarantees_hold_on_every_seed() {
         Some(seed) => (seed, 1),
         None => (
             env_u64("SIM_FIRST_SEED").unwrap_or(1),
-            env_u64("SIM_SEEDS").unwrap_or(200),
+            env_u64("SIM_SEEDS").unwrap_or(100),
         ),
     };
     let mut failed = Vec::new();
