@@ -421,7 +421,8 @@ def check_rate_limits(history, faults, capacity, per_s, window_s=10.0, margin_s=
     capacity + per_s * (b - a), plus, for every fault event (injection or
     heal) within [a - margin, b + margin], the checks admitted within
     margin_s of it: the documented bound is that a failover forgets at most
-    one sync interval (100 ms) of consumption, and a fault may cause one.
+    one sync interval plus the leader lease (about 400 ms) of consumption,
+    and a fault may cause one.
     Intervals up to window_s long are examined."""
     violations = []
     events = sorted(t for f in faults for t in (f["t_inject"], f.get("t_heal")) if t is not None)

@@ -50,9 +50,10 @@ impl Node {
             // learns of it from the log, so it wakes for none of their
             // deadlines (which, cut off from its leader, it would find
             // passed and unswept at every turn).
-            let expiry = match leading {
-                true => self.engine.next_expiry().unwrap_or(u64::MAX),
-                false => u64::MAX,
+            let expiry = if leading {
+                self.engine.next_expiry().unwrap_or(u64::MAX)
+            } else {
+                u64::MAX
             };
             let wake_at = expiry.min(next_limit_sweep);
             self.sweep_at.store(wake_at, Ordering::Release);

@@ -225,6 +225,16 @@ pub enum Answer<T> {
     Unknown(String),
 }
 
+impl<T> Answer<T> {
+    pub fn map<U>(self, f: impl FnOnce(T) -> U) -> Answer<U> {
+        match self {
+            Answer::Ok(v) => Answer::Ok(f(v)),
+            Answer::Refused(e) => Answer::Refused(e),
+            Answer::Unknown(e) => Answer::Unknown(e),
+        }
+    }
+}
+
 /// Runs `op` on `node`, with the client's deadline.
 pub async fn call<O: Operation>(node: &Node, op: O) -> Answer<O::Output> {
     match tokio::time::timeout(CALL_DEADLINE, node.execute(op)).await {

@@ -166,11 +166,7 @@ async fn lease_client(c: Arc<Cluster>, me: usize, mut rng: Rng, h: History, unti
                     ttl_ms: ttl,
                     principal: String::new(),
                 };
-                let answer = match call(c.node(node), op).await {
-                    Answer::Ok(s) => Answer::Ok(s.value),
-                    Answer::Refused(e) => Answer::Refused(e),
-                    Answer::Unknown(e) => Answer::Unknown(e),
-                };
+                let answer = call(c.node(node), op).await.map(|s| s.value);
                 (true, answer)
             }
             None => {
@@ -218,11 +214,9 @@ async fn reader(c: Arc<Cluster>, me: usize, mut rng: Rng, h: History, until: u64
         let node = pick(&mut rng, &c.ids());
         let name = LEASE_NAMES[rng.below(LEASE_NAMES.len() as u64) as usize].to_string();
         let sent = c.now();
-        let answer = match call(c.node(node), GetLease { name: name.clone() }).await {
-            Answer::Ok(s) => Answer::Ok((s.value, s.now_ms)),
-            Answer::Refused(e) => Answer::Refused(e),
-            Answer::Unknown(e) => Answer::Unknown(e),
-        };
+        let answer = call(c.node(node), GetLease { name: name.clone() })
+            .await
+            .map(|s| (s.value, s.now_ms));
         record(
             &h,
             Event {
@@ -248,11 +242,7 @@ async fn payer(c: Arc<Cluster>, me: usize, mut rng: Rng, h: History, until: u64)
             lock_ttl_ms: 60_000,
             retention_ms: 600_000,
         };
-        let answer = match call(c.node(node), op).await {
-            Answer::Ok(s) => Answer::Ok(s.value),
-            Answer::Refused(e) => Answer::Refused(e),
-            Answer::Unknown(e) => Answer::Unknown(e),
-        };
+        let answer = call(c.node(node), op).await.map(|s| s.value);
         let started = match &answer {
             Answer::Ok(BeginOutcome::Started { attempt }) => Some(*attempt),
             _ => None,
@@ -279,11 +269,7 @@ async fn payer(c: Arc<Cluster>, me: usize, mut rng: Rng, h: History, until: u64)
             attempt,
             response: history::response(&key, attempt),
         };
-        let answer = match call(c.node(node), op).await {
-            Answer::Ok(_) => Answer::Ok(()),
-            Answer::Refused(e) => Answer::Refused(e),
-            Answer::Unknown(e) => Answer::Unknown(e),
-        };
+        let answer = call(c.node(node), op).await.map(|_| ());
         record(
             &h,
             Event {
@@ -530,11 +516,9 @@ async fn run(seed: u64) -> Result<Run, String> {
     let mut final_records = Vec::new();
     for k in 0..KEYS {
         let key = format!("payment-{k}");
-        let answer = match settled(&c, &mut rng, GetRecord { key: key.clone() }).await {
-            Answer::Ok(s) => Answer::Ok(s.value),
-            Answer::Refused(e) => Answer::Refused(e),
-            Answer::Unknown(e) => Answer::Unknown(e),
-        };
+        let answer = settled(&c, &mut rng, GetRecord { key: key.clone() })
+            .await
+            .map(|s| s.value);
         final_records.push((key, answer));
     }
     let history = std::mem::take(&mut *h.lock().unwrap_or_else(|e| e.into_inner()));
