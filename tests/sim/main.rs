@@ -53,8 +53,17 @@ const IN_FLIGHT: usize = 32;
 
 type History = Arc<Mutex<Vec<Event>>>;
 
-fn record(history: &History, e: Event) {
-    history.lock().unwrap_or_else(|e| e.into_inner()).push(e);
+/// Records a call by `client` through `node`, sent at `sent` and answered
+/// now.
+fn note(h: &History, c: &Cluster, client: usize, node: u64, sent: u64, what: What) {
+    let e = Event {
+        client,
+        node,
+        sent,
+        done: c.now(),
+        what,
+    };
+    h.lock().unwrap_or_else(|e| e.into_inner()).push(e);
 }
 
 /// Everything one seed did and saw.
@@ -189,20 +198,18 @@ async fn lease_client(c: Arc<Cluster>, me: usize, mut rng: Rng, h: History, unti
         if let Answer::Ok(lease) = &answer {
             held.push((which, lease.fencing_token));
         }
-        record(
+        note(
             &h,
-            Event {
-                client: me,
-                node,
-                sent,
-                done: c.now(),
-                what: What::Grant {
-                    name,
-                    holder: holder.clone(),
-                    ttl,
-                    renew,
-                    answer,
-                },
+            &c,
+            me,
+            node,
+            sent,
+            What::Grant {
+                name,
+                holder: holder.clone(),
+                ttl,
+                renew,
+                answer,
             },
         );
     }
@@ -217,16 +224,7 @@ async fn reader(c: Arc<Cluster>, me: usize, mut rng: Rng, h: History, until: u64
         let answer = call(c.node(node), GetLease { name: name.clone() })
             .await
             .map(|s| (s.value, s.now_ms));
-        record(
-            &h,
-            Event {
-                client: me,
-                node,
-                sent,
-                done: c.now(),
-                what: What::Read { name, answer },
-            },
-        );
+        note(&h, &c, me, node, sent, What::Read { name, answer });
     }
 }
 
@@ -247,17 +245,15 @@ async fn payer(c: Arc<Cluster>, me: usize, mut rng: Rng, h: History, until: u64)
             Answer::Ok(BeginOutcome::Started { attempt }) => Some(*attempt),
             _ => None,
         };
-        record(
+        note(
             &h,
-            Event {
-                client: me,
-                node,
-                sent,
-                done: c.now(),
-                what: What::Begin {
-                    key: key.clone(),
-                    answer,
-                },
+            &c,
+            me,
+            node,
+            sent,
+            What::Begin {
+                key: key.clone(),
+                answer,
             },
         );
         let Some(attempt) = started else { continue };
@@ -270,18 +266,16 @@ async fn payer(c: Arc<Cluster>, me: usize, mut rng: Rng, h: History, until: u64)
             response: history::response(&key, attempt),
         };
         let answer = call(c.node(node), op).await.map(|_| ());
-        record(
+        note(
             &h,
-            Event {
-                client: me,
-                node,
-                sent,
-                done: c.now(),
-                what: What::Complete {
-                    key,
-                    attempt,
-                    answer,
-                },
+            &c,
+            me,
+            node,
+            sent,
+            What::Complete {
+                key,
+                attempt,
+                answer,
             },
         );
     }
@@ -325,17 +319,7 @@ async fn limited(c: Arc<Cluster>, me: usize, mut rng: Rng, h: History, until: u6
                 Ok(Err(e)) => Answer::Unknown(e.to_string()),
                 Err(_) => Answer::Unknown("deadline".into()),
             };
-            let done = c.now();
-            record(
-                &h,
-                Event {
-                    client: me,
-                    node,
-                    sent,
-                    done,
-                    what: What::Check { key, answer },
-                },
-            );
+            note(&h, &c, me, node, sent, What::Check { key, answer });
         });
     }
     while calls.join_next().await.is_some() {}
@@ -452,40 +436,16 @@ async fn run(seed: u64) -> Result<Run, String> {
             }
         }));
     }
+    // Three lease holders, a reader, two payers, three rate-limit clients.
     let mut clients = Vec::new();
-    for me in 0..3 {
-        clients.push(tokio::spawn(lease_client(
-            c.clone(),
-            me,
-            rng.fork(),
-            h.clone(),
-            until,
-        )));
-    }
-    clients.push(tokio::spawn(reader(
-        c.clone(),
-        3,
-        rng.fork(),
-        h.clone(),
-        until,
-    )));
-    for me in 4..6 {
-        clients.push(tokio::spawn(payer(
-            c.clone(),
-            me,
-            rng.fork(),
-            h.clone(),
-            until,
-        )));
-    }
-    for me in 6..9 {
-        clients.push(tokio::spawn(limited(
-            c.clone(),
-            me,
-            rng.fork(),
-            h.clone(),
-            until,
-        )));
+    for me in 0..9 {
+        let (c, rng, h) = (c.clone(), rng.fork(), h.clone());
+        clients.push(match me {
+            0..=2 => tokio::spawn(lease_client(c, me, rng, h, until)),
+            3 => tokio::spawn(reader(c, me, rng, h, until)),
+            4 | 5 => tokio::spawn(payer(c, me, rng, h, until)),
+            _ => tokio::spawn(limited(c, me, rng, h, until)),
+        });
     }
     let faults = nemesis(c.clone(), rng.fork(), until).await;
     for client in clients {
