@@ -2,12 +2,17 @@
 CARGO ?= cargo
 JOBS ?= 2
 
-.PHONY: run test test-rust test-sim-replay test-python test-python-client test-helm e2e nemesis image bench lint fmt
+.PHONY: run test server-bin test-rust test-sim-replay test-python test-python-client test-helm e2e nemesis image bench lint fmt
 
 run:
 	$(CARGO) run -j$(JOBS) --release -- serve
 
-test: test-rust test-sim-replay test-python test-python-client test-helm
+# One compile: the Python suites run the server binary that `cargo test`
+# built (`cargo build` would compile tokio and everything above it again,
+# without the dev-dependency feature `test-util`). The replay build of the
+# simulated cluster is a compile of its own and runs by hand
+# (`make test-sim-replay`, recorded in docs/RELIABILITY.md).
+test: test-rust test-python test-python-client test-helm
 
 test-rust:
 	$(CARGO) test -j$(JOBS) --workspace
@@ -22,15 +27,17 @@ SIM_TARGET ?= $(if $(CARGO_TARGET_DIR),$(CARGO_TARGET_DIR),target)/replay
 test-sim-replay:
 	SIM_FIRST_SEED=1001 SIM_SEEDS=200 RUSTFLAGS="--cfg tokio_unstable" $(CARGO) test -j$(JOBS) --test sim --target-dir $(SIM_TARGET)
 
-test-python:
-	$(CARGO) build -j$(JOBS)
+# The server binary as `cargo test` builds it (a no-op after test-rust).
+server-bin:
+	$(CARGO) test -j$(JOBS) --no-run --test integration
+
+test-python: server-bin
 	python3 -m pip install --quiet --disable-pip-version-check -r tests/python/requirements.txt
 	python3 -m pytest -q tests/python
 
 # The Python client package (clients/python): installed with pip, then tested
 # against real servers (single node, TLS + auth, a 3-node cluster).
-test-python-client:
-	$(CARGO) build -j$(JOBS)
+test-python-client: server-bin
 	python3 -m pip install --quiet --disable-pip-version-check -r clients/python/tests/requirements.txt ./clients/python
 	python3 -m pytest -q clients/python/tests
 

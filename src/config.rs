@@ -232,6 +232,25 @@ pub struct Config {
     #[arg(long, env = "ARBITER_PEER_TLS_CA", requires = "peer_tls_cert")]
     pub peer_tls_ca: Option<PathBuf>,
 
+    /// Run a cluster with --auth-file but without peer TLS: anyone who
+    /// reaches the peer port can then speak for any member and forward
+    /// calls as any principal. Refused without this flag; with it, a
+    /// warning every minute and `arbiter_insecure_peer_port 1`.
+    #[arg(long, env = "ARBITER_INSECURE_PEER_PORT")]
+    pub insecure_peer_port: bool,
+
+    /// Part of a new cluster's id, which is otherwise derived from the
+    /// initial members alone: give a cluster re-created with the same
+    /// members a new token, so that a member left with the old cluster's
+    /// data is refused rather than taken for one of the new.
+    #[arg(long, env = "ARBITER_CLUSTER_TOKEN")]
+    pub cluster_token: Option<String>,
+
+    /// Accept peer messages that carry no cluster id: only for one rolling
+    /// upgrade from a version whose members sent none (logged at start).
+    #[arg(long, env = "ARBITER_ACCEPT_PEERS_WITHOUT_CLUSTER_ID")]
+    pub accept_peers_without_cluster_id: bool,
+
     /// Serve metrics over TLS with this certificate (PEM); needs
     /// --metrics-tls-key.
     #[arg(long, env = "ARBITER_METRICS_TLS_CERT", requires = "metrics_tls_key")]

@@ -135,6 +135,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Started, Ser
         }
     };
     let metrics = Arc::new(Metrics::new());
+    ::metrics::gauge!("arbiter_insecure_peer_port").set(if tls.insecure_peers { 1.0 } else { 0.0 });
     let node = Node::start(node::Options {
         engine: config.engine(),
         data_dir: config.data_dir.clone(),
@@ -147,6 +148,8 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Started, Ser
         watch_limits: config.watch_limits(),
         max_clock_skew_ms: config.max_clock_skew_ms,
         peer_tls: tls.peer_client.clone().map(Connector::new),
+        cluster_token: config.cluster_token.clone(),
+        accept_peers_without_cluster_id: config.accept_peers_without_cluster_id,
         simulation: None,
     })
     .await?;
@@ -160,9 +163,13 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Started, Ser
         tokio::spawn(
             Server::builder()
                 .add_service(
-                    RaftPeerServer::new(PeerService::new(node.clone(), tls.auth.clone()))
-                        .max_decoding_message_size(PEER_MESSAGE_LIMIT)
-                        .max_encoding_message_size(PEER_MESSAGE_LIMIT),
+                    RaftPeerServer::new(PeerService::new(
+                        node.clone(),
+                        tls.auth.clone(),
+                        tls.peer_server.is_some(),
+                    ))
+                    .max_decoding_message_size(PEER_MESSAGE_LIMIT)
+                    .max_encoding_message_size(PEER_MESSAGE_LIMIT),
                 )
                 .serve_with_incoming_shutdown(
                     serving::handshakes(peer_rx, tls.peer_server.clone()),
@@ -172,6 +179,15 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Started, Ser
                 ),
         )
     };
+    if tls.insecure_peers {
+        let mut stop = node.shutdown_signal();
+        node.spawn_task("insecure peer port", async move {
+            tokio::select! {
+                _ = warn_insecure_peer_port(peer_addr) => {}
+                _ = Node::stopped(&mut stop) => {}
+            }
+        });
+    }
     let limits = match &config.limits {
         Some(path) => NamedLimits::watch(path).map_err(ServerError::Limits)?,
         None => NamedLimits::none(),
@@ -270,6 +286,9 @@ struct Security {
     peer_client: Option<Arc<security::Reloading<rustls::ClientConfig>>>,
     metrics: Option<Arc<security::Reloading<rustls::ServerConfig>>>,
     auth: Option<security::Auth>,
+    /// Auth is on and the peer port has no TLS (see
+    /// [`warn_insecure_peer_port`]).
+    insecure_peers: bool,
 }
 
 impl Security {
@@ -306,12 +325,17 @@ impl Security {
                 "--auth-file without --tls-cert: bearer tokens cross the network in clear text"
             );
         }
-        if auth.is_some()
+        let clustered = config.peers.len() > 1 || config.replicas.is_some_and(|n| n > 1);
+        let insecure_peers = auth.is_some()
             && peer_server.is_none()
-            && (!config.peers.is_empty() || config.peers_dns.is_some())
-        {
-            tracing::warn!(
-                "--auth-file without --peer-tls-*: anyone who reaches the peer port can forward calls as any principal"
+            && (clustered || !config.peer_listen.ip().is_loopback());
+        if insecure_peers && clustered && !config.insecure_peer_port {
+            return Err(
+                "--auth-file in a cluster needs mutual TLS on the peer port (--peer-tls-cert, \
+                 --peer-tls-key, --peer-tls-ca): without it anyone who reaches the peer port can \
+                 speak for any member and forward calls as any principal. To run so anyway, \
+                 pass --insecure-peer-port"
+                    .to_owned(),
             );
         }
         Ok(Security {
@@ -320,7 +344,23 @@ impl Security {
             peer_client,
             metrics,
             auth,
+            insecure_peers,
         })
+    }
+}
+
+/// Says, every minute, that the peer port takes anyone's word (auth on,
+/// no peer TLS: `--insecure-peer-port`, or a single node whose peer port
+/// is not on loopback).
+async fn warn_insecure_peer_port(peer: SocketAddr) {
+    loop {
+        tracing::warn!(
+            %peer,
+            "the peer port has no TLS (--insecure-peer-port, or a single node's peer port off \
+             loopback): anyone who reaches it can speak for a member and forward calls as any \
+             principal; set --peer-tls-cert/--peer-tls-key/--peer-tls-ca"
+        );
+        tokio::time::sleep(Duration::from_secs(60)).await;
     }
 }
 

@@ -41,6 +41,7 @@ impl ClusterService {
             state: state.into(),
             membership_changing: membership.get_joint_config().len() > 1,
             ready: node.ready(),
+            cluster_id: node.cluster_id().unwrap_or_default(),
         }
     }
 }

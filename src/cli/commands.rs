@@ -291,8 +291,8 @@ pub(super) async fn cluster(cmd: ClusterCmd) -> CliResult {
     .into_inner();
     let leader = st.leader_id.map_or("none".to_owned(), |l| l.to_string());
     println!(
-        "node_id={} state={} leader={leader} term={} applied_index={} ready={}",
-        st.node_id, st.state, st.term, st.applied_index, st.ready
+        "node_id={} state={} leader={leader} term={} applied_index={} ready={} cluster_id={}",
+        st.node_id, st.state, st.term, st.applied_index, st.ready, st.cluster_id
     );
     if st.membership_changing {
         println!("membership change in progress (joint: old and new voters must both agree)");

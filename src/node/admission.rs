@@ -25,7 +25,6 @@
 //! learners and makes each a voter once it has caught up: a voter has
 //! always received the log, so an empty voter is one that lost it.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -72,20 +71,44 @@ pub enum Admission {
     Refused(String),
 }
 
-/// A new cluster id: 128 bits mixed from the time, the process, the heap
-/// and a counter.
-pub fn new_cluster_id() -> String {
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    static MADE: AtomicU64 = AtomicU64::new(0);
-    let n = u128::from(MADE.fetch_add(1, Ordering::Relaxed));
-    let here = Box::new(0u8);
-    let addr = &*here as *const u8 as usize as u128;
-    let mix = |x: u128| x.wrapping_mul(0x9E37_79B9_7F4A_7C15_F39C_C060_5CED_C835) ^ (x >> 61);
-    let id = mix(mix(t ^ (u128::from(std::process::id()) << 64) ^ (addr << 17)) ^ n);
-    format!("{id:032x}")
+/// The cluster id a new cluster of these initial members takes: the
+/// first 128 bits of a SHA-256 over the members (`ID=HOST:PORT`, by id)
+/// and the optional `--cluster-token`. Every initial member computes it
+/// from its own flags before any message is sent, so even the first
+/// messages of a formation carry it (as etcd derives its cluster id from
+/// `--initial-cluster` and `--initial-cluster-token`). Two clusters with
+/// the same members and token have the same id: give a re-created cluster
+/// a new token.
+pub fn formation_id(
+    token: Option<&str>,
+    peers: &std::collections::BTreeMap<NodeId, String>,
+) -> String {
+    let mut text = format!("arbiter cluster\n{}\n", token.unwrap_or(""));
+    for (id, addr) in peers {
+        text.push_str(&format!("{id}={addr}\n"));
+    }
+    let digest = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
+    digest.as_ref()[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Sent by a refusing peer with `Identify`'s refusal (metadata key), so
+/// that an empty node of another cluster id, or whose certificate names
+/// no member yet, still learns where it stands: [`REFUSED_VOTER`] (the
+/// refusing peer has state and lists the asker as a voter: its disk was
+/// lost) or [`REFUSED_NOT_MEMBER`] (it has state and does not list it: a
+/// new member, to be added).
+pub const REFUSAL_HEADER: &str = "x-arbiter-refusal";
+pub const REFUSED_VOTER: &str = "voter";
+pub const REFUSED_NOT_MEMBER: &str = "not-a-member";
+
+/// The body of an `Identify` request: who asks (absent from peers of an
+/// older version, which sent `()`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct IdentifyRequest {
+    pub node_id: NodeId,
 }
 
 /// Why a data directory cannot serve as this node.
@@ -149,6 +172,11 @@ impl Node {
         self.admission.subscribe()
     }
 
+    /// This node's cluster id, once known.
+    pub fn cluster_id(&self) -> Option<String> {
+        self.cluster.get().cloned()
+    }
+
     pub fn admitted(&self) -> bool {
         *self.admission.borrow() == Admission::Admitted
     }
@@ -169,10 +197,22 @@ impl Node {
     }
 
     /// Checks a peer message's cluster id against this node's, and learns
-    /// it if this node has none yet (a new member's first contact).
+    /// it if this node has none yet (a new member's first contact, once
+    /// admitted). A message without one is refused, unless
+    /// `--accept-peers-without-cluster-id` (for one upgrade) says
+    /// otherwise. An empty node that is still asking its peers accepts
+    /// only its own formation's id.
     pub fn check_cluster(&self, sender: Option<&str>) -> Result<(), String> {
         let Some(theirs) = sender else {
-            return Ok(()); // a peer from before cluster ids, or still empty
+            if self.accept_unnamed_peers {
+                return Ok(());
+            }
+            return Err(format!(
+                "node {} refuses a peer message without a cluster id ({CLUSTER_HEADER}): \
+                 every member of this version sends one; for a rolling upgrade from a \
+                 version without cluster ids, start with --accept-peers-without-cluster-id",
+                self.id
+            ));
         };
         if let Some(ours) = self.cluster.get() {
             return if ours == theirs {
@@ -185,7 +225,14 @@ impl Node {
             };
         }
         if !self.admitted() {
-            return Ok(()); // learnt only once admitted
+            if theirs == self.formation_id {
+                return Ok(()); // learnt only once admitted
+            }
+            return Err(format!(
+                "node {} has no cluster yet and expects the cluster id {} of its initial \
+                 members (--peers, --cluster-token); refusing a message from cluster {theirs}",
+                self.id, self.formation_id
+            ));
         }
         let _ = self.cluster.set(theirs.to_owned());
         let identity = Identity {
@@ -253,9 +300,49 @@ impl Node {
     async fn ask_identify(&self, addr: &str) -> Result<Identified, String> {
         let channel = self.channels.get(addr).map_err(|e| e.to_string())?;
         let mut client = RaftPeerClient::new(channel);
-        let request = with_cluster(encode(&()), &self.cluster, ASK_EVERY);
-        let reply = client.identify(request).await.map_err(|s| s.to_string())?;
-        decode(reply.get_ref()).map_err(|e| e.to_string())
+        let mut request = with_cluster(
+            encode(&IdentifyRequest { node_id: self.id }),
+            &self.cluster,
+            ASK_EVERY,
+        );
+        if self.cluster.get().is_none() {
+            if let Ok(v) = self.formation_id.parse() {
+                request.metadata_mut().insert(CLUSTER_HEADER, v);
+            }
+        }
+        match client.identify(request).await {
+            Ok(reply) => decode(reply.get_ref()).map_err(|e| e.to_string()),
+            Err(status) => {
+                // A peer of another cluster id, or one that does not take
+                // this node's certificate for a member's, says whether it
+                // lists this node as a voter.
+                let listed = match status.metadata().get(REFUSAL_HEADER).map(|v| v.to_str()) {
+                    Some(Ok(REFUSED_VOTER)) => true,
+                    Some(Ok(REFUSED_NOT_MEMBER)) => false,
+                    _ => return Err(status.to_string()),
+                };
+                Ok(Identified {
+                    node_id: 0,
+                    has_state: true,
+                    cluster_id: None,
+                    voters: if listed { vec![self.id] } else { Vec::new() },
+                })
+            }
+        }
+    }
+
+    /// Whether `asker` would be refused as [`REFUSED_VOTER`] or
+    /// [`REFUSED_NOT_MEMBER`]: `None` when this node has no state to say.
+    pub fn refusal_for(&self, asker: NodeId) -> Option<&'static str> {
+        let me = self.identify();
+        if !me.has_state {
+            return None;
+        }
+        Some(if me.voters.contains(&asker) {
+            REFUSED_VOTER
+        } else {
+            REFUSED_NOT_MEMBER
+        })
     }
 
     /// Admits this node to a new cluster; the lowest id initialises it
@@ -266,10 +353,13 @@ impl Node {
     pub(super) async fn initialise_if_lowest(self: &Arc<Self>) -> Result<(), NodeError> {
         let lowest = self.initial_peers.keys().next().copied();
         if lowest != Some(self.id) {
+            // The lowest id initialises the cluster with the formation's
+            // id, which this member already knows.
+            self.adopt_cluster_id(&self.formation_id)?;
             self.admission.send_replace(Admission::Admitted);
             return Ok(());
         }
-        let cluster_id = new_cluster_id();
+        let cluster_id = self.formation_id.clone();
         let identity = Identity {
             node_id: self.id,
             cluster_id: Some(cluster_id.clone()),
@@ -290,6 +380,19 @@ impl Node {
             self.tasks
                 .spawn("joining members", self.clone().add_initial_members());
         }
+        Ok(())
+    }
+
+    /// Records `id` as this node's cluster id (before it is used).
+    pub(super) fn adopt_cluster_id(&self, id: &str) -> Result<(), NodeError> {
+        let identity = Identity {
+            node_id: self.id,
+            cluster_id: Some(id.to_owned()),
+        };
+        self.store
+            .save_identity(&identity)
+            .map_err(|e| NodeError::Unavailable(e.to_string()))?;
+        let _ = self.cluster.set(id.to_owned());
         Ok(())
     }
 
@@ -418,8 +521,21 @@ mod tests {
     }
 
     #[test]
-    fn cluster_ids_differ() {
-        assert_ne!(new_cluster_id(), new_cluster_id());
-        assert_eq!(new_cluster_id().len(), 32);
+    fn formation_ids_follow_the_members_and_the_token() {
+        let peers = |list: &[(u64, &str)]| {
+            list.iter()
+                .map(|(id, a)| (*id, a.to_string()))
+                .collect::<std::collections::BTreeMap<_, _>>()
+        };
+        let three = peers(&[(1, "a:1"), (2, "b:1"), (3, "c:1")]);
+        let id = formation_id(None, &three);
+        assert_eq!(id.len(), 32);
+        assert_eq!(id, formation_id(None, &three));
+        assert_ne!(id, formation_id(Some("t"), &three));
+        assert_ne!(id, formation_id(None, &peers(&[(1, "a:1"), (2, "b:1")])));
+        assert_ne!(
+            id,
+            formation_id(None, &peers(&[(1, "a:1"), (2, "b:1"), (3, "c:2")]))
+        );
     }
 }

@@ -118,6 +118,12 @@ pub struct Options {
     pub max_clock_skew_ms: u64,
     /// Mutual TLS towards peers (with `--peer-tls-*`).
     pub peer_tls: Option<crate::security::Connector>,
+    /// `--cluster-token`: part of a new cluster's id (see
+    /// `admission::formation_id`).
+    pub cluster_token: Option<String>,
+    /// `--accept-peers-without-cluster-id`: for one rolling upgrade from a
+    /// version whose members sent none.
+    pub accept_peers_without_cluster_id: bool,
     /// What the simulated cluster replaces (`tests/sim`); `None` in a
     /// server.
     pub simulation: Option<Simulation>,
@@ -193,6 +199,12 @@ pub struct Node {
     admission: watch::Sender<Admission>,
     /// This node's cluster id, once known (sent with every peer message).
     cluster: admission::ClusterId,
+    /// The id a new cluster of the initial members takes (see
+    /// `admission::formation_id`).
+    formation_id: String,
+    /// Whether peer messages without a cluster id are accepted (one
+    /// upgrade's switch).
+    accept_unnamed_peers: bool,
     /// The members given at start-up, with their peer addresses.
     initial_peers: BTreeMap<NodeId, String>,
     /// Set by a leader handing over on shutdown: it serves no more calls.
@@ -229,8 +241,11 @@ impl Node {
             watch_limits,
             max_clock_skew_ms,
             peer_tls,
+            cluster_token,
+            accept_peers_without_cluster_id,
             simulation,
         } = options;
+        let formation_id = admission::formation_id(cluster_token.as_deref(), &membership.peers);
         let store = Store::open_with(&data_dir, simulation.is_some())?;
         let snapshots = SnapshotDir::open(&data_dir)?;
         let cluster = admission::ClusterId::default();
@@ -316,10 +331,28 @@ impl Node {
             tasks: Tasks::default(),
             admission: watch::channel(admission).0,
             cluster,
+            formation_id,
+            accept_unnamed_peers: accept_peers_without_cluster_id,
             initial_peers: membership.peers.clone(),
             stepping_down: std::sync::atomic::AtomicBool::new(false),
             leading_since: std::sync::Mutex::new((0, 0)),
         });
+        if accept_peers_without_cluster_id {
+            tracing::warn!(
+                "--accept-peers-without-cluster-id: peer messages without a cluster id are \
+                 accepted; drop the flag once every member runs this version"
+            );
+        }
+        if has_state && node.cluster.get().is_none() {
+            // A data directory from before cluster ids: its members all
+            // derive the same id from the same --peers.
+            tracing::warn!(
+                cluster = %node.formation_id,
+                "this data directory has no cluster id: adopting the one derived from --peers"
+            );
+            node.adopt_cluster_id(&node.formation_id.clone())
+                .map_err(|e| raft_err(&e))?;
+        }
         if !has_state {
             if node.initial_peers.len() <= 1 {
                 // A single node: nobody to ask.
@@ -376,6 +409,25 @@ impl Node {
 
     fn is_leader(&self) -> bool {
         self.term_and_leading().1
+    }
+
+    /// The members a peer may be, with their peer addresses: the latest
+    /// membership in the log, or the initial members while there is none
+    /// (an empty node, or a new member not yet reached by its leader).
+    pub fn peer_members(&self) -> Vec<(NodeId, String)> {
+        let m = self.server.borrow();
+        if m.membership_config.log_id().is_some() {
+            m.membership_config
+                .membership()
+                .nodes()
+                .map(|(id, n)| (*id, n.addr.clone()))
+                .collect()
+        } else {
+            self.initial_peers
+                .iter()
+                .map(|(id, a)| (*id, a.clone()))
+                .collect()
+        }
     }
 
     /// The current voting members.

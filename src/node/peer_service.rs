@@ -7,12 +7,14 @@ use std::sync::Arc;
 use openraft::raft::VoteRequest;
 use tonic::{Request, Response, Status};
 
+use super::admission::{IdentifyRequest, REFUSAL_HEADER};
 use super::{Admission, Call, Node, PreVoteRequest, PreVoteResponse, TakeOver, CLUSTER_HEADER};
 use crate::proto::raft_peer_server::RaftPeer;
 use crate::proto::PeerMessage;
 use crate::raft::network::{decode, decode_append, decode_snapshot, encode};
 use crate::raft::NodeId;
-use crate::security::{Auth, Caller, PRINCIPAL_HEADER};
+use crate::security::tls::host_matches;
+use crate::security::{Auth, Caller, ConnInfo, PRINCIPAL_HEADER};
 
 /// Applies to a forwarded call the checks the client-facing handlers make:
 /// namespaces, admin, and that lease calls carry the caller's own
@@ -49,16 +51,30 @@ fn authorize(caller: &Caller, call: &Call) -> Result<(), Status> {
     }
 }
 
-pub struct PeerService(pub Arc<Node>, AtomicU64, Option<Auth>);
+pub struct PeerService {
+    node: Arc<Node>,
+    /// When a refused message was last logged (monotonic ms).
+    warned: AtomicU64,
+    auth: Option<Auth>,
+    /// Whether the peer port takes only TLS connections with a verified
+    /// certificate, which must then name a current member.
+    tls: bool,
+}
 
 /// How often a refused message of another cluster is logged, at most.
 const FOREIGN_WARN_EVERY_MS: u64 = 10_000;
 
 impl PeerService {
     /// With `auth`, forwarded calls are authorised as the principal they
-    /// carry, as the follower did.
-    pub fn new(node: Arc<Node>, auth: Option<Auth>) -> Self {
-        Self(node, AtomicU64::new(0), auth)
+    /// carry, as the follower did. With `tls`, every call's certificate
+    /// must name a current member.
+    pub fn new(node: Arc<Node>, auth: Option<Auth>, tls: bool) -> Self {
+        Self {
+            node,
+            warned: AtomicU64::new(0),
+            auth,
+            tls,
+        }
     }
 }
 
@@ -66,36 +82,98 @@ fn bad(e: serde_json::Error) -> Status {
     Status::invalid_argument(format!("undecodable peer message: {e}"))
 }
 
+/// The host part of a peer address (`HOST:PORT`, `[V6]:PORT`).
+fn host_of(addr: &str) -> &str {
+    addr.rsplit_once(':').map_or(addr, |(h, _)| h)
+}
+
 impl PeerService {
-    /// Lets a Raft message or forwarded call through only if this node is
-    /// admitted (see `admission`) and the sender is of its cluster.
-    fn admit<T>(&self, request: &Request<T>) -> Result<(), Status> {
-        let node = &self.0;
-        match &*node.admission().borrow() {
-            Admission::Admitted => {}
-            Admission::Checking => {
-                return Err(Status::unavailable(format!(
-                    "node {} is asking its peers whether it may join",
-                    node.id()
-                )))
-            }
-            Admission::Refused(why) => return Err(Status::failed_precondition(why.clone())),
-        }
-        let sender = request
+    /// Lets a peer message through only if it carries this cluster's id,
+    /// comes (with peer TLS) over a certificate that names a current
+    /// member, claims (`sender`, for Raft traffic) a node id of the
+    /// membership that the certificate names, and, except for `Identify`,
+    /// this node is admitted (see `admission`).
+    fn admit<T>(
+        &self,
+        request: &Request<T>,
+        sender: Option<NodeId>,
+        identify: bool,
+    ) -> Result<(), Status> {
+        let node = &self.node;
+        let cluster = request
             .metadata()
             .get(CLUSTER_HEADER)
             .and_then(|v| v.to_str().ok());
-        node.check_cluster(sender).map_err(|why| {
-            // Every heartbeat of the other cluster lands here: say it once
-            // in a while, not twenty times a second.
-            let now = node.mono_ms();
-            let last = self.1.load(Ordering::Relaxed);
-            if last == 0 || now.saturating_sub(last) >= FOREIGN_WARN_EVERY_MS {
-                self.1.store(now.max(1), Ordering::Relaxed);
-                tracing::warn!("{why}");
+        node.check_cluster(cluster)
+            .map_err(|why| self.refuse(Status::failed_precondition(why)))?;
+        let members = node.peer_members();
+        if self.tls {
+            let hosts = request
+                .extensions()
+                .get::<ConnInfo>()
+                .map(|c| c.cert_hosts.clone())
+                .unwrap_or_else(|| Arc::from([]));
+            let named: Vec<NodeId> = members
+                .iter()
+                .filter(|(_, addr)| {
+                    let host = host_of(addr);
+                    hosts.iter().any(|name| host_matches(name, host))
+                })
+                .map(|(id, _)| *id)
+                .collect();
+            if named.is_empty() {
+                return Err(self.refuse(Status::permission_denied(format!(
+                    "node {}: the peer's certificate names {:?}, which is no member's peer host \
+                     (members: {})",
+                    node.id(),
+                    hosts,
+                    members
+                        .iter()
+                        .map(|(id, a)| format!("{id}={a}"))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                ))));
             }
-            Status::failed_precondition(why)
-        })
+            if let Some(id) = sender.filter(|id| !named.contains(id)) {
+                return Err(self.refuse(Status::permission_denied(format!(
+                    "node {}: a message claims to come from node {id}, but the peer's \
+                     certificate names node(s) {named:?}",
+                    node.id()
+                ))));
+            }
+        }
+        if let Some(id) = sender.filter(|id| !members.iter().any(|(m, _)| m == id)) {
+            return Err(self.refuse(Status::permission_denied(format!(
+                "node {}: node {id} is not a member; refusing its message",
+                node.id()
+            ))));
+        }
+        if identify {
+            return Ok(());
+        }
+        match &*node.admission().borrow() {
+            Admission::Admitted => Ok(()),
+            Admission::Checking => Err(Status::unavailable(format!(
+                "node {} is asking its peers whether it may join",
+                node.id()
+            ))),
+            Admission::Refused(why) => Err(Status::failed_precondition(why.clone())),
+        }
+    }
+
+    /// Logs a refusal (at most once every [`FOREIGN_WARN_EVERY_MS`]: a
+    /// stranger's heartbeats would otherwise log twenty times a second)
+    /// and counts it.
+    fn refuse(&self, status: Status) -> Status {
+        ::metrics::counter!("arbiter_peer_refusals_total", "code" => format!("{:?}", status.code()))
+            .increment(1);
+        let now = self.node.mono_ms();
+        let last = self.warned.load(Ordering::Relaxed);
+        if last == 0 || now.saturating_sub(last) >= FOREIGN_WARN_EVERY_MS {
+            self.warned.store(now.max(1), Ordering::Relaxed);
+            tracing::warn!("{}", status.message());
+        }
+        status
     }
 }
 
@@ -105,22 +183,22 @@ impl RaftPeer for PeerService {
         &self,
         request: Request<PeerMessage>,
     ) -> Result<Response<PeerMessage>, Status> {
-        self.admit(&request)?;
         let rpc = decode_append(request.get_ref())
             .map_err(|e| Status::invalid_argument(format!("undecodable append: {e}")))?;
-        self.0.heard_from(&rpc.vote, rpc.leader_commit);
+        self.admit(&request, Some(rpc.vote.leader_id.node_id), false)?;
+        self.node.heard_from(&rpc.vote, rpc.leader_commit);
         Ok(Response::new(encode(
-            &self.0.raft().append_entries(rpc).await,
+            &self.node.raft().append_entries(rpc).await,
         )))
     }
 
     async fn vote(&self, request: Request<PeerMessage>) -> Result<Response<PeerMessage>, Status> {
-        self.admit(&request)?;
         let rpc: VoteRequest<NodeId> = decode(request.get_ref()).map_err(bad)?;
-        let reply = self.0.raft().vote(rpc).await;
+        self.admit(&request, Some(rpc.vote.leader_id.node_id), false)?;
+        let reply = self.node.raft().vote(rpc).await;
         if matches!(&reply, Ok(r) if r.vote_granted) {
             // Give the candidate this node voted for time to win.
-            self.0.heard_from_leader();
+            self.node.heard_from_leader();
         }
         Ok(Response::new(encode(&reply)))
     }
@@ -129,12 +207,21 @@ impl RaftPeer for PeerService {
         &self,
         request: Request<PeerMessage>,
     ) -> Result<Response<PeerMessage>, Status> {
-        self.admit(&request)?;
-        let rpc = decode_snapshot(request.into_inner())
+        // The sender is checked from the header before the chunk is
+        // decoded, and again once its vote is known.
+        self.admit(&request, None, false)?;
+        let (metadata, extensions, message) = request.into_parts();
+        let rpc = decode_snapshot(message)
             .map_err(|e| Status::invalid_argument(format!("undecodable snapshot chunk: {e}")))?;
-        self.0.heard_from(&rpc.vote, None);
+        let sender = rpc.vote.leader_id.node_id;
+        self.admit(
+            &Request::from_parts(metadata, extensions, ()),
+            Some(sender),
+            false,
+        )?;
+        self.node.heard_from(&rpc.vote, None);
         Ok(Response::new(encode(
-            &self.0.raft().install_snapshot(rpc).await,
+            &self.node.raft().install_snapshot(rpc).await,
         )))
     }
 
@@ -142,9 +229,9 @@ impl RaftPeer for PeerService {
         &self,
         request: Request<PeerMessage>,
     ) -> Result<Response<PeerMessage>, Status> {
-        self.admit(&request)?;
         let ask: PreVoteRequest = decode(request.get_ref()).map_err(bad)?;
-        let granted = self.0.grants_pre_vote(&ask);
+        self.admit(&request, Some(ask.candidate), false)?;
+        let granted = self.node.grants_pre_vote(&ask);
         Ok(Response::new(encode(&PreVoteResponse { granted })))
     }
 
@@ -152,25 +239,25 @@ impl RaftPeer for PeerService {
         &self,
         request: Request<PeerMessage>,
     ) -> Result<Response<PeerMessage>, Status> {
-        self.admit(&request)?;
+        self.admit(&request, None, false)?;
         let principal = request
             .metadata()
             .get(PRINCIPAL_HEADER)
             .and_then(|v| v.to_str().ok());
-        let caller = Caller::forwarded(self.2.as_ref(), principal)?;
+        let caller = Caller::forwarded(self.auth.as_ref(), principal)?;
         let call: Call = decode(request.get_ref()).map_err(bad)?;
         authorize(&caller, &call)?;
         // Served here only if this node leads; otherwise the sender routes again.
-        Ok(Response::new(self.0.serve_forwarded(call).await))
+        Ok(Response::new(self.node.serve_forwarded(call).await))
     }
 
     async fn take_over(
         &self,
         request: Request<PeerMessage>,
     ) -> Result<Response<PeerMessage>, Status> {
-        self.admit(&request)?;
+        self.admit(&request, None, false)?;
         let ask: TakeOver = decode(request.get_ref()).map_err(bad)?;
-        self.0
+        self.node
             .take_over(ask)
             .await
             .map_err(Status::failed_precondition)?;
@@ -179,8 +266,21 @@ impl RaftPeer for PeerService {
 
     async fn identify(
         &self,
-        _request: Request<PeerMessage>,
+        request: Request<PeerMessage>,
     ) -> Result<Response<PeerMessage>, Status> {
-        Ok(Response::new(encode(&self.0.identify())))
+        if let Err(mut refused) = self.admit(&request, None, true) {
+            // An empty node asking says who it is; tell it whether this
+            // cluster lists it as a voter, so that it neither rejoins empty
+            // as one nor waits for ever (see `admission`).
+            let asker = decode::<IdentifyRequest>(request.get_ref()).ok();
+            if let Some(why) = asker.and_then(|a| self.node.refusal_for(a.node_id)) {
+                refused.metadata_mut().insert(
+                    REFUSAL_HEADER,
+                    tonic::metadata::MetadataValue::from_static(why),
+                );
+            }
+            return Err(refused);
+        }
+        Ok(Response::new(encode(&self.node.identify())))
     }
 }

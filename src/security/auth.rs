@@ -290,6 +290,7 @@ principals:
         ConnInfo {
             remote: None,
             cert_names: names.iter().map(|s| s.to_string()).collect(),
+            cert_hosts: std::sync::Arc::from([]),
         }
     }
 

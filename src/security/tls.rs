@@ -172,6 +172,10 @@ pub struct ConnInfo {
     /// The verified client certificate's common names, DNS and URI subject
     /// alternative names; empty without one.
     pub cert_names: Arc<[String]>,
+    /// The verified certificate's DNS and IP subject alternative names:
+    /// the hosts it speaks for (the peer port matches them against the
+    /// members' peer hosts).
+    pub cert_hosts: Arc<[String]>,
 }
 
 /// A served connection: plain TCP or TLS.
@@ -203,6 +207,50 @@ pub fn cert_names(der: &[u8]) -> Vec<String> {
     names
 }
 
+/// The hosts a certificate speaks for: its DNS and IP subject alternative
+/// names (IP addresses in their usual text form).
+pub fn cert_hosts(der: &[u8]) -> Vec<String> {
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
+        return Vec::new();
+    };
+    let mut hosts = Vec::new();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for n in &san.value.general_names {
+            match n {
+                x509_parser::extensions::GeneralName::DNSName(s) => hosts.push((*s).to_owned()),
+                x509_parser::extensions::GeneralName::IPAddress(b) => {
+                    let ip = match b.len() {
+                        4 => <[u8; 4]>::try_from(*b).ok().map(std::net::IpAddr::from),
+                        16 => <[u8; 16]>::try_from(*b).ok().map(std::net::IpAddr::from),
+                        _ => None,
+                    };
+                    hosts.extend(ip.map(|ip| ip.to_string()));
+                }
+                _ => {}
+            }
+        }
+    }
+    hosts
+}
+
+/// Whether a certificate's host name `name` (which may start with one
+/// wildcard label, `*.peers.ns.svc`) covers `host`, as TLS clients match a
+/// server's name: case-insensitively, a wildcard standing for exactly one
+/// label. IP addresses match only exactly (in any text form).
+pub fn host_matches(name: &str, host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if let Ok(ip) = host.parse::<std::net::IpAddr>() {
+        return name.parse::<std::net::IpAddr>() == Ok(ip);
+    }
+    if let Some(rest) = name.strip_prefix("*.") {
+        return match host.split_once('.') {
+            Some((label, domain)) => !label.is_empty() && domain.eq_ignore_ascii_case(rest),
+            None => false,
+        };
+    }
+    name.eq_ignore_ascii_case(host)
+}
+
 /// Completes the server side of a connection: with `tls`, the handshake
 /// (bounded by [`HANDSHAKE_TIMEOUT`]) under the configuration current now.
 pub async fn accept(tcp: TcpStream, tls: Option<&Reloading<ServerConfig>>) -> io::Result<ServerIo> {
@@ -213,6 +261,7 @@ pub async fn accept(tcp: TcpStream, tls: Option<&Reloading<ServerConfig>>) -> io
             ConnInfo {
                 remote,
                 cert_names: Arc::from([]),
+                cert_hosts: Arc::from([]),
             },
         ));
     };
@@ -220,18 +269,19 @@ pub async fn accept(tcp: TcpStream, tls: Option<&Reloading<ServerConfig>>) -> io
     let stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"))??;
-    let names = stream
+    let leaf = stream
         .get_ref()
         .1
         .peer_certificates()
-        .and_then(|c| c.first())
-        .map(|c| cert_names(c.as_ref()))
-        .unwrap_or_default();
+        .and_then(|c| c.first());
+    let names = leaf.map(|c| cert_names(c.as_ref())).unwrap_or_default();
+    let hosts = leaf.map(|c| cert_hosts(c.as_ref())).unwrap_or_default();
     Ok(ServerIo::Tls(
         Box::new(stream),
         ConnInfo {
             remote,
             cert_names: names.into(),
+            cert_hosts: hosts.into(),
         },
     ))
 }
@@ -384,5 +434,29 @@ impl tower_service::Service<http::Uri> for Connector {
                 .await?;
             Ok(hyper_util::rt::TokioIo::new(tls))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::host_matches;
+
+    #[test]
+    fn a_certificate_name_covers_a_host_as_tls_clients_match_it() {
+        assert!(host_matches("arbiter-0.peers.ns", "ARBITER-0.peers.ns"));
+        assert!(host_matches("*.peers.ns", "arbiter-1.peers.ns"));
+        assert!(
+            !host_matches("*.peers.ns", "a.b.peers.ns"),
+            "one label only"
+        );
+        assert!(!host_matches("*.peers.ns", "peers.ns"));
+        assert!(!host_matches("arbiter-0.peers.ns", "arbiter-1.peers.ns"));
+        assert!(host_matches("127.0.0.2", "127.0.0.2"));
+        assert!(!host_matches("127.0.0.2", "127.0.0.3"));
+        assert!(host_matches("::1", "[0:0:0:0:0:0:0:1]"));
+        assert!(
+            !host_matches("*.0.0.1", "127.0.0.1"),
+            "no wildcard over an address"
+        );
     }
 }

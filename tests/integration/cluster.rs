@@ -25,6 +25,12 @@ pub struct Cluster {
     /// How the harness itself connects (TLS and a principal when the
     /// nodes require them).
     client: arbiter::security::ClientOptions,
+    /// Flags for one node only (its own certificate), by index.
+    node_args: Vec<Vec<String>>,
+    /// Whether each member has a loopback address of its own
+    /// (127.0.0.{i+2}) rather than all sharing 127.0.0.1, so that a
+    /// certificate can name one member and no other.
+    own_hosts: bool,
     /// This test's turn (see [`ONE_CLUSTER_AT_A_TIME`]), held by its first
     /// cluster and released after that cluster's nodes are stopped.
     _turn: Option<std::sync::MutexGuard<'static, ()>>,
@@ -112,6 +118,40 @@ impl Cluster {
         c
     }
 
+    /// `n` members (plus `spares` to add later), each on a loopback
+    /// address of its own ([`Cluster::host`]) with `node_args[i]` added to
+    /// its flags; the harness connects with `client`.
+    pub fn start_hosted(
+        n: usize,
+        spares: usize,
+        extra: &[&str],
+        node_args: Vec<Vec<String>>,
+        client: arbiter::security::ClientOptions,
+    ) -> Cluster {
+        let mut c = Self::new(n, spares, extra);
+        c.client = client;
+        c.node_args = node_args;
+        c.own_hosts = true;
+        for i in 0..n {
+            c.start_node(i);
+        }
+        c
+    }
+
+    /// How the harness connects to the nodes' client ports.
+    pub fn client_options(&self) -> &arbiter::security::ClientOptions {
+        &self.client
+    }
+
+    /// Node `i`'s peer host.
+    pub fn host(&self, i: usize) -> String {
+        if self.own_hosts {
+            format!("127.0.0.{}", i + 2)
+        } else {
+            "127.0.0.1".to_owned()
+        }
+    }
+
     fn new(n: usize, spares: usize, extra: &[&str]) -> Cluster {
         let total = n + spares;
         // The turn first: ports picked before a wait could be taken by then.
@@ -123,6 +163,8 @@ impl Cluster {
             extra: extra.iter().map(|s| s.to_string()).collect(),
             initial: n,
             client: Default::default(),
+            node_args: Vec::new(),
+            own_hosts: false,
             _turn: turn,
         }
     }
@@ -153,7 +195,7 @@ impl Cluster {
     }
 
     pub fn peer_addr(&self, i: usize) -> String {
-        format!("127.0.0.1:{}", self.peer_ports[i])
+        format!("{}:{}", self.host(i), self.peer_ports[i])
     }
 
     pub fn start_node(&mut self, i: usize) {
@@ -162,13 +204,16 @@ impl Cluster {
             .iter()
             .enumerate()
             .take(self.initial.max(i + 1))
-            .map(|(j, p)| format!("{}=127.0.0.1:{p}", j + 1))
+            .map(|(j, p)| format!("{}={}:{p}", j + 1, self.host(j)))
             .collect();
         let id = (i + 1).to_string();
-        let peer_listen = format!("127.0.0.1:{}", self.peer_ports[i]);
+        let peer_listen = self.peer_addr(i);
         let peers = peers.join(",");
         let mut args = vec!["--node-id", &id, "--peers", &peers];
         args.extend(self.extra.iter().map(String::as_str));
+        if let Some(own) = self.node_args.get(i) {
+            args.extend(own.iter().map(String::as_str));
+        }
         args.extend(["--peer-listen", &peer_listen]);
         let clock = self.clock_file(i);
         self.nodes[i] = Some(Server::start_with_clock(&self.dirs[i], &args, &clock));

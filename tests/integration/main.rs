@@ -13,6 +13,7 @@ mod idempotency;
 mod leases;
 mod linearizability;
 mod manual_clock;
+mod peers;
 mod rate_limiter;
 mod replication;
 mod rls;

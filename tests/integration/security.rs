@@ -57,9 +57,15 @@ impl Pki {
     /// A certificate with common name `cn`, valid for 127.0.0.1 and
     /// localhost, written as `<file>.pem` and `<file>.key`.
     pub fn issue(&self, cn: &str, file: &str) -> Identity {
+        self.issue_for(cn, &["localhost", "127.0.0.1"], file)
+    }
+
+    /// A certificate with common name `cn` and the subject alternative
+    /// names `sans` (host names or IP addresses).
+    pub fn issue_for(&self, cn: &str, sans: &[&str], file: &str) -> Identity {
         let key = KeyPair::generate().unwrap();
-        let mut params =
-            CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+        let sans: Vec<String> = sans.iter().map(|s| s.to_string()).collect();
+        let mut params = CertificateParams::new(sans).unwrap();
         params.distinguished_name.push(DnType::CommonName, cn);
         let cert = params.signed_by(&key, &self.issuer).unwrap();
         let id = Identity {
@@ -747,7 +753,25 @@ mod cluster {
                 .await
                 .unwrap(),
         );
-        p.identify(peer_message())
+        // Every peer message carries the cluster's id.
+        let cluster_id = ClusterClient::new(
+            c.cluster
+                .node(leader)
+                .conn(c.cluster.client_options())
+                .await,
+        )
+        .status(ClusterStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .cluster_id;
+        let with_id = |m: PeerMessage| {
+            let mut r = tonic::Request::new(m);
+            r.metadata_mut()
+                .insert("x-arbiter-cluster", cluster_id.parse().unwrap());
+            r
+        };
+        p.identify(with_id(peer_message()))
             .await
             .expect("a member is answered");
         let call = |name: &str| {
@@ -761,7 +785,7 @@ mod cluster {
             ))
         };
         let as_alice = |m: PeerMessage| {
-            let mut r = tonic::Request::new(m);
+            let mut r = with_id(m);
             r.metadata_mut()
                 .insert("x-arbiter-principal", "alice".parse().unwrap());
             r
@@ -771,7 +795,7 @@ mod cluster {
             Code::PermissionDenied
         );
         assert_eq!(
-            code(p.forward(call("a/other")).await),
+            code(p.forward(with_id(call("a/other"))).await),
             Code::Unauthenticated
         );
         p.forward(as_alice(call("a/other")))

@@ -135,6 +135,8 @@ impl Cluster {
                 watch_limits: Default::default(),
                 max_clock_skew_ms: MAX_SKEW_MS,
                 peer_tls: None,
+                cluster_token: None,
+                accept_peers_without_cluster_id: false,
                 simulation: Some(Simulation {
                     dial,
                     boot_id: rng.next() | 1,
@@ -147,7 +149,7 @@ impl Cluster {
             tokio::spawn(
                 tonic::transport::Server::builder()
                     .add_service(
-                        RaftPeerServer::new(PeerService::new(node.clone(), None))
+                        RaftPeerServer::new(PeerService::new(node.clone(), None, false))
                             .max_decoding_message_size(PEER_MESSAGE_LIMIT)
                             .max_encoding_message_size(PEER_MESSAGE_LIMIT),
                     )
