@@ -665,6 +665,34 @@ def scenario_empty_disk(cluster):
     return f"{n.name} restarted empty exited {code} naming the recovery; removed and added back, it holds the data again"
 
 
+def chart_peer_certificates(certs):
+    """Renders the helm chart's generated peer Secret for a release named
+    arbiter in namespace e2e and writes its files (ca.crt, arbiter-N.crt and
+    .key) into `certs`; returns a Pki that signs with the chart's CA."""
+    import base64
+    import yaml
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    helm = shutil.which("helm") or str(pathlib.Path(sys.executable).parent / "helm")
+    out = sh(helm, "template", "arbiter", str(ROOT / "helm" / "arbiter"), "--namespace", "e2e",
+             "--set", f"replicas={REPLICAS}", "--show-only", "templates/peer-tls.yaml").stdout
+    secret = yaml.safe_load(out)
+    for name, value in secret["data"].items():
+        path = certs / name
+        path.write_bytes(base64.b64decode(value))
+        path.chmod(0o644)  # read by uid 10001 in the containers; test-only keys
+    ca = Pki.__new__(Pki)
+    ca.x509 = x509
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+    ca.ec, ca.oid, ca.dir = ec, NameOID, certs
+    ca.cert = x509.load_pem_x509_certificate((certs / "ca.crt").read_bytes())
+    ca.name = ca.cert.subject
+    ca.key = serialization.load_pem_private_key((certs / "ca.key").read_bytes(), password=None)
+    ca.ca = certs / "ca.crt"
+    return ca
+
+
 class Pki:
     """A CA that issues certificates into a directory the containers mount."""
 
@@ -729,8 +757,10 @@ def scenario_secure(pb):
     project = f"{PREFIX}-secure"
     certs = pathlib.Path(tempfile.mkdtemp(prefix="arbiter-e2e-certs-"))
     certs.chmod(0o755)
-    peers, clients = Pki(certs, "peers"), Pki(certs, "clients")
-    peers.issue("member", "member", dns=[f"arbiter-{i}.arbiter-peers" for i in range(REPLICAS)])
+    clients = Pki(certs, "clients")
+    # The members' peer certificates as the helm chart makes them by
+    # default (tls.peer.mode=generate): a CA and one per member.
+    peer_ca = chart_peer_certificates(certs)
     clients.issue("arbiter", "server")
     alice = clients.issue("alice", "alice")
     (certs / "auth.yaml").write_text('principals:\n  - name: alice\n    certificate: alice\n    namespaces: ["a/"]\n')
@@ -772,15 +802,32 @@ def scenario_secure(pb):
 
         refused(lambda: pb.cl_grpc.ClusterStub(grpc.insecure_channel(f"{ip}:7070")).Status(
             pb.cl.ClusterStatusRequest(), timeout=3), "plaintext to the client port")
-        # The peer port's Identify answers anyone who gets through, so only
-        # the transport can refuse these.
-        identify = lambda ch: pb.cl_grpc.RaftPeerStub(ch).Identify(pb.cl.PeerMessage(), timeout=3)  # noqa: E731
+        # The peer port: plaintext and a client certificate (another CA)
+        # are refused at the handshake; a certificate of the members' own CA
+        # that names no member is refused on every call; a member's is
+        # answered. Every peer message carries the cluster's id.
+        cluster_id = follower.status().cluster_id
+        peer_name = f"arbiter-{follower.ordinal}.arbiter-peers.e2e.svc.cluster.local"
+
+        def peer_channel(cert, key):
+            return grpc.secure_channel(f"{ip}:7071", grpc.ssl_channel_credentials(
+                root_certificates=(certs / "ca.crt").read_bytes(), private_key=key.read_bytes(),
+                certificate_chain=cert.read_bytes()), options=[("grpc.ssl_target_name_override", peer_name)])
+
+        def identify(ch):
+            return pb.cl_grpc.RaftPeerStub(ch).Identify(
+                pb.cl.PeerMessage(json=b"{}"), metadata=[("x-arbiter-cluster", cluster_id)], timeout=3)
+
         refused(lambda: identify(grpc.insecure_channel(f"{ip}:7071")), "plaintext to the peer port")
-        rogue = grpc.secure_channel(f"{ip}:7071", grpc.ssl_channel_credentials(
-            root_certificates=peers.ca.read_bytes(), private_key=alice[1].read_bytes(),
-            certificate_chain=alice[0].read_bytes()),
-            options=[("grpc.ssl_target_name_override", f"arbiter-{follower.ordinal}.arbiter-peers")])
-        refused(lambda: identify(rogue), "a client certificate (not a member's) on the peer port")
+        refused(lambda: identify(peer_channel(*alice)), "a client certificate (another CA) on the peer port")
+        rogue = peer_ca.issue("rogue", "rogue", dns=["rogue.arbiter-peers.e2e.svc.cluster.local"])
+        try:
+            identify(peer_channel(*rogue))
+            raise AssertionError("a peer-CA certificate naming no member was answered")
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.PERMISSION_DENIED, e
+        other = next(n for n in cluster.nodes if n is not follower)
+        identify(peer_channel(certs / f"arbiter-{other.ordinal}.crt", certs / f"arbiter-{other.ordinal}.key"))
         # Failover over mTLS: the survivors elect a leader and keep alice's lease.
         leader = cluster.node(leader_id)
         survivors = [n for n in cluster.nodes if n is not leader]
@@ -790,7 +837,8 @@ def scenario_secure(pb):
         got = cluster.node(new_id).leases().Get(ls.GetLeaseRequest(name="a/lock"), timeout=CALL_TIMEOUT_S)
         assert (got.lease.holder, got.lease.fencing_token) == ("pod-a", token), got
         return (f"formed over mTLS; alice served via node {follower.id} in a/ and refused in b/; "
-                f"no-certificate caller UNAUTHENTICATED; plaintext and a non-member refused; "
+                f"no-certificate caller UNAUTHENTICATED; plaintext, a client certificate and a peer-CA "
+                f"certificate naming no member refused on the peer port; "
                 f"after killing leader {leader_id}, node {new_id} leads and holds a/lock under token {token}")
     finally:
         compose("down", "--volumes", "--timeout", "5", **up)

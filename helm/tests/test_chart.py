@@ -110,10 +110,44 @@ VARIANTS = [
     ["tls.peer.secretName=arbiter-peer-tls", "networkPolicy.enabled=true",
      "networkPolicy.clientFrom[0].namespaceSelector.matchLabels.team=payments"],
     ["tls.client.secretName=arbiter-client-tls", "auth.secretName=arbiter-auth", "auth.key=rules.yaml"],
+    ["tls.peer.mode=none", "auth.secretName=arbiter-auth", "networkPolicy.enabled=false"],
+    ["tls.peer.mode=certManager", "tls.peer.certManager.issuerRef.name=ca-issuer"],
 ]
 
 
+# The cert-manager Certificate fields the chart sets (cert-manager.io/v1).
+CERTIFICATE_SCHEMA = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "cert-manager.io/v1"},
+        "spec": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["secretName", "issuerRef", "dnsNames"],
+            "properties": {
+                "secretName": {"type": "string"},
+                "duration": {"type": "string"},
+                "commonName": {"type": "string"},
+                "dnsNames": {"type": "array", "items": {"type": "string"}},
+                "usages": {"type": "array", "items": {"enum": ["server auth", "client auth"]}},
+                "issuerRef": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "required": ["name"],
+                    "properties": {"name": {"type": "string"}, "kind": {"type": "string"},
+                                   "group": {"type": "string"}},
+                },
+            },
+        },
+    },
+}
+
+
 def validate(manifest, version):
+    if manifest["kind"] == "Certificate":
+        jsonschema.validate(manifest, CERTIFICATE_SCHEMA)
+        return
     if manifest["kind"] == "ServiceMonitor":
         jsonschema.validate(manifest, SERVICE_MONITOR_SCHEMA)
     else:
@@ -324,8 +358,10 @@ def test_tls_and_auth_secrets_are_mounted_whole_and_passed_as_flags():
 
 
 def test_network_policy_admits_peers_only_from_the_statefulset():
-    assert not [k for k in render() if k[0] == "NetworkPolicy"]
-    m = render("networkPolicy.enabled=true", "networkPolicy.metricsFrom[0].namespaceSelector.matchLabels.name=monitoring")
+    # On by default; it can be turned off.
+    assert [k for k in render() if k[0] == "NetworkPolicy"]
+    assert not [k for k in render("networkPolicy.enabled=false") if k[0] == "NetworkPolicy"]
+    m = render("networkPolicy.metricsFrom[0].namespaceSelector.matchLabels.name=monitoring")
     labels = one(m, "StatefulSet")["spec"]["template"]["metadata"]["labels"]
     np = one(m, "NetworkPolicy")
     assert np["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
@@ -418,3 +454,137 @@ def test_limits_become_a_configmap_mounted_whole_and_reloaded_live(tmp_path):
     assert next(v for v in pod["volumes"] if v["name"] == "limits")["configMap"]["name"] == "shared-limits"
     assert "--rls-consume-on-deny" in pod["containers"][0]["args"]
     assert "--limits" not in one(render(), "StatefulSet")["spec"]["template"]["spec"]["containers"][0]["args"]
+
+
+def peer_certificates(manifests):
+    """The generated peer Secret's CA and member certificates (parsed)."""
+    import base64
+    from cryptography import x509
+    secret = manifests[("Secret", "prod-arbiter-peer-tls")]
+    data = {k: base64.b64decode(v) for k, v in secret["data"].items()}
+    ca = x509.load_pem_x509_certificate(data["ca.crt"])
+    members = {k[:-len(".crt")]: x509.load_pem_x509_certificate(v)
+               for k, v in data.items() if k.endswith(".crt") and k != "ca.crt"}
+    return data, ca, members
+
+
+@pytest.mark.parametrize("replicas", [1, 3, 5])
+def test_peer_tls_is_on_by_default_with_one_certificate_per_member(replicas):
+    from cryptography import x509
+    m = render(f"replicas={replicas}")
+    data, ca, members = peer_certificates(m)
+    pods = [f"prod-arbiter-{i}" for i in range(replicas)]
+    assert sorted(members) == pods
+    for i, pod in enumerate(pods):
+        cert = members[pod]
+        # Each names only its own member's peer host, and is signed by the CA.
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert sans.get_values_for_type(x509.DNSName) == [
+            f"{pod}.prod-arbiter-peers.{NAMESPACE}.svc.cluster.local"]
+        assert cert.issuer == ca.subject
+        cert.verify_directly_issued_by(ca)
+        assert f"{pod}.key" in data
+    c = one(m, "StatefulSet")["spec"]["template"]["spec"]["containers"][0]
+    args = c["args"]
+    flag = lambda f: args[args.index(f) + 1]
+    assert flag("--peer-tls-cert") == "/tls/peer/$(POD_NAME).crt"
+    assert flag("--peer-tls-key") == "/tls/peer/$(POD_NAME).key"
+    assert flag("--peer-tls-ca") == "/tls/peer/ca.crt"
+    env = {e["name"]: e for e in c["env"]}
+    assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert "--insecure-peer-port" not in args
+
+
+def test_peer_tls_modes():
+    def args_of(*sets):
+        m = render(*sets)
+        return m, one(m, "StatefulSet")["spec"]["template"]["spec"]["containers"][0]["args"]
+    # none: no peer TLS; with auth that is the explicit opt-out.
+    m, args = args_of("tls.peer.mode=none", "auth.secretName=a")
+    assert "--peer-tls-cert" not in args and "--insecure-peer-port" in args
+    assert ("Secret", "prod-arbiter-peer-tls") not in m
+    m, args = args_of("tls.peer.mode=none")
+    assert "--peer-tls-cert" not in args and "--insecure-peer-port" not in args
+    # certManager: a Certificate for every member's peer name, shared.
+    m, args = args_of("tls.peer.mode=certManager", "tls.peer.certManager.issuerRef.name=ca-issuer")
+    cert = one(m, "Certificate")["spec"]
+    assert cert["secretName"] == "prod-arbiter-peer-tls"
+    assert cert["dnsNames"] == [f"*.prod-arbiter-peers.{NAMESPACE}.svc.cluster.local"]
+    assert cert["issuerRef"]["name"] == "ca-issuer" and set(cert["usages"]) == {"server auth", "client auth"}
+    assert args[args.index("--peer-tls-cert") + 1] == "/tls/peer/tls.crt"
+    r = helm("template", "prod", str(CHART), "--set", "tls.peer.mode=certManager", check=False)
+    assert r.returncode != 0 and "issuerRef.name" in r.stderr
+    # An existing Secret wins over the mode.
+    m, args = args_of("tls.peer.secretName=mine")
+    assert ("Secret", "prod-arbiter-peer-tls") not in m and not [k for k in m if k[0] == "Certificate"]
+    vols = {v["name"]: v for v in one(m, "StatefulSet")["spec"]["template"]["spec"]["volumes"]}
+    assert vols["tls-peer"]["secret"]["secretName"] == "mine"
+    r = helm("template", "prod", str(CHART), "--set", "tls.peer.mode=sometimes", check=False)
+    assert r.returncode != 0
+
+
+def test_generated_peer_certificates_work_with_the_real_server(tmp_path):
+    """The chart's generated certificates, as the server loads them: a
+    member presenting its own certificate is answered on the peer port;
+    another member's certificate (not a current member of this one-node
+    cluster) gets PERMISSION_DENIED after a completed handshake; a
+    certificate of another install's CA is refused at the handshake."""
+    import base64
+    import json
+    import queue
+    import sys
+    import threading
+    grpc = pytest.importorskip("grpc")
+    sys.path.insert(0, str(ROOT / "tests" / "python"))
+    import arbiter_pb
+    pb = arbiter_pb.compile_stubs()
+    binary = arbiter_binary()
+    data, _, _ = peer_certificates(render("replicas=3"))
+    other, _, _ = peer_certificates(render("replicas=3"))  # another CA
+    for k, v in data.items():
+        (tmp_path / k).write_bytes(v)
+    host0 = f"prod-arbiter-0.prod-arbiter-peers.{NAMESPACE}.svc.cluster.local"
+    proc = subprocess.Popen(
+        [str(binary), "serve", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0",
+         "--peer-listen", "127.0.0.1:0", "--log-format", "json", "--data-dir", str(tmp_path / "data"),
+         "--node-id", "1", "--peers", f"1={host0}:7071",
+         "--peer-tls-cert", str(tmp_path / "prod-arbiter-0.crt"),
+         "--peer-tls-key", str(tmp_path / "prod-arbiter-0.key"), "--peer-tls-ca", str(tmp_path / "ca.crt")],
+        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    ready = queue.Queue()
+
+    def drain():
+        for line in proc.stderr:
+            try:
+                fields = json.loads(line).get("fields", {})
+            except ValueError:
+                continue
+            if fields.get("message") == "arbiter serving":
+                ready.put(fields)
+
+    threading.Thread(target=drain, daemon=True).start()
+    try:
+        addrs = ready.get(timeout=10)
+        status = pb.cl_grpc.ClusterStub(grpc.insecure_channel(addrs["client"])).Status(
+            pb.cl.ClusterStatusRequest(), timeout=5)
+        assert len(status.cluster_id) == 32, status
+
+        def identify(crt, key):
+            creds = grpc.ssl_channel_credentials(
+                root_certificates=data["ca.crt"], private_key=key, certificate_chain=crt)
+            channel = grpc.secure_channel(addrs["peer"], creds, options=[("grpc.ssl_target_name_override", host0)])
+            return pb.cl_grpc.RaftPeerStub(channel).Identify(
+                pb.cl.PeerMessage(json=b'{"node_id":2}'), metadata=[("x-arbiter-cluster", status.cluster_id)],
+                timeout=5)
+
+        answer = json.loads(identify(data["prod-arbiter-0.crt"], data["prod-arbiter-0.key"]).json)
+        assert answer["node_id"] == 1 and answer["cluster_id"] == status.cluster_id
+        with pytest.raises(grpc.RpcError) as e:
+            identify(data["prod-arbiter-1.crt"], data["prod-arbiter-1.key"])
+        assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED, e.value
+        with pytest.raises(grpc.RpcError) as e:
+            identify(other["prod-arbiter-0.crt"], other["prod-arbiter-0.key"])
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE, e.value
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)

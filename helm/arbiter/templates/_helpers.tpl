@@ -64,9 +64,9 @@ tls-client:
   secretName: {{ .Values.tls.client.secretName }}
   path: /tls/client
 {{- end }}
-{{- if .Values.tls.peer.secretName }}
+{{- if ne (include "arbiter.peerTlsMode" .) "none" }}
 tls-peer:
-  secretName: {{ .Values.tls.peer.secretName }}
+  secretName: {{ include "arbiter.peerTlsSecret" . }}
   path: /tls/peer
 {{- end }}
 {{- if .Values.tls.metrics.secretName }}
@@ -117,4 +117,30 @@ The ConfigMap holding the named limits, or "" when there are none.
 {{- else if .Values.limits.files -}}
 {{- include "arbiter.fullname" . }}-limits
 {{- end -}}
+{{- end }}
+
+{{/*
+Where the peer certificates come from: generate, secret, certManager or none
+(a set tls.peer.secretName means secret).
+*/}}
+{{- define "arbiter.peerTlsMode" -}}
+{{- if .Values.tls.peer.secretName -}}
+secret
+{{- else -}}
+{{- .Values.tls.peer.mode -}}
+{{- end -}}
+{{- end }}
+
+{{/* The Secret holding the peer certificates. */}}
+{{- define "arbiter.peerTlsSecret" -}}
+{{- if .Values.tls.peer.secretName -}}
+{{- .Values.tls.peer.secretName -}}
+{{- else -}}
+{{- include "arbiter.fullname" . }}-peer-tls
+{{- end -}}
+{{- end }}
+
+{{/* A member's peer host name: <pod>.<headless service>.<namespace>.svc.<domain>. */}}
+{{- define "arbiter.peerHost" -}}
+{{- printf "%s-%d.%s.%s.svc.%s" (include "arbiter.fullname" .root) (int .ordinal) (include "arbiter.peersService" .root) .root.Release.Namespace .root.Values.clusterDomain }}
 {{- end }}
