@@ -7,23 +7,32 @@
 //! has none and accepts any). Peer messages carry the sender's cluster id
 //! (`x-arbiter-cluster`); a node refuses messages of another cluster.
 //!
-//! A node whose data directory holds no Raft state asks its peers
-//! (`Identify`) before it takes part in Raft (votes, appends, snapshots and
-//! pre-votes are refused until then):
-//! - a peer with state lists it as a voter: its disk was lost or replaced.
-//!   Rejoining empty would let it vote without the log it had acknowledged,
-//!   so it refuses to start, naming the recovery (remove the member, then
-//!   add it back as a new one);
+//! A node whose data directory holds no Raft state asks the other initial
+//! members (`Identify`) before it takes part in Raft (votes, appends,
+//! snapshots and pre-votes are refused until then):
+//! - a peer with state lists it as a voter and has seen it take part in
+//!   Raft (`raft::seen`), or lists it in a membership other than the one
+//!   the cluster was formed with: its disk was lost or replaced. Rejoining
+//!   empty would let it vote without the log it had acknowledged, so it
+//!   refuses to start, naming the recovery (remove the member, then add it
+//!   back as a new one);
+//! - a peer with state lists it as a voter of the cluster's first
+//!   membership and no peer has seen it take part: it never started (it
+//!   died, or was slow, while the others formed the cluster). Once every
+//!   other member has answered it starts as that member;
 //! - a peer with state does not list it: it joins as a new member (to be
 //!   added with `arbiter cluster add`);
-//! - every other peer answers and none has state: a new cluster. The
-//!   lowest id initialises it; it is the only way a cluster is initialised,
-//!   so a lowest-id member that lost its disk never starts a second one.
+//! - a majority of the initial members (itself included) answer and none
+//!   has state: a new cluster.
 //!
-//! Until one of these holds (peers unreachable), it keeps asking. The
-//! initialising member makes itself the only voter, then adds the others as
-//! learners and makes each a voter once it has caught up: a voter has
-//! always received the log, so an empty voter is one that lost it.
+//! Until one of these holds, it keeps asking. A new cluster is formed as
+//! etcd's static bootstrap forms one: every member that finds it new
+//! initialises it with all the initial members as voters and the id they
+//! all derive from their flags (`formation_id`), so no member is needed
+//! for the others to finish forming it. If the members that did not
+//! answer held an older cluster's data (two of three disks lost), that
+//! data is not brought back: give a re-created cluster a new
+//! `--cluster-token`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,7 +49,13 @@ use crate::raft::NodeId;
 pub use crate::raft::network::{ClusterId, CLUSTER_HEADER};
 
 /// How often an empty node asks its peers again.
-const ASK_EVERY: Duration = Duration::from_millis(500);
+const ASK_EVERY: Duration = Duration::from_millis(200);
+/// How long it waits for one peer's answer.
+const ASK_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long an empty node that the forming cluster lists as a voter waits
+/// for every other member before it settles for a majority's word that
+/// none has seen it take part (see [`verdict`]).
+const FORMATION_PATIENCE: Duration = Duration::from_millis(500);
 
 /// What a data directory records about itself.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -59,6 +74,13 @@ pub struct Identified {
     pub cluster_id: Option<String>,
     /// The voters of its current membership.
     pub voters: Vec<NodeId>,
+    /// The log index of that membership: 0 for the one the cluster was
+    /// formed with (absent from older versions, and without state).
+    #[serde(default)]
+    pub membership_index: Option<u64>,
+    /// The peers it has seen take part in Raft with state (`raft::seen`).
+    #[serde(default)]
+    pub seen_with_state: Vec<NodeId>,
 }
 
 /// Where an empty node stands.
@@ -130,21 +152,44 @@ pub enum Verdict {
     Refuse(String),
     /// Join an existing cluster as a new member.
     Join,
-    /// Every peer is empty: a new cluster (initialised by the lowest id).
+    /// No peer has state: a new cluster.
     NewCluster,
+    /// The others formed the cluster without this member, which never
+    /// started: it starts as the member it was meant to be.
+    NeverStarted,
     /// Not enough answers yet.
     Wait,
 }
 
 /// Decides from the answers of the other initial members (`None`: no
-/// answer).
-pub fn verdict(me: NodeId, answers: &[(NodeId, Option<Identified>)]) -> Verdict {
-    for (peer, answer) in answers {
-        let Some(a) = answer else { continue };
-        if !a.has_state {
-            continue;
-        }
-        if a.voters.contains(&me) {
+/// answer); `members` counts the initial members, this one included.
+/// `patient`: this node has been asking for [`FORMATION_PATIENCE`].
+///
+/// A node listed as a voter of the cluster's first membership that no
+/// peer has seen take part never started, and the cluster is still
+/// forming (its leader seals the formation, re-committing the membership
+/// at a later index, once it has seen every initial member take part). It
+/// starts when every other member says so, or, once patient, a majority of
+/// the members: a member that died during the first start must not hold
+/// the others back. Of three members, the one that did not answer cannot
+/// be the only one to have seen it (the answering one would have, or it
+/// never took part); of five, a member that took part, lost its disk, and
+/// whose witnesses stayed unreachable for that long while the cluster was
+/// still forming would be taken for one that never started.
+pub fn verdict(
+    me: NodeId,
+    members: usize,
+    answers: &[(NodeId, Option<Identified>)],
+    patient: bool,
+) -> Verdict {
+    let stateful: Vec<(NodeId, &Identified)> = answers
+        .iter()
+        .filter_map(|(peer, a)| a.as_ref().filter(|a| a.has_state).map(|a| (*peer, a)))
+        .collect();
+    for (peer, a) in &stateful {
+        let lost = a.voters.contains(&me)
+            && (a.seen_with_state.contains(&me) || a.membership_index != Some(0));
+        if lost {
             return Verdict::Refuse(format!(
                 "node {me} has an empty data directory, but node {peer} lists it as a voter of \
                  the cluster{}: its data was lost or replaced, and rejoining empty could elect \
@@ -157,9 +202,20 @@ pub fn verdict(me: NodeId, answers: &[(NodeId, Option<Identified>)]) -> Verdict 
                     .unwrap_or_default()
             ));
         }
+    }
+    let answered = 1 + answers.iter().filter(|(_, a)| a.is_some()).count();
+    if stateful.iter().any(|(_, a)| a.voters.contains(&me)) {
+        let all = answered == members;
+        return if all || (patient && answered * 2 > members) {
+            Verdict::NeverStarted
+        } else {
+            Verdict::Wait
+        };
+    }
+    if !stateful.is_empty() {
         return Verdict::Join;
     }
-    if answers.iter().all(|(_, a)| a.is_some()) {
+    if answered * 2 > members {
         Verdict::NewCluster
     } else {
         Verdict::Wait
@@ -193,6 +249,8 @@ impl Node {
             has_state,
             cluster_id: self.cluster.get().cloned(),
             voters: m.membership_config.voter_ids().collect(),
+            membership_index: m.membership_config.log_id().map(|l| l.index),
+            seen_with_state: self.seen.all(),
         }
     }
 
@@ -247,8 +305,8 @@ impl Node {
     }
 
     /// Asks the other initial members until the verdict is known, then
-    /// admits this node (initialising a new cluster if it has the lowest
-    /// id) or refuses it.
+    /// admits this node (initialising the cluster as one of its initial
+    /// voters when it is new or formed without it) or refuses it.
     pub(super) async fn run_admission(self: Arc<Self>) {
         let others: Vec<(NodeId, String)> = self
             .initial_peers
@@ -256,12 +314,14 @@ impl Node {
             .filter(|(id, _)| **id != self.id)
             .map(|(id, addr)| (*id, addr.clone()))
             .collect();
+        let asking = tokio::time::Instant::now();
         loop {
             let mut answers = Vec::with_capacity(others.len());
             for (id, addr) in &others {
                 answers.push((*id, self.ask_identify(addr).await.ok()));
             }
-            match verdict(self.id, &answers) {
+            let patient = asking.elapsed() >= FORMATION_PATIENCE;
+            match verdict(self.id, self.initial_peers.len(), &answers, patient) {
                 Verdict::Refuse(why) => {
                     tracing::error!("{why}");
                     self.admission.send_replace(Admission::Refused(why));
@@ -274,8 +334,8 @@ impl Node {
                     self.admission.send_replace(Admission::Admitted);
                     return;
                 }
-                Verdict::NewCluster => {
-                    if let Err(e) = self.initialise_if_lowest().await {
+                Verdict::NewCluster | Verdict::NeverStarted => {
+                    if let Err(e) = self.initialise().await {
                         let why = format!("cannot initialise the cluster: {e}");
                         tracing::error!("{why}");
                         self.admission.send_replace(Admission::Refused(why));
@@ -284,7 +344,8 @@ impl Node {
                 }
                 Verdict::Wait => {
                     tracing::info!(
-                        "waiting for every peer to answer before joining or forming a cluster"
+                        "waiting for a majority of the initial members to answer before \
+                         joining or forming a cluster"
                     );
                 }
             }
@@ -303,7 +364,7 @@ impl Node {
         let mut request = with_cluster(
             encode(&IdentifyRequest { node_id: self.id }),
             &self.cluster,
-            ASK_EVERY,
+            ASK_TIMEOUT,
         );
         if self.cluster.get().is_none() {
             if let Ok(v) = self.formation_id.parse() {
@@ -326,6 +387,8 @@ impl Node {
                     has_state: true,
                     cluster_id: None,
                     voters: if listed { vec![self.id] } else { Vec::new() },
+                    membership_index: None,
+                    seen_with_state: Vec::new(),
                 })
             }
         }
@@ -345,42 +408,65 @@ impl Node {
         })
     }
 
-    /// Admits this node to a new cluster; the lowest id initialises it
-    /// (with a new cluster id, recorded first) as its only voter, then adds
-    /// the other members as learners and makes each a voter once it has
-    /// caught up. So a member listed as a voter has always received the
-    /// log: an empty one has lost it.
-    pub(super) async fn initialise_if_lowest(self: &Arc<Self>) -> Result<(), NodeError> {
-        let lowest = self.initial_peers.keys().next().copied();
-        if lowest != Some(self.id) {
-            // The lowest id initialises the cluster with the formation's
-            // id, which this member already knows.
-            self.adopt_cluster_id(&self.formation_id)?;
-            self.admission.send_replace(Admission::Admitted);
-            return Ok(());
-        }
-        let cluster_id = self.formation_id.clone();
-        let identity = Identity {
-            node_id: self.id,
-            cluster_id: Some(cluster_id.clone()),
-        };
-        self.store
-            .save_identity(&identity)
-            .map_err(|e| NodeError::Unavailable(e.to_string()))?;
-        let _ = self.cluster.set(cluster_id.clone());
-        let me = &self.initial_peers[&self.id];
-        let first = std::collections::BTreeMap::from([(self.id, BasicNode::new(me))]);
-        tracing::info!(members = self.initial_peers.len(), cluster = %cluster_id, "initialising a new cluster");
+    /// Initialises this node as a member of the cluster the initial
+    /// members form: every one of them a voter, the cluster id the one they
+    /// all derive (recorded first). Each initial member does the same, so
+    /// their first log entries are identical and no member waits for
+    /// another to add it.
+    pub(super) async fn initialise(self: &Arc<Self>) -> Result<(), NodeError> {
+        self.adopt_cluster_id(&self.formation_id.clone())?;
+        let members: std::collections::BTreeMap<NodeId, BasicNode> = self
+            .initial_peers
+            .iter()
+            .map(|(id, addr)| (*id, BasicNode::new(addr)))
+            .collect();
+        tracing::info!(
+            members = members.len(),
+            cluster = %self.formation_id,
+            "initialising the cluster with every initial member as a voter"
+        );
         self.admission.send_replace(Admission::Admitted);
         self.raft
-            .initialize(first)
+            .initialize(members)
             .await
-            .map_err(|e| NodeError::Unavailable(e.to_string()))?;
-        if self.initial_peers.len() > 1 {
-            self.tasks
-                .spawn("joining members", self.clone().add_initial_members());
+            .map_err(|e| NodeError::Unavailable(e.to_string()))
+    }
+
+    /// While the cluster's membership is still the one it was formed with
+    /// (log index 0), its leader re-commits it once it has seen every
+    /// initial member take part: from then on an empty voter is always one
+    /// that lost its disk (see [`verdict`]). Checks every 200 ms until the
+    /// membership has moved on.
+    pub(super) async fn run_formation_seal(self: Arc<Self>) {
+        loop {
+            let (index, voters) = {
+                let m = self.server.borrow();
+                let config = &m.membership_config;
+                (
+                    config.log_id().map(|l| l.index),
+                    config
+                        .membership()
+                        .voter_ids()
+                        .collect::<std::collections::BTreeSet<_>>(),
+                )
+            };
+            if index.is_some_and(|i| i > 0) {
+                return;
+            }
+            let seen = self.seen.all();
+            let everyone = voters.iter().all(|v| *v == self.id || seen.contains(v));
+            if index == Some(0) && everyone && self.is_leader() {
+                match self.raft.change_membership(voters, false).await {
+                    Ok(_) => tracing::info!("every initial member took part: formation sealed"),
+                    Err(e) => tracing::debug!(error = %e, "sealing the formation: retrying"),
+                }
+            }
+            tokio::select! {
+                biased;
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                _ = self.tasks.stopping() => return,
+            }
         }
-        Ok(())
     }
 
     /// Records `id` as this node's cluster id (before it is used).
@@ -396,69 +482,9 @@ impl Node {
         Ok(())
     }
 
-    /// Adds the other initial members: each as a learner, then, once it
-    /// has replicated up to the membership change that added it, as a
-    /// voter. Checks every 100 ms (a member that is not up yet holds back
-    /// no other) until all are voters, or this node stops leading (the rest
-    /// are then added with `arbiter cluster add`, as the log says).
-    async fn add_initial_members(self: Arc<Self>) {
-        loop {
-            let voters = self.voters();
-            let pending: Vec<(NodeId, String)> = self
-                .initial_peers
-                .iter()
-                .filter(|(id, _)| !voters.contains(id))
-                .map(|(id, addr)| (*id, addr.clone()))
-                .collect();
-            if pending.is_empty() {
-                return;
-            }
-            if self.is_leader() {
-                self.add_step(pending).await;
-            } else if voters.len() > 1 {
-                tracing::warn!(
-                    "no longer leading: add the remaining initial members with `arbiter cluster add`"
-                );
-                return;
-            }
-            tokio::select! {
-                biased;
-                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
-                _ = self.tasks.stopping() => return,
-            }
-        }
-    }
-
-    /// One step for each member not yet a voter: add it as a learner, or
-    /// make a caught-up learner a voter. Refusals (another change still in
-    /// progress) are retried on the next step.
-    async fn add_step(&self, pending: Vec<(NodeId, String)>) {
-        let m = self.raft.metrics().borrow().clone();
-        let config = m.membership_config.membership();
-        let change_index = m.membership_config.log_id().map(|l| l.index);
-        for (id, addr) in pending {
-            if config.get_node(&id).is_none() {
-                let _ = self
-                    .raft
-                    .add_learner(id, BasicNode::new(&addr), false)
-                    .await;
-                continue;
-            }
-            let matched = m
-                .replication
-                .as_ref()
-                .and_then(|r| r.get(&id).copied().flatten())
-                .map(|l| l.index);
-            if matched.is_some() && matched >= change_index {
-                let mut voters = self.voters();
-                voters.insert(id);
-                if self.raft.change_membership(voters, false).await.is_ok() {
-                    tracing::info!(node = id, "initial member joined as a voter");
-                }
-                // One change at a time: the next waits for this one.
-                return;
-            }
-        }
+    /// Peers seen taking part in Raft with state (see `raft::seen`).
+    pub fn seen(&self) -> &crate::raft::seen::SeenWithState {
+        &self.seen
     }
 }
 
@@ -466,12 +492,14 @@ impl Node {
 mod tests {
     use super::*;
 
-    fn with_state(voters: &[NodeId]) -> Option<Identified> {
+    fn with_state(voters: &[NodeId], index: u64, seen: &[NodeId]) -> Option<Identified> {
         Some(Identified {
             node_id: 9,
             has_state: true,
             cluster_id: Some("c1".into()),
             voters: voters.to_vec(),
+            membership_index: Some(index),
+            seen_with_state: seen.to_vec(),
         })
     }
 
@@ -481,13 +509,16 @@ mod tests {
             has_state: false,
             cluster_id: None,
             voters: Vec::new(),
+            membership_index: None,
+            seen_with_state: Vec::new(),
         })
     }
 
     #[test]
-    fn an_empty_voter_is_refused_a_new_member_joins_an_empty_cluster_forms() {
-        let v = verdict(1, &[(2, with_state(&[1, 2, 3])), (3, None)]);
-        match v {
+    fn an_empty_voter_that_took_part_is_refused_one_that_never_started_starts() {
+        let listed = |index, seen: &[NodeId]| with_state(&[1, 2, 3], index, seen);
+        // Seen taking part: its disk was lost.
+        match verdict(1, 3, &[(2, listed(0, &[1])), (3, None)], true) {
             Verdict::Refuse(why) => {
                 assert!(
                     why.contains("node 2 lists it as a voter of the cluster c1"),
@@ -497,16 +528,54 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+        // Listed in a later membership (the formation was sealed, or it was
+        // added), or by a peer of an older version: every voter there had
+        // received the log.
+        assert!(matches!(
+            verdict(1, 3, &[(2, listed(7, &[])), (3, empty())], true),
+            Verdict::Refuse(_)
+        ));
+        let old_peer = Identified {
+            membership_index: None,
+            ..listed(0, &[]).unwrap()
+        };
+        assert!(matches!(
+            verdict(1, 3, &[(2, Some(old_peer)), (3, empty())], true),
+            Verdict::Refuse(_)
+        ));
+        // In the first membership and seen by nobody: it never started.
+        // Every member's word settles it at once; a majority's once patient.
+        let all = [(2, listed(0, &[3])), (3, listed(0, &[2]))];
+        assert_eq!(verdict(1, 3, &all, false), Verdict::NeverStarted);
+        let some = [(2, listed(0, &[3])), (3, None)];
+        assert_eq!(verdict(1, 3, &some, false), Verdict::Wait);
+        assert_eq!(verdict(1, 3, &some, true), Verdict::NeverStarted);
+        let few = [(2, listed(0, &[])), (3, None), (4, None), (5, None)];
+        assert_eq!(verdict(1, 5, &few, true), Verdict::Wait);
+        // One peer says it took part, another not: refused.
+        let mixed = [(2, listed(0, &[])), (3, listed(0, &[1]))];
+        assert!(matches!(verdict(1, 3, &mixed, true), Verdict::Refuse(_)));
+    }
+
+    #[test]
+    fn a_new_member_joins_and_a_majority_of_empty_members_forms_a_cluster() {
+        let member_list = with_state(&[1, 2, 3], 5, &[]);
         assert_eq!(
-            verdict(4, &[(1, with_state(&[1, 2, 3])), (2, None)]),
+            verdict(4, 4, &[(1, member_list), (2, None)], false),
             Verdict::Join
         );
-        assert_eq!(
-            verdict(1, &[(2, empty()), (3, empty())]),
-            Verdict::NewCluster
-        );
-        // One silent peer may be the one with the data: wait for it.
-        assert_eq!(verdict(1, &[(2, empty()), (3, None)]), Verdict::Wait);
+        let both = [(2, empty()), (3, empty())];
+        assert_eq!(verdict(1, 3, &both, false), Verdict::NewCluster);
+        // A majority (this node and one more) is enough: the third may be
+        // dead, and must not hold the others back.
+        let one = [(1, None), (2, empty())];
+        assert_eq!(verdict(3, 3, &one, false), Verdict::NewCluster);
+        let none = [(2, None), (3, None)];
+        assert_eq!(verdict(1, 3, &none, true), Verdict::Wait);
+        let two_of_five = [(2, empty()), (3, None), (4, None), (5, None)];
+        assert_eq!(verdict(1, 5, &two_of_five, true), Verdict::Wait);
+        let three_of_five = [(2, empty()), (3, empty()), (4, None), (5, None)];
+        assert_eq!(verdict(1, 5, &three_of_five, false), Verdict::NewCluster);
     }
 
     #[test]

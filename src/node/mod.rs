@@ -57,6 +57,7 @@ use crate::clock::Clock;
 use crate::engine::{Engine, EngineConfig, EngineError, LeaseEvent};
 use crate::raft::lease::LeaderLease;
 use crate::raft::network::{Channels, Dialer, PeerNetwork, SNAPSHOT_CHUNK_BYTES, SNAPSHOT_RPC_CAP};
+use crate::raft::seen::SeenWithState;
 use crate::raft::state_machine::{Observer, StateMachine};
 use crate::raft::{NodeId, TypeConfig};
 use crate::storage::{SnapshotDir, Store};
@@ -205,6 +206,8 @@ pub struct Node {
     /// Whether peer messages without a cluster id are accepted (one
     /// upgrade's switch).
     accept_unnamed_peers: bool,
+    /// Peers seen taking part in Raft with state (see `raft::seen`).
+    seen: Arc<SeenWithState>,
     /// The members given at start-up, with their peer addresses.
     initial_peers: BTreeMap<NodeId, String>,
     /// Set by a leader handing over on shutdown: it serves no more calls.
@@ -289,7 +292,13 @@ impl Node {
         }
         .validate()
         .map_err(|e| raft_err(&e))?;
-        let network = PeerNetwork::new(cluster.clone(), peer_tls, simulation.map(|s| s.dial));
+        let seen = SeenWithState::load(store.clone())?;
+        let network = PeerNetwork::new(
+            cluster.clone(),
+            peer_tls,
+            simulation.map(|s| s.dial),
+            seen.clone(),
+        );
         let channels = network.channels.clone();
         let lease = network.lease.clone();
         let raft = Raft::new(
@@ -333,6 +342,7 @@ impl Node {
             cluster,
             formation_id,
             accept_unnamed_peers: accept_peers_without_cluster_id,
+            seen,
             initial_peers: membership.peers.clone(),
             stepping_down: std::sync::atomic::AtomicBool::new(false),
             leading_since: std::sync::Mutex::new((0, 0)),
@@ -356,9 +366,7 @@ impl Node {
         if !has_state {
             if node.initial_peers.len() <= 1 {
                 // A single node: nobody to ask.
-                node.initialise_if_lowest()
-                    .await
-                    .map_err(|e| raft_err(&e))?;
+                node.initialise().await.map_err(|e| raft_err(&e))?;
             } else {
                 node.tasks.spawn("admission", node.clone().run_admission());
             }
@@ -368,6 +376,8 @@ impl Node {
         node.tasks
             .spawn("voter watch", node.clone().run_voter_watch());
         node.tasks.spawn("elections", node.clone().run_elections());
+        node.tasks
+            .spawn("formation seal", node.clone().run_formation_seal());
         node.tasks
             .spawn("limit sync", node.clone().run_limit_sync(limit_sync));
         node.tasks

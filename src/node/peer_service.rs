@@ -161,6 +161,12 @@ impl PeerService {
         }
     }
 
+    /// Records that `sender` takes part in Raft with state of its own
+    /// before its message is acted on (see `raft::seen`).
+    fn seen(&self, sender: NodeId) -> Result<(), Status> {
+        self.node.seen().record(sender).map_err(Status::unavailable)
+    }
+
     /// Logs a refusal (at most once every [`FOREIGN_WARN_EVERY_MS`]: a
     /// stranger's heartbeats would otherwise log twenty times a second)
     /// and counts it.
@@ -186,6 +192,7 @@ impl RaftPeer for PeerService {
         let rpc = decode_append(request.get_ref())
             .map_err(|e| Status::invalid_argument(format!("undecodable append: {e}")))?;
         self.admit(&request, Some(rpc.vote.leader_id.node_id), false)?;
+        self.seen(rpc.vote.leader_id.node_id)?;
         self.node.heard_from(&rpc.vote, rpc.leader_commit);
         Ok(Response::new(encode(
             &self.node.raft().append_entries(rpc).await,
@@ -195,6 +202,7 @@ impl RaftPeer for PeerService {
     async fn vote(&self, request: Request<PeerMessage>) -> Result<Response<PeerMessage>, Status> {
         let rpc: VoteRequest<NodeId> = decode(request.get_ref()).map_err(bad)?;
         self.admit(&request, Some(rpc.vote.leader_id.node_id), false)?;
+        self.seen(rpc.vote.leader_id.node_id)?;
         let reply = self.node.raft().vote(rpc).await;
         if matches!(&reply, Ok(r) if r.vote_granted) {
             // Give the candidate this node voted for time to win.
@@ -219,6 +227,7 @@ impl RaftPeer for PeerService {
             Some(sender),
             false,
         )?;
+        self.seen(sender)?;
         self.node.heard_from(&rpc.vote, None);
         Ok(Response::new(encode(
             &self.node.raft().install_snapshot(rpc).await,

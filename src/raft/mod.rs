@@ -9,6 +9,7 @@ pub mod codec;
 pub mod lease;
 mod legacy;
 pub mod network;
+pub mod seen;
 pub mod snapshot;
 pub mod state_machine;
 

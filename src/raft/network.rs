@@ -34,6 +34,7 @@ use super::legacy::LegacyEntry;
 use super::{LogId, NodeId, SnapshotMeta, TypeConfig};
 use crate::proto::raft_peer_client::RaftPeerClient;
 use crate::proto::PeerMessage;
+use crate::raft::seen::SeenWithState;
 
 /// Largest message either end of the peer channel sends or accepts (set on
 /// both ends; tonic's default is 4 MiB). Appends are split well below it
@@ -251,14 +252,22 @@ pub struct PeerNetwork {
     /// Fed with every accepted append (see [`LeaderLease`]).
     pub lease: Arc<LeaderLease>,
     cluster: ClusterId,
+    /// Peers whose answers showed state of their own (see `raft::seen`).
+    seen: Arc<SeenWithState>,
 }
 
 impl PeerNetwork {
-    pub fn new(cluster: ClusterId, tls: Option<Connector>, dial: Option<Dialer>) -> Self {
+    pub fn new(
+        cluster: ClusterId,
+        tls: Option<Connector>,
+        dial: Option<Dialer>,
+        seen: Arc<SeenWithState>,
+    ) -> Self {
         Self {
             channels: Channels::new(tls, dial),
             lease: Arc::default(),
             cluster,
+            seen,
         }
     }
 }
@@ -269,6 +278,7 @@ pub struct PeerClient {
     channels: Channels,
     lease: Arc<LeaderLease>,
     cluster: ClusterId,
+    seen: Arc<SeenWithState>,
 }
 
 /// Adds this node's cluster id (if known) to an outgoing peer request.
@@ -291,6 +301,7 @@ impl RaftNetworkFactory<TypeConfig> for PeerNetwork {
             channels: self.channels.clone(),
             lease: self.lease.clone(),
             cluster: self.cluster.clone(),
+            seen: self.seen.clone(),
         }
     }
 }
@@ -335,7 +346,13 @@ impl PeerClient {
         };
         let result: Result<Resp, E> =
             decode(&reply).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+        let answer = result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))?;
+        // The peer answered as a Raft participant: recorded before its
+        // answer can count (see `raft::seen`).
+        self.seen
+            .record(self.target)
+            .map_err(|e| RPCError::Network(NetworkError::new(&std::io::Error::other(e))))?;
+        Ok(answer)
     }
 }
 

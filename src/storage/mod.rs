@@ -48,6 +48,8 @@ const LAST_PURGED: &str = "last_purged";
 const SNAPSHOT_META: &str = "snapshot_meta";
 const SNAPSHOT_DATA: &str = "snapshot_data";
 const IDENTITY: &str = "identity";
+/// The peers this node has seen take part in Raft (`raft::seen`).
+const SEEN_WITH_STATE: &str = "seen_with_state";
 
 /// redb page cache size.
 const STORE_CACHE_BYTES: usize = 8 << 20;
@@ -284,6 +286,26 @@ impl Store {
     pub fn save_identity(&self, identity: &crate::node::Identity) -> Result<(), StorageError> {
         self.put_meta(
             &[(IDENTITY, Some(Self::json(identity)))],
+            ErrorSubject::Store,
+            true,
+        )
+    }
+
+    /// The peers this node has seen take part in Raft with state of their
+    /// own (see `raft::seen`).
+    pub fn seen_with_state(&self) -> Result<std::collections::BTreeSet<u64>, StorageError> {
+        Ok(self
+            .get_meta(SEEN_WITH_STATE, ErrorSubject::Store)?
+            .unwrap_or_default())
+    }
+
+    /// Records them (fsynced).
+    pub fn save_seen_with_state(
+        &self,
+        seen: &std::collections::BTreeSet<u64>,
+    ) -> Result<(), StorageError> {
+        self.put_meta(
+            &[(SEEN_WITH_STATE, Some(Self::json(seen)))],
             ErrorSubject::Store,
             true,
         )
