@@ -61,6 +61,12 @@ pub struct Config {
     #[arg(long, env = "ARBITER_LEADER_WAIT_MS", default_value_t = 3000)]
     pub leader_wait_ms: u64,
 
+    /// How long a member being added (`cluster add`) has to catch up as a
+    /// learner before it is made a voter; one that has not is removed
+    /// again and the add fails (unless forced).
+    #[arg(long, env = "ARBITER_MEMBER_CATCH_UP_MS", default_value_t = 10_000)]
+    pub member_catch_up_ms: u64,
+
     /// The most the members' wall clocks may differ by. A node that has
     /// applied nothing yet (the first leader of a new cluster) starts the
     /// replicated timeline this far behind its wall clock, so a clock ahead

@@ -142,6 +142,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Started, Ser
         membership,
         snapshot_logs: config.snapshot_logs,
         leader_wait: Duration::from_millis(config.leader_wait_ms.max(1)),
+        member_catch_up: Duration::from_millis(config.member_catch_up_ms.max(1)),
         limit_sync: Duration::from_millis(config.limit_sync_ms.max(1)),
         limit_sweep: Duration::from_millis(config.sweep_interval_ms.max(1)),
         clock,

@@ -74,6 +74,7 @@ impl Cluster for ClusterService {
                 AddMember {
                     id: r.id,
                     peer_addr: r.peer_addr,
+                    force: r.force,
                 },
                 caller.name(),
             )

@@ -274,15 +274,20 @@ pub(super) async fn cluster(cmd: ClusterCmd) -> CliResult {
             server,
             id,
             peer_addr,
-        } => (server, Some((id, Some(peer_addr)))),
+            force,
+        } => (server, Some((id, Some((peer_addr, force))))),
         ClusterCmd::Remove { server, id } => (server, Some((id, None))),
     };
     let mut client = ClusterClient::new(connect(&server).await?);
     let st = match call {
         None => client.status(pb::ClusterStatusRequest {}).await,
-        Some((id, Some(peer_addr))) => {
+        Some((id, Some((peer_addr, force)))) => {
             client
-                .add_member(pb::AddMemberRequest { id, peer_addr })
+                .add_member(pb::AddMemberRequest {
+                    id,
+                    peer_addr,
+                    force,
+                })
                 .await
         }
         Some((id, None)) => client.remove_member(pb::RemoveMemberRequest { id }).await,

@@ -82,6 +82,10 @@ enum ClusterCmd {
         id: u64,
         /// Its peer address, HOST:PORT.
         peer_addr: String,
+        /// Make it a voter even if it has not caught up within the server's
+        /// --member-catch-up-ms (by default the add is then rolled back).
+        #[arg(long)]
+        force: bool,
     },
     /// Remove a voter.
     Remove {

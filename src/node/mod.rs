@@ -107,6 +107,8 @@ pub struct Options {
     pub snapshot_logs: u64,
     /// How long a call waits for a leader before answering UNAVAILABLE.
     pub leader_wait: Duration,
+    /// How long a member being added has to catch up as a learner.
+    pub member_catch_up: Duration,
     /// How often the leader replicates changed rate-limit state.
     pub limit_sync: Duration,
     /// How often idle rate-limit cells are dropped.
@@ -168,6 +170,8 @@ pub struct Node {
     channels: Channels,
     /// How long a call waits for a leader before answering UNAVAILABLE.
     leader_wait: Duration,
+    /// How long a member being added has to catch up as a learner.
+    member_catch_up: Duration,
     /// The term in which this node, as leader, caught up with everything
     /// committed (and extended leases): it decides rate limits only then.
     ready_term: AtomicU64,
@@ -238,6 +242,7 @@ impl Node {
             membership,
             snapshot_logs,
             leader_wait,
+            member_catch_up,
             limit_sync,
             limit_sweep,
             clock,
@@ -325,6 +330,7 @@ impl Node {
             raft,
             channels,
             leader_wait,
+            member_catch_up,
             ready_term: AtomicU64::new(0),
             extended_term: AtomicU64::new(0),
             lease,

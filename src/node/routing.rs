@@ -8,6 +8,7 @@
 //! operation's own `Result<Output, NodeError>`, which the follower decodes
 //! as the type it asked for.
 
+use std::collections::BTreeSet;
 use std::future::Future;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -53,11 +54,15 @@ pub struct GetRecord {
     pub key: String,
 }
 
-/// Adds a voter (as a learner first, then promoted).
+/// Adds a voter: as a learner first, made a voter once it has caught up
+/// (within `--member-catch-up-ms`); one that has not is removed again,
+/// unless `force`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct AddMember {
     pub id: NodeId,
     pub peer_addr: String,
+    #[serde(default)]
+    pub force: bool,
 }
 
 /// Removes a voter.
@@ -73,6 +78,11 @@ pub trait Operation: Clone + Send + Sync + Into<Call> + 'static {
     /// Whether serving it may change state (a write that times out has an
     /// unknown outcome).
     const WRITE: bool;
+
+    /// How long the leader may take to serve it.
+    fn bound(&self, node: &Node) -> Duration {
+        node.leader_wait
+    }
 
     /// Serves it at this node, which must lead (`NotLeader` otherwise).
     fn serve(self, node: &Node) -> impl Future<Output = Result<Self::Output, NodeError>> + Send;
@@ -188,16 +198,53 @@ impl Operation for AddMember {
     type Output = ();
     const WRITE: bool = true;
 
+    fn bound(&self, node: &Node) -> Duration {
+        node.member_catch_up + 2 * node.leader_wait
+    }
+
     async fn serve(self, node: &Node) -> Result<(), NodeError> {
         if !node.is_leader() {
             return Err(NodeError::NotLeader);
         }
         let refused = |e: &dyn std::fmt::Display| NodeError::Membership(e.to_string());
-        node.raft
-            .add_learner(self.id, BasicNode::new(self.peer_addr), true)
+        let mut voters = node.voters();
+        if voters.contains(&self.id) {
+            return Ok(());
+        }
+        let added = node
+            .raft
+            .add_learner(self.id, BasicNode::new(&self.peer_addr), false)
             .await
             .map_err(|e| refused(&e))?;
-        let mut voters = node.voters();
+        let wanted = added.log_id.index;
+        let matched = node.learner_caught_up(self.id, wanted).await;
+        if matched.is_none_or(|m| m < wanted) {
+            let had = matched.map_or("none of the log".to_owned(), |m| {
+                format!("up to index {m} of {wanted}")
+            });
+            if !self.force {
+                // Roll back: a learner is harmless, but need not stay.
+                let remove = openraft::ChangeMembers::RemoveNodes(BTreeSet::from([self.id]));
+                let rolled_back = node.raft.change_membership(remove, false).await;
+                return Err(NodeError::Membership(format!(
+                    "node {} at {} did not catch up within {} ms (it has {had}), so it was not \
+                     made a voter{}: start it first (with the members' --peers plus itself) and \
+                     check that the leader reaches its peer port, or pass --force to add it \
+                     anyway (a voter that never answers can cost the cluster its majority)",
+                    self.id,
+                    self.peer_addr,
+                    node.member_catch_up.as_millis(),
+                    match rolled_back {
+                        Ok(_) => " and was removed again".to_owned(),
+                        Err(e) => format!("; removing the learner again failed: {e}"),
+                    }
+                )));
+            }
+            tracing::warn!(
+                node = self.id,
+                "--force: making a member that has not caught up ({had}) a voter"
+            );
+        }
         voters.insert(self.id);
         node.raft
             .change_membership(voters, false)
@@ -229,6 +276,27 @@ impl Operation for RemoveMember {
 }
 
 impl Node {
+    /// Waits (up to `--member-catch-up-ms`) until this leader has
+    /// replicated to learner `id` up to index `wanted`; the index it got to.
+    async fn learner_caught_up(&self, id: NodeId, wanted: u64) -> Option<u64> {
+        let deadline = Instant::now() + self.member_catch_up;
+        let mut metrics = self.raft.metrics();
+        loop {
+            let matched = metrics
+                .borrow_and_update()
+                .replication
+                .as_ref()
+                .and_then(|r| r.get(&id).copied().flatten())
+                .map(|l| l.index);
+            if matched.is_some_and(|m| m >= wanted) || Instant::now() >= deadline {
+                return matched;
+            }
+            if let Ok(Err(_)) = tokio::time::timeout_at(deadline, metrics.changed()).await {
+                return matched; // Raft has stopped
+            }
+        }
+    }
+
     /// Serves `op` at the leader: here when this node leads, forwarded over
     /// the peer channel otherwise. Waits up to `leader_wait` for a leader;
     /// then UNAVAILABLE.
@@ -252,7 +320,11 @@ impl Node {
                 // Shutting down after handing over: wait for the next leader.
                 Some(l) if l == self.id && self.stepping_down() => Err(NodeError::NotLeader),
                 Some(l) if l == self.id => self.serve_bounded(op.clone()).await,
-                Some(l) => self.forward::<O>(l, op.clone().into(), principal).await,
+                Some(l) => {
+                    let bound = op.bound(self);
+                    self.forward::<O>(l, op.clone().into(), principal, bound)
+                        .await
+                }
                 None => Err(NodeError::NotLeader),
             };
             match result {
@@ -307,6 +379,7 @@ impl Node {
         leader: NodeId,
         call: Call,
         principal: &str,
+        timeout: Duration,
     ) -> Result<O::Output, NodeError> {
         let addr = {
             let m = self.raft.metrics();
@@ -323,7 +396,7 @@ impl Node {
             .channels
             .get(&addr)
             .map_err(|e| NodeError::Unavailable(format!("leader {leader} at {addr}: {e}")))?;
-        let mut request = with_cluster(encode(&call), &self.cluster, self.leader_wait);
+        let mut request = with_cluster(encode(&call), &self.cluster, timeout);
         if !principal.is_empty() {
             match tonic::metadata::MetadataValue::try_from(principal) {
                 Ok(v) => {
@@ -381,12 +454,13 @@ impl Node {
         if self.stepping_down() {
             return Err(NodeError::NotLeader);
         }
-        match tokio::time::timeout(self.leader_wait, op.serve(self)).await {
+        let bound = op.bound(self);
+        match tokio::time::timeout(bound, op.serve(self)).await {
             Ok(result) => result,
             Err(_) => Err(NodeError::Unavailable(format!(
                 "leader {} could not reach a majority within {} ms{}; retry",
                 self.id,
-                self.leader_wait.as_millis(),
+                bound.as_millis(),
                 if O::WRITE {
                     " (the write's outcome is unknown)"
                 } else {

@@ -1291,3 +1291,50 @@ async fn a_new_cluster_forms_whichever_member_dies_whenever_in_its_first_start()
     }
     eprintln!("slowest first write after a kill: {slowest:?}");
 }
+
+/// `cluster add` of a member nobody answers for: the learner never catches
+/// up, so the change is rolled back after the catch-up bound
+/// (`--member-catch-up-ms`, 1 s here) and the CLI says so; the one-member
+/// cluster keeps serving. Seen failing before the fix: the add left the
+/// cluster with an unreachable voter and every write UNAVAILABLE.
+#[tokio::test]
+async fn adding_a_member_that_never_catches_up_is_rolled_back() {
+    let dir = fresh_dir();
+    let node = Server::start_with_env(&dir, &[], &[("ARBITER_MEMBER_CATCH_UP_MS", "1000")]);
+    let mut l = node.leases().await;
+    l.acquire(acquire("before-the-add", "h")).await.unwrap();
+    // A loopback port with nothing behind it.
+    let nobody = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = nobody.local_addr().unwrap().to_string();
+    drop(nobody);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_arbiter"))
+        .args(["cluster", "add", "2", &addr])
+        .args(["--server", &format!("http://{}", node.addr)])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the add succeeded: {stderr}");
+    assert!(
+        stderr.contains("did not catch up") && stderr.contains("--force"),
+        "{stderr}"
+    );
+    let mut request = tonic::Request::new(acquire("after-the-add", "h"));
+    request.set_timeout(Duration::from_secs(2));
+    l.acquire(request).await.expect("the cluster still serves");
+    let mut c = ClusterClient::new(node.channel().await);
+    let st = c
+        .status(ClusterStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        st.members
+            .iter()
+            .map(|m| (m.id, m.voter))
+            .collect::<Vec<_>>(),
+        vec![(1, true)],
+        "the learner was removed again"
+    );
+    drop(node);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -498,6 +498,7 @@ async fn only_an_admin_changes_membership() {
     let add = || AddMemberRequest {
         id: 9,
         peer_addr: "127.0.0.1:1".into(),
+        force: false,
     };
     let r = ClusterClient::new(s.conn(Some(&s.alice), None).await)
         .add_member(add())

@@ -93,7 +93,11 @@ impl Server {
         s
     }
 
-    fn start_with_env(data_dir: &std::path::Path, extra: &[&str], env: &[(&str, &str)]) -> Server {
+    pub fn start_with_env(
+        data_dir: &std::path::Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Server {
         Self::spawn(
             Command::new(env!("CARGO_BIN_EXE_arbiter")),
             data_dir,

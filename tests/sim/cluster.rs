@@ -129,6 +129,7 @@ impl Cluster {
                 },
                 snapshot_logs: 500,
                 leader_wait: LEADER_WAIT,
+                member_catch_up: Duration::from_secs(10),
                 limit_sync: Duration::from_millis(100),
                 limit_sweep: Duration::from_secs(1),
                 clock: clock.clone(),
