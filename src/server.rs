@@ -168,6 +168,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Started, Ser
                         node.clone(),
                         tls.auth.clone(),
                         tls.peer_server.is_some(),
+                        Some(Bounds::from(&config)),
                     ))
                     .max_decoding_message_size(PEER_MESSAGE_LIMIT)
                     .max_encoding_message_size(PEER_MESSAGE_LIMIT),

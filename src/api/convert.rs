@@ -120,17 +120,74 @@ pub fn lease_event(e: engine::LeaseEvent, now_ms: u64) -> pb::LeaseEvent {
     }
 }
 
-pub fn record(key: String, r: engine::Record, now_ms: u64) -> pb::Record {
+/// A record as a caller sees it: the owning principal only for an admin.
+pub fn record(key: String, r: engine::Record, now_ms: u64, show_owner: bool) -> pb::Record {
     let (state, response) = match r.state {
         engine::RecordState::InProgress => (pb::record::State::InProgress, Vec::new()),
         engine::RecordState::Completed { response } => (pb::record::State::Completed, response),
     };
     pb::Record {
+        principal: if show_owner {
+            r.principal
+        } else {
+            String::new()
+        },
         key,
         state: state as i32,
         attempt: r.attempt,
         fingerprint: r.fingerprint,
         response,
         expires_after_ms: r.expires_at_ms.saturating_sub(now_ms),
+    }
+}
+
+/// The bounds a client-facing handler applies, re-applied by the leader to
+/// a call a follower forwarded (a peer could send anything): keys, TTLs,
+/// retention, sizes, the number of checks and each limit.
+pub fn forwarded(call: &crate::node::Call, b: &super::Bounds) -> Result<(), Status> {
+    use crate::node::Call;
+    let name = |n: &str, field: &str| key(n, || field.to_owned());
+    match call {
+        Call::Acquire(op) => name(&op.name, "name").and(ttl(op.ttl_ms, "ttl_ms", b.max_ttl_ms)),
+        Call::Renew(op) => name(&op.name, "name").and(ttl(op.ttl_ms, "ttl_ms", b.max_ttl_ms)),
+        Call::Release(op) => name(&op.name, "name"),
+        Call::GetLease(op) => name(&op.name, "name"),
+        Call::Begin(op) => name(&op.key, "key")
+            .and(bytes(&op.fingerprint, "fingerprint", MAX_KEY_BYTES))
+            .and(ttl(op.lock_ttl_ms, "lock_ttl_ms", b.max_ttl_ms))
+            .and(ttl(op.retention_ms, "retention_ms", b.max_retention_ms)),
+        Call::Complete(op) => {
+            name(&op.key, "key").and(bytes(&op.response, "response", b.max_response_bytes))
+        }
+        Call::Abort(op) => name(&op.key, "key"),
+        Call::GetRecord(op) => name(&op.key, "key"),
+        Call::Check(op) => {
+            let n = op.checks.len();
+            if n == 0 || n > b.max_checks {
+                return Err(Status::invalid_argument(format!(
+                    "checks: must hold 1 to {} checks, got {n}",
+                    b.max_checks
+                )));
+            }
+            op.checks.iter().enumerate().try_for_each(|(i, c)| {
+                key(&c.key, || format!("checks[{i}].key"))?;
+                c.limit.validate().map_err(|e| {
+                    invalid(
+                        &format!("checks[{i}].limit.{}", e.field),
+                        format_args!("1 to {}", e.max),
+                        e.got,
+                    )
+                })
+            })
+        }
+        Call::AddMember(op) => {
+            if op.peer_addr.is_empty() {
+                return Err(Status::invalid_argument(
+                    "peer_addr: must be HOST:PORT, got an empty string",
+                ));
+            }
+            Ok(())
+        }
+        Call::RemoveMember(_) => Ok(()),
     }
 }

@@ -12,11 +12,16 @@ pub fn to_status(e: EngineError) -> Status {
         EngineError::NotHolder { .. } | EngineError::StaleAttempt { .. } => {
             Status::failed_precondition(e.to_string())
         }
-        // The lease belongs to another authenticated principal.
-        EngineError::NotOwner { .. } => Status::permission_denied(e.to_string()),
+        // The lease or idempotency attempt belongs to another
+        // authenticated principal.
+        EngineError::NotOwner { .. } | EngineError::NotRecordOwner { .. } => {
+            Status::permission_denied(e.to_string())
+        }
         // A configured memory bound; the service stays up and the caller may
         // retry later once sweeps free room.
         EngineError::Exhausted { .. } => Status::resource_exhausted(e.to_string()),
+        // A counter at its maximum: no further number can be given.
+        EngineError::CounterAtMax { .. } => Status::resource_exhausted(e.to_string()),
     }
 }
 

@@ -38,6 +38,7 @@ impl Idempotency for IdempotencyService {
             .node
             .execute_as(
                 Begin {
+                    principal: caller.name().to_owned(),
                     key: r.key,
                     fingerprint: r.fingerprint,
                     lock_ttl_ms: r.lock_ttl_ms,
@@ -90,6 +91,7 @@ impl Idempotency for IdempotencyService {
         s.node
             .execute_as(
                 Complete {
+                    principal: caller.name().to_owned(),
                     key: r.key,
                     attempt: r.attempt,
                     response: r.response,
@@ -113,6 +115,7 @@ impl Idempotency for IdempotencyService {
         s.node
             .execute_as(
                 Abort {
+                    principal: caller.name().to_owned(),
                     key: r.key,
                     attempt: r.attempt,
                 },
@@ -138,7 +141,7 @@ impl Idempotency for IdempotencyService {
             .await
             .map_err(error::node_status)?;
         Ok(Response::new(GetRecordResponse {
-            record: value.map(|rec| convert::record(r.key, rec, now_ms)),
+            record: value.map(|rec| convert::record(r.key, rec, now_ms, caller.is_admin())),
         }))
     }
 }

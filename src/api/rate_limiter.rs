@@ -27,6 +27,25 @@ enum Item {
     Fixed(LimitResult),
 }
 
+/// The named limits' keyspace (see `limits::key_for`): their counters are
+/// reached by name (Envoy's rate limit service, `LimitCheck.named`), and a
+/// plain check on one of their keys, with another algorithm, would start
+/// it afresh. Refused unless the caller is an admin.
+fn reserved(caller: &Caller, i: usize, key: &str) -> Result<(), Status> {
+    if !key.starts_with(crate::limits::KEY_PREFIX) {
+        return Ok(());
+    }
+    caller
+        .admin("a check on the named limits' keyspace")
+        .map_err(|_| {
+            Status::permission_denied(format!(
+            "checks[{i}].key {key:?}: keys under {:?} belong to the named limits; check them by \
+             name (LimitCheck.named, or Envoy's rate limit service), or as an admin",
+            crate::limits::KEY_PREFIX
+        ))
+        })
+}
+
 impl RateLimiterService {
     /// A request with at least one `named` check: each resolved against the
     /// named limits, enforced ones decided together (all-or-nothing as
@@ -41,6 +60,7 @@ impl RateLimiterService {
         let mut items = Vec::with_capacity(req.checks.len());
         for (i, c) in req.checks.into_iter().enumerate() {
             let Some(named) = c.named.clone() else {
+                reserved(&caller, i, &c.key)?;
                 items.push(Item::Check {
                     check: convert::limit_check(i, c)?,
                     shadow: false,
@@ -196,6 +216,9 @@ impl RateLimiter for RateLimiterService {
         }
         if req.checks.iter().any(|c| c.named.is_some()) {
             return self.check_named(caller, req).await;
+        }
+        for (i, c) in req.checks.iter().enumerate() {
+            reserved(&caller, i, &c.key)?;
         }
         if !matches!(caller, Caller::Anyone) {
             for c in &req.checks {

@@ -100,6 +100,10 @@ impl Verdict {
     }
 }
 
+/// Where every named limit's key starts: a keyspace reserved for them
+/// (plain checks on it need an admin).
+pub const KEY_PREFIX: &str = "rls/";
+
 /// The engine key for a descriptor: the domain and every entry, hashed when
 /// longer than a key may be.
 pub fn key_for(domain: &str, entries: &[(String, String)]) -> String {
@@ -110,7 +114,7 @@ pub fn key_for(domain: &str, entries: &[(String, String)]) -> String {
             .map(|(k, v)| k.len() + v.len() + 2)
             .sum::<usize>();
     let mut key = String::with_capacity(len);
-    key.push_str("rls/");
+    key.push_str(KEY_PREFIX);
     key.push_str(domain);
     for (k, v) in entries {
         key.push('/');
@@ -123,7 +127,7 @@ pub fn key_for(domain: &str, entries: &[(String, String)]) -> String {
     }
     let digest = ring::digest::digest(&ring::digest::SHA256, key.as_bytes());
     let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
-    format!("rls/{}/#{hex}", truncate(domain, 256))
+    format!("{KEY_PREFIX}{}/#{hex}", truncate(domain, 256))
 }
 
 fn truncate(s: &str, max: usize) -> &str {

@@ -28,7 +28,7 @@ fn authorize(caller: &Caller, call: &Call) -> Result<(), Status> {
             Ok(())
         } else {
             Err(Status::permission_denied(format!(
-                "a lease call for principal {principal:?} was forwarded as {:?}",
+                "a call for principal {principal:?} was forwarded as {:?}",
                 caller.name()
             )))
         }
@@ -38,9 +38,9 @@ fn authorize(caller: &Caller, call: &Call) -> Result<(), Status> {
         Call::Renew(op) => own(&op.principal).and(caller.may_use("lease", &op.name)),
         Call::Release(op) => own(&op.principal).and(caller.may_use("lease", &op.name)),
         Call::GetLease(op) => caller.may_use("lease", &op.name),
-        Call::Begin(op) => caller.may_use("idempotency key", &op.key),
-        Call::Complete(op) => caller.may_use("idempotency key", &op.key),
-        Call::Abort(op) => caller.may_use("idempotency key", &op.key),
+        Call::Begin(op) => own(&op.principal).and(caller.may_use("idempotency key", &op.key)),
+        Call::Complete(op) => own(&op.principal).and(caller.may_use("idempotency key", &op.key)),
+        Call::Abort(op) => own(&op.principal).and(caller.may_use("idempotency key", &op.key)),
         Call::GetRecord(op) => caller.may_use("idempotency key", &op.key),
         Call::Check(op) => op
             .checks
@@ -59,6 +59,9 @@ pub struct PeerService {
     /// Whether the peer port takes only TLS connections with a verified
     /// certificate, which must then name a current member.
     tls: bool,
+    /// The client-facing bounds, applied again to forwarded calls (none in
+    /// the simulated cluster, whose calls come from the node's own API).
+    bounds: Option<crate::api::Bounds>,
 }
 
 /// How often a refused message of another cluster is logged, at most.
@@ -68,12 +71,18 @@ impl PeerService {
     /// With `auth`, forwarded calls are authorised as the principal they
     /// carry, as the follower did. With `tls`, every call's certificate
     /// must name a current member.
-    pub fn new(node: Arc<Node>, auth: Option<Auth>, tls: bool) -> Self {
+    pub fn new(
+        node: Arc<Node>,
+        auth: Option<Auth>,
+        tls: bool,
+        bounds: Option<crate::api::Bounds>,
+    ) -> Self {
         Self {
             node,
             warned: AtomicU64::new(0),
             auth,
             tls,
+            bounds,
         }
     }
 }
@@ -255,6 +264,9 @@ impl RaftPeer for PeerService {
             .and_then(|v| v.to_str().ok());
         let caller = Caller::forwarded(self.auth.as_ref(), principal)?;
         let call: Call = decode(request.get_ref()).map_err(bad)?;
+        if let Some(bounds) = &self.bounds {
+            crate::api::convert::forwarded(&call, bounds)?;
+        }
         authorize(&caller, &call)?;
         // Served here only if this node leads; otherwise the sender routes again.
         Ok(Response::new(self.node.serve_forwarded(call).await))

@@ -94,6 +94,7 @@ fn to_pb_record(key: &str, r: &Record) -> pb::Record {
         },
         retention_ms: r.retention_ms,
         expires_at_ms: r.expires_at_ms,
+        principal: r.principal.clone(),
     }
 }
 
@@ -288,6 +289,7 @@ pub fn read(r: impl Read, engine: Option<&Engine>) -> io::Result<Header> {
         }
         for rec in part.records {
             let record = Record {
+                principal: rec.principal,
                 fingerprint: rec.fingerprint,
                 attempt: rec.attempt,
                 state: match rec.response {
@@ -376,6 +378,7 @@ mod tests {
             fingerprint: b"fp".to_vec(),
             lock_ttl_ms: 1000,
             retention_ms: 1000,
+            principal: "alice".into(),
         };
         e.execute(begin, 5).unwrap();
         e

@@ -59,12 +59,27 @@ pub struct Principal {
     pub admin: bool,
 }
 
+/// What ends a key segment: a namespace ending in one covers every key
+/// that starts with it; any other namespace covers the key it names and
+/// the keys under it (it followed by a separator), so `a` never covers
+/// `admin/...`.
+pub const SEPARATORS: [char; 3] = ['/', ':', '.'];
+
 impl Principal {
     pub fn may_use(&self, key: &str) -> bool {
-        self.namespaces
-            .iter()
-            .any(|ns| ns == "*" || key.starts_with(ns.as_str()))
+        self.namespaces.iter().any(|ns| covers(ns, key))
     }
+}
+
+/// Whether namespace `ns` covers `key` (see [`SEPARATORS`]).
+pub fn covers(ns: &str, key: &str) -> bool {
+    if ns == "*" {
+        return true;
+    }
+    let Some(rest) = key.strip_prefix(ns) else {
+        return false;
+    };
+    ns.ends_with(SEPARATORS) || rest.is_empty() || rest.starts_with(SEPARATORS)
 }
 
 /// The loaded auth file.
@@ -248,6 +263,11 @@ impl Caller {
         }
     }
 
+    /// Whether the caller is an admin principal (not merely unauthenticated).
+    pub fn is_admin(&self) -> bool {
+        matches!(self, Caller::Principal(p) if p.admin)
+    }
+
     /// `PERMISSION_DENIED` unless the caller is an admin.
     pub fn admin(&self, call: &str) -> Result<(), Status> {
         match self {
@@ -264,6 +284,14 @@ impl Caller {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn namespaces_cover_whole_segments() {
+        assert!(covers("a/", "a/x") && covers("a", "a") && covers("a", "a/x"));
+        assert!(covers("a", "a:x") && covers("a", "a.x") && covers("tenant:", "tenant:1"));
+        assert!(!covers("a", "admin/x") && !covers("a", "ab") && !covers("a/", "a"));
+        assert!(!covers("tenant:", "tenant2:1") && covers("*", "anything"));
+    }
 
     const FILE: &str = r#"
 principals:

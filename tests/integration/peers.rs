@@ -117,6 +117,28 @@ async fn the_plain_peer_port_refuses_messages_without_the_cluster_id_or_from_str
         .await
         .expect("an Identify with the cluster's id");
 
+    // A forwarded call is held to the client port's bounds at the leader:
+    // a Begin with a lock TTL of 10^15 ms (seen accepted before the fix).
+    let leader_channel =
+        tonic::transport::Endpoint::from_shared(format!("http://{}", cluster.peer_addr(leader)))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+    let begin = encode(&arbiter::node::Call::Begin(arbiter::engine::Begin {
+        principal: String::new(),
+        key: "pay-1".into(),
+        fingerprint: b"fp".to_vec(),
+        lock_ttl_ms: 1_000_000_000_000_000,
+        retention_ms: 60_000,
+    }));
+    let r = RaftPeerClient::new(leader_channel)
+        .forward(peer_request(begin, id))
+        .await;
+    let refused = r.unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    assert!(refused.message().contains("lock_ttl_ms"), "{refused:?}");
+
     let after = status(cluster.node(follower).conn(&Default::default()).await).await;
     assert!(
         after.term < forged_term,

@@ -523,3 +523,82 @@ async fn every_member_answers_from_one_counter_and_reloads() {
     })
     .await;
 }
+
+/// A request carrying `token` as a bearer token.
+fn as_bearer<T>(message: T, token: &str) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(message);
+    r.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    r
+}
+
+/// The named limits' keyspace (`rls/...`) is theirs: a plain Check on one
+/// of its keys (which, with another algorithm, starts Envoy's counter
+/// afresh) is refused for a principal that is not admin, even one whose
+/// namespaces cover `rls/`; an admin may. Seen failing before the fix: the
+/// Check reset the counter and the next ShouldRateLimit was allowed.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_named_limits_keyspace_is_reserved() {
+    use crate::rate_limiter::{lc, tb};
+    use crate::security::sha256_hex;
+    let cm = ConfigMap::new(&[("edge.yaml", EDGE)]);
+    let auth = cm.path().with_extension("auth.yaml");
+    std::fs::write(
+        &auth,
+        format!(
+            "principals:\n  - name: envoy\n    token_sha256: \"{}\"\n    namespaces: [\"rls/\"]\n  \
+             - name: ops\n    token_sha256: \"{}\"\n    namespaces: [\"*\"]\n    admin: true\n",
+            sha256_hex("envoy-token"),
+            sha256_hex("ops-token")
+        ),
+    )
+    .unwrap();
+    let server = Server::start(&[
+        "--limits",
+        cm.path().to_str().unwrap(),
+        "--auth-file",
+        auth.to_str().unwrap(),
+    ]);
+    let mut c = rls(&server).await;
+    let edge = || request("edge", vec![descriptor(&[("remote_address", "10.0.0.9")])]);
+    let mut codes_seen = Vec::new();
+    for _ in 0..4 {
+        let r = c
+            .should_rate_limit(as_bearer(edge(), "envoy-token"))
+            .await
+            .unwrap()
+            .into_inner();
+        codes_seen.push(r.overall_code);
+    }
+    assert_eq!(
+        codes_seen.last(),
+        Some(&(Code::OverLimit as i32)),
+        "{codes_seen:?}"
+    );
+    let key = "rls/edge/remote_address=10.0.0.9";
+    let check = || CheckRequest {
+        checks: vec![lc(key, tb(100, 100, 1000), None)],
+        all_or_nothing: false,
+    };
+    let mut limits = server.limits().await;
+    let refused = limits
+        .check(as_bearer(check(), "envoy-token"))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    assert!(refused.message().contains("rls/"), "{refused:?}");
+    // Envoy's counter is untouched.
+    let r = c
+        .should_rate_limit(as_bearer(edge(), "envoy-token"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.overall_code, Code::OverLimit as i32);
+    // An admin may (to repair a counter by hand).
+    limits
+        .check(as_bearer(check(), "ops-token"))
+        .await
+        .expect("an admin may check a named limit's key");
+    drop(server);
+    let _ = std::fs::remove_file(&auth);
+}

@@ -90,7 +90,7 @@ impl Pki {
     }
 }
 
-fn sha256_hex(token: &str) -> String {
+pub fn sha256_hex(token: &str) -> String {
     ring::digest::digest(&ring::digest::SHA256, token.as_bytes())
         .as_ref()
         .iter()
@@ -114,6 +114,7 @@ fn auth_file(dir: &Path) -> PathBuf {
     namespaces: ["b/", "shared/"]
   - name: ops
     certificate: ops
+    namespaces: ["shared/"]
     admin: true
   - name: ci
     token_sha256: "{}"
@@ -864,4 +865,112 @@ async fn metrics_are_served_over_tls_when_asked() {
         "plaintext was served metrics"
     );
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Namespaces match whole segments: a namespace without a trailing
+/// separator (`/`, `:` or `.`) covers that key and the keys under it, not
+/// every key that merely starts with the same letters. Seen failing before
+/// the fix: namespace `a` let its principal use `admin/secret`.
+#[tokio::test]
+async fn a_namespace_covers_whole_segments_only() {
+    let dir = fresh_dir();
+    std::fs::create_dir_all(&dir).unwrap();
+    let auth = dir.join("auth.yaml");
+    std::fs::write(
+        &auth,
+        format!(
+            "principals:\n  - name: team-a\n    token_sha256: \"{}\"\n    \
+             namespaces: [\"a\", \"tenant:\"]\n",
+            sha256_hex(CI_TOKEN)
+        ),
+    )
+    .unwrap();
+    let server = Server::start(&["--auth-file", auth.to_str().unwrap()]);
+    let mut limits = RateLimiterClient::new(server.channel().await);
+    let check = |key: &str| {
+        let mut r = tonic::Request::new(CheckRequest {
+            checks: vec![lc(key, tb(10, 10, 1000), None)],
+            all_or_nothing: false,
+        });
+        r.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {CI_TOKEN}").parse().unwrap(),
+        );
+        r
+    };
+    for key in ["a", "a/x", "a:x", "tenant:1"] {
+        limits
+            .check(check(key))
+            .await
+            .unwrap_or_else(|e| panic!("{key}: {e:?}"));
+    }
+    for key in ["admin/secret", "ab", "tenant2:1"] {
+        assert_eq!(
+            code(limits.check(check(key)).await),
+            Code::PermissionDenied,
+            "{key}"
+        );
+    }
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// An idempotency attempt belongs to the principal whose Begin made it: in
+/// a namespace they share, another principal can neither complete it (with
+/// a response the owner's retry would then be given), nor abort it, nor
+/// complete a guessed attempt, and the refusal names neither the owner nor
+/// its response. Only an admin's Get shows the owner. Seen failing before
+/// the fix: bob completed alice's attempt and her retry returned his
+/// response.
+#[tokio::test]
+async fn an_idempotency_attempt_is_completed_or_aborted_only_by_its_owner() {
+    let s = Secured::start();
+    let mut alice = IdempotencyClient::new(s.conn(Some(&s.alice), None).await);
+    let mut bob = IdempotencyClient::new(s.conn(Some(&s.bob), None).await);
+    let begin = || BeginRequest {
+        key: "shared/pay-1".into(),
+        fingerprint: b"order-1".to_vec(),
+        lock_ttl_ms: 30_000,
+        retention_ms: 60_000,
+    };
+    let attempt = alice.begin(begin()).await.unwrap().into_inner().attempt;
+    for guess in [attempt, attempt + 1] {
+        let r = bob
+            .complete(CompleteRequest {
+                key: "shared/pay-1".into(),
+                attempt: guess,
+                response: b"bob's".to_vec(),
+            })
+            .await;
+        let e = r.unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+        assert!(!e.message().contains("alice"), "{e:?}");
+    }
+    let e = bob
+        .abort(arbiter::proto::AbortRequest {
+            key: "shared/pay-1".into(),
+            attempt,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    alice
+        .complete(CompleteRequest {
+            key: "shared/pay-1".into(),
+            attempt,
+            response: b"alice's".to_vec(),
+        })
+        .await
+        .unwrap();
+    let retry = alice.begin(begin()).await.unwrap().into_inner();
+    assert_eq!(retry.response, b"alice's");
+    // The owner is shown to admins only.
+    let get = || GetRecordRequest {
+        key: "shared/pay-1".into(),
+    };
+    let seen_by_bob = bob.get(get()).await.unwrap().into_inner().record.unwrap();
+    assert_eq!(seen_by_bob.principal, "");
+    let mut ops = IdempotencyClient::new(s.conn(Some(&s.ops), None).await);
+    let seen_by_ops = ops.get(get()).await.unwrap().into_inner().record.unwrap();
+    assert_eq!(seen_by_ops.principal, "alice");
 }

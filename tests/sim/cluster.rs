@@ -150,7 +150,7 @@ impl Cluster {
             tokio::spawn(
                 tonic::transport::Server::builder()
                     .add_service(
-                        RaftPeerServer::new(PeerService::new(node.clone(), None, false))
+                        RaftPeerServer::new(PeerService::new(node.clone(), None, false, None))
                             .max_decoding_message_size(PEER_MESSAGE_LIMIT)
                             .max_encoding_message_size(PEER_MESSAGE_LIMIT),
                     )

@@ -235,6 +235,7 @@ async fn payer(c: Arc<Cluster>, me: usize, mut rng: Rng, h: History, until: u64)
         let key = format!("payment-{}", rng.below(KEYS));
         let sent = c.now();
         let op = Begin {
+            principal: String::new(),
             key: key.clone(),
             fingerprint: b"same".to_vec(),
             lock_ttl_ms: 60_000,
@@ -261,6 +262,7 @@ async fn payer(c: Arc<Cluster>, me: usize, mut rng: Rng, h: History, until: u64)
         let node = pick(&mut rng, &c.ids());
         let sent = c.now();
         let op = Complete {
+            principal: String::new(),
             key: key.clone(),
             attempt,
             response: history::response(&key, attempt),

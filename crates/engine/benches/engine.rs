@@ -181,6 +181,7 @@ fn idempotency(c: &mut Criterion) {
                 engine
                     .apply(
                         Command::Begin(Begin {
+                            principal: String::new(),
                             key,
                             fingerprint: b"sha256:0123456789abcdef".to_vec(),
                             lock_ttl_ms: 30_000,

@@ -116,6 +116,7 @@ mod tests {
             .unwrap();
             e.execute(
                 Begin {
+                    principal: String::new(),
                     key: format!("pay-{i}"),
                     fingerprint: b"fp".to_vec(),
                     lock_ttl_ms: 1_000,
@@ -127,6 +128,7 @@ mod tests {
         }
         e.execute(
             Complete {
+                principal: String::new(),
                 key: "pay-0".into(),
                 attempt: 1,
                 response: b"done".to_vec(),
@@ -215,6 +217,7 @@ mod tests {
         let attempt = e
             .execute(
                 Begin {
+                    principal: String::new(),
                     key: "pay-later".into(),
                     fingerprint: b"fp".to_vec(),
                     lock_ttl_ms: 1_000,

@@ -7,6 +7,10 @@
 //! Attempt numbers come from one counter for all keys: they strictly increase
 //! and are never reused, so a stale attempt can never be mistaken for a new
 //! one even after its record was purged.
+//!
+//! With authentication on, a record also keeps the principal whose Begin
+//! made its attempt; only that principal may complete or abort it. A record
+//! begun without a principal is anyone's who names its attempt.
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -30,6 +34,10 @@ pub struct Record {
     pub retention_ms: u64,
     /// Lock lapse (in progress) or end of retention (completed).
     pub expires_at_ms: u64,
+    /// The principal whose Begin made the attempt ("" without
+    /// authentication).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub principal: String,
 }
 
 impl Record {
@@ -38,7 +46,12 @@ impl Record {
             RecordState::Completed { response } => response.len(),
             RecordState::InProgress => 0,
         };
-        key.len() + r.fingerprint.len() + response + 64
+        key.len() + r.fingerprint.len() + response + r.principal.len() + 64
+    }
+
+    /// Whether `principal` may complete or abort this record's attempt.
+    fn owned_by(&self, principal: &str) -> bool {
+        self.principal.is_empty() || self.principal == principal
     }
 }
 
@@ -160,6 +173,19 @@ impl RecordTable {
         retention_ms: u64,
         now_ms: u64,
     ) -> Result<BeginOutcome, EngineError> {
+        self.begin_as(key, fingerprint, lock_ttl_ms, retention_ms, "", now_ms)
+    }
+
+    /// [`begin`](Self::begin) by `principal`, who then owns the attempt.
+    pub fn begin_as(
+        &mut self,
+        key: &str,
+        fingerprint: &[u8],
+        lock_ttl_ms: u64,
+        retention_ms: u64,
+        principal: &str,
+        now_ms: u64,
+    ) -> Result<BeginOutcome, EngineError> {
         if let Some(r) = self.get(key, now_ms) {
             if r.fingerprint != fingerprint {
                 return Ok(BeginOutcome::FingerprintMismatch);
@@ -175,6 +201,11 @@ impl RecordTable {
                 },
             });
         }
+        if self.last_attempt == u64::MAX {
+            return Err(EngineError::CounterAtMax {
+                what: "idempotency attempt numbers".into(),
+            });
+        }
         let lapsed = self.remove(key).is_some();
         let record = Record {
             fingerprint: fingerprint.to_vec(),
@@ -182,6 +213,7 @@ impl RecordTable {
             state: RecordState::InProgress,
             retention_ms,
             expires_at_ms: now_ms.saturating_add(lock_ttl_ms),
+            principal: principal.to_owned(),
         };
         let size = Record::bytes(key, &record);
         self.room_for(usize::from(!lapsed), size)?;
@@ -192,8 +224,20 @@ impl RecordTable {
         })
     }
 
-    fn owned(&self, key: &str, attempt: u64, now_ms: u64) -> Result<&Record, EngineError> {
+    fn owned(
+        &self,
+        key: &str,
+        attempt: u64,
+        principal: &str,
+        now_ms: u64,
+    ) -> Result<&Record, EngineError> {
         match self.get(key, now_ms) {
+            // Another principal's record: refused before its attempt is
+            // compared, so guessing attempts learns nothing.
+            Some(r) if !r.owned_by(principal) => Err(EngineError::NotRecordOwner {
+                key: key.to_owned(),
+                principal: principal.to_owned(),
+            }),
             Some(r) if r.attempt == attempt && r.state == RecordState::InProgress => Ok(r),
             _ => Err(EngineError::StaleAttempt {
                 key: key.to_owned(),
@@ -209,7 +253,19 @@ impl RecordTable {
         response: &[u8],
         now_ms: u64,
     ) -> Result<(), EngineError> {
-        let r = self.owned(key, attempt, now_ms)?;
+        self.complete_as(key, attempt, response, "", now_ms)
+    }
+
+    /// [`complete`](Self::complete) by `principal`.
+    pub fn complete_as(
+        &mut self,
+        key: &str,
+        attempt: u64,
+        response: &[u8],
+        principal: &str,
+        now_ms: u64,
+    ) -> Result<(), EngineError> {
+        let r = self.owned(key, attempt, principal, now_ms)?;
         self.room_for(0, response.len())?;
         let expires_at_ms = now_ms.saturating_add(r.retention_ms);
         let mut r = self.remove(key).expect("owned record is stored");
@@ -222,7 +278,18 @@ impl RecordTable {
     }
 
     pub fn abort(&mut self, key: &str, attempt: u64, now_ms: u64) -> Result<(), EngineError> {
-        self.owned(key, attempt, now_ms)?;
+        self.abort_as(key, attempt, "", now_ms)
+    }
+
+    /// [`abort`](Self::abort) by `principal`.
+    pub fn abort_as(
+        &mut self,
+        key: &str,
+        attempt: u64,
+        principal: &str,
+        now_ms: u64,
+    ) -> Result<(), EngineError> {
+        self.owned(key, attempt, principal, now_ms)?;
         self.remove(key);
         Ok(())
     }
@@ -249,6 +316,51 @@ impl RecordTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Only the principal that began an attempt completes or aborts it;
+    /// another is refused whatever attempt it names; one begun without a
+    /// principal is anyone's.
+    #[test]
+    fn only_the_principal_that_began_an_attempt_ends_it() {
+        let mut t = RecordTable::new(10, 1 << 20);
+        let BeginOutcome::Started { attempt } =
+            t.begin_as("k", b"fp", 100, 1000, "alice", 0).unwrap()
+        else {
+            panic!("not started")
+        };
+        for guess in [attempt, attempt + 1] {
+            let e = t.complete_as("k", guess, b"bob", "bob", 10).unwrap_err();
+            assert!(matches!(e, EngineError::NotRecordOwner { .. }), "{e}");
+            assert!(!e.to_string().contains("alice"), "{e}");
+        }
+        assert!(t.abort_as("k", attempt, "bob", 10).is_err());
+        t.complete_as("k", attempt, b"ok", "alice", 20).unwrap();
+        assert_eq!(t.get("k", 30).unwrap().principal, "alice");
+        let BeginOutcome::Started { attempt } = t.begin("j", b"fp", 100, 1000, 0).unwrap() else {
+            panic!("not started")
+        };
+        t.abort_as("j", attempt, "anyone", 10).unwrap();
+    }
+
+    /// The attempt counter at its maximum (a snapshot can carry it there):
+    /// the last attempt starts, the next Begin is refused, never wrapped.
+    /// Seen failing before the fix: the counter overflowed.
+    #[test]
+    fn the_attempt_counter_never_wraps() {
+        let mut t = RecordTable::new(10, 1 << 20);
+        t.last_attempt = u64::MAX - 1;
+        assert_eq!(
+            t.begin("k", b"fp", 100, 1000, 0).unwrap(),
+            BeginOutcome::Started { attempt: u64::MAX }
+        );
+        let refused = t.begin("j", b"fp", 100, 1000, 0).unwrap_err();
+        assert!(
+            matches!(refused, EngineError::CounterAtMax { .. }),
+            "{refused}"
+        );
+        assert!(refused.to_string().contains("attempt"), "{refused}");
+        t.complete("k", u64::MAX, b"ok", 10).unwrap();
+    }
 
     #[test]
     fn first_attempt_starts_retries_wait_then_see_the_result() {

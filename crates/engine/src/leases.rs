@@ -208,6 +208,11 @@ impl LeaseTable {
             });
             return Ok((true, lease));
         }
+        if self.last_token == u64::MAX {
+            return Err(EngineError::CounterAtMax {
+                what: "fencing tokens".into(),
+            });
+        }
         if let Some(old) = self.held.remove(name) {
             self.set_deadline(name, Some(old.expires_at_ms), None);
             // Lapsed but not yet swept: watchers learn it expired first.
@@ -389,6 +394,29 @@ impl LeaseTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A snapshot can carry the token counter up to its maximum: the last
+    /// token is granted, the next acquisition refused (never a wrapped or
+    /// repeated token), and the live lease keeps working. Seen failing
+    /// before the fix: the counter overflowed.
+    #[test]
+    fn the_fencing_token_counter_never_wraps() {
+        let mut t = LeaseTable::new(10);
+        let ev = &mut Vec::new();
+        t.last_token = u64::MAX - 1;
+        let (ok, last) = t.acquire("a", "pod", 100, 0, ev).unwrap();
+        assert!(ok && last.fencing_token == u64::MAX);
+        let refused = t.acquire("b", "pod", 100, 0, ev).unwrap_err();
+        assert!(
+            matches!(refused, EngineError::CounterAtMax { .. }),
+            "{refused}"
+        );
+        assert!(refused.to_string().contains("fencing tokens"), "{refused}");
+        // Renewing the lease that holds the last token needs no new one.
+        t.acquire("a", "pod", 100, 10, ev).unwrap();
+        t.release("a", "pod", u64::MAX, 20, ev).unwrap();
+        assert!(t.acquire("a", "pod", 100, 30, ev).is_err());
+    }
 
     #[test]
     fn only_the_granted_principal_renews_or_releases() {

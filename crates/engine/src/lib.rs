@@ -37,12 +37,21 @@ pub enum EngineError {
     },
     #[error("lease {name:?} was granted to another principal; {principal:?} may not renew or release it")]
     NotOwner { name: String, principal: String },
+    #[error("idempotency key {key:?} was begun by another principal; {principal:?} may not complete or abort its attempt")]
+    NotRecordOwner { key: String, principal: String },
     #[error("attempt {attempt} no longer owns idempotency key {key:?} (its lock lapsed, or it completed or aborted)")]
     StaleAttempt { key: String, attempt: u64 },
     #[error("{what} limit reached ({max})")]
     Exhausted {
         what: std::borrow::Cow<'static, str>,
         max: usize,
+    },
+    #[error(
+        "{what} are used up: the counter is at its maximum ({}), and a number is never given twice",
+        u64::MAX
+    )]
+    CounterAtMax {
+        what: std::borrow::Cow<'static, str>,
     },
 }
 

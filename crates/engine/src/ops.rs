@@ -53,6 +53,9 @@ pub struct Begin {
     pub fingerprint: Vec<u8>,
     pub lock_ttl_ms: u64,
     pub retention_ms: u64,
+    /// The caller, who then owns the attempt ("" without authentication).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub principal: String,
 }
 
 /// Stores the response of the attempt that owns an idempotency key.
@@ -61,6 +64,8 @@ pub struct Complete {
     pub key: String,
     pub attempt: u64,
     pub response: Vec<u8>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub principal: String,
 }
 
 /// Gives up an attempt, freeing the key for a retry.
@@ -68,6 +73,8 @@ pub struct Complete {
 pub struct Abort {
     pub key: String,
     pub attempt: u64,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub principal: String,
 }
 
 /// What [`Acquire`] did: `acquired` is false when another holder has the
@@ -205,11 +212,12 @@ impl Write for Begin {
         now_ms: u64,
         _: &mut Vec<LeaseEvent>,
     ) -> Result<BeginOutcome, EngineError> {
-        t.records.begin(
+        t.records.begin_as(
             &self.key,
             &self.fingerprint,
             self.lock_ttl_ms,
             self.retention_ms,
+            &self.principal,
             now_ms,
         )
     }
@@ -235,8 +243,13 @@ impl Write for Complete {
         now_ms: u64,
         _: &mut Vec<LeaseEvent>,
     ) -> Result<(), EngineError> {
-        t.records
-            .complete(&self.key, self.attempt, &self.response, now_ms)
+        t.records.complete_as(
+            &self.key,
+            self.attempt,
+            &self.response,
+            &self.principal,
+            now_ms,
+        )
     }
 
     fn into_outcome((): ()) -> Outcome {
@@ -260,7 +273,8 @@ impl Write for Abort {
         now_ms: u64,
         _: &mut Vec<LeaseEvent>,
     ) -> Result<(), EngineError> {
-        t.records.abort(&self.key, self.attempt, now_ms)
+        t.records
+            .abort_as(&self.key, self.attempt, &self.principal, now_ms)
     }
 
     fn into_outcome((): ()) -> Outcome {
@@ -386,6 +400,7 @@ mod tests {
             (
                 r#"{"Begin":{"key":"k","fingerprint":[1],"lock_ttl_ms":3,"retention_ms":4}}"#,
                 Command::Begin(Begin {
+                    principal: String::new(),
                     key: "k".into(),
                     fingerprint: vec![1],
                     lock_ttl_ms: 3,
@@ -395,6 +410,7 @@ mod tests {
             (
                 r#"{"Complete":{"key":"k","attempt":1,"response":[9]}}"#,
                 Command::Complete(Complete {
+                    principal: String::new(),
                     key: "k".into(),
                     attempt: 1,
                     response: vec![9],
@@ -403,6 +419,7 @@ mod tests {
             (
                 r#"{"Abort":{"key":"k","attempt":1}}"#,
                 Command::Abort(Abort {
+                    principal: String::new(),
                     key: "k".into(),
                     attempt: 1,
                 }),

@@ -200,6 +200,7 @@ fn snapshot_round_trips_through_serde() {
     .unwrap();
     e.apply(
         Command::Begin(Begin {
+            principal: String::new(),
             key: "i".into(),
             fingerprint: vec![1],
             lock_ttl_ms: 100,
@@ -525,7 +526,7 @@ proptest! {
             let attempt = match pick { 0 => running, 1 => last_attempt.saturating_sub(1), _ => last_attempt + 1 };
             match op {
                 0 => {
-                    let begin = Begin { key: "k".into(), fingerprint: vec![], lock_ttl_ms: ttl, retention_ms: 50 };
+                    let begin = Begin { principal: String::new(), key: "k".into(), fingerprint: vec![], lock_ttl_ms: ttl, retention_ms: 50 };
                     let out = e.execute(begin, now).unwrap().0;
                     match (live, out) {
                         (None, BeginOutcome::Started { attempt }) => {
@@ -543,7 +544,7 @@ proptest! {
                     }
                 }
                 1 => {
-                    let r = e.execute(Complete { key: "k".into(), attempt, response: vec![1] }, now);
+                    let r = e.execute(Complete { principal: String::new(), key: "k".into(), attempt, response: vec![1] }, now);
                     if running != 0 && attempt == running {
                         prop_assert!(r.is_ok(), "{:?}", r);
                         model = Some(State::Done { attempt, until: now + 50 });
@@ -552,7 +553,7 @@ proptest! {
                     }
                 }
                 _ => {
-                    let r = e.execute(Abort { key: "k".into(), attempt }, now);
+                    let r = e.execute(Abort { principal: String::new(), key: "k".into(), attempt }, now);
                     if running != 0 && attempt == running {
                         prop_assert!(r.is_ok(), "{:?}", r);
                         model = None;

@@ -411,17 +411,20 @@ fn command(op: &Op, leader: &Engine, now: u64) -> Option<Command> {
             principal: String::new(),
         }),
         Op::Begin(k, lock_ttl_ms) => Command::Begin(Begin {
+            principal: String::new(),
             key: format!("i{k}"),
             fingerprint: vec![],
             lock_ttl_ms,
             retention_ms: 500,
         }),
         Op::Complete(k) => Command::Complete(Complete {
+            principal: String::new(),
             key: format!("i{k}"),
             attempt: record(k).map_or(0, |r| r.attempt),
             response: vec![7],
         }),
         Op::Abort(k) => Command::Abort(Abort {
+            principal: String::new(),
             key: format!("i{k}"),
             attempt: record(k).map_or(0, |r| r.attempt),
         }),
