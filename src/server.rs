@@ -207,9 +207,13 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Started, Ser
     health
         .set_service_status("", tonic_health::ServingStatus::Serving)
         .await;
+    let auth_failure: Arc<dyn Fn() -> Option<String> + Send + Sync> = {
+        let auth = tls.auth.clone();
+        Arc::new(move || auth.as_ref().and_then(|a| a.failure()))
+    };
     node.spawn_task(
         "readiness",
-        node::report_readiness(node.clone(), health.clone()),
+        node::report_readiness(node.clone(), health.clone(), auth_failure),
     );
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
@@ -493,6 +497,49 @@ mod serving {
     /// thread takes up no new connection until one finishes.
     const HANDSHAKES: usize = 256;
 
+    /// TLS handshakes in progress from one source address, at most, across
+    /// the process; a connection past it is closed at once (counted in
+    /// `arbiter_tls_handshakes_refused_total`), so idle connections from a
+    /// few sources cannot hold every handshake slot.
+    pub const HANDSHAKES_PER_SOURCE: u32 = 16;
+
+    /// Handshakes in progress, by source address.
+    static IN_HANDSHAKE: std::sync::Mutex<
+        Option<std::collections::HashMap<std::net::IpAddr, u32>>,
+    > = std::sync::Mutex::new(None);
+
+    /// One source's handshake slot, given back on drop.
+    struct SourceSlot(std::net::IpAddr);
+
+    impl SourceSlot {
+        fn take(ip: std::net::IpAddr) -> Option<SourceSlot> {
+            let mut map = IN_HANDSHAKE.lock().unwrap_or_else(|e| e.into_inner());
+            let n = map
+                .get_or_insert_with(Default::default)
+                .entry(ip)
+                .or_insert(0);
+            if *n >= HANDSHAKES_PER_SOURCE {
+                return None;
+            }
+            *n += 1;
+            Some(SourceSlot(ip))
+        }
+    }
+
+    impl Drop for SourceSlot {
+        fn drop(&mut self) {
+            let mut map = IN_HANDSHAKE.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(map) = map.as_mut() {
+                if let Some(n) = map.get_mut(&self.0) {
+                    *n -= 1;
+                    if *n == 0 {
+                        map.remove(&self.0);
+                    }
+                }
+            }
+        }
+    }
+
     pub struct Serving {
         pub conns: Vec<mpsc::Sender<std::net::TcpStream>>,
         done: Vec<oneshot::Receiver<Result<(), tonic::transport::Error>>>,
@@ -511,6 +558,19 @@ mod serving {
         let pending = Arc::new(Semaphore::new(HANDSHAKES));
         tokio::spawn(async move {
             while let Some(conn) = conns.recv().await {
+                // Plaintext needs no handshake: nothing to hold a slot for.
+                let slot = match (&tls, conn.peer_addr()) {
+                    (Some(_), Ok(peer)) => match SourceSlot::take(peer.ip()) {
+                        Some(slot) => Some(slot),
+                        None => {
+                            ::metrics::counter!("arbiter_tls_handshakes_refused_total")
+                                .increment(1);
+                            tracing::debug!(%peer, "too many TLS handshakes from one source");
+                            continue;
+                        }
+                    },
+                    _ => None,
+                };
                 let Ok(permit) = pending.clone().acquire_owned().await else {
                     return;
                 };
@@ -527,6 +587,7 @@ mod serving {
                 let (tx, tls) = (tx.clone(), tls.clone());
                 tokio::spawn(async move {
                     let _permit = permit;
+                    let _slot = slot;
                     match tls::accept(tcp, tls.as_deref()).await {
                         Ok(io) => {
                             let _ = tx.send(Ok(io)).await;

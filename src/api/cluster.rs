@@ -15,6 +15,12 @@ pub struct ClusterService(pub Shared);
 impl ClusterService {
     fn status(&self) -> ClusterStatusResponse {
         let node = &self.0.node;
+        let config_error = self
+            .0
+            .auth
+            .as_ref()
+            .and_then(|a| a.failure())
+            .map(|e| format!("auth file: {e}"));
         let m = node.raft().metrics().borrow().clone();
         let membership = m.membership_config.membership();
         let voters: Vec<u64> = membership.voter_ids().collect();
@@ -40,8 +46,9 @@ impl ClusterService {
                 .collect(),
             state: state.into(),
             membership_changing: membership.get_joint_config().len() > 1,
-            ready: node.ready(),
+            ready: node.ready() && config_error.is_none(),
             cluster_id: node.cluster_id().unwrap_or_default(),
+            config_error: config_error.unwrap_or_default(),
         }
     }
 }

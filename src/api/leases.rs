@@ -17,6 +17,10 @@ use crate::proto::{
     ReleaseRequest, ReleaseResponse, RenewRequest, RenewResponse, WatchLeaseRequest,
 };
 
+/// How often a Watch stream checks that the auth file still lets its
+/// caller watch the lease.
+const REAUTHORISE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
 pub struct LeasesService(pub Shared);
 
 /// Events queued per watch stream towards a slow client.
@@ -152,15 +156,27 @@ impl Leases for LeasesService {
             lease: lease.map(|l| convert::lease(l, now)),
         };
         let mut shutdown = node.shutdown_signal();
+        let auth = self.0.auth.clone();
         tokio::spawn(async move {
             // The watch counts against the caps until this task ends.
             let _slot = slot;
             if tx.send(Ok(current(lease, now))).await.is_err() {
                 return;
             }
+            // The auth file is re-read every second; a principal it no
+            // longer allows loses the stream at the next look.
+            let mut recheck = tokio::time::interval(REAUTHORISE_EVERY);
+            recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 let event = tokio::select! {
                     e = events.recv() => e,
+                    _ = recheck.tick() => {
+                        if let Err(refused) = caller.still_allowed(auth.as_ref(), "lease", &name) {
+                            let _ = tx.send(Err(refused)).await;
+                            return;
+                        }
+                        continue;
+                    }
                     _ = tx.closed() => return, // the client went away
                     _ = crate::node::Node::stopped(&mut shutdown) => {
                         let _ = tx.send(Err(Status::unavailable("server is shutting down; watch again"))).await;

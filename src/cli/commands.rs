@@ -299,6 +299,9 @@ pub(super) async fn cluster(cmd: ClusterCmd) -> CliResult {
         "node_id={} state={} leader={leader} term={} applied_index={} ready={} cluster_id={}",
         st.node_id, st.state, st.term, st.applied_index, st.ready, st.cluster_id
     );
+    if !st.config_error.is_empty() {
+        println!("not ready: {}", st.config_error);
+    }
     if st.membership_changing {
         println!("membership change in progress (joint: old and new voters must both agree)");
     }

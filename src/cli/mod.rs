@@ -119,9 +119,22 @@ struct Server {
     #[arg(long, env = "ARBITER_TLS_SERVER_NAME", global = true)]
     tls_server_name: Option<String>,
     /// Bearer token sent as `authorization: Bearer TOKEN` (`--token` is
-    /// the lease commands' fencing token).
+    /// the lease commands' fencing token). On the command line `ps` shows
+    /// it: prefer ARBITER_TOKEN or --auth-token-file.
     #[arg(long, env = "ARBITER_TOKEN", global = true, hide_env_values = true)]
     auth_token: Option<String>,
+    /// Read the bearer token from this file (its first line).
+    #[arg(
+        long,
+        env = "ARBITER_TOKEN_FILE",
+        global = true,
+        conflicts_with = "auth_token"
+    )]
+    auth_token_file: Option<std::path::PathBuf>,
+    /// Send a bearer token over plaintext (http://) anyway; refused
+    /// otherwise, as anyone on the path could read and replay it.
+    #[arg(long, env = "ARBITER_INSECURE", global = true)]
+    insecure: bool,
 }
 
 #[derive(Subcommand)]
@@ -332,11 +345,30 @@ async fn connect(server: &Server) -> Result<Conn, String> {
         }),
         (None, _, _) => return Err("--tls-cert and --tls-key need --tls-ca".into()),
     };
+    let token = match &server.auth_token_file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("--auth-token-file {}: {e}", path.display()))?;
+            let token = text.lines().next().unwrap_or("").trim().to_owned();
+            if token.is_empty() {
+                return Err(format!("--auth-token-file {}: empty", path.display()));
+            }
+            Some(token)
+        }
+        None => server.auth_token.clone(),
+    };
+    if token.is_some() && tls.is_none() && !server.insecure {
+        return Err(format!(
+            "{}: refusing to send a bearer token without TLS (anyone on the path could read \
+             and replay it); connect with --tls-ca, or pass --insecure",
+            server.server
+        ));
+    }
     security::connect(
         &server.server,
         &ClientOptions {
             tls,
-            token: server.auth_token.clone(),
+            token,
             server_name: server.tls_server_name.clone(),
         },
     )

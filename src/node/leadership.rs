@@ -75,14 +75,21 @@ impl Node {
 
 /// Readiness: the named services are SERVING only while [`Node::ready`];
 /// NOT_SERVING otherwise. Ends when the node starts shutting down.
-pub async fn report_readiness(node: Arc<Node>, health: tonic_health::server::HealthReporter) {
+/// `config_failure` says why a configuration file the server depends on
+/// (the auth file) was refused at its last reload: the node is then not
+/// ready either, so a failed revocation is seen rather than silent.
+pub async fn report_readiness(
+    node: Arc<Node>,
+    health: tonic_health::server::HealthReporter,
+    config_failure: Arc<dyn Fn() -> Option<String> + Send + Sync>,
+) {
     const RECHECK: Duration = Duration::from_millis(100);
     let mut metrics = node.raft().metrics();
     let mut shutdown = node.shutdown_signal();
     let mut last = None;
     loop {
         metrics.borrow_and_update();
-        let ready = node.ready();
+        let ready = node.ready() && config_failure().is_none();
         if last != Some(ready) {
             let status = if ready {
                 tonic_health::ServingStatus::Serving

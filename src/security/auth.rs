@@ -263,6 +263,24 @@ impl Caller {
         }
     }
 
+    /// Whether the auth file as it stands now still lets this caller use
+    /// `key`: a principal removed at a reload gets `UNAUTHENTICATED`, one
+    /// whose namespaces no longer cover it `PERMISSION_DENIED` (long-lived
+    /// streams check this as they go).
+    pub fn still_allowed(&self, auth: Option<&Auth>, what: &str, key: &str) -> Result<(), Status> {
+        let (Caller::Principal(p), Some(auth)) = (self, auth) else {
+            return Ok(());
+        };
+        let rules = auth.current();
+        let Some(now) = rules.principal(&p.name) else {
+            return Err(Status::unauthenticated(format!(
+                "principal {:?} was removed from the auth file",
+                p.name
+            )));
+        };
+        Caller::Principal(now.clone()).may_use(what, key)
+    }
+
     /// Whether the caller is an admin principal (not merely unauthenticated).
     pub fn is_admin(&self) -> bool {
         matches!(self, Caller::Principal(p) if p.admin)

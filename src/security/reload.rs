@@ -30,6 +30,8 @@ pub struct Reloading<T> {
     current: RwLock<Arc<T>>,
     /// The files' bytes as last seen (loaded or refused).
     seen: Mutex<Vec<Option<Vec<u8>>>>,
+    /// Why the last reload was refused, until one succeeds.
+    failed: Mutex<Option<String>>,
 }
 
 impl<T: Send + Sync + 'static> Reloading<T> {
@@ -70,7 +72,9 @@ impl<T: Send + Sync + 'static> Reloading<T> {
             load,
             current: RwLock::new(Arc::new(value)),
             seen: Mutex::new(seen),
+            failed: Mutex::new(None),
         });
+        metrics::gauge!("arbiter_config_reload_failing", "what" => what).set(0.0);
         if let (true, Ok(rt)) = (watch, tokio::runtime::Handle::try_current()) {
             rt.spawn(Self::watch(Arc::downgrade(&this)));
         }
@@ -81,6 +85,15 @@ impl<T: Send + Sync + 'static> Reloading<T> {
     pub fn current(&self) -> Arc<T> {
         self.current
             .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Why the files' current contents were refused, if they were (the
+    /// last good value is still in use).
+    pub fn failure(&self) -> Option<String> {
+        self.failed
+            .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
     }
@@ -99,6 +112,8 @@ impl<T: Send + Sync + 'static> Reloading<T> {
         match (self.load)() {
             Ok(v) => {
                 *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(v);
+                *self.failed.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                metrics::gauge!("arbiter_config_reload_failing", "what" => self.what).set(0.0);
                 metrics::gauge!("arbiter_config_generation", "what" => self.what).increment(1.0);
                 tracing::info!(what = self.what, "reloaded");
                 true
@@ -106,6 +121,8 @@ impl<T: Send + Sync + 'static> Reloading<T> {
             Err(e) => {
                 metrics::counter!("arbiter_config_reload_failures_total", "what" => self.what)
                     .increment(1);
+                metrics::gauge!("arbiter_config_reload_failing", "what" => self.what).set(1.0);
+                *self.failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.clone());
                 tracing::warn!(what = self.what, error = %e, "cannot reload; keeping the last good one");
                 false
             }

@@ -974,3 +974,191 @@ async fn an_idempotency_attempt_is_completed_or_aborted_only_by_its_owner() {
     let seen_by_ops = ops.get(get()).await.unwrap().into_inner().record.unwrap();
     assert_eq!(seen_by_ops.principal, "alice");
 }
+
+/// Idle connections that never send a byte cannot hold the TLS port's
+/// handshake slots: with 1,000 of them open from one source address, a
+/// real client (from another) still connects, is served and sees the
+/// health check answer within 1 s. Seen failing before the fix (every slot
+/// held for the 10 s handshake deadline).
+#[tokio::test]
+async fn idle_connections_do_not_hold_the_tls_port() {
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+    let s = Secured::start();
+    let target = std::net::SocketAddr::new([127, 0, 0, 1].into(), s.server.addr.port());
+    let mut idle = Vec::new();
+    for _ in 0..1000 {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        if let Ok(c) = socket.connect(target).await {
+            idle.push(c);
+        }
+    }
+    assert!(
+        idle.len() >= 900,
+        "only {} idle connections opened",
+        idle.len()
+    );
+    let started = std::time::Instant::now();
+    let served = tokio::time::timeout(Duration::from_secs(1), async {
+        let conn = connect(&s.url(), &s.pki.client(Some(&s.alice), None))
+            .await
+            .expect("connect over TLS");
+        HealthClient::new(conn.clone())
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .expect("health");
+        LeasesClient::new(conn)
+            .get(GetLeaseRequest { name: "a/x".into() })
+            .await
+            .expect("a real call");
+    })
+    .await;
+    assert!(
+        served.is_ok(),
+        "not served within 1 s with 1,000 idle connections open ({:?})",
+        started.elapsed()
+    );
+    drop(idle);
+}
+
+/// The CLI reads a bearer token from a file (or ARBITER_TOKEN) rather than
+/// the command line, where `ps` shows it, and refuses to send one over
+/// plaintext unless told `--insecure`. Seen failing before the fix (no
+/// --auth-token-file; a token went out over http:// without a word).
+#[tokio::test]
+async fn the_cli_keeps_tokens_off_the_command_line_and_off_plaintext() {
+    let s = Secured::start();
+    let token_file = s.pki.dir.join("token");
+    std::fs::write(&token_file, format!("{CI_TOKEN}\n")).unwrap();
+    let cli = |args: &[&str], env: &[(&str, &str)]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_arbiter"))
+            .args(args)
+            .env_remove("ARBITER_TOKEN")
+            .envs(env.iter().copied())
+            .output()
+            .unwrap()
+    };
+    let tls_url = s.url();
+    let ca = s.pki.ca.to_str().unwrap().to_owned();
+    let over_tls = cli(
+        &[
+            "lease",
+            "get",
+            "ci/job",
+            "--server",
+            &tls_url,
+            "--tls-ca",
+            &ca,
+            "--tls-server-name",
+            "localhost",
+            "--auth-token-file",
+            token_file.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(
+        over_tls.status.success(),
+        "{}",
+        String::from_utf8_lossy(&over_tls.stderr)
+    );
+    // Plaintext: refused before anything is sent, unless --insecure.
+    let plain = Server::start(&[]);
+    let plain_url = format!("http://{}", plain.addr);
+    let refused = cli(
+        &["lease", "get", "ci/job", "--server", &plain_url],
+        &[("ARBITER_TOKEN", CI_TOKEN)],
+    );
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("without TLS") && stderr.contains("--insecure"),
+        "{stderr}"
+    );
+    let allowed = cli(
+        &[
+            "lease",
+            "get",
+            "ci/job",
+            "--server",
+            &plain_url,
+            "--insecure",
+        ],
+        &[("ARBITER_TOKEN", CI_TOKEN)],
+    );
+    assert!(
+        allowed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&allowed.stderr)
+    );
+}
+
+/// Revocation is seen: a principal removed from the auth file loses its
+/// open Watch stream at the reload (UNAUTHENTICATED), and an auth file that
+/// fails to parse keeps the last good rules but turns readiness off with
+/// the reason in the cluster status and a metric, until a good file loads.
+/// Seen failing before the fix: the removed principal's stream went on,
+/// and the broken file left the node ready.
+#[tokio::test]
+async fn a_revoked_principal_loses_its_watch_and_a_bad_auth_file_turns_readiness_off() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+    let s = Secured::start();
+    let mut watch = LeasesClient::new(s.conn(Some(&s.alice), None).await)
+        .watch(WatchLeaseRequest {
+            name: "a/lock".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    watch.message().await.unwrap().expect("the current state");
+    let good = std::fs::read_to_string(&s.auth).unwrap();
+    let without_alice = good.replace(
+        "  - name: alice\n    certificate: alice\n",
+        "  - name: carol\n    certificate: carol\n",
+    );
+    assert_ne!(good, without_alice);
+    std::fs::write(&s.auth, &without_alice).unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(10), watch.message())
+        .await
+        .expect("the stream ended within 10 s");
+    assert_eq!(code(ended), Code::Unauthenticated);
+
+    let ready = || async {
+        let mut h = HealthClient::new(s.conn(None, None).await);
+        let st = h
+            .check(HealthCheckRequest {
+                service: "arbiter.v1.Leases".into(),
+            })
+            .await
+            .ok()?
+            .into_inner()
+            .status;
+        Some(st == ServingStatus::Serving as i32)
+    };
+    eventually("ready", || async { ready().await.filter(|r| *r) }).await;
+    std::fs::write(&s.auth, "principals: [unterminated").unwrap();
+    eventually("not ready after a bad auth file", || async {
+        ready().await.filter(|r| !*r)
+    })
+    .await;
+    let status = ClusterClient::new(s.conn(Some(&s.bob), None).await)
+        .status(ClusterStatusRequest {})
+        .await
+        .expect("the last good rules still admit bob")
+        .into_inner();
+    assert!(
+        !status.ready && status.config_error.contains("auth file"),
+        "{status:?}"
+    );
+    let metrics = crate::support::http_get(s.server.metrics, "/metrics");
+    assert!(
+        metrics.contains("arbiter_config_reload_failing{what=\"auth file\"} 1"),
+        "{metrics}"
+    );
+    std::fs::write(&s.auth, &good).unwrap();
+    eventually("ready again", || async { ready().await.filter(|r| *r) }).await;
+}
