@@ -78,6 +78,9 @@ pub struct Started {
     peer_stop: tokio::sync::watch::Sender<bool>,
     peer_server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
     client_tls: Option<Arc<security::Reloading<rustls::ServerConfig>>>,
+    /// The auth file, for the gate that refuses unknown callers before
+    /// their messages are read.
+    auth: Option<security::Auth>,
 }
 
 /// Serves until `shutdown` resolves, then stops accepting, lets in-flight
@@ -281,6 +284,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Started, Ser
         peer_stop,
         peer_server,
         client_tls: tls.client,
+        auth: tls.auth.clone(),
     })
 }
 
@@ -389,6 +393,7 @@ impl Started {
             peer_stop,
             peer_server,
             client_tls,
+            auth,
             ..
         } = self;
         let failed = Arc::new(std::sync::OnceLock::new());
@@ -434,7 +439,11 @@ impl Started {
             .worker_threads
             .filter(|n| *n > 0)
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-        let layer = crate::api::layer::RpcMetricsLayer(metrics);
+        // Metrics outermost, so refused calls are counted too.
+        let layer = tower_layer::Stack::new(
+            crate::api::layer::AuthGateLayer(auth),
+            crate::api::layer::RpcMetricsLayer(metrics),
+        );
         let serving = serving::spawn(
             threads,
             config.max_streams_per_connection,
@@ -485,7 +494,7 @@ mod serving {
     use tonic::transport::Server;
 
     use super::ServerError;
-    use crate::api::layer::RpcMetricsLayer;
+    use crate::api::layer::{AuthGateLayer, RpcMetricsLayer};
     use crate::security::tls::{self, ServerIo};
     use crate::security::Reloading;
 
@@ -626,7 +635,7 @@ mod serving {
         n: usize,
         max_streams: u32,
         routes: Routes,
-        layer: RpcMetricsLayer,
+        layer: tower_layer::Stack<AuthGateLayer, RpcMetricsLayer>,
         tls: Option<Arc<Reloading<rustls::ServerConfig>>>,
         stopping: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<Serving> {

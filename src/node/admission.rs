@@ -260,7 +260,11 @@ impl Node {
     /// `--accept-peers-without-cluster-id` (for one upgrade) says
     /// otherwise. An empty node that is still asking its peers accepts
     /// only its own formation's id.
-    pub fn check_cluster(&self, sender: Option<&str>) -> Result<(), String> {
+    ///
+    /// Only a leader's messages (`learn`: appends and snapshots) teach a
+    /// new member its cluster id: an `Identify` from another new member
+    /// carries that member's formation id, not the cluster's.
+    pub fn check_cluster(&self, sender: Option<&str>, learn: bool) -> Result<(), String> {
         let Some(theirs) = sender else {
             if self.accept_unnamed_peers {
                 return Ok(());
@@ -282,9 +286,9 @@ impl Node {
                 ))
             };
         }
-        if !self.admitted() {
+        if !self.admitted() || !learn {
             if theirs == self.formation_id {
-                return Ok(()); // learnt only once admitted
+                return Ok(()); // learnt only once admitted, from a leader
             }
             return Err(format!(
                 "node {} has no cluster yet and expects the cluster id {} of its initial \

@@ -431,18 +431,24 @@ impl Node {
     /// membership in the log, or the initial members while there is none
     /// (an empty node, or a new member not yet reached by its leader).
     pub fn peer_members(&self) -> Vec<(NodeId, String)> {
+        self.with_peer_members(|members| members.map(|(id, a)| (id, a.to_owned())).collect())
+    }
+
+    /// Runs `f` over [`peer_members`](Self::peer_members) without copying
+    /// them (every peer message is checked against them).
+    pub fn with_peer_members<R>(
+        &self,
+        f: impl FnOnce(&mut dyn Iterator<Item = (NodeId, &str)>) -> R,
+    ) -> R {
         let m = self.server.borrow();
         if m.membership_config.log_id().is_some() {
-            m.membership_config
+            f(&mut m
+                .membership_config
                 .membership()
                 .nodes()
-                .map(|(id, n)| (*id, n.addr.clone()))
-                .collect()
+                .map(|(id, n)| (*id, n.addr.as_str())))
         } else {
-            self.initial_peers
-                .iter()
-                .map(|(id, a)| (*id, a.clone()))
-                .collect()
+            f(&mut self.initial_peers.iter().map(|(id, a)| (*id, a.as_str())))
         }
     }
 

@@ -102,41 +102,50 @@ impl PeerService {
     /// member, claims (`sender`, for Raft traffic) a node id of the
     /// membership that the certificate names, and, except for `Identify`,
     /// this node is admitted (see `admission`).
+    /// `leader`: an append or snapshot, whose cluster id a new member may
+    /// learn (nothing else teaches it: an `Identify` from another new member
+    /// carries that member's formation id, not the cluster's).
     fn admit<T>(
         &self,
         request: &Request<T>,
         sender: Option<NodeId>,
         identify: bool,
+        leader: bool,
     ) -> Result<(), Status> {
         let node = &self.node;
         let cluster = request
             .metadata()
             .get(CLUSTER_HEADER)
             .and_then(|v| v.to_str().ok());
-        node.check_cluster(cluster)
-            .map_err(|why| self.refuse(Status::failed_precondition(why)))?;
-        let members = node.peer_members();
+        // A new member learns the cluster id from a leader's message, but
+        // only once that message has passed the checks below.
+        let learn = leader && node.admitted() && node.cluster_id().is_none();
+        if !learn {
+            node.check_cluster(cluster, false)
+                .map_err(|why| self.refuse(Status::failed_precondition(why)))?;
+        }
         if self.tls {
             let hosts = request
                 .extensions()
                 .get::<ConnInfo>()
                 .map(|c| c.cert_hosts.clone())
                 .unwrap_or_else(|| Arc::from([]));
-            let named: Vec<NodeId> = members
-                .iter()
-                .filter(|(_, addr)| {
-                    let host = host_of(addr);
-                    hosts.iter().any(|name| host_matches(name, host))
-                })
-                .map(|(id, _)| *id)
-                .collect();
+            let named: Vec<NodeId> = node.with_peer_members(|members| {
+                members
+                    .filter(|(_, addr)| {
+                        let host = host_of(addr);
+                        hosts.iter().any(|name| host_matches(name, host))
+                    })
+                    .map(|(id, _)| id)
+                    .collect()
+            });
             if named.is_empty() {
                 return Err(self.refuse(Status::permission_denied(format!(
                     "node {}: the peer's certificate names {:?}, which is no member's peer host \
                      (members: {})",
                     node.id(),
                     hosts,
-                    members
+                    node.peer_members()
                         .iter()
                         .map(|(id, a)| format!("{id}={a}"))
                         .collect::<Vec<_>>()
@@ -151,11 +160,17 @@ impl PeerService {
                 ))));
             }
         }
-        if let Some(id) = sender.filter(|id| !members.iter().any(|(m, _)| m == id)) {
+        let stranger = sender
+            .filter(|s| !node.with_peer_members(|mut m| Iterator::any(&mut m, |(id, _)| id == *s)));
+        if let Some(id) = stranger {
             return Err(self.refuse(Status::permission_denied(format!(
                 "node {}: node {id} is not a member; refusing its message",
                 node.id()
             ))));
+        }
+        if learn {
+            node.check_cluster(cluster, true)
+                .map_err(|why| self.refuse(Status::failed_precondition(why)))?;
         }
         if identify {
             return Ok(());
@@ -200,7 +215,7 @@ impl RaftPeer for PeerService {
     ) -> Result<Response<PeerMessage>, Status> {
         let rpc = decode_append(request.get_ref())
             .map_err(|e| Status::invalid_argument(format!("undecodable append: {e}")))?;
-        self.admit(&request, Some(rpc.vote.leader_id.node_id), false)?;
+        self.admit(&request, Some(rpc.vote.leader_id.node_id), false, true)?;
         self.seen(rpc.vote.leader_id.node_id)?;
         self.node.heard_from(&rpc.vote, rpc.leader_commit);
         Ok(Response::new(encode(
@@ -210,7 +225,7 @@ impl RaftPeer for PeerService {
 
     async fn vote(&self, request: Request<PeerMessage>) -> Result<Response<PeerMessage>, Status> {
         let rpc: VoteRequest<NodeId> = decode(request.get_ref()).map_err(bad)?;
-        self.admit(&request, Some(rpc.vote.leader_id.node_id), false)?;
+        self.admit(&request, Some(rpc.vote.leader_id.node_id), false, false)?;
         self.seen(rpc.vote.leader_id.node_id)?;
         let reply = self.node.raft().vote(rpc).await;
         if matches!(&reply, Ok(r) if r.vote_granted) {
@@ -226,7 +241,7 @@ impl RaftPeer for PeerService {
     ) -> Result<Response<PeerMessage>, Status> {
         // The sender is checked from the header before the chunk is
         // decoded, and again once its vote is known.
-        self.admit(&request, None, false)?;
+        self.admit(&request, None, false, false)?;
         let (metadata, extensions, message) = request.into_parts();
         let rpc = decode_snapshot(message)
             .map_err(|e| Status::invalid_argument(format!("undecodable snapshot chunk: {e}")))?;
@@ -235,6 +250,7 @@ impl RaftPeer for PeerService {
             &Request::from_parts(metadata, extensions, ()),
             Some(sender),
             false,
+            true,
         )?;
         self.seen(sender)?;
         self.node.heard_from(&rpc.vote, None);
@@ -248,7 +264,7 @@ impl RaftPeer for PeerService {
         request: Request<PeerMessage>,
     ) -> Result<Response<PeerMessage>, Status> {
         let ask: PreVoteRequest = decode(request.get_ref()).map_err(bad)?;
-        self.admit(&request, Some(ask.candidate), false)?;
+        self.admit(&request, Some(ask.candidate), false, false)?;
         let granted = self.node.grants_pre_vote(&ask);
         Ok(Response::new(encode(&PreVoteResponse { granted })))
     }
@@ -257,7 +273,7 @@ impl RaftPeer for PeerService {
         &self,
         request: Request<PeerMessage>,
     ) -> Result<Response<PeerMessage>, Status> {
-        self.admit(&request, None, false)?;
+        self.admit(&request, None, false, false)?;
         let principal = request
             .metadata()
             .get(PRINCIPAL_HEADER)
@@ -276,7 +292,7 @@ impl RaftPeer for PeerService {
         &self,
         request: Request<PeerMessage>,
     ) -> Result<Response<PeerMessage>, Status> {
-        self.admit(&request, None, false)?;
+        self.admit(&request, None, false, false)?;
         let ask: TakeOver = decode(request.get_ref()).map_err(bad)?;
         self.node
             .take_over(ask)
@@ -289,7 +305,7 @@ impl RaftPeer for PeerService {
         &self,
         request: Request<PeerMessage>,
     ) -> Result<Response<PeerMessage>, Status> {
-        if let Err(mut refused) = self.admit(&request, None, true) {
+        if let Err(mut refused) = self.admit(&request, None, true, false) {
             // An empty node asking says who it is; tell it whether this
             // cluster lists it as a voter, so that it neither rejoins empty
             // as one nor waits for ever (see `admission`).

@@ -1338,3 +1338,43 @@ async fn adding_a_member_that_never_catches_up_is_rolled_back() {
     drop(node);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Two new members started together (as a StatefulSet scaled from 3 to 5
+/// starts them) ask each other who they are, carrying ids derived from
+/// their own member lists: each must learn the cluster's id from the
+/// leader, not from the other newcomer's `Identify`, and both are added.
+/// Seen failing before the fix (first in the e2e `scale` scenario): node 4
+/// took node 5's id for the cluster's and refused the leader's appends.
+#[tokio::test]
+async fn two_new_members_started_together_are_both_added() {
+    let mut cluster = Cluster::start_with_spares(3, 2, &[]);
+    let leader = cluster.leader().await;
+    cluster.start_node(3);
+    eventually("node 4 to decide it joins an existing cluster", || async {
+        let log = cluster.node(3).log().join("\n");
+        log.contains("joining as a new member").then_some(())
+    })
+    .await;
+    cluster.start_node(4);
+    eventually("node 5 to ask node 4 and join too", || async {
+        let log = cluster.node(4).log().join("\n");
+        log.contains("joining as a new member").then_some(())
+    })
+    .await;
+    for i in [3usize, 4] {
+        let id = (i + 1).to_string();
+        let peer = cluster.peer_addr(i);
+        cli(cluster.node(leader), &["cluster", "add", &id, &peer]);
+    }
+    eventually("five voters on the new members", || async {
+        for i in [3usize, 4] {
+            let mut c = ClusterClient::new(cluster.node(i).channel().await);
+            let st = c.status(ClusterStatusRequest {}).await.ok()?.into_inner();
+            if st.members.iter().filter(|m| m.voter).count() != 5 {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await;
+}

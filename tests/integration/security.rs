@@ -1164,3 +1164,27 @@ async fn a_revoked_principal_loses_its_watch_and_a_bad_auth_file_turns_readiness
     std::fs::write(&s.auth, &good).unwrap();
     eventually("ready again", || async { ready().await.filter(|r| *r) }).await;
 }
+
+/// A call from nobody is refused before its message is read: a 5 MB Check
+/// without a certificate or token gets UNAUTHENTICATED, not a decode (or a
+/// size) error, while health checks still need no principal. Seen failing
+/// before the fix (the server read the message and refused its size).
+#[tokio::test]
+async fn an_unknown_callers_message_is_not_read() {
+    let s = Secured::start();
+    let big = CheckRequest {
+        checks: vec![lc(&"x".repeat(5_000_000), tb(10, 10, 1000), None)],
+        all_or_nothing: false,
+    };
+    let r = RateLimiterClient::new(s.conn(None, None).await)
+        .max_encoding_message_size(16 << 20)
+        .check(big)
+        .await;
+    assert_eq!(code(r), Code::Unauthenticated);
+    tonic_health::pb::health_client::HealthClient::new(s.conn(None, None).await)
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .expect("health needs no principal");
+}
