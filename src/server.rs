@@ -83,6 +83,10 @@ pub struct Started {
     auth: Option<security::Auth>,
 }
 
+/// Concurrent calls per peer connection, at most: each member's openraft
+/// replication stream, its elections and the calls its clients forward.
+const PEER_STREAMS: u32 = 256;
+
 /// Serves until `shutdown` resolves, then stops accepting, lets in-flight
 /// calls finish (up to `shutdown_grace_ms`), ends watch streams and returns.
 /// Commands are stamped with `clock`'s time.
@@ -166,6 +170,9 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Started, Ser
         let mut stopped = peer_stopped;
         tokio::spawn(
             Server::builder()
+                // Raft, pre-votes and forwarded calls from a few members.
+                .max_concurrent_streams(Some(PEER_STREAMS))
+                .layer(crate::api::layer::PeerBodyLimitLayer)
                 .add_service(
                     RaftPeerServer::new(PeerService::new(
                         node.clone(),

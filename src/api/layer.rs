@@ -187,3 +187,59 @@ where
         }
     }
 }
+
+/// Bounds each peer RPC's request body to the largest legitimate one:
+/// an append (a batch of log entries) up to the peer message limit, a
+/// snapshot chunk, a forwarded client call, and a few KiB for the rest
+/// (votes, pre-votes, `Identify`, `TakeOver`). A body past its bound is
+/// not read further and the call fails.
+#[derive(Clone, Copy)]
+pub struct PeerBodyLimitLayer;
+
+impl<S> Layer<S> for PeerBodyLimitLayer {
+    type Service = PeerBodyLimit<S>;
+
+    fn layer(&self, inner: S) -> PeerBodyLimit<S> {
+        PeerBodyLimit { inner }
+    }
+}
+
+#[derive(Clone)]
+pub struct PeerBodyLimit<S> {
+    inner: S,
+}
+
+/// The largest request body each peer RPC takes.
+pub fn peer_body_limit(path: &str) -> usize {
+    use crate::raft::network::{PEER_MESSAGE_LIMIT, SNAPSHOT_CHUNK_BYTES};
+    match path.rsplit('/').next().unwrap_or("") {
+        "AppendEntries" => PEER_MESSAGE_LIMIT,
+        "InstallSnapshot" => 2 * SNAPSHOT_CHUNK_BYTES as usize,
+        // A client call: at most a response of --max-response-bytes (4 MiB
+        // at most) or a batch of checks, with its keys.
+        "Forward" => 8 << 20,
+        _ => 64 << 10,
+    }
+}
+
+impl<S, B> Service<http::Request<B>> for PeerBodyLimit<S>
+where
+    S: Service<http::Request<tonic::body::Body>>,
+    B: tonic::codegen::Body<Data = tonic::codegen::Bytes> + Send + 'static,
+    B::Error: Into<tonic::codegen::StdError>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let limit = peer_body_limit(request.uri().path());
+        self.inner.call(
+            request.map(|body| tonic::body::Body::new(http_body_util::Limited::new(body, limit))),
+        )
+    }
+}

@@ -413,3 +413,43 @@ async fn only_a_certificate_naming_a_current_member_speaks_on_the_peer_port() {
     .expect("in time")
     .unwrap();
 }
+
+/// Each peer RPC takes a request only as large as its largest legitimate
+/// one: a 1 MiB `Identify` or vote is refused (an append or a snapshot
+/// chunk may be larger), and the port goes on answering.
+#[tokio::test]
+async fn an_oversized_peer_message_is_refused() {
+    let node = Server::start(&[]);
+    let cluster_id = status(node.conn(&Default::default()).await)
+        .await
+        .cluster_id;
+    let log = node.log().join("\n");
+    let peer = log
+        .lines()
+        .find_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).ok()?;
+            let f = v.get("fields")?;
+            (f.get("message")?.as_str()? == "arbiter serving")
+                .then(|| f.get("peer")?.as_str().map(str::to_owned))?
+        })
+        .expect("the peer address in the log");
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{peer}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut p = RaftPeerClient::new(channel).max_encoding_message_size(8 << 20);
+    let big = PeerMessage {
+        json: vec![b' '; 1 << 20],
+        ..Default::default()
+    };
+    let r = p
+        .identify(peer_request(big.clone(), Some(&cluster_id)))
+        .await;
+    assert!(r.is_err(), "a 1 MiB Identify was answered");
+    let r = p.vote(peer_request(big, Some(&cluster_id))).await;
+    assert!(r.is_err(), "a 1 MiB vote was answered");
+    p.identify(peer_request(encode(&()), Some(&cluster_id)))
+        .await
+        .expect("a small Identify is answered");
+}
