@@ -529,42 +529,21 @@ def test_generated_peer_certificates_work_with_the_real_server(tmp_path):
     another member's certificate (not a current member of this one-node
     cluster) gets PERMISSION_DENIED after a completed handshake; a
     certificate of another install's CA is refused at the handshake."""
-    import base64
     import json
-    import queue
     import sys
-    import threading
     grpc = pytest.importorskip("grpc")
     sys.path.insert(0, str(ROOT / "tests" / "python"))
     import arbiter_pb
     pb = arbiter_pb.compile_stubs()
-    binary = arbiter_binary()
     data, _, _ = peer_certificates(render("replicas=3"))
     other, _, _ = peer_certificates(render("replicas=3"))  # another CA
     for k, v in data.items():
         (tmp_path / k).write_bytes(v)
     host0 = f"prod-arbiter-0.prod-arbiter-peers.{NAMESPACE}.svc.cluster.local"
-    proc = subprocess.Popen(
-        [str(binary), "serve", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0",
-         "--peer-listen", "127.0.0.1:0", "--log-format", "json", "--data-dir", str(tmp_path / "data"),
-         "--node-id", "1", "--peers", f"1={host0}:7071",
-         "--peer-tls-cert", str(tmp_path / "prod-arbiter-0.crt"),
-         "--peer-tls-key", str(tmp_path / "prod-arbiter-0.key"), "--peer-tls-ca", str(tmp_path / "ca.crt")],
-        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
-    ready = queue.Queue()
-
-    def drain():
-        for line in proc.stderr:
-            try:
-                fields = json.loads(line).get("fields", {})
-            except ValueError:
-                continue
-            if fields.get("message") == "arbiter serving":
-                ready.put(fields)
-
-    threading.Thread(target=drain, daemon=True).start()
-    try:
-        addrs = ready.get(timeout=10)
+    flags = ["--node-id", "1", "--peers", f"1={host0}:7071",
+             "--peer-tls-cert", str(tmp_path / "prod-arbiter-0.crt"),
+             "--peer-tls-key", str(tmp_path / "prod-arbiter-0.key"), "--peer-tls-ca", str(tmp_path / "ca.crt")]
+    with arbiter_pb.serve_announced(*flags) as addrs:
         status = pb.cl_grpc.ClusterStub(grpc.insecure_channel(addrs["client"])).Status(
             pb.cl.ClusterStatusRequest(), timeout=5)
         assert len(status.cluster_id) == 32, status
@@ -585,6 +564,3 @@ def test_generated_peer_certificates_work_with_the_real_server(tmp_path):
         with pytest.raises(grpc.RpcError) as e:
             identify(other["prod-arbiter-0.crt"], other["prod-arbiter-0.key"])
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE, e.value
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)

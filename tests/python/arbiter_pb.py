@@ -50,6 +50,14 @@ def serve(*extra):
     """A single-node `arbiter serve` with `extra` flags; yields its client
     address, and checks a clean exit on SIGTERM afterwards. ARBITER_BIN
     overrides $CARGO_TARGET_DIR/debug/arbiter (or target/debug/arbiter)."""
+    with serve_announced(*extra) as announced:
+        yield announced["client"]
+
+
+@contextlib.contextmanager
+def serve_announced(*extra):
+    """As `serve`, yielding every field of the line announcing the bound
+    addresses (client, peer, metrics, node_id, ...)."""
     target = pathlib.Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
     binary = os.environ.get("ARBITER_BIN", str(target / "debug" / "arbiter"))
     data = tempfile.mkdtemp(prefix="arbiter-py-data-")
@@ -67,16 +75,16 @@ def serve(*extra):
             except ValueError:
                 continue
             if fields.get("message") == "arbiter serving":
-                ready.put(fields["client"])
+                ready.put(fields)
 
     threading.Thread(target=drain, daemon=True).start()
     try:
-        addr = ready.get(timeout=10)
+        announced = ready.get(timeout=10)
     except queue.Empty:
         proc.kill()
         raise RuntimeError("arbiter did not announce its address within 10 s")
     try:
-        yield addr
+        yield announced
     finally:
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(timeout=10)
