@@ -265,6 +265,16 @@ pub struct Config {
     /// The metrics port's private key (PEM).
     #[arg(long, env = "ARBITER_METRICS_TLS_KEY", requires = "metrics_tls_cert")]
     pub metrics_tls_key: Option<PathBuf>,
+
+    /// Require a client certificate signed by this CA (PEM) on the metrics
+    /// port: a scraper without one is refused at the handshake. Needs
+    /// --metrics-tls-cert.
+    #[arg(
+        long,
+        env = "ARBITER_METRICS_TLS_CLIENT_CA",
+        requires = "metrics_tls_cert"
+    )]
+    pub metrics_tls_client_ca: Option<PathBuf>,
 }
 
 /// Memory one rate-limit key takes (resident, with its share of the table
@@ -365,8 +375,12 @@ impl Config {
         Some(ServerFiles {
             cert: self.metrics_tls_cert.clone()?,
             key: self.metrics_tls_key.clone()?,
-            ca: None,
-            client_certs: ClientCerts::None,
+            ca: self.metrics_tls_client_ca.clone(),
+            client_certs: if self.metrics_tls_client_ca.is_some() {
+                ClientCerts::Required
+            } else {
+                ClientCerts::None
+            },
         })
     }
 

@@ -1188,3 +1188,58 @@ async fn an_unknown_callers_message_is_not_read() {
         .await
         .expect("health needs no principal");
 }
+
+/// `--metrics-tls-client-ca`: the metrics port serves only scrapers with a
+/// client certificate from that CA; one without is refused at the
+/// handshake.
+#[tokio::test]
+async fn the_metrics_port_can_require_client_certificates() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = fresh_dir().with_extension("pki");
+    let pki = Pki::new(&dir, "metrics");
+    let id = pki.issue("arbiter-metrics", "metrics");
+    let scraper = pki.issue("prometheus", "prometheus");
+    let server = Server::start(&[
+        "--metrics-tls-cert",
+        id.cert.to_str().unwrap(),
+        "--metrics-tls-key",
+        id.key.to_str().unwrap(),
+        "--metrics-tls-client-ca",
+        pki.ca.to_str().unwrap(),
+    ]);
+    let scrape = |cert: Option<&Identity>| {
+        let files = ClientFiles {
+            ca: pki.ca.clone(),
+            cert: cert.map(|c| c.cert.clone()),
+            key: cert.map(|c| c.key.clone()),
+        };
+        async move {
+            let mut config = files.load().unwrap();
+            config.alpn_protocols.clear(); // HTTP/1.1
+            let tcp = tokio::net::TcpStream::connect(server.metrics).await.ok()?;
+            let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+                .connect(
+                    rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+                    tcp,
+                )
+                .await
+                .ok()?;
+            tls.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                .await
+                .ok()?;
+            let mut body = String::new();
+            tls.read_to_string(&mut body).await.ok()?;
+            Some(body)
+        }
+    };
+    let served = scrape(Some(&scraper))
+        .await
+        .expect("a scraper with a certificate");
+    assert!(served.contains("arbiter_live_keys"), "{served:.300}");
+    let refused = scrape(None).await.unwrap_or_default();
+    assert!(
+        !refused.contains("arbiter_live_keys"),
+        "a scraper without a certificate was served"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
