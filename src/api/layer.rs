@@ -159,27 +159,31 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
         if let Some(auth) = &self.auth {
-            let known = open_to_anyone(request.uri().path())
-                || auth
-                    .current()
-                    .identify(
-                        request.extensions().get::<crate::security::ConnInfo>(),
-                        request
-                            .headers()
-                            .get("authorization")
-                            .and_then(|v| v.to_str().ok()),
-                    )
-                    .is_some();
-            if !known {
-                let refused = tonic::Status::unauthenticated(
-                    "unknown caller: present a client certificate or an `authorization: Bearer` \
-                     token named in the server's auth file",
+            if !open_to_anyone(request.uri().path()) {
+                let found = auth.current().identify(
+                    request.extensions().get::<crate::security::ConnInfo>(),
+                    request
+                        .headers()
+                        .get("authorization")
+                        .and_then(|v| v.to_str().ok()),
                 );
-                return Gated::Refused {
-                    response: Some(refused.into_http()),
-                };
+                match found {
+                    // The handler takes the caller from here (`Caller::of`).
+                    Some(p) => {
+                        request
+                            .extensions_mut()
+                            .insert(crate::security::auth::Identified(p));
+                    }
+                    None => {
+                        let refused =
+                            tonic::Status::unauthenticated(crate::security::auth::UNKNOWN_CALLER);
+                        return Gated::Refused {
+                            response: Some(refused.into_http()),
+                        };
+                    }
+                }
             }
         }
         Gated::Passed {

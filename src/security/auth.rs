@@ -180,6 +180,16 @@ impl Rules {
 /// The auth file, re-read when it changes.
 pub type Auth = Arc<Reloading<Rules>>;
 
+/// The principal a call was identified as before its handler ran (a
+/// request extension set by the client port's gate), so that it is looked
+/// up once per call.
+#[derive(Clone, Debug)]
+pub struct Identified(pub Arc<Principal>);
+
+/// What a caller the auth file does not know is told.
+pub const UNKNOWN_CALLER: &str = "unknown caller: present a client certificate or an \
+     `authorization: Bearer` token named in the server's auth file";
+
 /// Loads `path` (an error stops the server) and watches it.
 pub fn watch(path: PathBuf) -> Result<Auth, String> {
     let p = path.clone();
@@ -204,6 +214,10 @@ impl Caller {
         let Some(auth) = auth else {
             return Ok(Caller::Anyone);
         };
+        // Identified already by the client port's gate (`api::layer`).
+        if let Some(Identified(p)) = request.extensions().get::<Identified>() {
+            return Ok(Caller::Principal(p.clone()));
+        }
         let authorization = request
             .metadata()
             .get("authorization")
@@ -211,12 +225,7 @@ impl Caller {
         auth.current()
             .identify(request.extensions().get::<ConnInfo>(), authorization)
             .map(Caller::Principal)
-            .ok_or_else(|| {
-                Status::unauthenticated(
-                    "unknown caller: present a client certificate or an `authorization: Bearer` \
-                     token named in the server's auth file",
-                )
-            })
+            .ok_or_else(|| Status::unauthenticated(UNKNOWN_CALLER))
     }
 
     /// The caller a follower forwarded a call for (by name, in
