@@ -191,11 +191,22 @@ pub struct Config {
     #[arg(long, env = "ARBITER_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
 
-    /// Verify client certificates presented on the client port against
-    /// this CA (PEM); a client may instead send a bearer token. Needs
-    /// --tls-cert.
+    /// Require a client certificate signed by this CA (PEM) on the client
+    /// port: a client without one is refused at the handshake (see
+    /// --tls-client-cert-optional). Needs --tls-cert.
     #[arg(long, env = "ARBITER_TLS_CLIENT_CA", requires = "tls_cert")]
     pub tls_client_ca: Option<PathBuf>,
+
+    /// With --tls-client-ca, also let in clients that present no
+    /// certificate: they must then name themselves with a bearer token
+    /// from the auth file (so this needs --auth-file). A certificate that
+    /// is presented is still verified.
+    #[arg(
+        long,
+        env = "ARBITER_TLS_CLIENT_CERT_OPTIONAL",
+        requires = "tls_client_ca"
+    )]
+    pub tls_client_cert_optional: bool,
 
     /// Principals and their namespaces (YAML, see "Security" in the
     /// README). With it every call but health and reflection needs a known
@@ -340,10 +351,10 @@ impl Config {
             cert: self.tls_cert.clone()?,
             key: self.tls_key.clone()?,
             ca: self.tls_client_ca.clone(),
-            client_certs: if self.tls_client_ca.is_some() {
-                ClientCerts::Optional
-            } else {
-                ClientCerts::None
+            client_certs: match (&self.tls_client_ca, self.tls_client_cert_optional) {
+                (None, _) => ClientCerts::None,
+                (Some(_), true) => ClientCerts::Optional,
+                (Some(_), false) => ClientCerts::Required,
             },
         })
     }

@@ -330,6 +330,13 @@ impl Security {
             .clone()
             .map(security::auth::watch)
             .transpose()?;
+        if config.tls_client_cert_optional && auth.is_none() {
+            return Err(
+                "--tls-client-cert-optional needs --auth-file: without it a client with no \
+                 certificate would be let in as anyone, and the client CA would restrict nothing"
+                    .to_owned(),
+            );
+        }
         let exposed = !config.listen.ip().is_loopback();
         if auth.is_none() && exposed {
             tracing::warn!(

@@ -343,6 +343,11 @@ def test_tls_and_auth_secrets_are_mounted_whole_and_passed_as_flags():
         assert cmd[:2] == ["arbiter", "health"] and "grpc" not in c[probe]
         assert cmd[cmd.index("--tls-ca") + 1] == "/tls/client/ca.crt"
         assert cmd[cmd.index("--server") + 1].startswith("https://")
+        # verifyClients requires client certificates: the probes present
+        # the server's own (no probeSecretName here).
+        assert cmd[cmd.index("--tls-cert") + 1] == "/tls/client/tls.crt"
+        assert cmd[cmd.index("--tls-key") + 1] == "/tls/client/tls.key"
+    assert "--tls-client-cert-optional" not in args
     assert c["readinessProbe"]["exec"]["command"][-1] == "arbiter.v1.Leases"
     sm = one(m, "ServiceMonitor")
     assert sm["spec"]["endpoints"][0]["scheme"] == "https"
@@ -353,8 +358,32 @@ def test_tls_and_auth_secrets_are_mounted_whole_and_passed_as_flags():
     # The CLI flags the probe uses exist.
     binary = arbiter_binary()
     help_text = subprocess.run([str(binary), "health", "--help"], capture_output=True, text=True, check=True).stdout
-    for f in ("--server", "--tls-ca", "--tls-server-name", "--service"):
+    for f in ("--server", "--tls-ca", "--tls-server-name", "--service", "--tls-cert", "--tls-key"):
         assert re.search(rf"\s{re.escape(f)}\b", help_text), f
+    serve_help = subprocess.run([str(binary), "serve", "--help"], capture_output=True, text=True, check=True).stdout
+    assert "--tls-client-cert-optional" in serve_help
+
+
+def test_client_certificates_required_optional_and_the_probe_certificate():
+    def pod_of(*sets):
+        return one(render("tls.client.secretName=x", "tls.client.verifyClients=true", *sets),
+                   "StatefulSet")["spec"]["template"]["spec"]
+    # Token clients too: the optional flag, and probes without a certificate.
+    c = pod_of("tls.client.allowTokenClients=true", "auth.secretName=a")["containers"][0]
+    assert "--tls-client-cert-optional" in c["args"]
+    assert "--tls-cert" not in c["readinessProbe"]["exec"]["command"]
+    # A Secret of its own for the probes' client certificate.
+    pod = pod_of("tls.client.probeSecretName=probe-cert")
+    c = pod["containers"][0]
+    cmd = c["livenessProbe"]["exec"]["command"]
+    assert cmd[cmd.index("--tls-cert") + 1] == "/tls/probe/tls.crt"
+    assert {v["name"]: v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v}["tls-probe"] == "probe-cert"
+    assert any(m["mountPath"] == "/tls/probe" for m in c["volumeMounts"])
+    # Token clients are named in the auth file: without one, refused.
+    r = helm("template", "prod", str(CHART), "--set", "tls.client.secretName=x",
+             "--set", "tls.client.verifyClients=true", "--set", "tls.client.allowTokenClients=true",
+             check=False)
+    assert r.returncode != 0 and "allowTokenClients needs auth.secretName" in r.stderr
 
 
 def test_network_policy_admits_peers_only_from_the_statefulset():

@@ -22,6 +22,8 @@ pub fn to_status(e: EngineError) -> Status {
         EngineError::Exhausted { .. } => Status::resource_exhausted(e.to_string()),
         // A counter at its maximum: no further number can be given.
         EngineError::CounterAtMax { .. } => Status::resource_exhausted(e.to_string()),
+        // The caller's own quota (other principals are not affected).
+        EngineError::OverQuota { .. } => Status::resource_exhausted(e.to_string()),
     }
 }
 

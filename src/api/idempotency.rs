@@ -43,6 +43,7 @@ impl Idempotency for IdempotencyService {
                     fingerprint: r.fingerprint,
                     lock_ttl_ms: r.lock_ttl_ms,
                     retention_ms,
+                    quota: caller.record_quota(&b.caps),
                 },
                 caller.name(),
             )
@@ -95,6 +96,7 @@ impl Idempotency for IdempotencyService {
                     key: r.key,
                     attempt: r.attempt,
                     response: r.response,
+                    byte_quota: caller.record_quota(&s.bounds.caps).bytes,
                 },
                 caller.name(),
             )

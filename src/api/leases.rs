@@ -51,6 +51,7 @@ impl Leases for LeasesService {
                     holder: r.holder,
                     ttl_ms: r.ttl_ms,
                     principal: caller.name().to_owned(),
+                    quota: caller.lease_quota(&s.bounds.caps),
                 },
                 caller.name(),
             )
@@ -148,7 +149,10 @@ impl Leases for LeasesService {
         convert::key(&name, || "name".into())?;
         caller.may_use("lease", &name)?;
         let node = self.0.node.clone();
-        let watch = node.watch(&name).map_err(error::node_status)?;
+        let quota = caller.watch_quota(&self.0.bounds.caps);
+        let watch = node
+            .watch(&name, caller.name(), quota)
+            .map_err(error::node_status)?;
         let (lease, now, mut events, slot) = (watch.lease, watch.now_ms, watch.events, watch.slot);
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let current = |lease: Option<crate::engine::Lease>, now| LeaseEvent {

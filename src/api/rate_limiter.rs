@@ -105,7 +105,7 @@ impl RateLimiterService {
             }
             let decided = s
                 .node
-                .check_as(checks, all_or_nothing, caller.name())
+                .check_as(checks, all_or_nothing, caller.key_quota(&s.bounds.caps))
                 .await
                 .map_err(error::node_status)?;
             for (i, r) in idx.into_iter().zip(decided) {
@@ -233,7 +233,7 @@ impl RateLimiter for RateLimiterService {
             .collect::<Result<Vec<_>, _>>()?;
         let results = s
             .node
-            .check_as(checks, req.all_or_nothing, caller.name())
+            .check_as(checks, req.all_or_nothing, caller.key_quota(&s.bounds.caps))
             .await
             .map_err(error::node_status)?;
         let allowed = results.iter().filter(|r| r.allowed).count() as u64;

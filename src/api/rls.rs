@@ -89,7 +89,7 @@ impl RateLimitService for RlsService {
         }
         let verdicts = limits::decide(
             &s.node,
-            caller.name(),
+            caller.key_quota(&s.bounds.caps),
             &limits,
             &req.domain,
             &descriptors,

@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 pub use config::{Algorithm, Limits, Rule, Unit};
 
-use crate::engine::{LimitCheck, LimitResult};
+use crate::engine::{KeyQuota, LimitCheck, LimitResult};
 use crate::node::{Node, NodeError};
 use crate::security::Reloading;
 
@@ -219,7 +219,7 @@ pub fn keys(limits: &Limits, domain: &str, descriptors: &[Descriptor]) -> Vec<St
 /// never denying). Records per-rule metrics.
 pub async fn decide(
     node: &Node,
-    principal: &str,
+    quota: KeyQuota<'_>,
     limits: &Limits,
     domain: &str,
     descriptors: &[Descriptor],
@@ -254,7 +254,7 @@ pub async fn decide(
         if checks.is_empty() {
             continue;
         }
-        let decided = node.check_as(checks, all_or_nothing, principal).await?;
+        let decided = node.check_as(checks, all_or_nothing, quota).await?;
         for (i, mut r) in idx.into_iter().zip(decided) {
             // In a denied all-or-nothing request, a check that would have
             // passed says so with retry_after_ms = 0: it is within its limit

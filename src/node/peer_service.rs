@@ -51,6 +51,32 @@ fn authorize(caller: &Caller, call: &Call) -> Result<(), Status> {
     }
 }
 
+/// Sets a forwarded call's quotas from this node's auth file (the
+/// follower's values are not taken on trust).
+fn stamp_quotas(call: Call, caller: &Caller, caps: &crate::api::Caps) -> Call {
+    match call {
+        Call::Acquire(mut op) => {
+            op.quota = caller.lease_quota(caps);
+            Call::Acquire(op)
+        }
+        Call::Begin(mut op) => {
+            op.quota = caller.record_quota(caps);
+            Call::Begin(op)
+        }
+        Call::Complete(mut op) => {
+            op.byte_quota = caller.record_quota(caps).bytes;
+            Call::Complete(op)
+        }
+        Call::Check(mut op) => {
+            // Keys are counted against the caller the call was forwarded for.
+            op.principal = caller.name().to_owned();
+            op.key_quota = caller.limit_key_quota(caps);
+            Call::Check(op)
+        }
+        other => other,
+    }
+}
+
 pub struct PeerService {
     node: Arc<Node>,
     /// When a refused message was last logged (monotonic ms).
@@ -284,6 +310,11 @@ impl RaftPeer for PeerService {
             crate::api::convert::forwarded(&call, bounds)?;
         }
         authorize(&caller, &call)?;
+        // Quotas as this node (which proposes the call) reads them.
+        let call = match &self.bounds {
+            Some(bounds) => stamp_quotas(call, &caller, &bounds.caps),
+            None => call,
+        };
         // Served here only if this node leads; otherwise the sender routes again.
         Ok(Response::new(self.node.serve_forwarded(call).await))
     }
@@ -319,5 +350,52 @@ impl RaftPeer for PeerService {
             return Err(refused);
         }
         Ok(Response::new(encode(&self.node.identify())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::Caps;
+    use crate::engine::Acquire;
+    use crate::security::auth::Rules;
+
+    /// A forwarded call's quotas are this node's, whatever the follower
+    /// wrote into it.
+    #[test]
+    fn a_forwarded_calls_quotas_are_the_leaders() {
+        let rules = Rules::parse(
+            "principals:\n  - name: a\n    certificate: a\n    quota: {leases: 1, limit_keys: 4}\n",
+        )
+        .unwrap();
+        let caller = Caller::Principal(rules.principal("a").unwrap().clone());
+        let caps = Caps {
+            leases: 10,
+            records: 10,
+            record_bytes: 10,
+            limit_keys: 10,
+            watchers: 10,
+        };
+        let acquire = Call::Acquire(Acquire {
+            name: "n".into(),
+            holder: "h".into(),
+            ttl_ms: 1,
+            principal: "a".into(),
+            quota: None,
+        });
+        match stamp_quotas(acquire, &caller, &caps) {
+            Call::Acquire(op) => assert_eq!(op.quota, Some(1)),
+            other => panic!("{other:?}"),
+        }
+        let check = Call::Check(crate::node::CheckLimits {
+            checks: vec![],
+            all_or_nothing: false,
+            principal: "someone-else".into(),
+            key_quota: Some(1_000),
+        });
+        match stamp_quotas(check, &caller, &caps) {
+            Call::Check(op) => assert_eq!((op.principal.as_str(), op.key_quota), ("a", Some(4))),
+            other => panic!("{other:?}"),
+        }
     }
 }

@@ -19,7 +19,8 @@ use serde::{Deserialize, Serialize};
 
 use super::{Node, NodeError};
 use crate::engine::{
-    Abort, Acquire, Begin, Complete, Lease, LimitCheck, LimitResult, Record, Release, Renew, Write,
+    Abort, Acquire, Begin, Complete, KeyQuota, Lease, LimitCheck, LimitResult, Record, Release,
+    Renew, Write,
 };
 use crate::proto::raft_peer_client::RaftPeerClient;
 use crate::proto::PeerMessage;
@@ -40,6 +41,12 @@ pub struct Stamped<T> {
 pub struct CheckLimits {
     pub checks: Vec<LimitCheck>,
     pub all_or_nothing: bool,
+    /// The caller ("" without authentication), whose new keys count
+    /// against `key_quota`.
+    #[serde(default)]
+    pub principal: String,
+    #[serde(default)]
+    pub key_quota: Option<u64>,
 }
 
 /// A linearizable read of one lease.
@@ -156,9 +163,13 @@ impl Operation for CheckLimits {
 
     async fn serve(self, node: &Node) -> Result<Vec<LimitResult>, NodeError> {
         node.ready_to_decide().await?;
+        let quota = KeyQuota {
+            principal: &self.principal,
+            max: self.key_quota,
+        };
         Ok(node
             .engine
-            .check(&self.checks, self.all_or_nothing, node.now_ms())?)
+            .check_for(&self.checks, self.all_or_nothing, node.now_ms(), quota)?)
     }
 }
 
@@ -350,26 +361,31 @@ impl Node {
         checks: Vec<LimitCheck>,
         all_or_nothing: bool,
     ) -> Result<Vec<LimitResult>, NodeError> {
-        self.check_as(checks, all_or_nothing, "").await
+        self.check_as(checks, all_or_nothing, KeyQuota::default())
+            .await
     }
 
-    /// [`check`](Self::check) for an authenticated caller.
+    /// [`check`](Self::check) for an authenticated caller, whose new keys
+    /// count against its quota.
     pub async fn check_as(
         &self,
         checks: Vec<LimitCheck>,
         all_or_nothing: bool,
-        principal: &str,
+        quota: KeyQuota<'_>,
     ) -> Result<Vec<LimitResult>, NodeError> {
         if self.may_decide() {
             // The hot path: no routing, no cloning.
-            return Ok(self.engine.check(&checks, all_or_nothing, self.now_ms())?);
+            let now = self.now_ms();
+            return Ok(self.engine.check_for(&checks, all_or_nothing, now, quota)?);
         }
         self.execute_as(
             CheckLimits {
                 checks,
                 all_or_nothing,
+                principal: quota.principal.to_owned(),
+                key_quota: quota.max,
             },
-            principal,
+            quota.principal,
         )
         .await
     }

@@ -42,16 +42,37 @@ struct Inner {
     channels: Mutex<Channels>,
     /// Watches being served (each holds a [`WatchSlot`]).
     active: AtomicUsize,
+    /// Watches being served per principal, for quotas (only principals
+    /// with one open).
+    by_principal: Mutex<HashMap<String, u64>>,
     limits: WatchLimits,
 }
 
-/// One watch's place in the total; given back when dropped (when the
-/// stream serving it ends).
-pub struct WatchSlot(Arc<Inner>);
+/// One watch's place in the total (and its principal's count); given back
+/// when dropped (when the stream serving it ends).
+pub struct WatchSlot {
+    inner: Arc<Inner>,
+    principal: String,
+}
 
 impl Drop for WatchSlot {
     fn drop(&mut self) {
-        self.0.active.fetch_sub(1, Ordering::AcqRel);
+        self.inner.active.fetch_sub(1, Ordering::AcqRel);
+        if !self.principal.is_empty() {
+            let mut by = self.inner.principals();
+            if let Some(n) = by.get_mut(&self.principal) {
+                *n -= 1;
+                if *n == 0 {
+                    by.remove(&self.principal);
+                }
+            }
+        }
+    }
+}
+
+impl Inner {
+    fn principals(&self) -> std::sync::MutexGuard<'_, HashMap<String, u64>> {
+        self.by_principal.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -103,12 +124,18 @@ impl Watchers {
 impl Node {
     /// The lease's current state and a receiver for every later change;
     /// `RESOURCE_EXHAUSTED` once the node serves `--max-watchers` watches,
-    /// or the lease has `--max-watchers-per-lease`.
+    /// the lease has `--max-watchers-per-lease`, or `principal` has
+    /// `quota` watches open on this node.
     ///
     /// The state is read while holding the watcher table, which the state
     /// machine also takes to publish: a change is either in the state read
     /// or delivered as an event (at worst both, never neither).
-    pub fn watch(&self, name: &str) -> Result<Watch, NodeError> {
+    pub fn watch(
+        &self,
+        name: &str,
+        principal: &str,
+        quota: Option<u64>,
+    ) -> Result<Watch, NodeError> {
         let inner = &self.watchers.0;
         let limits = inner.limits;
         let mut channels = self.watchers.lock();
@@ -132,8 +159,23 @@ impl Node {
         if inner.active.load(Ordering::Acquire) >= limits.total {
             return Err(exhausted("watchers (--max-watchers)", limits.total));
         }
+        if !principal.is_empty() {
+            let mut by = inner.principals();
+            let open = by.get(principal).copied().unwrap_or(0);
+            if let Some(quota) = quota.filter(|q| open >= *q) {
+                return Err(NodeError::Engine(EngineError::OverQuota {
+                    principal: principal.to_owned(),
+                    what: "watch streams on this node".into(),
+                    quota,
+                }));
+            }
+            by.insert(principal.to_owned(), open + 1);
+        }
         inner.active.fetch_add(1, Ordering::AcqRel);
-        let slot = WatchSlot(inner.clone());
+        let slot = WatchSlot {
+            inner: inner.clone(),
+            principal: principal.to_owned(),
+        };
         let events = channels
             .entry(name.to_owned())
             .or_insert_with(|| broadcast::channel(WATCH_BUFFER).0)

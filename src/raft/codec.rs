@@ -126,6 +126,7 @@ fn command_to_proto(c: &Command) -> pb::Command {
             holder: o.holder.clone(),
             ttl_ms: o.ttl_ms,
             principal: o.principal.clone(),
+            quota: o.quota,
         }),
         Command::Renew(o) => Op::Renew(pb::Renew {
             name: o.name.clone(),
@@ -146,12 +147,15 @@ fn command_to_proto(c: &Command) -> pb::Command {
             lock_ttl_ms: o.lock_ttl_ms,
             retention_ms: o.retention_ms,
             principal: o.principal.clone(),
+            record_quota: o.quota.records,
+            byte_quota: o.quota.bytes,
         }),
         Command::Complete(o) => Op::Complete(pb::Complete {
             key: o.key.clone(),
             attempt: o.attempt,
             response: o.response.clone(),
             principal: o.principal.clone(),
+            byte_quota: o.byte_quota,
         }),
         Command::Abort(o) => Op::Abort(pb::Abort {
             key: o.key.clone(),
@@ -179,6 +183,7 @@ fn command_from_proto(c: pb::Command) -> Result<Command, String> {
             holder: o.holder,
             ttl_ms: o.ttl_ms,
             principal: o.principal,
+            quota: o.quota,
         }),
         Op::Renew(o) => Command::Renew(e::Renew {
             name: o.name,
@@ -199,12 +204,17 @@ fn command_from_proto(c: pb::Command) -> Result<Command, String> {
             fingerprint: o.fingerprint,
             lock_ttl_ms: o.lock_ttl_ms,
             retention_ms: o.retention_ms,
+            quota: e::RecordQuota {
+                records: o.record_quota,
+                bytes: o.byte_quota,
+            },
         }),
         Op::Complete(o) => Command::Complete(e::Complete {
             principal: o.principal,
             key: o.key,
             attempt: o.attempt,
             response: o.response,
+            byte_quota: o.byte_quota,
         }),
         Op::Abort(o) => Command::Abort(e::Abort {
             principal: o.principal,
@@ -249,6 +259,7 @@ mod tests {
             payload: EntryPayload::Normal(Request {
                 now_ms: 1_700_000_000_000,
                 commands: vec![Command::Acquire(e::Acquire {
+                    quota: Default::default(),
                     principal: String::new(),
                     name: "orders-leader".into(),
                     holder: "orders-7f9c-0".into(),
@@ -271,6 +282,13 @@ mod tests {
             ]),
         );
         let commands = vec![
+            Command::Acquire(e::Acquire {
+                quota: Some(3),
+                principal: "alice".into(),
+                name: "n".into(),
+                holder: "h".into(),
+                ttl_ms: 5,
+            }),
             Command::Renew(e::Renew {
                 principal: String::new(),
                 name: "n".into(),
@@ -285,6 +303,10 @@ mod tests {
                 fencing_token: 4,
             }),
             Command::Begin(e::Begin {
+                quota: e::RecordQuota {
+                    records: Some(0),
+                    bytes: Some(9),
+                },
                 key: "k".into(),
                 fingerprint: vec![0, 255],
                 lock_ttl_ms: 1,
@@ -292,6 +314,7 @@ mod tests {
                 principal: "alice".into(),
             }),
             Command::Complete(e::Complete {
+                byte_quota: Some(1 << 40),
                 key: "k".into(),
                 attempt: 3,
                 response: b"ok".to_vec(),

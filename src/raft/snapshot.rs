@@ -367,6 +367,7 @@ mod tests {
             .collect();
         e.check(&checks, false, 5).unwrap();
         let acquire = Acquire {
+            quota: Default::default(),
             principal: String::new(),
             name: "lease".into(),
             holder: "h".into(),
@@ -374,6 +375,7 @@ mod tests {
         };
         e.execute(acquire, 5).unwrap();
         let begin = Begin {
+            quota: Default::default(),
             key: "pay".into(),
             fingerprint: b"fp".to_vec(),
             lock_ttl_ms: 1000,

@@ -12,7 +12,15 @@
 //!   - name: ci
 //!     token_sha256: "<hex>"     # SHA-256 of a bearer token
 //!     namespaces: ["ci/"]
+//!     quota: {leases: 100, watchers: unlimited}
+//! default_quota: {records: 10000}   # for principals without their own
 //! ```
+//!
+//! A quota bounds what one principal holds: leases, idempotency records
+//! and their bytes, rate-limit keys and watch streams. A bound not set by
+//! the principal's `quota` nor by `default_quota` is half of the server's
+//! global cap for an ordinary principal (so no one tenant can use a
+//! resource up alone) and unlimited for an admin.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -33,6 +41,87 @@ pub const PRINCIPAL_HEADER: &str = "x-arbiter-principal";
 #[serde(deny_unknown_fields)]
 struct File {
     principals: Vec<Entry>,
+    #[serde(default)]
+    default_quota: QuotaEntry,
+}
+
+/// A quota as written: a number or `unlimited`.
+#[derive(Clone, Deserialize)]
+#[serde(untagged)]
+enum Bound {
+    Count(u64),
+    Word(String),
+}
+
+#[derive(Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct QuotaEntry {
+    leases: Option<Bound>,
+    records: Option<Bound>,
+    record_bytes: Option<Bound>,
+    limit_keys: Option<Bound>,
+    watchers: Option<Bound>,
+}
+
+/// One of a principal's quotas, as resolved from the file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Limit {
+    At(u64),
+    Unlimited,
+    /// Not set: half of the global cap.
+    HalfOfCap,
+}
+
+impl Limit {
+    /// The bound against a global cap of `cap` (`None`: none).
+    pub fn of(self, cap: usize) -> Option<u64> {
+        match self {
+            Limit::At(n) => Some(n),
+            Limit::Unlimited => None,
+            Limit::HalfOfCap => Some((cap as u64).div_ceil(2)),
+        }
+    }
+}
+
+/// A principal's quotas.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Quotas {
+    pub leases: Limit,
+    pub records: Limit,
+    pub record_bytes: Limit,
+    pub limit_keys: Limit,
+    pub watchers: Limit,
+}
+
+impl Quotas {
+    pub const UNLIMITED: Quotas = Quotas {
+        leases: Limit::Unlimited,
+        records: Limit::Unlimited,
+        record_bytes: Limit::Unlimited,
+        limit_keys: Limit::Unlimited,
+        watchers: Limit::Unlimited,
+    };
+
+    /// `own` over `defaults` over the built-in default (`fallback`).
+    fn resolve(own: &QuotaEntry, defaults: &QuotaEntry, fallback: Limit) -> Result<Quotas, String> {
+        let one = |name: &str, a: &Option<Bound>, b: &Option<Bound>| -> Result<Limit, String> {
+            match a.as_ref().or(b.as_ref()) {
+                None => Ok(fallback),
+                Some(Bound::Count(n)) => Ok(Limit::At(*n)),
+                Some(Bound::Word(w)) if w == "unlimited" => Ok(Limit::Unlimited),
+                Some(Bound::Word(w)) => Err(format!(
+                    "{name} must be a number or \"unlimited\", got {w:?}"
+                )),
+            }
+        };
+        Ok(Quotas {
+            leases: one("leases", &own.leases, &defaults.leases)?,
+            records: one("records", &own.records, &defaults.records)?,
+            record_bytes: one("record_bytes", &own.record_bytes, &defaults.record_bytes)?,
+            limit_keys: one("limit_keys", &own.limit_keys, &defaults.limit_keys)?,
+            watchers: one("watchers", &own.watchers, &defaults.watchers)?,
+        })
+    }
 }
 
 #[derive(Deserialize)]
@@ -47,6 +136,8 @@ struct Entry {
     namespaces: Vec<String>,
     #[serde(default)]
     admin: bool,
+    #[serde(default)]
+    quota: QuotaEntry,
 }
 
 /// A known caller.
@@ -57,6 +148,7 @@ pub struct Principal {
     pub namespaces: Vec<String>,
     /// May add and remove members.
     pub admin: bool,
+    pub quotas: Quotas,
 }
 
 /// What ends a key segment: a namespace ending in one covers every key
@@ -114,6 +206,12 @@ impl Rules {
     pub fn parse(text: &str) -> Result<Rules, String> {
         let file: File = serde_yaml_ng::from_str(text).map_err(|e| e.to_string())?;
         let mut rules = Rules::default();
+        Quotas::resolve(
+            &file.default_quota,
+            &QuotaEntry::default(),
+            Limit::HalfOfCap,
+        )
+        .map_err(|m| format!("default_quota.{m}"))?;
         for (i, e) in file.principals.into_iter().enumerate() {
             let at = format!("principals[{i}] ({:?})", e.name);
             if e.name.is_empty() {
@@ -127,10 +225,18 @@ impl Rules {
                     "{at}: an empty namespace would match every key; write \"*\" for that"
                 ));
             }
+            let fallback = if e.admin {
+                Limit::Unlimited
+            } else {
+                Limit::HalfOfCap
+            };
+            let quotas = Quotas::resolve(&e.quota, &file.default_quota, fallback)
+                .map_err(|m| format!("{at}: quota.{m}"))?;
             let p = Arc::new(Principal {
                 name: e.name.clone(),
                 namespaces: e.namespaces,
                 admin: e.admin,
+                quotas,
             });
             if rules.by_name.insert(e.name, p.clone()).is_some() {
                 return Err(format!("{at}: the name is used twice"));
@@ -290,6 +396,16 @@ impl Caller {
         Caller::Principal(now.clone()).may_use(what, key)
     }
 
+    /// The caller's bound on one resource (`pick` chooses it) against a
+    /// global cap of `cap`; `None`: no quota (and none without
+    /// authentication).
+    pub fn quota(&self, pick: impl Fn(&Quotas) -> Limit, cap: usize) -> Option<u64> {
+        match self {
+            Caller::Anyone => None,
+            Caller::Principal(p) => pick(&p.quotas).of(cap),
+        }
+    }
+
     /// Whether the caller is an admin principal (not merely unauthenticated).
     pub fn is_admin(&self) -> bool {
         matches!(self, Caller::Principal(p) if p.admin)
@@ -383,6 +499,7 @@ principals:
             name: "o".into(),
             namespaces: vec!["*".into()],
             admin: false,
+            quotas: Quotas::UNLIMITED,
         };
         assert!(ops.may_use("anything"));
         // ops has no namespaces: admin only.
@@ -419,5 +536,47 @@ principals:
             "principals:\n  - name: a\n    certificate: a\n    namespaces: [\"\"]\n",
             "empty namespace",
         );
+        bad(
+            "principals:\n  - name: a\n    certificate: a\n    quota: {leases: lots}\n",
+            "principals[0] (\"a\"): quota.leases must be a number or \"unlimited\", got \"lots\"",
+        );
+        bad(
+            "default_quota: {watchers: some}\nprincipals: []\n",
+            "default_quota.watchers must be a number",
+        );
+        bad(
+            "principals:\n  - name: a\n    certificate: a\n    quota: {lease: 1}\n",
+            "unknown field",
+        );
+    }
+
+    /// A principal's own quota, then `default_quota`, then the built-in
+    /// default: half of the global cap, unlimited for admins.
+    #[test]
+    fn quotas_come_from_the_principal_then_the_default_then_half_the_cap() {
+        let r = Rules::parse(
+            "default_quota: {leases: 7, records: unlimited}
+principals:
+  - name: a
+    certificate: a
+    quota: {leases: 2, watchers: unlimited}
+  - name: b
+    certificate: b
+  - name: ops
+    certificate: ops
+    admin: true
+",
+        )
+        .unwrap();
+        let q = |n: &str| r.principal(n).unwrap().quotas;
+        assert_eq!(q("a").leases, Limit::At(2));
+        assert_eq!(q("a").watchers, Limit::Unlimited);
+        assert_eq!(q("a").records, Limit::Unlimited);
+        assert_eq!(q("b").leases, Limit::At(7));
+        assert_eq!(q("b").limit_keys, Limit::HalfOfCap);
+        assert_eq!(q("b").limit_keys.of(5), Some(3));
+        assert_eq!(q("ops").watchers, Limit::Unlimited);
+        assert_eq!(q("ops").leases, Limit::At(7));
+        assert_eq!(Limit::Unlimited.of(5), None);
     }
 }

@@ -84,6 +84,7 @@ fn entry_of(index: u64, size: usize) -> Entry {
     let request = crate::raft::Request {
         now_ms: 1,
         commands: vec![crate::engine::Command::Acquire(crate::engine::Acquire {
+            quota: Default::default(),
             principal: String::new(),
             name: "n".into(),
             holder: "h".repeat(size),
@@ -223,6 +224,7 @@ async fn a_json_snapshot_from_an_earlier_leader_is_installed_and_rewritten() {
 
     let source = Engine::new(EngineConfig::default());
     let acquire = crate::engine::Acquire {
+        quota: Default::default(),
         principal: String::new(),
         name: "old-lease".into(),
         holder: "h".into(),

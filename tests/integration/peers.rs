@@ -126,6 +126,7 @@ async fn the_plain_peer_port_refuses_messages_without_the_cluster_id_or_from_str
             .await
             .unwrap();
     let begin = encode(&arbiter::node::Call::Begin(arbiter::engine::Begin {
+        quota: Default::default(),
         principal: String::new(),
         key: "pay-1".into(),
         fingerprint: b"fp".to_vec(),
@@ -303,6 +304,7 @@ impl Hosted {
 /// A lease call forwarded as alice, as a follower would send it.
 fn forwarded_acquire(name: &str, cluster: &str) -> tonic::Request<PeerMessage> {
     let call = encode(&arbiter::node::Call::Acquire(arbiter::engine::Acquire {
+        quota: Default::default(),
         name: name.into(),
         holder: "pod-x".into(),
         ttl_ms: 60_000,

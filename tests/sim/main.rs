@@ -180,6 +180,7 @@ async fn lease_client(c: Arc<Cluster>, me: usize, mut rng: Rng, h: History, unti
             }
             None => {
                 let op = Acquire {
+                    quota: Default::default(),
                     name: name.clone(),
                     holder: holder.clone(),
                     ttl_ms: ttl,
@@ -235,6 +236,7 @@ async fn payer(c: Arc<Cluster>, me: usize, mut rng: Rng, h: History, until: u64)
         let key = format!("payment-{}", rng.below(KEYS));
         let sent = c.now();
         let op = Begin {
+            quota: Default::default(),
             principal: String::new(),
             key: key.clone(),
             fingerprint: b"same".to_vec(),
@@ -262,6 +264,7 @@ async fn payer(c: Arc<Cluster>, me: usize, mut rng: Rng, h: History, until: u64)
         let node = pick(&mut rng, &c.ids());
         let sent = c.now();
         let op = Complete {
+            byte_quota: None,
             principal: String::new(),
             key: key.clone(),
             attempt,
@@ -466,6 +469,7 @@ async fn run(seed: u64) -> Result<Run, String> {
     }
     let roles = std::mem::take(&mut *roles.lock().unwrap_or_else(|e| e.into_inner()));
     let acquire = Acquire {
+        quota: Default::default(),
         name: "after-the-run".into(),
         holder: "checker".into(),
         ttl_ms: 1_000,
@@ -664,6 +668,7 @@ fn a_follower_cut_off_past_a_lease_deadline_waits_for_the_sweep() {
             .find(|&i| i != leader)
             .ok_or("no follower")?;
         let op = Acquire {
+            quota: Default::default(),
             name: "short".into(),
             holder: "a".into(),
             ttl_ms: 200,

@@ -23,7 +23,7 @@ def secured(tmp_path_factory):
         f"  - name: ci\n    token_sha256: \"{hashlib.sha256(token.encode()).hexdigest()}\"\n    namespaces: [\"ci/\"]\n"
     )
     server = Server("--tls-cert", str(cert), "--tls-key", str(key), "--tls-client-ca", str(pki.ca),
-                    "--auth-file", str(auth))
+                    "--tls-client-cert-optional", "--auth-file", str(auth))
     yield server, pki, (alice_cert, alice_key), token
     server.stop()
 

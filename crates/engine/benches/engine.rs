@@ -132,6 +132,7 @@ fn leases(c: &mut Criterion) {
                 let a = engine
                     .apply(
                         Command::Acquire(Acquire {
+                            quota: Default::default(),
                             principal: String::new(),
                             name: name.clone(),
                             holder: holder.clone(),
@@ -181,6 +182,7 @@ fn idempotency(c: &mut Criterion) {
                 engine
                     .apply(
                         Command::Begin(Begin {
+                            quota: Default::default(),
                             principal: String::new(),
                             key,
                             fingerprint: b"sha256:0123456789abcdef".to_vec(),

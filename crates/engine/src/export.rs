@@ -106,6 +106,7 @@ mod tests {
         for i in 0..5 {
             e.execute(
                 crate::Acquire {
+                    quota: Default::default(),
                     principal: String::new(),
                     name: format!("lease-{i}"),
                     holder: "h".into(),
@@ -116,6 +117,7 @@ mod tests {
             .unwrap();
             e.execute(
                 Begin {
+                    quota: Default::default(),
                     principal: String::new(),
                     key: format!("pay-{i}"),
                     fingerprint: b"fp".to_vec(),
@@ -128,6 +130,7 @@ mod tests {
         }
         e.execute(
             Complete {
+                byte_quota: None,
                 principal: String::new(),
                 key: "pay-0".into(),
                 attempt: 1,
@@ -146,6 +149,7 @@ mod tests {
         // Something to be replaced: an import starts from a cleared engine.
         to.execute(
             crate::Acquire {
+                quota: Default::default(),
                 principal: String::new(),
                 name: "stale".into(),
                 holder: "x".into(),
@@ -168,6 +172,7 @@ mod tests {
         let (next, _) = to
             .execute(
                 crate::Acquire {
+                    quota: Default::default(),
                     principal: String::new(),
                     name: "new".into(),
                     holder: "h".into(),
@@ -201,6 +206,7 @@ mod tests {
         let grant = |name: &str| {
             e.execute(
                 crate::Acquire {
+                    quota: Default::default(),
                     principal: String::new(),
                     name: name.into(),
                     holder: "h".into(),
@@ -217,6 +223,7 @@ mod tests {
         let attempt = e
             .execute(
                 Begin {
+                    quota: Default::default(),
                     principal: String::new(),
                     key: "pay-later".into(),
                     fingerprint: b"fp".to_vec(),

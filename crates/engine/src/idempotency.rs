@@ -17,6 +17,15 @@ use std::collections::{BTreeSet, HashMap};
 use serde::{Deserialize, Serialize};
 
 use super::EngineError;
+use crate::usage::Usage;
+
+/// A principal's quotas on records (`None`: none), as the leader read them
+/// from its auth file when it proposed the operation.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordQuota {
+    pub records: Option<u64>,
+    pub bytes: Option<u64>,
+}
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RecordState {
@@ -77,6 +86,11 @@ pub struct RecordTable {
     max_records: usize,
     #[serde(skip)]
     max_bytes: usize,
+    /// Stored records and their bytes per principal, for quotas.
+    #[serde(skip)]
+    usage: Usage,
+    #[serde(skip)]
+    usage_bytes: Usage,
 }
 
 impl RecordTable {
@@ -92,6 +106,13 @@ impl RecordTable {
     pub(crate) fn restored(&mut self, max_records: usize, max_bytes: usize) {
         self.max_records = max_records;
         self.max_bytes = max_bytes;
+        self.usage = Usage::default();
+        self.usage_bytes = Usage::default();
+        for (k, r) in &self.records {
+            self.usage.add(&r.principal, 1);
+            self.usage_bytes
+                .add(&r.principal, Record::bytes(k, r) as u64);
+        }
         self.deadlines = self
             .records
             .iter()
@@ -100,7 +121,10 @@ impl RecordTable {
     }
 
     fn insert(&mut self, key: &str, r: Record) {
-        self.bytes += Record::bytes(key, &r);
+        let size = Record::bytes(key, &r);
+        self.bytes += size;
+        self.usage.add(&r.principal, 1);
+        self.usage_bytes.add(&r.principal, size as u64);
         self.deadlines.insert((r.expires_at_ms, key.to_owned()));
         self.records.insert(key.to_owned(), r);
     }
@@ -158,9 +182,40 @@ impl RecordTable {
         Ok(())
     }
 
+    /// `OverQuota` if `principal` holding `extra_records` and `extra_bytes`
+    /// more would pass one of its quotas.
+    fn within_quota(
+        &self,
+        principal: &str,
+        quota: RecordQuota,
+        extra_records: u64,
+        extra_bytes: u64,
+    ) -> Result<(), EngineError> {
+        self.usage.check(
+            principal,
+            extra_records,
+            quota.records,
+            "idempotency records",
+        )?;
+        self.usage_bytes.check(
+            principal,
+            extra_bytes,
+            quota.bytes,
+            "idempotency record bytes",
+        )
+    }
+
+    /// Records and record bytes stored for `principal`.
+    pub fn held_by(&self, principal: &str) -> (u64, u64) {
+        (self.usage.of(principal), self.usage_bytes.of(principal))
+    }
+
     fn remove(&mut self, key: &str) -> Option<Record> {
         let r = self.records.remove(key)?;
-        self.bytes -= Record::bytes(key, &r);
+        let size = Record::bytes(key, &r);
+        self.bytes -= size;
+        self.usage.sub(&r.principal, 1);
+        self.usage_bytes.sub(&r.principal, size as u64);
         self.deadlines.remove(&(r.expires_at_ms, key.to_owned()));
         Some(r)
     }
@@ -173,10 +228,21 @@ impl RecordTable {
         retention_ms: u64,
         now_ms: u64,
     ) -> Result<BeginOutcome, EngineError> {
-        self.begin_as(key, fingerprint, lock_ttl_ms, retention_ms, "", now_ms)
+        let no_quota = RecordQuota::default();
+        self.begin_as(
+            key,
+            fingerprint,
+            lock_ttl_ms,
+            retention_ms,
+            "",
+            no_quota,
+            now_ms,
+        )
     }
 
-    /// [`begin`](Self::begin) by `principal`, who then owns the attempt.
+    /// [`begin`](Self::begin) by `principal`, who then owns the attempt,
+    /// within its `quota`.
+    #[allow(clippy::too_many_arguments)]
     pub fn begin_as(
         &mut self,
         key: &str,
@@ -184,6 +250,7 @@ impl RecordTable {
         lock_ttl_ms: u64,
         retention_ms: u64,
         principal: &str,
+        quota: RecordQuota,
         now_ms: u64,
     ) -> Result<BeginOutcome, EngineError> {
         if let Some(r) = self.get(key, now_ms) {
@@ -217,6 +284,7 @@ impl RecordTable {
         };
         let size = Record::bytes(key, &record);
         self.room_for(usize::from(!lapsed), size)?;
+        self.within_quota(principal, quota, 1, size as u64)?;
         self.last_attempt += 1;
         self.insert(key, record);
         Ok(BeginOutcome::Started {
@@ -253,20 +321,31 @@ impl RecordTable {
         response: &[u8],
         now_ms: u64,
     ) -> Result<(), EngineError> {
-        self.complete_as(key, attempt, response, "", now_ms)
+        self.complete_as(key, attempt, response, "", None, now_ms)
     }
 
-    /// [`complete`](Self::complete) by `principal`.
+    /// [`complete`](Self::complete) by `principal`, whose records may
+    /// hold `byte_quota` bytes.
     pub fn complete_as(
         &mut self,
         key: &str,
         attempt: u64,
         response: &[u8],
         principal: &str,
+        byte_quota: Option<u64>,
         now_ms: u64,
     ) -> Result<(), EngineError> {
         let r = self.owned(key, attempt, principal, now_ms)?;
         self.room_for(0, response.len())?;
+        // Counted against the record's owner (the caller, unless the
+        // record was begun without a principal).
+        let owner = r.principal.clone();
+        self.usage_bytes.check(
+            &owner,
+            response.len() as u64,
+            byte_quota,
+            "idempotency record bytes",
+        )?;
         let expires_at_ms = now_ms.saturating_add(r.retention_ms);
         let mut r = self.remove(key).expect("owned record is stored");
         r.state = RecordState::Completed {
@@ -323,18 +402,22 @@ mod tests {
     #[test]
     fn only_the_principal_that_began_an_attempt_ends_it() {
         let mut t = RecordTable::new(10, 1 << 20);
-        let BeginOutcome::Started { attempt } =
-            t.begin_as("k", b"fp", 100, 1000, "alice", 0).unwrap()
+        let BeginOutcome::Started { attempt } = t
+            .begin_as("k", b"fp", 100, 1000, "alice", RecordQuota::default(), 0)
+            .unwrap()
         else {
             panic!("not started")
         };
         for guess in [attempt, attempt + 1] {
-            let e = t.complete_as("k", guess, b"bob", "bob", 10).unwrap_err();
+            let e = t
+                .complete_as("k", guess, b"bob", "bob", None, 10)
+                .unwrap_err();
             assert!(matches!(e, EngineError::NotRecordOwner { .. }), "{e}");
             assert!(!e.to_string().contains("alice"), "{e}");
         }
         assert!(t.abort_as("k", attempt, "bob", 10).is_err());
-        t.complete_as("k", attempt, b"ok", "alice", 20).unwrap();
+        t.complete_as("k", attempt, b"ok", "alice", None, 20)
+            .unwrap();
         assert_eq!(t.get("k", 30).unwrap().principal, "alice");
         let BeginOutcome::Started { attempt } = t.begin("j", b"fp", 100, 1000, 0).unwrap() else {
             panic!("not started")

@@ -16,6 +16,7 @@ use std::collections::{BTreeSet, HashMap};
 use serde::{Deserialize, Serialize};
 
 use super::EngineError;
+use crate::usage::Usage;
 
 /// A lease as it stands.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -80,6 +81,10 @@ pub struct LeaseTable {
     deadlines: BTreeSet<(u64, String)>,
     #[serde(skip)]
     max_leases: usize,
+    /// Stored leases per principal (lapsed ones not yet swept too, as in
+    /// the cap), for quotas.
+    #[serde(skip)]
+    usage: Usage,
 }
 
 fn view(name: &str, h: &Held) -> Lease {
@@ -104,6 +109,10 @@ impl LeaseTable {
     /// Re-applies limits and rebuilds the deadline index after a restore.
     pub(crate) fn restored(&mut self, max_leases: usize) {
         self.max_leases = max_leases;
+        self.usage = Usage::default();
+        for h in self.held.values() {
+            self.usage.add(&h.principal, 1);
+        }
         self.deadlines = self
             .held
             .iter()
@@ -128,7 +137,27 @@ impl LeaseTable {
         };
         let old = self.held.get(&lease.name).map(|h| h.expires_at_ms);
         self.set_deadline(&lease.name, old, Some(held.expires_at_ms));
-        self.held.insert(lease.name, held);
+        self.insert(lease.name, held);
+    }
+
+    /// Stores `held` under `name`, keeping the usage counts.
+    fn insert(&mut self, name: String, held: Held) {
+        self.usage.add(&held.principal, 1);
+        if let Some(old) = self.held.insert(name, held) {
+            self.usage.sub(&old.principal, 1);
+        }
+    }
+
+    /// Removes the lease under `name`, keeping the usage counts.
+    fn remove(&mut self, name: &str) -> Option<Held> {
+        let old = self.held.remove(name)?;
+        self.usage.sub(&old.principal, 1);
+        Some(old)
+    }
+
+    /// Stored leases of `principal`.
+    pub fn held_by(&self, principal: &str) -> u64 {
+        self.usage.of(principal)
     }
 
     /// Raises the token counter to `token` (a loaded snapshot never moves
@@ -177,17 +206,20 @@ impl LeaseTable {
         now_ms: u64,
         events: &mut Vec<LeaseEvent>,
     ) -> Result<(bool, Lease), EngineError> {
-        self.acquire_as(name, holder, "", ttl_ms, now_ms, events)
+        self.acquire_as(name, holder, "", None, ttl_ms, now_ms, events)
     }
 
     /// [`acquire`](Self::acquire) by `principal`: a lease held under the
     /// same holder name by another principal is reported as held, not
-    /// renewed.
+    /// renewed. A new lease is refused when `principal` already holds
+    /// `quota` of them.
+    #[allow(clippy::too_many_arguments)]
     pub fn acquire_as(
         &mut self,
         name: &str,
         holder: &str,
         principal: &str,
+        quota: Option<u64>,
         ttl_ms: u64,
         now_ms: u64,
         events: &mut Vec<LeaseEvent>,
@@ -213,7 +245,15 @@ impl LeaseTable {
                 what: "fencing tokens".into(),
             });
         }
-        if let Some(old) = self.held.remove(name) {
+        // A lapsed lease of the same principal makes room for this one.
+        let replaced = self.held.get(name).map(|h| h.principal == principal);
+        self.usage.check(
+            principal,
+            u64::from(replaced != Some(true)),
+            quota,
+            "leases",
+        )?;
+        if let Some(old) = self.remove(name) {
             self.set_deadline(name, Some(old.expires_at_ms), None);
             // Lapsed but not yet swept: watchers learn it expired first.
             events.push(LeaseEvent {
@@ -235,7 +275,7 @@ impl LeaseTable {
             principal: principal.to_owned(),
         };
         let lease = view(name, &h);
-        self.held.insert(name.to_owned(), h);
+        self.insert(name.to_owned(), h);
         self.set_deadline(name, None, Some(expires_at_ms));
         events.push(LeaseEvent {
             kind: LeaseEventKind::Acquired,
@@ -331,7 +371,7 @@ impl LeaseTable {
         events: &mut Vec<LeaseEvent>,
     ) -> Result<Lease, EngineError> {
         self.owned_mut(name, holder, principal, token, now_ms)?;
-        let h = self.held.remove(name).expect("owned lease is stored");
+        let h = self.remove(name).expect("owned lease is stored");
         self.set_deadline(name, Some(h.expires_at_ms), None);
         let lease = view(name, &h);
         events.push(LeaseEvent {
@@ -350,7 +390,7 @@ impl LeaseTable {
                 break;
             }
             let (_, name) = self.deadlines.pop_first().expect("first exists");
-            if let Some(h) = self.held.remove(&name) {
+            if let Some(h) = self.remove(&name) {
                 events.push(LeaseEvent {
                     kind: LeaseEventKind::Expired,
                     lease: view(&name, &h),
@@ -422,11 +462,13 @@ mod tests {
     fn only_the_granted_principal_renews_or_releases() {
         let mut t = LeaseTable::new(10);
         let ev = &mut Vec::new();
-        let (_, l) = t.acquire_as("db", "pod", "bob", 100, 0, ev).unwrap();
+        let (_, l) = t.acquire_as("db", "pod", "bob", None, 100, 0, ev).unwrap();
         assert_eq!(l.principal, "bob");
         let tok = l.fencing_token;
         // Another principal knowing the holder name and token gets nowhere.
-        let (ok, seen) = t.acquire_as("db", "pod", "alice", 100, 10, ev).unwrap();
+        let (ok, seen) = t
+            .acquire_as("db", "pod", "alice", None, 100, 10, ev)
+            .unwrap();
         assert!(!ok && seen.expires_at_ms == 100, "{seen:?}");
         let not_owner =
             |r: Result<Lease, EngineError>| matches!(r, Err(EngineError::NotOwner { .. }));

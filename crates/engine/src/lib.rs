@@ -14,15 +14,16 @@ pub mod idempotency;
 pub mod leases;
 pub mod limits;
 pub mod ops;
+mod usage;
 
 use std::sync::{Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
 
 pub use export::Item;
-pub use idempotency::{BeginOutcome, Record, RecordState, RecordTable};
+pub use idempotency::{BeginOutcome, Record, RecordQuota, RecordState, RecordTable};
 pub use leases::{Lease, LeaseEvent, LeaseEventKind, LeaseTable};
-pub use limits::{Cell, LimitCheck, LimitDef, LimitResult, LimitTable, CELL_BYTES};
+pub use limits::{Cell, KeyQuota, LimitCheck, LimitDef, LimitResult, LimitTable, CELL_BYTES};
 pub use ops::{Abort, Acquire, Acquired, Begin, Command, Complete, Outcome, Release, Renew, Write};
 
 /// Why a command was refused. Malformed input is rejected before it becomes a
@@ -53,6 +54,12 @@ pub enum EngineError {
     CounterAtMax {
         what: std::borrow::Cow<'static, str>,
     },
+    #[error("principal {principal:?} is at its quota of {quota} {what} (set in the auth file)")]
+    OverQuota {
+        principal: String,
+        what: std::borrow::Cow<'static, str>,
+        quota: u64,
+    },
 }
 
 /// Bounds on memory. Defaults suit a node with a few GiB.
@@ -75,6 +82,15 @@ impl Default for EngineConfig {
             max_record_bytes: 1 << 30,
         }
     }
+}
+
+/// What one principal holds, against its quotas.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Held {
+    pub leases: u64,
+    pub records: u64,
+    pub record_bytes: u64,
+    pub limit_keys: u64,
 }
 
 /// An applied command's outcome and the lease changes it caused.
@@ -185,6 +201,31 @@ impl Engine {
         now_ms: u64,
     ) -> Result<Vec<LimitResult>, EngineError> {
         self.limits.check(checks, all_or_nothing, now_ms)
+    }
+
+    /// [`check`](Self::check) with the keys it makes counted against
+    /// `quota`'s principal.
+    pub fn check_for(
+        &self,
+        checks: &[LimitCheck],
+        all_or_nothing: bool,
+        now_ms: u64,
+        quota: KeyQuota<'_>,
+    ) -> Result<Vec<LimitResult>, EngineError> {
+        self.limits.check_for(checks, all_or_nothing, now_ms, quota)
+    }
+
+    /// What `principal` holds: leases, idempotency records and their
+    /// bytes, and the rate-limit keys its checks made on this node.
+    pub fn held_by(&self, principal: &str) -> Held {
+        let t = self.tables();
+        let (records, record_bytes) = t.records.held_by(principal);
+        Held {
+            leases: t.leases.held_by(principal),
+            records,
+            record_bytes,
+            limit_keys: self.limits.held_by(principal),
+        }
     }
 
     pub fn lease(&self, name: &str, now_ms: u64) -> Option<Lease> {

@@ -12,7 +12,10 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{BeginOutcome, Cell, EngineError, Lease, LeaseEvent, Tables, CELL_BYTES};
+use super::{
+    idempotency::RecordQuota, BeginOutcome, Cell, EngineError, Lease, LeaseEvent, Tables,
+    CELL_BYTES,
+};
 
 /// Takes a lease that is free or lapsed, or renews the caller's own.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -23,6 +26,11 @@ pub struct Acquire {
     /// The authenticated caller ("" without authentication).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub principal: String,
+    /// How many leases the principal may hold (`None`: no quota), as the
+    /// proposing leader read its auth file: carried in the log so every
+    /// replica decides alike.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota: Option<u64>,
 }
 
 /// Extends a held lease, proving ownership with its fencing token.
@@ -56,6 +64,13 @@ pub struct Begin {
     /// The caller, who then owns the attempt ("" without authentication).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub principal: String,
+    /// The principal's record quotas (as [`Acquire::quota`]).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub quota: RecordQuota,
+}
+
+fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
 }
 
 /// Stores the response of the attempt that owns an idempotency key.
@@ -66,6 +81,9 @@ pub struct Complete {
     pub response: Vec<u8>,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub principal: String,
+    /// The principal's quota of record bytes (as [`Acquire::quota`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub byte_quota: Option<u64>,
 }
 
 /// Gives up an attempt, freeing the key for a retry.
@@ -121,6 +139,7 @@ impl Write for Acquire {
             &self.name,
             &self.holder,
             &self.principal,
+            self.quota,
             self.ttl_ms,
             now_ms,
             events,
@@ -218,6 +237,7 @@ impl Write for Begin {
             self.lock_ttl_ms,
             self.retention_ms,
             &self.principal,
+            self.quota,
             now_ms,
         )
     }
@@ -248,6 +268,7 @@ impl Write for Complete {
             self.attempt,
             &self.response,
             &self.principal,
+            self.byte_quota,
             now_ms,
         )
     }
@@ -372,6 +393,7 @@ mod tests {
             (
                 r#"{"Acquire":{"name":"n","holder":"h","ttl_ms":5}}"#,
                 Command::Acquire(Acquire {
+                    quota: Default::default(),
                     principal: String::new(),
                     name: "n".into(),
                     holder: "h".into(),
@@ -400,6 +422,7 @@ mod tests {
             (
                 r#"{"Begin":{"key":"k","fingerprint":[1],"lock_ttl_ms":3,"retention_ms":4}}"#,
                 Command::Begin(Begin {
+                    quota: Default::default(),
                     principal: String::new(),
                     key: "k".into(),
                     fingerprint: vec![1],
@@ -410,6 +433,7 @@ mod tests {
             (
                 r#"{"Complete":{"key":"k","attempt":1,"response":[9]}}"#,
                 Command::Complete(Complete {
+                    byte_quota: None,
                     principal: String::new(),
                     key: "k".into(),
                     attempt: 1,

@@ -190,6 +190,7 @@ fn snapshot_round_trips_through_serde() {
     checked(&e, vec![check("k", TB, 2)], false, 0);
     e.apply(
         Command::Acquire(Acquire {
+            quota: Default::default(),
             principal: String::new(),
             name: "l".into(),
             holder: "h".into(),
@@ -200,6 +201,7 @@ fn snapshot_round_trips_through_serde() {
     .unwrap();
     e.apply(
         Command::Begin(Begin {
+            quota: Default::default(),
             principal: String::new(),
             key: "i".into(),
             fingerprint: vec![1],
@@ -224,6 +226,7 @@ fn snapshot_round_trips_through_serde() {
     let a = restored
         .apply(
             Command::Acquire(Acquire {
+                quota: Default::default(),
                 principal: String::new(),
                 name: "m".into(),
                 holder: "h".into(),
@@ -281,6 +284,7 @@ fn sweep_reports_expired_leases() {
     let e = engine();
     e.apply(
         Command::Acquire(Acquire {
+            quota: Default::default(),
             principal: String::new(),
             name: "l".into(),
             holder: "h".into(),
@@ -454,7 +458,7 @@ proptest! {
             let owns = live.is_some_and(|m| m.0 == holder && m.1 == token);
             match op {
                 0 | 1 => {
-                    let a = e.execute(Acquire { name: n, holder: h, ttl_ms: ttl, principal: String::new() }, now).unwrap().0;
+                    let a = e.execute(Acquire { name: n, holder: h, ttl_ms: ttl, principal: String::new(), quota: Default::default() }, now).unwrap().0;
                     match live {
                         Some(m) if m.0 != holder => {
                             prop_assert!(!a.acquired);
@@ -526,7 +530,7 @@ proptest! {
             let attempt = match pick { 0 => running, 1 => last_attempt.saturating_sub(1), _ => last_attempt + 1 };
             match op {
                 0 => {
-                    let begin = Begin { principal: String::new(), key: "k".into(), fingerprint: vec![], lock_ttl_ms: ttl, retention_ms: 50 };
+                    let begin = Begin { principal: String::new(), key: "k".into(), fingerprint: vec![], lock_ttl_ms: ttl, retention_ms: 50, quota: Default::default() };
                     let out = e.execute(begin, now).unwrap().0;
                     match (live, out) {
                         (None, BeginOutcome::Started { attempt }) => {
@@ -544,7 +548,7 @@ proptest! {
                     }
                 }
                 1 => {
-                    let r = e.execute(Complete { principal: String::new(), key: "k".into(), attempt, response: vec![1] }, now);
+                    let r = e.execute(Complete { principal: String::new(), key: "k".into(), attempt, response: vec![1], byte_quota: None }, now);
                     if running != 0 && attempt == running {
                         prop_assert!(r.is_ok(), "{:?}", r);
                         model = Some(State::Done { attempt, until: now + 50 });
@@ -564,4 +568,116 @@ proptest! {
             }
         }
     }
+}
+
+/// A principal's quotas, carried in the commands: a new lease, record or
+/// key past its quota is refused, others' are not, and what it gives back
+/// (a release, an abort, a swept key) makes room again. After a restore
+/// the counts are rebuilt from the tables.
+#[test]
+fn quotas_bound_each_principal_alone() {
+    let e = engine();
+    let acquire = |name: &str, principal: &str| {
+        Command::Acquire(Acquire {
+            name: name.into(),
+            holder: "h".into(),
+            ttl_ms: 100,
+            principal: principal.into(),
+            quota: Some(2),
+        })
+    };
+    e.apply(acquire("a1", "alice"), 0).unwrap();
+    e.apply(acquire("a2", "alice"), 0).unwrap();
+    // Renewing one's own lease is not a new one.
+    e.apply(acquire("a2", "alice"), 1).unwrap();
+    let refused = e.apply(acquire("a3", "alice"), 1).unwrap_err();
+    assert_eq!(
+        refused,
+        EngineError::OverQuota {
+            principal: "alice".into(),
+            what: "leases".into(),
+            quota: 2
+        }
+    );
+    e.apply(acquire("b1", "bob"), 1).unwrap();
+    // A lapsed lease of alice's, taken over by alice, is no new one either.
+    e.apply(acquire("a1", "alice"), 500).unwrap();
+    assert_eq!(e.held_by("alice").leases, 2);
+    e.apply(Command::Sweep, 1000).unwrap();
+    assert_eq!(e.held_by("alice").leases, 0);
+    e.apply(acquire("a3", "alice"), 1000).unwrap();
+
+    let begin = |key: &str, quota: RecordQuota| {
+        Command::Begin(Begin {
+            key: key.into(),
+            fingerprint: vec![1; 10],
+            lock_ttl_ms: 100,
+            retention_ms: 100,
+            principal: "alice".into(),
+            quota,
+        })
+    };
+    let one = RecordQuota {
+        records: Some(1),
+        bytes: None,
+    };
+    e.apply(begin("r1", one), 1000).unwrap();
+    let refused = e.apply(begin("r2", one), 1000).unwrap_err();
+    assert!(
+        matches!(refused, EngineError::OverQuota { quota: 1, .. }),
+        "{refused}"
+    );
+    let (records, bytes) = (e.held_by("alice").records, e.held_by("alice").record_bytes);
+    assert_eq!(records, 1);
+    let tight = RecordQuota {
+        records: None,
+        bytes: Some(bytes + 50),
+    };
+    e.apply(begin("r2", tight), 1000).unwrap_err();
+    let attempt = match e.apply(begin("r1", one), 1000).unwrap().outcome {
+        Outcome::Begin(BeginOutcome::InProgress { attempt, .. }) => attempt,
+        other => panic!("{other:?}"),
+    };
+    let complete = |response: usize, byte_quota| {
+        Command::Complete(Complete {
+            key: "r1".into(),
+            attempt,
+            response: vec![0; response],
+            principal: "alice".into(),
+            byte_quota,
+        })
+    };
+    let refused = e.apply(complete(100, Some(bytes + 50)), 1000).unwrap_err();
+    assert!(refused.to_string().contains("record bytes"), "{refused}");
+    e.apply(complete(40, Some(bytes + 50)), 1000).unwrap();
+
+    let restored = Engine::restore(EngineConfig::default(), e.snapshot());
+    assert_eq!(restored.held_by("alice"), e.held_by("alice"));
+    assert_eq!(restored.held_by("alice").leases, 1, "a3");
+
+    let quota = |max| KeyQuota {
+        principal: "alice",
+        max: Some(max),
+    };
+    e.check_for(&[check("k1", TB, 1)], false, 0, quota(2))
+        .unwrap();
+    let two = [check("k2", TB, 1), check("k3", TB, 1)];
+    let refused = e.check_for(&two, true, 0, quota(2)).unwrap_err();
+    assert!(
+        refused.to_string().contains("quota of 2 rate-limit keys"),
+        "{refused}"
+    );
+    e.check_for(&two, false, 0, quota(2)).unwrap_err();
+    assert_eq!(
+        e.held_by("alice").limit_keys,
+        2,
+        "k2 was stored, k3 refused"
+    );
+    // Known keys are decided; others' keys are theirs.
+    e.check_for(&[check("k1", TB, 1)], false, 0, quota(2))
+        .unwrap();
+    e.check(&[check("k9", TB, 1)], false, 0).unwrap();
+    e.sweep_limits(10_000);
+    assert_eq!(e.held_by("alice").limit_keys, 0);
+    e.check_for(&two, true, 10_000, quota(2)).unwrap();
 }

@@ -392,6 +392,7 @@ fn command(op: &Op, leader: &Engine, now: u64) -> Option<Command> {
     Some(match *op {
         Op::Check(..) => return None,
         Op::Acquire(n, h, ttl_ms) => Command::Acquire(Acquire {
+            quota: Default::default(),
             name: format!("n{n}"),
             holder: format!("h{h}"),
             ttl_ms,
@@ -411,6 +412,7 @@ fn command(op: &Op, leader: &Engine, now: u64) -> Option<Command> {
             principal: String::new(),
         }),
         Op::Begin(k, lock_ttl_ms) => Command::Begin(Begin {
+            quota: Default::default(),
             principal: String::new(),
             key: format!("i{k}"),
             fingerprint: vec![],
@@ -418,6 +420,7 @@ fn command(op: &Op, leader: &Engine, now: u64) -> Option<Command> {
             retention_ms: 500,
         }),
         Op::Complete(k) => Command::Complete(Complete {
+            byte_quota: None,
             principal: String::new(),
             key: format!("i{k}"),
             attempt: record(k).map_or(0, |r| r.attempt),

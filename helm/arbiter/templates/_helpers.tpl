@@ -69,6 +69,11 @@ tls-peer:
   secretName: {{ include "arbiter.peerTlsSecret" . }}
   path: /tls/peer
 {{- end }}
+{{- if and .Values.tls.client.secretName .Values.tls.client.verifyClients .Values.tls.client.probeSecretName (not .Values.tls.client.allowTokenClients) }}
+tls-probe:
+  secretName: {{ .Values.tls.client.probeSecretName }}
+  path: /tls/probe
+{{- end }}
 {{- if .Values.tls.metrics.secretName }}
 tls-metrics:
   secretName: {{ .Values.tls.metrics.secretName }}
@@ -84,7 +89,8 @@ auth:
 {{/*
 A probe of the health service named "service": kubelet's gRPC probe on a
 plaintext client port; with client TLS (which kubelet's gRPC probe cannot
-speak) `arbiter health` run in the pod, trusting the Secret's ca.crt.
+speak) `arbiter health` run in the pod, trusting the Secret's ca.crt, and
+presenting a client certificate when the port requires one.
 */}}
 {{- define "arbiter.probe" -}}
 {{- $v := .root.Values -}}
@@ -99,6 +105,13 @@ exec:
     - /tls/client/ca.crt
     - --tls-server-name
     - {{ $v.tls.client.serverName | quote }}
+    {{- if and $v.tls.client.verifyClients (not $v.tls.client.allowTokenClients) }}
+    {{- $dir := ternary "/tls/probe" "/tls/client" (ne $v.tls.client.probeSecretName "") }}
+    - --tls-cert
+    - {{ $dir }}/tls.crt
+    - --tls-key
+    - {{ $dir }}/tls.key
+    {{- end }}
     - --service
     - {{ .service | quote }}
 {{- else }}

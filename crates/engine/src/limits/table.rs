@@ -7,17 +7,40 @@
 //! operations, never an await, so a blocking mutex is cheaper than an async
 //! one and contention across 64 shards is negligible.
 
+use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::num::NonZeroU8;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use hashbrown::{DefaultHashBuilder, HashTable};
 
 use super::{decide, Cell, LimitCheck, LimitResult, CELL_BYTES};
 use crate::EngineError;
 
-type Entry = (Key, Cell);
+/// A key, its cell, and the count of keys of the principal whose check
+/// made it (none for keys made without a principal, or replicated from a
+/// leader): given back when the key goes.
+type Entry = (Key, Cell, Option<Owner>);
+
+/// A principal's count of stored keys, shared by its entries.
+type Owner = Arc<AtomicU64>;
+
+/// Whose checks these are, for the quota on the keys they make.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct KeyQuota<'a> {
+    /// "" counts nothing.
+    pub principal: &'a str,
+    /// Most keys the principal may hold (`None`: no quota).
+    pub max: Option<u64>,
+}
+
+/// Gives back an entry's place in its owner's count.
+fn disown(e: &Entry) {
+    if let Some(o) = &e.2 {
+        o.fetch_sub(1, Ordering::Relaxed);
+    }
+}
 
 /// A key stored inline when it fits in 22 bytes (most rate-limit keys do),
 /// which saves an allocation and, more to the point, a cache miss on every
@@ -101,6 +124,9 @@ pub struct LimitTable {
     hasher: DefaultHashBuilder,
     live: AtomicUsize,
     max_keys: usize,
+    /// Each principal's count of keys it made (kept once made: bounded by
+    /// the principals the auth file names).
+    owners: RwLock<HashMap<Box<str>, Owner>>,
 }
 
 fn lock(shard: &Shard) -> MutexGuard<'_, ShardState> {
@@ -120,6 +146,44 @@ impl LimitTable {
             hasher: DefaultHashBuilder::default(),
             live: AtomicUsize::new(0),
             max_keys,
+            owners: RwLock::default(),
+        }
+    }
+
+    /// The count of `principal`'s keys (`None` for "").
+    fn owner(&self, principal: &str) -> Option<Owner> {
+        if principal.is_empty() {
+            return None;
+        }
+        let read = self.owners.read().unwrap_or_else(|e| e.into_inner());
+        if let Some(o) = read.get(principal) {
+            return Some(o.clone());
+        }
+        drop(read);
+        let mut write = self.owners.write().unwrap_or_else(|e| e.into_inner());
+        Some(write.entry(principal.into()).or_default().clone())
+    }
+
+    /// Keys stored that `principal`'s checks made on this node.
+    pub fn held_by(&self, principal: &str) -> u64 {
+        let read = self.owners.read().unwrap_or_else(|e| e.into_inner());
+        read.get(principal).map_or(0, |o| o.load(Ordering::Relaxed))
+    }
+
+    /// Takes `n` places in `owner`'s count, or `OverQuota`.
+    fn take(owner: &Option<Owner>, n: u64, quota: KeyQuota<'_>) -> Result<(), EngineError> {
+        let Some(o) = owner else { return Ok(()) };
+        let before = o.fetch_add(n, Ordering::Relaxed);
+        match quota.max {
+            Some(max) if before + n > max => {
+                o.fetch_sub(n, Ordering::Relaxed);
+                Err(EngineError::OverQuota {
+                    principal: quota.principal.to_owned(),
+                    what: "rate-limit keys".into(),
+                    quota: max,
+                })
+            }
+            _ => Ok(()),
         }
     }
 
@@ -147,9 +211,25 @@ impl LimitTable {
         all_or_nothing: bool,
         now_ms: u64,
     ) -> Result<Vec<LimitResult>, EngineError> {
+        self.check_for(checks, all_or_nothing, now_ms, KeyQuota::default())
+    }
+
+    /// [`check`](Self::check) for a principal: the keys its checks make
+    /// count against its quota, and a new key past it fails the check as
+    /// the key cap does.
+    pub fn check_for(
+        &self,
+        checks: &[LimitCheck],
+        all_or_nothing: bool,
+        now_ms: u64,
+        quota: KeyQuota<'_>,
+    ) -> Result<Vec<LimitResult>, EngineError> {
         if all_or_nothing && checks.len() > 1 {
-            return self.check_atomic(checks, now_ms);
+            return self.check_atomic(checks, now_ms, quota);
         }
+        // Looked up on the first new key only: the hot path (known keys)
+        // never touches the owners' map.
+        let mut owner = None;
         let mut results = Vec::with_capacity(checks.len());
         for check in checks {
             let (h, s) = self.locate(&check.key);
@@ -166,7 +246,10 @@ impl LimitTable {
             if let Some(cell) = cell.filter(|_| !check.dry_run) {
                 match stored {
                     Some(e) => store(e, cell, h, dirty),
-                    None => self.insert(table, dirty, h, &check.key, cell)?,
+                    None => {
+                        let owner = owner.get_or_insert_with(|| self.owner(quota.principal));
+                        self.insert(table, dirty, h, &check.key, cell, owner, quota)?
+                    }
                 }
             }
             results.push(result);
@@ -174,6 +257,7 @@ impl LimitTable {
         Ok(results)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn insert(
         &self,
         table: &mut HashTable<Entry>,
@@ -181,6 +265,8 @@ impl LimitTable {
         h: u64,
         key: &str,
         cell: Cell,
+        owner: &Option<Owner>,
+        quota: KeyQuota<'_>,
     ) -> Result<(), EngineError> {
         if self.live.fetch_add(1, Ordering::Relaxed) >= self.max_keys {
             self.live.fetch_sub(1, Ordering::Relaxed);
@@ -189,8 +275,12 @@ impl LimitTable {
                 max: self.max_keys,
             });
         }
+        if let Err(e) = Self::take(owner, 1, quota) {
+            self.live.fetch_sub(1, Ordering::Relaxed);
+            return Err(e);
+        }
         let hasher = &self.hasher;
-        table.insert_unique(h, (Key::new(key), cell.dirty()), |e| {
+        table.insert_unique(h, (Key::new(key), cell.dirty(), owner.clone()), |e| {
             hasher.hash_one(e.0.as_str())
         });
         dirty.push(h);
@@ -204,6 +294,7 @@ impl LimitTable {
         &self,
         checks: &[LimitCheck],
         now_ms: u64,
+        quota: KeyQuota<'_>,
     ) -> Result<Vec<LimitResult>, EngineError> {
         let located: Vec<(u64, usize)> = checks.iter().map(|c| self.locate(&c.key)).collect();
         let mut order: Vec<usize> = located.iter().map(|l| l.1).collect();
@@ -250,6 +341,7 @@ impl LimitTable {
             }
             return Ok(results);
         }
+        let mut owner = None;
         if new_keys > 0 {
             let before = self.live.fetch_add(new_keys, Ordering::Relaxed);
             if before + new_keys > self.max_keys {
@@ -259,6 +351,11 @@ impl LimitTable {
                     max: self.max_keys,
                 });
             }
+            owner = self.owner(quota.principal);
+            if let Err(e) = Self::take(&owner, new_keys as u64, quota) {
+                self.live.fetch_sub(new_keys, Ordering::Relaxed);
+                return Err(e);
+            }
         }
         let hasher = &self.hasher;
         for (i, cell) in overlay {
@@ -267,9 +364,8 @@ impl LimitTable {
             match table.find_mut(h, |e| e.0.is(&checks[i].key)) {
                 Some(e) => store(e, cell, h, dirty),
                 None => {
-                    table.insert_unique(h, (Key::new(&checks[i].key), cell.dirty()), |e| {
-                        hasher.hash_one(e.0.as_str())
-                    });
+                    let entry = (Key::new(&checks[i].key), cell.dirty(), owner.clone());
+                    table.insert_unique(h, entry, |e| hasher.hash_one(e.0.as_str()));
                     dirty.push(h);
                 }
             }
@@ -290,8 +386,9 @@ impl LimitTable {
             match table.find_mut(h, |e| e.0.is(key)) {
                 Some(e) => e.1 = cell,
                 None => {
-                    table
-                        .insert_unique(h, (Key::new(key), cell), |e| hasher.hash_one(e.0.as_str()));
+                    table.insert_unique(h, (Key::new(key), cell, None), |e| {
+                        hasher.hash_one(e.0.as_str())
+                    });
                     self.live.fetch_add(1, Ordering::Relaxed);
                 }
             }
@@ -306,7 +403,13 @@ impl LimitTable {
         for shard in self.shards.iter() {
             let mut table = lock(shard);
             let before = table.len();
-            table.retain(|e| e.1.idle_at_ms() > now_ms);
+            table.retain(|e| {
+                let keep = e.1.idle_at_ms() > now_ms;
+                if !keep {
+                    disown(e);
+                }
+                keep
+            });
             let n = before - table.len();
             if table.capacity() > 4 * table.len().max(64) {
                 table.shrink_to(0, |e| self.hasher.hash_one(e.0.as_str()));
@@ -322,6 +425,7 @@ impl LimitTable {
         for shard in self.shards.iter() {
             let mut state = lock(shard);
             self.live.fetch_sub(state.len(), Ordering::Relaxed);
+            state.iter().for_each(disown);
             *state = ShardState::default();
         }
     }
@@ -373,7 +477,7 @@ impl LimitTable {
     /// that shard's lock while visiting it.
     pub fn for_each(&self, mut f: impl FnMut(&str, Cell)) {
         for shard in self.shards.iter() {
-            for (k, c) in lock(shard).iter() {
+            for (k, c, _) in lock(shard).iter() {
                 f(k.as_str(), c.clean());
             }
         }
@@ -386,7 +490,7 @@ impl LimitTable {
             out.extend(
                 lock(shard)
                     .iter()
-                    .map(|(k, c)| (k.as_str().to_owned(), c.clean())),
+                    .map(|(k, c, _)| (k.as_str().to_owned(), c.clean())),
             );
         }
         out.sort_unstable_by(|a, b| a.0.cmp(&b.0));
