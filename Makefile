@@ -27,9 +27,11 @@ SIM_TARGET ?= $(if $(CARGO_TARGET_DIR),$(CARGO_TARGET_DIR),target)/replay
 test-sim-replay:
 	SIM_FIRST_SEED=1001 SIM_SEEDS=200 RUSTFLAGS="--cfg tokio_unstable" $(CARGO) test -j$(JOBS) --test sim --target-dir $(SIM_TARGET)
 
-# The server binary as `cargo test` builds it (a no-op after test-rust).
+# The server binary as `cargo test` builds it (a no-op after test-rust:
+# `--workspace` keeps the features unified as test-rust had them; without
+# it the server crate was compiled a second time).
 server-bin:
-	$(CARGO) test -j$(JOBS) --no-run --test integration
+	$(CARGO) test -j$(JOBS) --no-run --workspace --test integration
 
 test-python: server-bin
 	python3 -m pip install --quiet --disable-pip-version-check -r tests/python/requirements.txt
