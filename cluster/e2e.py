@@ -837,7 +837,7 @@ def scenario_secure(pb):
         got = cluster.node(new_id).leases().Get(ls.GetLeaseRequest(name="a/lock"), timeout=CALL_TIMEOUT_S)
         assert (got.lease.holder, got.lease.fencing_token) == ("pod-a", token), got
         return (f"formed over mTLS; alice served via node {follower.id} in a/ and refused in b/; "
-                f"no-certificate caller UNAUTHENTICATED; plaintext, a client certificate and a peer-CA "
+                f"no-certificate caller refused at the handshake; plaintext, a client certificate and a peer-CA "
                 f"certificate naming no member refused on the peer port; "
                 f"after killing leader {leader_id}, node {new_id} leads and holds a/lock under token {token}")
     finally:
