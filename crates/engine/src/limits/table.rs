@@ -18,12 +18,9 @@ use hashbrown::{DefaultHashBuilder, HashTable};
 use super::{decide, Cell, LimitCheck, LimitResult, CELL_BYTES};
 use crate::EngineError;
 
-/// A key, its cell, and the count of keys of the principal whose check
-/// made it (none for keys made without a principal, or replicated from a
-/// leader): given back when the key goes.
-type Entry = (Key, Cell, Option<Owner>);
+type Entry = (Key, Cell);
 
-/// A principal's count of stored keys, shared by its entries.
+/// A principal's count of stored keys, shared by the keys it made.
 type Owner = Arc<AtomicU64>;
 
 /// Whose checks these are, for the quota on the keys they make.
@@ -35,9 +32,9 @@ pub struct KeyQuota<'a> {
     pub max: Option<u64>,
 }
 
-/// Gives back an entry's place in its owner's count.
-fn disown(e: &Entry) {
-    if let Some(o) = &e.2 {
+/// Gives back a key's place in its owner's count.
+fn disown(owners: &mut HashMap<u64, Owner>, h: u64) {
+    if let Some(o) = owners.remove(&h) {
         o.fetch_sub(1, Ordering::Relaxed);
     }
 }
@@ -92,6 +89,11 @@ impl Key {
 struct ShardState {
     table: HashTable<Entry>,
     dirty: Vec<u64>,
+    /// The owner (for quotas) of each key a principal's check made, by the
+    /// key's hash: kept beside the table, so without authentication (no
+    /// owners) an entry costs nothing more. Two keys sharing a 64-bit hash
+    /// would share one owner slot: the quota count is then off by one.
+    owners: HashMap<u64, Owner>,
 }
 
 impl std::ops::Deref for ShardState {
@@ -234,7 +236,11 @@ impl LimitTable {
         for check in checks {
             let (h, s) = self.locate(&check.key);
             let mut guard = lock(&self.shards[s]);
-            let ShardState { table, dirty } = &mut *guard;
+            let ShardState {
+                table,
+                dirty,
+                owners,
+            } = &mut *guard;
             let stored = table.find_mut(h, |e| e.0.is(&check.key));
             let (result, cell) = decide(
                 &check.limit,
@@ -248,7 +254,12 @@ impl LimitTable {
                     Some(e) => store(e, cell, h, dirty),
                     None => {
                         let owner = owner.get_or_insert_with(|| self.owner(quota.principal));
-                        self.insert(table, dirty, h, &check.key, cell, owner, quota)?
+                        self.insert(table, dirty, h, &check.key, cell, owner, quota)?;
+                        if let Some(o) = owner {
+                            if let Some(old) = owners.insert(h, o.clone()) {
+                                old.fetch_sub(1, Ordering::Relaxed);
+                            }
+                        }
                     }
                 }
             }
@@ -257,6 +268,8 @@ impl LimitTable {
         Ok(results)
     }
 
+    /// Stores a new key, within the key cap and `owner`'s quota (whose
+    /// count it then holds a place in).
     #[allow(clippy::too_many_arguments)]
     fn insert(
         &self,
@@ -280,7 +293,7 @@ impl LimitTable {
             return Err(e);
         }
         let hasher = &self.hasher;
-        table.insert_unique(h, (Key::new(key), cell.dirty(), owner.clone()), |e| {
+        table.insert_unique(h, (Key::new(key), cell.dirty()), |e| {
             hasher.hash_one(e.0.as_str())
         });
         dirty.push(h);
@@ -360,13 +373,22 @@ impl LimitTable {
         let hasher = &self.hasher;
         for (i, cell) in overlay {
             let (h, s) = located[i];
-            let ShardState { table, dirty } = &mut *guards[guard_of(s)].1;
+            let ShardState {
+                table,
+                dirty,
+                owners,
+            } = &mut *guards[guard_of(s)].1;
             match table.find_mut(h, |e| e.0.is(&checks[i].key)) {
                 Some(e) => store(e, cell, h, dirty),
                 None => {
-                    let entry = (Key::new(&checks[i].key), cell.dirty(), owner.clone());
+                    let entry = (Key::new(&checks[i].key), cell.dirty());
                     table.insert_unique(h, entry, |e| hasher.hash_one(e.0.as_str()));
                     dirty.push(h);
+                    if let Some(o) = &owner {
+                        if let Some(old) = owners.insert(h, o.clone()) {
+                            old.fetch_sub(1, Ordering::Relaxed);
+                        }
+                    }
                 }
             }
         }
@@ -386,9 +408,8 @@ impl LimitTable {
             match table.find_mut(h, |e| e.0.is(key)) {
                 Some(e) => e.1 = cell,
                 None => {
-                    table.insert_unique(h, (Key::new(key), cell, None), |e| {
-                        hasher.hash_one(e.0.as_str())
-                    });
+                    table
+                        .insert_unique(h, (Key::new(key), cell), |e| hasher.hash_one(e.0.as_str()));
                     self.live.fetch_add(1, Ordering::Relaxed);
                 }
             }
@@ -401,12 +422,14 @@ impl LimitTable {
     pub fn sweep(&self, now_ms: u64) -> usize {
         let mut dropped = 0;
         for shard in self.shards.iter() {
-            let mut table = lock(shard);
+            let mut guard = lock(shard);
+            let ShardState { table, owners, .. } = &mut *guard;
             let before = table.len();
+            let hasher = &self.hasher;
             table.retain(|e| {
                 let keep = e.1.idle_at_ms() > now_ms;
-                if !keep {
-                    disown(e);
+                if !keep && !owners.is_empty() {
+                    disown(owners, hasher.hash_one(e.0.as_str()));
                 }
                 keep
             });
@@ -425,7 +448,9 @@ impl LimitTable {
         for shard in self.shards.iter() {
             let mut state = lock(shard);
             self.live.fetch_sub(state.len(), Ordering::Relaxed);
-            state.iter().for_each(disown);
+            for o in state.owners.values() {
+                o.fetch_sub(1, Ordering::Relaxed);
+            }
             *state = ShardState::default();
         }
     }
@@ -442,7 +467,7 @@ impl LimitTable {
         let full = |out: &Vec<_>, bytes: usize| out.len() >= max || bytes >= max_bytes;
         for shard in self.shards.iter() {
             let mut guard = lock(shard);
-            let ShardState { table, dirty } = &mut *guard;
+            let ShardState { table, dirty, .. } = &mut *guard;
             // Visit the changed cells in the order they sit in the table
             // (a bucket's index is the hash's low bits): the walk then moves
             // forward through memory instead of missing the cache per cell.
@@ -477,7 +502,7 @@ impl LimitTable {
     /// that shard's lock while visiting it.
     pub fn for_each(&self, mut f: impl FnMut(&str, Cell)) {
         for shard in self.shards.iter() {
-            for (k, c, _) in lock(shard).iter() {
+            for (k, c) in lock(shard).iter() {
                 f(k.as_str(), c.clean());
             }
         }
@@ -490,7 +515,7 @@ impl LimitTable {
             out.extend(
                 lock(shard)
                     .iter()
-                    .map(|(k, c, _)| (k.as_str().to_owned(), c.clean())),
+                    .map(|(k, c)| (k.as_str().to_owned(), c.clean())),
             );
         }
         out.sort_unstable_by(|a, b| a.0.cmp(&b.0));
