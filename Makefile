@@ -67,6 +67,7 @@ bench:
 
 lint:
 	$(CARGO) fmt --all -- --check
+	scripts/check-file-size.sh
 	$(CARGO) clippy -j$(JOBS) --workspace --all-targets -- -D warnings
 	# Licenses, banned crates and sources (deny.toml); advisories need the
 	# RustSec database from GitHub: `cargo deny check advisories` where reachable.

@@ -6,7 +6,10 @@
 //!   (`crates/engine`): no clock, no I/O, no async; `apply(command, now_ms)`
 //!   is the single entry point for replicated state, and each client
 //!   operation is a typed struct (`engine::ops`).
-//! - [`clock`]: the one place time is read; [`server::start`] takes it.
+//! - [`clock`]: the injected clock (wall and monotonic time);
+//!   [`server::start`] takes it. [`timing`]: the cluster's timing constants,
+//!   the inequalities they must keep (checked at compile time), and which
+//!   kind of time each part reads.
 //! - [`node`]: one file per job: routing of typed operations to the leader
 //!   (and serving what peers send), the write proposer, leadership,
 //!   elections behind a pre-vote, sweeps, the rate-limit sync, lease
@@ -41,6 +44,7 @@ pub mod raft;
 pub mod security;
 pub mod server;
 pub mod storage;
+pub mod timing;
 
 /// The Raft log format (`proto/arbiter/log/v1/log.proto`).
 pub mod log_proto {

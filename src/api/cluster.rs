@@ -3,6 +3,7 @@
 use openraft::ServerState;
 use tonic::{Request, Response, Status};
 
+use super::authz::authorized;
 use super::{error, Shared};
 use crate::node::{AddMember, RemoveMember};
 use crate::proto::cluster_server::Cluster;
@@ -68,7 +69,6 @@ impl Cluster for ClusterService {
         request: Request<AddMemberRequest>,
     ) -> Result<Response<ClusterStatusResponse>, Status> {
         let caller = self.0.caller(&request)?;
-        caller.admin("AddMember")?;
         let r = request.into_inner();
         if r.peer_addr.is_empty() {
             return Err(Status::invalid_argument(
@@ -78,11 +78,14 @@ impl Cluster for ClusterService {
         self.0
             .node
             .execute_as(
-                AddMember {
-                    id: r.id,
-                    peer_addr: r.peer_addr,
-                    force: r.force,
-                },
+                authorized(
+                    &caller,
+                    AddMember {
+                        id: r.id,
+                        peer_addr: r.peer_addr,
+                        force: r.force,
+                    },
+                )?,
                 caller.name(),
             )
             .await
@@ -95,13 +98,15 @@ impl Cluster for ClusterService {
         request: Request<RemoveMemberRequest>,
     ) -> Result<Response<ClusterStatusResponse>, Status> {
         let caller = self.0.caller(&request)?;
-        caller.admin("RemoveMember")?;
         self.0
             .node
             .execute_as(
-                RemoveMember {
-                    id: request.into_inner().id,
-                },
+                authorized(
+                    &caller,
+                    RemoveMember {
+                        id: request.into_inner().id,
+                    },
+                )?,
                 caller.name(),
             )
             .await

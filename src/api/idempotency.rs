@@ -2,6 +2,7 @@
 
 use tonic::{Request, Response, Status};
 
+use super::authz::authorized;
 use super::{convert, error, Shared};
 use crate::engine::{Abort, Begin, BeginOutcome, Complete};
 use crate::node::{GetRecord, Stamped};
@@ -24,7 +25,6 @@ impl Idempotency for IdempotencyService {
         let caller = s.caller(&request)?;
         let r = request.into_inner();
         convert::key(&r.key, || "key".into())?;
-        caller.may_use("idempotency key", &r.key)?;
         convert::bytes(&r.fingerprint, "fingerprint", convert::MAX_KEY_BYTES)?;
         convert::ttl(r.lock_ttl_ms, "lock_ttl_ms", b.max_ttl_ms)?;
         let retention_ms = match r.retention_ms {
@@ -37,14 +37,17 @@ impl Idempotency for IdempotencyService {
         let outcome = s
             .node
             .execute_as(
-                Begin {
-                    principal: caller.name().to_owned(),
-                    key: r.key,
-                    fingerprint: r.fingerprint,
-                    lock_ttl_ms: r.lock_ttl_ms,
-                    retention_ms,
-                    quota: caller.record_quota(&b.caps),
-                },
+                authorized(
+                    &caller,
+                    Begin {
+                        principal: caller.name().to_owned(),
+                        key: r.key,
+                        fingerprint: r.fingerprint,
+                        lock_ttl_ms: r.lock_ttl_ms,
+                        retention_ms,
+                        quota: caller.record_quota(&b.caps),
+                    },
+                )?,
                 caller.name(),
             )
             .await
@@ -87,17 +90,19 @@ impl Idempotency for IdempotencyService {
         let caller = s.caller(&request)?;
         let r = request.into_inner();
         convert::key(&r.key, || "key".into())?;
-        caller.may_use("idempotency key", &r.key)?;
         convert::bytes(&r.response, "response", s.bounds.max_response_bytes)?;
         s.node
             .execute_as(
-                Complete {
-                    principal: caller.name().to_owned(),
-                    key: r.key,
-                    attempt: r.attempt,
-                    response: r.response,
-                    byte_quota: caller.record_quota(&s.bounds.caps).bytes,
-                },
+                authorized(
+                    &caller,
+                    Complete {
+                        principal: caller.name().to_owned(),
+                        key: r.key,
+                        attempt: r.attempt,
+                        response: r.response,
+                        byte_quota: caller.record_quota(&s.bounds.caps).bytes,
+                    },
+                )?,
                 caller.name(),
             )
             .await
@@ -113,14 +118,16 @@ impl Idempotency for IdempotencyService {
         let caller = s.caller(&request)?;
         let r = request.into_inner();
         convert::key(&r.key, || "key".into())?;
-        caller.may_use("idempotency key", &r.key)?;
         s.node
             .execute_as(
-                Abort {
-                    principal: caller.name().to_owned(),
-                    key: r.key,
-                    attempt: r.attempt,
-                },
+                authorized(
+                    &caller,
+                    Abort {
+                        principal: caller.name().to_owned(),
+                        key: r.key,
+                        attempt: r.attempt,
+                    },
+                )?,
                 caller.name(),
             )
             .await
@@ -136,10 +143,12 @@ impl Idempotency for IdempotencyService {
         let caller = s.caller(&request)?;
         let r = request.into_inner();
         convert::key(&r.key, || "key".into())?;
-        caller.may_use("idempotency key", &r.key)?;
         let Stamped { value, now_ms } = s
             .node
-            .execute_as(GetRecord { key: r.key.clone() }, caller.name())
+            .execute_as(
+                authorized(&caller, GetRecord { key: r.key.clone() })?,
+                caller.name(),
+            )
             .await
             .map_err(error::node_status)?;
         Ok(Response::new(GetRecordResponse {

@@ -8,6 +8,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
+use super::authz::{authorize, authorized};
 use super::{convert, error, Shared};
 use crate::engine::{Acquire, Release, Renew};
 use crate::node::{GetLease, Stamped};
@@ -41,18 +42,20 @@ impl Leases for LeasesService {
         let caller = s.caller(&request)?;
         let r = request.into_inner();
         name_and_holder(&r.name, &r.holder)?;
-        caller.may_use("lease", &r.name)?;
         convert::ttl(r.ttl_ms, "ttl_ms", s.bounds.max_ttl_ms)?;
         let Stamped { value, now_ms } = s
             .node
             .execute_as(
-                Acquire {
-                    name: r.name,
-                    holder: r.holder,
-                    ttl_ms: r.ttl_ms,
-                    principal: caller.name().to_owned(),
-                    quota: caller.lease_quota(&s.bounds.caps),
-                },
+                authorized(
+                    &caller,
+                    Acquire {
+                        name: r.name,
+                        holder: r.holder,
+                        ttl_ms: r.ttl_ms,
+                        principal: caller.name().to_owned(),
+                        quota: caller.lease_quota(&s.bounds.caps),
+                    },
+                )?,
                 caller.name(),
             )
             .await
@@ -71,18 +74,20 @@ impl Leases for LeasesService {
         let caller = s.caller(&request)?;
         let r = request.into_inner();
         name_and_holder(&r.name, &r.holder)?;
-        caller.may_use("lease", &r.name)?;
         convert::ttl(r.ttl_ms, "ttl_ms", s.bounds.max_ttl_ms)?;
         let Stamped { value, now_ms } = s
             .node
             .execute_as(
-                Renew {
-                    name: r.name,
-                    holder: r.holder,
-                    fencing_token: r.fencing_token,
-                    ttl_ms: r.ttl_ms,
-                    principal: caller.name().to_owned(),
-                },
+                authorized(
+                    &caller,
+                    Renew {
+                        name: r.name,
+                        holder: r.holder,
+                        fencing_token: r.fencing_token,
+                        ttl_ms: r.ttl_ms,
+                        principal: caller.name().to_owned(),
+                    },
+                )?,
                 caller.name(),
             )
             .await
@@ -100,16 +105,18 @@ impl Leases for LeasesService {
         let caller = s.caller(&request)?;
         let r = request.into_inner();
         name_and_holder(&r.name, &r.holder)?;
-        caller.may_use("lease", &r.name)?;
         let Stamped { value, now_ms } = s
             .node
             .execute_as(
-                Release {
-                    name: r.name,
-                    holder: r.holder,
-                    fencing_token: r.fencing_token,
-                    principal: caller.name().to_owned(),
-                },
+                authorized(
+                    &caller,
+                    Release {
+                        name: r.name,
+                        holder: r.holder,
+                        fencing_token: r.fencing_token,
+                        principal: caller.name().to_owned(),
+                    },
+                )?,
                 caller.name(),
             )
             .await
@@ -127,10 +134,12 @@ impl Leases for LeasesService {
         let caller = s.caller(&request)?;
         let r = request.into_inner();
         convert::key(&r.name, || "name".into())?;
-        caller.may_use("lease", &r.name)?;
         let Stamped { value, now_ms } = s
             .node
-            .execute_as(GetLease { name: r.name }, caller.name())
+            .execute_as(
+                authorized(&caller, GetLease { name: r.name })?,
+                caller.name(),
+            )
             .await
             .map_err(error::node_status)?;
         Ok(Response::new(GetLeaseResponse {
@@ -147,7 +156,7 @@ impl Leases for LeasesService {
         let caller = self.0.caller(&request)?;
         let name = request.into_inner().name;
         convert::key(&name, || "name".into())?;
-        caller.may_use("lease", &name)?;
+        authorize(&caller, &GetLease { name: name.clone() })?;
         let node = self.0.node.clone();
         let quota = caller.watch_quota(&self.0.bounds.caps);
         let watch = node

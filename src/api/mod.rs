@@ -3,6 +3,7 @@
 //! per-RPC metrics and tracing as one tower layer around them all
 //! ([`layer`]).
 
+pub mod authz;
 pub mod cluster;
 pub mod convert;
 pub mod error;

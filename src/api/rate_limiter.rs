@@ -2,6 +2,7 @@
 
 use tonic::{Request, Response, Status};
 
+use super::authz::authorize;
 use super::{convert, error, Shared};
 use crate::engine::{LimitCheck, LimitResult};
 use crate::limits;
@@ -75,11 +76,9 @@ impl RateLimiterService {
             }
             items.push(resolve(&limits, i, named, c.cost.unwrap_or(1), c.dry_run)?);
         }
-        if !matches!(caller, Caller::Anyone) {
-            for item in &items {
-                if let Item::Check { check, .. } = item {
-                    caller.may_use("key", &check.key)?;
-                }
+        for item in &items {
+            if let Item::Check { check, .. } = item {
+                authorize(&caller, std::slice::from_ref(check))?;
             }
         }
         let mut results: Vec<Option<LimitResult>> = items
@@ -220,17 +219,13 @@ impl RateLimiter for RateLimiterService {
         for (i, c) in req.checks.iter().enumerate() {
             reserved(&caller, i, &c.key)?;
         }
-        if !matches!(caller, Caller::Anyone) {
-            for c in &req.checks {
-                caller.may_use("key", &c.key)?;
-            }
-        }
         let checks = req
             .checks
             .into_iter()
             .enumerate()
             .map(|(i, c)| convert::limit_check(i, c))
             .collect::<Result<Vec<_>, _>>()?;
+        authorize(&caller, checks.as_slice())?;
         let results = s
             .node
             .check_as(checks, req.all_or_nothing, caller.key_quota(&s.bounds.caps))

@@ -83,9 +83,8 @@ impl RateLimitService for RlsService {
         }
         let limits = self.limits.current();
         if !matches!(caller, Caller::Anyone) {
-            for key in limits::keys(&limits, &req.domain, &descriptors) {
-                caller.may_use("key", &key)?;
-            }
+            let keys = limits::keys(&limits, &req.domain, &descriptors);
+            super::authz::authorize(&caller, keys.as_slice())?;
         }
         let verdicts = limits::decide(
             &s.node,

@@ -10,7 +10,7 @@
 
 pub mod config;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 pub use config::{Algorithm, Limits, Rule, Unit};
@@ -60,10 +60,6 @@ impl NamedLimits {
     /// every second).
     pub fn check(&self) -> bool {
         self.0.as_ref().is_some_and(|r| r.check())
-    }
-
-    pub fn path_files(path: &Path) -> Result<Vec<PathBuf>, String> {
-        config::files_of(path)
     }
 }
 

@@ -24,15 +24,13 @@ use std::time::Duration;
 use openraft::ServerState;
 use serde::{Deserialize, Serialize};
 
-use super::{Node, ELECTION_TIMEOUT_MAX_MS, ELECTION_TIMEOUT_MIN_MS};
+use super::Node;
 use crate::proto::raft_peer_client::RaftPeerClient;
 use crate::raft::network::{decode, encode, with_cluster};
 use crate::raft::{LogId, NodeId};
+use crate::timing::{ELECTION_TIMEOUT_MAX_MS, ELECTION_TIMEOUT_MIN_MS};
 
-/// How long after hearing from a leader a voter refuses to help elect
-/// another: openraft's own leader lease (its vote handler refuses real
-/// votes for as long), which is the longest election timeout.
-pub const LEADER_LEASE_MS: u64 = ELECTION_TIMEOUT_MAX_MS;
+pub use crate::timing::LEADER_LEASE_MS;
 
 /// How often the loop looks at the clock.
 const TICK: Duration = Duration::from_millis(10);

@@ -23,10 +23,7 @@ use crate::raft::NodeId;
 /// How long the old leader waits for the new one before shutting down.
 const HAND_OVER_WAIT: Duration = Duration::from_secs(2);
 
-/// openraft refuses to vote for anyone else for this long after a node's
-/// own vote last changed (for a leader: its election), so a leader younger
-/// than this waits until it is this old before handing over.
-const VOTE_LEASE_MS: u64 = super::ELECTION_TIMEOUT_MAX_MS + 50;
+use crate::timing::VOTE_LEASE_MS;
 
 /// `TakeOver`: the leader of `term` asks the receiver to stand at once.
 #[derive(Clone, Debug, Serialize, Deserialize)]

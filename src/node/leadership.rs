@@ -5,8 +5,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{Node, ELECTION_TIMEOUT_MAX_MS};
+use super::Node;
 use crate::engine::Command;
+use crate::timing::FAILOVER_EXTENSION_MS;
 
 /// The services whose readiness [`report_readiness`] reports.
 pub const READY_SERVICES: [&str; 4] = [
@@ -30,7 +31,7 @@ impl Node {
         }
         match self
             .propose(Command::ExtendLeases {
-                by_ms: ELECTION_TIMEOUT_MAX_MS,
+                by_ms: FAILOVER_EXTENSION_MS,
             })
             .await
         {

@@ -66,12 +66,7 @@ use tasks::Tasks;
 use timekeeping::Timekeeper;
 use watch_fanout::Watchers;
 
-/// Raft election timeout bounds, in ms. A new leader extends every lease by
-/// the upper bound, so no lease lapses early because of a failover.
-const ELECTION_TIMEOUT_MIN_MS: u64 = 200;
-const ELECTION_TIMEOUT_MAX_MS: u64 = 400;
-/// Raft heartbeat interval, in ms.
-const HEARTBEAT_MS: u64 = 50;
+use crate::timing::{ELECTION_TIMEOUT_MAX_MS, ELECTION_TIMEOUT_MIN_MS, HEARTBEAT_MS};
 
 /// Why a call could not be served.
 #[derive(Clone, Debug, thiserror::Error, Serialize, Deserialize)]

@@ -16,41 +16,6 @@ use crate::raft::NodeId;
 use crate::security::tls::host_matches;
 use crate::security::{Auth, Caller, ConnInfo, PRINCIPAL_HEADER};
 
-/// Applies to a forwarded call the checks the client-facing handlers make:
-/// namespaces, admin, and that lease calls carry the caller's own
-/// principal.
-fn authorize(caller: &Caller, call: &Call) -> Result<(), Status> {
-    if matches!(caller, Caller::Anyone) {
-        return Ok(());
-    }
-    let own = |principal: &str| {
-        if principal == caller.name() {
-            Ok(())
-        } else {
-            Err(Status::permission_denied(format!(
-                "a call for principal {principal:?} was forwarded as {:?}",
-                caller.name()
-            )))
-        }
-    };
-    match call {
-        Call::Acquire(op) => own(&op.principal).and(caller.may_use("lease", &op.name)),
-        Call::Renew(op) => own(&op.principal).and(caller.may_use("lease", &op.name)),
-        Call::Release(op) => own(&op.principal).and(caller.may_use("lease", &op.name)),
-        Call::GetLease(op) => caller.may_use("lease", &op.name),
-        Call::Begin(op) => own(&op.principal).and(caller.may_use("idempotency key", &op.key)),
-        Call::Complete(op) => own(&op.principal).and(caller.may_use("idempotency key", &op.key)),
-        Call::Abort(op) => own(&op.principal).and(caller.may_use("idempotency key", &op.key)),
-        Call::GetRecord(op) => caller.may_use("idempotency key", &op.key),
-        Call::Check(op) => op
-            .checks
-            .iter()
-            .try_for_each(|c| caller.may_use("key", &c.key)),
-        Call::AddMember(_) => caller.admin("AddMember"),
-        Call::RemoveMember(_) => caller.admin("RemoveMember"),
-    }
-}
-
 /// Sets a forwarded call's quotas from this node's auth file (the
 /// follower's values are not taken on trust).
 fn stamp_quotas(call: Call, caller: &Caller, caps: &crate::api::Caps) -> Call {
@@ -309,7 +274,7 @@ impl RaftPeer for PeerService {
         if let Some(bounds) = &self.bounds {
             crate::api::convert::forwarded(&call, bounds)?;
         }
-        authorize(&caller, &call)?;
+        crate::api::authz::authorize(&caller, &call)?;
         // Quotas as this node (which proposes the call) reads them.
         let call = match &self.bounds {
             Some(bounds) => stamp_quotas(call, &caller, &bounds.caps),

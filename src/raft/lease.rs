@@ -4,7 +4,7 @@
 //! Every AppendEntries a follower accepts is an acknowledgement of this
 //! leader's term, made no earlier than the moment the request was sent.
 //! After receiving it, that follower refuses to help elect anyone else for
-//! the leader lease (`node::election::LEADER_LEASE_MS`, enforced by the
+//! the leader lease (`timing::LEADER_LEASE_MS`, enforced by the
 //! pre-vote and by openraft's vote handler). So once a majority has
 //! acknowledged requests sent at `t`, no new leader can exist before
 //! `t + LEADER_LEASE_MS`; this node decides rate limits only until
@@ -21,10 +21,9 @@ use tokio::time::Instant;
 
 use super::NodeId;
 
-/// How long after a majority's acknowledgement the leader keeps deciding:
-/// the leader lease (400 ms) less a margin for clock-rate drift and the
-/// time between reading the clock and answering.
-pub const LEASE_MS: u64 = 300;
+/// How long after a majority's acknowledgement the leader keeps deciding
+/// (`timing::DECIDE_MS`).
+pub use crate::timing::DECIDE_MS as LEASE_MS;
 
 #[derive(Default)]
 struct Acks {
