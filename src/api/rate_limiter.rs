@@ -4,8 +4,8 @@ use tonic::{Request, Response, Status};
 
 use super::authz::authorize;
 use super::{convert, error, Shared};
-use crate::engine::{LimitCheck, LimitResult};
-use crate::limits;
+use crate::engine::LimitResult;
+use crate::limits::{self, Ask, Descriptor, Planned, Verdict};
 use crate::proto::rate_limiter_server::RateLimiter;
 use crate::proto::{CheckRequest, CheckResponse, NamedLimit};
 use crate::security::Caller;
@@ -14,19 +14,6 @@ use crate::security::Caller;
 const MAX_NAMED_ENTRIES: usize = 32;
 
 pub struct RateLimiterService(pub Shared);
-
-/// One check of a request that names limits.
-enum Item {
-    /// Decided by the engine; `shadow` ones are counted apart and reported
-    /// allowed. `rule`: the named rule's domain and id, for its metrics.
-    Check {
-        check: LimitCheck,
-        shadow: bool,
-        rule: Option<(String, std::sync::Arc<limits::Rule>)>,
-    },
-    /// Answered without the engine (an unlimited or a zero rule).
-    Fixed(LimitResult),
-}
 
 /// The named limits' keyspace (see `limits::key_for`): their counters are
 /// reached by name (Envoy's rate limit service, `LimitCheck.named`), and a
@@ -48,25 +35,22 @@ fn reserved(caller: &Caller, i: usize, key: &str) -> Result<(), Status> {
 }
 
 impl RateLimiterService {
-    /// A request with at least one `named` check: each resolved against the
-    /// named limits, enforced ones decided together (all-or-nothing as
-    /// asked), shadow-mode ones on their own.
+    /// A request with at least one `named` check: decided with its plain
+    /// checks by the named limits' one decision path (`limits::decide`),
+    /// all-or-nothing as asked; shadow-mode rules on their own.
     async fn check_named(
         &self,
         caller: Caller,
         req: CheckRequest,
     ) -> Result<Response<CheckResponse>, Status> {
         let s = &self.0;
-        let limits = s.limits.current();
-        let mut items = Vec::with_capacity(req.checks.len());
+        let mut asks = Vec::with_capacity(req.checks.len());
         for (i, c) in req.checks.into_iter().enumerate() {
             let Some(named) = c.named.clone() else {
                 reserved(&caller, i, &c.key)?;
-                items.push(Item::Check {
-                    check: convert::limit_check(i, c)?,
-                    shadow: false,
-                    rule: None,
-                });
+                let check = convert::limit_check(i, c)?;
+                authorize(&caller, std::slice::from_ref(&check))?;
+                asks.push(Ask::Plain(check));
                 continue;
             };
             if !c.key.is_empty() || c.limit.is_some() {
@@ -74,63 +58,29 @@ impl RateLimiterService {
                     "checks[{i}]: key and limit must be empty when named is set"
                 )));
             }
-            items.push(resolve(&limits, i, named, c.cost.unwrap_or(1), c.dry_run)?);
+            asks.push(named_ask(i, named, c.cost.unwrap_or(1), c.dry_run)?);
         }
-        for item in &items {
-            if let Item::Check { check, .. } = item {
-                authorize(&caller, std::slice::from_ref(check))?;
-            }
-        }
-        let mut results: Vec<Option<LimitResult>> = items
-            .iter()
-            .map(|it| match it {
-                Item::Fixed(r) => Some(*r),
-                Item::Check { .. } => None,
-            })
-            .collect();
-        for (shadow_group, all_or_nothing) in [(false, req.all_or_nothing), (true, false)] {
-            let (idx, checks): (Vec<usize>, Vec<LimitCheck>) = items
+        let planned = Planned::new(&s.limits.current(), &asks);
+        if let Some(i) = planned.unmatched() {
+            let Ask::Named { domain, descriptor } = &asks[i] else {
+                unreachable!("only named asks go unmatched")
+            };
+            let shown: Vec<String> = descriptor
+                .entries
                 .iter()
-                .enumerate()
-                .filter_map(|(i, it)| match it {
-                    Item::Check { check, shadow, .. } if *shadow == shadow_group => {
-                        Some((i, check.clone()))
-                    }
-                    _ => None,
-                })
-                .unzip();
-            if checks.is_empty() {
-                continue;
-            }
-            let decided = s
-                .node
-                .check_as(checks, all_or_nothing, caller.key_quota(&s.bounds.caps))
-                .await
-                .map_err(error::node_status)?;
-            for (i, r) in idx.into_iter().zip(decided) {
-                results[i] = Some(r);
-            }
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            return Err(Status::invalid_argument(format!(
+                "checks[{i}].named: no rule of domain {domain:?} matches {}",
+                shown.join(",")
+            )));
         }
-        let results: Vec<LimitResult> = items
-            .iter()
-            .zip(results)
-            .map(|(item, r)| {
-                let mut r = r.expect("every check decided");
-                if let Item::Check {
-                    check,
-                    shadow,
-                    rule: Some((domain, rule)),
-                } = item
-                {
-                    limits::record(domain, rule, check.cost, &r);
-                    if *shadow {
-                        r.allowed = true;
-                        r.retry_after_ms = 0;
-                    }
-                }
-                r
-            })
-            .collect();
+        authorize(&caller, planned.keys().as_slice())?;
+        let quota = caller.key_quota(&s.bounds.caps);
+        let verdicts = limits::decide(&s.node, quota, planned, req.all_or_nothing)
+            .await
+            .map_err(error::node_status)?;
+        let results: Vec<LimitResult> = verdicts.into_iter().map(v1_result).collect();
         let allowed = results.iter().filter(|r| r.allowed).count() as u64;
         s.metrics.decisions(allowed, results.len() as u64 - allowed);
         Ok(Response::new(CheckResponse {
@@ -139,14 +89,8 @@ impl RateLimiterService {
     }
 }
 
-/// A named check resolved against the configured rules.
-fn resolve(
-    limits: &limits::Limits,
-    i: usize,
-    named: NamedLimit,
-    cost: u64,
-    dry_run: bool,
-) -> Result<Item, Status> {
+/// A named check as the decision path takes it.
+fn named_ask(i: usize, named: NamedLimit, cost: u64, dry_run: bool) -> Result<Ask, Status> {
     if named.domain.is_empty() {
         return Err(Status::invalid_argument(format!(
             "checks[{i}].named.domain: must not be empty"
@@ -158,43 +102,45 @@ fn resolve(
             "checks[{i}].named.entries: must hold 1 to {MAX_NAMED_ENTRIES}, got {n}"
         )));
     }
-    let entries: Vec<(String, String)> = named
-        .entries
-        .into_iter()
-        .map(|e| (e.key, e.value))
-        .collect();
-    let Some(rule) = limits.matching(&named.domain, &entries) else {
-        let shown: Vec<String> = entries.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        return Err(Status::invalid_argument(format!(
-            "checks[{i}].named: no rule of domain {:?} matches {}",
-            named.domain,
-            shown.join(",")
-        )));
-    };
-    let fixed = |allowed: bool, remaining: u64| LimitResult {
-        allowed,
+    Ok(Ask::Named {
+        domain: named.domain,
+        descriptor: Descriptor {
+            entries: named
+                .entries
+                .into_iter()
+                .map(|e| (e.key, e.value))
+                .collect(),
+            hits: cost,
+            limit_override: None,
+            dry_run,
+        },
+    })
+}
+
+/// A verdict as `arbiter.v1` answers it: a shadow-mode rule is reported
+/// allowed (it only counts), an unlimited rule allowed with no bound.
+fn v1_result(v: Verdict) -> LimitResult {
+    let unbounded = LimitResult {
+        allowed: true,
         limit: 0,
-        remaining,
-        retry_after_ms: if allowed { 0 } else { u64::MAX },
+        remaining: u64::MAX,
+        retry_after_ms: 0,
         reset_after_ms: 0,
     };
-    if rule.unlimited {
-        return Ok(Item::Fixed(fixed(true, u64::MAX)));
+    match v {
+        Verdict::Plain(r) => r,
+        Verdict::Checked {
+            mut result,
+            shadow: true,
+            ..
+        } => {
+            result.allowed = true;
+            result.retry_after_ms = 0;
+            result
+        }
+        Verdict::Checked { result, .. } => result,
+        Verdict::Unlimited { .. } | Verdict::Unmatched => unbounded,
     }
-    Ok(match rule.def(rule.requests_per_unit, rule.unit) {
-        Some(limit) => Item::Check {
-            check: LimitCheck {
-                key: limits::key_for(&named.domain, &entries),
-                limit,
-                cost,
-                dry_run,
-            },
-            shadow: rule.shadow_mode,
-            rule: Some((named.domain.clone(), rule.clone())),
-        },
-        // requests_per_unit: 0 admits nothing.
-        None => Item::Fixed(fixed(rule.shadow_mode, 0)),
-    })
 }
 
 #[tonic::async_trait]

@@ -16,7 +16,7 @@ use crate::envoy::service::ratelimit::v3::rate_limit_response::{
 };
 use crate::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitService;
 use crate::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
-use crate::limits::{self, Descriptor, NamedLimits, Unit, Verdict};
+use crate::limits::{self, Ask, Descriptor, NamedLimits, Planned, Unit, Verdict};
 use crate::security::Caller;
 
 /// At most this many descriptors per request, and entries per descriptor.
@@ -79,23 +79,35 @@ impl RateLimitService for RlsService {
                 entries: d.entries.into_iter().map(|e| (e.key, e.value)).collect(),
                 hits: d.hits_addend.unwrap_or(request_hits),
                 limit_override,
+                dry_run: false,
             });
         }
-        let limits = self.limits.current();
+        let asks: Vec<Ask> = descriptors
+            .into_iter()
+            .map(|descriptor| Ask::Named {
+                domain: req.domain.clone(),
+                descriptor,
+            })
+            .collect();
+        let planned = Planned::new(&self.limits.current(), &asks);
         if !matches!(caller, Caller::Anyone) {
-            let keys = limits::keys(&limits, &req.domain, &descriptors);
-            super::authz::authorize(&caller, keys.as_slice())?;
+            super::authz::authorize(&caller, planned.keys().as_slice())?;
         }
-        let verdicts = limits::decide(
-            &s.node,
-            caller.key_quota(&s.bounds.caps),
-            &limits,
-            &req.domain,
-            &descriptors,
-            self.options.consume_on_deny,
-        )
-        .await
-        .map_err(error::node_status)?;
+        let all_or_nothing = !self.options.consume_on_deny;
+        let quota = caller.key_quota(&s.bounds.caps);
+        let mut verdicts = limits::decide(&s.node, quota, planned, all_or_nothing)
+            .await
+            .map_err(error::node_status)?;
+        // In a denied all-or-nothing request, a check that would have passed
+        // says so with retry_after_ms = 0: it is within its limit (OK to
+        // Envoy), though nothing was consumed.
+        for v in &mut verdicts {
+            if let Verdict::Checked { result, .. } = v {
+                if !result.allowed && result.retry_after_ms == 0 {
+                    result.allowed = true;
+                }
+            }
+        }
         let over = verdicts.iter().any(Verdict::over);
         for v in &verdicts {
             if let Verdict::Checked {
@@ -152,7 +164,8 @@ fn reset_ms(result: &crate::engine::LimitResult) -> u64 {
 
 fn status(v: &Verdict) -> DescriptorStatus {
     match v {
-        Verdict::Unmatched | Verdict::Unlimited { .. } => DescriptorStatus {
+        // (Plain checks are arbiter.v1's; Envoy's requests hold none.)
+        Verdict::Unmatched | Verdict::Unlimited { .. } | Verdict::Plain(_) => DescriptorStatus {
             code: Code::Ok as i32,
             current_limit: None,
             limit_remaining: u32::MAX,

@@ -64,15 +64,28 @@ impl NamedLimits {
 }
 
 /// One descriptor to decide: its entries, the hits it adds, and the
-/// caller's limit override, if any.
+/// caller's limit override, if any. `dry_run`: decided, nothing consumed.
 #[derive(Clone, Debug)]
 pub struct Descriptor {
     pub entries: Vec<(String, String)>,
     pub hits: u64,
     pub limit_override: Option<(u64, Unit)>,
+    pub dry_run: bool,
 }
 
-/// What became of one descriptor.
+/// One check of a request: a descriptor of a domain's named limits, or a
+/// plain check with the caller's own key and definition (`arbiter.v1`
+/// may mix them in one request).
+#[derive(Clone, Debug)]
+pub enum Ask {
+    Named {
+        domain: String,
+        descriptor: Descriptor,
+    },
+    Plain(LimitCheck),
+}
+
+/// What became of one ask.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Verdict {
     /// No rule matched (and no override): not limited.
@@ -87,12 +100,18 @@ pub enum Verdict {
         result: LimitResult,
         shadow: bool,
     },
+    /// A plain check, decided.
+    Plain(LimitResult),
 }
 
 impl Verdict {
-    /// Whether this descriptor makes the request over limit.
+    /// Whether this ask makes the request over limit.
     pub fn over(&self) -> bool {
-        matches!(self, Verdict::Checked { result, shadow: false, .. } if !result.allowed)
+        match self {
+            Verdict::Checked { result, shadow, .. } => !shadow && !result.allowed,
+            Verdict::Plain(result) => !result.allowed,
+            _ => false,
+        }
     }
 }
 
@@ -134,167 +153,192 @@ fn truncate(s: &str, max: usize) -> &str {
     &s[..end]
 }
 
-/// A descriptor resolved to its rule and engine check.
+/// An ask resolved to its rule and engine check.
 enum Plan {
+    Plain(LimitCheck),
     Unmatched,
+    /// Matched a rule that another matched rule `replaces`: not limited.
+    Replaced,
     Unlimited(Arc<Rule>),
     /// `requests_per_unit: 0`: admits nothing, nothing to count.
     Blocked(Arc<Rule>, u64, Unit),
     Check(Arc<Rule>, u64, Unit, LimitCheck),
 }
 
-/// Resolves descriptors against the configuration: the matching rule (or
-/// the caller's override), `replaces` applied across the request.
-fn plan(limits: &Limits, domain: &str, descriptors: &[Descriptor]) -> Vec<Plan> {
-    let matched: Vec<Option<&Arc<Rule>>> = descriptors
-        .iter()
-        .map(|d| limits.matching(domain, &d.entries))
-        .collect();
-    let replaced: Vec<&str> = matched
-        .iter()
-        .flatten()
-        .flat_map(|r| r.replaces.iter().map(String::as_str))
-        .collect();
-    descriptors
-        .iter()
-        .zip(matched)
-        .map(|(d, rule)| {
-            let rule = rule.filter(|r| r.name.is_empty() || !replaced.contains(&r.name.as_str()));
-            match (rule, d.limit_override) {
-                (None, None) => Plan::Unmatched,
-                (Some(r), None) if r.unlimited => Plan::Unlimited(r.clone()),
-                (rule, over) => {
-                    let rule = match rule {
-                        Some(r) => r.clone(),
-                        None => Arc::new(Rule {
-                            id: "override".into(),
-                            name: String::new(),
-                            unit: Unit::Second,
-                            requests_per_unit: 0,
-                            algorithm: Algorithm::FixedWindow,
-                            burst: None,
-                            unlimited: false,
-                            shadow_mode: false,
-                            replaces: Vec::new(),
-                            counters: Default::default(),
-                        }),
+/// A request's asks resolved against the configuration: each named one to
+/// its matching rule (or the caller's override), `replaces` applied across
+/// the request's asks of the same domain. Resolved once, then authorised
+/// ([`Planned::keys`]) and decided ([`decide`]).
+pub struct Planned {
+    asks: Vec<(Plan, Option<(String, u64)>)>,
+}
+
+impl Planned {
+    pub fn new(limits: &Limits, asks: &[Ask]) -> Planned {
+        let matched: Vec<Option<&Arc<Rule>>> = asks
+            .iter()
+            .map(|a| match a {
+                Ask::Named { domain, descriptor } => limits.matching(domain, &descriptor.entries),
+                Ask::Plain(_) => None,
+            })
+            .collect();
+        let replaced: Vec<(&str, &str)> = asks
+            .iter()
+            .zip(&matched)
+            .filter_map(|(a, r)| match a {
+                Ask::Named { domain, .. } => r.map(|r| (domain.as_str(), r)),
+                Ask::Plain(_) => None,
+            })
+            .flat_map(|(d, r)| r.replaces.iter().map(move |n| (d, n.as_str())))
+            .collect();
+        let plans = asks
+            .iter()
+            .zip(&matched)
+            .map(|(a, rule)| match a {
+                Ask::Plain(check) => (Plan::Plain(check.clone()), None),
+                Ask::Named { domain, descriptor } => {
+                    let kept = rule.filter(|r| {
+                        r.name.is_empty() || !replaced.contains(&(domain.as_str(), r.name.as_str()))
+                    });
+                    let plan = match (rule, kept, descriptor.limit_override) {
+                        (Some(_), None, None) => Plan::Replaced,
+                        _ => plan_named(domain, descriptor, kept),
                     };
-                    let (rpu, unit) = over.unwrap_or((rule.requests_per_unit, rule.unit));
-                    match rule.def_ignoring_unlimited(rpu, unit) {
-                        Some(limit) => {
-                            let check = LimitCheck {
-                                key: key_for(domain, &d.entries),
-                                limit,
-                                cost: d.hits,
-                                dry_run: false,
-                            };
-                            Plan::Check(rule, rpu, unit, check)
-                        }
-                        None if unit.millis().is_none() => Plan::Unmatched,
-                        None => Plan::Blocked(rule, rpu, unit),
-                    }
+                    (plan, Some((domain.clone(), descriptor.hits)))
                 }
+            })
+            .collect();
+        Planned { asks: plans }
+    }
+
+    /// The first named ask that no rule matched (nor an override).
+    pub fn unmatched(&self) -> Option<usize> {
+        self.asks
+            .iter()
+            .position(|(p, named)| named.is_some() && matches!(p, Plan::Unmatched))
+    }
+
+    /// The engine keys the named asks use (for namespace checks before
+    /// deciding).
+    pub fn keys(&self) -> Vec<String> {
+        self.asks
+            .iter()
+            .filter_map(|(p, _)| match p {
+                Plan::Check(_, _, _, check) => Some(check.key.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+fn plan_named(domain: &str, d: &Descriptor, rule: Option<&Arc<Rule>>) -> Plan {
+    match (rule, d.limit_override) {
+        (None, None) => Plan::Unmatched,
+        (Some(r), None) if r.unlimited => Plan::Unlimited(r.clone()),
+        (rule, over) => {
+            let rule = match rule {
+                Some(r) => r.clone(),
+                None => Arc::new(Rule {
+                    id: "override".into(),
+                    name: String::new(),
+                    unit: Unit::Second,
+                    requests_per_unit: 0,
+                    algorithm: Algorithm::FixedWindow,
+                    burst: None,
+                    unlimited: false,
+                    shadow_mode: false,
+                    replaces: Vec::new(),
+                    counters: Default::default(),
+                }),
+            };
+            let (rpu, unit) = over.unwrap_or((rule.requests_per_unit, rule.unit));
+            match rule.def_ignoring_unlimited(rpu, unit) {
+                Some(limit) => {
+                    let check = LimitCheck {
+                        key: key_for(domain, &d.entries),
+                        limit,
+                        cost: d.hits,
+                        dry_run: d.dry_run,
+                    };
+                    Plan::Check(rule, rpu, unit, check)
+                }
+                None if unit.millis().is_none() => Plan::Unmatched,
+                None => Plan::Blocked(rule, rpu, unit),
             }
-        })
-        .collect()
+        }
+    }
 }
 
-/// The keys a request would use (for namespace checks before deciding).
-pub fn keys(limits: &Limits, domain: &str, descriptors: &[Descriptor]) -> Vec<String> {
-    plan(limits, domain, descriptors)
-        .into_iter()
-        .filter_map(|p| match p {
-            Plan::Check(_, _, _, check) => Some(check.key),
-            _ => None,
-        })
-        .collect()
-}
-
-/// Decides every descriptor: enforced limits together (all-or-nothing
-/// unless `consume_on_deny`), shadow-mode limits on their own (counted,
-/// never denying). Records per-rule metrics.
+/// Decides every ask: the enforced ones (plain checks and named limits)
+/// together, all-or-nothing as asked; shadow-mode limits on their own
+/// (counted, never denying). Records per-rule metrics. The one decision
+/// path of named limits, for Envoy's rate limit service and `arbiter.v1`.
 pub async fn decide(
     node: &Node,
     quota: KeyQuota<'_>,
-    limits: &Limits,
-    domain: &str,
-    descriptors: &[Descriptor],
-    consume_on_deny: bool,
+    planned: Planned,
+    all_or_nothing: bool,
 ) -> Result<Vec<Verdict>, NodeError> {
-    let mut plans = plan(limits, domain, descriptors);
-    // (descriptor index, check) for the enforced rules and the shadow-mode ones.
+    let mut asks = planned.asks;
+    // (ask index, check) for the enforced rules and the shadow-mode ones.
     let mut enforced = (
-        Vec::with_capacity(plans.len()),
-        Vec::with_capacity(plans.len()),
+        Vec::with_capacity(asks.len()),
+        Vec::with_capacity(asks.len()),
     );
     let mut shadow = (Vec::new(), Vec::new());
-    for (i, p) in plans.iter_mut().enumerate() {
-        if let Plan::Check(rule, _, _, check) = p {
-            let group = if rule.shadow_mode {
-                &mut shadow
-            } else {
-                &mut enforced
-            };
-            group.0.push(i);
-            // The plan keeps the rest; the key moves to the engine.
-            group.1.push(LimitCheck {
-                key: std::mem::take(&mut check.key),
-                limit: check.limit,
-                cost: check.cost,
-                dry_run: check.dry_run,
-            });
-        }
+    for (i, (p, _)) in asks.iter_mut().enumerate() {
+        let (group, check) = match p {
+            Plan::Check(rule, _, _, check) if rule.shadow_mode => (&mut shadow, check),
+            Plan::Check(_, _, _, check) | Plan::Plain(check) => (&mut enforced, check),
+            _ => continue,
+        };
+        group.0.push(i);
+        // The plan keeps the rest; the key moves to the engine.
+        group.1.push(LimitCheck {
+            key: std::mem::take(&mut check.key),
+            limit: check.limit,
+            cost: check.cost,
+            dry_run: check.dry_run,
+        });
     }
-    let mut results: Vec<Option<LimitResult>> = vec![None; plans.len()];
-    for ((idx, checks), all_or_nothing) in [(enforced, !consume_on_deny), (shadow, false)] {
+    let mut results: Vec<Option<LimitResult>> = vec![None; asks.len()];
+    for ((idx, checks), atomic) in [(enforced, all_or_nothing), (shadow, false)] {
         if checks.is_empty() {
             continue;
         }
-        let decided = node.check_as(checks, all_or_nothing, quota).await?;
-        for (i, mut r) in idx.into_iter().zip(decided) {
-            // In a denied all-or-nothing request, a check that would have
-            // passed says so with retry_after_ms = 0: it is within its limit
-            // (OK to Envoy), though nothing was consumed.
-            if !r.allowed && r.retry_after_ms == 0 {
-                r.allowed = true;
-            }
+        let decided = node.check_as(checks, atomic, quota).await?;
+        for (i, r) in idx.into_iter().zip(decided) {
             results[i] = Some(r);
         }
     }
-    let verdicts = plans
+    let blocked = LimitResult {
+        allowed: false,
+        limit: 0,
+        remaining: 0,
+        retry_after_ms: u64::MAX,
+        reset_after_ms: 0,
+    };
+    let verdicts = asks
         .into_iter()
         .zip(results)
-        .zip(descriptors)
-        .map(|((p, r), d)| match (p, r) {
-            (Plan::Check(rule, rpu, unit, _), Some(result)) => {
-                record(domain, &rule, d.hits, &result);
-                Verdict::Checked {
-                    shadow: rule.shadow_mode,
-                    rule,
-                    requests_per_unit: rpu,
-                    unit,
-                    result,
-                }
+        .map(|((p, named), r)| {
+            let (rule, rpu, unit, result) = match (p, r) {
+                (Plan::Plain(_), Some(result)) => return Verdict::Plain(result),
+                (Plan::Check(rule, rpu, unit, _), Some(result)) => (rule, rpu, unit, result),
+                (Plan::Blocked(rule, rpu, unit), _) => (rule, rpu, unit, blocked),
+                (Plan::Unlimited(rule), _) => return Verdict::Unlimited { rule },
+                _ => return Verdict::Unmatched,
+            };
+            if let Some((domain, hits)) = named {
+                record(&domain, &rule, hits, &result);
             }
-            (Plan::Blocked(rule, rpu, unit), _) => {
-                let result = LimitResult {
-                    allowed: false,
-                    limit: 0,
-                    remaining: 0,
-                    retry_after_ms: u64::MAX,
-                    reset_after_ms: 0,
-                };
-                record(domain, &rule, d.hits, &result);
-                Verdict::Checked {
-                    shadow: rule.shadow_mode,
-                    rule,
-                    requests_per_unit: rpu,
-                    unit,
-                    result,
-                }
+            Verdict::Checked {
+                shadow: rule.shadow_mode,
+                rule,
+                requests_per_unit: rpu,
+                unit,
+                result,
             }
-            (Plan::Unlimited(rule), _) => Verdict::Unlimited { rule },
-            _ => Verdict::Unmatched,
         })
         .collect();
     Ok(verdicts)
@@ -349,17 +393,34 @@ descriptors:
             entries: vec![(k.into(), v.into())],
             hits: 1,
             limit_override: None,
+            dry_run: false,
         };
-        let plans = plan(&limits, "d", &[d("a", "1"), d("b", "vip")]);
-        assert!(matches!(plans[0], Plan::Unmatched), "replaced");
+        let plan = |descriptors: Vec<Descriptor>| {
+            let asks: Vec<Ask> = descriptors
+                .into_iter()
+                .map(|descriptor| Ask::Named {
+                    domain: "d".into(),
+                    descriptor,
+                })
+                .collect();
+            Planned::new(&limits, &asks)
+                .asks
+                .into_iter()
+                .map(|(p, _)| p)
+                .collect::<Vec<_>>()
+        };
+        let plans = plan(vec![d("a", "1"), d("b", "vip")]);
+        assert!(matches!(plans[0], Plan::Replaced));
         assert!(matches!(plans[1], Plan::Check(_, 100, Unit::Second, _)));
-        let plans = plan(&limits, "d", &[d("a", "1")]);
+        let plans = plan(vec![d("a", "1")]);
         assert!(matches!(plans[0], Plan::Check(_, 10, _, _)));
+        let plans = plan(vec![d("nothing", "1")]);
+        assert!(matches!(plans[0], Plan::Unmatched));
         let overridden = Descriptor {
             limit_override: Some((3, Unit::Minute)),
             ..d("zzz", "1")
         };
-        let plans = plan(&limits, "d", &[overridden]);
+        let plans = plan(vec![overridden]);
         assert!(matches!(&plans[0], Plan::Check(r, 3, Unit::Minute, _) if r.id == "override"));
     }
 }

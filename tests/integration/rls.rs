@@ -602,3 +602,101 @@ async fn the_named_limits_keyspace_is_reserved() {
     drop(server);
     let _ = std::fs::remove_file(&auth);
 }
+
+/// Named limits are decided by one path, so Envoy's rate limit service and
+/// `LimitCheck.named` in `arbiter.v1` agree on the same requests: a rule
+/// that another matched rule `replaces` limits nothing, and a shadow-mode
+/// rule counts but never denies. Seen failing before the two front doors
+/// shared their decision: `replaces` held only for Envoy, and the replaced
+/// rule denied the second `arbiter.v1` request.
+#[tokio::test(flavor = "multi_thread")]
+async fn both_front_doors_decide_named_limits_alike() {
+    const TWIN: &str = "domain: twin
+descriptors:
+  - key: a
+    rate_limit: {unit: minute, requests_per_unit: 1, name: general}
+  - key: b
+    value: vip
+    rate_limit: {unit: minute, requests_per_unit: 100}
+    replaces: [{name: general}]
+  - key: s
+    shadow_mode: true
+    rate_limit: {unit: minute, requests_per_unit: 1}
+";
+    let cm = ConfigMap::new(&[("twin.yaml", TWIN)]);
+    let server = Server::start(&["--limits", cm.path().to_str().unwrap()]);
+    let mut envoy = rls(&server).await;
+    let mut v1 = server.limits().await;
+    // Each door asks with entries of its own; each request gives which of
+    // its asks were allowed.
+    let mut envoy_seen = Vec::new();
+    let mut v1_seen = Vec::new();
+    for (door, seen) in [("envoy", &mut envoy_seen), ("v1", &mut v1_seen)] {
+        let a = || ("a".to_string(), door.to_string());
+        let vip = || ("b".to_string(), "vip".to_string());
+        let s = || ("s".to_string(), door.to_string());
+        let requests = [
+            vec![vec![a()], vec![vip()]],
+            vec![vec![a()], vec![vip()]],
+            vec![vec![a()]],
+            vec![vec![a()]],
+            vec![vec![s()]],
+            vec![vec![s()]],
+        ];
+        for entries in requests {
+            let allowed: Vec<bool> = if door == "envoy" {
+                let descriptors = entries
+                    .iter()
+                    .map(|e| {
+                        let e: Vec<(&str, &str)> =
+                            e.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+                        descriptor(&e)
+                    })
+                    .collect();
+                codes(&ask(&mut envoy, request("twin", descriptors)).await)
+                    .into_iter()
+                    .map(|c| c == Code::Ok)
+                    .collect()
+            } else {
+                let checks = entries
+                    .into_iter()
+                    .map(|e| arbiter::proto::LimitCheck {
+                        key: String::new(),
+                        limit: None,
+                        cost: None,
+                        dry_run: false,
+                        named: Some(NamedLimit {
+                            domain: "twin".into(),
+                            entries: e
+                                .into_iter()
+                                .map(|(key, value)| named_limit::Entry { key, value })
+                                .collect(),
+                        }),
+                    })
+                    .collect();
+                v1.check(CheckRequest {
+                    checks,
+                    all_or_nothing: true,
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .results
+                .iter()
+                .map(|r| r.allowed)
+                .collect()
+            };
+            seen.push(allowed);
+        }
+    }
+    let want: Vec<Vec<bool>> = vec![
+        vec![true, true],
+        vec![true, true], // `a` is replaced by the vip rule: not counted
+        vec![true],       // alone, `a` is limited: its first
+        vec![false],      // and its second, over 1 a minute
+        vec![true],
+        vec![true], // shadow mode: over its limit, still allowed
+    ];
+    assert_eq!(envoy_seen, want, "Envoy's rate limit service");
+    assert_eq!(v1_seen, want, "arbiter.v1 named checks");
+}
