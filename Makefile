@@ -27,9 +27,10 @@ SIM_TARGET ?= $(if $(CARGO_TARGET_DIR),$(CARGO_TARGET_DIR),target)/replay
 test-sim-replay:
 	SIM_FIRST_SEED=1001 SIM_SEEDS=200 RUSTFLAGS="--cfg tokio_unstable" $(CARGO) test -j$(JOBS) --test sim --target-dir $(SIM_TARGET)
 
-# The server binary as `cargo test` builds it (a no-op after test-rust:
-# `--workspace` keeps the features unified as test-rust had them; without
-# it the server crate was compiled a second time).
+# The server binary as `cargo test` builds it, for the Python suites run
+# alone. `--workspace` unifies features as test-rust does, so this reuses
+# its dependencies; after a full test-rust it still relinks the server
+# crate once (about a minute), for a reason not yet found.
 server-bin:
 	$(CARGO) test -j$(JOBS) --no-run --workspace --test integration
 
