@@ -41,10 +41,14 @@ use openraft::BasicNode;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use super::{Node, NodeError};
+use super::tasks::Stopping;
+use super::view::View;
+use super::NodeError;
 use crate::proto::raft_peer_client::RaftPeerClient;
-use crate::raft::network::{decode, encode, with_cluster};
+use crate::raft::network::{decode, encode, with_cluster, Channels};
+use crate::raft::seen::SeenWithState;
 use crate::raft::NodeId;
+use crate::storage::Store;
 
 pub use crate::raft::network::{ClusterId, CLUSTER_HEADER};
 
@@ -222,7 +226,58 @@ pub fn verdict(
     }
 }
 
-impl Node {
+/// Whether this node may take part in Raft, and the cluster id every
+/// peer message is checked against.
+pub struct Gate {
+    view: View,
+    id: NodeId,
+    admission: watch::Sender<Admission>,
+    /// This node's cluster id, once known (sent with every peer message).
+    cluster: ClusterId,
+    /// The id a new cluster of the initial members takes (see
+    /// [`formation_id`]).
+    formation_id: String,
+    /// Whether peer messages without a cluster id are accepted (one
+    /// upgrade's switch).
+    accept_unnamed_peers: bool,
+    /// Peers seen taking part in Raft with state (see `raft::seen`).
+    seen: Arc<SeenWithState>,
+    /// Where the identity (node and cluster id) is recorded.
+    store: Store,
+    channels: Channels,
+}
+
+/// What a [`Gate`] starts from.
+pub struct GateOptions {
+    pub admission: Admission,
+    pub cluster: ClusterId,
+    pub formation_id: String,
+    pub accept_unnamed_peers: bool,
+    pub seen: Arc<SeenWithState>,
+    pub store: Store,
+    pub channels: Channels,
+}
+
+impl Gate {
+    pub fn new(view: View, options: GateOptions) -> Self {
+        Self {
+            id: view.id(),
+            view,
+            admission: watch::channel(options.admission).0,
+            cluster: options.cluster,
+            formation_id: options.formation_id,
+            accept_unnamed_peers: options.accept_unnamed_peers,
+            seen: options.seen,
+            store: options.store,
+            channels: options.channels,
+        }
+    }
+
+    /// The id the initial members form a new cluster with.
+    pub fn formation_id(&self) -> &str {
+        &self.formation_id
+    }
+
     /// Where this node stands (see the module docs).
     pub fn admission(&self) -> watch::Receiver<Admission> {
         self.admission.subscribe()
@@ -239,7 +294,7 @@ impl Node {
 
     /// This node's answer to a peer's `Identify`.
     pub fn identify(&self) -> Identified {
-        let m = self.raft.metrics().borrow().clone();
+        let m = self.view.raft().metrics().borrow().clone();
         let has_state = m.vote.leader_id().get_term() > 0
             || m.last_log_index.is_some()
             || m.snapshot.is_some()
@@ -311,9 +366,9 @@ impl Node {
     /// Asks the other initial members until the verdict is known, then
     /// admits this node (initialising the cluster as one of its initial
     /// voters when it is new or formed without it) or refuses it.
-    pub(super) async fn run_admission(self: Arc<Self>) {
-        let others: Vec<(NodeId, String)> = self
-            .initial_peers
+    pub async fn run_admission(self: Arc<Self>, stop: Stopping) {
+        let initial = self.view.initial_peers();
+        let others: Vec<(NodeId, String)> = initial
             .iter()
             .filter(|(id, _)| **id != self.id)
             .map(|(id, addr)| (*id, addr.clone()))
@@ -325,7 +380,7 @@ impl Node {
                 answers.push((*id, self.ask_identify(addr).await.ok()));
             }
             let patient = asking.elapsed() >= FORMATION_PATIENCE;
-            match verdict(self.id, self.initial_peers.len(), &answers, patient) {
+            match verdict(self.id, initial.len(), &answers, patient) {
                 Verdict::Refuse(why) => {
                     tracing::error!("{why}");
                     self.admission.send_replace(Admission::Refused(why));
@@ -356,7 +411,7 @@ impl Node {
             tokio::select! {
                 biased;
                 _ = tokio::time::sleep(ASK_EVERY) => {}
-                _ = self.tasks.stopping() => return,
+                _ = stop.wait() => return,
             }
         }
     }
@@ -417,10 +472,11 @@ impl Node {
     /// all derive (recorded first). Each initial member does the same, so
     /// their first log entries are identical and no member waits for
     /// another to add it.
-    pub(super) async fn initialise(self: &Arc<Self>) -> Result<(), NodeError> {
-        self.adopt_cluster_id(&self.formation_id.clone())?;
+    pub async fn initialise(&self) -> Result<(), NodeError> {
+        self.adopt_cluster_id(&self.formation_id)?;
         let members: std::collections::BTreeMap<NodeId, BasicNode> = self
-            .initial_peers
+            .view
+            .initial_peers()
             .iter()
             .map(|(id, addr)| (*id, BasicNode::new(addr)))
             .collect();
@@ -430,7 +486,8 @@ impl Node {
             "initialising the cluster with every initial member as a voter"
         );
         self.admission.send_replace(Admission::Admitted);
-        self.raft
+        self.view
+            .raft()
             .initialize(members)
             .await
             .map_err(|e| NodeError::Unavailable(e.to_string()))
@@ -441,10 +498,11 @@ impl Node {
     /// initial member take part: from then on an empty voter is always one
     /// that lost its disk (see [`verdict`]). Checks every 200 ms until the
     /// membership has moved on.
-    pub(super) async fn run_formation_seal(self: Arc<Self>) {
+    pub async fn run_formation_seal(self: Arc<Self>, stop: Stopping) {
+        let server = self.view.changes();
         loop {
             let (index, voters) = {
-                let m = self.server.borrow();
+                let m = server.borrow();
                 let config = &m.membership_config;
                 (
                     config.log_id().map(|l| l.index),
@@ -459,8 +517,8 @@ impl Node {
             }
             let seen = self.seen.all();
             let everyone = voters.iter().all(|v| *v == self.id || seen.contains(v));
-            if index == Some(0) && everyone && self.is_leader() {
-                match self.raft.change_membership(voters, false).await {
+            if index == Some(0) && everyone && self.view.is_leader() {
+                match self.view.raft().change_membership(voters, false).await {
                     Ok(_) => tracing::info!("every initial member took part: formation sealed"),
                     Err(e) => tracing::debug!(error = %e, "sealing the formation: retrying"),
                 }
@@ -468,13 +526,13 @@ impl Node {
             tokio::select! {
                 biased;
                 _ = tokio::time::sleep(Duration::from_millis(200)) => {}
-                _ = self.tasks.stopping() => return,
+                _ = stop.wait() => return,
             }
         }
     }
 
     /// Records `id` as this node's cluster id (before it is used).
-    pub(super) fn adopt_cluster_id(&self, id: &str) -> Result<(), NodeError> {
+    pub fn adopt_cluster_id(&self, id: &str) -> Result<(), NodeError> {
         let identity = Identity {
             node_id: self.id,
             cluster_id: Some(id.to_owned()),
@@ -487,7 +545,7 @@ impl Node {
     }
 
     /// Peers seen taking part in Raft with state (see `raft::seen`).
-    pub fn seen(&self) -> &crate::raft::seen::SeenWithState {
+    pub fn seen(&self) -> &SeenWithState {
         &self.seen
     }
 }

@@ -17,17 +17,20 @@
 //! which still checks terms and logs). A node that has been away therefore
 //! rejoins quietly, while a dead or cut-off leader is replaced as before.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use openraft::ServerState;
 use serde::{Deserialize, Serialize};
 
-use super::Node;
+use super::admission::Gate;
+use super::leadership::Leadership;
+use super::tasks::Stopping;
+use super::view::View;
 use crate::proto::raft_peer_client::RaftPeerClient;
-use crate::raft::network::{decode, encode, with_cluster};
+use crate::raft::network::{decode, encode, with_cluster, Channels, ClusterId};
 use crate::raft::{LogId, NodeId};
+use crate::storage::Store;
 use crate::timing::{ELECTION_TIMEOUT_MAX_MS, ELECTION_TIMEOUT_MIN_MS};
 
 pub use crate::timing::LEADER_LEASE_MS;
@@ -56,11 +59,49 @@ pub struct PreVoteResponse {
     pub granted: bool,
 }
 
-impl Node {
-    /// Milliseconds on this process's monotonic clock (the one the leader
-    /// lease is timed on).
-    pub(super) fn mono_ms(&self) -> u64 {
-        self.lease.now_ms()
+/// Contact with the leader, and the elections started when it is lost.
+pub struct Elections {
+    view: View,
+    leadership: Arc<Leadership>,
+    gate: Arc<Gate>,
+    /// The log (read to compare logs in a pre-vote).
+    store: Store,
+    channels: Channels,
+    cluster: ClusterId,
+    /// Random per process: seeds the election timeouts.
+    boot_id: u64,
+    /// When (the lease's monotonic ms) this node last heard from a leader.
+    leader_contact: AtomicU64,
+    /// One more than the highest commit index a current leader has told
+    /// this node of (0: none): readiness waits until it is applied.
+    leader_commit: AtomicU64,
+}
+
+impl Elections {
+    pub fn new(
+        view: View,
+        leadership: Arc<Leadership>,
+        gate: Arc<Gate>,
+        store: Store,
+        channels: Channels,
+        cluster: ClusterId,
+        boot_id: u64,
+    ) -> Self {
+        Self {
+            view,
+            leadership,
+            gate,
+            store,
+            channels,
+            cluster,
+            boot_id,
+            leader_contact: AtomicU64::new(0),
+            leader_commit: AtomicU64::new(0),
+        }
+    }
+
+    fn mono_ms(&self) -> u64 {
+        self.leadership.mono_ms()
     }
 
     /// Notes that a leader (or a candidate this node voted for) was heard
@@ -78,7 +119,7 @@ impl Node {
     /// `committed` is the leader's commit index, when the message carries
     /// one: [`Node::ready`] waits until this node has applied it.
     pub fn heard_from(&self, vote: &openraft::Vote<NodeId>, committed: Option<LogId>) {
-        let mine = self.server.borrow().vote;
+        let mine = self.view.vote();
         if vote.is_committed() && *vote >= mine {
             self.heard_from_leader();
             if let Some(c) = committed {
@@ -87,8 +128,24 @@ impl Node {
         }
     }
 
+    /// Whether this node may serve: it knows a leader it is in touch with,
+    /// has applied every entry in its log, and every entry a leader told it
+    /// is committed (a follower that was away hears from its leader again
+    /// well before it has received the backlog).
+    pub fn ready(&self) -> bool {
+        let caught_up = {
+            let m = self.view.raft().metrics();
+            let m = m.borrow();
+            let applied = m.last_applied.map(|l| l.index);
+            applied.is_some()
+                && applied >= m.last_log_index
+                && self.applied_what_leader_committed(applied)
+        };
+        caught_up && self.in_touch_with_leader()
+    }
+
     /// Whether this node has applied every entry a leader said is committed.
-    pub(super) fn applied_what_leader_committed(&self, applied: Option<u64>) -> bool {
+    fn applied_what_leader_committed(&self, applied: Option<u64>) -> bool {
         applied.map_or(0, |i| i + 1) >= self.leader_commit.load(Ordering::Acquire)
     }
 
@@ -102,9 +159,9 @@ impl Node {
     /// the leader lease. A follower whose leader went silent still names it
     /// (nobody has been elected instead), but is not in touch.
     pub fn in_touch_with_leader(&self) -> bool {
-        let m = self.server.borrow();
-        match m.current_leader {
-            Some(l) if l == self.id => self.lease.holds(m.vote.leader_id().get_term()),
+        let (leader, term) = self.view.leader_and_term();
+        match leader {
+            Some(l) if l == self.view.id() => self.leadership.holds_lease(term),
             Some(_) => self.ms_since_leader_contact() < LEADER_LEASE_MS,
             None => false,
         }
@@ -113,15 +170,9 @@ impl Node {
     /// Whether this node would vote in an election now (see the module
     /// notes).
     pub fn grants_pre_vote(&self, ask: &PreVoteRequest) -> bool {
-        let (leading, term) = {
-            let m = self.server.borrow();
-            (
-                m.state == ServerState::Leader,
-                m.vote.leader_id().get_term(),
-            )
-        };
+        let (leading, term) = self.view.raft_leading();
         let leader_gone = if leading {
-            !self.lease.holds(term)
+            !self.leadership.holds_lease(term)
         } else {
             self.ms_since_leader_contact() >= LEADER_LEASE_MS
         };
@@ -150,16 +201,12 @@ impl Node {
     /// peer that predates pre-votes (`UNIMPLEMENTED`) as a yes, as it
     /// would have voted without being asked.
     async fn pre_vote(&self, voters: &[NodeId]) -> bool {
-        let addrs: Vec<(NodeId, Option<String>)> = {
-            let m = self.raft.metrics();
-            let m = m.borrow();
-            let membership = m.membership_config.membership();
-            voters
-                .iter()
-                .filter(|id| **id != self.id)
-                .map(|id| (*id, membership.get_node(id).map(|n| n.addr.clone())))
-                .collect()
-        };
+        let me = self.view.id();
+        let addrs: Vec<(NodeId, Option<String>)> = voters
+            .iter()
+            .filter(|id| **id != me)
+            .map(|id| (*id, self.view.addr_of(*id)))
+            .collect();
         let Ok(last_log_id) = self.store.last_log_id() else {
             return false;
         };
@@ -169,7 +216,7 @@ impl Node {
                 continue;
             };
             let ask = PreVoteRequest {
-                candidate: self.id,
+                candidate: me,
                 last_log_id,
             };
             let request = with_cluster(encode(&ask), &self.cluster, PRE_VOTE_TIMEOUT);
@@ -202,7 +249,7 @@ impl Node {
     /// Starts an election when this voter has heard from no leader for its
     /// election timeout and a pre-vote round says it could win. Ends when
     /// the node stops.
-    pub(super) async fn run_elections(self: Arc<Self>) {
+    pub async fn run(self: Arc<Self>, stop: Stopping) {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut timeout = self.election_timeout_ms();
@@ -214,18 +261,18 @@ impl Node {
             tokio::select! {
                 biased;
                 _ = tick.tick() => {}
-                _ = self.tasks.stopping() => return,
+                _ = stop.wait() => return,
             }
-            let (leading, voters) = {
-                let m = self.server.borrow();
-                let voters: Vec<NodeId> = m.membership_config.membership().voter_ids().collect();
-                (m.state == ServerState::Leader, voters)
-            };
+            let (leading, _) = self.view.raft_leading();
+            let voters: Vec<NodeId> = self.view.voters().into_iter().collect();
             if leading {
                 self.heard_from_leader();
                 continue;
             }
-            if !voters.contains(&self.id) || !self.admitted() || self.stepping_down() {
+            if !voters.contains(&self.view.id())
+                || !self.gate.admitted()
+                || self.leadership.stepping_down()
+            {
                 // A learner, or a node not yet in any membership, must not
                 // start an election (but may be asked to help with one).
                 continue;
@@ -248,7 +295,7 @@ impl Node {
                     silent_ms = self.ms_since_leader_contact(),
                     "no leader heard from: starting an election"
                 );
-                if let Err(e) = self.raft.trigger().elect().await {
+                if let Err(e) = self.view.raft().trigger().elect().await {
                     tracing::warn!(error = %e, "could not start an election");
                 }
             }

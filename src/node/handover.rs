@@ -11,13 +11,16 @@
 //! leader, then shuts down as before. If anything fails, the followers
 //! elect a leader on their own once the old one has gone quiet.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::Node;
+use super::admission::Gate;
+use super::leadership::Leadership;
+use super::view::View;
 use crate::proto::raft_peer_client::RaftPeerClient;
-use crate::raft::network::{encode, with_cluster};
+use crate::raft::network::{encode, with_cluster, Channels, ClusterId};
 use crate::raft::NodeId;
 
 /// How long the old leader waits for the new one before shutting down.
@@ -32,37 +35,33 @@ pub struct TakeOver {
     pub term: u64,
 }
 
-impl Node {
-    /// Notes when this node became leader of its current term (called on
-    /// every change of the server metrics).
-    pub(super) fn note_leadership(&self) {
-        let (term, leading) = self.term_and_leading();
-        let mut since = self.leading_since.lock().unwrap_or_else(|e| e.into_inner());
-        if leading && since.0 != term {
-            *since = (term, self.mono_ms());
-        }
-    }
+/// Hands leadership over (as the leader shutting down) and takes it over
+/// (as the successor asked to).
+pub struct Handover {
+    pub view: View,
+    pub leadership: Arc<Leadership>,
+    pub gate: Arc<Gate>,
+    pub channels: Channels,
+    pub cluster: ClusterId,
+}
 
-    /// Whether this node, shutting down, has stopped serving as leader.
-    pub fn stepping_down(&self) -> bool {
-        self.stepping_down
-            .load(std::sync::atomic::Ordering::Acquire)
-    }
-
+impl Handover {
     /// On shutdown: if this node leads, stop serving and hand leadership to
     /// the most caught-up voter. Returns the new leader, if one took over
     /// within [`HAND_OVER_WAIT`].
     pub async fn hand_over(&self) -> Option<NodeId> {
-        let (term, leading) = self.term_and_leading();
+        let (term, leading) = self.view.term_and_leading();
         if !leading {
             return None;
         }
-        let m = self.raft.metrics().borrow().clone();
+        let me = self.view.id();
+        let m = self.view.raft().metrics().borrow().clone();
         let matched = m.replication.clone().unwrap_or_default();
         let successor = self
+            .view
             .voters()
             .into_iter()
-            .filter(|v| *v != self.id)
+            .filter(|v| *v != me)
             .max_by_key(|v| matched.get(v).copied().flatten())?;
         let addr = m
             .membership_config
@@ -70,13 +69,12 @@ impl Node {
             .get_node(&successor)?
             .addr
             .clone();
-        self.stepping_down
-            .store(true, std::sync::atomic::Ordering::Release);
+        self.leadership.step_down();
         tracing::info!(successor, "shutting down: handing leadership over");
         // Let the successor receive everything this node has in its log
         // (its vote goes only to a candidate whose log is as long).
         let last = m.last_log_index;
-        let mut metrics = self.raft.metrics();
+        let mut metrics = self.view.raft().metrics();
         let caught_up = metrics.wait_for(|m| {
             m.replication
                 .as_ref()
@@ -84,22 +82,13 @@ impl Node {
         });
         let _ = tokio::time::timeout(Duration::from_millis(500), caught_up).await;
         // A leader elected moments ago would refuse the successor its vote.
-        let elected_at = {
-            let since = self.leading_since.lock().unwrap_or_else(|e| e.into_inner());
-            if since.0 == term {
-                since.1
-            } else {
-                self.mono_ms()
-            }
-        };
-        let age = self.mono_ms().saturating_sub(elected_at);
+        let now = self.leadership.mono_ms();
+        let elected_at = self.leadership.led_since(term).unwrap_or(now);
+        let age = now.saturating_sub(elected_at);
         if age < VOTE_LEASE_MS {
             tokio::time::sleep(Duration::from_millis(VOTE_LEASE_MS - age)).await;
         }
-        let ask = TakeOver {
-            leader: self.id,
-            term,
-        };
+        let ask = TakeOver { leader: me, term };
         let asked = async {
             let channel = self.channels.get(&addr).map_err(|e| e.to_string())?;
             let request = with_cluster(encode(&ask), &self.cluster, Duration::from_secs(1));
@@ -112,10 +101,10 @@ impl Node {
             tracing::warn!(successor, error = %e, "the successor did not take over");
             return None;
         }
-        let mut server = self.server.clone();
+        let mut server = self.view.changes();
         let new_leader = tokio::time::timeout(
             HAND_OVER_WAIT,
-            server.wait_for(|s| s.current_leader.is_some_and(|l| l != self.id)),
+            server.wait_for(|s| s.current_leader.is_some_and(|l| l != me)),
         )
         .await;
         match new_leader {
@@ -130,18 +119,23 @@ impl Node {
     /// Serves a `TakeOver`: if it comes from this node's current leader in
     /// its current term, starts an election now.
     pub async fn take_over(&self, ask: TakeOver) -> Result<(), String> {
-        let (term, _) = self.term_and_leading();
-        let leader = self.leader();
+        let (leader, term) = self.view.leader_and_term();
         if ask.term != term || leader != Some(ask.leader) {
             return Err(format!(
                 "not taking over from node {} in term {}: this node is in term {term} with leader {leader:?}",
                 ask.leader, ask.term
             ));
         }
-        if !self.voters().contains(&self.id) || !self.admitted() {
-            return Err(format!("node {} is not a voter", self.id));
+        let me = self.view.id();
+        if !self.view.voters().contains(&me) || !self.gate.admitted() {
+            return Err(format!("node {me} is not a voter"));
         }
         tracing::info!(from = ask.leader, "taking over leadership");
-        self.raft.trigger().elect().await.map_err(|e| e.to_string())
+        self.view
+            .raft()
+            .trigger()
+            .elect()
+            .await
+            .map_err(|e| e.to_string())
     }
 }

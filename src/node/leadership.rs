@@ -1,12 +1,17 @@
-//! Leadership: what a new leader does before serving (catch up, extend
-//! leases), the voter set its leader lease counts, and readiness.
+//! Leadership: the leader lease and what a leader may do under it (decide
+//! rate limits, serve), what a new leader does first (catch up, extend
+//! leases), stepping down on shutdown, and readiness.
 
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use super::Node;
+use super::proposer::Proposer;
+use super::tasks::Stopping;
+use super::view::View;
+use super::{Node, NodeError};
 use crate::engine::Command;
+use crate::raft::lease::LeaderLease;
 use crate::timing::FAILOVER_EXTENSION_MS;
 
 /// The services whose readiness [`report_readiness`] reports.
@@ -17,19 +22,68 @@ pub const READY_SERVICES: [&str; 4] = [
     "envoy.service.ratelimit.v3.RateLimitService",
 ];
 
-impl Node {
+pub struct Leadership {
+    view: View,
+    /// Commits the lease extension a new leader makes.
+    proposer: Proposer,
+    /// This node's leader lease (see `raft::lease`): it decides rate limits
+    /// only while it holds it.
+    lease: Arc<LeaderLease>,
+    /// The term in which this node, as leader, caught up with everything
+    /// committed (and extended leases): it decides rate limits only then.
+    ready_term: AtomicU64,
+    /// The term in which this node, as leader, extended every lease.
+    extended_term: AtomicU64,
+    /// Set by a leader handing over on shutdown: it serves no more calls.
+    stepping_down: AtomicBool,
+    /// The term this node last led and when (monotonic ms) it began to.
+    leading_since: Mutex<LedSince>,
+}
+
+/// When this node began to lead, and in which term.
+#[derive(Clone, Copy, Default)]
+struct LedSince {
+    term: u64,
+    mono_ms: u64,
+}
+
+impl Leadership {
+    pub fn new(view: View, proposer: Proposer, lease: Arc<LeaderLease>) -> Self {
+        Self {
+            view,
+            proposer,
+            lease,
+            ready_term: AtomicU64::new(0),
+            extended_term: AtomicU64::new(0),
+            stepping_down: AtomicBool::new(false),
+            leading_since: Mutex::new(LedSince::default()),
+        }
+    }
+
+    /// Milliseconds on this process's monotonic clock (the one the leader
+    /// lease is timed on).
+    pub fn mono_ms(&self) -> u64 {
+        self.lease.now_ms()
+    }
+
+    /// Whether this node holds its leader lease for `term`.
+    pub fn holds_lease(&self, term: u64) -> bool {
+        self.lease.holds(term)
+    }
+
     /// Once per term as leader: catch up with everything committed, then
     /// extend every lease by one election timeout, so no lease lapses early
     /// because leadership moved (its holder could not renew meanwhile).
-    pub(super) async fn on_leadership(&self) {
-        let term = self.term_and_leading().0;
+    pub async fn on_leadership(&self) {
+        let term = self.view.term_and_leading().0;
         if self.extended_term.load(Ordering::Acquire) == term {
             return;
         }
-        if self.read_barrier().await.is_err() {
+        if self.view.read_barrier().await.is_err() {
             return;
         }
         match self
+            .proposer
             .propose(Command::ExtendLeases {
                 by_ms: FAILOVER_EXTENSION_MS,
             })
@@ -43,34 +97,70 @@ impl Node {
         }
     }
 
-    /// Keeps the leader lease's voter set current with the membership.
-    pub(super) async fn run_voter_watch(self: Arc<Self>) {
-        let mut server = self.server.clone();
+    /// Whether this node may decide rate limits at once: it leads, has
+    /// caught up in this term, and holds its leader lease.
+    pub fn may_decide(&self) -> bool {
+        let (term, leading) = self.view.term_and_leading();
+        leading
+            && !self.stepping_down()
+            && self.ready_term.load(Ordering::Acquire) == term
+            && self.lease.holds(term)
+    }
+
+    /// Rate limits are decided only by a leader that has applied everything
+    /// committed before its term (checked once per term).
+    pub async fn ready_to_decide(&self) -> Result<(), NodeError> {
+        if self.may_decide() {
+            return Ok(());
+        }
+        let term = self.view.term_and_leading().0;
+        self.view.read_barrier().await?;
+        self.ready_term.store(term, Ordering::Release);
+        Ok(())
+    }
+
+    /// Whether this node, shutting down, has stopped serving as leader.
+    pub fn stepping_down(&self) -> bool {
+        self.stepping_down.load(Ordering::Acquire)
+    }
+
+    /// Stops serving as leader (for good: the node is shutting down).
+    pub fn step_down(&self) {
+        self.stepping_down.store(true, Ordering::Release);
+    }
+
+    /// When (monotonic ms) this node began to lead in `term`, if it has.
+    pub fn led_since(&self, term: u64) -> Option<u64> {
+        let since = *self.leading_since.lock().unwrap_or_else(|e| e.into_inner());
+        (since.term == term).then_some(since.mono_ms)
+    }
+
+    /// Notes when this node became leader of its current term (called on
+    /// every change of the server metrics).
+    fn note_leadership(&self) {
+        let (term, leading) = self.view.term_and_leading();
+        let mut since = self.leading_since.lock().unwrap_or_else(|e| e.into_inner());
+        if leading && since.term != term {
+            *since = LedSince {
+                term,
+                mono_ms: self.mono_ms(),
+            };
+        }
+    }
+
+    /// Keeps the leader lease's voter set current with the membership, and
+    /// notes when leadership begins. Ends when told to stop.
+    pub async fn run_voter_watch(self: Arc<Self>, stop: Stopping) {
+        let mut server = self.view.changes();
         loop {
-            self.lease.set_voters(self.id, self.voters());
+            self.lease.set_voters(self.view.id(), self.view.voters());
             self.note_leadership();
             tokio::select! {
                 biased;
                 r = server.changed() => if r.is_err() { return },
-                _ = self.tasks.stopping() => return,
+                _ = stop.wait() => return,
             }
         }
-    }
-
-    /// Whether this node may serve: it knows a leader it is in touch with,
-    /// has applied every entry in its log, and every entry a leader told it
-    /// is committed (a follower that was away hears from its leader again
-    /// well before it has received the backlog).
-    pub fn ready(&self) -> bool {
-        let caught_up = {
-            let m = self.raft.metrics();
-            let m = m.borrow();
-            let applied = m.last_applied.map(|l| l.index);
-            applied.is_some()
-                && applied >= m.last_log_index
-                && self.applied_what_leader_committed(applied)
-        };
-        caught_up && self.in_touch_with_leader()
     }
 }
 

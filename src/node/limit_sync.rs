@@ -6,8 +6,10 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::Node;
-use crate::engine::Command;
+use super::tasks::Stopping;
+use super::timekeeping::Timekeeper;
+use super::view::View;
+use crate::engine::{Command, Engine};
 use crate::raft::Request;
 
 /// Most cells in one sync entry.
@@ -21,21 +23,32 @@ pub const SYNC_BYTES: usize = 64 * 1024;
 /// on the memory a sync holds (`SYNC_PIPELINE × SYNC_BYTES`).
 const SYNC_PIPELINE: usize = 16;
 
-impl Node {
+/// The sync loop and what it uses.
+pub struct LimitSync {
+    pub view: View,
+    pub engine: Arc<Engine>,
+    pub time: Arc<Timekeeper>,
+    /// Tags this process's syncs, which it skips when applying them.
+    pub boot_id: u64,
+    /// `--limit-sync-ms`.
+    pub every: Duration,
+}
+
+impl LimitSync {
     /// As leader, replicates the rate-limit cells changed since the last
     /// tick, every `every`. A crash or failover therefore forgets at most
     /// the consumption of one interval (plus the sync in flight). Ends when
-    /// the node stops.
-    pub(super) async fn run_limit_sync(self: Arc<Self>, every: Duration) {
-        let mut tick = tokio::time::interval(every);
+    /// told to stop.
+    pub async fn run(self, stop: Stopping) {
+        let mut tick = tokio::time::interval(self.every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 biased;
                 _ = tick.tick() => {}
-                _ = self.tasks.stopping() => return,
+                _ = stop.wait() => return,
             }
-            if self.is_leader() {
+            if self.view.is_leader() {
                 self.sync_changed_limits().await;
             }
         }
@@ -57,12 +70,12 @@ impl Node {
                 }
                 let n = cells.len();
                 let request = Request {
-                    now_ms: self.stamp_ms(),
+                    now_ms: self.time.stamp(),
                     commands: vec![Command::SyncCells { cells }],
                     // This process skips its own syncs when applying them.
                     sync_origin: Some(self.boot_id),
                 };
-                match self.raft.client_write_ff(request).await {
+                match self.view.raft().client_write_ff(request).await {
                     Ok(committed) => in_flight.push_back((n, committed)),
                     Err(e) => {
                         tracing::warn!(error = %e, cells = n, "rate-limit sync failed");

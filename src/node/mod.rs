@@ -7,28 +7,37 @@
 //! table. Lease changes reach watchers from the state machine, in apply
 //! order.
 //!
-//! One file per job:
-//! - `routing.rs`: typed operations, sent to the leader (served here, or
-//!   forwarded over the peer channel); `peer_service.rs` serves what peers
-//!   send (Raft traffic, pre-votes, forwarded calls);
-//! - `proposer.rs`: batches writes into log entries;
-//! - `leadership.rs`: what a new leader does first (extend leases, catch
-//!   up), the voter set of the leader lease, readiness;
-//! - `election.rs`: elections behind a pre-vote;
-//! - `sweeper.rs`: purges lapsed leases, records and idle rate-limit cells;
-//! - `limit_sync.rs`: replicates rate-limit state;
-//! - `watch.rs`: lease watchers;
-//! - `tasks.rs`: spawns, owns and joins every background loop.
+//! One room per job, each a type that owns its state; a room that needs
+//! another is handed it when built, and [`Node`] only composes them (and
+//! answers for them to the API and the peer service):
+//! - [`view::View`]: what the node knows of the cluster (id, Raft handle,
+//!   leader, term, membership); read by every room, owned by none;
+//! - [`routing::Router`]: typed operations, sent to the leader (served
+//!   here, or forwarded over the peer channel); `peer_service.rs` serves
+//!   what peers send (Raft traffic, pre-votes, forwarded calls);
+//! - [`proposer::Proposer`]: batches writes into log entries;
+//! - [`leadership::Leadership`]: the leader lease and what a leader may do
+//!   under it, what a new leader does first, stepping down;
+//! - [`election::Elections`]: contact with the leader, readiness, and
+//!   elections behind a pre-vote;
+//! - [`handover::Handover`]: handing leadership over on shutdown;
+//! - [`admission::Gate`]: whether this node may take part in Raft, and
+//!   its cluster id;
+//! - [`sweeper::Sweeper`]: purges lapsed leases, records and idle
+//!   rate-limit cells;
+//! - [`limit_sync::LimitSync`]: replicates rate-limit state;
+//! - [`watch_fanout::Watchers`]: lease watchers;
+//! - [`timekeeping::Timekeeper`]: the replicated clock;
+//! - [`tasks::Tasks`]: spawns, owns and joins every background loop.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
-use openraft::{BasicNode, Raft, ServerState, SnapshotPolicy};
+use openraft::{Raft, SnapshotPolicy};
 use serde::{Deserialize, Serialize};
-use tokio::sync::{watch, Notify};
+use tokio::sync::watch;
 
 mod admission;
 mod election;
@@ -41,6 +50,7 @@ mod routing;
 mod sweeper;
 mod tasks;
 mod timekeeping;
+mod view;
 mod watch_fanout;
 
 pub use admission::{Admission, Identified, Identity, CLUSTER_HEADER};
@@ -54,16 +64,25 @@ pub use routing::{
 pub use watch_fanout::{Watch, WatchLimits};
 
 use crate::clock::Clock;
-use crate::engine::{Engine, EngineConfig, EngineError, LeaseEvent};
-use crate::raft::lease::LeaderLease;
-use crate::raft::network::{Channels, Dialer, PeerNetwork, SNAPSHOT_CHUNK_BYTES, SNAPSHOT_RPC_CAP};
+use crate::engine::{
+    Engine, EngineConfig, EngineError, KeyQuota, Lease, LeaseEvent, LimitCheck, LimitResult,
+};
+use crate::raft::network::{Dialer, PeerNetwork, SNAPSHOT_CHUNK_BYTES, SNAPSHOT_RPC_CAP};
 use crate::raft::seen::SeenWithState;
 use crate::raft::state_machine::{Observer, StateMachine};
-use crate::raft::{NodeId, TypeConfig};
+use crate::raft::{LogId, NodeId, TypeConfig};
 use crate::storage::{SnapshotDir, Store};
-use proposer::Proposal;
+use admission::{Gate, GateOptions};
+use election::Elections;
+use handover::Handover;
+use leadership::Leadership;
+use limit_sync::LimitSync;
+use proposer::Proposer;
+use routing::Router;
+use sweeper::{Deadlines, Sweeper};
 use tasks::Tasks;
 use timekeeping::Timekeeper;
+use view::View;
 use watch_fanout::Watchers;
 
 use crate::timing::{ELECTION_TIMEOUT_MAX_MS, ELECTION_TIMEOUT_MIN_MS, HEARTBEAT_MS};
@@ -154,65 +173,22 @@ pub enum StartError {
     Raft(String),
 }
 
+/// The rooms, composed. Each is built with the rooms it needs; none
+/// reaches another through the node.
 pub struct Node {
-    id: NodeId,
-    /// Random per process: tags this process's rate-limit syncs.
-    boot_id: u64,
+    view: View,
     engine: Arc<Engine>,
-    raft: Raft<TypeConfig>,
-    /// Leadership and membership (changes only with them, not per commit).
-    server: watch::Receiver<openraft::metrics::RaftServerMetrics<NodeId, BasicNode>>,
-    channels: Channels,
-    /// How long a call waits for a leader before answering UNAVAILABLE.
-    leader_wait: Duration,
-    /// How long a member being added has to catch up as a learner.
-    member_catch_up: Duration,
-    /// The term in which this node, as leader, caught up with everything
-    /// committed (and extended leases): it decides rate limits only then.
-    ready_term: AtomicU64,
-    /// The term in which this node, as leader, extended every lease.
-    extended_term: AtomicU64,
-    /// This node's leader lease (see `raft::lease`): it decides rate limits
-    /// only while it holds it.
-    lease: Arc<LeaderLease>,
-    /// The log (read by the pre-vote to compare logs).
-    store: Store,
-    /// When (the lease's monotonic ms) this node last heard from a leader
-    /// (see `election`).
-    leader_contact: AtomicU64,
-    /// One more than the highest commit index a current leader has told
-    /// this node of (0: none): readiness waits until it is applied.
-    leader_commit: AtomicU64,
     /// The replicated clock (see `timekeeping`).
     time: Arc<Timekeeper>,
     watchers: Watchers,
-    /// Wakes the sweeper when a write set a deadline earlier than the one it
-    /// sleeps until (`sweep_at`).
-    deadlines_changed: Notify,
-    sweep_at: AtomicU64,
+    gate: Arc<Gate>,
+    leadership: Arc<Leadership>,
+    elections: Arc<Elections>,
+    handover: Handover,
+    router: Router,
     /// Set when the node starts shutting down: streams end, new work stops.
     shutdown: watch::Sender<bool>,
-    /// Queue of writes for the batching proposer.
-    proposals: tokio::sync::mpsc::Sender<Proposal>,
     tasks: Tasks,
-    /// Whether this node may take part in Raft (see `admission`).
-    admission: watch::Sender<Admission>,
-    /// This node's cluster id, once known (sent with every peer message).
-    cluster: admission::ClusterId,
-    /// The id a new cluster of the initial members takes (see
-    /// `admission::formation_id`).
-    formation_id: String,
-    /// Whether peer messages without a cluster id are accepted (one
-    /// upgrade's switch).
-    accept_unnamed_peers: bool,
-    /// Peers seen taking part in Raft with state (see `raft::seen`).
-    seen: Arc<SeenWithState>,
-    /// The members given at start-up, with their peer addresses.
-    initial_peers: BTreeMap<NodeId, String>,
-    /// Set by a leader handing over on shutdown: it serves no more calls.
-    stepping_down: std::sync::atomic::AtomicBool,
-    /// The term this node last led and when (monotonic ms) it began to.
-    leading_since: std::sync::Mutex<(u64, u64)>,
 }
 
 /// A process-unique id (time and pid mixed), distinct across restarts.
@@ -311,92 +287,138 @@ impl Node {
         .await
         .map_err(|e| raft_err(&e))?;
         let has_state = raft.is_initialized().await.map_err(|e| raft_err(&e))?;
-        let admission = if has_state {
-            Admission::Admitted
-        } else {
-            Admission::Checking
-        };
-        let (proposals, queue) = tokio::sync::mpsc::channel(proposer::QUEUE);
-        let node = Arc::new(Self {
-            id: membership.id,
+        let view = View::new(membership.id, raft, membership.peers);
+        let tasks = Tasks::default();
+        let gate = Arc::new(Gate::new(
+            view.clone(),
+            GateOptions {
+                admission: if has_state {
+                    Admission::Admitted
+                } else {
+                    Admission::Checking
+                },
+                cluster: cluster.clone(),
+                formation_id,
+                accept_unnamed_peers: accept_peers_without_cluster_id,
+                seen,
+                store: store.clone(),
+                channels: channels.clone(),
+            },
+        ));
+        let deadlines = Arc::new(Deadlines::default());
+        let proposer = Proposer::start(
+            view.raft().clone(),
+            time.clone(),
+            engine.clone(),
+            deadlines.clone(),
+            &tasks,
+        );
+        let leadership = Arc::new(Leadership::new(view.clone(), proposer.clone(), lease));
+        let elections = Arc::new(Elections::new(
+            view.clone(),
+            leadership.clone(),
+            gate.clone(),
+            store,
+            channels.clone(),
+            cluster.clone(),
             boot_id,
-            engine,
-            server: raft.server_metrics(),
-            raft,
+        ));
+        let handover = Handover {
+            view: view.clone(),
+            leadership: leadership.clone(),
+            gate: gate.clone(),
+            channels: channels.clone(),
+            cluster: cluster.clone(),
+        };
+        let router = Router {
+            view: view.clone(),
+            engine: engine.clone(),
+            time: time.clone(),
+            proposer: proposer.clone(),
+            leadership: leadership.clone(),
             channels,
+            cluster,
             leader_wait,
             member_catch_up,
-            ready_term: AtomicU64::new(0),
-            extended_term: AtomicU64::new(0),
-            lease,
-            store,
-            leader_contact: AtomicU64::new(0),
-            leader_commit: AtomicU64::new(0),
-            time,
-            watchers,
-            deadlines_changed: Notify::new(),
-            sweep_at: AtomicU64::new(u64::MAX),
-            shutdown: watch::channel(false).0,
-            proposals,
-            tasks: Tasks::default(),
-            admission: watch::channel(admission).0,
-            cluster,
-            formation_id,
-            accept_unnamed_peers: accept_peers_without_cluster_id,
-            seen,
-            initial_peers: membership.peers.clone(),
-            stepping_down: std::sync::atomic::AtomicBool::new(false),
-            leading_since: std::sync::Mutex::new((0, 0)),
-        });
+        };
+        let sweeper = Sweeper {
+            view: view.clone(),
+            leadership: leadership.clone(),
+            proposer,
+            engine: engine.clone(),
+            time: time.clone(),
+            watchers: watchers.clone(),
+            deadlines,
+            limit_sweep,
+        };
+        let limit_sync = LimitSync {
+            view: view.clone(),
+            engine: engine.clone(),
+            time: time.clone(),
+            boot_id,
+            every: limit_sync,
+        };
         if accept_peers_without_cluster_id {
             tracing::warn!(
                 "--accept-peers-without-cluster-id: peer messages without a cluster id are \
                  accepted; drop the flag once every member runs this version"
             );
         }
-        if has_state && node.cluster.get().is_none() {
+        if has_state && gate.cluster_id().is_none() {
             // A data directory from before cluster ids: its members all
             // derive the same id from the same --peers.
             tracing::warn!(
-                cluster = %node.formation_id,
+                cluster = %gate.formation_id(),
                 "this data directory has no cluster id: adopting the one derived from --peers"
             );
-            node.adopt_cluster_id(&node.formation_id.clone())
+            gate.adopt_cluster_id(gate.formation_id())
                 .map_err(|e| raft_err(&e))?;
         }
         if !has_state {
-            if node.initial_peers.len() <= 1 {
+            if view.initial_peers().len() <= 1 {
                 // A single node: nobody to ask.
-                node.initialise().await.map_err(|e| raft_err(&e))?;
+                gate.initialise().await.map_err(|e| raft_err(&e))?;
             } else {
-                node.tasks.spawn("admission", node.clone().run_admission());
+                tasks.spawn("admission", gate.clone().run_admission(tasks.signal()));
             }
         }
-        node.tasks
-            .spawn("proposer", node.clone().run_proposer(queue));
-        node.tasks
-            .spawn("voter watch", node.clone().run_voter_watch());
-        node.tasks.spawn("elections", node.clone().run_elections());
-        node.tasks
-            .spawn("formation seal", node.clone().run_formation_seal());
-        node.tasks
-            .spawn("limit sync", node.clone().run_limit_sync(limit_sync));
-        node.tasks
-            .spawn("sweeper", node.clone().run_sweeper(limit_sweep));
-        Ok(node)
+        tasks.spawn(
+            "voter watch",
+            leadership.clone().run_voter_watch(tasks.signal()),
+        );
+        tasks.spawn("elections", elections.clone().run(tasks.signal()));
+        tasks.spawn(
+            "formation seal",
+            gate.clone().run_formation_seal(tasks.signal()),
+        );
+        tasks.spawn("limit sync", limit_sync.run(tasks.signal()));
+        tasks.spawn("sweeper", sweeper.run(tasks.signal()));
+        Ok(Arc::new(Self {
+            view,
+            engine,
+            time,
+            watchers,
+            gate,
+            leadership,
+            elections,
+            handover,
+            router,
+            shutdown: watch::channel(false).0,
+            tasks,
+        }))
     }
 
     pub fn id(&self) -> NodeId {
-        self.id
+        self.view.id()
     }
 
     pub fn raft(&self) -> &Raft<TypeConfig> {
-        &self.raft
+        self.view.raft()
     }
 
     /// The leader this node knows of, if any.
     pub fn leader(&self) -> Option<NodeId> {
-        self.server.borrow().current_leader
+        self.view.leader()
     }
 
     /// Live counts: (rate-limit keys, leases, records, record bytes).
@@ -409,24 +431,11 @@ impl Node {
         self.watchers.active()
     }
 
-    /// The current term (from the vote) and whether this node leads in it.
-    /// Reads the server metrics, which change only with leadership, never
-    /// per commit.
-    fn term_and_leading(&self) -> (u64, bool) {
-        let m = self.server.borrow();
-        let leading = m.state == ServerState::Leader && m.current_leader == Some(self.id);
-        (m.vote.leader_id().get_term(), leading)
-    }
-
-    fn is_leader(&self) -> bool {
-        self.term_and_leading().1
-    }
-
     /// The members a peer may be, with their peer addresses: the latest
     /// membership in the log, or the initial members while there is none
     /// (an empty node, or a new member not yet reached by its leader).
     pub fn peer_members(&self) -> Vec<(NodeId, String)> {
-        self.with_peer_members(|members| members.map(|(id, a)| (id, a.to_owned())).collect())
+        self.view.peer_members()
     }
 
     /// Runs `f` over [`peer_members`](Self::peer_members) without copying
@@ -435,26 +444,7 @@ impl Node {
         &self,
         f: impl FnOnce(&mut dyn Iterator<Item = (NodeId, &str)>) -> R,
     ) -> R {
-        let m = self.server.borrow();
-        if m.membership_config.log_id().is_some() {
-            f(&mut m
-                .membership_config
-                .membership()
-                .nodes()
-                .map(|(id, n)| (*id, n.addr.as_str())))
-        } else {
-            f(&mut self.initial_peers.iter().map(|(id, a)| (*id, a.as_str())))
-        }
-    }
-
-    /// The current voting members.
-    fn voters(&self) -> BTreeSet<NodeId> {
-        self.server
-            .borrow()
-            .membership_config
-            .membership()
-            .voter_ids()
-            .collect()
+        self.view.with_peer_members(f)
     }
 
     /// The command time (see `timekeeping`): monotonic, never behind a
@@ -464,10 +454,151 @@ impl Node {
         self.time.now_ms()
     }
 
-    /// [`now_ms`](Self::now_ms) for a command this node proposes (see
-    /// `Timekeeper::stamp`).
-    pub(crate) fn stamp_ms(&self) -> u64 {
-        self.time.stamp()
+    /// Milliseconds on this process's monotonic clock (the one the leader
+    /// lease is timed on).
+    pub fn mono_ms(&self) -> u64 {
+        self.leadership.mono_ms()
+    }
+
+    /// Serves `op` at the leader: here when this node leads, forwarded over
+    /// the peer channel otherwise. Waits up to `--leader-wait-ms` for a
+    /// leader; then UNAVAILABLE.
+    pub async fn execute<O: Operation>(&self, op: O) -> Result<O::Output, NodeError> {
+        self.router.execute_as(op, "").await
+    }
+
+    /// [`execute`](Self::execute) for an authenticated caller: a forwarded
+    /// call carries `principal` (unless empty), and the leader authorises
+    /// it as that principal.
+    pub async fn execute_as<O: Operation>(
+        &self,
+        op: O,
+        principal: &str,
+    ) -> Result<O::Output, NodeError> {
+        self.router.execute_as(op, principal).await
+    }
+
+    /// Rate-limit decisions, made by the leader from its in-memory table.
+    pub async fn check(
+        &self,
+        checks: Vec<LimitCheck>,
+        all_or_nothing: bool,
+    ) -> Result<Vec<LimitResult>, NodeError> {
+        self.router
+            .check_as(checks, all_or_nothing, KeyQuota::default())
+            .await
+    }
+
+    /// [`check`](Self::check) for an authenticated caller, whose new keys
+    /// count against its quota.
+    pub async fn check_as(
+        &self,
+        checks: Vec<LimitCheck>,
+        all_or_nothing: bool,
+        quota: KeyQuota<'_>,
+    ) -> Result<Vec<LimitResult>, NodeError> {
+        self.router.check_as(checks, all_or_nothing, quota).await
+    }
+
+    /// Serves a call a follower forwarded (see `routing`).
+    pub(crate) async fn serve_forwarded(&self, call: Call) -> crate::proto::PeerMessage {
+        self.router.serve_forwarded(call).await
+    }
+
+    /// A lease's current state and its later changes (see
+    /// [`Watchers::watch`]).
+    pub fn watch(
+        &self,
+        name: &str,
+        principal: &str,
+        quota: Option<u64>,
+    ) -> Result<Watch, NodeError> {
+        self.watchers
+            .watch(name, principal, quota, || self.lease_local(name))
+    }
+
+    /// The current lease without a read barrier (to resynchronise a watcher
+    /// that fell behind).
+    pub fn lease_local(&self, name: &str) -> (Option<Lease>, u64) {
+        let now = self.now_ms();
+        (self.engine.lease(name, now), now)
+    }
+
+    /// Whether this node may serve (see [`Elections::ready`]).
+    pub fn ready(&self) -> bool {
+        self.elections.ready()
+    }
+
+    /// Notes that a leader (or a candidate this node voted for) was heard
+    /// from just now.
+    pub fn heard_from_leader(&self) {
+        self.elections.heard_from_leader()
+    }
+
+    /// Notes an AppendEntries or InstallSnapshot as it arrives (see
+    /// [`Elections::heard_from`]).
+    pub fn heard_from(&self, vote: &openraft::Vote<NodeId>, committed: Option<LogId>) {
+        self.elections.heard_from(vote, committed)
+    }
+
+    /// Whether this node is in touch with a leader.
+    pub fn in_touch_with_leader(&self) -> bool {
+        self.elections.in_touch_with_leader()
+    }
+
+    /// Whether this node would vote in an election now.
+    pub fn grants_pre_vote(&self, ask: &PreVoteRequest) -> bool {
+        self.elections.grants_pre_vote(ask)
+    }
+
+    /// Whether this node, shutting down, has stopped serving as leader.
+    pub fn stepping_down(&self) -> bool {
+        self.leadership.stepping_down()
+    }
+
+    /// On shutdown: if this node leads, stop serving and hand leadership to
+    /// the most caught-up voter (see `handover`).
+    pub async fn hand_over(&self) -> Option<NodeId> {
+        self.handover.hand_over().await
+    }
+
+    /// Serves a `TakeOver` (see `handover`).
+    pub async fn take_over(&self, ask: TakeOver) -> Result<(), String> {
+        self.handover.take_over(ask).await
+    }
+
+    /// Where this node stands in admission (see `admission`).
+    pub fn admission(&self) -> watch::Receiver<Admission> {
+        self.gate.admission()
+    }
+
+    /// This node's cluster id, once known.
+    pub fn cluster_id(&self) -> Option<String> {
+        self.gate.cluster_id()
+    }
+
+    pub fn admitted(&self) -> bool {
+        self.gate.admitted()
+    }
+
+    /// This node's answer to a peer's `Identify`.
+    pub fn identify(&self) -> Identified {
+        self.gate.identify()
+    }
+
+    /// Checks a peer message's cluster id (see [`Gate::check_cluster`]).
+    pub fn check_cluster(&self, sender: Option<&str>, learn: bool) -> Result<(), String> {
+        self.gate.check_cluster(sender, learn)
+    }
+
+    /// How an `Identify` from `asker` is refused (see [`Gate::refusal_for`]).
+    pub fn refusal_for(&self, asker: NodeId) -> Option<&'static str> {
+        self.gate.refusal_for(asker)
+    }
+
+    /// Peers seen taking part in Raft with state (see `raft::seen`).
+    pub fn seen(&self) -> &SeenWithState {
+        self.gate.seen()
     }
 
     /// Runs `task` until the node stops, which waits for it (see
@@ -497,7 +628,7 @@ impl Node {
     /// read failed, say on a full disk, or its core panicked), with the
     /// error. Such a node can serve nothing again until it is restarted.
     pub async fn raft_failed(&self) -> String {
-        let mut metrics = self.raft.metrics();
+        let mut metrics = self.raft().metrics();
         let why = match metrics.wait_for(|m| m.running_state.is_err()).await {
             Ok(m) => match &m.running_state {
                 Err(openraft::error::Fatal::StorageError(e)) => format!("storage failed: {e}"),
@@ -520,7 +651,7 @@ impl Node {
     pub async fn stop(&self) {
         self.begin_shutdown();
         self.tasks.stop().await;
-        if let Err(e) = self.raft.shutdown().await {
+        if let Err(e) = self.raft().shutdown().await {
             tracing::warn!(error = %e, "raft shutdown");
         }
     }

@@ -4,15 +4,17 @@
 //! into the next entry (one log write and one fsync for all of them),
 //! stamped with one time.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use openraft::BasicNode;
+use openraft::{BasicNode, Raft};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Node, NodeError};
-use crate::engine::{Command, EngineError, Outcome};
-use crate::raft::Request;
+use super::sweeper::Deadlines;
+use super::tasks::{Stopping, Tasks};
+use super::timekeeping::Timekeeper;
+use super::NodeError;
+use crate::engine::{Command, Engine, EngineError, Outcome};
+use crate::raft::{Request, TypeConfig};
 
 /// Writes waiting for the proposer, at most; a write that finds the queue
 /// full is refused with UNAVAILABLE (back-pressure: the node is writing as
@@ -24,9 +26,15 @@ const MAX_BATCH: usize = 1024;
 /// this is written alone).
 const BATCH_BYTES: usize = 256 * 1024;
 
-/// A queued write and where its outcome (with the time it was stamped
-/// with) goes.
-pub type Proposal = (Command, oneshot::Sender<Result<(Outcome, u64), NodeError>>);
+/// What a committed write answers: its outcome and the time it was
+/// stamped with.
+pub type Committed = Result<(Outcome, u64), NodeError>;
+
+/// A queued write and where its outcome goes.
+pub struct Proposal {
+    pub command: Command,
+    pub reply: oneshot::Sender<Committed>,
+}
 
 /// Queues a proposal, or refuses it at once when the queue is full
 /// (UNAVAILABLE: retry) or closed (shutting down).
@@ -40,22 +48,55 @@ fn enqueue(queue: &mpsc::Sender<Proposal>, proposal: Proposal) -> Result<(), Nod
     })
 }
 
-impl Node {
+/// The way into the log for lease and idempotency writes: a cheap handle
+/// to the queue the batching loop drains.
+#[derive(Clone)]
+pub struct Proposer {
+    queue: mpsc::Sender<Proposal>,
+    engine: Arc<Engine>,
+    /// Told when a write sets a deadline the sweeper does not wait for yet.
+    deadlines: Arc<Deadlines>,
+}
+
+impl Proposer {
+    /// Starts the batching loop on `tasks`; it ends when they stop.
+    pub fn start(
+        raft: Raft<TypeConfig>,
+        time: Arc<Timekeeper>,
+        engine: Arc<Engine>,
+        deadlines: Arc<Deadlines>,
+        tasks: &Tasks,
+    ) -> Self {
+        let (queue, rx) = mpsc::channel(QUEUE);
+        let batcher = Batcher { raft, time };
+        tasks.spawn("proposer", batcher.run(rx, tasks.signal()));
+        Self {
+            queue,
+            engine,
+            deadlines,
+        }
+    }
+
     /// Commits `command` through the log as the leader. Concurrent
-    /// proposals are batched into one entry by [`Node::run_proposer`].
-    pub(super) async fn propose(&self, command: Command) -> Result<(Outcome, u64), NodeError> {
+    /// proposals are batched into one entry by the loop.
+    pub async fn propose(&self, command: Command) -> Committed {
         let (reply, answer) = oneshot::channel();
-        enqueue(&self.proposals, (command, reply))?;
+        enqueue(&self.queue, Proposal { command, reply })?;
         let result = answer
             .await
             .map_err(|_| NodeError::Unavailable("shutting down".into()))?;
-        let sweep_at = self.sweep_at.load(Ordering::Acquire);
-        if self.engine.next_expiry().is_some_and(|t| t < sweep_at) {
-            self.deadlines_changed.notify_one();
-        }
+        self.deadlines.note(self.engine.next_expiry());
         result
     }
+}
 
+/// The loop behind a [`Proposer`].
+struct Batcher {
+    raft: Raft<TypeConfig>,
+    time: Arc<Timekeeper>,
+}
+
+impl Batcher {
     /// Writes one entry and maps openraft's answer to one result per command.
     async fn write_entry(
         &self,
@@ -71,8 +112,8 @@ impl Node {
     /// Batches proposals: takes every command queued while the previous
     /// entry was being committed (up to [`MAX_BATCH`] commands and
     /// [`BATCH_BYTES`] of payload), stamps them with one time and writes
-    /// them as one entry. Ends when the node stops.
-    pub(super) async fn run_proposer(self: Arc<Self>, mut queue: mpsc::Receiver<Proposal>) {
+    /// them as one entry. Ends when told to stop.
+    async fn run(self, mut queue: mpsc::Receiver<Proposal>, stop: Stopping) {
         // A proposal that did not fit the previous batch starts the next.
         let mut carried: Option<Proposal> = None;
         loop {
@@ -84,14 +125,14 @@ impl Node {
                         Some(p) => p,
                         None => return,
                     },
-                    _ = self.tasks.stopping() => return,
+                    _ = stop.wait() => return,
                 },
             };
-            let mut bytes = first.0.payload_bytes();
+            let mut bytes = first.command.payload_bytes();
             let mut batch = vec![first];
             while batch.len() < MAX_BATCH && bytes < BATCH_BYTES {
                 let Ok(next) = queue.try_recv() else { break };
-                let b = next.0.payload_bytes();
+                let b = next.command.payload_bytes();
                 if bytes + b > BATCH_BYTES {
                     carried = Some(next);
                     break;
@@ -105,8 +146,9 @@ impl Node {
 
     /// Writes one batch of proposals as one entry and answers each.
     async fn write_batch(&self, batch: Vec<Proposal>) {
-        let now = self.stamp_ms();
-        let (commands, replies): (Vec<Command>, Vec<_>) = batch.into_iter().unzip();
+        let now = self.time.stamp();
+        let (commands, replies): (Vec<Command>, Vec<_>) =
+            batch.into_iter().map(|p| (p.command, p.reply)).unzip();
         let n = commands.len();
         let request = Request {
             now_ms: now,
@@ -141,7 +183,10 @@ mod tests {
     #[test]
     fn a_full_queue_refuses_at_once_and_takes_again_once_drained() {
         let (tx, mut rx) = mpsc::channel(2);
-        let proposal = || (Command::Sweep, oneshot::channel().0);
+        let proposal = || Proposal {
+            command: Command::Sweep,
+            reply: oneshot::channel().0,
+        };
         enqueue(&tx, proposal()).unwrap();
         enqueue(&tx, proposal()).unwrap();
         match enqueue(&tx, proposal()) {

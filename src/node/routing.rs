@@ -10,6 +10,7 @@
 
 use std::collections::BTreeSet;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -17,14 +18,18 @@ use openraft::BasicNode;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use super::{Node, NodeError};
+use super::leadership::Leadership;
+use super::proposer::Proposer;
+use super::timekeeping::Timekeeper;
+use super::view::View;
+use super::NodeError;
 use crate::engine::{
-    Abort, Acquire, Begin, Complete, KeyQuota, Lease, LimitCheck, LimitResult, Record, Release,
-    Renew, Write,
+    Abort, Acquire, Begin, Complete, Engine, KeyQuota, Lease, LimitCheck, LimitResult, Record,
+    Release, Renew, Write,
 };
 use crate::proto::raft_peer_client::RaftPeerClient;
 use crate::proto::PeerMessage;
-use crate::raft::network::{decode, encode, with_cluster, PEER_MESSAGE_LIMIT};
+use crate::raft::network::{decode, encode, with_cluster, Channels, ClusterId, PEER_MESSAGE_LIMIT};
 use crate::raft::NodeId;
 use crate::security::PRINCIPAL_HEADER;
 
@@ -87,12 +92,12 @@ pub trait Operation: Clone + Send + Sync + Into<Call> + 'static {
     const WRITE: bool;
 
     /// How long the leader may take to serve it.
-    fn bound(&self, node: &Node) -> Duration {
-        node.leader_wait
+    fn bound(&self, at: &Router) -> Duration {
+        at.leader_wait
     }
 
     /// Serves it at this node, which must lead (`NotLeader` otherwise).
-    fn serve(self, node: &Node) -> impl Future<Output = Result<Self::Output, NodeError>> + Send;
+    fn serve(self, at: &Router) -> impl Future<Output = Result<Self::Output, NodeError>> + Send;
 }
 
 /// An operation as a follower forwards it to the leader: only what clients
@@ -148,8 +153,8 @@ macro_rules! writes {
             type Output = Stamped<<$op as Write>::Output>;
             const WRITE: bool = true;
 
-            async fn serve(self, node: &Node) -> Result<Self::Output, NodeError> {
-                node.serve_write(self).await
+            async fn serve(self, at: &Router) -> Result<Self::Output, NodeError> {
+                at.serve_write(self).await
             }
         })*
     };
@@ -161,15 +166,15 @@ impl Operation for CheckLimits {
     type Output = Vec<LimitResult>;
     const WRITE: bool = false;
 
-    async fn serve(self, node: &Node) -> Result<Vec<LimitResult>, NodeError> {
-        node.ready_to_decide().await?;
+    async fn serve(self, at: &Router) -> Result<Vec<LimitResult>, NodeError> {
+        at.leadership.ready_to_decide().await?;
         let quota = KeyQuota {
             principal: &self.principal,
             max: self.key_quota,
         };
-        Ok(node
+        Ok(at
             .engine
-            .check_for(&self.checks, self.all_or_nothing, node.now_ms(), quota)?)
+            .check_for(&self.checks, self.all_or_nothing, at.time.now_ms(), quota)?)
     }
 }
 
@@ -177,15 +182,15 @@ impl Operation for GetLease {
     type Output = Stamped<Option<Lease>>;
     const WRITE: bool = false;
 
-    async fn serve(self, node: &Node) -> Result<Self::Output, NodeError> {
-        if node.is_leader() {
+    async fn serve(self, at: &Router) -> Result<Self::Output, NodeError> {
+        if at.view.is_leader() {
             // Leases are extended before this term serves any lease call.
-            node.on_leadership().await;
+            at.leadership.on_leadership().await;
         }
-        node.read_barrier().await?;
-        let now_ms = node.now_ms();
+        at.view.read_barrier().await?;
+        let now_ms = at.time.now_ms();
         Ok(Stamped {
-            value: node.engine.lease(&self.name, now_ms),
+            value: at.engine.lease(&self.name, now_ms),
             now_ms,
         })
     }
@@ -195,11 +200,11 @@ impl Operation for GetRecord {
     type Output = Stamped<Option<Record>>;
     const WRITE: bool = false;
 
-    async fn serve(self, node: &Node) -> Result<Self::Output, NodeError> {
-        node.read_barrier().await?;
-        let now_ms = node.now_ms();
+    async fn serve(self, at: &Router) -> Result<Self::Output, NodeError> {
+        at.view.read_barrier().await?;
+        let now_ms = at.time.now_ms();
         Ok(Stamped {
-            value: node.engine.record(&self.key, now_ms),
+            value: at.engine.record(&self.key, now_ms),
             now_ms,
         })
     }
@@ -209,26 +214,27 @@ impl Operation for AddMember {
     type Output = ();
     const WRITE: bool = true;
 
-    fn bound(&self, node: &Node) -> Duration {
-        node.member_catch_up + 2 * node.leader_wait
+    fn bound(&self, at: &Router) -> Duration {
+        at.member_catch_up + 2 * at.leader_wait
     }
 
-    async fn serve(self, node: &Node) -> Result<(), NodeError> {
-        if !node.is_leader() {
+    async fn serve(self, at: &Router) -> Result<(), NodeError> {
+        if !at.view.is_leader() {
             return Err(NodeError::NotLeader);
         }
         let refused = |e: &dyn std::fmt::Display| NodeError::Membership(e.to_string());
-        let mut voters = node.voters();
+        let mut voters = at.view.voters();
         if voters.contains(&self.id) {
             return Ok(());
         }
-        let added = node
-            .raft
+        let added = at
+            .view
+            .raft()
             .add_learner(self.id, BasicNode::new(&self.peer_addr), false)
             .await
             .map_err(|e| refused(&e))?;
         let wanted = added.log_id.index;
-        let matched = node.learner_caught_up(self.id, wanted).await;
+        let matched = at.learner_caught_up(self.id, wanted).await;
         if matched.is_none_or(|m| m < wanted) {
             let had = matched.map_or("none of the log".to_owned(), |m| {
                 format!("up to index {m} of {wanted}")
@@ -236,7 +242,7 @@ impl Operation for AddMember {
             if !self.force {
                 // Roll back: a learner is harmless, but need not stay.
                 let remove = openraft::ChangeMembers::RemoveNodes(BTreeSet::from([self.id]));
-                let rolled_back = node.raft.change_membership(remove, false).await;
+                let rolled_back = at.view.raft().change_membership(remove, false).await;
                 return Err(NodeError::Membership(format!(
                     "node {} at {} did not catch up within {} ms (it has {had}), so it was not \
                      made a voter{}: start it first (with the members' --peers plus itself) and \
@@ -244,7 +250,7 @@ impl Operation for AddMember {
                      anyway (a voter that never answers can cost the cluster its majority)",
                     self.id,
                     self.peer_addr,
-                    node.member_catch_up.as_millis(),
+                    at.member_catch_up.as_millis(),
                     match rolled_back {
                         Ok(_) => " and was removed again".to_owned(),
                         Err(e) => format!("; removing the learner again failed: {e}"),
@@ -257,7 +263,8 @@ impl Operation for AddMember {
             );
         }
         voters.insert(self.id);
-        node.raft
+        at.view
+            .raft()
             .change_membership(voters, false)
             .await
             .map_err(|e| refused(&e))?;
@@ -269,16 +276,17 @@ impl Operation for RemoveMember {
     type Output = ();
     const WRITE: bool = true;
 
-    async fn serve(self, node: &Node) -> Result<(), NodeError> {
-        if !node.is_leader() {
+    async fn serve(self, at: &Router) -> Result<(), NodeError> {
+        if !at.view.is_leader() {
             return Err(NodeError::NotLeader);
         }
-        let mut voters = node.voters();
+        let mut voters = at.view.voters();
         voters.remove(&self.id);
         if voters.is_empty() {
             return Err(NodeError::Membership("cannot remove the last voter".into()));
         }
-        node.raft
+        at.view
+            .raft()
             .change_membership(voters, false)
             .await
             .map_err(|e| NodeError::Membership(e.to_string()))?;
@@ -286,12 +294,28 @@ impl Operation for RemoveMember {
     }
 }
 
-impl Node {
+/// Serves operations at the leader: here when this node leads, forwarded
+/// over the peer channel otherwise.
+pub struct Router {
+    pub view: View,
+    pub engine: Arc<Engine>,
+    pub time: Arc<Timekeeper>,
+    pub proposer: Proposer,
+    pub leadership: Arc<Leadership>,
+    pub channels: Channels,
+    pub cluster: ClusterId,
+    /// How long a call waits for a leader before answering UNAVAILABLE.
+    pub leader_wait: Duration,
+    /// How long a member being added has to catch up as a learner.
+    pub member_catch_up: Duration,
+}
+
+impl Router {
     /// Waits (up to `--member-catch-up-ms`) until this leader has
     /// replicated to learner `id` up to index `wanted`; the index it got to.
     async fn learner_caught_up(&self, id: NodeId, wanted: u64) -> Option<u64> {
         let deadline = Instant::now() + self.member_catch_up;
-        let mut metrics = self.raft.metrics();
+        let mut metrics = self.view.raft().metrics();
         loop {
             let matched = metrics
                 .borrow_and_update()
@@ -324,13 +348,14 @@ impl Node {
         principal: &str,
     ) -> Result<O::Output, NodeError> {
         let deadline = Instant::now() + self.leader_wait;
-        let mut server = self.server.clone();
+        let mut server = self.view.changes();
+        let me = self.view.id();
         loop {
             let leader = server.borrow_and_update().current_leader;
             let result = match leader {
                 // Shutting down after handing over: wait for the next leader.
-                Some(l) if l == self.id && self.stepping_down() => Err(NodeError::NotLeader),
-                Some(l) if l == self.id => self.serve_bounded(op.clone()).await,
+                Some(l) if l == me && self.leadership.stepping_down() => Err(NodeError::NotLeader),
+                Some(l) if l == me => self.serve_bounded(op.clone()).await,
                 Some(l) => {
                     let bound = op.bound(self);
                     self.forward::<O>(l, op.clone().into(), principal, bound)
@@ -373,9 +398,9 @@ impl Node {
         all_or_nothing: bool,
         quota: KeyQuota<'_>,
     ) -> Result<Vec<LimitResult>, NodeError> {
-        if self.may_decide() {
+        if self.leadership.may_decide() {
             // The hot path: no routing, no cloning.
-            let now = self.now_ms();
+            let now = self.time.now_ms();
             return Ok(self.engine.check_for(&checks, all_or_nothing, now, quota)?);
         }
         self.execute_as(
@@ -397,15 +422,7 @@ impl Node {
         principal: &str,
         timeout: Duration,
     ) -> Result<O::Output, NodeError> {
-        let addr = {
-            let m = self.raft.metrics();
-            let m = m.borrow();
-            m.membership_config
-                .membership()
-                .get_node(&leader)
-                .map(|n| n.addr.clone())
-        };
-        let Some(addr) = addr else {
+        let Some(addr) = self.view.addr_of(leader) else {
             return Err(NodeError::NotLeader);
         };
         let channel = self
@@ -444,7 +461,7 @@ impl Node {
     /// Serves a call a follower forwarded; the reply is the operation's own
     /// result (`NotLeader` when this node does not lead, and the follower
     /// routes again).
-    pub(super) async fn serve_forwarded(&self, call: Call) -> PeerMessage {
+    pub async fn serve_forwarded(&self, call: Call) -> PeerMessage {
         match call {
             Call::Acquire(op) => encode(&self.serve_bounded(op).await),
             Call::Renew(op) => encode(&self.serve_bounded(op).await),
@@ -467,7 +484,7 @@ impl Node {
     /// to have a majority after all), so the caller is told its outcome is
     /// unknown.
     async fn serve_bounded<O: Operation>(&self, op: O) -> Result<O::Output, NodeError> {
-        if self.stepping_down() {
+        if self.leadership.stepping_down() {
             return Err(NodeError::NotLeader);
         }
         let bound = op.bound(self);
@@ -475,7 +492,7 @@ impl Node {
             Ok(result) => result,
             Err(_) => Err(NodeError::Unavailable(format!(
                 "leader {} could not reach a majority within {} ms{}; retry",
-                self.id,
+                self.view.id(),
                 bound.as_millis(),
                 if O::WRITE {
                     " (the write's outcome is unknown)"
@@ -489,47 +506,15 @@ impl Node {
     /// Commits a lease or idempotency operation as the leader and returns
     /// its typed result.
     async fn serve_write<W: Write>(&self, op: W) -> Result<Stamped<W::Output>, NodeError> {
-        if self.is_leader() {
+        if self.view.is_leader() {
             // Leases are extended before this term serves any lease call.
-            self.on_leadership().await;
+            self.leadership.on_leadership().await;
         }
-        let (outcome, now_ms) = self.propose(op.into()).await?;
+        let (outcome, now_ms) = self.proposer.propose(op.into()).await?;
         // The engine builds every operation's outcome through its own
         // `Write::into_outcome`, so this is the operation's variant.
         let value = W::output(outcome)
             .map_err(|other| NodeError::Unavailable(format!("the log answered with {other:?}")))?;
         Ok(Stamped { value, now_ms })
-    }
-
-    /// Whether this node may decide rate limits at once: it leads, has
-    /// caught up in this term, and holds its leader lease.
-    fn may_decide(&self) -> bool {
-        let (term, leading) = self.term_and_leading();
-        leading
-            && !self.stepping_down()
-            && self.ready_term.load(std::sync::atomic::Ordering::Acquire) == term
-            && self.lease.holds(term)
-    }
-
-    /// Rate limits are decided only by a leader that has applied everything
-    /// committed before its term (checked once per term).
-    async fn ready_to_decide(&self) -> Result<(), NodeError> {
-        if self.may_decide() {
-            return Ok(());
-        }
-        let term = self.term_and_leading().0;
-        self.read_barrier().await?;
-        self.ready_term
-            .store(term, std::sync::atomic::Ordering::Release);
-        Ok(())
-    }
-
-    /// Waits until this node, as leader, may serve a linearizable read.
-    pub(super) async fn read_barrier(&self) -> Result<(), NodeError> {
-        match self.raft.ensure_linearizable().await {
-            Ok(_) => Ok(()),
-            Err(e) if e.forward_to_leader::<BasicNode>().is_some() => Err(NodeError::NotLeader),
-            Err(e) => Err(NodeError::Unavailable(e.to_string())),
-        }
     }
 }

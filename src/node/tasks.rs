@@ -41,9 +41,12 @@ impl Tasks {
 
     /// Resolves once the loops are told to stop.
     pub async fn stopping(&self) {
-        let mut stop = self.stop.subscribe();
-        // An error means the sender is gone, which is a stop too.
-        let _ = stop.wait_for(|s| *s).await;
+        self.signal().wait().await;
+    }
+
+    /// What a loop keeps to learn that it must stop.
+    pub fn signal(&self) -> Stopping {
+        Stopping(self.stop.subscribe())
     }
 
     /// Tells every loop to stop and waits for each (in the order spawned).
@@ -60,6 +63,19 @@ impl Tasks {
                 }
             }
         }
+    }
+}
+
+/// Says when the loops are told to stop (see [`Tasks::signal`]).
+#[derive(Clone)]
+pub struct Stopping(watch::Receiver<bool>);
+
+impl Stopping {
+    /// Resolves once the loops are told to stop.
+    pub async fn wait(&self) {
+        let mut stop = self.0.clone();
+        // An error means the sender is gone, which is a stop too.
+        let _ = stop.wait_for(|s| *s).await;
     }
 }
 

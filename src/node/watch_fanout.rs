@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::broadcast;
 
-use super::{Node, NodeError};
+use super::NodeError;
 use crate::engine::{EngineError, Lease, LeaseEvent};
 
 /// Events buffered per watched lease before a slow watcher is resynchronised.
@@ -121,8 +121,9 @@ impl Watchers {
     }
 }
 
-impl Node {
-    /// The lease's current state and a receiver for every later change;
+impl Watchers {
+    /// The lease's current state (`current`: the lease and the time it was
+    /// read at) and a receiver for every later change;
     /// `RESOURCE_EXHAUSTED` once the node serves `--max-watchers` watches,
     /// the lease has `--max-watchers-per-lease`, or `principal` has
     /// `quota` watches open on this node.
@@ -135,10 +136,11 @@ impl Node {
         name: &str,
         principal: &str,
         quota: Option<u64>,
+        current: impl FnOnce() -> (Option<Lease>, u64),
     ) -> Result<Watch, NodeError> {
-        let inner = &self.watchers.0;
+        let inner = &self.0;
         let limits = inner.limits;
-        let mut channels = self.watchers.lock();
+        let mut channels = self.lock();
         let exhausted = |what: &'static str, max| {
             NodeError::Engine(EngineError::Exhausted {
                 what: what.into(),
@@ -180,19 +182,12 @@ impl Node {
             .entry(name.to_owned())
             .or_insert_with(|| broadcast::channel(WATCH_BUFFER).0)
             .subscribe();
-        let now_ms = self.now_ms();
+        let (lease, now_ms) = current();
         Ok(Watch {
-            lease: self.engine.lease(name, now_ms),
+            lease,
             now_ms,
             events,
             slot,
         })
-    }
-
-    /// The current lease without a read barrier (to resynchronise a watcher
-    /// that fell behind).
-    pub fn lease_local(&self, name: &str) -> (Option<Lease>, u64) {
-        let now = self.now_ms();
-        (self.engine.lease(name, now), now)
     }
 }
