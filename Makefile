@@ -69,6 +69,7 @@ bench:
 lint:
 	$(CARGO) fmt --all -- --check
 	scripts/check-file-size.sh
+	scripts/module-layers.sh
 	$(CARGO) clippy -j$(JOBS) --workspace --all-targets -- -D warnings
 	# Licenses, banned crates and sources (deny.toml); advisories need the
 	# RustSec database from GitHub: `cargo deny check advisories` where reachable.

@@ -1,6 +1,5 @@
 //! `arbiter.v1.Cluster`: membership and leadership, for operators.
 
-use openraft::ServerState;
 use tonic::{Request, Response, Status};
 
 use super::authz::authorized;
@@ -22,31 +21,23 @@ impl ClusterService {
             .as_ref()
             .and_then(|a| a.failure())
             .map(|e| format!("auth file: {e}"));
-        let m = node.raft().metrics().borrow().clone();
-        let membership = m.membership_config.membership();
-        let voters: Vec<u64> = membership.voter_ids().collect();
-        let state = match m.state {
-            ServerState::Leader => "Leader",
-            ServerState::Follower => "Follower",
-            ServerState::Candidate => "Candidate",
-            ServerState::Learner => "Learner",
-            ServerState::Shutdown => "Shutdown",
-        };
+        let standing = node.standing();
         ClusterStatusResponse {
             node_id: node.id(),
-            leader_id: m.current_leader,
-            term: m.current_term,
-            applied_index: m.last_applied.map_or(0, |l| l.index),
-            members: membership
-                .nodes()
-                .map(|(id, n)| Member {
-                    id: *id,
-                    peer_addr: n.addr.clone(),
-                    voter: voters.contains(id),
+            leader_id: standing.leader,
+            term: standing.term,
+            applied_index: standing.applied_index,
+            members: standing
+                .members
+                .into_iter()
+                .map(|m| Member {
+                    id: m.id,
+                    peer_addr: m.peer_addr,
+                    voter: m.voter,
                 })
                 .collect(),
-            state: state.into(),
-            membership_changing: membership.get_joint_config().len() > 1,
+            state: standing.role.into(),
+            membership_changing: standing.membership_changing,
             ready: node.ready() && config_error.is_none(),
             cluster_id: node.cluster_id().unwrap_or_default(),
             config_error: config_error.unwrap_or_default(),

@@ -10,6 +10,7 @@ pub mod error;
 pub mod idempotency;
 pub mod layer;
 pub mod leases;
+pub mod peer_service;
 pub mod rate_limiter;
 pub mod rls;
 

@@ -61,13 +61,7 @@ const ASK_TIMEOUT: Duration = Duration::from_secs(1);
 /// none has seen it take part (see [`verdict`]).
 const FORMATION_PATIENCE: Duration = Duration::from_millis(500);
 
-/// What a data directory records about itself.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Identity {
-    pub node_id: NodeId,
-    #[serde(default)]
-    pub cluster_id: Option<String>,
-}
+pub use crate::storage::Identity;
 
 /// A node's answer to `Identify`.
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -30,21 +30,18 @@
 //! - [`timekeeping::Timekeeper`]: the replicated clock;
 //! - [`tasks::Tasks`]: spawns, owns and joins every background loop.
 
-use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
-use openraft::{Raft, SnapshotPolicy};
-use serde::{Deserialize, Serialize};
+use openraft::Raft;
 use tokio::sync::watch;
 
 mod admission;
 mod election;
+mod error;
 mod handover;
 mod leadership;
 mod limit_sync;
-mod peer_service;
+mod options;
 mod proposer;
 mod routing;
 mod sweeper;
@@ -53,30 +50,32 @@ mod timekeeping;
 mod view;
 mod watch_fanout;
 
-pub use admission::{Admission, Identified, Identity, CLUSTER_HEADER};
+pub use admission::{
+    Admission, Identified, IdentifyRequest, Identity, CLUSTER_HEADER, REFUSAL_HEADER,
+};
 pub use election::{PreVoteRequest, PreVoteResponse};
+pub use error::NodeError;
 pub use handover::TakeOver;
 pub use leadership::{report_readiness, READY_SERVICES};
-pub use peer_service::PeerService;
+pub use options::{Membership, Options, Simulation, StartError};
 pub use routing::{
     AddMember, Call, CheckLimits, GetLease, GetRecord, Operation, RemoveMember, Stamped,
 };
+pub use view::{MemberInfo, Standing};
 pub use watch_fanout::{Watch, WatchLimits};
 
-use crate::clock::Clock;
-use crate::engine::{
-    Engine, EngineConfig, EngineError, KeyQuota, Lease, LeaseEvent, LimitCheck, LimitResult,
-};
-use crate::raft::network::{Dialer, PeerNetwork, SNAPSHOT_CHUNK_BYTES, SNAPSHOT_RPC_CAP};
+use crate::engine::{Engine, KeyQuota, Lease, LeaseEvent, LimitCheck, LimitResult};
+use crate::raft::network::PeerNetwork;
 use crate::raft::seen::SeenWithState;
-use crate::raft::state_machine::{Observer, StateMachine};
 use crate::raft::{LogId, NodeId, TypeConfig};
+use crate::storage::state_machine::{Observer, StateMachine};
 use crate::storage::{SnapshotDir, Store};
 use admission::{Gate, GateOptions};
 use election::Elections;
 use handover::Handover;
 use leadership::Leadership;
 use limit_sync::LimitSync;
+use options::{boot_id, raft_config};
 use proposer::Proposer;
 use routing::Router;
 use sweeper::{Deadlines, Sweeper};
@@ -84,94 +83,6 @@ use tasks::Tasks;
 use timekeeping::Timekeeper;
 use view::View;
 use watch_fanout::Watchers;
-
-use crate::timing::{ELECTION_TIMEOUT_MAX_MS, ELECTION_TIMEOUT_MIN_MS, HEARTBEAT_MS};
-
-/// Why a call could not be served.
-#[derive(Clone, Debug, thiserror::Error, Serialize, Deserialize)]
-pub enum NodeError {
-    /// The state machine refused the command.
-    #[error(transparent)]
-    Engine(#[from] EngineError),
-    /// No leader within the deadline, or Raft is shutting down: safe to retry.
-    #[error("not available: {0}")]
-    Unavailable(String),
-    /// This node is not (or no longer) the leader; the call is routed again.
-    #[error("not the leader")]
-    NotLeader,
-    /// A membership change was refused.
-    #[error("membership change refused: {0}")]
-    Membership(String),
-}
-
-/// Who this node is and whom it starts with.
-#[derive(Clone, Debug)]
-pub struct Membership {
-    pub id: NodeId,
-    /// Initial members and their peer addresses, including this node.
-    pub peers: BTreeMap<NodeId, String>,
-}
-
-/// Everything a node starts from.
-pub struct Options {
-    pub engine: EngineConfig,
-    pub data_dir: PathBuf,
-    pub membership: Membership,
-    /// Log entries between snapshots.
-    pub snapshot_logs: u64,
-    /// How long a call waits for a leader before answering UNAVAILABLE.
-    pub leader_wait: Duration,
-    /// How long a member being added has to catch up as a learner.
-    pub member_catch_up: Duration,
-    /// How often the leader replicates changed rate-limit state.
-    pub limit_sync: Duration,
-    /// How often idle rate-limit cells are dropped.
-    pub limit_sweep: Duration,
-    /// The only clock commands are stamped with.
-    pub clock: Arc<dyn Clock>,
-    /// How many lease watches are served at once.
-    pub watch_limits: WatchLimits,
-    /// The most the members' wall clocks may differ by.
-    pub max_clock_skew_ms: u64,
-    /// Mutual TLS towards peers (with `--peer-tls-*`).
-    pub peer_tls: Option<crate::security::Connector>,
-    /// `--cluster-token`: part of a new cluster's id (see
-    /// `admission::formation_id`).
-    pub cluster_token: Option<String>,
-    /// `--accept-peers-without-cluster-id`: for one rolling upgrade from a
-    /// version whose members sent none.
-    pub accept_peers_without_cluster_id: bool,
-    /// What the simulated cluster replaces (`tests/sim`); `None` in a
-    /// server.
-    pub simulation: Option<Simulation>,
-}
-
-/// What an in-process simulated cluster replaces so that one seed decides
-/// a whole run: the network, the boot id (which seeds the election
-/// timeouts), and the log writer thread (writes are carried out by the
-/// call that makes them, so a paused clock never moves on while a write
-/// is in flight elsewhere). Peers' calls reach the node through a
-/// [`PeerService`] served over the dialled streams.
-#[derive(Clone)]
-pub struct Simulation {
-    pub dial: Dialer,
-    pub boot_id: u64,
-}
-
-/// Why the node could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum StartError {
-    #[error("cannot open the store: {0}")]
-    Store(#[from] redb::DatabaseError),
-    #[error("storage: {0}")]
-    Storage(#[from] crate::raft::StorageError),
-    #[error("cannot open the snapshot directory: {0}")]
-    Snapshots(#[from] std::io::Error),
-    #[error("{0}")]
-    Identity(String),
-    #[error("raft: {0}")]
-    Raft(String),
-}
 
 /// The rooms, composed. Each is built with the rooms it needs; none
 /// reaches another through the node.
@@ -189,15 +100,6 @@ pub struct Node {
     /// Set when the node starts shutting down: streams end, new work stops.
     shutdown: watch::Sender<bool>,
     tasks: Tasks,
-}
-
-/// A process-unique id (time and pid mixed), distinct across restarts.
-fn boot_id() -> u64 {
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0);
-    (t ^ (u64::from(std::process::id()) << 32)).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1
 }
 
 impl Node {
@@ -253,21 +155,7 @@ impl Node {
         let boot_id = simulation.as_ref().map_or_else(boot_id, |s| s.boot_id);
         let sm = StateMachine::open(engine.clone(), store.clone(), snapshots, observer, boot_id)?;
         let raft_err = |e: &dyn std::fmt::Display| StartError::Raft(e.to_string());
-        let raft_config = openraft::Config {
-            cluster_name: "arbiter".into(),
-            heartbeat_interval: HEARTBEAT_MS,
-            election_timeout_min: ELECTION_TIMEOUT_MIN_MS,
-            election_timeout_max: ELECTION_TIMEOUT_MAX_MS,
-            // Elections start only after a pre-vote round (`election`).
-            enable_elect: false,
-            snapshot_policy: SnapshotPolicy::LogsSinceLast(snapshot_logs.max(1)),
-            max_in_snapshot_log_to_keep: snapshot_logs.clamp(1, 1_000),
-            snapshot_max_chunk_size: SNAPSHOT_CHUNK_BYTES,
-            install_snapshot_timeout: SNAPSHOT_RPC_CAP.as_millis() as u64,
-            ..Default::default()
-        }
-        .validate()
-        .map_err(|e| raft_err(&e))?;
+        let raft_config = raft_config(snapshot_logs).map_err(|e| raft_err(&e))?;
         let seen = SeenWithState::load(store.clone())?;
         let network = PeerNetwork::new(
             cluster.clone(),
@@ -416,6 +304,11 @@ impl Node {
         self.view.raft()
     }
 
+    /// Where this node stands: leader, term, role, members.
+    pub fn standing(&self) -> Standing {
+        self.view.standing()
+    }
+
     /// The leader this node knows of, if any.
     pub fn leader(&self) -> Option<NodeId> {
         self.view.leader()
@@ -431,15 +324,12 @@ impl Node {
         self.watchers.active()
     }
 
-    /// The members a peer may be, with their peer addresses: the latest
-    /// membership in the log, or the initial members while there is none
-    /// (an empty node, or a new member not yet reached by its leader).
+    /// The members a peer may be (see [`View::peer_members`]).
     pub fn peer_members(&self) -> Vec<(NodeId, String)> {
         self.view.peer_members()
     }
 
-    /// Runs `f` over [`peer_members`](Self::peer_members) without copying
-    /// them (every peer message is checked against them).
+    /// [`peer_members`](Self::peer_members) without copying them.
     pub fn with_peer_members<R>(
         &self,
         f: impl FnOnce(&mut dyn Iterator<Item = (NodeId, &str)>) -> R,

@@ -12,6 +12,27 @@ use crate::raft::{NodeId, TypeConfig};
 
 type ServerMetrics = openraft::metrics::RaftServerMetrics<NodeId, BasicNode>;
 
+/// Where this node stands, for operators (`arbiter.v1.Cluster/Status`).
+#[derive(Clone, Debug)]
+pub struct Standing {
+    pub leader: Option<NodeId>,
+    pub term: u64,
+    pub applied_index: u64,
+    /// "Leader", "Follower", "Candidate", "Learner" or "Shutdown".
+    pub role: &'static str,
+    pub members: Vec<MemberInfo>,
+    /// Whether a membership change is half-way (joint consensus).
+    pub membership_changing: bool,
+}
+
+/// One member of the current membership.
+#[derive(Clone, Debug)]
+pub struct MemberInfo {
+    pub id: NodeId,
+    pub peer_addr: String,
+    pub voter: bool,
+}
+
 #[derive(Clone)]
 pub struct View {
     id: NodeId,
@@ -135,6 +156,34 @@ impl View {
                 .map(|(id, n)| (*id, n.addr.as_str())))
         } else {
             f(&mut self.initial_peers.iter().map(|(id, a)| (*id, a.as_str())))
+        }
+    }
+
+    /// Where this node stands (see [`Standing`]).
+    pub fn standing(&self) -> Standing {
+        let m = self.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        Standing {
+            leader: m.current_leader,
+            term: m.current_term,
+            applied_index: m.last_applied.map_or(0, |l| l.index),
+            role: match m.state {
+                ServerState::Leader => "Leader",
+                ServerState::Follower => "Follower",
+                ServerState::Candidate => "Candidate",
+                ServerState::Learner => "Learner",
+                ServerState::Shutdown => "Shutdown",
+            },
+            members: membership
+                .nodes()
+                .map(|(id, n)| MemberInfo {
+                    id: *id,
+                    peer_addr: n.addr.clone(),
+                    voter: voters.contains(id),
+                })
+                .collect(),
+            membership_changing: membership.get_joint_config().len() > 1,
         }
     }
 

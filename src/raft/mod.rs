@@ -11,7 +11,9 @@ mod legacy;
 pub mod network;
 pub mod seen;
 pub mod snapshot;
-pub mod state_machine;
+mod snapshot_file;
+
+pub use snapshot_file::SnapshotFile;
 
 use serde::{Deserialize, Serialize};
 
@@ -44,7 +46,7 @@ openraft::declare_raft_types!(
         R = Response,
         NodeId = u64,
         Node = openraft::BasicNode,
-        SnapshotData = crate::storage::SnapshotFile,
+        SnapshotData = SnapshotFile,
 );
 
 pub type NodeId = u64;

@@ -18,21 +18,28 @@ use std::sync::{Arc, Mutex};
 
 use super::NodeId;
 use super::StorageError;
-use crate::storage::Store;
+
+/// Where the record is kept (the node's store).
+// Its errors are openraft's (large) `StorageError`, as the store's are.
+#[allow(clippy::result_large_err)]
+pub trait SeenStore: Send + Sync {
+    fn seen_with_state(&self) -> Result<BTreeSet<NodeId>, StorageError>;
+    fn save_seen_with_state(&self, seen: &BTreeSet<NodeId>) -> Result<(), StorageError>;
+}
 
 pub struct SeenWithState {
     seen: Mutex<BTreeSet<NodeId>>,
-    store: Store,
+    store: Box<dyn SeenStore>,
 }
 
 impl SeenWithState {
     // The store's reads return openraft's (large) error by value.
     #[allow(clippy::result_large_err)]
-    pub fn load(store: Store) -> Result<Arc<Self>, StorageError> {
+    pub fn load(store: impl SeenStore + 'static) -> Result<Arc<Self>, StorageError> {
         let seen = store.seen_with_state()?;
         Ok(Arc::new(Self {
             seen: Mutex::new(seen),
-            store,
+            store: Box::new(store),
         }))
     }
 

@@ -9,13 +9,14 @@ use std::time::Duration;
 
 use tonic::transport::Server;
 
+use crate::api::peer_service::PeerService;
 use crate::api::{self, Bounds, Shared};
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer;
 use crate::limits::NamedLimits;
 use crate::metrics::{self, Metrics};
-use crate::node::{self, Node, PeerService};
+use crate::node::{self, Node};
 use crate::proto::cluster_server::ClusterServer;
 use crate::proto::idempotency_server::IdempotencyServer;
 use crate::proto::leases_server::LeasesServer;

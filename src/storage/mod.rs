@@ -17,11 +17,14 @@
 // helpers here return the same type so errors pass through unchanged.
 #![allow(clippy::result_large_err)]
 
+mod identity;
 mod log_storage;
 mod snapshots;
+pub mod state_machine;
 mod writer;
 
-pub use snapshots::{SnapshotDir, SnapshotFile};
+pub use identity::Identity;
+pub use snapshots::SnapshotDir;
 
 use std::collections::BTreeMap;
 use std::ops::Bound;
@@ -275,40 +278,6 @@ impl Store {
             other => other,
         };
         Ok(meta.zip(data))
-    }
-
-    /// What this data directory records about its node and cluster.
-    pub fn identity(&self) -> Result<Option<crate::node::Identity>, StorageError> {
-        self.get_meta(IDENTITY, ErrorSubject::Store)
-    }
-
-    /// Records this data directory's node and cluster (fsynced).
-    pub fn save_identity(&self, identity: &crate::node::Identity) -> Result<(), StorageError> {
-        self.put_meta(
-            &[(IDENTITY, Some(Self::json(identity)))],
-            ErrorSubject::Store,
-            true,
-        )
-    }
-
-    /// The peers this node has seen take part in Raft with state of their
-    /// own (see `raft::seen`).
-    pub fn seen_with_state(&self) -> Result<std::collections::BTreeSet<u64>, StorageError> {
-        Ok(self
-            .get_meta(SEEN_WITH_STATE, ErrorSubject::Store)?
-            .unwrap_or_default())
-    }
-
-    /// Records them (fsynced).
-    pub fn save_seen_with_state(
-        &self,
-        seen: &std::collections::BTreeSet<u64>,
-    ) -> Result<(), StorageError> {
-        self.put_meta(
-            &[(SEEN_WITH_STATE, Some(Self::json(seen)))],
-            ErrorSubject::Store,
-            true,
-        )
     }
 
     /// Deletes the legacy snapshot once it was rewritten as a file.

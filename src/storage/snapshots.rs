@@ -5,72 +5,13 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
-use tokio::io::{AsyncRead, AsyncSeek, AsyncWrite, ReadBuf};
+use crate::raft::SnapshotFile;
 
 const CURRENT: &str = "current.snap";
 const PART: &str = "part";
-
-/// A snapshot file open for reading (to send or load it) or writing (to
-/// receive it): openraft's `SnapshotData`.
-#[derive(Debug)]
-pub struct SnapshotFile {
-    file: tokio::fs::File,
-    path: PathBuf,
-}
-
-impl SnapshotFile {
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// The underlying file for blocking reads (on a blocking thread).
-    pub async fn into_std(self) -> (std::fs::File, PathBuf) {
-        (self.file.into_std().await, self.path)
-    }
-}
-
-impl AsyncRead for SnapshotFile {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.file).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for SnapshotFile {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.file).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.file).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.file).poll_shutdown(cx)
-    }
-}
-
-impl AsyncSeek for SnapshotFile {
-    fn start_seek(mut self: Pin<&mut Self>, position: io::SeekFrom) -> io::Result<()> {
-        Pin::new(&mut self.file).start_seek(position)
-    }
-
-    fn poll_complete(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<u64>> {
-        Pin::new(&mut self.file).poll_complete(cx)
-    }
-}
 
 /// The snapshot directory.
 #[derive(Clone, Debug)]
@@ -126,10 +67,7 @@ impl SnapshotDir {
     /// [`Self::create`] for openraft's receiving side.
     pub fn create_async(&self) -> io::Result<SnapshotFile> {
         let (file, path) = self.create()?;
-        Ok(SnapshotFile {
-            file: tokio::fs::File::from_std(file),
-            path,
-        })
+        Ok(SnapshotFile::new(tokio::fs::File::from_std(file), path))
     }
 
     /// Makes a written snapshot file the current one: fsyncs it, renames it
@@ -143,9 +81,6 @@ impl SnapshotDir {
 
     /// Wraps an open snapshot file for openraft (reading from its start).
     pub fn wrap(&self, file: std::fs::File) -> SnapshotFile {
-        SnapshotFile {
-            file: tokio::fs::File::from_std(file),
-            path: self.dir.join(CURRENT),
-        }
+        SnapshotFile::new(tokio::fs::File::from_std(file), self.dir.join(CURRENT))
     }
 }

@@ -11,7 +11,7 @@ use super::writer::{from_tail, keep_recent};
 use super::*;
 use crate::engine::{Engine, EngineConfig};
 use crate::raft::codec::encode_entry;
-use crate::raft::state_machine::{Observer, StateMachine};
+use crate::storage::state_machine::{Observer, StateMachine};
 
 /// Removes the store's directory when the suite is done with it.
 struct TempDir(PathBuf);

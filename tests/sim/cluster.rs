@@ -15,9 +15,10 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use arbiter::api::peer_service::PeerService;
 use arbiter::clock::Clock;
 use arbiter::engine::EngineConfig;
-use arbiter::node::{Membership, Node, NodeError, Operation, Options, PeerService, Simulation};
+use arbiter::node::{Membership, Node, NodeError, Operation, Options, Simulation};
 use arbiter::proto::raft_peer_server::RaftPeerServer;
 use arbiter::raft::network::{Dialer, PEER_MESSAGE_LIMIT};
 use tokio::io::DuplexStream;

@@ -7,8 +7,10 @@ use std::sync::Arc;
 use openraft::raft::VoteRequest;
 use tonic::{Request, Response, Status};
 
-use super::admission::{IdentifyRequest, REFUSAL_HEADER};
-use super::{Admission, Call, Node, PreVoteRequest, PreVoteResponse, TakeOver, CLUSTER_HEADER};
+use crate::node::{
+    Admission, Call, IdentifyRequest, Node, PreVoteRequest, PreVoteResponse, TakeOver,
+    CLUSTER_HEADER, REFUSAL_HEADER,
+};
 use crate::proto::raft_peer_server::RaftPeer;
 use crate::proto::PeerMessage;
 use crate::raft::network::{decode, decode_append, decode_snapshot, encode};
@@ -18,7 +20,7 @@ use crate::security::{Auth, Caller, ConnInfo, PRINCIPAL_HEADER};
 
 /// Sets a forwarded call's quotas from this node's auth file (the
 /// follower's values are not taken on trust).
-fn stamp_quotas(call: Call, caller: &Caller, caps: &crate::api::Caps) -> Call {
+fn stamp_quotas(call: Call, caller: &Caller, caps: &super::Caps) -> Call {
     match call {
         Call::Acquire(mut op) => {
             op.quota = caller.lease_quota(caps);
@@ -52,7 +54,7 @@ pub struct PeerService {
     tls: bool,
     /// The client-facing bounds, applied again to forwarded calls (none in
     /// the simulated cluster, whose calls come from the node's own API).
-    bounds: Option<crate::api::Bounds>,
+    bounds: Option<super::Bounds>,
 }
 
 /// How often a refused message of another cluster is logged, at most.
@@ -66,7 +68,7 @@ impl PeerService {
         node: Arc<Node>,
         auth: Option<Auth>,
         tls: bool,
-        bounds: Option<crate::api::Bounds>,
+        bounds: Option<super::Bounds>,
     ) -> Self {
         Self {
             node,
@@ -272,9 +274,9 @@ impl RaftPeer for PeerService {
         let caller = Caller::forwarded(self.auth.as_ref(), principal)?;
         let call: Call = decode(request.get_ref()).map_err(bad)?;
         if let Some(bounds) = &self.bounds {
-            crate::api::convert::forwarded(&call, bounds)?;
+            super::convert::forwarded(&call, bounds)?;
         }
-        crate::api::authz::authorize(&caller, &call)?;
+        super::authz::authorize(&caller, &call)?;
         // Quotas as this node (which proposes the call) reads them.
         let call = match &self.bounds {
             Some(bounds) => stamp_quotas(call, &caller, &bounds.caps),
@@ -320,8 +322,8 @@ impl RaftPeer for PeerService {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
     use crate::api::Caps;
+    use super::*;
     use crate::engine::Acquire;
     use crate::security::auth::Rules;
 

@@ -17,10 +17,12 @@ use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{EntryPayload, ErrorSubject, ErrorVerb, RaftSnapshotBuilder, StorageIOError};
 use serde::Deserialize;
 
-use super::snapshot::{self, MAGIC};
-use super::{Entry, LogId, Response, SnapshotMeta, StorageError, StoredMembership, TypeConfig};
+use super::{SnapshotDir, Store};
 use crate::engine::{self, Engine, LeaseEvent};
-use crate::storage::{SnapshotDir, SnapshotFile, Store};
+use crate::raft::snapshot::{self, MAGIC};
+use crate::raft::{
+    Entry, LogId, Response, SnapshotFile, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
+};
 
 /// Told what applying entries did: the lease changes each caused (for
 /// watchers), and the time each was stamped with (for the node's clock).
