@@ -322,8 +322,8 @@ impl RaftPeer for PeerService {
 
 #[cfg(test)]
 mod tests {
-    use crate::api::Caps;
     use super::*;
+    use crate::api::Caps;
     use crate::engine::Acquire;
     use crate::security::auth::Rules;
 

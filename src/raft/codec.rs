@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use openraft::{BasicNode, CommittedLeaderId, EntryPayload};
 use prost::Message;
 
-use super::{legacy, Entry, LogId, NodeId, Request};
+use super::{compat, Entry, LogId, NodeId, Request};
 use crate::engine::{self as e, Cell, Command};
 use crate::log_proto as pb;
 
@@ -37,7 +37,7 @@ pub fn decode_entry(bytes: &[u8]) -> Result<Entry, String> {
             let message = pb::Entry::decode(&bytes[1..]).map_err(|e| e.to_string())?;
             from_proto(message)
         }
-        Some(b'{') => legacy::decode_entry(bytes),
+        Some(b'{') => compat::decode_entry(bytes),
         Some(b) => Err(format!("unknown log entry format (first byte {b:#04x})")),
         None => Err("empty log entry".into()),
     }

@@ -6,8 +6,8 @@
 //! machines never read a clock.
 
 pub mod codec;
+pub mod compat;
 pub mod lease;
-mod legacy;
 pub mod network;
 pub mod seen;
 pub mod snapshot;

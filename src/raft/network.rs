@@ -29,8 +29,8 @@ use tonic::transport::{Channel, Endpoint};
 use crate::security::Connector;
 
 use super::codec::{decode_entry, encode_entry};
+use super::compat::LegacyEntry;
 use super::lease::LeaderLease;
-use super::legacy::LegacyEntry;
 use super::{LogId, NodeId, SnapshotMeta, TypeConfig};
 use crate::proto::raft_peer_client::RaftPeerClient;
 use crate::proto::PeerMessage;

@@ -270,12 +270,11 @@ impl Store {
         let subject = ErrorSubject::Snapshot(None);
         let meta: Option<SnapshotMeta> = self.get_meta(SNAPSHOT_META, subject.clone())?;
         let data = match self.get_meta_bytes(SNAPSHOT_DATA, subject.clone())? {
-            // The first releases stored it as a JSON array of its bytes.
-            Some(v) if v.first() == Some(&b'[') => Some(
-                serde_json::from_slice::<Vec<u8>>(&v)
+            Some(v) => Some(
+                crate::raft::compat::snapshot_bytes(v)
                     .map_err(|e| io_err(subject, ErrorVerb::Read, e))?,
             ),
-            other => other,
+            None => None,
         };
         Ok(meta.zip(data))
     }

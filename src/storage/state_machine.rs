@@ -15,10 +15,10 @@ use std::sync::Arc;
 
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{EntryPayload, ErrorSubject, ErrorVerb, RaftSnapshotBuilder, StorageIOError};
-use serde::Deserialize;
 
 use super::{SnapshotDir, Store};
 use crate::engine::{self, Engine, LeaseEvent};
+use crate::raft::compat;
 use crate::raft::snapshot::{self, MAGIC};
 use crate::raft::{
     Entry, LogId, Response, SnapshotFile, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
@@ -43,14 +43,6 @@ impl Observer {
             applied_time: Arc::new(|_| {}),
         }
     }
-}
-
-/// A snapshot as earlier releases wrote it (one JSON document), read from
-/// their data directories and from their leaders.
-#[derive(Deserialize)]
-struct LegacySnapshot {
-    last_now: u64,
-    engine: engine::Snapshot,
 }
 
 pub struct StateMachine {
@@ -119,15 +111,14 @@ fn load_legacy(
     dir: &SnapshotDir,
     meta: &SnapshotMeta,
 ) -> std::io::Result<(snapshot::Header, (std::fs::File, std::path::PathBuf))> {
-    let legacy: LegacySnapshot = serde_json::from_slice(&data)
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+    let (last_now, state) = compat::decode_snapshot(&data)?;
     drop(data);
-    engine.load(legacy.engine);
+    engine.load(state);
     let header = snapshot::Header {
         meta: meta.clone(),
-        last_now_ms: legacy.last_now,
+        last_now_ms: last_now,
     };
-    let rewritten = write_snapshot(dir, meta, legacy.last_now, engine)?;
+    let rewritten = write_snapshot(dir, meta, last_now, engine)?;
     Ok((header, rewritten))
 }
 

@@ -198,6 +198,7 @@ impl LeaseTable {
 
     /// Grants a free or lapsed lease, renews the holder's own, or reports the
     /// other holder's (`acquired = false`). No principal: see [`acquire_as`](Self::acquire_as).
+    #[cfg(any(test, feature = "test-support"))]
     pub fn acquire(
         &mut self,
         name: &str,
@@ -209,7 +210,7 @@ impl LeaseTable {
         self.acquire_as(name, holder, "", None, ttl_ms, now_ms, events)
     }
 
-    /// [`acquire`](Self::acquire) by `principal`: a lease held under the
+    /// `acquire` by `principal`: a lease held under the
     /// same holder name by another principal is reported as held, not
     /// renewed. A new lease is refused when `principal` already holds
     /// `quota` of them.
@@ -312,6 +313,7 @@ impl LeaseTable {
         }
     }
 
+    #[cfg(any(test, feature = "test-support"))]
     pub fn renew(
         &mut self,
         name: &str,
@@ -324,7 +326,7 @@ impl LeaseTable {
         self.renew_as(name, holder, "", token, ttl_ms, now_ms, events)
     }
 
-    /// [`renew`](Self::renew) by `principal`, which must own the lease.
+    /// `renew` by `principal`, which must own the lease.
     #[allow(clippy::too_many_arguments)]
     pub fn renew_as(
         &mut self,
@@ -349,6 +351,7 @@ impl LeaseTable {
         Ok(lease)
     }
 
+    #[cfg(any(test, feature = "test-support"))]
     pub fn release(
         &mut self,
         name: &str,
@@ -360,7 +363,7 @@ impl LeaseTable {
         self.release_as(name, holder, "", token, now_ms, events)
     }
 
-    /// [`release`](Self::release) by `principal`, which must own the lease.
+    /// `release` by `principal`, which must own the lease.
     pub fn release_as(
         &mut self,
         name: &str,

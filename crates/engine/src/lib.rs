@@ -183,6 +183,7 @@ impl Engine {
 
     /// Applies one client operation at `now_ms`, with its typed result (as
     /// [`Engine::apply`] would for its command).
+    #[cfg(any(test, feature = "test-support"))]
     pub fn execute<W: Write>(
         &self,
         op: W,
@@ -286,6 +287,7 @@ impl Engine {
         }
     }
 
+    #[cfg(any(test, feature = "test-support"))]
     pub fn restore(config: EngineConfig, snapshot: Snapshot) -> Self {
         let engine = Self::new(config);
         engine.limits.upsert(snapshot.limits);

@@ -1,8 +1,14 @@
-//! Reading log entries in the first format (JSON), as earlier releases
-//! stored them and as their leaders send them. Nothing is written in it any
-//! more.
+//! Every reader of an earlier release's formats, in one place, to be
+//! deleted together in the release that stops reading them (see
+//! `docs/design.md`, "Formats"). Nothing is written in them any more:
+//! - log entries in the first format (JSON), as earlier releases stored
+//!   them and as their leaders send them ([`decode_entry`],
+//!   [`LegacyEntry`]);
+//! - a snapshot kept in the store as one JSON document
+//!   ([`snapshot_bytes`], [`decode_snapshot`]), rewritten as a snapshot
+//!   file at start.
 //!
-//! It differs from today's JSON encoding of the same types in one place: a
+//! The first format of entries differs from today's JSON encoding of the same types in one place: a
 //! rate-limit sync's cells were one base64 string of packed varints (the
 //! key's length, the key, then the cell's five words).
 
@@ -155,6 +161,31 @@ fn base64_decode(text: &str) -> Option<Vec<u8>> {
         out.extend_from_slice(&n.to_be_bytes()[1..4 - pad]);
     }
     Some(out)
+}
+
+/// A snapshot as earlier releases wrote it (one JSON document), read from
+/// their data directories and from their leaders.
+#[derive(Deserialize)]
+struct LegacySnapshot {
+    last_now: u64,
+    engine: crate::engine::Snapshot,
+}
+
+/// Decodes a snapshot document: its time and the engine's state.
+pub fn decode_snapshot(data: &[u8]) -> std::io::Result<(u64, crate::engine::Snapshot)> {
+    let legacy: LegacySnapshot = serde_json::from_slice(data)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+    Ok((legacy.last_now, legacy.engine))
+}
+
+/// The snapshot document as the store holds it: the first releases stored
+/// it as a JSON array of its bytes, later ones as the bytes.
+pub fn snapshot_bytes(stored: Vec<u8>) -> Result<Vec<u8>, serde_json::Error> {
+    if stored.first() == Some(&b'[') {
+        serde_json::from_slice::<Vec<u8>>(&stored)
+    } else {
+        Ok(stored)
+    }
 }
 
 #[cfg(test)]
