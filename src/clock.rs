@@ -4,7 +4,7 @@
 //! node stamps commands, through this trait, so tests drive time with
 //! [`ManualClock`] instead of sleeping.
 //!
-//! A clock has two readings. The wall clock (`now_ms`) is read once, when a
+//! A clock has two readings. The wall clock (`wall_ms`) is read once, when a
 //! node starts, and used only if it has applied no time from the log yet;
 //! the node advances time with the monotonic reading (`mono_ms`), which no
 //! clock step moves (see `node::timekeeping`).
@@ -17,7 +17,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 pub trait Clock: Send + Sync + 'static {
     /// Wall-clock milliseconds since the Unix epoch (fixed windows align to
     /// the epoch). May step forward or back.
-    fn now_ms(&self) -> u64;
+    fn wall_ms(&self) -> u64;
     /// Milliseconds on a monotonic clock: never steps, only advances.
     fn mono_ms(&self) -> u64;
 }
@@ -40,7 +40,7 @@ fn system_ms() -> u64 {
 pub struct SystemClock;
 
 impl Clock for SystemClock {
-    fn now_ms(&self) -> u64 {
+    fn wall_ms(&self) -> u64 {
         system_ms()
     }
 
@@ -77,7 +77,7 @@ impl ManualClock {
 }
 
 impl Clock for ManualClock {
-    fn now_ms(&self) -> u64 {
+    fn wall_ms(&self) -> u64 {
         self.wall.load(Ordering::SeqCst)
     }
 
@@ -119,7 +119,7 @@ impl FileOffsetClock {
 }
 
 impl Clock for FileOffsetClock {
-    fn now_ms(&self) -> u64 {
+    fn wall_ms(&self) -> u64 {
         if process_mono_ms().saturating_sub(self.read_at.load(Ordering::Relaxed)) >= 10 {
             self.reread();
         }

@@ -10,16 +10,19 @@
 //!   [`server::start`] takes it. [`timing`]: the cluster's timing constants,
 //!   the inequalities they must keep (checked at compile time), and which
 //!   kind of time each part reads.
-//! - [`node`]: one file per job: routing of typed operations to the leader
-//!   (and serving what peers send), the write proposer, leadership,
-//!   elections behind a pre-vote, sweeps, the rate-limit sync, lease
-//!   watchers, admission of an empty node, the hand-over on shutdown, the
-//!   replicated clock, and the background tasks it owns and joins.
-//! - [`raft`]: openraft types, the state machine, the binary log codec
-//!   (and the reader of the earlier JSON format), the snapshot format, the
-//!   peer network and the leader lease; [`storage`]: the redb log store and
-//!   the snapshot files.
-//! - [`api`]: one file per gRPC service, proto⇄domain conversion with input
+//! - [`node`]: one room per job, each a type that owns its state and is
+//!   handed the rooms it uses (routing of typed operations to the leader,
+//!   the write proposer, leadership and the leader lease, elections behind
+//!   a pre-vote, the hand-over on shutdown, admission of an empty node,
+//!   sweeps, the rate-limit sync, lease watchers, the replicated clock, the
+//!   background tasks); `Node` composes them.
+//! - [`storage`]: the redb log store, the snapshot files, and the engine as
+//!   openraft's state machine; [`raft`]: openraft types, the binary log
+//!   codec, the snapshot format, the peer network, the leader lease, and
+//!   (`raft::compat`) every reader of an earlier release's formats.
+//! - Layers: engine, clock, timing, security ← raft ← storage ← node ←
+//!   limits, config, metrics ← api ← server (`scripts/module-layers.sh`).
+//! - [`api`]: one file per gRPC service and the peer port's receiving end, proto⇄domain conversion with input
 //!   validation, the single engine-error → status mapping, and the per-RPC
 //!   metrics and tracing layer.
 //! - [`security`]: TLS on every port (re-read when the files change),

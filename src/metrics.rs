@@ -135,11 +135,11 @@ impl Metrics {
     }
 
     fn refresh(&self, node: &Node) {
-        let (keys, leases, records, bytes) = node.counts();
-        self.limit_keys.set(keys as f64);
-        self.leases.set(leases as f64);
-        self.records.set(records as f64);
-        self.record_bytes.set(bytes as f64);
+        let counts = node.counts();
+        self.limit_keys.set(counts.limit_keys as f64);
+        self.leases.set(counts.leases as f64);
+        self.records.set(counts.records as f64);
+        self.record_bytes.set(counts.record_bytes as f64);
         self.watchers.set(node.watchers() as f64);
     }
 }

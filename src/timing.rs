@@ -1,14 +1,18 @@
 //! The cluster's timing, in one place, with the inequalities its safety
 //! rests on checked when the crate compiles.
 //!
-//! Two kinds of time are read, and the names say which:
-//! - **wall time** (`*_wall_ms`, `now_ms`: milliseconds since the Unix
-//!   epoch from the injected [`crate::clock::Clock`]) stamps commands, so
-//!   lease deadlines and rate-limit windows mean the same on every replica;
-//! - **monotonic time** (`mono_ms`, or tokio's `Instant`) measures how long
+//! Three kinds of time are named apart:
+//! - **wall time** (`Clock::wall_ms`: milliseconds since the Unix epoch
+//!   from the injected [`crate::clock::Clock`]) is read once, at start, to
+//!   anchor a node that has applied no time from the log yet;
+//! - **command time** (`now_ms`: `Node::now_ms`, `Timekeeper::now_ms`, and
+//!   every engine call's argument) is the replicated timeline that stamps
+//!   commands, so lease deadlines and rate-limit windows mean the same on
+//!   every replica; it moves with the monotonic clock and never goes back;
+//! - **monotonic time** (`mono_ms`: `Clock::mono_ms`,
+//!   `LeaderLease::mono_ms`, or tokio's `Instant`) measures how long
 //!   something took or has lasted on this process alone: leader contact,
-//!   the leader lease, timeouts. It never goes back and is never compared
-//!   across processes.
+//!   the leader lease, timeouts. It is never compared across processes.
 //!
 //! Wall time is read only through the `Clock` the server was started with
 //! (and the replicated clock built on it, `node::timekeeping`). Monotonic

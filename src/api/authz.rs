@@ -145,7 +145,7 @@ impl Scoped for Call {
             Call::Complete(op) => op.scope(),
             Call::Abort(op) => op.scope(),
             Call::GetRecord(op) => op.scope(),
-            Call::Check(op) => op.scope(),
+            Call::CheckLimits(op) => op.scope(),
             Call::AddMember(op) => op.scope(),
             Call::RemoveMember(op) => op.scope(),
         }

@@ -161,7 +161,7 @@ pub fn forwarded(call: &crate::node::Call, b: &super::Bounds) -> Result<(), Stat
         }
         Call::Abort(op) => name(&op.key, "key"),
         Call::GetRecord(op) => name(&op.key, "key"),
-        Call::Check(op) => {
+        Call::CheckLimits(op) => {
             let n = op.checks.len();
             if n == 0 || n > b.max_checks {
                 return Err(Status::invalid_argument(format!(

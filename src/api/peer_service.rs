@@ -34,11 +34,11 @@ fn stamp_quotas(call: Call, caller: &Caller, caps: &super::Caps) -> Call {
             op.byte_quota = caller.record_quota(caps).bytes;
             Call::Complete(op)
         }
-        Call::Check(mut op) => {
+        Call::CheckLimits(mut op) => {
             // Keys are counted against the caller the call was forwarded for.
             op.principal = caller.name().to_owned();
             op.key_quota = caller.limit_key_quota(caps);
-            Call::Check(op)
+            Call::CheckLimits(op)
         }
         other => other,
     }
@@ -354,14 +354,16 @@ mod tests {
             Call::Acquire(op) => assert_eq!(op.quota, Some(1)),
             other => panic!("{other:?}"),
         }
-        let check = Call::Check(crate::node::CheckLimits {
+        let check = Call::CheckLimits(crate::node::CheckLimits {
             checks: vec![],
             all_or_nothing: false,
             principal: "someone-else".into(),
             key_quota: Some(1_000),
         });
         match stamp_quotas(check, &caller, &caps) {
-            Call::Check(op) => assert_eq!((op.principal.as_str(), op.key_quota), ("a", Some(4))),
+            Call::CheckLimits(op) => {
+                assert_eq!((op.principal.as_str(), op.key_quota), ("a", Some(4)))
+            }
             other => panic!("{other:?}"),
         }
     }

@@ -252,14 +252,23 @@ impl Rule {
 #[derive(Debug, Default)]
 pub struct Level {
     /// key -> value -> node (nested, so a lookup borrows the request's strings).
-    exact: HashMap<String, HashMap<String, Node>>,
+    exact: HashMap<String, HashMap<String, Branch>>,
     /// (key, value prefix), longest prefix first.
-    wildcard: Vec<(String, String, Node)>,
-    key_only: HashMap<String, Node>,
+    wildcard: Vec<Wildcard>,
+    key_only: HashMap<String, Branch>,
 }
 
+/// A trailing-wildcard value (`foo*`) under a key.
+#[derive(Debug)]
+struct Wildcard {
+    key: String,
+    prefix: String,
+    branch: Branch,
+}
+
+/// A descriptor entry: its rule, if any, and the entries under it.
 #[derive(Debug, Default)]
-struct Node {
+struct Branch {
     rule: Option<Arc<Rule>>,
     children: Level,
 }
@@ -302,8 +311,8 @@ impl Limits {
                     level
                         .wildcard
                         .iter()
-                        .find(|(k, prefix, _)| k == key && value.starts_with(prefix.as_str()))
-                        .map(|w| &w.2)
+                        .find(|w| w.key == *key && value.starts_with(w.prefix.as_str()))
+                        .map(|w| &w.branch)
                 })
                 .or_else(|| level.key_only.get(key))?;
             level = &next.children;
@@ -395,7 +404,7 @@ fn build(docs: &[DescriptorDoc], parent: &str) -> Result<Level, String> {
                 "descriptor {here:?}: shadow_mode and replaces need a rate_limit"
             ));
         }
-        let node = Node {
+        let node = Branch {
             rule,
             children: build(&d.descriptors, &format!("{here}."))?,
         };
@@ -405,8 +414,12 @@ fn build(docs: &[DescriptorDoc], parent: &str) -> Result<Level, String> {
                 let dup = level
                     .wildcard
                     .iter()
-                    .any(|(k, p, _)| *k == d.key && *p == prefix);
-                level.wildcard.push((d.key.clone(), prefix, node));
+                    .any(|w| w.key == d.key && w.prefix == prefix);
+                level.wildcard.push(Wildcard {
+                    key: d.key.clone(),
+                    prefix,
+                    branch: node,
+                });
                 dup
             }
             Some(v) => level
@@ -423,7 +436,9 @@ fn build(docs: &[DescriptorDoc], parent: &str) -> Result<Level, String> {
             ));
         }
     }
-    level.wildcard.sort_by_key(|w| std::cmp::Reverse(w.1.len()));
+    level
+        .wildcard
+        .sort_by_key(|w| std::cmp::Reverse(w.prefix.len()));
     Ok(level)
 }
 

@@ -63,7 +63,7 @@ impl Leadership {
     /// Milliseconds on this process's monotonic clock (the one the leader
     /// lease is timed on).
     pub fn mono_ms(&self) -> u64 {
-        self.lease.now_ms()
+        self.lease.mono_ms()
     }
 
     /// Whether this node holds its leader lease for `term`.

@@ -64,7 +64,7 @@ pub use routing::{
 pub use view::{MemberInfo, Standing};
 pub use watch_fanout::{Watch, WatchLimits};
 
-use crate::engine::{Engine, KeyQuota, Lease, LeaseEvent, LimitCheck, LimitResult};
+use crate::engine::{Counts, Engine, KeyQuota, Lease, LeaseEvent, LimitCheck, LimitResult};
 use crate::raft::network::PeerNetwork;
 use crate::raft::seen::SeenWithState;
 use crate::raft::{LogId, NodeId, TypeConfig};
@@ -314,8 +314,8 @@ impl Node {
         self.view.leader()
     }
 
-    /// Live counts: (rate-limit keys, leases, records, record bytes).
-    pub fn counts(&self) -> (usize, usize, usize, usize) {
+    /// What the engine holds now.
+    pub fn counts(&self) -> Counts {
         self.engine.counts()
     }
 

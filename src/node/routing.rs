@@ -110,7 +110,9 @@ pub enum Call {
     Begin(Begin),
     Complete(Complete),
     Abort(Abort),
-    Check(CheckLimits),
+    // Named `Check` on the wire, as members of earlier releases send it.
+    #[serde(rename = "Check")]
+    CheckLimits(CheckLimits),
     GetLease(GetLease),
     GetRecord(GetRecord),
     AddMember(AddMember),
@@ -142,7 +144,7 @@ calls!(
 
 impl From<CheckLimits> for Call {
     fn from(op: CheckLimits) -> Self {
-        Call::Check(op)
+        Call::CheckLimits(op)
     }
 }
 
@@ -469,7 +471,7 @@ impl Router {
             Call::Begin(op) => encode(&self.serve_bounded(op).await),
             Call::Complete(op) => encode(&self.serve_bounded(op).await),
             Call::Abort(op) => encode(&self.serve_bounded(op).await),
-            Call::Check(op) => encode(&self.serve_bounded(op).await),
+            Call::CheckLimits(op) => encode(&self.serve_bounded(op).await),
             Call::GetLease(op) => encode(&self.serve_bounded(op).await),
             Call::GetRecord(op) => encode(&self.serve_bounded(op).await),
             Call::AddMember(op) => encode(&self.serve_bounded(op).await),

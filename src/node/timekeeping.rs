@@ -39,7 +39,7 @@ pub struct Timekeeper {
 
 impl Timekeeper {
     pub fn new(clock: Arc<dyn Clock>, max_skew_ms: u64) -> Self {
-        let start = clock.now_ms().saturating_sub(max_skew_ms);
+        let start = clock.wall_ms().saturating_sub(max_skew_ms);
         let offset = start as i64 - clock.mono_ms() as i64;
         Self {
             clock,

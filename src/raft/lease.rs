@@ -59,7 +59,7 @@ impl Default for LeaderLease {
 
 impl LeaderLease {
     /// Monotonic ms since this lease was made.
-    pub fn now_ms(&self) -> u64 {
+    pub fn mono_ms(&self) -> u64 {
         self.origin.elapsed().as_millis() as u64
     }
 
@@ -115,7 +115,7 @@ impl LeaderLease {
     pub fn holds(&self, term: u64) -> bool {
         self.lone.load(Ordering::Acquire)
             || (self.term.load(Ordering::Acquire) == term
-                && self.now_ms() < self.until_ms.load(Ordering::Acquire))
+                && self.mono_ms() < self.until_ms.load(Ordering::Acquire))
     }
 }
 
@@ -165,7 +165,7 @@ mod tests {
     fn it_lapses_with_the_monotonic_clock_and_a_lone_voter_always_holds_it() {
         let l = LeaderLease::default();
         l.set_voters(1, voters(&[1, 2, 3]));
-        l.acknowledged(2, 1, l.now_ms());
+        l.acknowledged(2, 1, l.mono_ms());
         assert!(l.holds(1));
         assert!(!l.holds(2), "another term");
         // Acknowledged a second ago: lapsed.
@@ -181,7 +181,7 @@ mod tests {
         // Acknowledgements from non-voters do not count.
         let l = LeaderLease::default();
         l.set_voters(1, voters(&[1, 2, 3]));
-        l.acknowledged(9, 1, l.now_ms());
+        l.acknowledged(9, 1, l.mono_ms());
         assert!(!l.holds(1));
     }
 }

@@ -362,7 +362,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        let sent = self.lease.now_ms();
+        let sent = self.lease.mono_ms();
         let term = rpc
             .vote
             .is_committed()

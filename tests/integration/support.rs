@@ -398,7 +398,7 @@ impl InProcess {
     /// Steps the wall clock (as NTP or an operator might) without time
     /// passing.
     pub fn step_wall_clock(&self, by_ms: i64) {
-        let now = arbiter::clock::Clock::now_ms(&*self.clock);
+        let now = arbiter::clock::Clock::wall_ms(&*self.clock);
         self.clock.set(now.saturating_add_signed(by_ms));
     }
 
@@ -415,7 +415,7 @@ impl InProcess {
     pub async fn restart(mut self) -> InProcess {
         let (dir, now) = (
             self.data_dir.clone(),
-            arbiter::clock::Clock::now_ms(&*self.clock),
+            arbiter::clock::Clock::wall_ms(&*self.clock),
         );
         self.shut_down().await;
         // Keep the directory for the next start.

@@ -58,7 +58,7 @@ impl SimClock {
 }
 
 impl Clock for SimClock {
-    fn now_ms(&self) -> u64 {
+    fn wall_ms(&self) -> u64 {
         WALL_START_MS
             .saturating_add(self.mono_ms())
             .saturating_add_signed(self.offset_ms.load(Ordering::SeqCst))

@@ -678,7 +678,7 @@ fn a_follower_cut_off_past_a_lease_deadline_waits_for_the_sweep() {
             Answer::Ok(s) if s.value.acquired => {}
             other => return Err(format!("acquire: {other:?}")),
         }
-        let leases = |id| c.node(id).counts().1;
+        let leases = |id| c.node(id).counts().leases;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
         while leases(follower) != 1 {
             if tokio::time::Instant::now() > deadline {

@@ -188,7 +188,7 @@ mod tests {
     fn clear_leaves_nothing_but_the_counters() {
         let e = busy_engine();
         e.clear();
-        assert_eq!(e.counts(), (0, 0, 0, 0));
+        assert_eq!(e.counts(), crate::Counts::default());
         let mut items = Vec::new();
         e.export(|item| items.push(format!("{item:?}")));
         assert_eq!(

@@ -62,6 +62,15 @@ pub enum EngineError {
     },
 }
 
+/// Live counts (see [`Engine::counts`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub limit_keys: usize,
+    pub leases: usize,
+    pub records: usize,
+    pub record_bytes: usize,
+}
+
 /// Bounds on memory. Defaults suit a node with a few GiB.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EngineConfig {
@@ -267,15 +276,15 @@ impl Engine {
         }
     }
 
-    /// Live counts: (rate-limit keys, leases, records, record bytes).
-    pub fn counts(&self) -> (usize, usize, usize, usize) {
+    /// What the engine holds now.
+    pub fn counts(&self) -> Counts {
         let d = self.tables();
-        (
-            self.limits.len(),
-            d.leases.len(),
-            d.records.len(),
-            d.records.bytes(),
-        )
+        Counts {
+            limit_keys: self.limits.len(),
+            leases: d.leases.len(),
+            records: d.records.len(),
+            record_bytes: d.records.bytes(),
+        }
     }
 
     pub fn snapshot(&self) -> Snapshot {

@@ -349,7 +349,7 @@ pub enum Outcome {
     ExtendLeases(usize),
 }
 
-macro_rules! writes {
+macro_rules! into_command {
     ($($op:ident),*) => {
         $(impl From<$op> for Command {
             fn from(op: $op) -> Self {
@@ -360,7 +360,7 @@ macro_rules! writes {
     };
 }
 
-writes!(Acquire, Renew, Release, Begin, Complete, Abort);
+into_command!(Acquire, Renew, Release, Begin, Complete, Abort);
 
 impl Command {
     /// The bytes of variable-length data the command carries (keys, names,
