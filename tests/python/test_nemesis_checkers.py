@@ -169,6 +169,20 @@ def test_admissions_within_the_bucket_pass_and_beyond_fail():
     assert nc.check_rate_limits(over, [], capacity=5, per_s=1)
 
 
+def test_the_servers_whole_milliseconds_are_allowed_for():
+    # Capacity 20, 10 per second. The server reads whole milliseconds, so
+    # two decisions 399.6 ms apart by the client's clock may be 400 ms apart
+    # by the server's, which refills 4 tokens: 24 admissions are legal.
+    a = 100.4904
+    legal = [check("a", a + 0.0001 * i, a + 0.0001 * i + 0.00005, True) for i in range(20)]
+    legal += [check("b", a + 0.1 * i, a + 0.1 * i + 0.0005, True) for i in (1, 2, 3)]
+    legal.append(check("b", a + 0.3990, a + 0.3996, True))
+    assert nc.check_rate_limits(legal, [], capacity=20, per_s=10) == []
+    # One more within the same span exceeds any reading of the clock.
+    over = legal + [check("c", a + 0.3991, a + 0.3995, True)]
+    assert nc.check_rate_limits(over, [], capacity=20, per_s=10)
+
+
 def test_a_fault_allows_what_was_admitted_around_it():
     burst = [check("a", 0.01 * i, 0.01 * i + 0.005, True) for i in range(5)]
     again = [check("b", 0.2 + 0.01 * i, 0.2 + 0.01 * i + 0.005, True) for i in range(5)]
