@@ -244,6 +244,26 @@ pub async fn serve(
     }
 }
 
+/// The calls this node forwarded to the leader and served for followers,
+/// by operation (named as the node declares them), in Prometheus text
+/// format.
+fn render_forwarded(node: &Node) -> String {
+    let mut out = String::from(
+        "# HELP arbiter_forwarded_calls_total Calls forwarded to the leader (sent) and served for \
+         a follower (served), by operation.\n\
+         # TYPE arbiter_forwarded_calls_total counter\n",
+    );
+    for (op, sent, served) in node.forwarded() {
+        for (direction, n) in [("sent", sent), ("served", served)] {
+            let _ = writeln!(
+                out,
+                "arbiter_forwarded_calls_total{{op=\"{op}\",direction=\"{direction}\"}} {n}"
+            );
+        }
+    }
+    out
+}
+
 /// The answer to `GET path`.
 fn respond(
     path: &str,
@@ -257,7 +277,7 @@ fn respond(
             (
                 StatusCode::OK,
                 "text/plain; version=0.0.4",
-                handle.render() + &metrics.render_latency(),
+                handle.render() + &metrics.render_latency() + &render_forwarded(node),
             )
         }
         "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
@@ -279,6 +299,36 @@ fn respond(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every RPC the client port serves has its metric label, and every
+    /// label is an RPC the protos declare: an RPC added to a proto without
+    /// one fails here. (The peer port's `RaftPeer` is not counted.)
+    #[test]
+    fn every_served_rpc_has_a_label() {
+        use prost::Message;
+        let mut declared = std::collections::BTreeSet::new();
+        for set in [
+            crate::proto::FILE_DESCRIPTOR_SET,
+            crate::envoy::FILE_DESCRIPTOR_SET,
+        ] {
+            let set = prost_types::FileDescriptorSet::decode(set).unwrap();
+            for file in set.file {
+                for service in file.service.iter().filter(|s| s.name() != "RaftPeer") {
+                    for method in &service.method {
+                        declared.insert(format!(
+                            "/{}.{}/{}",
+                            file.package(),
+                            service.name(),
+                            method.name()
+                        ));
+                    }
+                }
+            }
+        }
+        let labelled: std::collections::BTreeSet<String> =
+            RPCS.iter().map(|(path, _)| path.to_string()).collect();
+        assert_eq!(declared, labelled);
+    }
 
     #[test]
     fn latency_buckets_are_cumulative_and_bounded_by_count() {

@@ -6,7 +6,7 @@
 use tonic::Status;
 
 use crate::engine::{Abort, Acquire, Begin, Complete, LimitCheck, Release, Renew};
-use crate::node::{AddMember, Call, CheckLimits, GetLease, GetRecord, RemoveMember};
+use crate::node::{with_call, AddMember, Call, CheckLimits, GetLease, GetRecord, RemoveMember};
 use crate::security::Caller;
 
 /// The keys an operation uses.
@@ -136,19 +136,7 @@ impl Scoped for RemoveMember {
 
 impl Scoped for Call {
     fn scope(&self) -> Scope<'_> {
-        match self {
-            Call::Acquire(op) => op.scope(),
-            Call::Renew(op) => op.scope(),
-            Call::Release(op) => op.scope(),
-            Call::GetLease(op) => op.scope(),
-            Call::Begin(op) => op.scope(),
-            Call::Complete(op) => op.scope(),
-            Call::Abort(op) => op.scope(),
-            Call::GetRecord(op) => op.scope(),
-            Call::CheckLimits(op) => op.scope(),
-            Call::AddMember(op) => op.scope(),
-            Call::RemoveMember(op) => op.scope(),
-        }
+        with_call!(self, op => op.scope())
     }
 }
 

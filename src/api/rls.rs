@@ -45,18 +45,55 @@ impl RateLimitService for RlsService {
         let s = &self.shared;
         let caller = s.caller(&request)?;
         let req = request.into_inner();
-        if req.domain.is_empty() {
-            return Err(Status::invalid_argument("domain: must not be empty"));
+        let domain = req.domain.clone();
+        let asks = asks(req)?;
+        let planned = Planned::new(&self.limits.current(), &asks);
+        if !matches!(caller, Caller::Anyone) {
+            super::authz::authorize(&caller, planned.keys().as_slice())?;
         }
-        if req.descriptors.is_empty() || req.descriptors.len() > MAX_DESCRIPTORS {
-            return Err(Status::invalid_argument(format!(
-                "descriptors: must hold 1 to {MAX_DESCRIPTORS}, got {}",
-                req.descriptors.len()
-            )));
-        }
-        let request_hits = u64::from(req.hits_addend.max(1));
-        let mut descriptors = Vec::with_capacity(req.descriptors.len());
-        for (i, d) in req.descriptors.into_iter().enumerate() {
+        let all_or_nothing = !self.options.consume_on_deny;
+        let quota = caller.key_quota(&s.bounds.caps);
+        let mut verdicts = limits::decide(&s.node, quota, planned, all_or_nothing)
+            .await
+            .map_err(error::node_status)?;
+        settle(&mut verdicts, &domain);
+        let over = verdicts.iter().any(Verdict::over);
+        let allowed = verdicts.iter().filter(|v| !v.over()).count() as u64;
+        s.metrics
+            .decisions(allowed, verdicts.len() as u64 - allowed);
+        let headers = if self.options.headers {
+            rate_limit_headers(&verdicts)
+        } else {
+            Vec::new()
+        };
+        Ok(Response::new(RateLimitResponse {
+            overall_code: if over { Code::OverLimit } else { Code::Ok } as i32,
+            statuses: verdicts.iter().map(status).collect(),
+            response_headers_to_add: headers,
+            request_headers_to_add: Vec::new(),
+        }))
+    }
+}
+
+/// The request's descriptors as checks of the named limits, refusing an
+/// empty domain, too few or too many descriptors or entries, and an
+/// override with an unknown unit (each naming the field and its bound).
+fn asks(req: RateLimitRequest) -> Result<Vec<Ask>, Status> {
+    if req.domain.is_empty() {
+        return Err(Status::invalid_argument("domain: must not be empty"));
+    }
+    if req.descriptors.is_empty() || req.descriptors.len() > MAX_DESCRIPTORS {
+        return Err(Status::invalid_argument(format!(
+            "descriptors: must hold 1 to {MAX_DESCRIPTORS}, got {}",
+            req.descriptors.len()
+        )));
+    }
+    let request_hits = u64::from(req.hits_addend.max(1));
+    let domain = req.domain;
+    req.descriptors
+        .into_iter()
+        .enumerate()
+        .map(|(i, d)| {
             if d.entries.is_empty() || d.entries.len() > MAX_ENTRIES {
                 return Err(Status::invalid_argument(format!(
                     "descriptors[{i}].entries: must hold 1 to {MAX_ENTRIES}, got {}",
@@ -75,67 +112,42 @@ impl RateLimitService for RlsService {
                 )),
                 None => None,
             };
-            descriptors.push(Descriptor {
-                entries: d.entries.into_iter().map(|e| (e.key, e.value)).collect(),
-                hits: d.hits_addend.unwrap_or(request_hits),
-                limit_override,
-                dry_run: false,
-            });
-        }
-        let asks: Vec<Ask> = descriptors
-            .into_iter()
-            .map(|descriptor| Ask::Named {
-                domain: req.domain.clone(),
-                descriptor,
+            Ok(Ask::Named {
+                domain: domain.clone(),
+                descriptor: Descriptor {
+                    entries: d.entries.into_iter().map(|e| (e.key, e.value)).collect(),
+                    hits: d.hits_addend.unwrap_or(request_hits),
+                    limit_override,
+                    dry_run: false,
+                },
             })
-            .collect();
-        let planned = Planned::new(&self.limits.current(), &asks);
-        if !matches!(caller, Caller::Anyone) {
-            super::authz::authorize(&caller, planned.keys().as_slice())?;
-        }
-        let all_or_nothing = !self.options.consume_on_deny;
-        let quota = caller.key_quota(&s.bounds.caps);
-        let mut verdicts = limits::decide(&s.node, quota, planned, all_or_nothing)
-            .await
-            .map_err(error::node_status)?;
-        // In a denied all-or-nothing request, a check that would have passed
-        // says so with retry_after_ms = 0: it is within its limit (OK to
-        // Envoy), though nothing was consumed.
-        for v in &mut verdicts {
-            if let Verdict::Checked { result, .. } = v {
-                if !result.allowed && result.retry_after_ms == 0 {
-                    result.allowed = true;
-                }
+        })
+        .collect()
+}
+
+/// In a denied all-or-nothing request, a check that would have passed says
+/// so with retry_after_ms = 0: it is within its limit (OK to Envoy), though
+/// nothing was consumed. A shadow-mode rule over its limit is logged.
+fn settle(verdicts: &mut [Verdict], domain: &str) {
+    for v in verdicts.iter_mut() {
+        if let Verdict::Checked { result, .. } = v {
+            if !result.allowed && result.retry_after_ms == 0 {
+                result.allowed = true;
             }
         }
-        let over = verdicts.iter().any(Verdict::over);
-        for v in &verdicts {
-            if let Verdict::Checked {
-                rule,
-                result,
-                shadow: true,
-                ..
-            } = v
-            {
-                if !result.allowed {
-                    tracing::info!(domain = %req.domain, rule = %rule.id, "shadow-mode rule over limit");
-                }
+    }
+    for v in verdicts.iter() {
+        if let Verdict::Checked {
+            rule,
+            result,
+            shadow: true,
+            ..
+        } = v
+        {
+            if !result.allowed {
+                tracing::info!(%domain, rule = %rule.id, "shadow-mode rule over limit");
             }
         }
-        let allowed = verdicts.iter().filter(|v| !v.over()).count() as u64;
-        s.metrics
-            .decisions(allowed, verdicts.len() as u64 - allowed);
-        let headers = if self.options.headers {
-            rate_limit_headers(&verdicts)
-        } else {
-            Vec::new()
-        };
-        Ok(Response::new(RateLimitResponse {
-            overall_code: if over { Code::OverLimit } else { Code::Ok } as i32,
-            statuses: verdicts.iter().map(status).collect(),
-            response_headers_to_add: headers,
-            request_headers_to_add: Vec::new(),
-        }))
     }
 }
 

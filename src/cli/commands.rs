@@ -81,33 +81,7 @@ pub(super) async fn lease(cmd: LeaseCmd) -> CliResult {
             name,
             holder,
             ttl,
-        } => {
-            let r = LeasesClient::new(connect(&server).await?)
-                .acquire(pb::AcquireRequest {
-                    name,
-                    holder,
-                    ttl_ms: ttl,
-                })
-                .await
-                .map_err(status)?
-                .into_inner();
-            print!(
-                "{} ",
-                if r.acquired {
-                    "acquired"
-                } else {
-                    "held-by-other"
-                }
-            );
-            if let Some(l) = &r.lease {
-                print_lease(l);
-            }
-            Ok(if r.acquired {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(2)
-            })
-        }
+        } => lease_acquire(&server, name, holder, ttl).await,
         LeaseCmd::Renew {
             server,
             name,
@@ -160,27 +134,59 @@ pub(super) async fn lease(cmd: LeaseCmd) -> CliResult {
             }
             Ok(ExitCode::SUCCESS)
         }
-        LeaseCmd::Watch { server, name } => {
-            let mut stream = LeasesClient::new(connect(&server).await?)
-                .watch(pb::WatchLeaseRequest { name })
-                .await
-                .map_err(status)?
-                .into_inner();
-            while let Some(event) = stream.message().await.map_err(status)? {
-                let kind = pb::lease_event::Kind::try_from(event.kind)
-                    .map(|k| k.as_str_name())
-                    .unwrap_or("UNKNOWN");
-                match &event.lease {
-                    Some(l) => {
-                        print!("{kind} ");
-                        print_lease(l);
-                    }
-                    None => println!("{kind} free"),
-                }
+        LeaseCmd::Watch { server, name } => lease_watch(&server, name).await,
+    }
+}
+
+async fn lease_acquire(server: &Server, name: String, holder: String, ttl_ms: u64) -> CliResult {
+    let r = LeasesClient::new(connect(server).await?)
+        .acquire(pb::AcquireRequest {
+            name,
+            holder,
+            ttl_ms,
+        })
+        .await
+        .map_err(status)?
+        .into_inner();
+    print!(
+        "{} ",
+        if r.acquired {
+            "acquired"
+        } else {
+            "held-by-other"
+        }
+    );
+    if let Some(l) = &r.lease {
+        print_lease(l);
+    }
+    Ok(if r.acquired {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(2)
+    })
+}
+
+/// Prints the lease's state, then each change, until the server ends the
+/// stream.
+async fn lease_watch(server: &Server, name: String) -> CliResult {
+    let mut stream = LeasesClient::new(connect(server).await?)
+        .watch(pb::WatchLeaseRequest { name })
+        .await
+        .map_err(status)?
+        .into_inner();
+    while let Some(event) = stream.message().await.map_err(status)? {
+        let kind = pb::lease_event::Kind::try_from(event.kind)
+            .map(|k| k.as_str_name())
+            .unwrap_or("UNKNOWN");
+        match &event.lease {
+            Some(l) => {
+                print!("{kind} ");
+                print_lease(l);
             }
-            Ok(ExitCode::SUCCESS)
+            None => println!("{kind} free"),
         }
     }
+    Ok(ExitCode::SUCCESS)
 }
 
 pub(super) async fn idem(cmd: IdemCmd) -> CliResult {
@@ -248,23 +254,25 @@ pub(super) async fn idem(cmd: IdemCmd) -> CliResult {
                 .await
                 .map_err(status)?
                 .into_inner();
-            match r.record {
-                Some(rec) => {
-                    let state = pb::record::State::try_from(rec.state)
-                        .map(|s| s.as_str_name())
-                        .unwrap_or("UNKNOWN");
-                    println!(
-                        "{state} attempt={} expires_after_ms={} response={}",
-                        rec.attempt,
-                        rec.expires_after_ms,
-                        String::from_utf8_lossy(&rec.response)
-                    );
-                }
+            match &r.record {
+                Some(rec) => print_record(rec),
                 None => println!("absent"),
             }
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+fn print_record(rec: &pb::Record) {
+    let state = pb::record::State::try_from(rec.state)
+        .map(|s| s.as_str_name())
+        .unwrap_or("UNKNOWN");
+    println!(
+        "{state} attempt={} expires_after_ms={} response={}",
+        rec.attempt,
+        rec.expires_after_ms,
+        String::from_utf8_lossy(&rec.response)
+    );
 }
 
 pub(super) async fn cluster(cmd: ClusterCmd) -> CliResult {

@@ -41,9 +41,11 @@ mod error;
 mod handover;
 mod leadership;
 mod limit_sync;
+mod operations;
 mod options;
 mod proposer;
 mod routing;
+mod startup;
 mod sweeper;
 mod tasks;
 mod timekeeping;
@@ -57,28 +59,22 @@ pub use election::{PreVoteRequest, PreVoteResponse};
 pub use error::NodeError;
 pub use handover::TakeOver;
 pub use leadership::{report_readiness, READY_SERVICES};
-pub use options::{Membership, Options, Simulation, StartError};
-pub use routing::{
+pub(crate) use operations::with_call;
+pub use operations::{
     AddMember, Call, CheckLimits, GetLease, GetRecord, Operation, RemoveMember, Stamped,
 };
+pub use options::{Membership, Options, Simulation, StartError};
 pub use view::{MemberInfo, Standing};
 pub use watch_fanout::{Watch, WatchLimits};
 
-use crate::engine::{Counts, Engine, KeyQuota, Lease, LeaseEvent, LimitCheck, LimitResult};
-use crate::raft::network::PeerNetwork;
+use crate::engine::{Counts, Engine, KeyQuota, Lease, LimitCheck, LimitResult};
 use crate::raft::seen::SeenWithState;
 use crate::raft::{LogId, NodeId, TypeConfig};
-use crate::storage::state_machine::{Observer, StateMachine};
-use crate::storage::{SnapshotDir, Store};
-use admission::{Gate, GateOptions};
+use admission::Gate;
 use election::Elections;
 use handover::Handover;
 use leadership::Leadership;
-use limit_sync::LimitSync;
-use options::{boot_id, raft_config};
-use proposer::Proposer;
 use routing::Router;
-use sweeper::{Deadlines, Sweeper};
 use tasks::Tasks;
 use timekeeping::Timekeeper;
 use view::View;
@@ -103,199 +99,6 @@ pub struct Node {
 }
 
 impl Node {
-    /// Opens the store under `data_dir`, loads the latest snapshot, starts
-    /// Raft (which replays the log) and the background loops. On a new data
-    /// directory, the member with the lowest id initialises the cluster,
-    /// once; the others wait to be contacted. Restarting any node is safe:
-    /// an initialised store is never initialised again.
-    pub async fn start(options: Options) -> Result<Arc<Self>, StartError> {
-        let Options {
-            engine,
-            data_dir,
-            membership,
-            snapshot_logs,
-            leader_wait,
-            member_catch_up,
-            limit_sync,
-            limit_sweep,
-            clock,
-            watch_limits,
-            max_clock_skew_ms,
-            peer_tls,
-            cluster_token,
-            accept_peers_without_cluster_id,
-            simulation,
-        } = options;
-        let formation_id = admission::formation_id(cluster_token.as_deref(), &membership.peers);
-        let store = Store::open_with(&data_dir, simulation.is_some())?;
-        let snapshots = SnapshotDir::open(&data_dir)?;
-        let cluster = admission::ClusterId::default();
-        match store.identity()? {
-            Some(identity) => {
-                admission::check_node_id(&identity, membership.id).map_err(StartError::Identity)?;
-                if let Some(c) = identity.cluster_id {
-                    let _ = cluster.set(c);
-                }
-            }
-            None => store.save_identity(&Identity {
-                node_id: membership.id,
-                cluster_id: None,
-            })?,
-        }
-        let engine = Arc::new(Engine::new(engine));
-        let watchers = Watchers::new(watch_limits);
-        let time = Arc::new(Timekeeper::new(clock, max_clock_skew_ms));
-        let observer = {
-            let (watchers, time) = (watchers.clone(), time.clone());
-            Observer {
-                lease_events: Arc::new(move |events: &[LeaseEvent]| watchers.publish(events)),
-                applied_time: Arc::new(move |now_ms| time.observe(now_ms)),
-            }
-        };
-        let boot_id = simulation.as_ref().map_or_else(boot_id, |s| s.boot_id);
-        let sm = StateMachine::open(engine.clone(), store.clone(), snapshots, observer, boot_id)?;
-        let raft_err = |e: &dyn std::fmt::Display| StartError::Raft(e.to_string());
-        let raft_config = raft_config(snapshot_logs).map_err(|e| raft_err(&e))?;
-        let seen = SeenWithState::load(store.clone())?;
-        let network = PeerNetwork::new(
-            cluster.clone(),
-            peer_tls,
-            simulation.map(|s| s.dial),
-            seen.clone(),
-        );
-        let channels = network.channels.clone();
-        let lease = network.lease.clone();
-        let raft = Raft::new(
-            membership.id,
-            Arc::new(raft_config),
-            network,
-            store.clone(),
-            sm,
-        )
-        .await
-        .map_err(|e| raft_err(&e))?;
-        let has_state = raft.is_initialized().await.map_err(|e| raft_err(&e))?;
-        let view = View::new(membership.id, raft, membership.peers);
-        let tasks = Tasks::default();
-        let gate = Arc::new(Gate::new(
-            view.clone(),
-            GateOptions {
-                admission: if has_state {
-                    Admission::Admitted
-                } else {
-                    Admission::Checking
-                },
-                cluster: cluster.clone(),
-                formation_id,
-                accept_unnamed_peers: accept_peers_without_cluster_id,
-                seen,
-                store: store.clone(),
-                channels: channels.clone(),
-            },
-        ));
-        let deadlines = Arc::new(Deadlines::default());
-        let proposer = Proposer::start(
-            view.raft().clone(),
-            time.clone(),
-            engine.clone(),
-            deadlines.clone(),
-            &tasks,
-        );
-        let leadership = Arc::new(Leadership::new(view.clone(), proposer.clone(), lease));
-        let elections = Arc::new(Elections::new(
-            view.clone(),
-            leadership.clone(),
-            gate.clone(),
-            store,
-            channels.clone(),
-            cluster.clone(),
-            boot_id,
-        ));
-        let handover = Handover {
-            view: view.clone(),
-            leadership: leadership.clone(),
-            gate: gate.clone(),
-            channels: channels.clone(),
-            cluster: cluster.clone(),
-        };
-        let router = Router {
-            view: view.clone(),
-            engine: engine.clone(),
-            time: time.clone(),
-            proposer: proposer.clone(),
-            leadership: leadership.clone(),
-            channels,
-            cluster,
-            leader_wait,
-            member_catch_up,
-        };
-        let sweeper = Sweeper {
-            view: view.clone(),
-            leadership: leadership.clone(),
-            proposer,
-            engine: engine.clone(),
-            time: time.clone(),
-            watchers: watchers.clone(),
-            deadlines,
-            limit_sweep,
-        };
-        let limit_sync = LimitSync {
-            view: view.clone(),
-            engine: engine.clone(),
-            time: time.clone(),
-            boot_id,
-            every: limit_sync,
-        };
-        if accept_peers_without_cluster_id {
-            tracing::warn!(
-                "--accept-peers-without-cluster-id: peer messages without a cluster id are \
-                 accepted; drop the flag once every member runs this version"
-            );
-        }
-        if has_state && gate.cluster_id().is_none() {
-            // A data directory from before cluster ids: its members all
-            // derive the same id from the same --peers.
-            tracing::warn!(
-                cluster = %gate.formation_id(),
-                "this data directory has no cluster id: adopting the one derived from --peers"
-            );
-            gate.adopt_cluster_id(gate.formation_id())
-                .map_err(|e| raft_err(&e))?;
-        }
-        if !has_state {
-            if view.initial_peers().len() <= 1 {
-                // A single node: nobody to ask.
-                gate.initialise().await.map_err(|e| raft_err(&e))?;
-            } else {
-                tasks.spawn("admission", gate.clone().run_admission(tasks.signal()));
-            }
-        }
-        tasks.spawn(
-            "voter watch",
-            leadership.clone().run_voter_watch(tasks.signal()),
-        );
-        tasks.spawn("elections", elections.clone().run(tasks.signal()));
-        tasks.spawn(
-            "formation seal",
-            gate.clone().run_formation_seal(tasks.signal()),
-        );
-        tasks.spawn("limit sync", limit_sync.run(tasks.signal()));
-        tasks.spawn("sweeper", sweeper.run(tasks.signal()));
-        Ok(Arc::new(Self {
-            view,
-            engine,
-            time,
-            watchers,
-            gate,
-            leadership,
-            elections,
-            handover,
-            router,
-            shutdown: watch::channel(false).0,
-            tasks,
-        }))
-    }
-
     pub fn id(&self) -> NodeId {
         self.view.id()
     }
@@ -388,6 +191,12 @@ impl Node {
         quota: KeyQuota<'_>,
     ) -> Result<Vec<LimitResult>, NodeError> {
         self.router.check_as(checks, all_or_nothing, quota).await
+    }
+
+    /// (operation, calls forwarded to the leader, calls served for
+    /// followers), for each operation.
+    pub fn forwarded(&self) -> Vec<(&'static str, u64, u64)> {
+        self.router.forwarded.counts()
     }
 
     /// Serves a call a follower forwarded (see `routing`).

@@ -9,16 +9,15 @@
 //! as the type it asked for.
 
 use std::collections::BTreeSet;
-use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 
-use openraft::BasicNode;
-use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
-
 use super::leadership::Leadership;
+use super::operations::{
+    with_call, AddMember, Call, CheckLimits, Forwarded, GetLease, GetRecord, Operation,
+    RemoveMember, Stamped,
+};
 use super::proposer::Proposer;
 use super::timekeeping::Timekeeper;
 use super::view::View;
@@ -32,121 +31,7 @@ use crate::proto::PeerMessage;
 use crate::raft::network::{decode, encode, with_cluster, Channels, ClusterId, PEER_MESSAGE_LIMIT};
 use crate::raft::NodeId;
 use crate::security::PRINCIPAL_HEADER;
-
-/// A value as of a time: the time a write was stamped with, or the time a
-/// read was served at (for remaining-time fields).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Stamped<T> {
-    pub value: T,
-    pub now_ms: u64,
-}
-
-/// Rate-limit decisions for one request.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct CheckLimits {
-    pub checks: Vec<LimitCheck>,
-    pub all_or_nothing: bool,
-    /// The caller ("" without authentication), whose new keys count
-    /// against `key_quota`.
-    #[serde(default)]
-    pub principal: String,
-    #[serde(default)]
-    pub key_quota: Option<u64>,
-}
-
-/// A linearizable read of one lease.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct GetLease {
-    pub name: String,
-}
-
-/// A linearizable read of one idempotency record.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct GetRecord {
-    pub key: String,
-}
-
-/// Adds a voter: as a learner first, made a voter once it has caught up
-/// (within `--member-catch-up-ms`); one that has not is removed again,
-/// unless `force`.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct AddMember {
-    pub id: NodeId,
-    pub peer_addr: String,
-    #[serde(default)]
-    pub force: bool,
-}
-
-/// Removes a voter.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct RemoveMember {
-    pub id: NodeId,
-}
-
-/// Something a client may ask of the leader, with the type of its result.
-pub trait Operation: Clone + Send + Sync + Into<Call> + 'static {
-    type Output: Serialize + DeserializeOwned + Send;
-
-    /// Whether serving it may change state (a write that times out has an
-    /// unknown outcome).
-    const WRITE: bool;
-
-    /// How long the leader may take to serve it.
-    fn bound(&self, at: &Router) -> Duration {
-        at.leader_wait
-    }
-
-    /// Serves it at this node, which must lead (`NotLeader` otherwise).
-    fn serve(self, at: &Router) -> impl Future<Output = Result<Self::Output, NodeError>> + Send;
-}
-
-/// An operation as a follower forwards it to the leader: only what clients
-/// may ask for, never the node's own upkeep commands.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub enum Call {
-    Acquire(Acquire),
-    Renew(Renew),
-    Release(Release),
-    Begin(Begin),
-    Complete(Complete),
-    Abort(Abort),
-    // Named `Check` on the wire, as members of earlier releases send it.
-    #[serde(rename = "Check")]
-    CheckLimits(CheckLimits),
-    GetLease(GetLease),
-    GetRecord(GetRecord),
-    AddMember(AddMember),
-    RemoveMember(RemoveMember),
-}
-
-macro_rules! calls {
-    ($($op:ident),*) => {
-        $(impl From<$op> for Call {
-            fn from(op: $op) -> Self {
-                Call::$op(op)
-            }
-        })*
-    };
-}
-
-calls!(
-    Acquire,
-    Renew,
-    Release,
-    Begin,
-    Complete,
-    Abort,
-    GetLease,
-    GetRecord,
-    AddMember,
-    RemoveMember
-);
-
-impl From<CheckLimits> for Call {
-    fn from(op: CheckLimits) -> Self {
-        Call::CheckLimits(op)
-    }
-}
+use openraft::BasicNode;
 
 /// Lease and idempotency writes go through the log.
 macro_rules! writes {
@@ -310,6 +195,7 @@ pub struct Router {
     pub leader_wait: Duration,
     /// How long a member being added has to catch up as a learner.
     pub member_catch_up: Duration,
+    pub forwarded: Forwarded,
 }
 
 impl Router {
@@ -427,6 +313,7 @@ impl Router {
         let Some(addr) = self.view.addr_of(leader) else {
             return Err(NodeError::NotLeader);
         };
+        self.forwarded.sent(&call);
         let channel = self
             .channels
             .get(&addr)
@@ -464,19 +351,8 @@ impl Router {
     /// result (`NotLeader` when this node does not lead, and the follower
     /// routes again).
     pub async fn serve_forwarded(&self, call: Call) -> PeerMessage {
-        match call {
-            Call::Acquire(op) => encode(&self.serve_bounded(op).await),
-            Call::Renew(op) => encode(&self.serve_bounded(op).await),
-            Call::Release(op) => encode(&self.serve_bounded(op).await),
-            Call::Begin(op) => encode(&self.serve_bounded(op).await),
-            Call::Complete(op) => encode(&self.serve_bounded(op).await),
-            Call::Abort(op) => encode(&self.serve_bounded(op).await),
-            Call::CheckLimits(op) => encode(&self.serve_bounded(op).await),
-            Call::GetLease(op) => encode(&self.serve_bounded(op).await),
-            Call::GetRecord(op) => encode(&self.serve_bounded(op).await),
-            Call::AddMember(op) => encode(&self.serve_bounded(op).await),
-            Call::RemoveMember(op) => encode(&self.serve_bounded(op).await),
-        }
+        self.forwarded.served(&call);
+        with_call!(call, op => encode(&self.serve_bounded(op).await))
     }
 
     /// Serves `op` here, answering UNAVAILABLE if it takes longer than the

@@ -138,37 +138,7 @@ pub fn encode(
                 put(&mut out, &header);
                 return;
             }
-            Item::Cell(key, cell) => {
-                let (tag, aux, a, b, c) = cell.to_parts();
-                part.cells.push(pb::Cell {
-                    key: key.to_owned(),
-                    tag,
-                    aux,
-                    a,
-                    b,
-                    c,
-                });
-                key.len() + 32
-            }
-            Item::Lease(l) => {
-                let size = l.name.len() + l.holder.len() + l.principal.len() + 24;
-                part.leases.push(pb::Lease {
-                    name: l.name,
-                    holder: l.holder,
-                    fencing_token: l.fencing_token,
-                    ttl_ms: l.ttl_ms,
-                    expires_at_ms: l.expires_at_ms,
-                    principal: l.principal,
-                });
-                size
-            }
-            Item::Record(key, r) => {
-                let r = to_pb_record(key, &r);
-                let size =
-                    key.len() + r.fingerprint.len() + r.response.as_ref().map_or(0, Vec::len);
-                part.records.push(r);
-                size + 32
-            }
+            item => add_to_part(&mut part, item),
         };
         entries += 1;
         if part_bytes >= PART_BYTES {
@@ -188,6 +158,44 @@ pub fn encode(
     put(&mut out, &end);
     failed?;
     out.flush()
+}
+
+/// Adds a cell, lease or record to `part`; its approximate size in bytes.
+fn add_to_part(part: &mut pb::SnapshotPart, item: Item<'_>) -> usize {
+    match item {
+        Item::Cell(key, cell) => {
+            let (tag, aux, a, b, c) = cell.to_parts();
+            part.cells.push(pb::Cell {
+                key: key.to_owned(),
+                tag,
+                aux,
+                a,
+                b,
+                c,
+            });
+            key.len() + 32
+        }
+        Item::Lease(l) => {
+            let size = l.name.len() + l.holder.len() + l.principal.len() + 24;
+            part.leases.push(pb::Lease {
+                name: l.name,
+                holder: l.holder,
+                fencing_token: l.fencing_token,
+                ttl_ms: l.ttl_ms,
+                expires_at_ms: l.expires_at_ms,
+                principal: l.principal,
+            });
+            size
+        }
+        Item::Record(key, r) => {
+            let r = to_pb_record(key, &r);
+            let size = key.len() + r.fingerprint.len() + r.response.as_ref().map_or(0, Vec::len);
+            part.records.push(r);
+            size + 32
+        }
+        // Written as the header, never added to a part.
+        Item::Counters { .. } => 0,
+    }
 }
 
 /// A message written as one frame (so frames of different types can go

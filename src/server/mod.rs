@@ -110,98 +110,27 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Started, Ser
         path: config.data_dir.clone(),
         source,
     })?;
-    let bind_err = |addr| move |source| ServerError::Bind { addr, source };
-    let listener = std::net::TcpListener::bind(config.listen)
-        .and_then(|l| l.set_nonblocking(true).map(|()| l))
-        .and_then(tokio::net::TcpListener::from_std)
-        .map_err(bind_err(config.listen))?;
-    let client_addr = listener.local_addr().map_err(bind_err(config.listen))?;
-    let peer_listener = tokio::net::TcpListener::bind(config.peer_listen)
-        .await
-        .map_err(bind_err(config.peer_listen))?;
-    let peer_addr = peer_listener
-        .local_addr()
-        .map_err(bind_err(config.peer_listen))?;
+    let listeners = Listeners::bind(&config).await?;
+    let addrs = listeners.addrs;
     let tls = Security::load(&config).map_err(ServerError::Security)?;
     let hostname = std::env::var("HOSTNAME")
         .ok()
         .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok());
     let membership = config
-        .membership(peer_addr, hostname.as_deref())
+        .membership(addrs.peer, hostname.as_deref())
         .map_err(ServerError::Cluster)?;
-    let metrics_listener = tokio::net::TcpListener::bind(config.metrics_listen)
-        .await
-        .map_err(bind_err(config.metrics_listen))?;
-    let metrics_addr = metrics_listener
-        .local_addr()
-        .map_err(bind_err(config.metrics_listen))?;
 
-    let handle = match metrics::install() {
-        Ok(h) => h,
-        Err(e) => {
-            // Only possible when a recorder is already installed in this
-            // process; serve an empty exposition rather than fail.
-            tracing::warn!(error = %e, "metrics recorder not installed");
-            metrics_exporter_prometheus::PrometheusBuilder::new()
-                .build_recorder()
-                .handle()
-        }
-    };
+    let handle = install_metrics();
     let metrics = Arc::new(Metrics::new());
     ::metrics::gauge!("arbiter_insecure_peer_port").set(if tls.insecure_peers { 1.0 } else { 0.0 });
-    let node = Node::start(node::Options {
-        engine: config.engine(),
-        data_dir: config.data_dir.clone(),
-        membership,
-        snapshot_logs: config.snapshot_logs,
-        leader_wait: Duration::from_millis(config.leader_wait_ms.max(1)),
-        member_catch_up: Duration::from_millis(config.member_catch_up_ms.max(1)),
-        limit_sync: Duration::from_millis(config.limit_sync_ms.max(1)),
-        limit_sweep: Duration::from_millis(config.sweep_interval_ms.max(1)),
-        clock,
-        watch_limits: config.watch_limits(),
-        max_clock_skew_ms: config.max_clock_skew_ms,
-        peer_tls: tls.peer_client.clone().map(Connector::new),
-        cluster_token: config.cluster_token.clone(),
-        accept_peers_without_cluster_id: config.accept_peers_without_cluster_id,
-        simulation: None,
-    })
-    .await?;
+    let node = Node::start(node_options(&config, membership, clock, &tls)).await?;
 
-    // Raft traffic keeps flowing while client calls drain; it stops last.
-    let (peer_stop, peer_stopped) = tokio::sync::watch::channel(false);
-    let (peer_tx, peer_rx) = tokio::sync::mpsc::channel(serving::HANDOFF);
-    serving::accept(peer_listener, vec![peer_tx], peer_stopped.clone());
-    let peer_server = {
-        let mut stopped = peer_stopped;
-        tokio::spawn(
-            Server::builder()
-                // Raft, pre-votes and forwarded calls from a few members.
-                .max_concurrent_streams(Some(PEER_STREAMS))
-                .layer(crate::api::layer::PeerBodyLimitLayer)
-                .add_service(
-                    RaftPeerServer::new(PeerService::new(
-                        node.clone(),
-                        tls.auth.clone(),
-                        tls.peer_server.is_some(),
-                        Some(Bounds::from(&config)),
-                    ))
-                    .max_decoding_message_size(PEER_MESSAGE_LIMIT)
-                    .max_encoding_message_size(PEER_MESSAGE_LIMIT),
-                )
-                .serve_with_incoming_shutdown(
-                    serving::handshakes(peer_rx, tls.peer_server.clone()),
-                    async move {
-                        let _ = stopped.wait_for(|s| *s).await;
-                    },
-                ),
-        )
-    };
+    let (peer_stop, peer_server) = spawn_peer_server(listeners.peer, &node, &tls, &config);
     if tls.insecure_peers {
         let mut stop = node.shutdown_signal();
         node.spawn_task("insecure peer port", async move {
             tokio::select! {
-                _ = warn_insecure_peer_port(peer_addr) => {}
+                _ = warn_insecure_peer_port(addrs.peer) => {}
                 _ = Node::stopped(&mut stop) => {}
             }
         });
@@ -231,15 +160,10 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Started, Ser
         "readiness",
         node::report_readiness(node.clone(), health.clone(), auth_failure),
     );
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(crate::envoy::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
     node.spawn_task(
         "metrics",
         metrics::serve(
-            metrics_listener,
+            listeners.metrics,
             handle,
             metrics.clone(),
             node.clone(),
@@ -247,9 +171,162 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Started, Ser
             node.shutdown_signal(),
         ),
     );
+    let routes = client_routes(shared, limits, health_service, &config)?;
+    tracing::info!(
+        client = %addrs.client,
+        peer = %addrs.peer,
+        node_id = node.id(),
+        client_tls = tls.client.is_some(),
+        peer_tls = tls.peer_server.is_some(),
+        auth = tls.auth.is_some(),
+        metrics = %addrs.metrics,
+        data_dir = %config.data_dir.display(),
+        "arbiter serving"
+    );
+    Ok(Started {
+        addrs,
+        config,
+        node,
+        listener: listeners.client,
+        routes,
+        health,
+        metrics,
+        peer_stop,
+        peer_server,
+        client_tls: tls.client,
+        auth: tls.auth,
+    })
+}
 
-    let shared_metrics = metrics;
-    let routes = tonic::service::Routes::new(health_service)
+/// The three ports, bound before anything starts (a port in use fails
+/// fast), with the addresses they got.
+struct Listeners {
+    client: tokio::net::TcpListener,
+    peer: tokio::net::TcpListener,
+    metrics: tokio::net::TcpListener,
+    addrs: Addrs,
+}
+
+impl Listeners {
+    async fn bind(config: &Config) -> Result<Self, ServerError> {
+        async fn bind(
+            addr: SocketAddr,
+        ) -> Result<(tokio::net::TcpListener, SocketAddr), ServerError> {
+            let err = |source| ServerError::Bind { addr, source };
+            let listener = tokio::net::TcpListener::bind(addr).await.map_err(err)?;
+            let bound = listener.local_addr().map_err(err)?;
+            Ok((listener, bound))
+        }
+        let (client, client_addr) = bind(config.listen).await?;
+        let (peer, peer_addr) = bind(config.peer_listen).await?;
+        let (metrics, metrics_addr) = bind(config.metrics_listen).await?;
+        Ok(Self {
+            client,
+            peer,
+            metrics,
+            addrs: Addrs {
+                client: client_addr,
+                peer: peer_addr,
+                metrics: metrics_addr,
+            },
+        })
+    }
+}
+
+/// The global Prometheus recorder's handle.
+fn install_metrics() -> metrics_exporter_prometheus::PrometheusHandle {
+    metrics::install().unwrap_or_else(|e| {
+        // Only possible when a recorder is already installed in this
+        // process; serve an empty exposition rather than fail.
+        tracing::warn!(error = %e, "metrics recorder not installed");
+        metrics_exporter_prometheus::PrometheusBuilder::new()
+            .build_recorder()
+            .handle()
+    })
+}
+
+fn node_options(
+    config: &Config,
+    membership: node::Membership,
+    clock: Arc<dyn Clock>,
+    tls: &Security,
+) -> node::Options {
+    let ms = |v: u64| Duration::from_millis(v.max(1));
+    node::Options {
+        engine: config.engine(),
+        data_dir: config.data_dir.clone(),
+        membership,
+        snapshot_logs: config.snapshot_logs,
+        leader_wait: ms(config.leader_wait_ms),
+        member_catch_up: ms(config.member_catch_up_ms),
+        limit_sync: ms(config.limit_sync_ms),
+        limit_sweep: ms(config.sweep_interval_ms),
+        clock,
+        watch_limits: config.watch_limits(),
+        max_clock_skew_ms: config.max_clock_skew_ms,
+        peer_tls: tls.peer_client.clone().map(Connector::new),
+        cluster_token: config.cluster_token.clone(),
+        accept_peers_without_cluster_id: config.accept_peers_without_cluster_id,
+        simulation: None,
+    }
+}
+
+type PeerServer = tokio::task::JoinHandle<Result<(), tonic::transport::Error>>;
+
+/// Serves the peer port (Raft, pre-votes, forwarded calls) until the
+/// returned sender says stop: Raft traffic keeps flowing while client calls
+/// drain, and stops last.
+fn spawn_peer_server(
+    listener: tokio::net::TcpListener,
+    node: &Arc<Node>,
+    tls: &Security,
+    config: &Config,
+) -> (tokio::sync::watch::Sender<bool>, PeerServer) {
+    let (peer_stop, mut stopped) = tokio::sync::watch::channel(false);
+    let (peer_tx, peer_rx) = tokio::sync::mpsc::channel(serving::HANDOFF);
+    serving::accept(listener, vec![peer_tx], stopped.clone());
+    let service = PeerService::new(
+        node.clone(),
+        tls.auth.clone(),
+        tls.peer_server.is_some(),
+        Some(Bounds::from(config)),
+    );
+    let server = tokio::spawn(
+        Server::builder()
+            // Raft, pre-votes and forwarded calls from a few members.
+            .max_concurrent_streams(Some(PEER_STREAMS))
+            .layer(crate::api::layer::PeerBodyLimitLayer)
+            .add_service(
+                RaftPeerServer::new(service)
+                    .max_decoding_message_size(PEER_MESSAGE_LIMIT)
+                    .max_encoding_message_size(PEER_MESSAGE_LIMIT),
+            )
+            .serve_with_incoming_shutdown(
+                serving::handshakes(peer_rx, tls.peer_server.clone()),
+                async move {
+                    let _ = stopped.wait_for(|s| *s).await;
+                },
+            ),
+    );
+    (peer_stop, server)
+}
+
+/// The client port's services: health, reflection, the three `arbiter.v1`
+/// services, Envoy's rate limit service and the cluster service.
+fn client_routes(
+    shared: Shared,
+    limits: NamedLimits,
+    health: tonic_health::pb::health_server::HealthServer<
+        impl tonic_health::pb::health_server::Health,
+    >,
+    config: &Config,
+) -> Result<tonic::service::Routes, tonic_reflection::server::Error> {
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(crate::envoy::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    Ok(tonic::service::Routes::new(health)
         .add_service(reflection)
         .add_service(RateLimiterServer::new(
             api::rate_limiter::RateLimiterService(shared.clone()),
@@ -269,36 +346,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Started, Ser
             },
         }))
         .add_service(ClusterServer::new(api::cluster::ClusterService(shared)))
-        .prepare();
-    let addrs = Addrs {
-        client: client_addr,
-        peer: peer_addr,
-        metrics: metrics_addr,
-    };
-    tracing::info!(
-        client = %addrs.client,
-        peer = %addrs.peer,
-        node_id = node.id(),
-        client_tls = tls.client.is_some(),
-        peer_tls = tls.peer_server.is_some(),
-        auth = tls.auth.is_some(),
-        metrics = %addrs.metrics,
-        data_dir = %config.data_dir.display(),
-        "arbiter serving"
-    );
-    Ok(Started {
-        addrs,
-        config,
-        node,
-        listener,
-        routes,
-        health,
-        metrics: shared_metrics,
-        peer_stop,
-        peer_server,
-        client_tls: tls.client,
-        auth: tls.auth.clone(),
-    })
+        .prepare())
 }
 
 impl Started {
@@ -324,44 +372,7 @@ impl Started {
             ..
         } = self;
         let failed = Arc::new(std::sync::OnceLock::new());
-        let stopping = {
-            let node = node.clone();
-            let failed = failed.clone();
-            let mut admission = node.admission();
-            async move {
-                // A node refused by its peers (see `node::admission`) shuts
-                // down as if asked to, and reports why. So does one whose
-                // Raft stopped on a fatal error (a failed disk write): it
-                // could never serve again, so it exits non-zero and its
-                // supervisor starts it afresh, from what is on disk.
-                tokio::select! {
-                    _ = shutdown => {}
-                    _ = admission.wait_for(|a| matches!(a, node::Admission::Refused(_))) => {}
-                    why = node.raft_failed() => {
-                        tracing::error!(
-                            error = %why,
-                            "Raft stopped on a fatal error: storage failed or its core panicked; \
-                             shutting down so that the node is restarted"
-                        );
-                        let _ = failed.set(why);
-                    }
-                }
-                tracing::info!("shutting down: draining in-flight calls");
-                for name in node::READY_SERVICES.iter().chain(&[""]) {
-                    health
-                        .set_service_status(*name, tonic_health::ServingStatus::NotServing)
-                        .await;
-                }
-                // A leader hands over first: its calls in flight and the
-                // ones still arriving go to the new leader.
-                if failed.get().is_none() {
-                    if let Some(new_leader) = node.hand_over().await {
-                        tracing::info!(new_leader, "leadership handed over");
-                    }
-                }
-                node.begin_shutdown();
-            }
-        };
+        let stopping = stop_when(shutdown, node.clone(), health, failed.clone());
         let threads = config
             .worker_threads
             .filter(|n| *n > 0)
@@ -402,4 +413,46 @@ impl Started {
             _ => Ok(()),
         }
     }
+}
+
+/// Waits for `shutdown`, or for this node to be refused by its peers (see
+/// `node::admission`), or for its Raft to stop on a fatal error (recorded
+/// in `failed`), then marks every service NOT_SERVING, hands leadership
+/// over (unless Raft failed) and starts the node's shutdown. A refused or
+/// failed node shuts down as if asked to and reports why: a failed one
+/// could never serve again, so it exits non-zero and its supervisor starts
+/// it afresh, from what is on disk.
+async fn stop_when(
+    shutdown: impl Future<Output = ()>,
+    node: Arc<Node>,
+    health: tonic_health::server::HealthReporter,
+    failed: Arc<std::sync::OnceLock<String>>,
+) {
+    let mut admission = node.admission();
+    tokio::select! {
+        _ = shutdown => {}
+        _ = admission.wait_for(|a| matches!(a, node::Admission::Refused(_))) => {}
+        why = node.raft_failed() => {
+            tracing::error!(
+                error = %why,
+                "Raft stopped on a fatal error: storage failed or its core panicked; \
+                 shutting down so that the node is restarted"
+            );
+            let _ = failed.set(why);
+        }
+    }
+    tracing::info!("shutting down: draining in-flight calls");
+    for name in node::READY_SERVICES.iter().chain(&[""]) {
+        health
+            .set_service_status(*name, tonic_health::ServingStatus::NotServing)
+            .await;
+    }
+    // A leader hands over first: its calls in flight and the ones still
+    // arriving go to the new leader.
+    if failed.get().is_none() {
+        if let Some(new_leader) = node.hand_over().await {
+            tracing::info!(new_leader, "leadership handed over");
+        }
+    }
+    node.begin_shutdown();
 }

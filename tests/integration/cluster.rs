@@ -605,6 +605,10 @@ async fn a_node_down_during_compaction_catches_up_from_a_snapshot() {
     for i in 0..100 {
         c.acquire(acquire(&format!("snap-{i}"), "h")).await.unwrap();
     }
+    // The follower forwarded them, and the leader served them for it.
+    let sent = forwarded(cluster.node(writer), "Acquire", "sent");
+    let served = forwarded(cluster.node(leader), "Acquire", "served");
+    assert!(sent >= 100 && served >= 100, "sent {sent}, served {served}");
     cluster.start_node(lagger);
     // Watch is served from the node's own applied state: the lagger knows
     // the lease once it caught up (from the snapshot; the log it missed was
@@ -618,6 +622,17 @@ async fn a_node_down_during_compaction_catches_up_from_a_snapshot() {
         .unwrap()
         .into_inner();
     assert!(status.applied_index >= 100, "{status:?}");
+}
+
+/// `arbiter_forwarded_calls_total{op, direction}` on `node`'s metrics
+/// endpoint.
+fn forwarded(node: &Server, op: &str, direction: &str) -> u64 {
+    let body = crate::support::http_get(node.metrics, "/metrics");
+    let prefix = format!("arbiter_forwarded_calls_total{{op=\"{op}\",direction=\"{direction}\"}} ");
+    body.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {prefix} in {body}"))
 }
 
 /// The value of `arbiter_live_keys{kind}` on `node`'s metrics endpoint.

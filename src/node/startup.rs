@@ -1,0 +1,271 @@
+//! How a node is put together: [`Node::start`] opens the store and Raft,
+//! builds each room with the rooms it needs, then joins or forms the
+//! cluster and starts the loops.
+
+use std::sync::Arc;
+
+use openraft::Raft;
+use tokio::sync::watch;
+
+use super::admission::{self, Admission, Gate, GateOptions, Identity};
+use super::election::Elections;
+use super::handover::Handover;
+use super::leadership::Leadership;
+use super::limit_sync::LimitSync;
+use super::options::{boot_id, raft_config};
+use super::proposer::Proposer;
+use super::routing::Router;
+use super::sweeper::{Deadlines, Sweeper};
+use super::tasks::Tasks;
+use super::timekeeping::Timekeeper;
+use super::view::View;
+use super::watch_fanout::Watchers;
+use super::{Node, Options, StartError};
+use crate::engine::{Engine, LeaseEvent};
+use crate::raft::network::PeerNetwork;
+use crate::raft::seen::SeenWithState;
+use crate::raft::{NodeId, TypeConfig};
+use crate::storage::state_machine::{Observer, StateMachine};
+use crate::storage::{SnapshotDir, Store};
+
+impl Node {
+    /// Opens the store under `data_dir`, loads the latest snapshot, starts
+    /// Raft (which replays the log) and the background loops. On a new data
+    /// directory, the member with the lowest id initialises the cluster,
+    /// once; the others wait to be contacted. Restarting any node is safe:
+    /// an initialised store is never initialised again.
+    pub async fn start(options: Options) -> Result<Arc<Self>, StartError> {
+        let Options {
+            engine,
+            data_dir,
+            membership,
+            snapshot_logs,
+            leader_wait,
+            member_catch_up,
+            limit_sync,
+            limit_sweep,
+            clock,
+            watch_limits,
+            max_clock_skew_ms,
+            peer_tls,
+            cluster_token,
+            accept_peers_without_cluster_id,
+            simulation,
+        } = options;
+        let formation_id = admission::formation_id(cluster_token.as_deref(), &membership.peers);
+        let store = Store::open_with(&data_dir, simulation.is_some())?;
+        let cluster = check_identity(&store, membership.id)?;
+        let engine = Arc::new(Engine::new(engine));
+        let watchers = Watchers::new(watch_limits);
+        let time = Arc::new(Timekeeper::new(clock, max_clock_skew_ms));
+        let boot_id = simulation.as_ref().map_or_else(boot_id, |s| s.boot_id);
+        let seen = SeenWithState::load(store.clone())?;
+        let network = PeerNetwork::new(
+            cluster.clone(),
+            peer_tls,
+            simulation.map(|s| s.dial),
+            seen.clone(),
+        );
+        let channels = network.channels.clone();
+        let lease = network.lease.clone();
+        let sm = StateMachine::open(
+            engine.clone(),
+            store.clone(),
+            SnapshotDir::open(&data_dir)?,
+            observer(&watchers, &time),
+            boot_id,
+        )?;
+        let (raft, has_state) =
+            open_raft(membership.id, snapshot_logs, network, store.clone(), sm).await?;
+        let view = View::new(membership.id, raft, membership.peers);
+        let tasks = Tasks::default();
+        let gate = Arc::new(Gate::new(
+            view.clone(),
+            GateOptions {
+                admission: if has_state {
+                    Admission::Admitted
+                } else {
+                    Admission::Checking
+                },
+                cluster: cluster.clone(),
+                formation_id,
+                accept_unnamed_peers: accept_peers_without_cluster_id,
+                seen,
+                store: store.clone(),
+                channels: channels.clone(),
+            },
+        ));
+        let deadlines = Arc::new(Deadlines::default());
+        let proposer = Proposer::start(
+            view.raft().clone(),
+            time.clone(),
+            engine.clone(),
+            deadlines.clone(),
+            &tasks,
+        );
+        let leadership = Arc::new(Leadership::new(view.clone(), proposer.clone(), lease));
+        let elections = Arc::new(Elections::new(
+            view.clone(),
+            leadership.clone(),
+            gate.clone(),
+            store,
+            channels.clone(),
+            cluster.clone(),
+            boot_id,
+        ));
+        let handover = Handover {
+            view: view.clone(),
+            leadership: leadership.clone(),
+            gate: gate.clone(),
+            channels: channels.clone(),
+            cluster: cluster.clone(),
+        };
+        let router = Router {
+            view: view.clone(),
+            engine: engine.clone(),
+            time: time.clone(),
+            proposer: proposer.clone(),
+            leadership: leadership.clone(),
+            channels,
+            cluster,
+            leader_wait,
+            member_catch_up,
+            forwarded: Default::default(),
+        };
+        let sweeper = Sweeper {
+            view: view.clone(),
+            leadership: leadership.clone(),
+            proposer,
+            engine: engine.clone(),
+            time: time.clone(),
+            watchers: watchers.clone(),
+            deadlines,
+            limit_sweep,
+        };
+        let limit_sync = LimitSync {
+            view: view.clone(),
+            engine: engine.clone(),
+            time: time.clone(),
+            boot_id,
+            every: limit_sync,
+        };
+        let node = Arc::new(Self {
+            view,
+            engine,
+            time,
+            watchers,
+            gate,
+            leadership,
+            elections,
+            handover,
+            router,
+            shutdown: watch::channel(false).0,
+            tasks,
+        });
+        node.begin(
+            has_state,
+            accept_peers_without_cluster_id,
+            sweeper,
+            limit_sync,
+        )
+        .await?;
+        Ok(node)
+    }
+
+    /// Joins or forms the cluster and starts the background loops.
+    async fn begin(
+        &self,
+        has_state: bool,
+        accept_peers_without_cluster_id: bool,
+        sweeper: Sweeper,
+        limit_sync: LimitSync,
+    ) -> Result<(), StartError> {
+        let raft_err = |e: &dyn std::fmt::Display| StartError::Raft(e.to_string());
+        let (gate, tasks) = (&self.gate, &self.tasks);
+        if accept_peers_without_cluster_id {
+            tracing::warn!(
+                "--accept-peers-without-cluster-id: peer messages without a cluster id are \
+                 accepted; drop the flag once every member runs this version"
+            );
+        }
+        if has_state && gate.cluster_id().is_none() {
+            // A data directory from before cluster ids: its members all
+            // derive the same id from the same --peers.
+            tracing::warn!(
+                cluster = %gate.formation_id(),
+                "this data directory has no cluster id: adopting the one derived from --peers"
+            );
+            gate.adopt_cluster_id(gate.formation_id())
+                .map_err(|e| raft_err(&e))?;
+        }
+        if !has_state {
+            if self.view.initial_peers().len() <= 1 {
+                // A single node: nobody to ask.
+                gate.initialise().await.map_err(|e| raft_err(&e))?;
+            } else {
+                tasks.spawn("admission", gate.clone().run_admission(tasks.signal()));
+            }
+        }
+        tasks.spawn(
+            "voter watch",
+            self.leadership.clone().run_voter_watch(tasks.signal()),
+        );
+        tasks.spawn("elections", self.elections.clone().run(tasks.signal()));
+        tasks.spawn(
+            "formation seal",
+            gate.clone().run_formation_seal(tasks.signal()),
+        );
+        tasks.spawn("limit sync", limit_sync.run(tasks.signal()));
+        tasks.spawn("sweeper", sweeper.run(tasks.signal()));
+        Ok(())
+    }
+}
+
+/// Checks the data directory's recorded node id against `id` (recording it
+/// in a new directory); the cluster id it holds, if any.
+/// Starts Raft over the store and the state machine (which replays the
+/// log); whether it has any state (a new data directory has none).
+async fn open_raft(
+    id: NodeId,
+    snapshot_logs: u64,
+    network: PeerNetwork,
+    store: Store,
+    sm: StateMachine,
+) -> Result<(Raft<TypeConfig>, bool), StartError> {
+    let raft_err = |e: &dyn std::fmt::Display| StartError::Raft(e.to_string());
+    let config = raft_config(snapshot_logs).map_err(|e| raft_err(&e))?;
+    let raft = Raft::new(id, Arc::new(config), network, store, sm)
+        .await
+        .map_err(|e| raft_err(&e))?;
+    let has_state = raft.is_initialized().await.map_err(|e| raft_err(&e))?;
+    Ok((raft, has_state))
+}
+
+// openraft's StorageError is large, and the store's calls return it.
+#[allow(clippy::result_large_err)]
+fn check_identity(store: &Store, id: NodeId) -> Result<admission::ClusterId, StartError> {
+    let cluster = admission::ClusterId::default();
+    match store.identity()? {
+        Some(identity) => {
+            admission::check_node_id(&identity, id).map_err(StartError::Identity)?;
+            if let Some(c) = identity.cluster_id {
+                let _ = cluster.set(c);
+            }
+        }
+        None => store.save_identity(&Identity {
+            node_id: id,
+            cluster_id: None,
+        })?,
+    }
+    Ok(cluster)
+}
+
+/// What the state machine tells the node as it applies: lease events go to
+/// the watchers, command times to the timekeeper.
+fn observer(watchers: &Watchers, time: &Arc<Timekeeper>) -> Observer {
+    let (watchers, time) = (watchers.clone(), time.clone());
+    Observer {
+        lease_events: Arc::new(move |events: &[LeaseEvent]| watchers.publish(events)),
+        applied_time: Arc::new(move |now_ms| time.observe(now_ms)),
+    }
+}
