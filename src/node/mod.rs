@@ -9,7 +9,8 @@
 //!
 //! One room per job, each a type that owns its state; a room that needs
 //! another is handed it when built, and [`Node`] only composes them (and
-//! answers for them to the API and the peer service):
+//! answers for them to the API and the peer service); `startup.rs` builds
+//! them (`Node::start`), and `operations.rs` declares the operations:
 //! - [`view::View`]: what the node knows of the cluster (id, Raft handle,
 //!   leader, term, membership); read by every room, owned by none;
 //! - [`routing::Router`]: typed operations, sent to the leader (served
