@@ -25,8 +25,11 @@ one fault at a time and heals it:
   disk-full                       one node's data volume filled
 
 Every call is recorded with its send and answer times and its result: ok,
-fail (a refused precondition, certainly no effect) or unknown (timeout,
-UNAVAILABLE or another error: it may or may not have taken effect). After
+fail (a refused precondition, certainly no effect) or unknown (a timeout
+or UNAVAILABLE: it may or may not have taken effect). Any other error
+fails the run, as does a run where more than 5 % of the calls sent end
+unknown, or a linearizability search that runs out of its budget
+(`--budget`). After
 the schedule, every fault is healed, the cluster is killed and started
 again, and every name and key is read. cluster/nemesis_check.py then
 checks the history (linearizability per lease name and idempotency key,
@@ -37,7 +40,8 @@ schedule and node logs under target/nemesis/run-<seed>/; `--check FILE`
 checks a saved history again, `--seed S --runs 1` replays the schedule.
 
 The last line is `nemesis: R runs, F faults, W acknowledged writes, L lost,
-V violations`; the exit status is 0 when L and V are 0.
+V violations`; the exit status is 0 when L and V are 0 (V counts unexpected
+errors, too many unknown outcomes and exhausted searches).
 
   RUNS=3 DURATION=20 cluster/nemesis.sh
   cluster/nemesis.sh --check target/nemesis/run-1234/history.json
@@ -74,8 +78,10 @@ CAPACITY, PER_S = 20, 10
 DATA_MB = 256
 KINDS = ["kill-leader", "kill-follower", "pause-leader", "pause-follower", "partition-leader",
          "partition-follower", "oneway-leader", "oneway-follower", "restart-all", "clock", "disk-full"]
-UNKNOWN_CODES = {"UNAVAILABLE", "DEADLINE_EXCEEDED", "UNKNOWN", "INTERNAL", "CANCELLED",
-                 "RESOURCE_EXHAUSTED", "ABORTED"}
+# The only answers whose outcome is unknown: the server could not say (no
+# majority, not reachable) or the call ran out of time. Any other error is
+# the server failing and fails the run.
+UNKNOWN_CODES = {"UNAVAILABLE", "DEADLINE_EXCEEDED"}
 
 
 # ------------------------------------------------------------- the cluster
@@ -532,14 +538,13 @@ def one_run(nem, seed, duration):
 def evaluate(run, faults, ops, final, problems, budget):
     t = time.monotonic()
     errors = [o for o in ops if o["status"] == "error"]
-    # An unexpected error is reported below; to the models it is a call that
-    # may or may not have taken effect.
+    # An unexpected error fails the run (below); to the models it is a call
+    # that may or may not have taken effect.
     ops = [{**o, "status": "unknown", "t1": None} if o["status"] == "error" else o
            for o in ops if o["status"] != "unsent"]
     result = nc.check(ops, faults, final, run["capacity"], run["per_s"], budget)
-    result["violations"] += problems + [f"unexpected {o['code']} from {o['f']}: {o.get('detail')}" for o in errors[:5]]
-    if len(errors) > 5:
-        result["violations"].append(f"... and {len(errors) - 5} more unexpected errors")
+    result["violations"] += (problems + nc.outcome_problems(errors, ops)
+                             + [f"search exhausted (raise --budget): {i}" for i in result["inconclusive"]])
     result["check_s"] = time.monotonic() - t
     return result
 

@@ -485,6 +485,25 @@ def lost_writes(history, final):
     return lost
 
 
+MAX_UNKNOWN_SHARE = 0.05
+
+
+def outcome_problems(errors, ops, max_unknown=MAX_UNKNOWN_SHARE):
+    """What fails a run besides the checkers: calls answered with an error
+    that is neither a refusal nor unknown (`errors`: the server failed),
+    and more than max_unknown of the calls sent (`ops`) ending unknown (a
+    history of mostly unknowns proves little)."""
+    problems = [f"unexpected {o['code']} from {o['f']}: {o.get('detail')}" for o in errors[:5]]
+    if len(errors) > 5:
+        problems.append(f"... and {len(errors) - 5} more unexpected errors")
+    unknown = [o for o in ops if o["status"] == "unknown"]
+    if ops and len(unknown) > max_unknown * len(ops):
+        codes = collections.Counter(o.get("code") or "no answer" for o in unknown)
+        problems.append(f"{len(unknown)} of {len(ops)} calls ended unknown, more than {max_unknown:.0%} "
+                        f"({', '.join(f'{c} {n}' for c, n in codes.most_common())})")
+    return problems
+
+
 def acknowledged_writes(history):
     n = 0
     for o in history:

@@ -212,3 +212,24 @@ def test_an_unlinearizable_history_gives_up_within_its_budget():
     assert ok is None
     ok, _ = nc.linearizable(h, nc.LEASE_INIT, nc.lease_step)
     assert ok is False
+
+
+# ----------------------------------------------------------------- outcomes
+
+
+def test_an_unexpected_error_fails_the_run():
+    ok = [check("a", i, i + 0.1, True) for i in range(100)]
+    assert nc.outcome_problems([], ok) == []
+    internal = op("b", "check", "R", 5, 5.1, status="error", code="INTERNAL", cost=1)
+    problems = nc.outcome_problems([internal], ok + [internal])
+    assert len(problems) == 1 and "unexpected INTERNAL from check" in problems[0], problems
+
+
+def test_too_many_unknown_outcomes_fail_the_run():
+    ok = [check("a", i, i + 0.1, True) for i in range(95)]
+    unknown = [op("b", "check", "R", i, None, status="unknown", code="UNAVAILABLE", cost=1) for i in range(5)]
+    # 5 of 100 is the most allowed; one more fails.
+    assert nc.outcome_problems([], ok + unknown) == []
+    more = unknown + [op("c", "check", "R", 9, None, status="unknown", code="DEADLINE_EXCEEDED", cost=1)]
+    problems = nc.outcome_problems([], ok + more)
+    assert len(problems) == 1 and "6 of 101 calls ended unknown" in problems[0], problems
