@@ -34,8 +34,8 @@ the schedule, every fault is healed, the cluster is killed and started
 again, and every name and key is read. cluster/nemesis_check.py then
 checks the history (linearizability per lease name and idempotency key,
 fencing tokens, one holder at a time, one completed attempt per key, the
-rate limits' bound across faults, and every acknowledged write after the
-restart). A run with a violation or a lost write saves its history, fault
+rate limits' bound per key across each leader change seen, and every
+acknowledged write after the restart). A run with a violation or a lost write saves its history, fault
 schedule and node logs under target/nemesis/run-<seed>/; `--check FILE`
 checks a saved history again, `--seed S --runs 1` replays the schedule.
 
@@ -471,6 +471,24 @@ def final_reads(nem, run, history):
     return final
 
 
+def watch_leaders(nem, stop, observations, every_s=0.05):
+    """Polls every node's Status until `stop`, recording (t, node, term,
+    state): the decider changes the rate-limit check allows for. One
+    thread per node, so a paused or cut-off node delays only its own."""
+    def poll(n):
+        while not stop.is_set():
+            try:
+                st = n.status(timeout=0.3)
+                observations.append((time.monotonic(), n.name, st.term, st.state))
+            except Exception:  # noqa: BLE001 - a node down or cut off says nothing
+                pass
+            stop.wait(every_s)  # the polling period, not synchronisation
+    threads = [threading.Thread(target=poll, args=(n,), daemon=True) for n in nem.nodes]
+    for t in threads:
+        t.start()
+    return threads
+
+
 def one_run(nem, seed, duration):
     rng = random.Random(seed)
     run = {"seed": seed, "duration": duration,
@@ -483,6 +501,8 @@ def one_run(nem, seed, duration):
     history = History()
     stop = threading.Event()
     workers = [Worker(i, nem, run, history, stop) for i in range(WORKERS)]
+    observations = run["leaders"] = []
+    pollers = watch_leaders(nem, stop, observations)
     start = run["t_start"] = time.monotonic()
     for w in workers:
         w.start()
@@ -512,7 +532,7 @@ def one_run(nem, seed, duration):
     finally:
         nem.heal_all()
         stop.set()
-        for w in workers:
+        for w in workers + pollers:
             w.join(timeout=30)
     if any(w.is_alive() for w in workers):
         problems.append("client threads did not stop")
@@ -542,7 +562,8 @@ def evaluate(run, faults, ops, final, problems, budget):
     # that may or may not have taken effect.
     ops = [{**o, "status": "unknown", "t1": None} if o["status"] == "error" else o
            for o in ops if o["status"] != "unsent"]
-    result = nc.check(ops, faults, final, run["capacity"], run["per_s"], budget)
+    result = nc.check(ops, faults, final, run["capacity"], run["per_s"], budget,
+                      observations=[tuple(o) for o in run.get("leaders", [])])
     result["violations"] += (problems + nc.outcome_problems(errors, ops)
                              + [f"search exhausted (raise --budget): {i}" for i in result["inconclusive"]])
     result["check_s"] = time.monotonic() - t
@@ -616,7 +637,7 @@ def main():
                           unknown=by["unknown"])
             mix.update(f["kind"] + ("(final)" if f.get("final") else "") for f in faults)
             log(f"run {k + 1}: {len(ops)} calls ({by['ok']} ok, {by['fail']} refused, {by['unknown']} unknown), "
-                f"{len(faults)} faults, {r['writes']} acknowledged writes, {len(r['lost'])} lost, "
+                f"{len(faults)} faults, {r['changes']} leader changes, {r['writes']} acknowledged writes, {len(r['lost'])} lost, "
                 f"{len(r['violations'])} violations, {len(r['inconclusive'])} inconclusive; "
                 f"checked in {r['check_s']:.1f} s; run took {time.monotonic() - t:.0f} s")
             for v in (r["violations"] + r["lost"] + r["inconclusive"])[:10]:

@@ -415,36 +415,63 @@ def check_idempotency(history):
     return violations
 
 
-def check_rate_limits(history, faults, capacity, per_s, window_s=10.0, margin_s=0.5, tick_s=0.001):
-    """Per key: the admitted checks that certainly took effect inside any
-    interval [a, b] (sent at or after a, answered by b) number at most
-    capacity + per_s * (b - a), plus, for every fault event (injection or
-    heal) within [a - margin, b + margin], the checks admitted within
-    margin_s of it: the documented bound is that a failover forgets at most
-    one sync interval plus the leader lease (about 400 ms) of consumption,
-    and a fault may cause one.
-    Intervals up to window_s long are examined. The server reads its clock in
-    whole milliseconds (tick_s), so two decisions b - a apart by the client's
-    clock may be up to one tick further apart by the server's, which refills
-    for that tick too."""
+SYNC_S = 0.1      # --limit-sync-ms: how often the decider syncs its counters
+DECIDE_S = 0.3    # timing::DECIDE_MS: how long a cut-off leader goes on deciding
+IN_FLIGHT_S = 0.1  # a sync on its way when the decider stopped
+UNPROVOKED_S = 2.0  # a change with no fault before it: how far back to look
+
+
+def leader_changes(observations, faults, lookback_s=15.0):
+    """The decider changes a run saw, each with the spans in which the
+    decisions it may forget were made. `observations` are (t, node, term,
+    state) from polling every node's Status; a change is the first time a
+    node of a higher term than any before says it leads. What the old
+    decider may forget (the README's bound) is what it allowed after its
+    last sync that reached the others and before it stopped: from one sync
+    interval (plus one in flight) before the fault that cut it off, froze or
+    killed it, to the leader lease's deciding window after it. Which fault
+    did is not known, so each fault event (injection or heal) since the
+    previous change was seen (and within lookback_s) gives a span; a change
+    with none looks back UNPROVOKED_S."""
+    events = sorted(t for f in faults for t in (f.get("t_inject"), f.get("t_heal")) if t is not None)
+    seen = {}
+    for t, _node, term, state in sorted(observations):
+        if state == "Leader" and term not in seen:
+            seen[term] = t
+    terms = sorted(seen)
+    changes = []
+    for prev, term in zip(terms, terms[1:]):
+        t_seen = seen[term]
+        causes = [e for e in events if seen[prev] < e <= t_seen and t_seen - e <= lookback_s]
+        spans = [[e - SYNC_S - IN_FLIGHT_S, min(e + DECIDE_S, t_seen)] for e in causes]
+        changes.append({"term": term, "t_seen": t_seen, "forgets": spans or [[t_seen - UNPROVOKED_S, t_seen]]})
+    return changes
+
+
+def check_rate_limits(history, changes, capacity, per_s, window_s=10.0, tick_s=0.001):
+    """Per key, the documented bound: the admitted checks that certainly
+    took effect inside any interval [a, b] (sent at or after a, answered by
+    b) number at most capacity + per_s * (b - a), plus, for each decider
+    change (`leader_changes`), the checks among them that may have been
+    decided in the span that change may forget. A token bucket holds at most
+    its capacity, so one decider never allows more; a change lets the new
+    decider allow again what the old one allowed after its last sync. The
+    server reads its clock in whole milliseconds (tick_s), so two decisions
+    b - a apart by the client's clock may be up to one tick further apart
+    by the server's, which refills for that tick too. Intervals up to
+    window_s long are examined."""
     violations = []
-    events = sorted(t for f in faults for t in (f["t_inject"], f.get("t_heal")) if t is not None)
     for key, ops in sorted(by_key(history, ("check",)).items()):
         admitted = sorted((o["t0"], o["t1"]) for o in ops if o["status"] == "ok" and o["out"]["allowed"])
-        ends = sorted(t1 for _, t1 in admitted)
-
-        def near(e):
-            import bisect
-            return bisect.bisect_right(ends, e + margin_s) - bisect.bisect_left(ends, e - margin_s)
-
-        allowance = {e: near(e) for e in events}
         worst = None
         for i, (a, _) in enumerate(admitted):
-            inside = sorted(t1 for t0, t1 in admitted[i:] if t1 - a <= window_s)
-            extra_events = [e for e in events if a - margin_s <= e]
-            for n, b in enumerate(inside, start=1):
-                extra = sum(allowance[e] for e in extra_events if e <= b + margin_s)
-                bound = capacity + per_s * (b - a + tick_s) + extra
+            inside = sorted(((t1, t0) for t0, t1 in admitted[i:] if t1 - a <= window_s))
+            forgettable = [0] * len(changes)
+            for n, (b, t0) in enumerate(inside, start=1):
+                for c, change in enumerate(changes):
+                    if any(t0 <= end and b >= start for start, end in change["forgets"]):
+                        forgettable[c] += 1
+                bound = capacity + per_s * (b - a + tick_s) + sum(forgettable)
                 if n > bound and (worst is None or n - bound > worst[0]):
                     worst = (n - bound, n, a, b, bound)
         if worst:
@@ -519,12 +546,13 @@ def acknowledged_writes(history):
     return n
 
 
-def check(history, faults, final, capacity, per_s, budget=2_000_000):
+def check(history, faults, final, capacity, per_s, budget=2_000_000, observations=()):
     """Every checker over one run. Returns a dict with violations (list),
     inconclusive (list), lost (list) and writes (int)."""
+    changes = leader_changes(observations, faults)
     lin, inconclusive = check_linearizable(history, budget)
     violations = (lin + check_fencing(history) + check_one_holder(history) + check_idempotency(history)
-                  + check_rate_limits(history, faults, capacity, per_s))
+                  + check_rate_limits(history, changes, capacity, per_s))
     lost = lost_writes(history, final)
     return {"violations": violations, "inconclusive": inconclusive, "lost": lost,
-            "writes": acknowledged_writes(history)}
+            "writes": acknowledged_writes(history), "changes": len(changes)}

@@ -165,7 +165,8 @@ def test_admissions_within_the_bucket_pass_and_beyond_fail():
     ok = [check("a", 0.01 * i, 0.01 * i + 0.005, True) for i in range(5)]
     ok += [check("a", 1.0 + i, 1.0 + i + 0.005, True) for i in range(5)]
     assert nc.check_rate_limits(ok, [], capacity=5, per_s=1) == []
-    over = ok + [check("b", 0.2, 0.3, True), check("b", 0.4, 0.5, True)]
+    # One more than the bound fails.
+    over = ok + [check("b", 0.2, 0.3, True)]
     assert nc.check_rate_limits(over, [], capacity=5, per_s=1)
 
 
@@ -183,12 +184,46 @@ def test_the_servers_whole_milliseconds_are_allowed_for():
     assert nc.check_rate_limits(over, [], capacity=20, per_s=10)
 
 
-def test_a_fault_allows_what_was_admitted_around_it():
-    burst = [check("a", 0.01 * i, 0.01 * i + 0.005, True) for i in range(5)]
-    again = [check("b", 0.2 + 0.01 * i, 0.2 + 0.01 * i + 0.005, True) for i in range(5)]
-    fault = [{"t_inject": 0.1, "t_heal": 0.15}]
-    assert nc.check_rate_limits(burst + again, [], capacity=5, per_s=1)
-    assert nc.check_rate_limits(burst + again, fault, capacity=5, per_s=1) == []
+def burst(p, at, n, spacing=0.01):
+    return [check(p, at + spacing * i, at + spacing * i + 0.005, True) for i in range(n)]
+
+
+def test_a_decider_change_allows_what_it_may_have_forgotten_and_no_more():
+    # Capacity 5 with (almost) no refill: 5 allowed, then a change whose
+    # span covers them lets the new decider allow those 5 again.
+    change = [{"term": 2, "t_seen": 0.9, "forgets": [[0.0, 0.3]]}]
+    before, after = burst("a", 0.0, 5), burst("b", 1.0, 5)
+    assert nc.check_rate_limits(before + after, change, capacity=5, per_s=0.001) == []
+    # One more than the bound fails, with the change in the history...
+    one_more = before + after + burst("c", 1.5, 1)
+    assert nc.check_rate_limits(one_more, change, capacity=5, per_s=0.001)
+    # ... and without it the second burst alone already exceeds it.
+    assert nc.check_rate_limits(before + after, [], capacity=5, per_s=0.001)
+    # A change counts only for what may have been decided in its span: one
+    # that forgets a span the key was not used in allows nothing.
+    elsewhere = [{"term": 2, "t_seen": 0.9, "forgets": [[0.5, 0.8]]}]
+    assert nc.check_rate_limits(before + after, elsewhere, capacity=5, per_s=0.001)
+
+
+def test_decider_changes_come_from_observed_terms_and_faults():
+    obs = [(0.0, "n0", 1, "Leader"), (0.0, "n1", 1, "Follower"), (0.5, "n0", 1, "Leader"),
+           (1.2, "n1", 2, "Candidate"), (1.4, "n1", 2, "Leader"), (1.5, "n0", 1, "Leader"),
+           (1.6, "n1", 2, "Leader")]
+    faults = [{"t_inject": -1.0, "t_heal": -0.5}, {"t_inject": 1.0, "t_heal": 1.2}, {"t_inject": 2.0}]
+    changes = nc.leader_changes(obs, faults)
+    assert len(changes) == 1, changes
+    c = changes[0]
+    assert c["term"] == 2 and c["t_seen"] == 1.4
+    # Each fault event since the previous leader was seen and before this
+    # one: from one sync (plus one in flight) before it to the deciding
+    # window after it (cut at the change).
+    back = nc.SYNC_S + nc.IN_FLIGHT_S
+    want = [[1.0 - back, 1.0 + nc.DECIDE_S], [1.2 - back, 1.4]]
+    assert [[round(t, 6) for t in span] for span in c["forgets"]] == [[round(t, 6) for t in span] for span in want], c
+    # No fault before it: the span looks back UNPROVOKED_S from the change.
+    assert nc.leader_changes(obs, [])[0]["forgets"] == [[1.4 - nc.UNPROVOKED_S, 1.4]]
+    # The first leader seen is no change.
+    assert nc.leader_changes(obs[:3], faults) == []
 
 
 # --------------------------------------------------------------- durability
