@@ -321,9 +321,10 @@ pub fn check_records(history: &[Event]) -> Result<(), String> {
 }
 
 /// The rate limits (buckets of `capacity` that do not refill in a run):
-/// per key, never more allowed than `capacity` plus, per change of leader,
-/// what was allowed in [`FORGOTTEN_MS`]; never a denial before `capacity`
-/// could have been consumed.
+/// per key, never more allowed than `capacity` plus, for each change of
+/// leader while the key was in use, what the old leader may have allowed
+/// in its last [`FORGOTTEN_MS`] as leader; never a denial before
+/// `capacity` could have been consumed.
 /// The most a failover forgets: a leader cut off from the others goes on
 /// deciding until its leader lease lapses (300 ms after the newest request
 /// a majority acknowledged), and what it allowed since its last sync that
@@ -331,45 +332,77 @@ pub fn check_records(history: &[Event]) -> Result<(), String> {
 /// flight.
 pub const FORGOTTEN_MS: u64 = 500;
 
-pub fn check_rate(history: &[Event], capacity: u64, leader_changes: u64) -> Result<(), String> {
+/// Each change of leader: (when the old leader was elected, when the new
+/// one was), from the nodes' roles. A term in which nobody was elected is
+/// no change.
+pub fn leader_changes(roles: &[Role]) -> Vec<(u64, u64)> {
+    let mut elected: BTreeMap<u64, u64> = BTreeMap::new();
+    for r in roles.iter().filter(|r| r.leading) {
+        let at = elected.entry(r.term).or_insert(r.at);
+        *at = (*at).min(r.at);
+    }
+    let times: Vec<u64> = elected.into_values().collect();
+    times.windows(2).map(|w| (w[0], w[1])).collect()
+}
+
+pub fn check_rate(history: &[Event], capacity: u64, roles: &[Role]) -> Result<(), String> {
     let mut keys: BTreeMap<&str, Vec<(&Event, &Answer<LimitResult>)>> = BTreeMap::new();
     for e in history {
         if let What::Check { key, answer } = &e.what {
             keys.entry(key).or_default().push((e, answer));
         }
     }
+    let changes = leader_changes(roles);
     for (key, checks) in keys {
-        check_bucket(key, &checks, capacity, leader_changes)?;
+        check_bucket(key, &checks, capacity, &changes)?;
     }
     Ok(())
+}
+
+/// What the old leader of a change `(from, to)` may have allowed of
+/// `allowed` (each a check's sent and answered times) and the new one
+/// forgotten: the most that may have been decided in any FORGOTTEN_MS
+/// while it led (from `from` to `to`, after which it decides nothing: see
+/// [`check_one_decider`]). Nothing when the key was not in use then.
+fn forgettable(allowed: &[(u64, u64)], (from, to): (u64, u64)) -> u64 {
+    let in_window = |end: u64| {
+        let start = end.saturating_sub(FORGOTTEN_MS).max(from);
+        allowed
+            .iter()
+            .filter(|(sent, done)| *sent <= end && *done >= start)
+            .count() as u64
+    };
+    allowed
+        .iter()
+        .map(|(sent, _)| (sent + FORGOTTEN_MS).clamp(from, to))
+        .chain([to])
+        .map(in_window)
+        .max()
+        .unwrap_or(0)
 }
 
 fn check_bucket(
     key: &str,
     checks: &[(&Event, &Answer<LimitResult>)],
     capacity: u64,
-    leader_changes: u64,
+    changes: &[(u64, u64)],
 ) -> Result<(), String> {
-    let allowed: Vec<u64> = checks
+    let allowed: Vec<(u64, u64)> = checks
         .iter()
         .filter(|(_, a)| matches!(a, Answer::Ok(r) if r.allowed))
-        .map(|(e, _)| e.done)
+        .map(|(e, _)| (e.sent, e.done))
         .collect();
-    let burst = allowed
+    let forgotten: Vec<u64> = changes
         .iter()
-        .map(|t| {
-            allowed
-                .iter()
-                .filter(|u| **u >= *t && **u < t + FORGOTTEN_MS)
-                .count() as u64
-        })
-        .max()
-        .unwrap_or(0);
-    let bound = capacity + leader_changes * burst;
+        .map(|c| forgettable(&allowed, *c))
+        .filter(|n| *n > 0)
+        .collect();
+    let bound = capacity + forgotten.iter().sum::<u64>();
     if allowed.len() as u64 > bound {
         return Err(format!(
-            "{key}: {} allowed, more than {capacity} plus {leader_changes} leader changes of {burst}",
-            allowed.len()
+            "{key}: {} allowed, more than {capacity} plus what {} leader changes while it was in use may have forgotten ({forgotten:?})",
+            allowed.len(),
+            forgotten.len()
         ));
     }
     let first_denial = checks
@@ -611,14 +644,51 @@ mod tests {
     #[test]
     fn over_allowance_beyond_the_bound_and_early_denial_are_caught() {
         let exact: Vec<Event> = (0..10).map(|i| limit(i * 100, i < 5)).collect();
-        assert_eq!(check_rate(&exact, 5, 0), Ok(()));
+        assert_eq!(check_rate(&exact, 5, &[]), Ok(()));
         // Six allowed of five with no leader change.
         let over: Vec<Event> = (0..10).map(|i| limit(i * 100, i < 6)).collect();
-        assert!(check_rate(&over, 5, 0).is_err());
-        // One leader change allows what was allowed in 500 ms once more.
-        assert_eq!(check_rate(&over, 5, 1), Ok(()));
+        assert!(check_rate(&over, 5, &[]).is_err());
         // Denied after four of five.
         let early: Vec<Event> = (0..10).map(|i| limit(i * 100, i < 4)).collect();
-        assert!(check_rate(&early, 5, 0).is_err());
+        assert!(check_rate(&early, 5, &[]).is_err());
+    }
+
+    /// A change of leader allows again what the old leader allowed in its
+    /// last 500 ms as leader, and not one check more; a change while the
+    /// key was idle allows nothing.
+    #[test]
+    fn a_leader_change_allows_only_what_it_may_have_forgotten() {
+        let role = |at, node, term| Role {
+            at,
+            node,
+            term,
+            leading: true,
+        };
+        // Node 1 leads from 0 ms, node 2 from 2000 ms.
+        let roles = [role(0, 1, 1), role(2000, 2, 2)];
+        assert_eq!(leader_changes(&roles), vec![(0, 2000)]);
+        // Five allowed at 1600-1640 ms (the old leader's last 500 ms), then
+        // five again at 3000 ms: within the bound.
+        let before: Vec<Event> = (0..5).map(|i| limit(1600 + i * 10, true)).collect();
+        let after: Vec<Event> = (0..5).map(|i| limit(3000 + i * 10, true)).collect();
+        let both = [before.clone(), after.clone()].concat();
+        assert_eq!(check_rate(&both, 5, &roles), Ok(()));
+        // One more: over by one.
+        let one_more = [both.clone(), vec![limit(3100, true)]].concat();
+        assert!(check_rate(&one_more, 5, &roles).is_err());
+        // Without the change, the second five are over already.
+        assert!(check_rate(&both, 5, &[]).is_err());
+        // Used only after the change: the change forgot nothing of it.
+        let later: Vec<Event> = (0..6).map(|i| limit(3000 + i * 10, true)).collect();
+        assert!(check_rate(&later, 5, &roles).is_err());
+        // Spread over the old term, only the last 500 ms's worth counts:
+        // one at 0, 600, 1200 and 1800 ms, then three at 3000 ms is 7 of
+        // 5 + 1 (the 1800 one; a 500 ms window holds no two of them).
+        let spread: Vec<Event> = [0, 600, 1200, 1800, 3000, 3010, 3020]
+            .into_iter()
+            .map(|t| limit(t, true))
+            .collect();
+        assert!(check_rate(&spread[..6], 5, &roles).is_ok());
+        assert!(check_rate(&spread, 5, &roles).is_err());
     }
 }

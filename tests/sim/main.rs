@@ -91,7 +91,7 @@ impl Run {
         history::check_leases(&self.history)?;
         history::check_reads(&self.history)?;
         history::check_records(&self.history)?;
-        history::check_rate(&self.history, CAPACITY, self.leader_changes)?;
+        history::check_rate(&self.history, CAPACITY, &self.roles)?;
         history::check_one_decider(&self.history, &self.roles)?;
         // Every acknowledged grant is still counted: a fresh lease after
         // the run gets a higher token than any acknowledged one.
