@@ -230,6 +230,11 @@ pub enum Answer<T> {
 }
 
 impl<T> Answer<T> {
+    /// Whether the call's outcome is known (done, or certainly not done).
+    pub fn definite(&self) -> bool {
+        !matches!(self, Answer::Unknown(_))
+    }
+
     pub fn map<U>(self, f: impl FnOnce(T) -> U) -> Answer<U> {
         match self {
             Answer::Ok(v) => Answer::Ok(f(v)),

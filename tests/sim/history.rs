@@ -52,6 +52,19 @@ pub enum What {
     },
 }
 
+impl What {
+    /// Whether the call's outcome is known.
+    pub fn definite(&self) -> bool {
+        match self {
+            What::Grant { answer, .. } => answer.definite(),
+            What::Read { answer, .. } => answer.definite(),
+            What::Begin { answer, .. } => answer.definite(),
+            What::Complete { answer, .. } => answer.definite(),
+            What::Check { answer, .. } => answer.definite(),
+        }
+    }
+}
+
 /// A node's term and role from the moment `at` (virtual ms), as its
 /// server metrics reported them.
 #[derive(Clone, Debug)]
@@ -353,6 +366,18 @@ pub fn check_rate(history: &[Event], capacity: u64, roles: &[Role]) -> Result<()
         }
     }
     let changes = leader_changes(roles);
+    for (key, checks) in &keys {
+        // A valid check is never refused (nor answered with the wrong
+        // number of results).
+        if let Some((e, Answer::Refused(why))) =
+            checks.iter().find(|(_, a)| matches!(a, Answer::Refused(_)))
+        {
+            return Err(format!(
+                "{key}: a check sent at {} ms was refused: {why}",
+                e.sent
+            ));
+        }
+    }
     for (key, checks) in keys {
         check_bucket(key, &checks, capacity, &changes)?;
     }

@@ -66,6 +66,10 @@ fn note(h: &History, c: &Cluster, client: usize, node: u64, sent: u64, what: Wha
     h.lock().unwrap_or_else(|e| e.into_inner()).push(e);
 }
 
+/// The fewest calls with a definite answer (done, or certainly not) a seed
+/// must have (seeds 1-500 had at least 718 on 2026-12-06).
+const MIN_DEFINITE: usize = 500;
+
 /// Everything one seed did and saw.
 struct Run {
     history: Vec<Event>,
@@ -88,6 +92,18 @@ impl Run {
     }
 
     fn check(&self) -> Result<(), String> {
+        // A run whose calls mostly went unanswered, or whose faults were
+        // never applied, proves little.
+        let definite = self.history.iter().filter(|e| e.what.definite()).count();
+        if definite < MIN_DEFINITE {
+            return Err(format!(
+                "only {definite} of {} calls had a definite answer (at least {MIN_DEFINITE})",
+                self.history.len()
+            ));
+        }
+        if self.faults.is_empty() {
+            return Err("no fault was applied".into());
+        }
         history::check_leases(&self.history)?;
         history::check_reads(&self.history)?;
         history::check_records(&self.history)?;
@@ -361,7 +377,9 @@ async fn nemesis(c: Arc<Cluster>, mut rng: Rng, until: u64) -> Vec<String> {
                 format!("cut all -> {victim}")
             }
             3 => {
-                let other = pick(&mut rng, &ids);
+                // Another node: a reset between a node and itself does nothing.
+                let others: Vec<u64> = ids.iter().copied().filter(|&o| o != victim).collect();
+                let other = pick(&mut rng, &others);
                 c.net.reset(victim, other);
                 format!("reset {victim} <-> {other}")
             }
@@ -607,8 +625,11 @@ fn time_dependent_guarantees_hold_on_every_seed() {
     };
     let mut failed = Vec::new();
     let (mut calls, mut faults, mut changes) = (0, 0, 0);
+    let mut fewest_definite = usize::MAX;
     for seed in first..first + count {
         let outcome = simulate(seed).and_then(|run| {
+            fewest_definite =
+                fewest_definite.min(run.history.iter().filter(|e| e.what.definite()).count());
             calls += run.history.len();
             faults += run.faults.len();
             changes += run.leader_changes;
@@ -623,14 +644,18 @@ fn time_dependent_guarantees_hold_on_every_seed() {
             failed.push(seed);
         }
     }
-    println!("simulated {count} seeds: {calls} calls, {faults} faults, {changes} leader changes");
+    println!(
+        "simulated {count} seeds: {calls} calls, {faults} faults, {changes} leader changes, \
+         at least {fewest_definite} definite answers a seed"
+    );
     assert!(failed.is_empty(), "failing seeds: {failed:?}");
     assert!(
         calls > count as usize * 100,
         "too few calls ({calls}) to check anything"
     );
+    // One seed may well keep its leader; many seeds must not all do.
     assert!(
-        changes > 0,
+        count < 10 || changes > 0,
         "no seed changed leader: the faults did nothing"
     );
 }
