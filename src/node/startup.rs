@@ -3,6 +3,7 @@
 //! cluster and starts the loops.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use openraft::Raft;
 use tokio::sync::watch;
@@ -22,7 +23,8 @@ use super::view::View;
 use super::watch_fanout::Watchers;
 use super::{Node, Options, StartError};
 use crate::engine::{Engine, LeaseEvent};
-use crate::raft::network::PeerNetwork;
+use crate::raft::lease::LeaderLease;
+use crate::raft::network::{Channels, ClusterId, PeerNetwork};
 use crate::raft::seen::SeenWithState;
 use crate::raft::{NodeId, TypeConfig};
 use crate::storage::state_machine::{Observer, StateMachine};
@@ -77,24 +79,41 @@ impl Node {
         )?;
         let (raft, has_state) =
             open_raft(membership.id, snapshot_logs, network, store.clone(), sm).await?;
-        let view = View::new(membership.id, raft, membership.peers);
+        let opened = Opened {
+            view: View::new(membership.id, raft, membership.peers),
+            store,
+            engine,
+            watchers,
+            time,
+            cluster,
+            seen,
+            channels,
+            lease,
+            boot_id,
+            has_state,
+        };
+        let settings = Settings {
+            formation_id,
+            accept_peers_without_cluster_id,
+            leader_wait,
+            member_catch_up,
+            limit_sync,
+            limit_sweep,
+        };
+        let (node, loops) = Self::compose(opened, &settings);
+        let node = Arc::new(node);
+        node.begin(has_state, accept_peers_without_cluster_id, loops)
+            .await?;
+        Ok(node)
+    }
+
+    /// Builds each room with the rooms it needs, and the node over them;
+    /// with the loops that belong to no room the node keeps.
+    fn compose(o: Opened, s: &Settings) -> (Self, Loops) {
         let tasks = Tasks::default();
-        let gate = Arc::new(Gate::new(
-            view.clone(),
-            GateOptions {
-                admission: if has_state {
-                    Admission::Admitted
-                } else {
-                    Admission::Checking
-                },
-                cluster: cluster.clone(),
-                formation_id,
-                accept_unnamed_peers: accept_peers_without_cluster_id,
-                seen,
-                store: store.clone(),
-                channels: channels.clone(),
-            },
-        ));
+        let gate = gate(&o, s);
+        let (view, engine, time, channels, cluster) =
+            (o.view, o.engine, o.time, o.channels, o.cluster);
         let deadlines = Arc::new(Deadlines::default());
         let proposer = Proposer::start(
             view.raft().clone(),
@@ -103,15 +122,15 @@ impl Node {
             deadlines.clone(),
             &tasks,
         );
-        let leadership = Arc::new(Leadership::new(view.clone(), proposer.clone(), lease));
+        let leadership = Arc::new(Leadership::new(view.clone(), proposer.clone(), o.lease));
         let elections = Arc::new(Elections::new(
             view.clone(),
             leadership.clone(),
             gate.clone(),
-            store,
+            o.store,
             channels.clone(),
             cluster.clone(),
-            boot_id,
+            o.boot_id,
         ));
         let handover = Handover {
             view: view.clone(),
@@ -120,40 +139,42 @@ impl Node {
             channels: channels.clone(),
             cluster: cluster.clone(),
         };
+        let loops = Loops {
+            sweeper: Sweeper {
+                view: view.clone(),
+                leadership: leadership.clone(),
+                proposer: proposer.clone(),
+                engine: engine.clone(),
+                time: time.clone(),
+                watchers: o.watchers.clone(),
+                deadlines,
+                limit_sweep: s.limit_sweep,
+            },
+            limit_sync: LimitSync {
+                view: view.clone(),
+                engine: engine.clone(),
+                time: time.clone(),
+                boot_id: o.boot_id,
+                every: s.limit_sync,
+            },
+        };
         let router = Router {
             view: view.clone(),
             engine: engine.clone(),
             time: time.clone(),
-            proposer: proposer.clone(),
+            proposer,
             leadership: leadership.clone(),
             channels,
             cluster,
-            leader_wait,
-            member_catch_up,
+            leader_wait: s.leader_wait,
+            member_catch_up: s.member_catch_up,
             forwarded: Default::default(),
         };
-        let sweeper = Sweeper {
-            view: view.clone(),
-            leadership: leadership.clone(),
-            proposer,
-            engine: engine.clone(),
-            time: time.clone(),
-            watchers: watchers.clone(),
-            deadlines,
-            limit_sweep,
-        };
-        let limit_sync = LimitSync {
-            view: view.clone(),
-            engine: engine.clone(),
-            time: time.clone(),
-            boot_id,
-            every: limit_sync,
-        };
-        let node = Arc::new(Self {
+        let node = Self {
             view,
             engine,
             time,
-            watchers,
+            watchers: o.watchers,
             gate,
             leadership,
             elections,
@@ -161,15 +182,8 @@ impl Node {
             router,
             shutdown: watch::channel(false).0,
             tasks,
-        });
-        node.begin(
-            has_state,
-            accept_peers_without_cluster_id,
-            sweeper,
-            limit_sync,
-        )
-        .await?;
-        Ok(node)
+        };
+        (node, loops)
     }
 
     /// Joins or forms the cluster and starts the background loops.
@@ -177,8 +191,10 @@ impl Node {
         &self,
         has_state: bool,
         accept_peers_without_cluster_id: bool,
-        sweeper: Sweeper,
-        limit_sync: LimitSync,
+        Loops {
+            sweeper,
+            limit_sync,
+        }: Loops,
     ) -> Result<(), StartError> {
         let raft_err = |e: &dyn std::fmt::Display| StartError::Raft(e.to_string());
         let (gate, tasks) = (&self.gate, &self.tasks);
@@ -223,6 +239,59 @@ impl Node {
 
 /// Checks the data directory's recorded node id against `id` (recording it
 /// in a new directory); the cluster id it holds, if any.
+/// Admission: whether this node may take part in Raft (at once, with state
+/// on disk; otherwise once its peers agree), and its cluster id.
+fn gate(o: &Opened, s: &Settings) -> Arc<Gate> {
+    Arc::new(Gate::new(
+        o.view.clone(),
+        GateOptions {
+            admission: if o.has_state {
+                Admission::Admitted
+            } else {
+                Admission::Checking
+            },
+            cluster: o.cluster.clone(),
+            formation_id: s.formation_id.clone(),
+            accept_unnamed_peers: s.accept_peers_without_cluster_id,
+            seen: o.seen.clone(),
+            store: o.store.clone(),
+            channels: o.channels.clone(),
+        },
+    ))
+}
+
+/// What start-up opened, from which the rooms are built.
+struct Opened {
+    view: View,
+    store: Store,
+    engine: Arc<Engine>,
+    watchers: Watchers,
+    time: Arc<Timekeeper>,
+    cluster: ClusterId,
+    seen: Arc<SeenWithState>,
+    channels: Channels,
+    lease: Arc<LeaderLease>,
+    boot_id: u64,
+    /// Whether the data directory holds any Raft state.
+    has_state: bool,
+}
+
+/// The options the rooms are built with.
+struct Settings {
+    formation_id: String,
+    accept_peers_without_cluster_id: bool,
+    leader_wait: Duration,
+    member_catch_up: Duration,
+    limit_sync: Duration,
+    limit_sweep: Duration,
+}
+
+/// The loops that belong to no room the node keeps, started by `begin`.
+struct Loops {
+    sweeper: Sweeper,
+    limit_sync: LimitSync,
+}
+
 /// Starts Raft over the store and the state machine (which replays the
 /// log); whether it has any state (a new data directory has none).
 async fn open_raft(

@@ -147,19 +147,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Started, Ser
         limits: limits.clone(),
     };
 
-    let (health, health_service) = tonic_health::server::health_reporter();
-    // Liveness: the empty service name, serving while the process runs.
-    health
-        .set_service_status("", tonic_health::ServingStatus::Serving)
-        .await;
-    let auth_failure: Arc<dyn Fn() -> Option<String> + Send + Sync> = {
-        let auth = tls.auth.clone();
-        Arc::new(move || auth.as_ref().and_then(|a| a.failure()))
-    };
-    node.spawn_task(
-        "readiness",
-        node::report_readiness(node.clone(), health.clone(), auth_failure),
-    );
+    let (health, health_service) = health(&node, &tls).await;
     node.spawn_task(
         "metrics",
         metrics::serve(
@@ -196,6 +184,31 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Started, Ser
         client_tls: tls.client,
         auth: tls.auth,
     })
+}
+
+/// The health service: liveness (the empty service name) serving while the
+/// process runs, readiness reported by the node (and by the auth file's
+/// last reload).
+async fn health(
+    node: &Arc<Node>,
+    tls: &Security,
+) -> (
+    tonic_health::server::HealthReporter,
+    tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
+) {
+    let (health, service) = tonic_health::server::health_reporter();
+    health
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
+    let auth_failure: Arc<dyn Fn() -> Option<String> + Send + Sync> = {
+        let auth = tls.auth.clone();
+        Arc::new(move || auth.as_ref().and_then(|a| a.failure()))
+    };
+    node.spawn_task(
+        "readiness",
+        node::report_readiness(node.clone(), health.clone(), auth_failure),
+    );
+    (health, service)
 }
 
 /// The three ports, bound before anything starts (a port in use fails
