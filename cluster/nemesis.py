@@ -84,6 +84,13 @@ KINDS = ["kill-leader", "kill-follower", "pause-leader", "pause-follower", "part
 UNKNOWN_CODES = {"UNAVAILABLE", "DEADLINE_EXCEEDED"}
 
 
+def timed_out(code, detail):
+    """The call's own deadline lapsing at the server: tonic answers it
+    CANCELLED "Timeout expired" (the grpc-timeout the client sent), which
+    is a timeout like DEADLINE_EXCEEDED, not the server failing."""
+    return code == "CANCELLED" and detail == "Timeout expired"
+
+
 # ------------------------------------------------------------- the cluster
 
 
@@ -298,7 +305,7 @@ class Worker(threading.Thread):
             elif e.code() == grpc.StatusCode.FAILED_PRECONDITION:
                 o["t1"] = time.monotonic()
                 o["status"] = "fail"
-            elif o["code"] not in UNKNOWN_CODES:
+            elif o["code"] not in UNKNOWN_CODES and not timed_out(o["code"], o["detail"]):
                 o["t1"] = time.monotonic()
                 o["status"] = "error"
             now = time.monotonic()

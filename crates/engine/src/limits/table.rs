@@ -303,6 +303,32 @@ impl LimitTable {
     /// All-or-nothing: lock every shard involved (in index order, so
     /// concurrent requests cannot deadlock), decide all checks against a
     /// scratch overlay (a key may appear twice), then store only if all pass.
+    /// Counts `n` new keys against the table's cap and the caller's quota
+    /// (nothing when `n` is 0); the owner the new keys are recorded under.
+    fn reserve_new_keys(
+        &self,
+        n: usize,
+        quota: KeyQuota<'_>,
+    ) -> Result<Option<Owner>, EngineError> {
+        if n == 0 {
+            return Ok(None);
+        }
+        let before = self.live.fetch_add(n, Ordering::Relaxed);
+        if before + n > self.max_keys {
+            self.live.fetch_sub(n, Ordering::Relaxed);
+            return Err(EngineError::Exhausted {
+                what: "rate-limit keys".into(),
+                max: self.max_keys,
+            });
+        }
+        let owner = self.owner(quota.principal);
+        if let Err(e) = Self::take(&owner, n as u64, quota) {
+            self.live.fetch_sub(n, Ordering::Relaxed);
+            return Err(e);
+        }
+        Ok(owner)
+    }
+
     fn check_atomic(
         &self,
         checks: &[LimitCheck],
@@ -343,33 +369,10 @@ impl LimitTable {
             results.push(result);
         }
         if !all_allowed {
-            for (r, c) in results.iter_mut().zip(checks) {
-                if r.allowed {
-                    // Would have passed, but nothing was consumed.
-                    r.allowed = false;
-                    if !c.dry_run {
-                        r.remaining = r.remaining.saturating_add(c.cost).min(r.limit);
-                    }
-                }
-            }
+            none_consumed(&mut results, checks);
             return Ok(results);
         }
-        let mut owner = None;
-        if new_keys > 0 {
-            let before = self.live.fetch_add(new_keys, Ordering::Relaxed);
-            if before + new_keys > self.max_keys {
-                self.live.fetch_sub(new_keys, Ordering::Relaxed);
-                return Err(EngineError::Exhausted {
-                    what: "rate-limit keys".into(),
-                    max: self.max_keys,
-                });
-            }
-            owner = self.owner(quota.principal);
-            if let Err(e) = Self::take(&owner, new_keys as u64, quota) {
-                self.live.fetch_sub(new_keys, Ordering::Relaxed);
-                return Err(e);
-            }
-        }
+        let owner = self.reserve_new_keys(new_keys, quota)?;
         let hasher = &self.hasher;
         for (i, cell) in overlay {
             let (h, s) = located[i];
@@ -520,6 +523,19 @@ impl LimitTable {
         }
         out.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         out
+    }
+}
+
+/// An all-or-nothing batch that was denied: a check that would have passed
+/// is denied too, and nothing it would have consumed was.
+fn none_consumed(results: &mut [LimitResult], checks: &[LimitCheck]) {
+    for (r, c) in results.iter_mut().zip(checks) {
+        if r.allowed {
+            r.allowed = false;
+            if !c.dry_run {
+                r.remaining = r.remaining.saturating_add(c.cost).min(r.limit);
+            }
+        }
     }
 }
 
