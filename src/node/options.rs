@@ -60,12 +60,15 @@ pub struct Options {
 /// a whole run: the network, the boot id (which seeds the election
 /// timeouts), and the log writer thread (writes are carried out by the
 /// call that makes them, so a paused clock never moves on while a write
-/// is in flight elsewhere). Peers' calls reach the node through a
-/// `api::PeerService` served over the dialled streams.
+/// is in flight elsewhere), and the store's disk (one that can lose
+/// power). Peers' calls reach the node through a `api::PeerService`
+/// served over the dialled streams.
 #[derive(Clone)]
 pub struct Simulation {
     pub dial: Dialer,
     pub boot_id: u64,
+    /// Where the store keeps its file instead of `data_dir`.
+    pub disk: Option<Arc<dyn redb::StorageBackend>>,
 }
 
 /// Why the node could not start.

@@ -263,8 +263,12 @@ impl Router {
                 )));
             }
             // Wake on the next leadership change, or poll again shortly.
-            let _ =
-                tokio::time::timeout(left.min(Duration::from_millis(100)), server.changed()).await;
+            let wait = left.min(Duration::from_millis(100));
+            if let Ok(Err(_)) = tokio::time::timeout(wait, server.changed()).await {
+                return Err(NodeError::Unavailable(
+                    "Raft has stopped on this node".into(),
+                ));
+            }
         }
     }
 

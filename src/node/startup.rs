@@ -55,7 +55,8 @@ impl Node {
             simulation,
         } = options;
         let formation_id = admission::formation_id(cluster_token.as_deref(), &membership.peers);
-        let store = Store::open_with(&data_dir, simulation.is_some())?;
+        let disk = simulation.as_ref().and_then(|s| s.disk.clone());
+        let store = Store::open_with(&data_dir, simulation.is_some(), disk)?;
         let cluster = check_identity(&store, membership.id)?;
         let engine = Arc::new(Engine::new(engine));
         let watchers = Watchers::new(watch_limits);

@@ -109,7 +109,8 @@ impl Sweeper {
                 biased;
                 _ = tokio::time::sleep(wait) => {}
                 _ = self.deadlines.changed.notified() => {}
-                _ = server.changed() => {}
+                // Raft stopped (a fatal error): nothing is left to sweep.
+                r = server.changed() => if r.is_err() { return },
                 _ = stop.wait() => return,
             }
             self.watchers.forget_idle();

@@ -34,7 +34,7 @@ use std::sync::{mpsc, Arc, Mutex};
 
 use openraft::storage::LogFlushed;
 use openraft::{AnyError, ErrorSubject, ErrorVerb, StorageIOError};
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, StorageBackend, TableDefinition};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -140,6 +140,32 @@ enum Writer {
     Inline,
 }
 
+/// A storage backend the caller keeps a handle on.
+#[derive(Debug)]
+struct Shared(Arc<dyn StorageBackend>);
+
+impl StorageBackend for Shared {
+    fn len(&self) -> std::io::Result<u64> {
+        self.0.len()
+    }
+
+    fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+        self.0.read(offset, out)
+    }
+
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.0.set_len(len)
+    }
+
+    fn sync_data(&self) -> std::io::Result<()> {
+        self.0.sync_data()
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        self.0.write(offset, data)
+    }
+}
+
 /// The file and the typed operations on it. Cloning shares the file and the
 /// writer thread (which ends when the last clone is dropped).
 #[derive(Clone)]
@@ -157,20 +183,27 @@ pub struct Store {
 impl Store {
     /// Opens (or creates) `dir/arbiter.redb` and starts its writer thread.
     pub fn open(dir: &Path) -> Result<Self, redb::DatabaseError> {
-        Self::open_with(dir, false)
+        Self::open_with(dir, false, None)
     }
 
     /// [`open`](Self::open), or with `inline`, without a writer thread:
-    /// every log write is carried out by the call that makes it.
-    pub fn open_with(dir: &Path, inline: bool) -> Result<Self, redb::DatabaseError> {
+    /// every log write is carried out by the call that makes it; and with
+    /// a `disk`, on it rather than in `dir` (the simulated cluster's disks,
+    /// which can lose power).
+    pub fn open_with(
+        dir: &Path,
+        inline: bool,
+        disk: Option<Arc<dyn StorageBackend>>,
+    ) -> Result<Self, redb::DatabaseError> {
         // redb's page cache defaults to 1 GiB; the log is written once and
         // read back rarely (replication, restarts), so a small cache keeps
         // the node's memory for state.
-        let db = Arc::new(
-            Database::builder()
-                .set_cache_size(STORE_CACHE_BYTES)
-                .create(dir.join("arbiter.redb"))?,
-        );
+        let mut builder = Database::builder();
+        builder.set_cache_size(STORE_CACHE_BYTES);
+        let db = Arc::new(match disk {
+            Some(disk) => builder.create_with_backend(Shared(disk))?,
+            None => builder.create(dir.join("arbiter.redb"))?,
+        });
         let pending: Pending = Arc::default();
         let writer = if inline {
             Writer::Inline

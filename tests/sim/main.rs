@@ -19,6 +19,7 @@
 //! they start.
 
 mod cluster;
+mod disk;
 mod history;
 mod net;
 mod rng;
@@ -34,7 +35,8 @@ use arbiter::engine::{Acquire, Begin, BeginOutcome, Complete, LimitCheck, LimitD
 use arbiter::node::GetLease;
 use arbiter::node::GetRecord;
 
-use cluster::{call, Answer, Cluster};
+use cluster::{Answer, Cluster};
+use disk::Loss;
 use history::{Event, What};
 use rng::Rng;
 
@@ -74,6 +76,8 @@ const MIN_DEFINITE: usize = 500;
 struct Run {
     history: Vec<Event>,
     faults: Vec<String>,
+    /// The whole cluster's power loss after the workload.
+    power_loss: String,
     leader_changes: u64,
     /// Every node's term and role over the run.
     roles: Vec<history::Role>,
@@ -86,8 +90,8 @@ impl Run {
     /// The run as text: two runs of one seed must give the same.
     fn trace(&self) -> String {
         format!(
-            "{:#?}\n{:#?}\n{}",
-            self.faults, self.history, self.leader_changes
+            "{:#?}\n{}\n{:#?}\n{}",
+            self.faults, self.power_loss, self.history, self.leader_changes
         )
     }
 
@@ -173,7 +177,7 @@ async fn lease_client(c: Arc<Cluster>, me: usize, mut rng: Rng, h: History, unti
     let mut held: Vec<(usize, u64)> = Vec::new();
     while c.now() < until {
         tokio::time::sleep(Duration::from_millis(rng.range(20, 250))).await;
-        let node = pick(&mut rng, &c.ids());
+        let node = c.pick(&mut rng);
         let sent = c.now();
         let renewing = (!held.is_empty() && rng.chance(70))
             .then(|| held[rng.below(held.len() as u64) as usize]);
@@ -191,7 +195,7 @@ async fn lease_client(c: Arc<Cluster>, me: usize, mut rng: Rng, h: History, unti
                     ttl_ms: ttl,
                     principal: String::new(),
                 };
-                let answer = call(c.node(node), op).await.map(|s| s.value);
+                let answer = c.call(node, op).await.map(|s| s.value);
                 (true, answer)
             }
             None => {
@@ -202,7 +206,7 @@ async fn lease_client(c: Arc<Cluster>, me: usize, mut rng: Rng, h: History, unti
                     ttl_ms: ttl,
                     principal: String::new(),
                 };
-                let answer = match call(c.node(node), op).await {
+                let answer = match c.call(node, op).await {
                     Answer::Ok(s) if s.value.acquired => Answer::Ok(s.value.lease),
                     Answer::Ok(s) => Answer::Refused(format!("held by {}", s.value.lease.holder)),
                     Answer::Refused(e) => Answer::Refused(e),
@@ -235,10 +239,11 @@ async fn lease_client(c: Arc<Cluster>, me: usize, mut rng: Rng, h: History, unti
 async fn reader(c: Arc<Cluster>, me: usize, mut rng: Rng, h: History, until: u64) {
     while c.now() < until {
         tokio::time::sleep(Duration::from_millis(rng.range(20, 150))).await;
-        let node = pick(&mut rng, &c.ids());
+        let node = c.pick(&mut rng);
         let name = LEASE_NAMES[rng.below(LEASE_NAMES.len() as u64) as usize].to_string();
         let sent = c.now();
-        let answer = call(c.node(node), GetLease { name: name.clone() })
+        let answer = c
+            .call(node, GetLease { name: name.clone() })
             .await
             .map(|s| (s.value, s.now_ms));
         note(&h, &c, me, node, sent, What::Read { name, answer });
@@ -248,7 +253,7 @@ async fn reader(c: Arc<Cluster>, me: usize, mut rng: Rng, h: History, until: u64
 async fn payer(c: Arc<Cluster>, me: usize, mut rng: Rng, h: History, until: u64) {
     while c.now() < until {
         tokio::time::sleep(Duration::from_millis(rng.range(50, 400))).await;
-        let node = pick(&mut rng, &c.ids());
+        let node = c.pick(&mut rng);
         let key = format!("payment-{}", rng.below(KEYS));
         let sent = c.now();
         let op = Begin {
@@ -259,7 +264,7 @@ async fn payer(c: Arc<Cluster>, me: usize, mut rng: Rng, h: History, until: u64)
             lock_ttl_ms: 60_000,
             retention_ms: 600_000,
         };
-        let answer = call(c.node(node), op).await.map(|s| s.value);
+        let answer = c.call(node, op).await.map(|s| s.value);
         let started = match &answer {
             Answer::Ok(BeginOutcome::Started { attempt }) => Some(*attempt),
             _ => None,
@@ -277,7 +282,7 @@ async fn payer(c: Arc<Cluster>, me: usize, mut rng: Rng, h: History, until: u64)
         );
         let Some(attempt) = started else { continue };
         tokio::time::sleep(Duration::from_millis(rng.range(0, 300))).await;
-        let node = pick(&mut rng, &c.ids());
+        let node = c.pick(&mut rng);
         let sent = c.now();
         let op = Complete {
             byte_quota: None,
@@ -286,7 +291,7 @@ async fn payer(c: Arc<Cluster>, me: usize, mut rng: Rng, h: History, until: u64)
             attempt,
             response: history::response(&key, attempt),
         };
-        let answer = call(c.node(node), op).await.map(|_| ());
+        let answer = c.call(node, op).await.map(|_| ());
         note(
             &h,
             &c,
@@ -313,7 +318,7 @@ async fn limited(c: Arc<Cluster>, me: usize, mut rng: Rng, h: History, until: u6
         if calls.len() >= IN_FLIGHT {
             continue;
         }
-        let node = pick(&mut rng, &c.ids());
+        let node = c.pick(&mut rng);
         let (c, h) = (c.clone(), h.clone());
         calls.spawn(async move {
             let sent = c.now();
@@ -328,17 +333,15 @@ async fn limited(c: Arc<Cluster>, me: usize, mut rng: Rng, h: History, until: u6
                 dry_run: false,
             };
             let key = check.key.clone();
-            let result = tokio::time::timeout(
-                cluster::CALL_DEADLINE,
-                c.node(node).check(vec![check], false),
-            )
-            .await;
+            let result = c
+                .on(node, |n| async move { n.check(vec![check], false).await })
+                .await;
             let answer = match result {
                 Ok(Ok(mut r)) if r.len() == 1 => Answer::Ok(r.remove(0)),
                 Ok(Ok(r)) => Answer::Refused(format!("{} results for one check", r.len())),
                 Ok(Err(arbiter::node::NodeError::Engine(e))) => Answer::Refused(e.to_string()),
                 Ok(Err(e)) => Answer::Unknown(e.to_string()),
-                Err(_) => Answer::Unknown("deadline".into()),
+                Err(e) => Answer::Unknown(e),
             };
             note(&h, &c, me, node, sent, What::Check { key, answer });
         });
@@ -346,20 +349,31 @@ async fn limited(c: Arc<Cluster>, me: usize, mut rng: Rng, h: History, until: u6
     while calls.join_next().await.is_some() {}
 }
 
-/// Faults one at a time, each healed before the next.
-async fn nemesis(c: Arc<Cluster>, mut rng: Rng, until: u64) -> Vec<String> {
+/// Faults one at a time, each healed before the next, then a power loss
+/// of the whole cluster under the last of the traffic; the faults applied,
+/// and the power loss.
+async fn nemesis(
+    c: Arc<Cluster>,
+    mut rng: Rng,
+    until: u64,
+) -> Result<(Vec<String>, String), String> {
     let mut log = Vec::new();
     let ids = c.ids();
-    while c.now() < until {
+    while c.now() + POWER_LOSS_BEFORE_END_MS < until {
         tokio::time::sleep(Duration::from_millis(rng.range(300, 1_500))).await;
-        let leader = c.nodes.values().find_map(|n| n.node.leader()).unwrap_or(1);
+        let leader = c
+            .up_ids()
+            .into_iter()
+            .find_map(|id| c.node(id).leader())
+            .unwrap_or(1);
         let victim = if rng.chance(50) {
             leader
         } else {
             pick(&mut rng, &ids)
         };
         let hold = Duration::from_millis(rng.range(200, 2_500));
-        let fault = match rng.below(6) {
+        let mut crashed = None;
+        let fault = match rng.below(7) {
             0 => {
                 c.net.isolate(victim, &ids);
                 format!("isolate {victim}")
@@ -388,10 +402,19 @@ async fn nemesis(c: Arc<Cluster>, mut rng: Rng, until: u64) -> Vec<String> {
                 c.net.set_delay(lo, hi);
                 format!("delay {lo}-{hi} ms")
             }
-            _ => {
+            5 => {
                 let step = rng.range(0, 600_000) as i64 - 300_000;
                 c.nodes[&victim].clock.step(step);
                 format!("step {victim}'s wall clock {step} ms")
+            }
+            _ => {
+                let loss = loss(&mut rng);
+                let at = rng.range(1, 40);
+                c.crash_at_write(victim, at, loss, &mut rng);
+                crashed = Some(loss);
+                format!(
+                    "power off {victim} at its disk write {at} from now ({loss:?}), then start it"
+                )
             }
         };
         log.push(format!(
@@ -403,10 +426,61 @@ async fn nemesis(c: Arc<Cluster>, mut rng: Rng, until: u64) -> Vec<String> {
             eprintln!("{}", log[log.len() - 1]);
         }
         tokio::time::sleep(hold).await;
+        if let Some(loss) = crashed {
+            if !c.is_off(victim) {
+                // It wrote too little in the time: the power goes now.
+                c.crash(victim, loss, &mut rng)?;
+            }
+            c.restart(victim, &mut rng).await?;
+        }
         c.net.heal();
         c.net.set_delay(0, 2);
     }
-    log
+    let power = power_loss(&c, &mut rng).await?;
+    Ok((log, power))
+}
+
+/// How long before the clients stop the whole cluster loses power.
+const POWER_LOSS_BEFORE_END_MS: u64 = 3_000;
+
+fn loss(rng: &mut Rng) -> Loss {
+    if rng.chance(50) {
+        Loss::Torn
+    } else {
+        Loss::Clean
+    }
+}
+
+/// Cuts every node's power, each at one of its next disk writes (part-way
+/// through a commit; a node that writes nothing for a second loses it
+/// then), so the cluster goes down one node after another under traffic
+/// and the last ones go with writes in flight; then starts them all again.
+/// What was acknowledged must all be there after.
+async fn power_loss(c: &Cluster, rng: &mut Rng) -> Result<String, String> {
+    let loss = loss(rng);
+    let ids = c.ids();
+    for &id in &ids {
+        let at = rng.range(1, 30);
+        c.crash_at_write(id, at, loss, rng);
+    }
+    let deadline = c.now() + 1_000;
+    while c.now() < deadline && !ids.iter().all(|&id| c.is_off(id)) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mid_write = ids.iter().filter(|&&id| c.is_off(id)).count();
+    for &id in &ids {
+        if !c.is_off(id) {
+            c.crash(id, loss, rng)?;
+        }
+    }
+    let at = c.now();
+    for &id in &ids {
+        c.restart(id, rng).await?;
+    }
+    Ok(format!(
+        "{at} ms: every node's power cut ({loss:?}; {mid_write} of {} part-way through a write), then all started",
+        ids.len()
+    ))
 }
 
 /// `op` through random nodes, again while its outcome is unknown (as a
@@ -418,7 +492,7 @@ async fn settled<O: arbiter::node::Operation>(
 ) -> Answer<O::Output> {
     let mut answer = Answer::Unknown("not tried".into());
     for _ in 0..5 {
-        answer = call(c.node(pick(rng, &c.ids())), op.clone()).await;
+        answer = c.call(c.pick(rng), op.clone()).await;
         if !matches!(answer, Answer::Unknown(_)) {
             break;
         }
@@ -436,29 +510,6 @@ async fn run(seed: u64) -> Result<Run, String> {
     let first_term = c.term();
     let until = c.now() + RUN_MS;
     let h: History = Arc::default();
-    let roles: Arc<Mutex<Vec<history::Role>>> = Arc::default();
-    let mut watchers = Vec::new();
-    for id in c.ids() {
-        let mut metrics = c.node(id).raft().server_metrics();
-        let (c, roles) = (c.clone(), roles.clone());
-        watchers.push(tokio::spawn(async move {
-            loop {
-                let role = {
-                    let m = metrics.borrow_and_update();
-                    history::Role {
-                        at: c.now(),
-                        node: id,
-                        term: m.vote.leader_id().get_term(),
-                        leading: m.state == openraft::ServerState::Leader,
-                    }
-                };
-                roles.lock().unwrap_or_else(|e| e.into_inner()).push(role);
-                if metrics.changed().await.is_err() {
-                    return;
-                }
-            }
-        }));
-    }
     // Three lease holders, a reader, two payers, three rate-limit clients.
     let mut clients = Vec::new();
     for me in 0..9 {
@@ -470,7 +521,7 @@ async fn run(seed: u64) -> Result<Run, String> {
             _ => tokio::spawn(limited(c, me, rng, h, until)),
         });
     }
-    let faults = nemesis(c.clone(), rng.fork(), until).await;
+    let (faults, power_loss) = nemesis(c.clone(), rng.fork(), until).await?;
     for client in clients {
         client
             .await
@@ -481,11 +532,7 @@ async fn run(seed: u64) -> Result<Run, String> {
         return Err("no leader within 10 s of healing".into());
     }
     let leader_changes = c.term() - first_term;
-    for w in watchers {
-        w.abort();
-        let _ = w.await;
-    }
-    let roles = std::mem::take(&mut *roles.lock().unwrap_or_else(|e| e.into_inner()));
+    let roles = c.roles();
     let acquire = Acquire {
         quota: Default::default(),
         name: "after-the-run".into(),
@@ -511,6 +558,7 @@ async fn run(seed: u64) -> Result<Run, String> {
     Ok(Run {
         history,
         faults,
+        power_loss,
         leader_changes,
         roles,
         final_token,
@@ -699,7 +747,7 @@ fn a_follower_cut_off_past_a_lease_deadline_waits_for_the_sweep() {
             ttl_ms: 200,
             principal: String::new(),
         };
-        match call(c.node(leader), op).await {
+        match c.call(leader, op).await {
             Answer::Ok(s) if s.value.acquired => {}
             other => return Err(format!("acquire: {other:?}")),
         }
@@ -729,4 +777,33 @@ fn a_follower_cut_off_past_a_lease_deadline_waits_for_the_sweep() {
         Ok(())
     })
     .expect("the follower waits");
+}
+
+/// A call to a node whose Raft has stopped (a fatal storage error, or the
+/// node shutting down) is answered at once, though the node's last view
+/// still names itself leader: it must not go round its wait for a leader
+/// without waiting, which on the paused clock stops time and fails the
+/// run. (It did: the loop waited on Raft's metrics, and a closed channel
+/// wakes at once.)
+#[test]
+fn a_call_to_a_node_whose_raft_stopped_ends_at_once() {
+    on_paused_runtime(12, || async {
+        let mut rng = Rng::new(12);
+        let c = Cluster::start(12, 3, &mut rng).await;
+        let leader = c.leader(Duration::from_secs(10)).await.ok_or("no leader")?;
+        let node = c.node(leader);
+        node.raft().shutdown().await.map_err(|e| e.to_string())?;
+        let answer = node
+            .execute(GetLease {
+                name: "orders".into(),
+            })
+            .await;
+        match answer {
+            Err(arbiter::node::NodeError::Unavailable(_)) => {}
+            other => return Err(format!("after Raft stopped: {other:?}")),
+        }
+        c.stop().await;
+        Ok(())
+    })
+    .expect("the call ends");
 }

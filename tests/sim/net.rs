@@ -78,6 +78,21 @@ impl Net {
             .insert(addr.to_owned(), (id, incoming));
     }
 
+    /// Node `id`, listening at `addr`, loses power: every connection to or
+    /// from it breaks, and dialling it is refused (its own dialler stops
+    /// connecting: `cluster::Cluster::boot`).
+    pub fn unplug(&self, id: NodeId, addr: &str) {
+        let mut s = self.state();
+        s.listeners.remove(addr);
+        s.links.retain(|((x, y), tasks)| {
+            let hit = *x == id || *y == id;
+            if hit {
+                tasks.iter().for_each(JoinHandle::abort);
+            }
+            !hit
+        });
+    }
+
     /// Cuts `from` → `to` (one way).
     pub fn cut(&self, from: NodeId, to: NodeId) {
         self.state().cuts.insert((from, to));
