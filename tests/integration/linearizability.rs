@@ -50,8 +50,17 @@ struct Model {
     last_token: u64,
 }
 
-fn token_matches(model: u64, seen: u64) -> bool {
-    model == 0 || model == seen
+impl Model {
+    /// Whether the held token `model` may be `seen`: the same, or, for a
+    /// grant whose reply was lost, any token above every earlier one (a
+    /// grant's token is always new).
+    fn binds(&self, model: u64, seen: u64) -> bool {
+        if model == 0 {
+            seen > self.last_token
+        } else {
+            model == seen
+        }
+    }
 }
 
 /// Applies `call` to `m`; Some(next state) when `ret` is a legal reply.
@@ -68,7 +77,7 @@ fn step(m: &Model, call: &Call, ret: &Option<Ret>) -> Option<Model> {
                 let _ = (mh, mt); // a renewal or a refusal: no change either way
             }
             (Some((mh, mt)), Some(Ret::Acquire(acq, rh, t))) => {
-                if *acq != (mh == *h) || *rh != mh || !token_matches(mt, *t) {
+                if *acq != (mh == *h) || *rh != mh || !m.binds(mt, *t) {
                     return None;
                 }
                 n.held = Some((mh, *t));
@@ -77,7 +86,7 @@ fn step(m: &Model, call: &Call, ret: &Option<Ret>) -> Option<Model> {
             _ => return None,
         },
         (Call::Release(h, t), r) => {
-            let owns = matches!(m.held, Some((mh, mt)) if mh == *h && token_matches(mt, *t));
+            let owns = matches!(m.held, Some((mh, mt)) if mh == *h && m.binds(mt, *t));
             match r {
                 None if owns => n.held = None,
                 None => {}
@@ -89,7 +98,7 @@ fn step(m: &Model, call: &Call, ret: &Option<Ret>) -> Option<Model> {
         (Call::Get, None) => {}
         (Call::Get, Some(Ret::Get(seen))) => match (m.held, seen) {
             (None, None) => {}
-            (Some((mh, mt)), Some((sh, st))) if mh == *sh && token_matches(mt, *st) => {
+            (Some((mh, mt)), Some((sh, st))) if mh == *sh && m.binds(mt, *st) => {
                 n.held = Some((mh, *st));
                 n.last_token = n.last_token.max(*st);
             }
@@ -218,6 +227,19 @@ fn checker_rejects_two_holders_and_stale_reads() {
         op(21, 30, Acquire(2), Some(Ret::Acquire(true, 2, 4))),
     ];
     assert!(!linearizable(&backwards));
+    // A token that goes backwards behind a grant whose reply was lost: the
+    // lost grant's token, seen later, is still a new one.
+    let backwards_unseen = [
+        op(0, 10, Acquire(1), Some(Ret::Acquire(true, 1, 5))),
+        op(11, 20, Release(1, 5), Some(Ret::Release(true))),
+        op(21, u64::MAX, Acquire(2), None),
+        op(30, 40, Get, Some(Ret::Get(Some((2, 4))))),
+    ];
+    assert!(!linearizable(&backwards_unseen));
+    // The same history seeing a new token is fine.
+    let mut forwards = backwards_unseen.clone();
+    forwards[3].ret = Some(Ret::Get(Some((2, 6))));
+    assert!(linearizable(&forwards));
 }
 
 /// Three clients, one per node, contend for one lease while the leader is
