@@ -22,6 +22,7 @@
 
 mod cluster;
 mod disk;
+mod failover;
 mod history;
 mod net;
 mod rng;
@@ -824,4 +825,33 @@ fn a_call_to_a_node_whose_raft_stopped_ends_at_once() {
         Ok(())
     })
     .expect("the call ends");
+}
+
+/// The README's bound on what a rate-limit failover forgets, measured on
+/// the simulated cluster: a crashed leader's last sync interval (100 ms,
+/// plus the sync in flight) and a cut-off leader's sync interval plus its
+/// leader lease (300 ms), in ms of one key's traffic.
+#[test]
+fn a_rate_limit_failover_forgets_no_more_than_the_readme_says() {
+    use failover::Failure;
+    let seeds = env_u64("SIM_FAILOVERS").unwrap_or(10);
+    for (failure, bound_ms) in [(Failure::Crash, 120), (Failure::CutOff, 420)] {
+        let mut forgotten = Vec::new();
+        for seed in 1..=seeds {
+            let ms = on_paused_runtime(seed, move || failover::forgotten_ms(seed, failure))
+                .unwrap_or_else(|e| panic!("{failure:?}, seed {seed}: {e}"));
+            forgotten.push(ms);
+        }
+        forgotten.sort_unstable();
+        println!("{failure:?}: forgot {forgotten:?} ms of traffic");
+        let worst = forgotten[forgotten.len() - 1];
+        assert!(
+            worst <= bound_ms,
+            "{failure:?}: a failover forgot {worst} ms of traffic (bound {bound_ms} ms): {forgotten:?}"
+        );
+        assert!(
+            forgotten.iter().any(|&ms| ms > 0),
+            "{failure:?}: no failover forgot anything: the measure measures nothing"
+        );
+    }
 }
