@@ -42,10 +42,15 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long a client waits for any answer before calling it unknown.
 pub const CALL_DEADLINE: Duration = Duration::from_secs(5);
 
-/// A wall clock on the shared virtual time, with an offset of its own.
+/// A wall clock on the shared virtual time, with an offset of its own, and
+/// a rate of its own while it drifts.
 pub struct SimClock {
     origin: Instant,
     offset_ms: AtomicI64,
+    /// How far off its rate is, in parts per million, and since when
+    /// (virtual ms).
+    drift_ppm: AtomicI64,
+    drift_since: AtomicU64,
 }
 
 impl SimClock {
@@ -53,6 +58,8 @@ impl SimClock {
         Self {
             origin,
             offset_ms: AtomicI64::new(offset_ms),
+            drift_ppm: AtomicI64::new(0),
+            drift_since: AtomicU64::new(0),
         }
     }
 
@@ -60,13 +67,29 @@ impl SimClock {
     pub fn step(&self, ms: i64) {
         self.offset_ms.fetch_add(ms, Ordering::SeqCst);
     }
+
+    /// Makes the wall clock run `ppm` parts per million fast (or slow, if
+    /// negative) from now; 0 stops the drift, keeping what it drifted.
+    pub fn drift(&self, ppm: i64) {
+        let drifted = self.drifted_ms();
+        self.offset_ms.fetch_add(drifted, Ordering::SeqCst);
+        self.drift_since.store(self.mono_ms(), Ordering::SeqCst);
+        self.drift_ppm.store(ppm, Ordering::SeqCst);
+    }
+
+    /// How far the current drift has moved the clock.
+    fn drifted_ms(&self) -> i64 {
+        let since = self.drift_since.load(Ordering::SeqCst);
+        let elapsed = self.mono_ms().saturating_sub(since) as i64;
+        elapsed * self.drift_ppm.load(Ordering::SeqCst) / 1_000_000
+    }
 }
 
 impl Clock for SimClock {
     fn wall_ms(&self) -> u64 {
         WALL_START_MS
             .saturating_add(self.mono_ms())
-            .saturating_add_signed(self.offset_ms.load(Ordering::SeqCst))
+            .saturating_add_signed(self.offset_ms.load(Ordering::SeqCst) + self.drifted_ms())
     }
 
     fn mono_ms(&self) -> u64 {
@@ -283,6 +306,19 @@ impl Cluster {
                 sim.power_off(id, &net, kept, &dir);
             }
         });
+    }
+
+    /// Fills node `id`'s disk (its writes fail, and its Raft stops on the
+    /// first), or frees it.
+    pub fn fill_disk(&self, id: NodeId, full: bool) {
+        lock(&self.nodes[&id].disk).set_full(full);
+    }
+
+    /// Whether node `id`'s Raft has stopped on a fatal error (as a server
+    /// then exits: `Node::raft_failed`).
+    pub fn raft_failed(&self, id: NodeId) -> bool {
+        self.up(id)
+            .is_some_and(|(n, _)| n.raft().metrics().borrow().running_state.is_err())
     }
 
     /// Whether node `id`'s power is off.

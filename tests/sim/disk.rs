@@ -8,6 +8,7 @@
 //! writes in order, the last of them cut short ([`Loss::Torn`]: the disk
 //! was part-way through its queue). The handle the lost node still holds is
 //! unplugged: what it writes afterwards it reads back, and nobody else.
+//! A disk can also be full: every write fails until it is freed.
 //!
 //! The simulated nodes write inline (`node::Simulation`), so between two
 //! of a node's steps every commit has been synced; a power loss that is to
@@ -47,6 +48,8 @@ struct Platters {
     unplugged: bool,
     /// A power loss to come.
     armed: Option<Armed>,
+    /// No space left: every write and every growth fails.
+    full: bool,
 }
 
 /// A power loss at the `at`-th write from now.
@@ -109,26 +112,39 @@ impl Disk {
         });
     }
 
-    fn change(&self, change: Change) {
+    /// Makes the disk full (every write fails with "no space left"), or
+    /// frees it.
+    pub fn set_full(&self, full: bool) {
+        self.platters().full = full;
+    }
+
+    fn change(&self, change: Change) -> io::Result<()> {
         let mut p = self.platters();
+        if p.full && !p.unplugged {
+            return Err(io::Error::new(
+                io::ErrorKind::StorageFull,
+                "no space left on device",
+            ));
+        }
         // An unplugged disk's node reads its own writes (from its page
         // cache) until it stops; they are kept nowhere.
         apply(&mut p.current, &change);
         if p.unplugged {
-            return;
+            return Ok(());
         }
         p.unsynced.push(change);
         let Some(armed) = p.armed.as_mut() else {
-            return;
+            return Ok(());
         };
         armed.at -= 1;
         if armed.at > 0 {
-            return;
+            return Ok(());
         }
         let armed = p.armed.take().expect("armed");
         let kept = p.lose_power(armed.loss, armed.draw);
         drop(p);
         (armed.then)(kept);
+        Ok(())
     }
 }
 
@@ -173,8 +189,7 @@ impl redb::StorageBackend for Disk {
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {
-        self.change(Change::SetLen(len));
-        Ok(())
+        self.change(Change::SetLen(len))
     }
 
     fn sync_data(&self) -> io::Result<()> {
@@ -190,8 +205,7 @@ impl redb::StorageBackend for Disk {
     }
 
     fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
-        self.change(Change::Write(offset, data.to_vec()));
-        Ok(())
+        self.change(Change::Write(offset, data.to_vec()))
     }
 }
 
@@ -243,6 +257,23 @@ mod tests {
             vec![1; 4],
             "the unplugged disk keeps nothing more"
         );
+    }
+
+    #[test]
+    fn a_full_disk_refuses_writes_until_freed() {
+        let d = Disk::default();
+        d.write(0, &[1; 512]).unwrap();
+        d.set_full(true);
+        let e = d.write(0, &[2; 512]).expect_err("full");
+        assert_eq!(e.kind(), io::ErrorKind::StorageFull);
+        assert_eq!(
+            read(&d, 0, 4),
+            vec![1; 4],
+            "a refused write changes nothing"
+        );
+        d.set_full(false);
+        d.write(0, &[3; 512]).unwrap();
+        assert_eq!(read(&d, 0, 4), vec![3; 4]);
     }
 
     #[test]

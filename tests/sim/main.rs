@@ -360,9 +360,121 @@ async fn limited(c: Arc<Cluster>, me: usize, mut rng: Rng, h: History, until: u6
     while calls.join_next().await.is_some() {}
 }
 
-/// Faults one at a time, each healed before the next, then a power loss
-/// of the whole cluster under the last of the traffic; the faults applied,
-/// and the power loss.
+/// What a fault leaves to undo when it ends (besides the network's heal).
+enum Undo {
+    Nothing,
+    /// Cut the power now if the armed loss has not come yet, and start the
+    /// node again.
+    Restart(u64, Loss),
+    /// Free the disk; start the node again if its Raft stopped.
+    FreeDisk(u64),
+    /// Stop the wall clock's drift (what it drifted stays).
+    Drift(u64),
+}
+
+/// Starts a fault aimed at `victim`.
+fn start_fault(c: &Cluster, rng: &mut Rng, victim: u64) -> (String, Undo) {
+    let ids = c.ids();
+    let fault = match rng.below(9) {
+        0 => {
+            c.net.isolate(victim, &ids);
+            format!("isolate {victim}")
+        }
+        1 => {
+            for &o in ids.iter().filter(|&&o| o != victim) {
+                c.net.cut(victim, o);
+            }
+            format!("cut {victim} -> all")
+        }
+        2 => {
+            for &o in ids.iter().filter(|&&o| o != victim) {
+                c.net.cut(o, victim);
+            }
+            format!("cut all -> {victim}")
+        }
+        3 => {
+            // Another node: a reset between a node and itself does nothing.
+            let others: Vec<u64> = ids.iter().copied().filter(|&o| o != victim).collect();
+            let other = pick(rng, &others);
+            c.net.reset(victim, other);
+            format!("reset {victim} <-> {other}")
+        }
+        4 => {
+            let (lo, hi) = (rng.range(0, 20), rng.range(20, 120));
+            c.net.set_delay(lo, hi);
+            format!("delay {lo}-{hi} ms")
+        }
+        5 => {
+            let step = rng.range(0, 600_000) as i64 - 300_000;
+            c.nodes[&victim].clock.step(step);
+            format!("step {victim}'s wall clock {step} ms")
+        }
+        6 => {
+            let percent = rng.range(5, 50) as i64 * if rng.chance(50) { 1 } else { -1 };
+            c.nodes[&victim].clock.drift(percent * 10_000);
+            return (
+                format!("{victim}'s wall clock runs {percent:+}% off"),
+                Undo::Drift(victim),
+            );
+        }
+        7 => {
+            c.fill_disk(victim, true);
+            return (
+                format!(
+                    "fill {victim}'s disk (then free it, and start the node again if it failed)"
+                ),
+                Undo::FreeDisk(victim),
+            );
+        }
+        _ => {
+            let loss = loss(rng);
+            let at = rng.range(1, 40);
+            c.crash_at_write(victim, at, loss, rng);
+            return (
+                format!(
+                    "power off {victim} at its disk write {at} from now ({loss:?}), then start it"
+                ),
+                Undo::Restart(victim, loss),
+            );
+        }
+    };
+    (fault, Undo::Nothing)
+}
+
+/// Ends a fault started by [`start_fault`]; what became of it is added to
+/// its `entry` in the log.
+async fn end_fault(
+    c: &Cluster,
+    rng: &mut Rng,
+    undo: Undo,
+    entry: &mut String,
+) -> Result<(), String> {
+    match undo {
+        Undo::Nothing => {}
+        Undo::Drift(victim) => c.nodes[&victim].clock.drift(0),
+        Undo::FreeDisk(victim) => {
+            c.fill_disk(victim, false);
+            if c.raft_failed(victim) {
+                // The server exits on it; its supervisor starts it again.
+                c.crash(victim, Loss::Clean, rng)?;
+                c.restart(victim, rng).await?;
+                entry.push_str(": its Raft stopped on a failed write");
+            }
+        }
+        Undo::Restart(victim, loss) => {
+            if !c.is_off(victim) {
+                // It wrote too little in the time: the power goes now.
+                c.crash(victim, loss, rng)?;
+            }
+            c.restart(victim, rng).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Faults, each healed before the next (a quarter of the time two at once,
+/// on two nodes), then a power loss of the whole cluster under the last of
+/// the traffic; the faults applied, and the power loss.
 async fn nemesis(
     c: Arc<Cluster>,
     mut rng: Rng,
@@ -383,67 +495,30 @@ async fn nemesis(
             pick(&mut rng, &ids)
         };
         let hold = Duration::from_millis(rng.range(200, 2_500));
-        let mut crashed = None;
-        let fault = match rng.below(7) {
-            0 => {
-                c.net.isolate(victim, &ids);
-                format!("isolate {victim}")
-            }
-            1 => {
-                for &o in ids.iter().filter(|&&o| o != victim) {
-                    c.net.cut(victim, o);
-                }
-                format!("cut {victim} -> all")
-            }
-            2 => {
-                for &o in ids.iter().filter(|&&o| o != victim) {
-                    c.net.cut(o, victim);
-                }
-                format!("cut all -> {victim}")
-            }
-            3 => {
-                // Another node: a reset between a node and itself does nothing.
-                let others: Vec<u64> = ids.iter().copied().filter(|&o| o != victim).collect();
-                let other = pick(&mut rng, &others);
-                c.net.reset(victim, other);
-                format!("reset {victim} <-> {other}")
-            }
-            4 => {
-                let (lo, hi) = (rng.range(0, 20), rng.range(20, 120));
-                c.net.set_delay(lo, hi);
-                format!("delay {lo}-{hi} ms")
-            }
-            5 => {
-                let step = rng.range(0, 600_000) as i64 - 300_000;
-                c.nodes[&victim].clock.step(step);
-                format!("step {victim}'s wall clock {step} ms")
-            }
-            _ => {
-                let loss = loss(&mut rng);
-                let at = rng.range(1, 40);
-                c.crash_at_write(victim, at, loss, &mut rng);
-                crashed = Some(loss);
-                format!(
-                    "power off {victim} at its disk write {at} from now ({loss:?}), then start it"
-                )
-            }
-        };
-        log.push(format!(
-            "{} ms: {fault} for {} ms",
+        let mut faults = vec![start_fault(&c, &mut rng, victim)];
+        if rng.chance(25) {
+            let others: Vec<u64> = ids.iter().copied().filter(|&o| o != victim).collect();
+            let second = pick(&mut rng, &others);
+            faults.push(start_fault(&c, &mut rng, second));
+        }
+        let mut entry = format!(
+            "{} ms: {} for {} ms",
             c.now(),
+            faults
+                .iter()
+                .map(|(f, _)| f.as_str())
+                .collect::<Vec<_>>()
+                .join(", and "),
             hold.as_millis()
-        ));
+        );
         if std::env::var_os("SIM_DEBUG").is_some() {
-            eprintln!("{}", log[log.len() - 1]);
+            eprintln!("{entry}");
         }
         tokio::time::sleep(hold).await;
-        if let Some(loss) = crashed {
-            if !c.is_off(victim) {
-                // It wrote too little in the time: the power goes now.
-                c.crash(victim, loss, &mut rng)?;
-            }
-            c.restart(victim, &mut rng).await?;
+        for (_, undo) in faults {
+            end_fault(&c, &mut rng, undo, &mut entry).await?;
         }
+        log.push(entry);
         c.net.heal();
         c.net.set_delay(0, 2);
     }
