@@ -292,3 +292,20 @@ async fn a_data_directory_of_another_node_is_refused() {
         "{stderr}"
     );
 }
+
+/// The README's start-up warning: a client port off loopback with no
+/// `--auth-file` says that anyone who reaches it may use every key; on
+/// loopback it says nothing.
+#[test]
+fn a_client_port_off_loopback_without_auth_is_warned_of() {
+    const WARNING: &str = "no --auth-file: any client that reaches this port";
+    let warned = |s: &Server| s.log().iter().any(|l| l.contains(WARNING));
+    let open = Server::start(&["--listen", "0.0.0.0:0"]);
+    assert!(
+        warned(&open),
+        "no warning on 0.0.0.0; the log:\n{}",
+        open.log().join("\n")
+    );
+    let local = Server::start(&[]);
+    assert!(!warned(&local), "a warning on loopback");
+}

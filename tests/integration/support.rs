@@ -115,14 +115,12 @@ impl Server {
         let data_dir = data_dir.to_path_buf();
         let mut child = command
             .arg("serve")
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--metrics-listen",
-                "127.0.0.1:0",
-                "--log-format",
-                "json",
-            ])
+            .args(if extra.contains(&"--listen") {
+                &[][..]
+            } else {
+                &["--listen", "127.0.0.1:0"][..]
+            })
+            .args(["--metrics-listen", "127.0.0.1:0", "--log-format", "json"])
             .arg("--data-dir")
             .arg(&data_dir)
             .args(extra)

@@ -113,6 +113,11 @@ pub struct SimNode {
 }
 
 impl SimNode {
+    /// Whether the start numbered `incarnation` still has power.
+    fn powered(&self, incarnation: u64) -> bool {
+        self.incarnation.load(Ordering::SeqCst) == incarnation && !self.off.load(Ordering::SeqCst)
+    }
+
     /// What a power loss does at its instant: the node is unplugged from
     /// the network, calls in flight on it lose their answers, its next
     /// start gets the disk the loss `kept` and a data dir of its own with
@@ -224,11 +229,7 @@ impl Cluster {
             Arc::new(move |to: String| {
                 let (net, sim) = (net.clone(), sim.clone());
                 Box::pin(async move {
-                    let alive = sim.upgrade().is_some_and(|s| {
-                        s.incarnation.load(Ordering::SeqCst) == incarnation
-                            && !s.off.load(Ordering::SeqCst)
-                    });
-                    if !alive {
+                    if !sim.upgrade().is_some_and(|s| s.powered(incarnation)) {
                         tokio::time::sleep(CONNECT_TIMEOUT).await;
                         return Err(io::Error::new(io::ErrorKind::TimedOut, "no power"));
                     }
@@ -275,7 +276,7 @@ impl Cluster {
                 )
                 .serve_with_incoming(tokio_stream::wrappers::ReceiverStream::new(rx)),
         );
-        let watcher = watch_role(&node, id, self.origin, self.roles.clone());
+        let watcher = watch_role(&node, sim, id, self.origin, self.roles.clone());
         lock(&self.watchers).push(watcher);
         *lock(&sim.node) = Some(node);
         sim.off.store(false, Ordering::SeqCst);
@@ -472,16 +473,23 @@ impl Cluster {
     }
 }
 
-/// Records node `id`'s term and role each time its server metrics change.
+/// Records node `id`'s term and role each time its server metrics change,
+/// until its power goes (what runs on after that is heard by nobody).
 fn watch_role(
     node: &Node,
+    sim: &Arc<SimNode>,
     id: NodeId,
     origin: Instant,
     roles: Arc<Mutex<Vec<Role>>>,
 ) -> JoinHandle<()> {
     let mut metrics = node.raft().server_metrics();
+    let incarnation = sim.incarnation.load(Ordering::SeqCst);
+    let sim = Arc::downgrade(sim);
     tokio::spawn(async move {
         loop {
+            if !sim.upgrade().is_some_and(|s| s.powered(incarnation)) {
+                return;
+            }
             let role = {
                 let m = metrics.borrow_and_update();
                 Role {

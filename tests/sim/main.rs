@@ -7,10 +7,11 @@
 //! exactly (`SIM_SEED=n cargo test --test sim -- --nocapture`).
 //!
 //! Each seed runs a workload of lease, idempotency and rate-limit clients
-//! through random nodes while faults come and go (a node cut off both ways,
-//! one-way cuts into and out of the leader, dropped connections, slow
-//! links, wall-clock steps of up to five minutes, a node's power cut
-//! part-way through a commit, `disk`), ends with the whole cluster losing
+//! through random nodes while faults come and go, sometimes two at once (a
+//! node cut off both ways, one-way cuts into and out of the leader,
+//! dropped connections, slow links, wall-clock steps of up to five minutes
+//! and drifts of 5-50 %, a full disk, a node's power cut part-way through
+//! a commit, `disk`), ends with the whole cluster losing
 //! power under traffic, then heals everything, and checks the
 //! time-dependent guarantees on what the clients saw (`history`): no lease
 //! granted to a second holder before the first could stop relying on it,
