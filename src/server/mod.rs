@@ -112,6 +112,9 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Started, Ser
     })?;
     let listeners = Listeners::bind(&config).await?;
     let addrs = listeners.addrs;
+    // Before anything is loaded: the certificates' and the auth file's
+    // first load sets their `arbiter_config_generation`.
+    let handle = install_metrics();
     let tls = Security::load(&config).map_err(ServerError::Security)?;
     let hostname = std::env::var("HOSTNAME")
         .ok()
@@ -120,7 +123,6 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Started, Ser
         .membership(addrs.peer, hostname.as_deref())
         .map_err(ServerError::Cluster)?;
 
-    let handle = install_metrics();
     let metrics = Arc::new(Metrics::new());
     ::metrics::gauge!("arbiter_insecure_peer_port").set(if tls.insecure_peers { 1.0 } else { 0.0 });
     let node = Node::start(node_options(&config, membership, clock, &tls)).await?;

@@ -150,3 +150,33 @@ async fn concurrent_begins_of_one_key_start_one_attempt() {
         );
     }
 }
+
+/// The README's `arbiter_idempotency_record_bytes`: what the stored
+/// records hold, growing with a completed response.
+#[tokio::test]
+async fn record_bytes_are_reported() {
+    let server = Server::start(&[]);
+    let bytes = || {
+        crate::support::metric(server.metrics, "arbiter_idempotency_record_bytes")
+            .expect("the gauge is rendered")
+    };
+    let empty = bytes();
+    let mut c = server.idem().await;
+    let started = c
+        .begin(begin("pay-bytes", b"sha:1", 60_000))
+        .await
+        .unwrap()
+        .into_inner();
+    c.complete(CompleteRequest {
+        key: "pay-bytes".into(),
+        attempt: started.attempt,
+        response: vec![7; 10_000],
+    })
+    .await
+    .unwrap();
+    let held = bytes();
+    assert!(
+        held >= empty + 10_000.0,
+        "{held} bytes reported with a 10,000-byte response stored ({empty} before)"
+    );
+}

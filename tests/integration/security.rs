@@ -267,6 +267,19 @@ async fn plaintext_to_a_tls_port_fails_and_unknown_callers_are_unauthenticated()
         code(ci.get(GetLeaseRequest { name: "a/x".into() }).await),
         Code::PermissionDenied
     );
+    // The README: calls refused as UNAUTHENTICATED or PERMISSION_DENIED
+    // count as failures of their RPC (two of each GetLease above; the
+    // plaintext call never reached it).
+    let failed = crate::support::metric(
+        s.server.metrics,
+        r#"arbiter_rpc_failures_total{rpc="GetLease"}"#,
+    );
+    assert_eq!(failed, Some(3.0), "GetLease failures");
+    let failed = crate::support::metric(
+        s.server.metrics,
+        r#"arbiter_rpc_failures_total{rpc="ClusterStatus"}"#,
+    );
+    assert_eq!(failed, Some(1.0), "ClusterStatus failures");
 }
 
 #[tokio::test]
@@ -293,6 +306,12 @@ async fn a_certificate_from_another_ca_is_refused() {
             .is_err(),
     };
     assert!(refused, "a certificate of another CA was accepted");
+    // The README: a refused handshake is counted.
+    eventually("the refused handshake counted", || async {
+        let n = crate::support::metric(s.server.metrics, "arbiter_tls_handshake_failures_total")?;
+        (n >= 1.0).then_some(())
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -576,6 +595,18 @@ async fn a_rotated_certificate_and_an_edited_auth_file_are_picked_up_without_a_r
         arbiter::security::tls::cert_names(&now_served)[0],
         "arbiter-renewed"
     );
+    let generation = |what: &str| {
+        crate::support::metric(
+            s.server.metrics,
+            &format!("arbiter_config_generation{{what=\"{what}\"}}"),
+        )
+        .unwrap_or(0.0)
+    };
+    assert!(
+        generation("client TLS") >= 2.0,
+        "the certificate's reload not counted: {}",
+        generation("client TLS")
+    );
 
     // The auth file: alice is given "c/"; a broken edit keeps the rules.
     let mut alice = LeasesClient::new(s.conn(Some(&s.alice), None).await);
@@ -597,6 +628,11 @@ async fn a_rotated_certificate_and_an_edited_auth_file_are_picked_up_without_a_r
             .ok()
     })
     .await;
+    assert!(
+        generation("auth file") >= 2.0,
+        "the auth file's reload not counted: {}",
+        generation("auth file")
+    );
     std::fs::write(&s.auth, "principals: [ this is not yaml").unwrap();
     eventually("the bad file reported", || async {
         s.server
@@ -606,6 +642,14 @@ async fn a_rotated_certificate_and_an_edited_auth_file_are_picked_up_without_a_r
             .then_some(())
     })
     .await;
+    let failures = crate::support::metric(
+        s.server.metrics,
+        r#"arbiter_config_reload_failures_total{what="auth file"}"#,
+    );
+    assert!(
+        failures >= Some(1.0),
+        "the failed reload not counted: {failures:?}"
+    );
     // The last good rules still hold: alice keeps "c/", bob is still known.
     alice
         .get(GetLeaseRequest { name: "c/x".into() })
@@ -1036,6 +1080,13 @@ async fn idle_connections_do_not_hold_the_tls_port() {
         served.is_ok(),
         "not served within 1 s with 3,000 idle connections open ({:?})",
         started.elapsed()
+    );
+    // The README: connections past one source's share are closed at once,
+    // and counted.
+    let refused = crate::support::metric(s.server.metrics, "arbiter_tls_handshakes_refused_total");
+    assert!(
+        refused >= Some(1.0),
+        "no refused handshake counted: {refused:?}"
     );
     drop(idle);
 }

@@ -311,6 +311,16 @@ where
     }
 }
 
+/// The value of one series (`name{labels}` exactly as rendered) on a
+/// node's plaintext metrics endpoint, if it is there.
+pub fn metric(metrics: std::net::SocketAddr, series: &str) -> Option<f64> {
+    let body = http_get(metrics, "/metrics");
+    let prefix = format!("{series} ");
+    body.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.trim().parse().ok())
+}
+
 /// `GET path` over HTTP/1.1, retried on connection errors until the deadline.
 pub fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     let once = || -> std::io::Result<String> {
