@@ -541,9 +541,11 @@ fn loss(rng: &mut Rng) -> Loss {
 /// Cuts every node's power, each at one of its next disk writes (part-way
 /// through a commit; a node that writes nothing for a second loses it
 /// then), so the cluster goes down one node after another under traffic
-/// and the last ones go with writes in flight; then starts them all again.
-/// What was acknowledged must all be there after.
+/// and the last ones go with writes in flight; then, after an outage of
+/// 1-3 s, starts them all again. What was acknowledged must all be there
+/// after, and a lease granted just before must have kept its time.
 async fn power_loss(c: &Cluster, rng: &mut Rng) -> Result<String, String> {
+    let probe = probe_before_the_outage(c, rng).await;
     let loss = loss(rng);
     let ids = c.ids();
     for &id in &ids {
@@ -560,14 +562,88 @@ async fn power_loss(c: &Cluster, rng: &mut Rng) -> Result<String, String> {
             c.crash(id, loss, rng)?;
         }
     }
-    let at = c.now();
+    let off_at = c.now();
+    let outage = rng.range(1_000, 3_000);
+    tokio::time::sleep(Duration::from_millis(outage)).await;
+    let on_at = c.now();
     for &id in &ids {
         c.restart(id, rng).await?;
     }
+    let kept = match probe {
+        Some(sent) => probe_after_the_outage(c, rng, sent, off_at, on_at).await?,
+        None => "no probe lease".into(),
+    };
     Ok(format!(
-        "{at} ms: every node's power cut ({loss:?}; {mid_write} of {} part-way through a write), then all started",
+        "{off_at} ms: every node's power cut ({loss:?}; {mid_write} of {} part-way through a write), \
+         all started {outage} ms later; {kept}",
         ids.len()
     ))
+}
+
+/// The lease acquired before the whole cluster's power loss.
+const PROBE: &str = "across-the-outage";
+/// Its TTL: longer than the outage and the restart.
+const PROBE_TTL_MS: u64 = 10_000;
+/// How much lease time the restarted cluster may lose beyond the time it
+/// was up: what passed between the last time its leader stamped into the
+/// log and the power going.
+const PROBE_SLACK_MS: u64 = 500;
+
+/// A lease for the outage probe, acquired now; when it was sent, if it was
+/// granted.
+async fn probe_before_the_outage(c: &Cluster, rng: &mut Rng) -> Option<u64> {
+    let sent = c.now();
+    let op = Acquire {
+        quota: Default::default(),
+        name: PROBE.into(),
+        holder: "prober".into(),
+        ttl_ms: PROBE_TTL_MS,
+        principal: String::new(),
+    };
+    match settled(c, rng, op).await {
+        Answer::Ok(s) if s.value.acquired => Some(sent),
+        _ => None,
+    }
+}
+
+/// The README: after a whole-cluster restart the timeline resumes where
+/// the log left it, so a lease keeps its remaining time across the
+/// outage. The probe, granted with `PROBE_TTL_MS` no earlier than `sent`,
+/// may have lost only the time the cluster was up: until `off_at` (the
+/// last node off), and from `on_at` (the first one starting again) until
+/// the read, plus `PROBE_SLACK_MS`.
+async fn probe_after_the_outage(
+    c: &Cluster,
+    rng: &mut Rng,
+    sent: u64,
+    off_at: u64,
+    on_at: u64,
+) -> Result<String, String> {
+    if c.leader(Duration::from_secs(10)).await.is_none() {
+        return Err("no leader within 10 s of the power coming back".into());
+    }
+    let answer = settled(c, rng, GetLease { name: PROBE.into() }).await;
+    let done = c.now();
+    let up = (off_at - sent) + (done - on_at);
+    let lease = match answer {
+        Answer::Ok(s) => s
+            .value
+            .map(|l| (l.expires_at_ms.saturating_sub(s.now_ms), l)),
+        _ => return Ok("the probe lease was not read".into()),
+    };
+    let least = PROBE_TTL_MS.saturating_sub(up + PROBE_SLACK_MS);
+    match lease {
+        Some((left, l)) if l.holder == "prober" && left >= least => Ok(format!(
+            "the probe lease had {left} ms left ({} ms up since its grant, {} ms down)",
+            up,
+            on_at - off_at
+        )),
+        other => Err(format!(
+            "the lease {PROBE} granted for {PROBE_TTL_MS} ms at {sent} ms or later, with the \
+             cluster up for {up} ms of it (power off at {off_at} ms, on at {on_at} ms, read by \
+             {done} ms), must have at least {least} ms left; it has {other:?}"
+        )),
+    }
 }
 
 /// `op` through random nodes, again while its outcome is unknown (as a
@@ -761,10 +837,12 @@ fn time_dependent_guarantees_hold_on_every_seed() {
     let mut failed = Vec::new();
     let (mut calls, mut faults, mut changes) = (0, 0, 0);
     let (mut fewest_definite, mut fewest_pairs, mut pairs) = (usize::MAX, usize::MAX, 0);
+    let mut probed = 0;
     for seed in first..first + count {
         let outcome = simulate(seed).and_then(|run| {
             fewest_definite =
                 fewest_definite.min(run.history.iter().filter(|e| e.what.definite()).count());
+            probed += usize::from(run.power_loss.contains("the probe lease had"));
             let compared = history::check_reads(&run.history).unwrap_or(0);
             fewest_pairs = fewest_pairs.min(compared);
             pairs += compared;
@@ -785,7 +863,7 @@ fn time_dependent_guarantees_hold_on_every_seed() {
     println!(
         "simulated {count} seeds: {calls} calls, {faults} faults, {changes} leader changes, \
          at least {fewest_definite} definite answers a seed, {pairs} pairs of lease reads \
-         compared (at least {fewest_pairs} a seed)"
+         compared (at least {fewest_pairs} a seed), a lease probed across the outage in {probed}"
     );
     assert!(failed.is_empty(), "failing seeds: {failed:?}");
     assert!(
@@ -795,6 +873,10 @@ fn time_dependent_guarantees_hold_on_every_seed() {
     assert!(
         count < 10 || pairs >= count as usize * MIN_READ_PAIRS,
         "{pairs} pairs of lease reads compared over {count} seeds: the read check saw too little"
+    );
+    assert!(
+        count < 10 || probed * 2 >= count as usize,
+        "the lease across the outage was probed in only {probed} of {count} seeds"
     );
     // One seed may well keep its leader; many seeds must not all do.
     assert!(
