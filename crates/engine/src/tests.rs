@@ -429,6 +429,43 @@ proptest! {
         }
     }
 
+    /// The README: for evenly spread traffic a sliding window keeps to its
+    /// limit over any interval, not only aligned ones. Checks at a steady
+    /// spacing, from any phase: slower than the limit, every one is
+    /// allowed; at the limit or faster, no window-long stretch allows more
+    /// than `limit` (the worst case for uneven traffic is `2 × limit`).
+    #[test]
+    fn sliding_window_keeps_to_its_limit_for_evenly_spread_traffic(
+        limit in 2u64..30, gap in 2u64..60, phase in 0u64..10_000, pace in 0usize..4,
+    ) {
+        let window = limit * gap;
+        // The spacing: twice the limit's, the limit's, a half, a third.
+        let every = [gap * 2, gap, (gap / 2).max(1), (gap / 3).max(1)][pace];
+        let def = LimitDef::SlidingWindow { limit, window_ms: window };
+        let e = engine();
+        let mut allowed = Vec::new();
+        let end = phase + window * 6;
+        let mut now = phase;
+        while now < end {
+            let r = e.check(&[check("even", def, 1)], false, now).unwrap()[0];
+            if pace == 0 {
+                prop_assert!(r.allowed, "denied at {} ms, every {} ms, {} per {} ms", now, every, limit, window);
+            }
+            if r.allowed {
+                allowed.push(now);
+            }
+            now += every;
+        }
+        if pace > 0 {
+            let mut t0 = phase + window;
+            while t0 + window <= end {
+                let n = allowed.iter().filter(|&&t| t >= t0 && t < t0 + window).count() as u64;
+                prop_assert!(n <= limit, "{} allowed in [{}, {}) ms, every {} ms, {} per {} ms", n, t0, t0 + window, every, limit, window);
+                t0 += every;
+            }
+        }
+    }
+
     /// Leases against a model of who holds each name until when: every
     /// outcome is the one the model predicts (grants, renewals, releases,
     /// refusals and "held by another" answers alike), a new grant's
