@@ -184,3 +184,66 @@ async fn watch_of_a_free_lease_starts_empty() {
     assert_eq!(e.kind(), Kind::Current);
     assert!(e.lease.is_none());
 }
+
+/// The README: a watcher that falls more than 256 events behind is sent
+/// the current state again (a CURRENT event) rather than the changes it
+/// missed, and then follows on. The watcher here reads nothing while
+/// 3,000 renewals are made over another connection (with a name and holder
+/// of 1,000 bytes, so that the events overflow what the connection
+/// buffers).
+#[tokio::test]
+async fn a_lagging_watcher_is_sent_the_current_state_again() {
+    let server = Server::start(&[]);
+    let mut c = server.leases().await;
+    let (name, holder) = ("l".repeat(1_000), "h".repeat(1_000));
+    let held = c
+        .acquire(acquire(&name, &holder, 60_000))
+        .await
+        .unwrap()
+        .into_inner()
+        .lease
+        .unwrap();
+    let mut stream = server
+        .leases()
+        .await
+        .watch(WatchLeaseRequest { name: name.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    const RENEWALS: u64 = 3_000;
+    for i in 1..=RENEWALS {
+        c.renew(RenewRequest {
+            name: name.clone(),
+            holder: holder.clone(),
+            fencing_token: held.fencing_token,
+            ttl_ms: 60_000 + i,
+        })
+        .await
+        .unwrap();
+    }
+    // Now read: the first CURRENT, some renewals, a CURRENT again where
+    // the watcher fell behind, and at last the final renewal's state.
+    let (mut current, mut events) = (0, 0);
+    loop {
+        let e = tokio::time::timeout(DEADLINE, stream.message())
+            .await
+            .expect("an event within the deadline")
+            .expect("stream ok")
+            .expect("stream open");
+        events += 1;
+        if e.kind() == Kind::Current {
+            current += 1;
+        }
+        if e.lease.is_some_and(|l| l.ttl_ms == 60_000 + RENEWALS) {
+            break;
+        }
+    }
+    assert!(
+        current >= 2,
+        "no resynchronisation: {current} CURRENT events in {events}"
+    );
+    assert!(
+        events < RENEWALS,
+        "{events} events for {RENEWALS} renewals: nothing was skipped"
+    );
+}
