@@ -132,6 +132,25 @@ class Nemesis:
         r = sh("docker", "inspect", "-f", "{{.State.Running}} {{.State.Paused}}", n.name, check=False)
         return r.stdout.strip().startswith("true")
 
+    def restart_if_it_exits(self, n, fault, within=30.0):
+        """A node whose write failed on the full disk shuts down and exits
+        (as the server does on a fatal storage error), which takes a moment:
+        it may still be running when the disk is freed. Starts it again once
+        it has exited, as its supervisor would; returns once it is serving
+        ready, or after `within` seconds (polled, with that deadline)."""
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            if not self.running(n):
+                fault["exited"] = True
+                sh("docker", "start", n.name)
+                return
+            try:
+                if n.status(timeout=0.5).ready:
+                    return
+            except Exception:  # noqa: BLE001 - not answering yet: look again
+                pass
+            time.sleep(0.2)
+
     def pid(self, n):
         return sh("docker", "inspect", "-f", "{{.State.Pid}}", n.name).stdout.strip()
 
@@ -235,9 +254,7 @@ class Nemesis:
 
             def heal():
                 filler.unlink()
-                if not self.running(n):
-                    fault["exited"] = True
-                    sh("docker", "start", n.name)
+                self.restart_if_it_exits(n, fault)
             return heal
         raise ValueError(kind)
 
