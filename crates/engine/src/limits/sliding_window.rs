@@ -10,8 +10,10 @@
 //! never below the current count), so any `window_ms`-long interval, which
 //! spans at most two aligned windows, admits at most `2 × limit`. That worst
 //! case needs all of the previous window's traffic at its very end; when the
-//! previous window's traffic was evenly spread, the estimate is exact (up to
-//! the rounding up, which only ever denies earlier).
+//! offered traffic is evenly spread, what is admitted is spread out too and
+//! any window-long interval admits at most `limit + 1` (the one from the
+//! whole-millisecond spacing and the rounding up, which otherwise only ever
+//! denies earlier).
 //!
 //! A changed definition keeps the counts; a changed `window_ms` re-aligns them
 //! to the new window boundaries (the current count becomes the new current
