@@ -9,30 +9,27 @@ run:
 
 # One compile: the Python suites run the server binary that `cargo test`
 # built (`cargo build` would compile tokio and everything above it again,
-# without the dev-dependency feature `test-util`). The replay build of the
-# simulated cluster is a compile of its own and runs by hand
-# (`make test-sim-replay`, recorded in docs/RELIABILITY.md).
+# without the dev-dependency feature `test-util`). More seeds of the
+# simulated cluster run by hand (`make test-sim-replay`, recorded in
+# docs/RELIABILITY.md).
 test: test-rust test-python test-python-client test-helm
 
 test-rust:
 	$(CARGO) test -j$(JOBS) --workspace
 
-# The simulated cluster again, where a seed replays exactly: tokio's own
-# random choices are seeded only with --cfg tokio_unstable, so this is a build
-# of its own, in a target directory of its own (the server's build is
-# untouched). It checks the replay and runs seeds 1001-1200, each of which,
-# should it fail, replays with
-# RUSTFLAGS="--cfg tokio_unstable" SIM_SEED=S cargo test --test sim --target-dir target/replay
-SIM_TARGET ?= $(if $(CARGO_TARGET_DIR),$(CARGO_TARGET_DIR),target)/replay
+# The simulated cluster's seeds 1001-1200, in the build `make test` made
+# (.cargo/config.toml adds --cfg tokio_unstable, so a seed replays exactly).
+# One that fails replays with SIM_SEED=S cargo test --workspace --test sim
 test-sim-replay:
-	SIM_FIRST_SEED=1001 SIM_SEEDS=200 RUSTFLAGS="--cfg tokio_unstable" $(CARGO) test -j$(JOBS) --test sim --target-dir $(SIM_TARGET)
+	SIM_FIRST_SEED=1001 SIM_SEEDS=200 $(CARGO) test -j$(JOBS) --workspace --test sim
 
 # The server binary as `cargo test` builds it, for the Python suites run
-# alone. `--workspace` unifies features as test-rust does, so this reuses
-# its dependencies; after a full test-rust it still relinks the server
-# crate once (about a minute), for a reason not yet found.
+# alone. The same targets as test-rust: selecting only `--test integration`
+# leaves the other crates' dev-dependencies out of feature unification,
+# which rebuilt tonic, prost and the server (about 5 minutes) after a full
+# test-rust; this way it is a no-op after it.
 server-bin:
-	$(CARGO) test -j$(JOBS) --no-run --workspace --test integration
+	$(CARGO) test -j$(JOBS) --no-run --workspace
 
 test-python: server-bin
 	python3 -m pip install --quiet --disable-pip-version-check -r tests/python/requirements.txt

@@ -10,7 +10,9 @@ release / get on 3 names, idempotency begin / complete / abort / get on keys
 that roll on (about two new a second, eight in play), and token-bucket
 checks (capacity 20, 10 per second) on 2 keys, each call with a 2 s
 deadline, while a schedule drawn from the run's seed injects
-one fault at a time and heals it:
+faults and heals them (a quarter of the node faults with a second fault
+on another node while held; calls sent while the two leave no majority
+do not count towards the unknown share):
 
   kill-leader, kill-follower      docker kill -s KILL, then docker start
   pause-leader, pause-follower    SIGSTOP, then SIGCONT
@@ -82,6 +84,11 @@ KINDS = ["kill-leader", "kill-follower", "pause-leader", "pause-follower", "part
 # majority, not reachable) or the call ran out of time. Any other error is
 # the server failing and fails the run.
 UNKNOWN_CODES = {"UNAVAILABLE", "DEADLINE_EXCEEDED"}
+# Kinds that may come with a second fault on another node while they are
+# held (a quarter of them do), and that may be that second fault.
+OVERLAPPING = {"kill-leader", "kill-follower", "pause-leader", "pause-follower", "partition-leader",
+               "partition-follower", "oneway-leader", "oneway-follower", "disk-full"}
+OVERLAP_SHARE = 0.25
 
 
 def timed_out(code, detail):
@@ -165,11 +172,14 @@ class Nemesis:
                 pass
         return self.cluster.node(seen.most_common(1)[0][0]) if seen else None
 
-    def target(self, rng, role):
+    def target(self, rng, role, avoid=None):
+        """The leader, or a follower, for a fault; never the node named
+        `avoid` (another fault's target)."""
         leader = self.leader()
-        if role == "leader":
-            return leader or rng.choice(self.nodes)
-        return rng.choice([n for n in self.nodes if n is not leader])
+        nodes = [n for n in self.nodes if n.name != avoid]
+        if role == "leader" and leader in nodes:
+            return leader
+        return rng.choice([n for n in nodes if n is not leader] or nodes)
 
     def iptables(self, n, *rule):
         sh("nsenter", "-t", self.pid(n), "-n", "iptables", *rule)
@@ -201,21 +211,23 @@ class Nemesis:
             else:
                 sh("docker", "start", n.name, check=False)
 
-    def inject(self, fault, rng):
-        """Injects `fault` (from the schedule) and returns how to heal it."""
+    def inject(self, fault, rng, avoid=None):
+        """Injects `fault` (from the schedule) and returns how to heal it.
+        A fault that overlaps another never targets that one's node
+        (`avoid`)."""
         kind = fault["kind"]
         if kind in ("kill-leader", "kill-follower"):
-            n = self.target(rng, kind.split("-")[1])
+            n = self.target(rng, kind.split("-")[1], avoid)
             fault["target"] = n.name
             sh("docker", "kill", "-s", "KILL", n.name)
             return lambda: sh("docker", "start", n.name)
         if kind in ("pause-leader", "pause-follower"):
-            n = self.target(rng, kind.split("-")[1])
+            n = self.target(rng, kind.split("-")[1], avoid)
             fault["target"] = n.name
             sh("docker", "kill", "-s", "STOP", n.name)
             return lambda: sh("docker", "kill", "-s", "CONT", n.name)
         if kind.startswith(("partition-", "oneway-")):
-            n = self.target(rng, kind.split("-")[1])
+            n = self.target(rng, kind.split("-")[1], avoid)
             fault["target"] = n.name
             for other in self.nodes:
                 if other is n:
@@ -248,7 +260,7 @@ class Nemesis:
             sh("docker", "start", n.name)
             return lambda: offset.write_text("0\n")
         if kind == "disk-full":
-            n = rng.choice(self.nodes)
+            n = rng.choice([n for n in self.nodes if n.name != avoid])
             fault["target"] = n.name
             filler = self.fill(n)
 
@@ -263,18 +275,23 @@ class Nemesis:
         return r.stdout + r.stderr
 
 
-def schedule(rng, duration):
-    """Faults one at a time: start offset, kind, how long it is held and the
-    quiet gap after its heal, drawn from the run's seed."""
+def schedule(rng, duration, kinds=KINDS):
+    """Faults one at a time: start offset, kind (one of `kinds`), how long
+    it is held and the quiet gap after its heal, drawn from the run's seed."""
     out, t = [], 1.5 + rng.random()
     while t < duration - 3:
-        kind = rng.choice(KINDS)
+        kind = rng.choice(kinds)
         hold = 0.0 if kind == "restart-all" else round(rng.uniform(1.0, 4.0), 2)
         f = {"kind": kind, "at": round(t, 2), "hold": hold}
         if kind == "restart-all":
             f["how"] = rng.choice(["kill", "term"])
         if kind == "clock":
             f["offset_ms"] = rng.choice([-1, 1]) * rng.randint(1_000, 300_000)
+        seconds = [k for k in kinds if k in OVERLAPPING]
+        if kind in OVERLAPPING and seconds and rng.random() < OVERLAP_SHARE:
+            after = round(rng.uniform(0.0, hold / 2), 2)
+            f["second"] = {"kind": rng.choice(seconds), "after": after,
+                           "hold": round(rng.uniform(0.5, hold - after), 2)}
         out.append(f)
         t += hold + rng.uniform(1.0, 3.0) + (5.0 if kind in ("restart-all", "clock") else 0.0)
     return out
@@ -513,14 +530,14 @@ def watch_leaders(nem, stop, observations, every_s=0.05):
     return threads
 
 
-def one_run(nem, seed, duration):
+def one_run(nem, seed, duration, kinds=KINDS):
     rng = random.Random(seed)
     run = {"seed": seed, "duration": duration,
            "names": [f"s{seed}-lease-{i}" for i in range(3)],
            "key_prefix": f"s{seed}-idem-", "keys": [],
            "limit_keys": [f"s{seed}-limit-{i}" for i in range(2)],
            "capacity": CAPACITY, "per_s": PER_S}
-    plan = schedule(rng, duration)
+    plan = schedule(rng, duration, kinds)
     faults = []
     history = History()
     stop = threading.Event()
@@ -541,7 +558,27 @@ def one_run(nem, seed, duration):
             faults.append(fault)
             try:
                 heal = nem.inject(fault, rng)
-                stop.wait(fault["hold"])
+                # The fault took effect somewhere between t_inject and
+                # t_injected (finding the leader and the commands that
+                # inject it take time), and its heal between t_healing and
+                # t_heal: the checker's spans cover both ends.
+                fault["t_injected"] = time.monotonic()
+                second = fault.get("second")
+                if second:
+                    second = dict(second, overlaps=fault["kind"])
+                    stop.wait(second["after"])
+                    second["t_inject"] = time.monotonic()
+                    faults.append(second)
+                    heal_second = nem.inject(second, rng, avoid=fault["target"])
+                    second["t_injected"] = time.monotonic()
+                    stop.wait(second["hold"])
+                    second["t_healing"] = time.monotonic()
+                    heal_second()
+                    second["t_heal"] = time.monotonic()
+                    log(f"  {second['kind']} on {second.get('target')} for "
+                        f"{second['t_heal'] - second['t_inject']:.1f} s, overlapping")
+                stop.wait(max(0.0, fault["t_injected"] + fault["hold"] - time.monotonic()))
+                fault["t_healing"] = time.monotonic()
                 heal()
             except (RuntimeError, OSError, subprocess.TimeoutExpired) as e:
                 # A fault the harness could not inject or heal (say, a node
@@ -588,7 +625,7 @@ def evaluate(run, faults, ops, final, problems, budget):
            for o in ops if o["status"] != "unsent"]
     result = nc.check(ops, faults, final, run["capacity"], run["per_s"], budget,
                       observations=[tuple(o) for o in run.get("leaders", [])])
-    result["violations"] += (problems + nc.outcome_problems(errors, ops)
+    result["violations"] += (problems + nc.outcome_problems(errors, ops, nc.majority_lost(faults))
                              + [f"search exhausted (raise --budget): {i}" for i in result["inconclusive"]])
     result["check_s"] = time.monotonic() - t
     return result
@@ -622,6 +659,8 @@ def main():
                     help="seconds of traffic and faults per run (default 20)")
     ap.add_argument("--seed", type=int, default=int(os.environ["SEED"]) if os.environ.get("SEED") else None,
                     help="first run's seed (run k uses seed + k); default random")
+    ap.add_argument("--faults", default=os.environ.get("FAULTS", ""),
+                    help="only these fault kinds, comma-separated (default: all of them)")
     ap.add_argument("--budget", type=int, default=2_000_000, help="linearizability search steps per object")
     ap.add_argument("--check", metavar="FILE", help="check a saved history.json again, without a cluster")
     ap.add_argument("--keep", action="store_true", help="leave the cluster running afterwards")
@@ -636,6 +675,11 @@ def main():
         print(summary_line(1, len(faults), r["writes"], len(r["lost"]), len(r["violations"])))
         return 0 if not r["violations"] and not r["lost"] else 1
 
+    kinds = [k for k in args.faults.split(",") if k] or KINDS
+    unknown = sorted(set(kinds) - set(KINDS))
+    if unknown:
+        print(f"nemesis: no such fault kind: {', '.join(unknown)} (kinds: {', '.join(KINDS)})", file=sys.stderr)
+        return 2
     if os.geteuid() != 0:
         print("nemesis: needs root (tmpfs data volumes, iptables in the containers' namespaces)", file=sys.stderr)
         return 2
@@ -653,13 +697,14 @@ def main():
             seed = base + k
             t = time.monotonic()
             log(f"run {k + 1}/{args.runs} (seed {seed})")
-            run, faults, ops, final, problems = one_run(nem, seed, args.duration)
+            run, faults, ops, final, problems = one_run(nem, seed, args.duration, kinds)
             r = evaluate(run, faults, ops, final, problems, args.budget)
             by = collections.Counter(o["status"] for o in ops)
             totals.update(runs=1, faults=len(faults), writes=r["writes"], lost=len(r["lost"]),
                           violations=len(r["violations"]), inconclusive=len(r["inconclusive"]), ops=len(ops),
                           unknown=by["unknown"])
-            mix.update(f["kind"] + ("(final)" if f.get("final") else "") for f in faults)
+            mix.update(f["kind"] + ("(final)" if f.get("final") else "(second)" if f.get("overlaps") else "")
+                       for f in faults)
             log(f"run {k + 1}: {len(ops)} calls ({by['ok']} ok, {by['fail']} refused, {by['unknown']} unknown), "
                 f"{len(faults)} faults, {r['changes']} leader changes, {r['writes']} acknowledged writes, {len(r['lost'])} lost, "
                 f"{len(r['violations'])} violations, {len(r['inconclusive'])} inconclusive; "

@@ -7,6 +7,7 @@
 #   cluster/nemesis.sh                        # RUNS=3 runs of DURATION=20 s
 #   RUNS=100 cluster/nemesis.sh               # the long mode (about an hour)
 #   SEED=1234 RUNS=1 cluster/nemesis.sh       # replay one run's schedule
+#   FAULTS=oneway-leader,kill-leader cluster/nemesis.sh   # only these fault kinds
 #   cluster/nemesis.sh --check target/nemesis/run-1234/history.json
 #
 # The cluster is its own compose project (arbiter-nemesis), apart from

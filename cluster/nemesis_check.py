@@ -432,8 +432,17 @@ def leader_changes(observations, faults, lookback_s=15.0):
     killed it, to the leader lease's deciding window after it. Which fault
     did is not known, so each fault event (injection or heal) since the
     previous change was seen (and within lookback_s) gives a span; a change
-    with none looks back UNPROVOKED_S."""
-    events = sorted(t for f in faults for t in (f.get("t_inject"), f.get("t_heal")) if t is not None)
+    with none looks back UNPROVOKED_S. An event is the harness's action
+    from its start to its end (t_inject to t_injected, t_healing to
+    t_heal): finding the leader and running the commands take time, and
+    the fault takes effect somewhere in between."""
+    events = []
+    for f in faults:
+        for start, end in (("t_inject", "t_injected"), ("t_healing", "t_heal")):
+            t1 = f.get(end, f.get(start))
+            if t1 is not None:
+                events.append((f.get(start, t1), t1))
+    events.sort()
     seen = {}
     for t, _node, term, state in sorted(observations):
         if state == "Leader" and term not in seen:
@@ -442,8 +451,8 @@ def leader_changes(observations, faults, lookback_s=15.0):
     changes = []
     for prev, term in zip(terms, terms[1:]):
         t_seen = seen[term]
-        causes = [e for e in events if seen[prev] < e <= t_seen and t_seen - e <= lookback_s]
-        spans = [[e - SYNC_S - IN_FLIGHT_S, min(e + DECIDE_S, t_seen)] for e in causes]
+        causes = [(a, b) for a, b in events if seen[prev] < b and a <= t_seen and t_seen - a <= lookback_s]
+        spans = [[a - SYNC_S - IN_FLIGHT_S, min(b + DECIDE_S, t_seen)] for a, b in causes]
         changes.append({"term": term, "t_seen": t_seen, "forgets": spans or [[t_seen - UNPROVOKED_S, t_seen]]})
     return changes
 
@@ -513,16 +522,28 @@ def lost_writes(history, final):
 
 
 MAX_UNKNOWN_SHARE = 0.05
+RECOVER_S = 3.0  # after a majority comes back: its election, and calls sent before it that time out
 
 
-def outcome_problems(errors, ops, max_unknown=MAX_UNKNOWN_SHARE):
+def majority_lost(faults):
+    """The spans in which two overlapping faults left a 3-node cluster
+    without a majority: from the second fault's injection to RECOVER_S
+    after its heal. Calls sent in them can only end unknown, so they do
+    not count towards the unknown share."""
+    return [(f["t_inject"], f.get("t_heal", float("inf")) + RECOVER_S)
+            for f in faults if f.get("overlaps") and "t_inject" in f]
+
+
+def outcome_problems(errors, ops, excused=(), max_unknown=MAX_UNKNOWN_SHARE):
     """What fails a run besides the checkers: calls answered with an error
     that is neither a refusal nor unknown (`errors`: the server failed),
     and more than max_unknown of the calls sent (`ops`) ending unknown (a
-    history of mostly unknowns proves little)."""
+    history of mostly unknowns proves little). Calls sent in an `excused`
+    span (`majority_lost`) count for neither side of that share."""
     problems = [f"unexpected {o['code']} from {o['f']}: {o.get('detail')}" for o in errors[:5]]
     if len(errors) > 5:
         problems.append(f"... and {len(errors) - 5} more unexpected errors")
+    ops = [o for o in ops if not any(a <= o["t0"] <= b for a, b in excused)]
     unknown = [o for o in ops if o["status"] == "unknown"]
     if ops and len(unknown) > max_unknown * len(ops):
         codes = collections.Counter(o.get("code") or "no answer" for o in unknown)

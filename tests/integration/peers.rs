@@ -455,3 +455,117 @@ async fn an_oversized_peer_message_is_refused() {
         .await
         .expect("a small Identify is answered");
 }
+
+/// A TLS listener standing in for a member on its peer address: it
+/// presents `id`'s certificate and counts the handshakes the members
+/// complete with it and those they break off.
+struct Impostor {
+    completed: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    refused: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Impostor {
+    async fn listen(addr: &str, id: &Identity) -> std::io::Result<Impostor> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Arc;
+        let certs = CertificateDer::pem_file_iter(&id.cert)
+            .unwrap()
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let key = PrivateKeyDer::from_pem_file(&id.key).unwrap();
+        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        let completed = Arc::new(AtomicUsize::new(0));
+        let refused = Arc::new(AtomicUsize::new(0));
+        let (c, r) = (completed.clone(), refused.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let (acceptor, c, r) = (acceptor.clone(), c.clone(), r.clone());
+                tokio::spawn(async move {
+                    let done = tokio::time::timeout(Duration::from_secs(5), acceptor.accept(tcp));
+                    match done.await {
+                        Ok(Ok(_stream)) => c.fetch_add(1, Ordering::SeqCst),
+                        _ => r.fetch_add(1, Ordering::SeqCst),
+                    };
+                });
+            }
+        });
+        Ok(Impostor {
+            completed,
+            refused,
+            task,
+        })
+    }
+
+    fn counts(&self) -> (usize, usize) {
+        use std::sync::atomic::Ordering;
+        (
+            self.completed.load(Ordering::SeqCst),
+            self.refused.load(Ordering::SeqCst),
+        )
+    }
+}
+
+impl Drop for Impostor {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The README: each member verifies the others' certificates for their
+/// peer host names. Member 3 is stopped and its peer address taken by a
+/// listener with a certificate from the peer CA that names member 1's host
+/// (a member's certificate, for the wrong member): the leader, dialling
+/// member 3, breaks off every handshake. The same listener with a
+/// certificate naming member 3's host is accepted (so the refusals were
+/// for the name, not for the listener).
+#[tokio::test]
+async fn a_member_refuses_a_peer_whose_certificate_names_another_host() {
+    let mut h = hosted();
+    h.cluster.leader().await;
+    h.cluster.kill9(2);
+    let addr = h.cluster.peer_addr(2);
+    let wrong = h
+        .pki
+        .issue_for("member-3", &[&h.cluster.host(0)], "impostor-wrong-host");
+    let impostor = eventually("member 3's address free", || async {
+        Impostor::listen(&addr, &wrong).await.ok()
+    })
+    .await;
+    eventually("the members to try member 3 three times", || async {
+        (impostor.counts().1 >= 3).then_some(())
+    })
+    .await;
+    assert_eq!(
+        impostor.counts().0,
+        0,
+        "a member completed a handshake with a certificate for {}",
+        h.cluster.host(0)
+    );
+    drop(impostor);
+
+    let right = h
+        .pki
+        .issue_for("member-3", &[&h.cluster.host(2)], "impostor-right-host");
+    let listener = eventually("member 3's address free again", || async {
+        Impostor::listen(&addr, &right).await.ok()
+    })
+    .await;
+    eventually(
+        "a member to complete a handshake with the right name",
+        || async { (listener.counts().0 >= 1).then_some(()) },
+    )
+    .await;
+}

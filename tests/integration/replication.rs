@@ -12,7 +12,7 @@ use arbiter::proto::{CheckRequest, ClusterStatusRequest, ClusterStatusResponse, 
 
 use crate::cluster::Cluster;
 use crate::rate_limiter::{lc, tb};
-use crate::support::{eventually_within, http_get, Server};
+use crate::support::{eventually_within, http_get, signal, Server};
 
 /// Replication of tens of MB through a debug build takes longer than the
 /// usual deadline.
@@ -66,15 +66,6 @@ async fn assert_no_leader_change(cluster: &Cluster, before: &ClusterStatusRespon
             i + 1
         );
     }
-}
-
-fn signal(s: &Server, sig: &str) {
-    let ok = std::process::Command::new("kill")
-        .args([sig, &s.pid().to_string()])
-        .status()
-        .expect("run kill")
-        .success();
-    assert!(ok, "kill {sig} failed");
 }
 
 /// 30,000 keys of 1 KiB consumed within one sync interval: ~30 MB of state,

@@ -507,3 +507,14 @@ pub fn refused_start(dir: &std::path::Path, extra: &[&str]) -> (std::process::Ex
         .unwrap();
     (status, err)
 }
+
+/// Sends `sig` (as `kill` spells it: `-STOP`, `-CONT`) to the server's
+/// process.
+pub fn signal(s: &Server, sig: &str) {
+    let ok = std::process::Command::new("kill")
+        .args([sig, &s.pid().to_string()])
+        .status()
+        .expect("run kill")
+        .success();
+    assert!(ok, "kill {sig} failed");
+}

@@ -220,6 +220,14 @@ def test_decider_changes_come_from_observed_terms_and_faults():
     back = nc.SYNC_S + nc.IN_FLIGHT_S
     want = [[1.0 - back, 1.0 + nc.DECIDE_S], [1.2 - back, 1.4]]
     assert [[round(t, 6) for t in span] for span in c["forgets"]] == [[round(t, 6) for t in span] for span in want], c
+    # An event spans the harness's action: from its start (less a sync and
+    # one in flight) to its end (plus the deciding window).
+    slow = [{"t_inject": 0.9, "t_injected": 1.05, "t_healing": 3.0, "t_heal": 3.2}]
+    assert [[round(t, 6) for t in span] for span in nc.leader_changes(obs, slow)[0]["forgets"]] == \
+        [[round(0.9 - back, 6), round(1.05 + nc.DECIDE_S, 6)]]
+    late = [{"t_inject": 0.6, "t_injected": 0.7}]
+    assert [[round(t, 6) for t in span] for span in nc.leader_changes(obs, late)[0]["forgets"]] == \
+        [[round(0.6 - back, 6), round(0.7 + nc.DECIDE_S, 6)]]
     # No fault before it: the span looks back UNPROVOKED_S from the change.
     assert nc.leader_changes(obs, [])[0]["forgets"] == [[1.4 - nc.UNPROVOKED_S, 1.4]]
     # The first leader seen is no change.
@@ -267,4 +275,24 @@ def test_too_many_unknown_outcomes_fail_the_run():
     assert nc.outcome_problems([], ok + unknown) == []
     more = unknown + [op("c", "check", "R", 9, None, status="unknown", code="DEADLINE_EXCEEDED", cost=1)]
     problems = nc.outcome_problems([], ok + more)
+    assert len(problems) == 1 and "6 of 101 calls ended unknown" in problems[0], problems
+
+
+def test_calls_sent_while_two_faults_overlap_do_not_count_towards_the_unknown_share():
+    ok = [check("a", i, i + 0.1, True) for i in range(95)]
+    # Thirty unknowns, all sent while a second fault overlapped the first
+    # (from 200 s, healed at 210 s) or within RECOVER_S after.
+    lost = [op("b", "check", "R", 200 + i * 0.4, None, status="unknown", code="UNAVAILABLE", cost=1)
+            for i in range(30)]
+    faults = [{"kind": "kill-leader", "t_inject": 199.0, "t_heal": 215.0},
+              {"kind": "pause-follower", "overlaps": "kill-leader", "t_inject": 200.0, "t_heal": 210.0}]
+    spans = nc.majority_lost(faults)
+    assert spans == [(200.0, 210.0 + nc.RECOVER_S)]
+    assert nc.outcome_problems([], ok + lost, spans) == []
+    # The same calls with no overlap fail the run ...
+    problems = nc.outcome_problems([], ok + lost, nc.majority_lost(faults[:1]))
+    assert len(problems) == 1 and "30 of 125 calls ended unknown" in problems[0], problems
+    # ... and so do unknowns sent outside the span, overlap or not.
+    late = [op("c", "check", "R", 220 + i, None, status="unknown", code="UNAVAILABLE", cost=1) for i in range(6)]
+    problems = nc.outcome_problems([], ok + lost + late, spans)
     assert len(problems) == 1 and "6 of 101 calls ended unknown" in problems[0], problems

@@ -106,6 +106,13 @@ struct Args {
     /// work-stealing pool of that many threads.
     #[arg(long, default_value_t = 1)]
     threads: usize,
+    /// Pad every rate-limit key, lease name and idempotency key with `_` to
+    /// at least this many bytes (0: as they are, about 16-40 bytes).
+    #[arg(long, default_value_t = 0)]
+    key_bytes: usize,
+    /// Bytes of each idempotency record's response (idem workload).
+    #[arg(long, default_value_t = 2)]
+    response_bytes: usize,
     /// Leave state behind for this many seconds (0: the usual round trips):
     /// the lease workload then only acquires fresh names with this TTL, and
     /// the idem workload keeps its records this long. For filling a node
@@ -157,8 +164,16 @@ struct Run {
 /// Most keys whose names or checks are made up front (tens of MiB).
 const NAMED_KEYS: u64 = 1 << 20;
 
-fn key_name(n: u64) -> String {
-    format!("bench:user:{n}")
+fn key_name(args: &Args, n: u64) -> String {
+    padded(format!("bench:user:{n}"), args.key_bytes)
+}
+
+/// `name` with `_` added up to `bytes` bytes (for memory measurements with
+/// keys of a given length).
+fn padded(mut name: String, bytes: usize) -> String {
+    let short = bytes.saturating_sub(name.len());
+    name.extend(std::iter::repeat_n('_', short));
+    name
 }
 
 impl Run {
@@ -265,7 +280,7 @@ async fn run(args: Args) -> Result<(), String> {
         names: if args.keys <= NAMED_KEYS
             && !matches!(args.workload, Workload::Check | Workload::Rls)
         {
-            (0..args.keys).map(key_name).collect()
+            (0..args.keys).map(|n| key_name(&args, n)).collect()
         } else {
             Vec::new()
         },
@@ -273,7 +288,7 @@ async fn run(args: Args) -> Result<(), String> {
             && matches!(args.workload, Workload::Check | Workload::Rls)
         {
             (0..args.keys)
-                .map(|n| request_entry(&args, key_name(n)))
+                .map(|n| request_entry(&args, key_name(&args, n)))
                 .collect()
         } else {
             Vec::new()
@@ -349,9 +364,7 @@ async fn run(args: Args) -> Result<(), String> {
                 Workload::Lease => {
                     lease_worker(&args, &run, channel.expect("channel"), w, &mut rng).await
                 }
-                Workload::Idem => {
-                    idem_worker(&run, channel.expect("channel"), w, args.keep_secs).await
-                }
+                Workload::Idem => idem_worker(&args, &run, channel.expect("channel"), w).await,
                 Workload::RedisCheck => {
                     redis_worker(&args, &run, addr, sha.expect("sha"), &mut rng).await
                 }
@@ -394,7 +407,7 @@ fn key(args: &Args, run: &Run, rng: &mut Rng) -> String {
     let n = key_index(args, run, rng);
     match run.names.get(n as usize) {
         Some(name) => name.clone(),
-        None => key_name(n),
+        None => key_name(args, n),
     }
 }
 

@@ -139,7 +139,7 @@ pub(super) async fn rls_worker(
             let n = key_index(args, run, rng);
             match run.entries.get(n as usize) {
                 Some(entry) => body.extend_from_slice(entry),
-                None => body.extend_from_slice(&rls_entry(key_name(n))),
+                None => body.extend_from_slice(&rls_entry(key_name(args, n))),
             }
         }
         let sent = Instant::now();
@@ -188,7 +188,7 @@ pub(super) async fn check_worker(
             let n = key_index(args, run, rng);
             match run.entries.get(n as usize) {
                 Some(entry) => body.extend_from_slice(entry),
-                None => body.extend_from_slice(&check_entry(args, key_name(n))),
+                None => body.extend_from_slice(&check_entry(args, key_name(args, n))),
             }
         }
         if args.all_or_nothing {
@@ -240,6 +240,7 @@ pub(super) async fn lease_worker(
         } else {
             format!("bench:lease:{w}:{}", rng.below(args.keys))
         };
+        let name = padded(name, args.key_bytes);
         let sent = Instant::now();
         let acquired = client
             .acquire(pb::AcquireRequest {
@@ -290,18 +291,20 @@ pub(super) async fn lease_worker(
 }
 
 pub(super) async fn idem_worker(
+    args: &Args,
     run: &Run,
     channel: Channel,
     w: usize,
-    keep_secs: u64,
 ) -> Result<Tally, String> {
+    let keep_secs = args.keep_secs;
+    let response = vec![b'r'; args.response_bytes];
     let mut client = IdempotencyClient::new(channel);
     let mut t = Tally::new();
     let prefix = format!("bench:idem:{}:{w}", now_ms());
     let mut n = 0u64;
     while let Some(measured) = run.admit() {
         n += 1;
-        let key = format!("{prefix}:{n}");
+        let key = padded(format!("{prefix}:{n}"), args.key_bytes);
         let sent = Instant::now();
         let begun = client
             .begin(pb::BeginRequest {
@@ -322,7 +325,7 @@ pub(super) async fn idem_worker(
             .complete(pb::CompleteRequest {
                 key,
                 attempt: begun.into_inner().attempt,
-                response: b"ok".to_vec(),
+                response: response.clone(),
             })
             .await;
         record(&mut t, measured, sent);
