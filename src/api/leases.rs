@@ -11,7 +11,7 @@ use tonic::{Request, Response, Status};
 use super::authz::{authorize, authorized};
 use super::{convert, error, Shared};
 use crate::engine::{Acquire, Release, Renew};
-use crate::node::{GetLease, Stamped};
+use crate::node::{Change, GetLease, Stamped};
 use crate::proto::leases_server::Leases;
 use crate::proto::{
     lease_event, AcquireRequest, AcquireResponse, GetLeaseRequest, GetLeaseResponse, LeaseEvent,
@@ -197,10 +197,12 @@ impl Leases for LeasesService {
                     }
                 };
                 let out = match event {
-                    Ok(e) => convert::lease_event(e, node.now_ms()),
-                    // Too slow to keep up: start over from the current state
-                    // rather than silently skipping changes.
-                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                    Ok(Change::Event(e)) => convert::lease_event(e, node.now_ms()),
+                    // Too slow to keep up, or the node installed a snapshot
+                    // (changes in between were never applied one by one):
+                    // start over from the current state rather than
+                    // silently skipping changes.
+                    Ok(Change::Replaced) | Err(broadcast::error::RecvError::Lagged(_)) => {
                         let (lease, now) = node.lease_local(&name);
                         current(lease, now)
                     }

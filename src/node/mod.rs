@@ -66,7 +66,7 @@ pub use operations::{
 };
 pub use options::{Membership, Options, Simulation, StartError};
 pub use view::{MemberInfo, Standing};
-pub use watch_fanout::{Watch, WatchLimits};
+pub use watch_fanout::{Change, Watch, WatchLimits};
 
 use crate::engine::{Counts, Engine, KeyQuota, Lease, LimitCheck, LimitResult};
 use crate::raft::seen::SeenWithState;

@@ -75,7 +75,7 @@ impl Node {
             engine.clone(),
             store.clone(),
             SnapshotDir::open(&data_dir)?,
-            observer(&watchers, &time),
+            observer(&watchers, &time, membership.id),
             boot_id,
         )?;
         let (raft, has_state) =
@@ -332,10 +332,11 @@ fn check_identity(store: &Store, id: NodeId) -> Result<admission::ClusterId, Sta
 
 /// What the state machine tells the node as it applies: lease events go to
 /// the watchers, command times to the timekeeper.
-fn observer(watchers: &Watchers, time: &Arc<Timekeeper>) -> Observer {
-    let (watchers, time) = (watchers.clone(), time.clone());
+fn observer(watchers: &Watchers, time: &Arc<Timekeeper>, id: NodeId) -> Observer {
+    let (events, replaced, time) = (watchers.clone(), watchers.clone(), time.clone());
     Observer {
-        lease_events: Arc::new(move |events: &[LeaseEvent]| watchers.publish(events)),
-        applied_time: Arc::new(move |now_ms| time.observe(now_ms)),
+        lease_events: Arc::new(move |e: &[LeaseEvent]| events.publish(e)),
+        applied_time: Arc::new(move |now_ms, by| time.observe(now_ms, by == Some(id))),
+        replaced: Arc::new(move || replaced.replaced()),
     }
 }

@@ -31,7 +31,17 @@ impl Default for WatchLimits {
     }
 }
 
-type Channels = HashMap<String, broadcast::Sender<LeaseEvent>>;
+/// What a watch channel carries.
+#[derive(Clone, Debug)]
+pub enum Change {
+    /// A change to the lease, as this node applied it.
+    Event(LeaseEvent),
+    /// This node's whole state was replaced (it installed a snapshot):
+    /// changes may have been skipped, so read the lease again.
+    Replaced,
+}
+
+type Channels = HashMap<String, broadcast::Sender<Change>>;
 
 /// The watched leases and their channels.
 #[derive(Clone, Default)]
@@ -81,7 +91,7 @@ impl Inner {
 pub struct Watch {
     pub lease: Option<Lease>,
     pub now_ms: u64,
-    pub events: broadcast::Receiver<LeaseEvent>,
+    pub events: broadcast::Receiver<Change>,
     pub slot: WatchSlot,
 }
 
@@ -108,11 +118,18 @@ impl Watchers {
         let mut watchers = self.lock();
         for event in events {
             if let Some(tx) = watchers.get(&event.lease.name) {
-                if tx.send(event.clone()).is_err() {
+                if tx.send(Change::Event(event.clone())).is_err() {
                     watchers.remove(&event.lease.name); // nobody listens any more
                 }
             }
         }
+    }
+
+    /// Tells every watcher that the state was replaced (called once a
+    /// snapshot is installed); drops the channels nobody listens to.
+    pub fn replaced(&self) {
+        self.lock()
+            .retain(|_, tx| tx.send(Change::Replaced).is_ok());
     }
 
     /// Drops the channels nobody listens to any more.

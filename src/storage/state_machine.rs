@@ -25,11 +25,15 @@ use crate::raft::{
 };
 
 /// Told what applying entries did: the lease changes each caused (for
-/// watchers), and the time each was stamped with (for the node's clock).
+/// watchers), the time each was stamped with and the node that led when it
+/// was proposed (for the node's clock; `None` for a snapshot's time), and
+/// that the whole state was replaced by an installed snapshot (for
+/// watchers: the changes in between are not known).
 #[derive(Clone)]
 pub struct Observer {
     pub lease_events: LeaseEvents,
-    pub applied_time: Arc<dyn Fn(u64) + Send + Sync>,
+    pub applied_time: Arc<dyn Fn(u64, Option<u64>) + Send + Sync>,
+    pub replaced: Arc<dyn Fn() + Send + Sync>,
 }
 
 /// Receives the lease changes an applied entry caused.
@@ -40,7 +44,8 @@ impl Observer {
     pub fn none() -> Self {
         Self {
             lease_events: Arc::new(|_| {}),
-            applied_time: Arc::new(|_| {}),
+            applied_time: Arc::new(|_, _| {}),
+            replaced: Arc::new(|| {}),
         }
     }
 }
@@ -176,7 +181,7 @@ impl StateMachine {
         self.last_applied = header.meta.last_log_id;
         self.membership = header.meta.last_membership.clone();
         self.last_now = header.last_now_ms;
-        (self.observer.applied_time)(header.last_now_ms);
+        (self.observer.applied_time)(header.last_now_ms, None);
     }
 }
 
@@ -259,7 +264,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 }
                 EntryPayload::Normal(req) => {
                     self.last_now = self.last_now.max(req.now_ms);
-                    (self.observer.applied_time)(self.last_now);
+                    (self.observer.applied_time)(
+                        self.last_now,
+                        Some(entry.log_id.leader_id.node_id),
+                    );
                     let mut outcomes = Vec::with_capacity(req.commands.len());
                     for command in req.commands {
                         outcomes.push(self.engine.apply(command, self.last_now).map(|applied| {
@@ -337,10 +345,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         .map_err(|e| sm_err(ErrorVerb::Write, e))?
         .map_err(|e| sm_err(ErrorVerb::Write, e))?;
         self.last_now = header.last_now_ms;
-        (self.observer.applied_time)(header.last_now_ms);
+        (self.observer.applied_time)(header.last_now_ms, None);
         // The sender's bookkeeping wins: it is what the snapshot covers.
         self.last_applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
+        (self.observer.replaced)();
         Ok(())
     }
 

@@ -361,6 +361,19 @@ impl Cluster {
         (!sim.off.load(Ordering::SeqCst)).then_some((node, incarnation))
     }
 
+    /// A watch on lease `name` through node `id`, if it is up, with the
+    /// node and its incarnation.
+    pub fn watch(&self, id: NodeId, name: &str) -> Option<(arbiter::node::Watch, Arc<Node>, u64)> {
+        let (node, incarnation) = self.up(id)?;
+        let w = node.watch(name, "", None).ok()?;
+        Some((w, node, incarnation))
+    }
+
+    /// Whether node `id` is still up in the same incarnation.
+    pub fn still_up(&self, id: NodeId, incarnation: u64) -> bool {
+        self.up(id).is_some_and(|(_, i)| i == incarnation)
+    }
+
     pub fn ids(&self) -> Vec<NodeId> {
         self.nodes.keys().copied().collect()
     }

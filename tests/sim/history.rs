@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 
-use arbiter::engine::{BeginOutcome, Lease, LimitResult};
+use arbiter::engine::{BeginOutcome, Lease, LeaseEvent, LeaseEventKind, LimitResult};
 
 use super::cluster::Answer;
 
@@ -50,6 +50,23 @@ pub enum What {
         key: String,
         answer: Answer<LimitResult>,
     },
+    /// A watch stream on a lease, through one node from `sent` to `done`:
+    /// the state it opened with and what it was told after, with when.
+    Watch {
+        name: String,
+        opened: Option<Lease>,
+        events: Vec<(u64, Told)>,
+    },
+}
+
+/// What a watch stream tells after its opening state.
+#[derive(Clone, Debug)]
+pub enum Told {
+    /// A change, as the node applied it.
+    Event(LeaseEvent),
+    /// The lease as it is now, sent again because the node's state was
+    /// replaced (a snapshot installed) or the stream fell behind.
+    Current(Option<Lease>),
 }
 
 impl What {
@@ -61,6 +78,7 @@ impl What {
             What::Begin { answer, .. } => answer.definite(),
             What::Complete { answer, .. } => answer.definite(),
             What::Check { answer, .. } => answer.definite(),
+            What::Watch { .. } => false,
         }
     }
 }
@@ -287,6 +305,138 @@ pub fn check_reads(history: &[Event]) -> Result<usize, String> {
         }
     }
     Ok(compared)
+}
+
+/// Leases as watchers saw them, against the calls made: a watch stream
+/// (one `What::Watch`) must tell only of grants that were made, in order,
+/// with none left out, and must never report a lease expired before its
+/// holder could stop relying on it (its call sent + TTL). Nobody releases
+/// in the simulation, so a release is reported only if it happened.
+/// Returns how many events were checked.
+pub fn check_watches(history: &[Event]) -> Result<usize, String> {
+    let grants = granted(history);
+    let mut checked = 0;
+    for e in history {
+        let What::Watch {
+            name,
+            opened,
+            events,
+        } = &e.what
+        else {
+            continue;
+        };
+        let mut last = opened.as_ref().map_or(0, |l| l.fencing_token);
+        // A change made as the stream opened may be both in the opening
+        // state and its first event.
+        let mut may_repeat = opened.is_some();
+        for (at, told) in events {
+            checked += 1;
+            let ev = match told {
+                Told::Event(ev) => ev,
+                // The state again: what it shows must have been granted
+                // by then, and must not go back; changes before it may
+                // have been skipped.
+                Told::Current(None) => continue,
+                Told::Current(Some(l)) => {
+                    let possible = grants.iter().any(|g| {
+                        g.name == name && g.lease.fencing_token == l.fencing_token && g.sent <= *at
+                    }) || history.iter().any(|c| {
+                        matches!(&c.what, What::Grant { name: n, holder, answer: Answer::Unknown(_), .. }
+                            if n == name && *holder == l.holder && c.sent <= *at)
+                    });
+                    if !possible || l.fencing_token < last {
+                        return Err(format!(
+                            "watch on {name}: sent the state again at {at} ms with token {} to {} (after token {last}), which no call sent by then granted",
+                            l.fencing_token, l.holder
+                        ));
+                    }
+                    last = l.fencing_token;
+                    may_repeat = true;
+                    continue;
+                }
+            };
+            let l = &ev.lease;
+            let repeat = std::mem::take(&mut may_repeat) && l.fencing_token == last;
+            let here = |g: &&Granted| g.name == name && g.lease.fencing_token == l.fencing_token;
+            // A definite grant of this token elsewhere, or to another holder.
+            if let Some(g) = grants.iter().find(|g| {
+                g.lease.fencing_token == l.fencing_token
+                    && (g.name != name || g.lease.holder != l.holder)
+            }) {
+                return Err(format!(
+                    "watch on {name}: {:?} of token {} to {} at {at} ms, but that token was granted to {} on {}",
+                    ev.kind, l.fencing_token, l.holder, g.lease.holder, g.name
+                ));
+            }
+            // A grant that could have made it: acknowledged with this
+            // token, or of unknown outcome, by this holder, sent by then.
+            let possible = grants.iter().filter(here).any(|g| g.sent <= *at)
+                || history.iter().any(|c| {
+                    matches!(&c.what, What::Grant { name: n, holder, answer: Answer::Unknown(_), .. }
+                        if n == name && *holder == l.holder && c.sent <= *at)
+                });
+            if !possible {
+                return Err(format!(
+                    "watch on {name}: {:?} of token {} to {} at {at} ms, which no call sent by then could have granted",
+                    ev.kind, l.fencing_token, l.holder
+                ));
+            }
+            match ev.kind {
+                LeaseEventKind::Acquired => {
+                    if l.fencing_token <= last && !repeat {
+                        return Err(format!(
+                            "watch on {name}: token {} acquired at {at} ms after token {last}",
+                            l.fencing_token
+                        ));
+                    }
+                    // No acknowledged acquisition between the two left out:
+                    // one after the last token the stream showed, or (when
+                    // it has shown none) one sent after it opened, was
+                    // applied after the stream opened and before this one.
+                    if let Some(g) = grants.iter().find(|g| {
+                        g.name == name
+                            && !g.renew
+                            && g.lease.fencing_token > last
+                            && g.lease.fencing_token < l.fencing_token
+                            && (last > 0 || g.sent >= e.sent)
+                    }) {
+                        return Err(format!(
+                            "watch on {name}: went from token {last} to {} at {at} ms without token {} (granted to {} at {}-{} ms)",
+                            l.fencing_token, g.lease.fencing_token, g.lease.holder, g.sent, g.done
+                        ));
+                    }
+                    last = l.fencing_token;
+                }
+                LeaseEventKind::Renewed => {
+                    if l.fencing_token < last {
+                        return Err(format!(
+                            "watch on {name}: token {} renewed at {at} ms after token {last}",
+                            l.fencing_token
+                        ));
+                    }
+                    last = l.fencing_token;
+                }
+                LeaseEventKind::Released => {
+                    return Err(format!(
+                        "watch on {name}: token {} released at {at} ms, though nobody releases",
+                        l.fencing_token
+                    ));
+                }
+                LeaseEventKind::Expired => {
+                    if let Some(g) = grants.iter().filter(here).find(|g| *at < g.sent + g.ttl) {
+                        return Err(format!(
+                            "watch on {name}: token {} reported expired at {at} ms, though {} could rely on it until {} ms (call sent at {} ms)",
+                            l.fencing_token,
+                            g.lease.holder,
+                            g.sent + g.ttl,
+                            g.sent
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    Ok(checked)
 }
 
 /// One started attempt per key (locks outlast the run), and whatever
@@ -734,5 +884,171 @@ mod tests {
             .collect();
         assert!(check_rate(&spread[..6], 5, &roles).is_ok());
         assert!(check_rate(&spread, 5, &roles).is_err());
+    }
+
+    fn watch(
+        sent: u64,
+        done: u64,
+        opened: Option<u64>,
+        events: &[(u64, LeaseEventKind, &str, u64)],
+    ) -> Event {
+        event(
+            sent,
+            done,
+            What::Watch {
+                name: "a".into(),
+                opened: opened.map(|t| lease("a", "p", t, 0)),
+                events: events
+                    .iter()
+                    .map(|&(at, kind, holder, token)| {
+                        (
+                            at,
+                            Told::Event(LeaseEvent {
+                                kind,
+                                lease: lease("a", holder, token, 0),
+                            }),
+                        )
+                    })
+                    .collect(),
+            },
+        )
+    }
+
+    #[test]
+    fn a_watch_that_tells_what_happened_passes() {
+        use LeaseEventKind::*;
+        let h = vec![
+            grant(0, 10, "p", 1, false),
+            grant(100, 110, "p", 1, true),
+            grant(2_000, 2_010, "q", 2, false),
+            watch(
+                0,
+                3_000,
+                None,
+                &[
+                    (12, Acquired, "p", 1),
+                    (111, Renewed, "p", 1),
+                    (1_200, Expired, "p", 1),
+                    (2_005, Acquired, "q", 2),
+                ],
+            ),
+        ];
+        assert_eq!(check_watches(&h), Ok(4));
+    }
+
+    #[test]
+    fn a_watch_that_reports_an_early_expiry_fails() {
+        use LeaseEventKind::*;
+        // Renewed at 100 ms for 1 s: it may be relied on until 1,100 ms.
+        let h = vec![
+            grant(0, 10, "p", 1, false),
+            grant(100, 110, "p", 1, true),
+            watch(
+                0,
+                3_000,
+                None,
+                &[(12, Acquired, "p", 1), (1_050, Expired, "p", 1)],
+            ),
+        ];
+        assert!(check_watches(&h)
+            .unwrap_err()
+            .contains("reported expired at 1050 ms"));
+    }
+
+    #[test]
+    fn a_watch_that_leaves_out_a_grant_or_goes_back_fails() {
+        use LeaseEventKind::*;
+        let grants = vec![
+            grant(0, 10, "p", 1, false),
+            grant(2_000, 2_010, "q", 2, false),
+            grant(4_000, 4_010, "p", 3, false),
+        ];
+        let mut h = grants.clone();
+        h.push(watch(
+            0,
+            5_000,
+            None,
+            &[(12, Acquired, "p", 1), (4_005, Acquired, "p", 3)],
+        ));
+        assert!(check_watches(&h).unwrap_err().contains("without token 2"));
+        let mut h = grants.clone();
+        h.push(watch(
+            0,
+            5_000,
+            Some(2),
+            &[(4_005, Acquired, "p", 3), (4_006, Acquired, "q", 2)],
+        ));
+        assert!(check_watches(&h)
+            .unwrap_err()
+            .contains("token 2 acquired at 4006 ms after token 3"));
+    }
+
+    #[test]
+    fn a_watch_that_tells_of_a_grant_never_made_fails() {
+        use LeaseEventKind::*;
+        let h = vec![
+            grant(0, 10, "p", 1, false),
+            grant(2_000, 2_010, "q", 2, false),
+            // Token 2 to the wrong holder; token 9 that nobody was granted;
+            // token 2 before its call was sent; a release nobody made.
+            watch(0, 5_000, None, &[(2_005, Acquired, "p", 2)]),
+        ];
+        assert!(check_watches(&h)
+            .unwrap_err()
+            .contains("but that token was granted to q"));
+        let h = vec![
+            grant(0, 10, "p", 1, false),
+            watch(0, 5_000, None, &[(20, Acquired, "q", 9)]),
+        ];
+        assert!(check_watches(&h)
+            .unwrap_err()
+            .contains("no call sent by then"));
+        let h = vec![
+            grant(2_000, 2_010, "q", 2, false),
+            watch(0, 5_000, None, &[(1_000, Acquired, "q", 2)]),
+        ];
+        assert!(check_watches(&h)
+            .unwrap_err()
+            .contains("no call sent by then"));
+        let h = vec![
+            grant(0, 10, "p", 1, false),
+            watch(0, 5_000, None, &[(20, Released, "p", 1)]),
+        ];
+        assert!(check_watches(&h).unwrap_err().contains("nobody releases"));
+    }
+
+    #[test]
+    fn a_watch_sent_the_state_again_may_skip_but_not_invent_or_go_back() {
+        use LeaseEventKind::*;
+        let grants = vec![
+            grant(0, 10, "p", 1, false),
+            grant(2_000, 2_010, "q", 2, false),
+            grant(4_000, 4_010, "p", 3, false),
+        ];
+        let again = |at: u64, holder: &str, token: u64| {
+            let mut w = watch(0, 5_000, None, &[(12, Acquired, "p", 1)]);
+            if let What::Watch { events, .. } = &mut w.what {
+                events.push((at, Told::Current(Some(lease("a", holder, token, 0)))));
+            }
+            w
+        };
+        let mut h = grants.clone();
+        h.push(again(4_020, "p", 3));
+        assert_eq!(
+            check_watches(&h),
+            Ok(2),
+            "skipping token 2 is allowed when the state is sent again"
+        );
+        let mut h = grants.clone();
+        h.push(again(3_000, "p", 3));
+        assert!(check_watches(&h)
+            .unwrap_err()
+            .contains("sent the state again at 3000 ms"));
+        let mut h = grants.clone();
+        h.push(watch(0, 5_000, Some(2), &[]));
+        if let What::Watch { events, .. } = &mut h.last_mut().unwrap().what {
+            events.push((4_500, Told::Current(Some(lease("a", "p", 1, 0)))));
+        }
+        assert!(check_watches(&h).unwrap_err().contains("(after token 2)"));
     }
 }

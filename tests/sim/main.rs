@@ -36,8 +36,8 @@ use std::time::Duration;
 
 use arbiter::engine::RecordState;
 use arbiter::engine::{Acquire, Begin, BeginOutcome, Complete, LimitCheck, LimitDef, Renew};
-use arbiter::node::GetLease;
 use arbiter::node::GetRecord;
+use arbiter::node::{Change, GetLease};
 
 use cluster::{Answer, Cluster};
 use disk::Loss;
@@ -84,6 +84,10 @@ const MIN_DEFINITE: usize = 400;
 /// when seeds 1-100 compared 2,141 pairs, 21 a seed).
 const MIN_READ_PAIRS: usize = 10;
 
+/// The fewest watch events the watch check must check, on average over
+/// the seeds of a run of ten or more.
+const MIN_WATCH_EVENTS: usize = 10;
+
 /// Everything one seed did and saw.
 struct Run {
     history: Vec<Event>,
@@ -121,6 +125,7 @@ impl Run {
             return Err("no fault was applied".into());
         }
         history::check_leases(&self.history)?;
+        history::check_watches(&self.history)?;
         history::check_reads(&self.history)?;
         history::check_records(&self.history)?;
         history::check_rate(&self.history, CAPACITY, &self.roles)?;
@@ -259,6 +264,51 @@ async fn reader(c: Arc<Cluster>, me: usize, mut rng: Rng, h: History, until: u64
             .await
             .map(|s| (s.value, s.now_ms));
         note(&h, &c, me, node, sent, What::Read { name, answer });
+    }
+}
+
+/// Watches a lease through one node at a time, for 0.5-4 s each, and
+/// records what each stream told (checked by `history::check_watches`).
+async fn watcher(c: Arc<Cluster>, me: usize, mut rng: Rng, h: History, until: u64) {
+    while c.now() < until {
+        tokio::time::sleep(Duration::from_millis(rng.range(20, 200))).await;
+        let node = c.pick(&mut rng);
+        let name = LEASE_NAMES[rng.below(LEASE_NAMES.len() as u64) as usize].to_string();
+        let sent = c.now();
+        let end = (sent + rng.range(500, 4_000)).min(until);
+        let Some((mut w, served_by, incarnation)) = c.watch(node, &name) else {
+            continue;
+        };
+        let opened = w.lease.take();
+        let mut events = Vec::new();
+        while c.now() < end && c.still_up(node, incarnation) {
+            let wait = Duration::from_millis((end - c.now()).min(100));
+            match tokio::time::timeout(wait, w.events.recv()).await {
+                Ok(Ok(Change::Event(e))) => events.push((c.now(), history::Told::Event(e))),
+                // The node installed a snapshot: the state again, as the
+                // server sends it.
+                Ok(Ok(Change::Replaced)) => {
+                    let now = served_by.lease_local(&name).0;
+                    events.push((c.now(), history::Told::Current(now)));
+                }
+                // A stream that fell behind is sent the current state
+                // again (the server's job); here it just ends.
+                Ok(Err(_)) => break,
+                Err(_) => {}
+            }
+        }
+        note(
+            &h,
+            &c,
+            me,
+            node,
+            sent,
+            What::Watch {
+                name,
+                opened,
+                events,
+            },
+        );
     }
 }
 
@@ -684,6 +734,14 @@ async fn run(seed: u64) -> Result<Run, String> {
             _ => tokio::spawn(limited(c, me, rng, h, until)),
         });
     }
+    // A watcher, with draws of its own (the others' stay as they were).
+    clients.push(tokio::spawn(watcher(
+        c.clone(),
+        9,
+        Rng::new(seed ^ 0x5741_5443_4845_5253),
+        h.clone(),
+        until,
+    )));
     let (faults, power_loss) = nemesis(c.clone(), rng.fork(), until).await?;
     for client in clients {
         client
@@ -837,7 +895,7 @@ fn time_dependent_guarantees_hold_on_every_seed() {
     let mut failed = Vec::new();
     let (mut calls, mut faults, mut changes) = (0, 0, 0);
     let (mut fewest_definite, mut fewest_pairs, mut pairs) = (usize::MAX, usize::MAX, 0);
-    let mut probed = 0;
+    let (mut probed, mut told) = (0, 0);
     for seed in first..first + count {
         let outcome = simulate(seed).and_then(|run| {
             fewest_definite =
@@ -846,6 +904,7 @@ fn time_dependent_guarantees_hold_on_every_seed() {
             let compared = history::check_reads(&run.history).unwrap_or(0);
             fewest_pairs = fewest_pairs.min(compared);
             pairs += compared;
+            told += history::check_watches(&run.history).unwrap_or(0);
             calls += run.history.len();
             faults += run.faults.len();
             changes += run.leader_changes;
@@ -863,7 +922,8 @@ fn time_dependent_guarantees_hold_on_every_seed() {
     println!(
         "simulated {count} seeds: {calls} calls, {faults} faults, {changes} leader changes, \
          at least {fewest_definite} definite answers a seed, {pairs} pairs of lease reads \
-         compared (at least {fewest_pairs} a seed), a lease probed across the outage in {probed}"
+         compared (at least {fewest_pairs} a seed), {told} watch events checked, a lease probed \
+         across the outage in {probed}"
     );
     assert!(failed.is_empty(), "failing seeds: {failed:?}");
     assert!(
@@ -873,6 +933,10 @@ fn time_dependent_guarantees_hold_on_every_seed() {
     assert!(
         count < 10 || pairs >= count as usize * MIN_READ_PAIRS,
         "{pairs} pairs of lease reads compared over {count} seeds: the read check saw too little"
+    );
+    assert!(
+        count < 10 || told >= count as usize * MIN_WATCH_EVENTS,
+        "{told} watch events checked over {count} seeds: the watch check saw too little"
     );
     assert!(
         count < 10 || probed * 2 >= count as usize,
@@ -1012,4 +1076,99 @@ fn a_rate_limit_failover_forgets_no_more_than_the_readme_says() {
             "{failure:?}: no failover forgot anything: the measure measures nothing"
         );
     }
+}
+
+/// A watcher on a node cut off while the leader compacted its log past
+/// it: the node catches up by installing a snapshot, which replays no
+/// events one by one, so its watchers are sent the lease's state again
+/// (`Change::Replaced`) and learn of the new holder. (Before, they heard
+/// nothing and went on believing the first holder held the lease.)
+#[test]
+fn a_watcher_on_a_node_that_installs_a_snapshot_is_told_the_state_again() {
+    on_paused_runtime(13, || async {
+        let mut rng = Rng::new(13);
+        let c = Cluster::start(13, 3, &mut rng).await;
+        let leader = c.leader(Duration::from_secs(10)).await.ok_or("no leader")?;
+        let follower = c
+            .ids()
+            .into_iter()
+            .find(|&i| i != leader)
+            .ok_or("no follower")?;
+        let acquire = |name: &str, holder: &str| Acquire {
+            quota: Default::default(),
+            name: name.into(),
+            holder: holder.into(),
+            ttl_ms: 600_000,
+            principal: String::new(),
+        };
+        let first = match c.call(leader, acquire("watched", "a")).await {
+            Answer::Ok(s) if s.value.acquired => s.value.lease,
+            other => return Err(format!("acquire: {other:?}")),
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        while c.node(follower).counts().leases != 1 {
+            if tokio::time::Instant::now() > deadline {
+                return Err("the follower never applied the lease".into());
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let (mut w, node, _) = c.watch(follower, "watched").ok_or("no watch")?;
+        c.net.isolate(follower, &c.ids());
+        let release = arbiter::engine::Release {
+            name: "watched".into(),
+            holder: "a".into(),
+            fencing_token: first.fencing_token,
+            principal: String::new(),
+        };
+        if !matches!(c.call(leader, release).await, Answer::Ok(_)) {
+            return Err("the release failed".into());
+        }
+        let second = match c.call(leader, acquire("watched", "b")).await {
+            Answer::Ok(s) if s.value.acquired => s.value.lease,
+            other => return Err(format!("acquire by b: {other:?}")),
+        };
+        // Past two snapshots (--snapshot-logs is 500 in the simulation, and
+        // as many entries are kept behind each), so the log it missed is gone.
+        for i in 0..1_200 {
+            if !matches!(
+                c.call(leader, acquire(&format!("filler-{i}"), "h")).await,
+                Answer::Ok(_)
+            ) {
+                return Err(format!("filler {i} failed"));
+            }
+        }
+        // A cut holds what was sent (as a connection's buffers would):
+        // break the connections, so what the leader sent is lost.
+        for other in c.ids().into_iter().filter(|&o| o != follower) {
+            c.net.reset(follower, other);
+        }
+        c.net.heal();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let mut told = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let holder = match tokio::time::timeout(left, w.events.recv()).await {
+                Ok(Ok(Change::Event(e))) => Some((e.kind, e.lease.holder, e.lease.fencing_token)),
+                Ok(Ok(Change::Replaced)) => node.lease_local("watched").0.map(|l| {
+                    (
+                        arbiter::engine::LeaseEventKind::Acquired,
+                        l.holder,
+                        l.fencing_token,
+                    )
+                }),
+                other => {
+                    return Err(format!(
+                    "the watcher was never told that b holds the lease ({other:?} after {told:?})"
+                ))
+                }
+            };
+            told.push(holder.clone());
+            if holder.is_some_and(|(_, h, t)| h == "b" && t == second.fencing_token) {
+                break;
+            }
+        }
+        c.stop().await;
+        Ok(())
+    })
+    .expect("the watcher is told");
 }
