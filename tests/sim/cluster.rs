@@ -158,6 +158,11 @@ fn addr(id: NodeId) -> String {
     format!("node-{id}:7000")
 }
 
+/// Node `id`'s peer address (for a membership change).
+pub fn peer_addr(id: NodeId) -> String {
+    addr(id)
+}
+
 /// Where the stores go: memory-backed when the machine has it (fsync is
 /// then free), else the temp dir.
 fn scratch() -> PathBuf {

@@ -37,7 +37,7 @@ use std::time::Duration;
 use arbiter::engine::RecordState;
 use arbiter::engine::{Acquire, Begin, BeginOutcome, Complete, LimitCheck, LimitDef, Renew};
 use arbiter::node::GetRecord;
-use arbiter::node::{Change, GetLease};
+use arbiter::node::{AddMember, Change, GetLease, RemoveMember};
 
 use cluster::{Answer, Cluster};
 use disk::Loss;
@@ -523,6 +523,60 @@ async fn end_fault(
     Ok(())
 }
 
+/// A member removed during the faults and added back after the next one
+/// (with one voter fewer, a fault on any other node of three halts the
+/// cluster, so a longer absence left seeds with too few definite answers).
+struct MemberChange {
+    /// Before which fault (counted from 0) it is removed.
+    remove_at: usize,
+    node: u64,
+    rng: Rng,
+}
+
+/// How long a membership change may take, faults and all.
+const MEMBERSHIP_WITHIN_MS: u64 = 20_000;
+
+/// Whether the leader's membership, once settled (no joint consensus),
+/// has node `id` as a voter.
+fn leader_has_voter(c: &Cluster, id: u64) -> Option<bool> {
+    let leader = c.up_ids().into_iter().find_map(|n| c.node(n).leader())?;
+    if !c.up_ids().contains(&leader) {
+        return None;
+    }
+    let s = c.node(leader).standing();
+    (!s.membership_changing).then(|| s.members.iter().any(|m| m.id == id && m.voter))
+}
+
+/// Asks the cluster, through any node, to remove node `id` (`add`: false)
+/// or add it back, until the leader's settled membership shows it done,
+/// for at most `MEMBERSHIP_WITHIN_MS`. Returns how many calls it took.
+async fn change_member(c: &Cluster, rng: &mut Rng, id: u64, add: bool) -> Result<usize, String> {
+    let deadline = c.now() + MEMBERSHIP_WITHIN_MS;
+    let mut calls = 0;
+    while c.now() < deadline {
+        if leader_has_voter(c, id) == Some(add) {
+            return Ok(calls);
+        }
+        calls += 1;
+        let node = c.pick(rng);
+        if add {
+            let op = AddMember {
+                id,
+                peer_addr: cluster::peer_addr(id),
+                force: false,
+            };
+            let _ = c.call(node, op).await;
+        } else {
+            let _ = c.call(node, RemoveMember { id }).await;
+        }
+        tokio::time::sleep(Duration::from_millis(rng.range(50, 300))).await;
+    }
+    Err(format!(
+        "node {id} not {} within {MEMBERSHIP_WITHIN_MS} ms ({calls} calls)",
+        if add { "added back" } else { "removed" }
+    ))
+}
+
 /// Faults, each healed before the next (a quarter of the time two at once,
 /// on two nodes), then a power loss of the whole cluster under the last of
 /// the traffic; the faults applied, and the power loss.
@@ -530,11 +584,29 @@ async fn nemesis(
     c: Arc<Cluster>,
     mut rng: Rng,
     until: u64,
+    mut member: Option<MemberChange>,
 ) -> Result<(Vec<String>, String), String> {
     let mut log = Vec::new();
     let ids = c.ids();
+    let mut round = 0;
     while c.now() + POWER_LOSS_BEFORE_END_MS < until {
         tokio::time::sleep(Duration::from_millis(rng.range(300, 1_500))).await;
+        if let Some(m) = member.as_mut() {
+            if round == m.remove_at || round == m.remove_at + 1 {
+                let add = round > m.remove_at;
+                let calls = change_member(&c, &mut m.rng, m.node, add).await?;
+                log.push(format!(
+                    "{} ms: node {} {} the membership ({calls} calls)",
+                    c.now(),
+                    m.node,
+                    if add { "added back to" } else { "removed from" }
+                ));
+                if add {
+                    member = None;
+                }
+            }
+        }
+        round += 1;
         let leader = c
             .up_ids()
             .into_iter()
@@ -572,6 +644,16 @@ async fn nemesis(
         log.push(entry);
         c.net.heal();
         c.net.set_delay(0, 2);
+    }
+    if let Some(mut m) = member {
+        if round > m.remove_at {
+            let calls = change_member(&c, &mut m.rng, m.node, true).await?;
+            log.push(format!(
+                "{} ms: node {} added back to the membership ({calls} calls)",
+                c.now(),
+                m.node
+            ));
+        }
     }
     let power = power_loss(&c, &mut rng).await?;
     Ok((log, power))
@@ -742,7 +824,17 @@ async fn run(seed: u64) -> Result<Run, String> {
         h.clone(),
         until,
     )));
-    let (faults, power_loss) = nemesis(c.clone(), rng.fork(), until).await?;
+    // Half the seeds remove a member during the faults and add it back after
+    // the next one, with draws of their own (the others' stay as they were).
+    let member = {
+        let mut m = Rng::new(seed ^ 0x4d45_4d42_4552_5348);
+        m.chance(50).then(|| MemberChange {
+            remove_at: m.below(4) as usize,
+            node: pick(&mut m, &c.ids()),
+            rng: m.fork(),
+        })
+    };
+    let (faults, power_loss) = nemesis(c.clone(), rng.fork(), until, member).await?;
     for client in clients {
         client
             .await
