@@ -247,3 +247,107 @@ async fn a_lagging_watcher_is_sent_the_current_state_again() {
         "{events} events for {RENEWALS} renewals: nothing was skipped"
     );
 }
+
+/// The README's `arbiter lease watch NAME`: `CURRENT` first, then one line
+/// per change, each naming the kind and the lease as `arbiter lease get`
+/// prints it; `arbiter lease acquire` prints the token the others take.
+#[test]
+fn the_cli_watch_prints_the_state_then_each_change() {
+    use std::io::BufRead;
+    let server = Server::start(&[]);
+    let url = format!("http://{}", server.addr);
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_arbiter"))
+            .args(args)
+            .args(["--server", &url])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let mut watch = std::process::Command::new(env!("CARGO_BIN_EXE_arbiter"))
+        .args(["lease", "watch", "cli-watched", "--server", &url])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, lines) = std::sync::mpsc::channel();
+    let stdout = watch.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            if tx.send(line.unwrap_or_default()).is_err() {
+                return;
+            }
+        }
+    });
+    let next = || {
+        lines
+            .recv_timeout(DEADLINE)
+            .expect("a line from lease watch in time")
+    };
+    assert_eq!(next(), "CURRENT free");
+
+    let acquired = cli(&[
+        "lease",
+        "acquire",
+        "cli-watched",
+        "--holder",
+        "pod-a",
+        "--ttl",
+        "10s",
+    ]);
+    let token = acquired
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("fencing_token="))
+        .unwrap_or_else(|| panic!("no fencing_token= in {acquired:?}"))
+        .to_owned();
+    let line = next();
+    let want = format!(
+        "ACQUIRED name=cli-watched holder=pod-a fencing_token={token} ttl_ms=10000 remaining_ms="
+    );
+    assert!(
+        line.starts_with(&want),
+        "{line:?} does not start with {want:?}"
+    );
+
+    cli(&[
+        "lease",
+        "renew",
+        "cli-watched",
+        "--holder",
+        "pod-a",
+        "--token",
+        &token,
+        "--ttl",
+        "20s",
+    ]);
+    let line = next();
+    let want = format!(
+        "RENEWED name=cli-watched holder=pod-a fencing_token={token} ttl_ms=20000 remaining_ms="
+    );
+    assert!(
+        line.starts_with(&want),
+        "{line:?} does not start with {want:?}"
+    );
+
+    cli(&[
+        "lease",
+        "release",
+        "cli-watched",
+        "--holder",
+        "pod-a",
+        "--token",
+        &token,
+    ]);
+    let line = next();
+    let want = format!("RELEASED name=cli-watched holder=pod-a fencing_token={token}");
+    assert!(
+        line.starts_with(&want),
+        "{line:?} does not start with {want:?}"
+    );
+    watch.kill().unwrap();
+    let _ = watch.wait();
+}
