@@ -1057,6 +1057,20 @@ fn a_seed_replays_exactly() {
     }
 }
 
+/// Three simulated nodes from `seed`, once they have a leader: the
+/// cluster, its leader and one follower.
+async fn three_nodes(seed: u64) -> Result<(Cluster, u64, u64), String> {
+    let mut rng = Rng::new(seed);
+    let c = Cluster::start(seed, 3, &mut rng).await;
+    let leader = c.leader(Duration::from_secs(10)).await.ok_or("no leader")?;
+    let follower = c
+        .ids()
+        .into_iter()
+        .find(|&i| i != leader)
+        .ok_or("no follower")?;
+    Ok((c, leader, follower))
+}
+
 /// A follower cut off from its leader while a lease it knows of lapses
 /// must wait for the leader's sweep, not look again at once for ever: on
 /// the paused clock such a busy loop stops time, and the run fails. (It
@@ -1065,14 +1079,7 @@ fn a_seed_replays_exactly() {
 #[test]
 fn a_follower_cut_off_past_a_lease_deadline_waits_for_the_sweep() {
     on_paused_runtime(11, || async {
-        let mut rng = Rng::new(11);
-        let c = Cluster::start(11, 3, &mut rng).await;
-        let leader = c.leader(Duration::from_secs(10)).await.ok_or("no leader")?;
-        let follower = c
-            .ids()
-            .into_iter()
-            .find(|&i| i != leader)
-            .ok_or("no follower")?;
+        let (c, leader, follower) = three_nodes(11).await?;
         let op = Acquire {
             quota: Default::default(),
             name: "short".into(),
@@ -1178,14 +1185,7 @@ fn a_rate_limit_failover_forgets_no_more_than_the_readme_says() {
 #[test]
 fn a_watcher_on_a_node_that_installs_a_snapshot_is_told_the_state_again() {
     on_paused_runtime(13, || async {
-        let mut rng = Rng::new(13);
-        let c = Cluster::start(13, 3, &mut rng).await;
-        let leader = c.leader(Duration::from_secs(10)).await.ok_or("no leader")?;
-        let follower = c
-            .ids()
-            .into_iter()
-            .find(|&i| i != leader)
-            .ok_or("no follower")?;
+        let (c, leader, follower) = three_nodes(13).await?;
         let acquire = |name: &str, holder: &str| Acquire {
             quota: Default::default(),
             name: name.into(),
