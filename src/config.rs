@@ -11,6 +11,16 @@ use crate::engine::EngineConfig;
 use crate::node::{Membership, WatchLimits};
 use crate::security::{ClientCerts, ClientFiles, ServerFiles};
 
+/// `--slot-owners`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum SlotOwnersArg {
+    /// The leader decides every rate-limit key.
+    Leader,
+    /// The leader spreads the rate-limit slots over the voters; each
+    /// decides its own.
+    Spread,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Text,
@@ -56,6 +66,19 @@ pub struct Config {
     /// failover forgets at most about this much consumption.
     #[arg(long, env = "ARBITER_LIMIT_SYNC_MS", default_value_t = 100)]
     pub limit_sync_ms: u64,
+
+    /// Who decides rate limits in a cluster: `leader` (every call is
+    /// decided by the leader; through another member it is forwarded
+    /// there) or `spread` (keys hash to 1,024 slots, which the leader
+    /// spreads over the voters; each member decides its own slots' keys,
+    /// and forwards the others to their owner). See "Slots" in the README.
+    #[arg(
+        long,
+        env = "ARBITER_SLOT_OWNERS",
+        value_enum,
+        default_value = "leader"
+    )]
+    pub slot_owners: SlotOwnersArg,
 
     /// How long a call waits for a leader before answering UNAVAILABLE.
     #[arg(long, env = "ARBITER_LEADER_WAIT_MS", default_value_t = 3000)]

@@ -61,6 +61,9 @@ pub struct Metrics {
     records: Gauge,
     record_bytes: Gauge,
     watchers: Gauge,
+    slot_version: Gauge,
+    slots_owned: Gauge,
+    decided_here: Counter,
 }
 
 impl Default for Metrics {
@@ -81,6 +84,9 @@ impl Metrics {
             records: gauge!("arbiter_live_keys", "kind" => "idempotency_record"),
             record_bytes: gauge!("arbiter_idempotency_record_bytes"),
             watchers: gauge!("arbiter_lease_watchers"),
+            slot_version: gauge!("arbiter_slot_map_version"),
+            slots_owned: gauge!("arbiter_slots_owned"),
+            decided_here: counter!("arbiter_checks_decided_here_total"),
         }
     }
 
@@ -141,6 +147,10 @@ impl Metrics {
         self.records.set(counts.records as f64);
         self.record_bytes.set(counts.record_bytes as f64);
         self.watchers.set(node.watchers() as f64);
+        let (version, owned, decided) = node.slot_standing();
+        self.slot_version.set(version as f64);
+        self.slots_owned.set(owned as f64);
+        self.decided_here.absolute(decided);
     }
 }
 

@@ -24,6 +24,7 @@ pub fn to_status(e: EngineError) -> Status {
         EngineError::CounterAtMax { .. } => Status::resource_exhausted(e.to_string()),
         // The caller's own quota (other principals are not affected).
         EngineError::OverQuota { .. } => Status::resource_exhausted(e.to_string()),
+        EngineError::SpansOwners { .. } => Status::failed_precondition(e.to_string()),
     }
 }
 
@@ -35,6 +36,7 @@ pub fn node_status(e: NodeError) -> Status {
         // retried lease/idempotency call is answered from the stored state.
         NodeError::Unavailable(m) => Status::unavailable(m),
         NodeError::NotLeader => Status::unavailable("no leader; retry"),
+        NodeError::NotOwner => Status::unavailable("the slot's owner is changing; retry"),
         // The cluster refused the change as asked (e.g. removing the last
         // voter, or a change already in progress).
         NodeError::Membership(m) => Status::failed_precondition(m),

@@ -222,6 +222,8 @@ pub fn peer_body_limit(path: &str) -> usize {
         // A client call: at most a response of --max-response-bytes (4 MiB
         // at most) or a batch of checks, with its keys.
         "Forward" => 8 << 20,
+        // An owner's rate-limit sync: about 64 KiB of keys and cells.
+        "Slots" => 1 << 20,
         _ => 64 << 10,
     }
 }

@@ -8,7 +8,7 @@ use openraft::raft::VoteRequest;
 use tonic::{Request, Response, Status};
 
 use crate::node::{
-    Admission, Call, IdentifyRequest, Node, PreVoteRequest, PreVoteResponse, TakeOver,
+    Admission, Call, IdentifyRequest, Node, PreVoteRequest, PreVoteResponse, SlotRequest, TakeOver,
     CLUSTER_HEADER, REFUSAL_HEADER,
 };
 use crate::proto::raft_peer_server::RaftPeer;
@@ -303,6 +303,17 @@ impl RaftPeer for PeerService {
             .await
             .map_err(Status::failed_precondition)?;
         Ok(Response::new(encode(&())))
+    }
+
+    async fn slots(&self, request: Request<PeerMessage>) -> Result<Response<PeerMessage>, Status> {
+        let ask: SlotRequest = decode(request.get_ref()).map_err(bad)?;
+        let sender = match ask {
+            SlotRequest::Lease { node } | SlotRequest::Sync { node, .. } => node,
+        };
+        // With peer TLS, the certificate must name the node it asks for.
+        self.admit(&request, Some(sender), false, false)?;
+        let reply = self.node.slots_request(ask, &request.get_ref().data).await;
+        Ok(Response::new(encode(&reply)))
     }
 
     async fn identify(

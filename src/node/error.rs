@@ -16,6 +16,10 @@ pub enum NodeError {
     /// This node is not (or no longer) the leader; the call is routed again.
     #[error("not the leader")]
     NotLeader,
+    /// This node does not (or no longer) decide the rate-limit slot asked
+    /// about, or holds no slot lease now; the call is routed again.
+    #[error("not the owner of the slot")]
+    NotOwner,
     /// A membership change was refused.
     #[error("membership change refused: {0}")]
     Membership(String),

@@ -6,6 +6,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::slots::Slots;
 use super::tasks::Stopping;
 use super::timekeeping::Timekeeper;
 use super::view::View;
@@ -32,6 +33,8 @@ pub struct LimitSync {
     pub boot_id: u64,
     /// `--limit-sync-ms`.
     pub every: Duration,
+    /// Sends an owner's syncs to the leader.
+    pub slots: Arc<Slots>,
 }
 
 impl LimitSync {
@@ -50,6 +53,25 @@ impl LimitSync {
             }
             if self.view.is_leader() {
                 self.sync_changed_limits().await;
+            } else if self.slots.spread() && self.engine.slots().assigned() {
+                self.send_changed_limits().await;
+            }
+        }
+    }
+
+    /// As an owner that does not lead: sends every changed cell to the
+    /// leader in bounded entries, one at a time, each once the previous
+    /// one committed.
+    async fn send_changed_limits(&self) {
+        loop {
+            let cells = self.engine.drain_dirty_limits(SYNC_CELLS, SYNC_BYTES);
+            if cells.is_empty() {
+                return;
+            }
+            let n = cells.len();
+            if let Err(e) = self.slots.send_sync(self.boot_id, cells).await {
+                tracing::warn!(error = %e, cells = n, "rate-limit sync not taken by the leader");
+                return;
             }
         }
     }
@@ -71,7 +93,10 @@ impl LimitSync {
                 let n = cells.len();
                 let request = Request {
                     now_ms: self.time.stamp(),
-                    commands: vec![Command::SyncCells { cells }],
+                    commands: vec![Command::SyncCells {
+                        cells,
+                        decider: Some(self.view.id()),
+                    }],
                     // This process skips its own syncs when applying them.
                     sync_origin: Some(self.boot_id),
                 };

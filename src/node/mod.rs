@@ -26,6 +26,8 @@
 //!   its cluster id;
 //! - [`sweeper::Sweeper`]: purges lapsed leases, records and idle
 //!   rate-limit cells;
+//! - [`slots::Slots`]: who decides which rate-limit keys (slot owners,
+//!   slot leases, spreading the slots);
 //! - [`limit_sync::LimitSync`]: replicates rate-limit state;
 //! - [`watch_fanout::Watchers`]: lease watchers;
 //! - [`timekeeping::Timekeeper`]: the replicated clock;
@@ -46,6 +48,7 @@ mod operations;
 mod options;
 mod proposer;
 mod routing;
+mod slots;
 mod startup;
 mod sweeper;
 mod tasks;
@@ -65,6 +68,7 @@ pub use operations::{
     AddMember, Call, CheckLimits, GetLease, GetRecord, Operation, RemoveMember, Stamped,
 };
 pub use options::{Membership, Options, Simulation, StartError};
+pub use slots::{SlotOwners, SlotReply, SlotRequest};
 pub use view::{MemberInfo, Standing};
 pub use watch_fanout::{Change, Watch, WatchLimits};
 
@@ -94,6 +98,7 @@ pub struct Node {
     elections: Arc<Elections>,
     handover: Handover,
     router: Router,
+    slots: Arc<slots::Slots>,
     /// Set when the node starts shutting down: streams end, new work stops.
     shutdown: watch::Sender<bool>,
     tasks: Tasks,
@@ -260,6 +265,31 @@ impl Node {
     /// the most caught-up voter (see `handover`).
     pub async fn hand_over(&self) -> Option<NodeId> {
         self.handover.hand_over().await
+    }
+
+    /// The slot map's version, how many slots this node owns in it, and
+    /// how many rate-limit checks this node has decided.
+    pub fn slot_standing(&self) -> (u64, usize, u64) {
+        let map = self.engine.slots();
+        let me = self.view.id();
+        let owned = map.owners.iter().filter(|o| **o == me).count();
+        let decided = self
+            .router
+            .decided
+            .load(std::sync::atomic::Ordering::Relaxed);
+        (map.version, owned, decided)
+    }
+
+    /// Serves a slot lease request or an owner's sync (see `slots`);
+    /// `data` holds the sync's cells.
+    pub async fn slots_request(&self, ask: SlotRequest, data: &[u8]) -> SlotReply {
+        match ask {
+            SlotRequest::Lease { node } => self.slots.grant(node),
+            SlotRequest::Sync { node, boot_id } => match crate::raft::codec::decode_command(data) {
+                Ok(cells) => self.slots.accept_sync(node, boot_id, cells).await,
+                Err(e) => SlotReply::Refused(format!("undecodable sync: {e}")),
+            },
+        }
     }
 
     /// Serves a `TakeOver` (see `handover`).

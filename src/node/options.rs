@@ -35,6 +35,8 @@ pub struct Options {
     pub member_catch_up: Duration,
     /// How often the leader replicates changed rate-limit state.
     pub limit_sync: Duration,
+    /// Who decides rate limits (`--slot-owners`).
+    pub slot_owners: super::SlotOwners,
     /// How often idle rate-limit cells are dropped.
     pub limit_sweep: Duration,
     /// The only clock commands are stamped with.

@@ -8,7 +8,7 @@
 //! operation's own `Result<Output, NodeError>`, which the follower decodes
 //! as the type it asked for.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -19,12 +19,13 @@ use super::operations::{
     RemoveMember, Stamped,
 };
 use super::proposer::Proposer;
+use super::slots::Slots;
 use super::timekeeping::Timekeeper;
 use super::view::View;
 use super::NodeError;
 use crate::engine::{
-    Abort, Acquire, Begin, Complete, Engine, KeyQuota, Lease, LimitCheck, LimitResult, Record,
-    Release, Renew, Write,
+    slot_of, Abort, Acquire, Begin, Complete, Engine, EngineError, KeyQuota, Lease, LimitCheck,
+    LimitResult, Record, Release, Renew, Write,
 };
 use crate::proto::raft_peer_client::RaftPeerClient;
 use crate::proto::PeerMessage;
@@ -54,11 +55,21 @@ impl Operation for CheckLimits {
     const WRITE: bool = false;
 
     async fn serve(self, at: &Router) -> Result<Vec<LimitResult>, NodeError> {
-        at.leadership.ready_to_decide().await?;
+        let map = at.engine.slots();
+        if map.assigned() {
+            // Decided here only by the owner of every key's slot, under its
+            // slot lease; otherwise the sender routes again.
+            if !at.slots.may_decide(&map, &self.checks) {
+                return Err(NodeError::NotOwner);
+            }
+        } else {
+            at.leadership.ready_to_decide().await?;
+        }
         let quota = KeyQuota {
             principal: &self.principal,
             max: self.key_quota,
         };
+        at.count_decided(self.checks.len());
         Ok(at
             .engine
             .check_for(&self.checks, self.all_or_nothing, at.time.now_ms(), quota)?)
@@ -189,6 +200,7 @@ pub struct Router {
     pub time: Arc<Timekeeper>,
     pub proposer: Proposer,
     pub leadership: Arc<Leadership>,
+    pub slots: Arc<Slots>,
     pub channels: Channels,
     pub cluster: ClusterId,
     /// How long a call waits for a leader before answering UNAVAILABLE.
@@ -196,6 +208,9 @@ pub struct Router {
     /// How long a member being added has to catch up as a learner.
     pub member_catch_up: Duration,
     pub forwarded: Forwarded,
+    /// Rate-limit checks decided at this node (for its own callers or
+    /// forwarded by others).
+    pub decided: std::sync::atomic::AtomicU64,
 }
 
 impl Router {
@@ -290,21 +305,120 @@ impl Router {
         all_or_nothing: bool,
         quota: KeyQuota<'_>,
     ) -> Result<Vec<LimitResult>, NodeError> {
-        if self.leadership.may_decide() {
+        let map = self.engine.slots();
+        let here = if map.assigned() {
+            self.slots.may_decide(&map, &checks)
+        } else {
+            self.leadership.may_decide()
+        };
+        if here {
             // The hot path: no routing, no cloning.
+            self.count_decided(checks.len());
             let now = self.time.now_ms();
             return Ok(self.engine.check_for(&checks, all_or_nothing, now, quota)?);
         }
-        self.execute_as(
-            CheckLimits {
-                checks,
-                all_or_nothing,
-                principal: quota.principal.to_owned(),
-                key_quota: quota.max,
-            },
-            quota.principal,
-        )
-        .await
+        self.check_at_owners(checks, all_or_nothing, quota).await
+    }
+
+    fn count_decided(&self, n: usize) {
+        self.decided
+            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Sends each check to the member that decides its key (the owner of
+    /// its slot; the leader before slots are assigned), all at once, and
+    /// puts the answers back in the order asked. A check whose owner
+    /// turns out not to decide it (its slot moved, its lease is being
+    /// renewed, no leader yet) is sent again, alone with the others that
+    /// were, until `--leader-wait-ms`. An all-or-nothing call must have
+    /// one owner (a hash tag puts keys in one slot).
+    async fn check_at_owners(
+        &self,
+        checks: Vec<LimitCheck>,
+        all_or_nothing: bool,
+        quota: KeyQuota<'_>,
+    ) -> Result<Vec<LimitResult>, NodeError> {
+        /// How often a check whose owner did not decide it is sent again.
+        const RETRY: Duration = Duration::from_millis(10);
+        let deadline = Instant::now() + self.leader_wait;
+        let mut results: Vec<Option<LimitResult>> = vec![None; checks.len()];
+        let mut left: Vec<usize> = (0..checks.len()).collect();
+        loop {
+            let map = self.engine.slots();
+            let mut groups: BTreeMap<Option<NodeId>, Vec<usize>> = BTreeMap::new();
+            for i in left {
+                let owner = if map.assigned() {
+                    map.owner(slot_of(&checks[i].key))
+                } else {
+                    self.view.leader()
+                };
+                groups.entry(owner).or_default().push(i);
+            }
+            if all_or_nothing && groups.len() > 1 {
+                return Err(NodeError::Engine(EngineError::SpansOwners {
+                    owners: groups.len(),
+                }));
+            }
+            let asked = groups.into_iter().map(|(owner, idx)| {
+                let sub: Vec<LimitCheck> = idx.iter().map(|i| checks[*i].clone()).collect();
+                async move {
+                    let Some(owner) = owner else {
+                        return (idx, Err(NodeError::NotLeader));
+                    };
+                    let call = CheckLimits {
+                        checks: sub,
+                        all_or_nothing,
+                        principal: quota.principal.to_owned(),
+                        key_quota: quota.max,
+                    };
+                    let answer = if owner == self.view.id() {
+                        self.serve_bounded(call).await
+                    } else {
+                        self.forward::<CheckLimits>(
+                            owner,
+                            call.into(),
+                            quota.principal,
+                            self.leader_wait,
+                        )
+                        .await
+                    };
+                    (idx, answer)
+                }
+            });
+            left = Vec::new();
+            for (idx, answer) in futures::future::join_all(asked).await {
+                match answer {
+                    Ok(decided) if decided.len() == idx.len() => {
+                        for (i, r) in idx.into_iter().zip(decided) {
+                            results[i] = Some(r);
+                        }
+                    }
+                    Ok(decided) => {
+                        return Err(NodeError::Unavailable(format!(
+                            "{} answers to {} checks",
+                            decided.len(),
+                            idx.len()
+                        )))
+                    }
+                    Err(NodeError::NotOwner | NodeError::NotLeader) => left.extend(idx),
+                    Err(e) => return Err(e),
+                }
+            }
+            if left.is_empty() {
+                return Ok(results.into_iter().flatten().collect());
+            }
+            if Instant::now() + RETRY > deadline {
+                return Err(NodeError::Unavailable(format!(
+                    "no member could decide {} of the checks within {} ms (no leader, or their \
+                     slots' owner unreachable)",
+                    left.len(),
+                    self.leader_wait.as_millis()
+                )));
+            }
+            // Polled: an owner's lease or a new map has no event to wake on
+            // here.
+            tokio::time::sleep(RETRY).await;
+        }
     }
 
     async fn forward<O: Operation>(

@@ -16,6 +16,7 @@ use super::limit_sync::LimitSync;
 use super::options::{boot_id, raft_config};
 use super::proposer::Proposer;
 use super::routing::Router;
+use super::slots::Slots;
 use super::sweeper::{Deadlines, Sweeper};
 use super::tasks::Tasks;
 use super::timekeeping::Timekeeper;
@@ -45,6 +46,7 @@ impl Node {
             leader_wait,
             member_catch_up,
             limit_sync,
+            slot_owners,
             limit_sweep,
             clock,
             watch_limits,
@@ -100,6 +102,7 @@ impl Node {
             member_catch_up,
             limit_sync,
             limit_sweep,
+            slot_owners,
         };
         let (node, loops) = Self::compose(opened, &settings);
         let node = Arc::new(node);
@@ -124,6 +127,16 @@ impl Node {
             &tasks,
         );
         let leadership = Arc::new(Leadership::new(view.clone(), proposer.clone(), o.lease));
+        let slots = Arc::new(Slots::new(
+            view.clone(),
+            leadership.clone(),
+            engine.clone(),
+            proposer.clone(),
+            time.clone(),
+            channels.clone(),
+            cluster.clone(),
+            s.slot_owners,
+        ));
         let elections = Arc::new(Elections::new(
             view.clone(),
             leadership.clone(),
@@ -157,6 +170,7 @@ impl Node {
                 time: time.clone(),
                 boot_id: o.boot_id,
                 every: s.limit_sync,
+                slots: slots.clone(),
             },
         };
         let router = Router {
@@ -165,11 +179,13 @@ impl Node {
             time: time.clone(),
             proposer,
             leadership: leadership.clone(),
+            slots: slots.clone(),
             channels,
             cluster,
             leader_wait: s.leader_wait,
             member_catch_up: s.member_catch_up,
             forwarded: Default::default(),
+            decided: Default::default(),
         };
         let node = Self {
             view,
@@ -181,6 +197,7 @@ impl Node {
             elections,
             handover,
             router,
+            slots,
             shutdown: watch::channel(false).0,
             tasks,
         };
@@ -233,6 +250,7 @@ impl Node {
             gate.clone().run_formation_seal(tasks.signal()),
         );
         tasks.spawn("limit sync", limit_sync.run(tasks.signal()));
+        tasks.spawn("slots", self.slots.clone().run(tasks.signal()));
         tasks.spawn("sweeper", sweeper.run(tasks.signal()));
         Ok(())
     }
@@ -285,6 +303,7 @@ struct Settings {
     member_catch_up: Duration,
     limit_sync: Duration,
     limit_sweep: Duration,
+    slot_owners: super::SlotOwners,
 }
 
 /// The loops that belong to no room the node keeps, started by `begin`.

@@ -43,6 +43,17 @@ pub fn decode_entry(bytes: &[u8]) -> Result<Entry, String> {
     }
 }
 
+/// One command's bytes, in the log's format (for a sync an owner sends
+/// its leader to propose).
+pub fn encode_command(command: &Command) -> Vec<u8> {
+    command_to_proto(command).encode_to_vec()
+}
+
+/// A command from [`encode_command`]'s bytes.
+pub fn decode_command(bytes: &[u8]) -> Result<Command, String> {
+    command_from_proto(pb::Command::decode(bytes).map_err(|e| e.to_string())?)
+}
+
 fn to_proto(entry: &Entry) -> pb::Entry {
     let payload = match &entry.payload {
         EntryPayload::Blank => pb::entry::Payload::Blank(pb::Blank {}),
@@ -105,7 +116,8 @@ fn from_proto(m: pb::Entry) -> Result<Entry, String> {
 fn command_to_proto(c: &Command) -> pb::Command {
     use pb::command::Op;
     let op = match c {
-        Command::SyncCells { cells } => Op::SyncCells(pb::SyncCells {
+        Command::SyncCells { cells, decider } => Op::SyncCells(pb::SyncCells {
+            decider: *decider,
             cells: cells
                 .iter()
                 .map(|(key, cell)| {
@@ -164,6 +176,10 @@ fn command_to_proto(c: &Command) -> pb::Command {
         }),
         Command::Sweep => Op::Sweep(pb::Sweep {}),
         Command::ExtendLeases { by_ms } => Op::ExtendLeases(pb::ExtendLeases { by_ms: *by_ms }),
+        Command::AssignSlots(map) => Op::AssignSlots(pb::AssignSlots {
+            version: map.version,
+            owners: map.owners.clone(),
+        }),
     };
     pb::Command { op: Some(op) }
 }
@@ -172,6 +188,7 @@ fn command_from_proto(c: pb::Command) -> Result<Command, String> {
     use pb::command::Op;
     Ok(match c.op.ok_or("log command without an operation")? {
         Op::SyncCells(s) => Command::SyncCells {
+            decider: s.decider,
             cells: s
                 .cells
                 .into_iter()
@@ -223,6 +240,10 @@ fn command_from_proto(c: pb::Command) -> Result<Command, String> {
         }),
         Op::Sweep(_) => Command::Sweep,
         Op::ExtendLeases(o) => Command::ExtendLeases { by_ms: o.by_ms },
+        Op::AssignSlots(o) => Command::AssignSlots(e::SlotMap {
+            version: o.version,
+            owners: o.owners,
+        }),
     })
 }
 
@@ -247,6 +268,7 @@ mod tests {
                             (format!("tenant:42:user:{i}"), cell)
                         })
                         .collect(),
+                    decider: Some(3),
                 }],
                 sync_origin: Some(77),
             }),

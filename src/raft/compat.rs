@@ -81,7 +81,10 @@ impl LegacyEntry {
                     .commands
                     .into_iter()
                     .map(|c| match c {
-                        LegacyCommand::SyncCells { cells } => Command::SyncCells { cells: cells.0 },
+                        LegacyCommand::SyncCells { cells } => Command::SyncCells {
+                            cells: cells.0,
+                            decider: None,
+                        },
                         LegacyCommand::Same(c) => c,
                     })
                     .collect(),
@@ -218,7 +221,8 @@ mod tests {
                 cells: vec![
                     ("k".into(), Cell::from_parts((1, 2, 3, 300, 5))),
                     ("jj".into(), Cell::from_parts((3, 0, 0, 0, 0))),
-                ]
+                ],
+                decider: None,
             }
         );
         assert!(matches!(&r.commands[1], Command::Acquire(a) if a.ttl_ms == 5));

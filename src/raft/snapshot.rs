@@ -128,12 +128,15 @@ pub fn encode(
             Item::Counters {
                 last_token,
                 last_attempt,
+                slots,
             } => {
                 let header = pb::SnapshotHeader {
                     meta_json: meta_json.clone(),
                     last_now_ms,
                     last_fencing_token: last_token,
                     last_attempt,
+                    slot_version: slots.version,
+                    slot_owners: slots.owners,
                 };
                 put(&mut out, &header);
                 return;
@@ -247,9 +250,20 @@ pub fn read(r: impl Read, engine: Option<&Engine>) -> io::Result<Header> {
             e.import(item);
         }
     };
+    if !(h.slot_owners.is_empty() || h.slot_owners.len() == crate::engine::SLOTS) {
+        return Err(invalid(format!(
+            "the slot map has {} owners, not {}",
+            h.slot_owners.len(),
+            crate::engine::SLOTS
+        )));
+    }
     import(Item::Counters {
         last_token: h.last_fencing_token,
         last_attempt: h.last_attempt,
+        slots: crate::engine::SlotMap {
+            version: h.slot_version,
+            owners: h.slot_owners,
+        },
     });
     let mut entries = 0u64;
     loop {

@@ -275,6 +275,10 @@ fn node_options(
         leader_wait: ms(config.leader_wait_ms),
         member_catch_up: ms(config.member_catch_up_ms),
         limit_sync: ms(config.limit_sync_ms),
+        slot_owners: match config.slot_owners {
+            crate::config::SlotOwnersArg::Leader => node::SlotOwners::Leader,
+            crate::config::SlotOwnersArg::Spread => node::SlotOwners::Spread,
+        },
         limit_sweep: ms(config.sweep_interval_ms),
         clock,
         watch_limits: config.watch_limits(),

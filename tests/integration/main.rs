@@ -19,5 +19,6 @@ mod replication;
 mod rls;
 mod security;
 mod server;
+mod slots;
 mod upgrade;
 mod validation;

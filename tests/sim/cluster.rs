@@ -18,7 +18,7 @@ use std::time::Duration;
 use arbiter::api::peer_service::PeerService;
 use arbiter::clock::Clock;
 use arbiter::engine::EngineConfig;
-use arbiter::node::{Membership, Node, NodeError, Operation, Options, Simulation};
+use arbiter::node::{Membership, Node, NodeError, Operation, Options, Simulation, SlotOwners};
 use arbiter::proto::raft_peer_server::RaftPeerServer;
 use arbiter::raft::network::{Dialer, PEER_MESSAGE_LIMIT};
 use tokio::io::DuplexStream;
@@ -152,6 +152,8 @@ pub struct Cluster {
     /// metrics (and a crash).
     roles: Arc<Mutex<Vec<Role>>>,
     watchers: Mutex<Vec<JoinHandle<()>>>,
+    /// Who decides rate limits (`--slot-owners`).
+    slot_owners: SlotOwners,
 }
 
 fn addr(id: NodeId) -> String {
@@ -182,6 +184,11 @@ impl Cluster {
     /// Starts `n` nodes (ids 1..=n) as one new cluster, with wall clocks
     /// up to `MAX_SKEW_MS` apart.
     pub async fn start(seed: u64, n: u64, rng: &mut Rng) -> Self {
+        Self::start_with(seed, n, rng, SlotOwners::Leader).await
+    }
+
+    /// [`start`](Self::start), with the rate-limit slots owned as given.
+    pub async fn start_with(seed: u64, n: u64, rng: &mut Rng, slot_owners: SlotOwners) -> Self {
         let origin = Instant::now();
         static RUNS: AtomicU64 = AtomicU64::new(0);
         let run = RUNS.fetch_add(1, Ordering::Relaxed);
@@ -213,6 +220,7 @@ impl Cluster {
             dir,
             roles: Arc::default(),
             watchers: Mutex::default(),
+            slot_owners,
         };
         for id in 1..=n {
             c.boot(id, rng.next() | 1)
@@ -255,6 +263,7 @@ impl Cluster {
             leader_wait: LEADER_WAIT,
             member_catch_up: Duration::from_secs(10),
             limit_sync: Duration::from_millis(100),
+            slot_owners: self.slot_owners,
             limit_sweep: Duration::from_secs(1),
             clock: sim.clock.clone(),
             watch_limits: Default::default(),

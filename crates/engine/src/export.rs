@@ -6,16 +6,18 @@ use std::borrow::Cow;
 use crate::idempotency::Record;
 use crate::leases::{Lease, LeaseTable};
 use crate::limits::Cell;
-use crate::{Engine, RecordTable, Tables};
+use crate::{Engine, RecordTable, SlotMap, Tables};
 
 /// One piece of the engine's state.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Item<'a> {
     /// The counters that outlive the entries they numbered: the last
     /// fencing token granted and the last idempotency attempt.
+    /// And the slot map.
     Counters {
         last_token: u64,
         last_attempt: u64,
+        slots: SlotMap,
     },
     Cell(&'a str, Cell),
     Lease(Lease),
@@ -32,6 +34,7 @@ impl Engine {
             visit(Item::Counters {
                 last_token: t.leases.last_token(),
                 last_attempt: t.records.last_attempt(),
+                slots: (*self.slots()).clone(),
             });
             for lease in t.leases.iter() {
                 visit(Item::Lease(lease));
@@ -57,6 +60,7 @@ impl Engine {
         };
         t.leases.raise_last_token(last_token);
         t.records.raise_last_attempt(last_attempt);
+        self.set_slots(SlotMap::default());
     }
 
     /// Stores one exported item, replacing what is stored under its key.
@@ -67,6 +71,7 @@ impl Engine {
             Item::Counters {
                 last_token,
                 last_attempt,
+                slots,
             } => {
                 // Counters only ever rise: a snapshot older than what this
                 // node has seen cannot make a token or attempt number be
@@ -74,6 +79,8 @@ impl Engine {
                 let mut t = self.tables();
                 t.leases.raise_last_token(last_token);
                 t.records.raise_last_attempt(last_attempt);
+                // The slot map is the snapshot's, as the rest of the state.
+                self.set_slots(slots);
             }
             Item::Cell(key, cell) => self.limits.upsert([(key, cell)]),
             Item::Lease(lease) => self.tables().leases.put(lease),
@@ -193,7 +200,10 @@ mod tests {
         e.export(|item| items.push(format!("{item:?}")));
         assert_eq!(
             items,
-            vec!["Counters { last_token: 5, last_attempt: 5 }".to_string()]
+            vec![
+                "Counters { last_token: 5, last_attempt: 5, slots: SlotMap { version: 0, owners: [] } }"
+                    .to_string()
+            ]
         );
     }
 

@@ -14,9 +14,10 @@ pub mod idempotency;
 pub mod leases;
 pub mod limits;
 pub mod ops;
+pub mod slots;
 mod usage;
 
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use serde::{Deserialize, Serialize};
 
@@ -25,6 +26,7 @@ pub use idempotency::{BeginOutcome, Record, RecordQuota, RecordState, RecordTabl
 pub use leases::{Lease, LeaseEvent, LeaseEventKind, LeaseTable};
 pub use limits::{Cell, KeyQuota, LimitCheck, LimitDef, LimitResult, LimitTable, CELL_BYTES};
 pub use ops::{Abort, Acquire, Acquired, Begin, Command, Complete, Outcome, Release, Renew, Write};
+pub use slots::{slot_of, SlotMap, SLOTS};
 
 /// Why a command was refused. Malformed input is rejected before it becomes a
 /// command, so these are the refusals a well-formed command can still get.
@@ -54,6 +56,12 @@ pub enum EngineError {
     CounterAtMax {
         what: std::borrow::Cow<'static, str>,
     },
+    #[error(
+        "an all-or-nothing call's keys belong to slots of {owners} different members, which \
+         cannot decide them together; give the keys one hash tag (e.g. `{{user42}}:reads`, \
+         `{{user42}}:writes`) so they share a slot, or check them in separate calls"
+    )]
+    SpansOwners { owners: usize },
     #[error("principal {principal:?} is at its quota of {quota} {what} (set in the auth file)")]
     OverQuota {
         principal: String,
@@ -123,12 +131,17 @@ pub struct Snapshot {
     pub limits: Vec<(String, Cell)>,
     pub leases: LeaseTable,
     pub records: RecordTable,
+    #[serde(default)]
+    pub slots: SlotMap,
 }
 
 pub struct Engine {
     config: EngineConfig,
     limits: LimitTable,
     tables: Mutex<Tables>,
+    /// Who decides each rate-limit slot: replicated (changed only by
+    /// applying `AssignSlots`), read on every decision.
+    slots: RwLock<Arc<SlotMap>>,
 }
 
 /// Applies a client operation and wraps its output in its outcome variant.
@@ -150,7 +163,17 @@ impl Engine {
                 leases: LeaseTable::new(config.max_leases),
                 records: RecordTable::new(config.max_records, config.max_record_bytes),
             }),
+            slots: RwLock::default(),
         }
+    }
+
+    /// The slot map as last applied.
+    pub fn slots(&self) -> Arc<SlotMap> {
+        self.slots.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn set_slots(&self, map: SlotMap) {
+        *self.slots.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(map);
     }
 
     fn tables(&self) -> MutexGuard<'_, Tables> {
@@ -174,9 +197,25 @@ impl Engine {
             Command::Begin(op) => run(op, t, now_ms, &mut events)?,
             Command::Complete(op) => run(op, t, now_ms, &mut events)?,
             Command::Abort(op) => run(op, t, now_ms, &mut events)?,
-            Command::SyncCells { cells } => {
-                self.limits.upsert(cells);
+            Command::SyncCells { cells, decider } => {
+                let slots = self.slots();
+                match decider {
+                    Some(d) if slots.assigned() => self.limits.upsert(
+                        cells
+                            .into_iter()
+                            .filter(|(key, _)| slots.owner(slot_of(key)) == Some(d)),
+                    ),
+                    _ => self.limits.upsert(cells),
+                }
                 Outcome::SyncCells
+            }
+            Command::AssignSlots(map) => {
+                let next = map.version == self.slots().version + 1
+                    && (map.owners.len() == SLOTS || map.owners.is_empty());
+                if next {
+                    self.set_slots(map);
+                }
+                Outcome::AssignSlots(next)
             }
             Command::ExtendLeases { by_ms } => {
                 Outcome::ExtendLeases(t.leases.extend_all(by_ms, now_ms))
@@ -293,6 +332,7 @@ impl Engine {
             limits: self.limits.cells(),
             leases: d.leases.clone(),
             records: d.records.clone(),
+            slots: (*self.slots()).clone(),
         }
     }
 
@@ -308,6 +348,7 @@ impl Engine {
             d.records
                 .restored(config.max_records, config.max_record_bytes);
         }
+        engine.set_slots(snapshot.slots);
         engine
     }
 
@@ -322,6 +363,7 @@ impl Engine {
         d.records = snapshot.records;
         d.records
             .restored(self.config.max_records, self.config.max_record_bytes);
+        self.set_slots(snapshot.slots);
     }
 }
 

@@ -13,7 +13,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::{
-    idempotency::RecordQuota, BeginOutcome, Cell, EngineError, Lease, LeaseEvent, Tables,
+    idempotency::RecordQuota, BeginOutcome, Cell, EngineError, Lease, LeaseEvent, SlotMap, Tables,
     CELL_BYTES,
 };
 
@@ -318,6 +318,12 @@ pub enum Command {
     /// rate-limit sync): plain upserts.
     SyncCells {
         cells: Vec<(String, Cell)>,
+        /// The node that decided them. Once slots are assigned, a cell is
+        /// applied only if that node owns its key's slot (a sync that
+        /// arrives after its slot moved is dropped); `None` (entries from
+        /// before slots): always applied.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        decider: Option<u64>,
     },
     Acquire(Acquire),
     Renew(Renew),
@@ -332,6 +338,9 @@ pub enum Command {
     ExtendLeases {
         by_ms: u64,
     },
+    /// A new slot map from the leader (see `slots`); applied only if its
+    /// version is the next one.
+    AssignSlots(SlotMap),
 }
 
 /// What a command did: the variant named after the command, holding the
@@ -345,8 +354,13 @@ pub enum Outcome {
     Begin(BeginOutcome),
     Complete,
     Abort,
-    Sweep { leases: usize, records: usize },
+    Sweep {
+        leases: usize,
+        records: usize,
+    },
     ExtendLeases(usize),
+    /// Whether the map was taken (its version was the next one).
+    AssignSlots(bool),
 }
 
 macro_rules! into_command {
@@ -368,13 +382,16 @@ impl Command {
     /// grows with. Used to keep log entries and batches bounded in bytes.
     pub fn payload_bytes(&self) -> usize {
         match self {
-            Command::SyncCells { cells } => cells.iter().map(|(k, _)| k.len() + CELL_BYTES).sum(),
+            Command::SyncCells { cells, .. } => {
+                cells.iter().map(|(k, _)| k.len() + CELL_BYTES).sum()
+            }
             Command::Acquire(Acquire { name, holder, .. })
             | Command::Renew(Renew { name, holder, .. })
             | Command::Release(Release { name, holder, .. }) => name.len() + holder.len(),
             Command::Begin(b) => b.key.len() + b.fingerprint.len(),
             Command::Complete(c) => c.key.len() + c.response.len(),
             Command::Abort(a) => a.key.len(),
+            Command::AssignSlots(map) => map.owners.len() * 8,
             Command::Sweep | Command::ExtendLeases { .. } => 0,
         }
     }

@@ -248,6 +248,7 @@ fn sync_limits_upserts_state() {
     b.apply(
         Command::SyncCells {
             cells: a.snapshot().limits.into_iter().collect(),
+            decider: None,
         },
         0,
     )
@@ -270,7 +271,15 @@ fn syncs_carry_changed_cells() {
     let cells = leader.drain_dirty_limits(usize::MAX, usize::MAX);
     assert_eq!(cells.len(), 2);
     let follower = engine();
-    follower.apply(Command::SyncCells { cells }, 0).unwrap();
+    follower
+        .apply(
+            Command::SyncCells {
+                cells,
+                decider: None,
+            },
+            0,
+        )
+        .unwrap();
     let left = follower
         .check(&[check("k", TB, 0), check("j", TB, 0)], false, 0)
         .unwrap();
@@ -721,4 +730,51 @@ fn quotas_bound_each_principal_alone() {
     e.sweep_limits(10_000);
     assert_eq!(e.held_by("alice").limit_keys, 0);
     e.check_for(&two, true, 10_000, quota(2)).unwrap();
+}
+
+/// A sync's cells are applied only where their decider owns the slot, once
+/// slots are assigned; before, always.
+#[test]
+fn a_sync_applies_only_the_cells_of_slots_its_decider_owns() {
+    use crate::{slot_of, SlotMap};
+    let owner = engine();
+    checked(&owner, vec![check("a", TB, 4), check("b", TB, 1)], false, 0);
+    let cells = owner.drain_dirty_limits(usize::MAX, usize::MAX);
+    let sync = |decider| Command::SyncCells {
+        cells: cells.clone(),
+        decider,
+    };
+    let replica = engine();
+    // Node 1 owns "a"'s slot, node 2 every other.
+    let owners = (0..crate::SLOTS)
+        .map(|s| if s == slot_of("a") { 1 } else { 2 })
+        .collect();
+    let map = SlotMap { version: 1, owners };
+    assert_eq!(
+        replica
+            .apply(Command::AssignSlots(map.clone()), 0)
+            .unwrap()
+            .outcome,
+        Outcome::AssignSlots(true)
+    );
+    replica.apply(sync(Some(1)), 0).unwrap();
+    let left = |e: &Engine| {
+        let r = e
+            .check(&[check("a", TB, 0), check("b", TB, 0)], false, 0)
+            .unwrap();
+        (r[0].remaining, r[1].remaining)
+    };
+    assert_eq!(left(&replica), (1, 5), "only node 1's slot took its cell");
+    let other = engine();
+    other.apply(sync(None), 0).unwrap();
+    assert_eq!(left(&other), (1, 4), "no map: every cell applies");
+    // A map is taken only as the next version.
+    assert_eq!(
+        replica.apply(Command::AssignSlots(map), 0).unwrap().outcome,
+        Outcome::AssignSlots(false)
+    );
+    assert_eq!(replica.slots().version, 1);
+    // It travels in snapshots.
+    let restored = Engine::restore(EngineConfig::default(), replica.snapshot());
+    assert_eq!(restored.slots(), replica.slots());
 }

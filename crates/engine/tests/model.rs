@@ -472,7 +472,10 @@ proptest! {
             }
             if i % sync_every == sync_every - 1 || i == ops.len() - 1 {
                 let cells = leader.drain_dirty_limits(usize::MAX, usize::MAX);
-                let sync = Command::SyncCells { cells };
+                let sync = Command::SyncCells {
+                    cells,
+                    decider: None,
+                };
                 follower.apply(sync.clone(), now).unwrap();
                 if let Some(late) = &late {
                     late.apply(sync, now).unwrap();

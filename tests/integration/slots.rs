@@ -1,0 +1,208 @@
+//! Rate-limit slots spread over a 3-node cluster (`--slot-owners spread`):
+//! every member owns a share and decides its keys; a call through any
+//! member gets the owner's answer; an owner killed hands its slots on with
+//! what it had synced.
+
+use std::time::Duration;
+
+use arbiter::engine::{slot_of, SLOTS};
+use arbiter::proto::{CheckRequest, LimitCheck};
+
+use crate::cluster::Cluster;
+use crate::rate_limiter::{lc, tb};
+use crate::support::{eventually_within, metric, Server};
+
+const LONG: Duration = Duration::from_secs(30);
+
+fn spread_cluster() -> Cluster {
+    Cluster::start(3, &["--slot-owners", "spread", "--limit-sync-ms", "50"])
+}
+
+fn owned(s: &Server) -> Option<u64> {
+    metric(s.metrics, "arbiter_slots_owned").map(|v| v as u64)
+}
+
+/// Waits until every live member owns its even share of the slots.
+async fn spread_over(cluster: &Cluster, members: &[usize]) {
+    let share = SLOTS as u64 / members.len() as u64;
+    eventually_within(LONG, "the slots spread evenly", || async {
+        members
+            .iter()
+            .all(|i| owned(cluster.node(*i)).is_some_and(|n| n == share || n == share + 1))
+            .then_some(())
+    })
+    .await;
+}
+
+fn one(key: &str, capacity: u64, cost: u64) -> CheckRequest {
+    CheckRequest {
+        checks: vec![lc(key, tb(capacity, 1, 3_600_000), Some(cost))],
+        all_or_nothing: false,
+    }
+}
+
+fn keys(prefix: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{prefix}-{i}")).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_member_decides_its_share_and_any_member_answers_for_any_key() {
+    const CAPACITY: u64 = 3;
+    let cluster = spread_cluster();
+    cluster.leader().await;
+    spread_over(&cluster, &[0, 1, 2]).await;
+    let before: Vec<f64> = (0..3)
+        .map(|i| {
+            metric(cluster.node(i).metrics, "arbiter_checks_decided_here_total").unwrap_or(0.0)
+        })
+        .collect();
+
+    // Each key's capacity is used up through the three members in turn:
+    // every call is decided by the key's one owner, so the fourth is
+    // denied wherever it lands.
+    let keys = keys("spread", 60);
+    let mut clients = Vec::new();
+    for i in 0..3 {
+        clients.push(cluster.node(i).limits().await);
+    }
+    for key in &keys {
+        for call in 0..=CAPACITY as usize {
+            let via = call % 3;
+            let r = clients[via]
+                .check(one(key, CAPACITY, 1))
+                .await
+                .unwrap_or_else(|s| panic!("{key} via node {via}: {s:?}"))
+                .into_inner()
+                .results[0];
+            let expected = call < CAPACITY as usize;
+            assert_eq!(
+                r.allowed, expected,
+                "{key}, call {call} via node {via}: {r:?}"
+            );
+        }
+    }
+    // Every member decided a share of them, not one member all.
+    let total = keys.len() as f64 * (CAPACITY + 1) as f64;
+    for (i, b) in before.iter().enumerate() {
+        let now = metric(cluster.node(i).metrics, "arbiter_checks_decided_here_total").unwrap();
+        let share = (now - b) / total;
+        assert!(
+            (0.1..0.6).contains(&share),
+            "node {i} decided {:.0} % of the checks",
+            share * 100.0
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_all_or_nothing_call_must_keep_to_one_owner_and_a_hash_tag_does() {
+    let cluster = spread_cluster();
+    cluster.leader().await;
+    spread_over(&cluster, &[0, 1, 2]).await;
+    let mut client = cluster.node(0).limits().await;
+    // Two keys whose slots have different owners: found from the slot
+    // ranges (the first assignment gives each member a run of slots).
+    let a = (0..)
+        .map(|i| format!("a{i}"))
+        .find(|k| slot_of(k) < 100)
+        .unwrap();
+    let b = (0..)
+        .map(|i| format!("b{i}"))
+        .find(|k| slot_of(k) > 900)
+        .unwrap();
+    let both = |a: &str, b: &str| CheckRequest {
+        checks: vec![
+            lc(a, tb(5, 1, 3_600_000), Some(1)),
+            lc(b, tb(5, 1, 3_600_000), Some(1)),
+        ],
+        all_or_nothing: true,
+    };
+    let refused = client.check(both(&a, &b)).await.unwrap_err();
+    assert_eq!(
+        refused.code(),
+        tonic::Code::FailedPrecondition,
+        "{refused:?}"
+    );
+    assert!(refused.message().contains("hash tag"), "{refused:?}");
+    // The same keys with one hash tag share a slot.
+    let (a, b) = (format!("{{user7}}:{a}"), format!("{{user7}}:{b}"));
+    assert_eq!(slot_of(&a), slot_of(&b));
+    let r = client.check(both(&a, &b)).await.unwrap().into_inner();
+    assert!(r.results.iter().all(|r| r.allowed), "{r:?}");
+    // Without all-or-nothing, keys of several owners are decided each by
+    // its own, and answered in the order asked.
+    let checks: Vec<LimitCheck> = keys("order", 30)
+        .iter()
+        .enumerate()
+        .map(|(i, k)| lc(k, tb(100, 1, 3_600_000), Some(i as u64 + 1)))
+        .collect();
+    let r = client
+        .check(CheckRequest {
+            checks,
+            all_or_nothing: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let remaining: Vec<u64> = r.results.iter().map(|r| r.remaining).collect();
+    let expected: Vec<u64> = (0..30).map(|i| 100 - (i + 1)).collect();
+    assert_eq!(remaining, expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_owners_slots_move_to_the_others_with_what_it_had_synced() {
+    const CAPACITY: u64 = 10;
+    let mut cluster = spread_cluster();
+    let leader = cluster.leader().await;
+    spread_over(&cluster, &[0, 1, 2]).await;
+    let victim = (leader + 1) % 3;
+    let survivor = (leader + 2) % 3;
+    // Keys decided by the victim: consumed through it, 4 of 10 each.
+    let mut to_victim = cluster.node(victim).limits().await;
+    let before = metric(
+        cluster.node(victim).metrics,
+        "arbiter_checks_decided_here_total",
+    );
+    let keys = keys("moving", 30);
+    for key in &keys {
+        let r = to_victim
+            .check(one(key, CAPACITY, 4))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(r.results[0].allowed);
+    }
+    let after = metric(
+        cluster.node(victim).metrics,
+        "arbiter_checks_decided_here_total",
+    );
+    assert!(after > before, "the victim decided some of them");
+    // Every owner's syncs reached the survivor (a fresh cluster: it holds
+    // these keys only).
+    eventually_within(LONG, "the consumption to reach the survivor", || async {
+        let held = metric(
+            cluster.node(survivor).metrics,
+            "arbiter_live_keys{kind=\"rate_limit\"}",
+        )?;
+        (held as usize >= keys.len()).then_some(())
+    })
+    .await;
+    let mut to_survivor = cluster.node(survivor).limits().await;
+
+    cluster.kill9(victim);
+    spread_over(&cluster, &[leader, survivor]).await;
+    for key in &keys {
+        let r = to_survivor
+            .check(one(key, CAPACITY, 6))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(r.results[0].allowed, "{key}: {r:?}");
+        let r = to_survivor
+            .check(one(key, CAPACITY, 1))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!r.results[0].allowed, "{key}: the moved key forgot: {r:?}");
+    }
+}
