@@ -69,7 +69,14 @@ impl LimitSync {
                 return;
             }
             let n = cells.len();
+            let keys: Vec<String> = cells.iter().map(|(k, _)| k.clone()).collect();
             if let Err(e) = self.slots.send_sync(self.boot_id, cells).await {
+                // Sent again next time (as they are then): an owner that
+                // keeps its slots must not lose what it decided because a
+                // leader changed. (A cell whose slot moved meanwhile is
+                // dropped where it is applied.)
+                self.engine
+                    .requeue_dirty_limits(keys.iter().map(String::as_str));
                 tracing::warn!(error = %e, cells = n, "rate-limit sync not taken by the leader");
                 return;
             }
@@ -91,6 +98,15 @@ impl LimitSync {
                     break;
                 }
                 let n = cells.len();
+                // With spread slots, what fails is sent again (see
+                // `send_changed_limits`); a leader deciding every key
+                // that fails has lost its leadership, and its successor
+                // goes on from the last sync.
+                let keys: Vec<String> = if self.slots.spread() {
+                    cells.iter().map(|(k, _)| k.clone()).collect()
+                } else {
+                    Vec::new()
+                };
                 let request = Request {
                     now_ms: self.time.stamp(),
                     commands: vec![Command::SyncCells {
@@ -101,27 +117,33 @@ impl LimitSync {
                     sync_origin: Some(self.boot_id),
                 };
                 match self.view.raft().client_write_ff(request).await {
-                    Ok(committed) => in_flight.push_back((n, committed)),
+                    Ok(committed) => in_flight.push_back((n, keys, committed)),
                     Err(e) => {
                         tracing::warn!(error = %e, cells = n, "rate-limit sync failed");
+                        self.requeue(keys, in_flight);
                         return;
                     }
                 }
             }
-            let Some((n, committed)) = in_flight.pop_front() else {
+            let Some((n, keys, committed)) = in_flight.pop_front() else {
                 return;
             };
-            match committed.await {
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => {
-                    tracing::warn!(error = %e, cells = n, "rate-limit sync refused");
-                    return;
-                }
-                Err(_) => {
-                    tracing::warn!(cells = n, "rate-limit sync dropped: raft stopped");
-                    return;
-                }
-            }
+            let failed = match committed.await {
+                Ok(Ok(_)) => continue,
+                Ok(Err(e)) => format!("refused: {e}"),
+                Err(_) => "dropped: raft stopped".to_owned(),
+            };
+            tracing::warn!(cells = n, "rate-limit sync {failed}");
+            self.requeue(keys, in_flight);
+            return;
         }
+    }
+
+    /// Marks the keys of a failed sync, and of those still in flight
+    /// behind it (which may or may not commit), changed again.
+    fn requeue<C>(&self, keys: Vec<String>, in_flight: VecDeque<(usize, Vec<String>, C)>) {
+        let behind = in_flight.iter().flat_map(|(_, k, _)| k.iter());
+        self.engine
+            .requeue_dirty_limits(keys.iter().chain(behind).map(String::as_str));
     }
 }

@@ -99,6 +99,8 @@ pub struct Node {
     handover: Handover,
     router: Router,
     slots: Arc<slots::Slots>,
+    /// The applied slot map's version (see `slot_changes`).
+    slot_version: watch::Sender<u64>,
     /// Set when the node starts shutting down: streams end, new work stops.
     shutdown: watch::Sender<bool>,
     tasks: Tasks,
@@ -278,6 +280,17 @@ impl Node {
             .decided
             .load(std::sync::atomic::Ordering::Relaxed);
         (map.version, owned, decided)
+    }
+
+    /// The slot map as this node last applied it.
+    pub fn slot_map(&self) -> Arc<crate::engine::SlotMap> {
+        self.engine.slots()
+    }
+
+    /// A receiver of the applied slot map's version, changed each time
+    /// the map may have changed.
+    pub fn slot_changes(&self) -> watch::Receiver<u64> {
+        self.slot_version.subscribe()
     }
 
     /// Serves a slot lease request or an owner's sync (see `slots`);

@@ -65,6 +65,7 @@ impl Node {
         let time = Arc::new(Timekeeper::new(clock, max_clock_skew_ms));
         let boot_id = simulation.as_ref().map_or_else(boot_id, |s| s.boot_id);
         let seen = SeenWithState::load(store.clone())?;
+        let slot_version = watch::channel(0).0;
         let network = PeerNetwork::new(
             cluster.clone(),
             peer_tls,
@@ -77,7 +78,7 @@ impl Node {
             engine.clone(),
             store.clone(),
             SnapshotDir::open(&data_dir)?,
-            observer(&watchers, &time, membership.id),
+            observer(&watchers, &time, membership.id, &slot_version),
             boot_id,
         )?;
         let (raft, has_state) =
@@ -94,6 +95,7 @@ impl Node {
             lease,
             boot_id,
             has_state,
+            slot_version,
         };
         let settings = Settings {
             formation_id,
@@ -198,6 +200,7 @@ impl Node {
             handover,
             router,
             slots,
+            slot_version: o.slot_version,
             shutdown: watch::channel(false).0,
             tasks,
         };
@@ -293,6 +296,8 @@ struct Opened {
     boot_id: u64,
     /// Whether the data directory holds any Raft state.
     has_state: bool,
+    /// The applied slot map's version, as the state machine reports it.
+    slot_version: watch::Sender<u64>,
 }
 
 /// The options the rooms are built with.
@@ -351,11 +356,20 @@ fn check_identity(store: &Store, id: NodeId) -> Result<admission::ClusterId, Sta
 
 /// What the state machine tells the node as it applies: lease events go to
 /// the watchers, command times to the timekeeper.
-fn observer(watchers: &Watchers, time: &Arc<Timekeeper>, id: NodeId) -> Observer {
+fn observer(
+    watchers: &Watchers,
+    time: &Arc<Timekeeper>,
+    id: NodeId,
+    slot_version: &watch::Sender<u64>,
+) -> Observer {
     let (events, replaced, time) = (watchers.clone(), watchers.clone(), time.clone());
+    let slot_version = slot_version.clone();
     Observer {
         lease_events: Arc::new(move |e: &[LeaseEvent]| events.publish(e)),
         applied_time: Arc::new(move |now_ms, by| time.observe(now_ms, by == Some(id))),
         replaced: Arc::new(move || replaced.replaced()),
+        slots: Arc::new(move |version| {
+            slot_version.send_replace(version);
+        }),
     }
 }

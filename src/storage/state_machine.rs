@@ -34,6 +34,9 @@ pub struct Observer {
     pub lease_events: LeaseEvents,
     pub applied_time: Arc<dyn Fn(u64, Option<u64>) + Send + Sync>,
     pub replaced: Arc<dyn Fn() + Send + Sync>,
+    /// The slot map's version, each time the map may have changed (a map
+    /// applied, a snapshot loaded).
+    pub slots: Arc<dyn Fn(u64) + Send + Sync>,
 }
 
 /// Receives the lease changes an applied entry caused.
@@ -46,6 +49,7 @@ impl Observer {
             lease_events: Arc::new(|_| {}),
             applied_time: Arc::new(|_, _| {}),
             replaced: Arc::new(|| {}),
+            slots: Arc::new(|_| {}),
         }
     }
 }
@@ -182,6 +186,7 @@ impl StateMachine {
         self.membership = header.meta.last_membership.clone();
         self.last_now = header.last_now_ms;
         (self.observer.applied_time)(header.last_now_ms, None);
+        (self.observer.slots)(self.engine.slots().version);
     }
 }
 
@@ -274,6 +279,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                             if !applied.events.is_empty() {
                                 (self.observer.lease_events)(&applied.events);
                             }
+                            if applied.outcome == engine::Outcome::AssignSlots(true) {
+                                (self.observer.slots)(self.engine.slots().version);
+                            }
                             applied.outcome
                         }));
                     }
@@ -350,6 +358,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.last_applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
         (self.observer.replaced)();
+        (self.observer.slots)(self.engine.slots().version);
         Ok(())
     }
 

@@ -27,7 +27,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::disk::{Disk, Loss};
-use super::history::Role;
+use super::history::{Role, SlotView};
 use super::net::{Net, NodeId};
 use super::rng::Rng;
 
@@ -154,6 +154,18 @@ pub struct Cluster {
     watchers: Mutex<Vec<JoinHandle<()>>>,
     /// Who decides rate limits (`--slot-owners`).
     slot_owners: SlotOwners,
+    /// Every node's applied slot map over the run.
+    slots: Arc<Mutex<SlotViews>>,
+}
+
+/// The slot maps the nodes applied: when each node applied which version,
+/// and each version's owners (as the first node to apply it saw them).
+#[derive(Clone, Debug, Default)]
+pub struct SlotViews {
+    pub applied: Vec<SlotView>,
+    pub maps: BTreeMap<u64, Vec<NodeId>>,
+    /// Two nodes that applied one version with different owners.
+    pub disagreement: Option<String>,
 }
 
 fn addr(id: NodeId) -> String {
@@ -221,6 +233,7 @@ impl Cluster {
             roles: Arc::default(),
             watchers: Mutex::default(),
             slot_owners,
+            slots: Arc::default(),
         };
         for id in 1..=n {
             c.boot(id, rng.next() | 1)
@@ -291,6 +304,8 @@ impl Cluster {
                 .serve_with_incoming(tokio_stream::wrappers::ReceiverStream::new(rx)),
         );
         let watcher = watch_role(&node, sim, id, self.origin, self.roles.clone());
+        lock(&self.watchers).push(watcher);
+        let watcher = watch_slots(&node, sim, id, self.origin, self.slots.clone());
         lock(&self.watchers).push(watcher);
         *lock(&sim.node) = Some(node);
         sim.off.store(false, Ordering::SeqCst);
@@ -487,6 +502,11 @@ impl Cluster {
         lock(&self.roles).clone()
     }
 
+    /// The slot maps every node applied so far.
+    pub fn slot_views(&self) -> SlotViews {
+        lock(&self.slots).clone()
+    }
+
     /// Stops every node and removes the stores.
     pub async fn stop(self) {
         for id in self.up_ids() {
@@ -528,6 +548,50 @@ fn watch_role(
             };
             lock(&roles).push(role);
             if metrics.changed().await.is_err() {
+                return;
+            }
+        }
+    })
+}
+
+/// Records which slot map node `id` has applied each time it may have
+/// changed, until its power goes.
+fn watch_slots(
+    node: &Arc<Node>,
+    sim: &Arc<SimNode>,
+    id: NodeId,
+    origin: Instant,
+    views: Arc<Mutex<SlotViews>>,
+) -> JoinHandle<()> {
+    let mut changes = node.slot_changes();
+    let incarnation = sim.incarnation.load(Ordering::SeqCst);
+    let (sim, node) = (Arc::downgrade(sim), Arc::downgrade(node));
+    tokio::spawn(async move {
+        loop {
+            changes.borrow_and_update();
+            let Some(n) = node.upgrade() else { return };
+            if !sim.upgrade().is_some_and(|s| s.powered(incarnation)) {
+                return;
+            }
+            let map = n.slot_map();
+            drop(n);
+            {
+                let mut v = lock(&views);
+                v.applied.push(SlotView {
+                    at: origin.elapsed().as_millis() as u64,
+                    node: id,
+                    version: map.version,
+                });
+                let known = v.maps.entry(map.version).or_insert(map.owners.clone());
+                if *known != map.owners && v.disagreement.is_none() {
+                    v.disagreement = Some(format!(
+                        "node {id} applied slot map version {} with other owners than another \
+                         node",
+                        map.version
+                    ));
+                }
+            }
+            if changes.changed().await.is_err() {
                 return;
             }
         }

@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 
-use arbiter::engine::{BeginOutcome, Lease, LeaseEvent, LeaseEventKind, LimitResult};
+use arbiter::engine::{slot_of, BeginOutcome, Lease, LeaseEvent, LeaseEventKind, LimitResult};
 
 use super::cluster::Answer;
 
@@ -93,12 +93,50 @@ pub struct Role {
     pub leading: bool,
 }
 
-/// One rate-limit decider at a time: once a leader of a later term is
-/// elected, a deposed leader allows nothing more from its own memory. A
-/// check sent to it after that election, and answered allowed before it
-/// even learned of the later term, can only have been its own decision
-/// (knowing no other leader, it cannot have forwarded the call).
-pub fn check_one_decider(history: &[Event], roles: &[Role]) -> Result<(), String> {
+/// Node `node` applied slot map `version` at `at` (virtual ms): from then
+/// on it routes and decides by it (version 0: no map, the leader decides
+/// every key).
+#[derive(Clone, Debug)]
+pub struct SlotView {
+    pub at: u64,
+    pub node: u64,
+    pub version: u64,
+}
+
+/// The slot map version `node` had applied at `at`, and when it next
+/// applied another (`u64::MAX`: never).
+fn map_of(views: &[SlotView], node: u64, at: u64) -> (u64, u64) {
+    let mine = views.iter().filter(|v| v.node == node);
+    let version = mine
+        .clone()
+        .filter(|v| v.at <= at)
+        .last()
+        .map_or(0, |v| v.version);
+    let next = mine
+        .filter(|v| v.at > at && v.version != version)
+        .map(|v| v.at)
+        .min()
+        .unwrap_or(u64::MAX);
+    (version, next)
+}
+
+/// Whether `node`, by slot map `version`, decides `key` itself: the map
+/// gives it the key's slot (version 0: no map; a leader decides).
+fn decides_itself(maps: &BTreeMap<u64, Vec<u64>>, version: u64, node: u64, key: &str) -> bool {
+    version == 0 || maps.get(&version).and_then(|m| m.get(slot_of(key))) == Some(&node)
+}
+
+/// One decider per slot at a time: once another node has applied a map
+/// that gives it a key's slot, the node that owned the slot by an earlier
+/// map allows nothing more from its own memory. A check sent to it after
+/// that, and answered allowed before it applied any newer map, can only
+/// have been its own decision (by its map it owned the slot, and an owner
+/// never forwards its own slot's keys).
+pub fn check_one_owner(
+    history: &[Event],
+    views: &[SlotView],
+    maps: &BTreeMap<u64, Vec<u64>>,
+) -> Result<(), String> {
     for e in history {
         let What::Check {
             key,
@@ -108,6 +146,108 @@ pub fn check_one_decider(history: &[Event], roles: &[Role]) -> Result<(), String
             continue;
         };
         if !r.allowed {
+            continue;
+        }
+        let (version, learned) = map_of(views, e.node, e.sent);
+        if version == 0 || !decides_itself(maps, version, e.node, key) || e.done >= learned {
+            continue;
+        }
+        let slot = slot_of(key);
+        let taken = views
+            .iter()
+            .filter(|v| v.node != e.node && v.version > version && v.at < e.sent)
+            .find(|v| maps.get(&v.version).and_then(|m| m.get(slot)) == Some(&v.node));
+        if let Some(t) = taken {
+            return Err(format!(
+                "{key}: node {} allowed a check at {}-{} ms as the owner of slot {slot} by map \
+                 {version}, though node {} had applied map {} giving it the slot at {} ms",
+                e.node, e.sent, e.done, t.node, t.version, t.at
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// How many allowed checks a node answered as the owner of the key's slot
+/// by its map (what [`check_one_owner`] looks at).
+pub fn owner_decided(
+    history: &[Event],
+    views: &[SlotView],
+    maps: &BTreeMap<u64, Vec<u64>>,
+) -> usize {
+    history
+        .iter()
+        .filter(|e| matches!(&e.what, What::Check { answer: Answer::Ok(r), .. } if r.allowed))
+        .filter(|e| {
+            let What::Check { key, .. } = &e.what else {
+                return false;
+            };
+            let (version, _) = map_of(views, e.node, e.sent);
+            version > 0 && decides_itself(maps, version, e.node, key)
+        })
+        .count()
+}
+
+/// Each move of `key`'s slot from one owner to another: (0, when the new
+/// owner applied the map that moved it), as [`forgettable`] takes a change
+/// (the old owner may have decided at any time before).
+pub fn slot_moves(
+    views: &[SlotView],
+    maps: &BTreeMap<u64, Vec<u64>>,
+    key: &str,
+) -> Vec<(u64, u64)> {
+    let slot = slot_of(key);
+    let owner = |version: u64| maps.get(&version).and_then(|m| m.get(slot)).copied();
+    let mut moves = Vec::new();
+    for (version, owners) in maps {
+        let Some(new) = owners.get(slot) else {
+            continue;
+        };
+        let before = maps
+            .range(..version)
+            .next_back()
+            .and_then(|(v, _)| owner(*v));
+        if before.is_some_and(|b| b != *new) {
+            let applied = views
+                .iter()
+                .filter(|v| v.node == *new && v.version >= *version)
+                .map(|v| v.at)
+                .min();
+            if let Some(at) = applied {
+                moves.push((0, at));
+            }
+        }
+    }
+    moves
+}
+
+/// One rate-limit decider at a time: once a leader of a later term is
+/// elected, a deposed leader allows nothing more from its own memory. A
+/// check sent to it after that election, and answered allowed before it
+/// even learned of the later term, can only have been its own decision
+/// (knowing no other leader, it cannot have forwarded the call).
+///
+/// With slots spread, only the checks of keys the node's own slot map gave
+/// it count here (it forwards the others to their owner).
+pub fn check_one_decider(
+    history: &[Event],
+    roles: &[Role],
+    slots: &[SlotView],
+    maps: &BTreeMap<u64, Vec<u64>>,
+) -> Result<(), String> {
+    for e in history {
+        let What::Check {
+            key,
+            answer: Answer::Ok(r),
+        } = &e.what
+        else {
+            continue;
+        };
+        if !r.allowed {
+            continue;
+        }
+        let (version, _) = map_of(slots, e.node, e.sent);
+        if !decides_itself(maps, version, e.node, key) {
             continue;
         }
         let Some(mine) = roles
@@ -515,7 +655,15 @@ pub fn leader_changes(roles: &[Role]) -> Vec<(u64, u64)> {
     times.windows(2).map(|w| (w[0].min(w[1]), w[1])).collect()
 }
 
-pub fn check_rate(history: &[Event], capacity: u64, roles: &[Role]) -> Result<(), String> {
+/// With slots spread, each move of a key's slot counts as a change too
+/// (`slot_moves`).
+pub fn check_rate(
+    history: &[Event],
+    capacity: u64,
+    roles: &[Role],
+    slots: &[SlotView],
+    maps: &BTreeMap<u64, Vec<u64>>,
+) -> Result<(), String> {
     let mut keys: BTreeMap<&str, Vec<(&Event, &Answer<LimitResult>)>> = BTreeMap::new();
     for e in history {
         if let What::Check { key, answer } = &e.what {
@@ -536,6 +684,8 @@ pub fn check_rate(history: &[Event], capacity: u64, roles: &[Role]) -> Result<()
         }
     }
     for (key, checks) in keys {
+        let mut changes = changes.clone();
+        changes.extend(slot_moves(slots, maps, key));
         check_bucket(key, &checks, capacity, &changes)?;
     }
     Ok(())
@@ -813,11 +963,87 @@ mod tests {
             }
             .with_done(done)
         };
-        assert_eq!(check_one_decider(&[via_1(400, 401, true)], &roles), Ok(()));
-        assert_eq!(check_one_decider(&[via_1(600, 601, false)], &roles), Ok(()));
+        assert_eq!(
+            check_one_decider(&[via_1(400, 401, true)], &roles, &[], &BTreeMap::new()),
+            Ok(())
+        );
+        assert_eq!(
+            check_one_decider(&[via_1(600, 601, false)], &roles, &[], &BTreeMap::new()),
+            Ok(())
+        );
         // Answered once node 1 knew of term 2 (forwarded to node 2).
-        assert_eq!(check_one_decider(&[via_1(600, 950, true)], &roles), Ok(()));
-        assert!(check_one_decider(&[via_1(600, 601, true)], &roles).is_err());
+        assert_eq!(
+            check_one_decider(&[via_1(600, 950, true)], &roles, &[], &BTreeMap::new()),
+            Ok(())
+        );
+        assert!(
+            check_one_decider(&[via_1(600, 601, true)], &roles, &[], &BTreeMap::new()).is_err()
+        );
+    }
+
+    #[test]
+    fn a_former_slot_owner_allowing_a_check_is_caught() {
+        let slot = slot_of("k");
+        let map = |owner: u64| {
+            let mut owners = vec![9; arbiter::engine::SLOTS];
+            owners[slot] = owner;
+            owners
+        };
+        // Map 1 gives "k"'s slot to node 1, map 2 to node 2; node 2 applies
+        // map 2 at 500 ms, node 1 at 900 ms.
+        let maps = BTreeMap::from([(1, map(1)), (2, map(2))]);
+        let view = |at, node, version| SlotView { at, node, version };
+        let views = [
+            view(0, 1, 1),
+            view(0, 2, 1),
+            view(500, 2, 2),
+            view(900, 1, 2),
+        ];
+        let via = |node, sent, done| {
+            Event {
+                node,
+                ..limit(sent, true)
+            }
+            .with_done(done)
+        };
+        assert_eq!(check_one_owner(&[via(1, 400, 401)], &views, &maps), Ok(()));
+        // Answered once node 1 had map 2 (forwarded to node 2).
+        assert_eq!(check_one_owner(&[via(1, 600, 950)], &views, &maps), Ok(()));
+        // Node 2, the new owner, from when it applied map 2.
+        assert_eq!(check_one_owner(&[via(2, 600, 601)], &views, &maps), Ok(()));
+        assert!(check_one_owner(&[via(1, 600, 601)], &views, &maps).is_err());
+        // A denial decides nothing.
+        let denied = Event {
+            node: 1,
+            ..limit(600, false)
+        };
+        assert_eq!(check_one_owner(&[denied], &views, &maps), Ok(()));
+        // The move counts as a change for the rate check, from when the new
+        // owner applied it.
+        assert_eq!(slot_moves(&views, &maps, "k"), [(0, 500)]);
+        // With map 1 applied, the leader check leaves node 1's checks of its
+        // own slot to the owner check, and looks at none of another's.
+        let roles = [
+            Role {
+                at: 0,
+                node: 1,
+                term: 1,
+                leading: true,
+            },
+            Role {
+                at: 500,
+                node: 3,
+                term: 2,
+                leading: true,
+            },
+        ];
+        let other_map = BTreeMap::from([(1, map(2))]);
+        let views = [view(0, 1, 1)];
+        assert_eq!(
+            check_one_decider(&[via(1, 600, 601)], &roles, &views, &other_map),
+            Ok(())
+        );
+        assert!(check_one_decider(&[via(1, 600, 601)], &roles, &views, &maps).is_err());
     }
 
     impl Event {
@@ -830,13 +1056,13 @@ mod tests {
     #[test]
     fn over_allowance_beyond_the_bound_and_early_denial_are_caught() {
         let exact: Vec<Event> = (0..10).map(|i| limit(i * 100, i < 5)).collect();
-        assert_eq!(check_rate(&exact, 5, &[]), Ok(()));
+        assert_eq!(check_rate(&exact, 5, &[], &[], &BTreeMap::new()), Ok(()));
         // Six allowed of five with no leader change.
         let over: Vec<Event> = (0..10).map(|i| limit(i * 100, i < 6)).collect();
-        assert!(check_rate(&over, 5, &[]).is_err());
+        assert!(check_rate(&over, 5, &[], &[], &BTreeMap::new()).is_err());
         // Denied after four of five.
         let early: Vec<Event> = (0..10).map(|i| limit(i * 100, i < 4)).collect();
-        assert!(check_rate(&early, 5, &[]).is_err());
+        assert!(check_rate(&early, 5, &[], &[], &BTreeMap::new()).is_err());
     }
 
     /// A change of leader allows again what the old leader allowed in its
@@ -866,15 +1092,15 @@ mod tests {
         let before: Vec<Event> = (0..5).map(|i| limit(1600 + i * 10, true)).collect();
         let after: Vec<Event> = (0..5).map(|i| limit(3000 + i * 10, true)).collect();
         let both = [before.clone(), after.clone()].concat();
-        assert_eq!(check_rate(&both, 5, &roles), Ok(()));
+        assert_eq!(check_rate(&both, 5, &roles, &[], &BTreeMap::new()), Ok(()));
         // One more: over by one.
         let one_more = [both.clone(), vec![limit(3100, true)]].concat();
-        assert!(check_rate(&one_more, 5, &roles).is_err());
+        assert!(check_rate(&one_more, 5, &roles, &[], &BTreeMap::new()).is_err());
         // Without the change, the second five are over already.
-        assert!(check_rate(&both, 5, &[]).is_err());
+        assert!(check_rate(&both, 5, &[], &[], &BTreeMap::new()).is_err());
         // Used only after the change: the change forgot nothing of it.
         let later: Vec<Event> = (0..6).map(|i| limit(3000 + i * 10, true)).collect();
-        assert!(check_rate(&later, 5, &roles).is_err());
+        assert!(check_rate(&later, 5, &roles, &[], &BTreeMap::new()).is_err());
         // Spread over the old term, only the last 500 ms's worth counts:
         // one at 0, 600, 1200 and 1800 ms, then three at 3000 ms is 7 of
         // 5 + 1 (the 1800 one; a 500 ms window holds no two of them).
@@ -882,8 +1108,8 @@ mod tests {
             .into_iter()
             .map(|t| limit(t, true))
             .collect();
-        assert!(check_rate(&spread[..6], 5, &roles).is_ok());
-        assert!(check_rate(&spread, 5, &roles).is_err());
+        assert!(check_rate(&spread[..6], 5, &roles, &[], &BTreeMap::new()).is_ok());
+        assert!(check_rate(&spread, 5, &roles, &[], &BTreeMap::new()).is_err());
     }
 
     fn watch(

@@ -37,7 +37,7 @@ use std::time::Duration;
 use arbiter::engine::RecordState;
 use arbiter::engine::{Acquire, Begin, BeginOutcome, Complete, LimitCheck, LimitDef, Renew};
 use arbiter::node::GetRecord;
-use arbiter::node::{AddMember, Change, GetLease, RemoveMember};
+use arbiter::node::{AddMember, Change, GetLease, RemoveMember, SlotOwners};
 
 use cluster::{Answer, Cluster};
 use disk::Loss;
@@ -88,6 +88,11 @@ const MIN_READ_PAIRS: usize = 10;
 /// the seeds of a run of ten or more.
 const MIN_WATCH_EVENTS: usize = 10;
 
+/// The fewest allowed checks answered by their slot's owner that the
+/// one-owner check must look at, on average over the seeds that spread the
+/// slots (in a run of five such seeds or more).
+const MIN_OWNER_CHECKS: usize = 50;
+
 /// Everything one seed did and saw.
 struct Run {
     history: Vec<Event>,
@@ -97,6 +102,8 @@ struct Run {
     leader_changes: u64,
     /// Every node's term and role over the run.
     roles: Vec<history::Role>,
+    /// Every node's applied slot maps over the run.
+    slots: cluster::SlotViews,
     final_token: Option<u64>,
     /// Each key's record as read after the run.
     final_records: Vec<(String, Answer<Option<arbiter::engine::Record>>)>,
@@ -128,8 +135,19 @@ impl Run {
         history::check_watches(&self.history)?;
         history::check_reads(&self.history)?;
         history::check_records(&self.history)?;
-        history::check_rate(&self.history, CAPACITY, &self.roles)?;
-        history::check_one_decider(&self.history, &self.roles)?;
+        let slots = &self.slots;
+        if let Some(d) = &slots.disagreement {
+            return Err(d.clone());
+        }
+        history::check_rate(
+            &self.history,
+            CAPACITY,
+            &self.roles,
+            &slots.applied,
+            &slots.maps,
+        )?;
+        history::check_one_decider(&self.history, &self.roles, &slots.applied, &slots.maps)?;
+        history::check_one_owner(&self.history, &slots.applied, &slots.maps)?;
         // Every acknowledged grant is still counted: a fresh lease after
         // the run gets a higher token than any acknowledged one.
         let acknowledged = self
@@ -795,10 +813,22 @@ async fn settled<O: arbiter::node::Operation>(
     answer
 }
 
+/// Who decides rate limits in a seed: half the seeds spread the slots over
+/// the members (a draw of its own, so the others' stay as they were);
+/// `SIM_SLOTS=spread` or `leader` sets it for every seed.
+fn slot_owners(seed: u64) -> SlotOwners {
+    match std::env::var("SIM_SLOTS").as_deref() {
+        Ok("spread") => SlotOwners::Spread,
+        Ok("leader") => SlotOwners::Leader,
+        _ if Rng::new(seed ^ 0x534c_4f54_5350_5244).chance(50) => SlotOwners::Spread,
+        _ => SlotOwners::Leader,
+    }
+}
+
 async fn run(seed: u64) -> Result<Run, String> {
     let mut rng = Rng::new(seed);
     let n = if seed % 4 == 3 { 5 } else { 3 };
-    let c = Arc::new(Cluster::start(seed, n, &mut rng).await);
+    let c = Arc::new(Cluster::start_with(seed, n, &mut rng, slot_owners(seed)).await);
     if c.leader(Duration::from_secs(10)).await.is_none() {
         return Err("no leader within 10 s of starting".into());
     }
@@ -846,6 +876,7 @@ async fn run(seed: u64) -> Result<Run, String> {
     }
     let leader_changes = c.term() - first_term;
     let roles = c.roles();
+    let slots = c.slot_views();
     let acquire = Acquire {
         quota: Default::default(),
         name: "after-the-run".into(),
@@ -874,6 +905,7 @@ async fn run(seed: u64) -> Result<Run, String> {
         power_loss,
         leader_changes,
         roles,
+        slots,
         final_token,
         final_records,
     })
@@ -988,6 +1020,9 @@ fn time_dependent_guarantees_hold_on_every_seed() {
     let (mut calls, mut faults, mut changes) = (0, 0, 0);
     let (mut fewest_definite, mut fewest_pairs, mut pairs) = (usize::MAX, usize::MAX, 0);
     let (mut probed, mut told) = (0, 0);
+    // Seeds with slots spread, their slot maps, and the checks their owners
+    // answered.
+    let (mut spread, mut maps, mut owned) = (0, 0, 0);
     for seed in first..first + count {
         let outcome = simulate(seed).and_then(|run| {
             fewest_definite =
@@ -1000,6 +1035,11 @@ fn time_dependent_guarantees_hold_on_every_seed() {
             calls += run.history.len();
             faults += run.faults.len();
             changes += run.leader_changes;
+            if slot_owners(seed) == SlotOwners::Spread {
+                spread += 1;
+                maps += run.slots.maps.keys().filter(|v| **v > 0).count();
+                owned += history::owner_decided(&run.history, &run.slots.applied, &run.slots.maps);
+            }
             if count == 1 {
                 println!("{}", run.trace());
             }
@@ -1015,7 +1055,17 @@ fn time_dependent_guarantees_hold_on_every_seed() {
         "simulated {count} seeds: {calls} calls, {faults} faults, {changes} leader changes, \
          at least {fewest_definite} definite answers a seed, {pairs} pairs of lease reads \
          compared (at least {fewest_pairs} a seed), {told} watch events checked, a lease probed \
-         across the outage in {probed}"
+         across the outage in {probed}; {spread} seeds spread the slots ({maps} slot maps, \
+         {owned} allowed checks answered by their slot's owner)"
+    );
+    assert!(
+        spread < 5 || owned >= spread * MIN_OWNER_CHECKS,
+        "{owned} checks answered by their slot's owner in {spread} seeds: the owner check saw \
+         too little"
+    );
+    assert!(
+        spread < 5 || maps > spread,
+        "{maps} slot maps in {spread} seeds: no slot ever moved"
     );
     assert!(failed.is_empty(), "failing seeds: {failed:?}");
     assert!(

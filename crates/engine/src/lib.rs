@@ -299,6 +299,12 @@ impl Engine {
         self.limits.drain_dirty(max, max_bytes)
     }
 
+    /// Marks the cells of `keys` changed again, so the next drain takes
+    /// them (a sync that did not reach the log).
+    pub fn requeue_dirty_limits<'k>(&self, keys: impl IntoIterator<Item = &'k str>) {
+        self.limits.mark_dirty(keys);
+    }
+
     /// Whether a [`Command::Sweep`] at `now_ms` would purge anything.
     pub fn sweep_due(&self, now_ms: u64) -> bool {
         let d = self.tables();

@@ -286,6 +286,13 @@ fn syncs_carry_changed_cells() {
     assert_eq!((left[0].remaining, left[1].remaining), (1, 4));
     // Nothing changed since: the next drain is empty.
     assert!(leader.drain_dirty_limits(usize::MAX, usize::MAX).is_empty());
+    // A sync that failed is taken again, with the cells as they are now.
+    leader.requeue_dirty_limits(["k", "absent"]);
+    checked(&leader, vec![check("j", TB, 1)], false, 0);
+    let again = leader.drain_dirty_limits(usize::MAX, usize::MAX);
+    let mut keys: Vec<&str> = again.iter().map(|(k, _)| k.as_str()).collect();
+    keys.sort_unstable();
+    assert_eq!(keys, ["j", "k"]);
 }
 
 #[test]

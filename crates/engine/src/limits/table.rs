@@ -501,6 +501,20 @@ impl LimitTable {
         out
     }
 
+    /// Marks the cells of `keys` changed again (those still held), so the
+    /// next drain takes them: for a sync that did not reach the log.
+    pub fn mark_dirty<'k>(&self, keys: impl IntoIterator<Item = &'k str>) {
+        for key in keys {
+            let (h, s) = self.locate(key);
+            let mut guard = lock(&self.shards[s]);
+            let ShardState { table, dirty, .. } = &mut *guard;
+            if let Some(e) = table.find_mut(h, |e| e.0.is(key)) {
+                let cell = e.1;
+                store(e, cell, h, dirty);
+            }
+        }
+    }
+
     /// Visits every stored cell (clean), one shard at a time, holding only
     /// that shard's lock while visiting it.
     pub fn for_each(&self, mut f: impl FnMut(&str, Cell)) {
