@@ -107,11 +107,7 @@ pub struct SlotView {
 /// applied another (`u64::MAX`: never).
 fn map_of(views: &[SlotView], node: u64, at: u64) -> (u64, u64) {
     let mine = views.iter().filter(|v| v.node == node);
-    let version = mine
-        .clone()
-        .filter(|v| v.at <= at)
-        .last()
-        .map_or(0, |v| v.version);
+    let version = mine.clone().rfind(|v| v.at <= at).map_or(0, |v| v.version);
     let next = mine
         .filter(|v| v.at > at && v.version != version)
         .map(|v| v.at)
