@@ -51,9 +51,11 @@ struct Args {
     /// What to send.
     #[arg(long, value_enum, default_value = "check")]
     workload: Workload,
-    /// Target HOST:PORT; must resolve to loopback.
-    #[arg(long, default_value = "127.0.0.1:7070")]
-    target: String,
+    /// Target HOST:PORT; must resolve to loopback. Several, comma-separated
+    /// (`--targets a,b,c`): the connections are spread over them in turn,
+    /// as a Kubernetes Service spreads callers over the replicas.
+    #[arg(long, alias = "targets", value_delimiter = ',', default_value = "127.0.0.1:7070")]
+    target: Vec<String>,
     /// Connect to Arbiter over TLS, trusting this CA (PEM).
     #[arg(long)]
     tls_ca: Option<std::path::PathBuf>,
@@ -263,7 +265,11 @@ fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> Result<(), String> {
-    let addr = resolve_loopback(&args.target).await?;
+    let mut addrs = Vec::new();
+    for t in &args.target {
+        addrs.push(resolve_loopback(t).await?);
+    }
+    let addr = *addrs.first().ok_or("--target: none given")?;
     if args.inflight == 0 || args.connections == 0 || args.batch == 0 || args.keys == 0 {
         return Err("--inflight, --connections, --batch and --keys must be at least 1".into());
     }
@@ -315,7 +321,8 @@ async fn run(args: Args) -> Result<(), String> {
             None => None,
         };
         let scheme = if tls.is_some() { "https" } else { "http" };
-        for _ in 0..args.connections {
+        for i in 0..args.connections {
+            let addr = addrs[i % addrs.len()];
             let endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))
                 .map_err(|e| e.to_string())?
                 .tcp_nodelay(true)
@@ -443,7 +450,11 @@ fn report(args: &Args, t: &Tally, secs: f64) {
     }
     println!(
         "{:?} against {} — {} in flight, {} keys, batch {}",
-        args.workload, args.target, args.inflight, args.keys, args.batch
+        args.workload,
+        args.target.join(","),
+        args.inflight,
+        args.keys,
+        args.batch
     );
     println!(
         "  {:.0} requests/s, {:.0} decisions/s, allowed {:.1}%, {} requests, {} errors in {:.1} s",

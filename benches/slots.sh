@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# Rate-limit checks with the slots spread over a 3-node loopback cluster
+# (--slot-owners spread) against one node and against a 3-node cluster whose
+# leader decides every key (--slot-owners leader), all release builds,
+# ROUNDS rounds alternating the configurations so the VM's drift hits them
+# alike. Calls "spread" go over the three members' client ports in turn
+# (arbiter-bench --targets), as a Kubernetes Service spreads callers.
+#
+#   benches/slots.sh      # ROUNDS=3 DURATION=10 KEYS=100000
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROUNDS=${ROUNDS:-3}
+DURATION=${DURATION:-10}
+WARMUP=${WARMUP:-2}
+KEYS=${KEYS:-100000}
+
+BENCH_NAME=slots
+# shellcheck source=benches/lib.sh
+. benches/lib.sh
+
+cluster() { # name owners -> starts 3 nodes; sets ${name}1..3 to their client ports
+  local name=$1 owners=$2 peers="" i
+  declare -ga "${name}_c=()"
+  local -a c p
+  for i in 1 2 3; do c[$i]=$(port); p[$i]=$(port); peers+="$i=127.0.0.1:${p[$i]},"; done
+  peers=${peers%,}
+  for i in 1 2 3; do
+    "$BIN" serve --node-id "$i" --peers "$peers" --listen "127.0.0.1:${c[$i]}" \
+      --peer-listen "127.0.0.1:${p[$i]}" --metrics-listen 127.0.0.1:0 \
+      --data-dir "$work/$name$i" --slot-owners "$owners" 2>"$work/$name$i.log" &
+    PIDS[$name$i]=$!
+  done
+  wait_voters "${c[1]}" 3
+  wait_leader "${c[1]}" >/dev/null
+  eval "${name}_c=(\"${c[1]}\" \"${c[2]}\" \"${c[3]}\")"
+}
+
+one=$(port)
+"$BIN" serve --listen "127.0.0.1:$one" --metrics-listen 127.0.0.1:0 \
+  --peer-listen 127.0.0.1:0 --data-dir "$work/one" 2>"$work/one.log" &
+PIDS[one]=$!
+cluster lead leader
+cluster spread spread
+# Give the spread cluster's leader time to hand out the slots.
+for _ in $(seq 100); do
+  grep -q "moving rate-limit slots" "$work"/spread*.log && break
+  sleep 0.05
+done
+sleep 1
+
+targets() { local IFS=,; local -a t=(); for p in "$@"; do t+=("127.0.0.1:$p"); done; echo "${t[*]}"; }
+bench() { # label targets batch [extra...]
+  local label=$1 targets=$2 batch=$3; shift 3
+  $BENCH --targets "$targets" --workload check --batch "$batch" --keys "$KEYS" \
+    --duration "$DURATION" --warmup "$WARMUP" --inflight 48 --connections 3 --json "$@" |
+    sed "s/^/$label /" >>"$work/results"
+}
+
+for r in $(seq "$ROUNDS"); do
+  echo "round $r" >&2
+  bench "unary-one-node" "$(targets "$one")" 1
+  bench "unary-leader-decides-spread" "$(targets "${lead_c[@]}")" 1
+  bench "unary-slots-spread" "$(targets "${spread_c[@]}")" 1
+  bench "unary-slots-via-one-member" "$(targets "${spread_c[0]}")" 1
+  bench "batch100-one-node" "$(targets "$one")" 100
+  bench "batch100-slots-spread" "$(targets "${spread_c[@]}")" 100
+done
+
+python3 - "$work/results" <<'EOF'
+import json, sys, statistics
+rows = {}
+for line in open(sys.argv[1]):
+    label, js = line.split(" ", 1)
+    rows.setdefault(label, []).append(json.loads(js))
+base = {"unary": None, "batch100": None}
+print(f"| configuration | decisions/s (median of {len(next(iter(rows.values())))}) | each round | p50 ms | p99 ms | errors | vs one node |")
+print("| --- | --- | --- | --- | --- | --- | --- |")
+for label, rs in rows.items():
+    d = [r["decisions_per_sec"] for r in rs]
+    med = statistics.median(d)
+    kind = label.split("-")[0]
+    if base[kind] is None:
+        base[kind] = med
+    p50 = statistics.median(r["latency_us"]["p50"] for r in rs) / 1000
+    p99 = statistics.median(r["latency_us"]["p99"] for r in rs) / 1000
+    errors = sum(r["errors"] for r in rs)
+    each = ", ".join(f"{x:,.0f}" for x in d)
+    print(f"| {label} | {med:,.0f} | {each} | {p50:.2f} | {p99:.2f} | {errors} | {med / base[kind]:.2f}x |")
+EOF
