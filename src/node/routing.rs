@@ -340,9 +340,12 @@ impl Router {
     ) -> Result<Vec<LimitResult>, NodeError> {
         /// How often a check whose owner did not decide it is sent again.
         const RETRY: Duration = Duration::from_millis(10);
+        /// How long one owner has to answer a forwarded check.
+        const OWNER_WAIT: Duration = Duration::from_secs(1);
         let deadline = Instant::now() + self.leader_wait;
         let mut results: Vec<Option<LimitResult>> = vec![None; checks.len()];
         let mut left: Vec<usize> = (0..checks.len()).collect();
+        let mut unanswered = String::new();
         loop {
             let map = self.engine.slots();
             let mut groups: BTreeMap<Option<NodeId>, Vec<usize>> = BTreeMap::new();
@@ -363,30 +366,35 @@ impl Router {
                 let sub: Vec<LimitCheck> = idx.iter().map(|i| checks[*i].clone()).collect();
                 async move {
                     let Some(owner) = owner else {
-                        return (idx, Err(NodeError::NotLeader));
+                        return (idx, false, Err(NodeError::NotLeader));
                     };
+                    let forwarded = owner != self.view.id();
                     let call = CheckLimits {
                         checks: sub,
                         all_or_nothing,
                         principal: quota.principal.to_owned(),
                         key_quota: quota.max,
                     };
-                    let answer = if owner == self.view.id() {
+                    let answer = if !forwarded {
                         self.serve_bounded(call).await
                     } else {
+                        // Bounded well below the wait: an owner that does
+                        // not answer loses its slots within a slot lease,
+                        // and the check is then sent to the next one.
+                        let left = deadline.saturating_duration_since(Instant::now());
                         self.forward::<CheckLimits>(
                             owner,
                             call.into(),
                             quota.principal,
-                            self.leader_wait,
+                            left.min(OWNER_WAIT),
                         )
                         .await
                     };
-                    (idx, answer)
+                    (idx, forwarded, answer)
                 }
             });
             left = Vec::new();
-            for (idx, answer) in futures::future::join_all(asked).await {
+            for (idx, forwarded, answer) in futures::future::join_all(asked).await {
                 match answer {
                     Ok(decided) if decided.len() == idx.len() => {
                         for (i, r) in idx.into_iter().zip(decided) {
@@ -401,6 +409,14 @@ impl Router {
                         )))
                     }
                     Err(NodeError::NotOwner | NodeError::NotLeader) => left.extend(idx),
+                    // An owner that does not answer (dead, cut off) loses
+                    // its slots within a slot lease: wait for the move. (A
+                    // check it decided but whose answer was lost is then
+                    // consumed twice: an under-admission, never an over.)
+                    Err(NodeError::Unavailable(why)) if forwarded && map.assigned() => {
+                        unanswered = why;
+                        left.extend(idx);
+                    }
                     Err(e) => return Err(e),
                 }
             }
@@ -410,9 +426,14 @@ impl Router {
             if Instant::now() + RETRY > deadline {
                 return Err(NodeError::Unavailable(format!(
                     "no member could decide {} of the checks within {} ms (no leader, or their \
-                     slots' owner unreachable)",
+                     slots' owner unreachable){}",
                     left.len(),
-                    self.leader_wait.as_millis()
+                    self.leader_wait.as_millis(),
+                    if unanswered.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {unanswered}")
+                    }
                 )));
             }
             // Polled: an owner's lease or a new map has no event to wake on

@@ -9,7 +9,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use arbiter::engine::{LimitCheck, LimitDef};
+use arbiter::engine::{slot_of, LimitCheck, LimitDef};
+use arbiter::node::SlotOwners;
 use tokio::time::Instant;
 
 use super::cluster::Cluster;
@@ -30,8 +31,12 @@ pub enum Failure {
 }
 
 fn check(cost: u64) -> LimitCheck {
+    check_of("steady", cost)
+}
+
+fn check_of(key: &str, cost: u64) -> LimitCheck {
     LimitCheck {
-        key: "steady".into(),
+        key: key.into(),
         limit: LimitDef::TokenBucket {
             capacity: CAPACITY,
             refill_tokens: 1,
@@ -133,4 +138,99 @@ pub async fn forgotten_ms(seed: u64, failure: Failure) -> Result<u64, String> {
     let c = Arc::try_unwrap(c).map_err(|_| "the cluster is still shared".to_string())?;
     c.stop().await;
     Ok(allowed.saturating_sub(consumed) * EVERY_MS)
+}
+
+/// One move of a slot whose owner crashed, with the slots spread: a key the
+/// owner (not the leader) decides is checked through the owner at a steady
+/// rate, the owner's power is cut, and the same key is then checked (cost
+/// 0) through the leader every [`EVERY_MS`] until one is answered.
+/// Returns how long after the crash that first answer came, and what the
+/// move forgot, in ms of traffic.
+pub async fn slot_move(seed: u64) -> Result<(u64, u64), String> {
+    let mut rng = Rng::new(seed);
+    let c = Arc::new(Cluster::start_with(seed, 3, &mut rng, SlotOwners::Spread).await);
+    let leader = c.leader(Duration::from_secs(10)).await.ok_or("no leader")?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !c.ids().iter().all(|i| c.node(*i).slot_map().assigned()) {
+        if Instant::now() > deadline {
+            return Err("the slots were never assigned".into());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let map = c.node(leader).slot_map();
+    let (key, owner) = (0..)
+        .map(|i| format!("steady-{i}"))
+        .find_map(|k| {
+            let o = map.owner(slot_of(&k))?;
+            (o != leader).then_some((k, o))
+        })
+        .ok_or("no key of another owner")?;
+    let allowed = Arc::new(AtomicU64::new(0));
+    let stop_at = Arc::new(AtomicU64::new(u64::MAX));
+    let traffic = {
+        let (c, stop_at, allowed, key) = (c.clone(), stop_at.clone(), allowed.clone(), key.clone());
+        tokio::spawn(async move {
+            let mut calls = tokio::task::JoinSet::new();
+            while c.now() < stop_at.load(Ordering::SeqCst) {
+                let (c, allowed, key) = (c.clone(), allowed.clone(), key.clone());
+                calls.spawn(async move {
+                    let check = check_of(&key, 1);
+                    let answer = c
+                        .on(owner, |n| async move { n.check(vec![check], false).await })
+                        .await;
+                    if let Ok(Ok(r)) = answer {
+                        if r.first().is_some_and(|r| r.allowed) {
+                            allowed.fetch_add(1, Ordering::SeqCst);
+                        }
+                    }
+                });
+                tokio::time::sleep(Duration::from_millis(EVERY_MS)).await;
+                while calls.try_join_next().is_some() {}
+            }
+            while calls.join_next().await.is_some() {}
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(rng.range(1_000, 1_500))).await;
+    c.crash(owner, Loss::Clean, &mut rng)?;
+    let crashed = c.now();
+    stop_at.store(crashed, Ordering::SeqCst);
+    traffic.await.map_err(|e| e.to_string())?;
+    // Checks through the leader every EVERY_MS, each waiting as long as it
+    // takes; the first answer's time is when the key was decided again.
+    let first = Arc::new(AtomicU64::new(u64::MAX));
+    let remaining = Arc::new(AtomicU64::new(0));
+    let mut probes = tokio::task::JoinSet::new();
+    while first.load(Ordering::SeqCst) == u64::MAX && c.now() < crashed + 5_000 {
+        let (c, first, remaining, key) = (c.clone(), first.clone(), remaining.clone(), key.clone());
+        probes.spawn(async move {
+            let check = check_of(&key, 0);
+            let answer = c
+                .on(leader, |n| async move { n.check(vec![check], false).await })
+                .await;
+            if let Ok(Ok(r)) = answer {
+                if let Some(r) = r.first() {
+                    if first.fetch_min(c.now(), Ordering::SeqCst) > c.now() {
+                        remaining.store(r.remaining, Ordering::SeqCst);
+                    }
+                }
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(EVERY_MS)).await;
+    }
+    probes.abort_all();
+    while probes.join_next().await.is_some() {}
+    let first = first.load(Ordering::SeqCst);
+    if first == u64::MAX {
+        return Err("the moved key was not decided again within 5 s".into());
+    }
+    let consumed = CAPACITY - remaining.load(Ordering::SeqCst);
+    let allowed = allowed.load(Ordering::SeqCst);
+    if consumed > allowed {
+        return Err(format!(
+            "the new owner counts {consumed} consumed, more than the {allowed} allowed"
+        ));
+    }
+    let c = Arc::try_unwrap(c).map_err(|_| "the cluster is still shared".to_string())?;
+    c.stop().await;
+    Ok((first - crashed, allowed.saturating_sub(consumed) * EVERY_MS))
 }

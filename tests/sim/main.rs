@@ -1227,6 +1227,37 @@ fn a_rate_limit_failover_forgets_no_more_than_the_readme_says() {
     }
 }
 
+/// With the slots spread, a crashed owner's slots move: the first answer
+/// for one of its keys comes within the 0.6 s of the crash (median
+/// of the trials; each within 1 s), and the move forgets no more than a
+/// crashed leader's failover (its last sync interval, plus the sync in
+/// flight).
+#[test]
+fn a_crashed_slot_owners_keys_are_decided_again_within_the_bound() {
+    let seeds = env_u64("SIM_FAILOVERS").unwrap_or(10);
+    let mut moved = Vec::new();
+    let mut forgotten = Vec::new();
+    for seed in 1..=seeds {
+        let (ms, lost) = on_paused_runtime(seed, move || failover::slot_move(seed))
+            .unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+        moved.push(ms);
+        forgotten.push(lost);
+    }
+    moved.sort_unstable();
+    forgotten.sort_unstable();
+    println!("slot moves: first answer {moved:?} ms after the crash; forgot {forgotten:?} ms");
+    let median = moved[moved.len() / 2];
+    assert!(
+        median <= 600,
+        "median {median} ms to decide a moved key: {moved:?}"
+    );
+    assert!(moved.iter().all(|&ms| ms <= 1_000), "{moved:?}");
+    assert!(
+        forgotten.iter().all(|&ms| ms <= 120),
+        "a slot move forgot more than a sync interval: {forgotten:?}"
+    );
+}
+
 /// A watcher on a node cut off while the leader compacted its log past
 /// it: the node catches up by installing a snapshot, which replays no
 /// events one by one, so its watchers are sent the lease's state again

@@ -54,7 +54,12 @@ struct Args {
     /// Target HOST:PORT; must resolve to loopback. Several, comma-separated
     /// (`--targets a,b,c`): the connections are spread over them in turn,
     /// as a Kubernetes Service spreads callers over the replicas.
-    #[arg(long, alias = "targets", value_delimiter = ',', default_value = "127.0.0.1:7070")]
+    #[arg(
+        long,
+        alias = "targets",
+        value_delimiter = ',',
+        default_value = "127.0.0.1:7070"
+    )]
     target: Vec<String>,
     /// Connect to Arbiter over TLS, trusting this CA (PEM).
     #[arg(long)]
