@@ -39,6 +39,7 @@ use openraft::Raft;
 use tokio::sync::watch;
 
 mod admission;
+mod coalesce;
 mod election;
 mod error;
 mod handover;
@@ -204,7 +205,7 @@ impl Node {
     /// (operation, calls forwarded to the leader, calls served for
     /// followers), for each operation.
     pub fn forwarded(&self) -> Vec<(&'static str, u64, u64)> {
-        self.router.forwarded.counts()
+        self.router.forwarder.forwarded.counts()
     }
 
     /// Serves a call a follower forwarded (see `routing`).

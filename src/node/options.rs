@@ -37,6 +37,9 @@ pub struct Options {
     pub limit_sync: Duration,
     /// Who decides rate limits (`--slot-owners`).
     pub slot_owners: super::SlotOwners,
+    /// Most checks in one call (`--max-checks-per-request`): forwarded
+    /// checks joined into one call keep within it.
+    pub max_checks_per_call: usize,
     /// How often idle rate-limit cells are dropped.
     pub limit_sweep: Duration,
     /// The only clock commands are stamped with.

@@ -18,6 +18,7 @@ use super::operations::{
     with_call, AddMember, Call, CheckLimits, Forwarded, GetLease, GetRecord, Operation,
     RemoveMember, Stamped,
 };
+use super::coalesce::{self, Coalescer};
 use super::proposer::Proposer;
 use super::slots::Slots;
 use super::timekeeping::Timekeeper;
@@ -33,6 +34,9 @@ use crate::raft::network::{decode, encode, with_cluster, Channels, ClusterId, PE
 use crate::raft::NodeId;
 use crate::security::PRINCIPAL_HEADER;
 use openraft::BasicNode;
+
+/// How long one member has to answer a forwarded check.
+const OWNER_WAIT: Duration = Duration::from_secs(1);
 
 /// Lease and idempotency writes go through the log.
 macro_rules! writes {
@@ -201,13 +205,14 @@ pub struct Router {
     pub proposer: Proposer,
     pub leadership: Arc<Leadership>,
     pub slots: Arc<Slots>,
-    pub channels: Channels,
-    pub cluster: ClusterId,
+    /// Sends calls to other members.
+    pub forwarder: Arc<Forwarder>,
+    /// Joins forwarded checks bound for one member.
+    pub coalescer: Coalescer,
     /// How long a call waits for a leader before answering UNAVAILABLE.
     pub leader_wait: Duration,
     /// How long a member being added has to catch up as a learner.
     pub member_catch_up: Duration,
-    pub forwarded: Forwarded,
     /// Rate-limit checks decided at this node (for its own callers or
     /// forwarded by others).
     pub decided: std::sync::atomic::AtomicU64,
@@ -340,8 +345,6 @@ impl Router {
     ) -> Result<Vec<LimitResult>, NodeError> {
         /// How often a check whose owner did not decide it is sent again.
         const RETRY: Duration = Duration::from_millis(10);
-        /// How long one owner has to answer a forwarded check.
-        const OWNER_WAIT: Duration = Duration::from_secs(1);
         let deadline = Instant::now() + self.leader_wait;
         let mut results: Vec<Option<LimitResult>> = vec![None; checks.len()];
         let mut left: Vec<usize> = (0..checks.len()).collect();
@@ -377,18 +380,19 @@ impl Router {
                     };
                     let answer = if !forwarded {
                         self.serve_bounded(call).await
+                    } else if !all_or_nothing {
+                        // With whatever else goes there now.
+                        let send = self.coalesced_send(quota.max);
+                        match self
+                            .coalescer
+                            .forward(owner, quota.principal, call.checks.clone(), &send)
+                            .await
+                        {
+                            Some(answer) => answer,
+                            None => self.forward_alone(owner, call, deadline).await,
+                        }
                     } else {
-                        // Bounded well below the wait: an owner that does
-                        // not answer loses its slots within a slot lease,
-                        // and the check is then sent to the next one.
-                        let left = deadline.saturating_duration_since(Instant::now());
-                        self.forward::<CheckLimits>(
-                            owner,
-                            call.into(),
-                            quota.principal,
-                            left.min(OWNER_WAIT),
-                        )
-                        .await
+                        self.forward_alone(owner, call, deadline).await
                     };
                     (idx, forwarded, answer)
                 }
@@ -442,6 +446,41 @@ impl Router {
         }
     }
 
+    /// Forwards one call of checks to `owner`, bounded well below the
+    /// leader wait: an owner that does not answer loses its slots within a
+    /// slot lease, and the check is then sent to the next one.
+    async fn forward_alone(
+        &self,
+        owner: NodeId,
+        call: CheckLimits,
+        deadline: Instant,
+    ) -> Result<Vec<LimitResult>, NodeError> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let principal = call.principal.clone();
+        self.forward::<CheckLimits>(owner, call.into(), &principal, left.min(OWNER_WAIT))
+            .await
+    }
+
+    /// How the coalescer sends a joined call (checks that are not
+    /// all-or-nothing, for one principal with key quota `key_quota`).
+    fn coalesced_send(&self, key_quota: Option<u64>) -> coalesce::Send {
+        let forwarder = self.forwarder.clone();
+        Arc::new(move |to, principal: String, checks| {
+            let forwarder = forwarder.clone();
+            Box::pin(async move {
+                let call = CheckLimits {
+                    checks,
+                    all_or_nothing: false,
+                    principal: principal.clone(),
+                    key_quota,
+                };
+                forwarder
+                    .forward::<CheckLimits>(to, call.into(), &principal, OWNER_WAIT)
+                    .await
+            })
+        })
+    }
+
     async fn forward<O: Operation>(
         &self,
         leader: NodeId,
@@ -449,48 +488,16 @@ impl Router {
         principal: &str,
         timeout: Duration,
     ) -> Result<O::Output, NodeError> {
-        let Some(addr) = self.view.addr_of(leader) else {
-            return Err(NodeError::NotLeader);
-        };
-        self.forwarded.sent(&call);
-        let channel = self
-            .channels
-            .get(&addr)
-            .map_err(|e| NodeError::Unavailable(format!("leader {leader} at {addr}: {e}")))?;
-        let mut request = with_cluster(encode(&call), &self.cluster, timeout);
-        if !principal.is_empty() {
-            match tonic::metadata::MetadataValue::try_from(principal) {
-                Ok(v) => {
-                    request.metadata_mut().insert(PRINCIPAL_HEADER, v);
-                }
-                Err(_) => {
-                    return Err(NodeError::Unavailable(format!(
-                        "principal name {principal:?} cannot be forwarded (not ASCII)"
-                    )))
-                }
-            }
-        }
-        let mut client = RaftPeerClient::new(channel)
-            .max_decoding_message_size(PEER_MESSAGE_LIMIT)
-            .max_encoding_message_size(PEER_MESSAGE_LIMIT);
-        match client.forward(request).await {
-            Ok(reply) => {
-                decode::<Result<O::Output, NodeError>>(&reply.into_inner()).map_err(|e| {
-                    NodeError::Unavailable(format!("bad reply from leader {leader}: {e}"))
-                })?
-            }
-            Err(status) => Err(NodeError::Unavailable(format!(
-                "leader {leader} at {addr} did not answer: {}",
-                status.message()
-            ))),
-        }
+        self.forwarder
+            .forward::<O>(leader, call, principal, timeout)
+            .await
     }
 
     /// Serves a call a follower forwarded; the reply is the operation's own
     /// result (`NotLeader` when this node does not lead, and the follower
     /// routes again).
     pub async fn serve_forwarded(&self, call: Call) -> PeerMessage {
-        self.forwarded.served(&call);
+        self.forwarder.forwarded.served(&call);
         with_call!(call, op => encode(&self.serve_bounded(op).await))
     }
 
@@ -534,4 +541,59 @@ impl Router {
             .map_err(|other| NodeError::Unavailable(format!("the log answered with {other:?}")))?;
         Ok(Stamped { value, now_ms })
     }
+}
+
+/// Sends calls to another member over the pooled peer channel.
+pub struct Forwarder {
+    pub view: View,
+    pub channels: Channels,
+    pub cluster: ClusterId,
+    pub forwarded: Forwarded,
+}
+
+impl Forwarder {
+    pub async fn forward<O: Operation>(
+        &self,
+        leader: NodeId,
+        call: Call,
+        principal: &str,
+        timeout: Duration,
+    ) -> Result<O::Output, NodeError> {
+        let Some(addr) = self.view.addr_of(leader) else {
+            return Err(NodeError::NotLeader);
+        };
+        self.forwarded.sent(&call);
+        let channel = self
+            .channels
+            .get(&addr)
+            .map_err(|e| NodeError::Unavailable(format!("leader {leader} at {addr}: {e}")))?;
+        let mut request = with_cluster(encode(&call), &self.cluster, timeout);
+        if !principal.is_empty() {
+            match tonic::metadata::MetadataValue::try_from(principal) {
+                Ok(v) => {
+                    request.metadata_mut().insert(PRINCIPAL_HEADER, v);
+                }
+                Err(_) => {
+                    return Err(NodeError::Unavailable(format!(
+                        "principal name {principal:?} cannot be forwarded (not ASCII)"
+                    )))
+                }
+            }
+        }
+        let mut client = RaftPeerClient::new(channel)
+            .max_decoding_message_size(PEER_MESSAGE_LIMIT)
+            .max_encoding_message_size(PEER_MESSAGE_LIMIT);
+        match client.forward(request).await {
+            Ok(reply) => {
+                decode::<Result<O::Output, NodeError>>(&reply.into_inner()).map_err(|e| {
+                    NodeError::Unavailable(format!("bad reply from leader {leader}: {e}"))
+                })?
+            }
+            Err(status) => Err(NodeError::Unavailable(format!(
+                "leader {leader} at {addr} did not answer: {}",
+                status.message()
+            ))),
+        }
+    }
+
 }

@@ -15,7 +15,8 @@ use super::leadership::Leadership;
 use super::limit_sync::LimitSync;
 use super::options::{boot_id, raft_config};
 use super::proposer::Proposer;
-use super::routing::Router;
+use super::coalesce::Coalescer;
+use super::routing::{Forwarder, Router};
 use super::slots::Slots;
 use super::sweeper::{Deadlines, Sweeper};
 use super::tasks::Tasks;
@@ -47,6 +48,7 @@ impl Node {
             member_catch_up,
             limit_sync,
             slot_owners,
+            max_checks_per_call,
             limit_sweep,
             clock,
             watch_limits,
@@ -105,6 +107,7 @@ impl Node {
             limit_sync,
             limit_sweep,
             slot_owners,
+            max_checks_per_call,
         };
         let (node, loops) = Self::compose(opened, &settings);
         let node = Arc::new(node);
@@ -182,11 +185,15 @@ impl Node {
             proposer,
             leadership: leadership.clone(),
             slots: slots.clone(),
-            channels,
-            cluster,
+            forwarder: Arc::new(Forwarder {
+                view: view.clone(),
+                channels,
+                cluster,
+                forwarded: Default::default(),
+            }),
+            coalescer: Coalescer::new(s.max_checks_per_call),
             leader_wait: s.leader_wait,
             member_catch_up: s.member_catch_up,
-            forwarded: Default::default(),
             decided: Default::default(),
         };
         let node = Self {
@@ -309,6 +316,7 @@ struct Settings {
     limit_sync: Duration,
     limit_sweep: Duration,
     slot_owners: super::SlotOwners,
+    max_checks_per_call: usize,
 }
 
 /// The loops that belong to no room the node keeps, started by `begin`.

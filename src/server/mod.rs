@@ -275,6 +275,7 @@ fn node_options(
         leader_wait: ms(config.leader_wait_ms),
         member_catch_up: ms(config.member_catch_up_ms),
         limit_sync: ms(config.limit_sync_ms),
+        max_checks_per_call: config.max_checks_per_request,
         slot_owners: match config.slot_owners {
             crate::config::SlotOwnersArg::Leader => node::SlotOwners::Leader,
             crate::config::SlotOwnersArg::Spread => node::SlotOwners::Spread,

@@ -277,6 +277,7 @@ impl Cluster {
             member_catch_up: Duration::from_secs(10),
             limit_sync: Duration::from_millis(100),
             slot_owners: self.slot_owners,
+            max_checks_per_call: 1000,
             limit_sweep: Duration::from_secs(1),
             clock: sim.clock.clone(),
             watch_limits: Default::default(),
