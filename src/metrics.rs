@@ -64,6 +64,7 @@ pub struct Metrics {
     slot_version: Gauge,
     slots_owned: Gauge,
     decided_here: Counter,
+    rerouted: Counter,
 }
 
 impl Default for Metrics {
@@ -87,6 +88,7 @@ impl Metrics {
             slot_version: gauge!("arbiter_slot_map_version"),
             slots_owned: gauge!("arbiter_slots_owned"),
             decided_here: counter!("arbiter_checks_decided_here_total"),
+            rerouted: counter!("arbiter_checks_rerouted_total"),
         }
     }
 
@@ -147,7 +149,8 @@ impl Metrics {
         self.records.set(counts.records as f64);
         self.record_bytes.set(counts.record_bytes as f64);
         self.watchers.set(node.watchers() as f64);
-        let (version, owned, decided) = node.slot_standing();
+        let (version, owned, decided, rerouted) = node.slot_standing();
+        self.rerouted.absolute(rerouted);
         self.slot_version.set(version as f64);
         self.slots_owned.set(owned as f64);
         self.decided_here.absolute(decided);

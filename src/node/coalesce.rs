@@ -76,7 +76,9 @@ impl Coalescer {
             match queue.try_send(waiting) {
                 Ok(()) => {
                     return Some(answer.await.unwrap_or_else(|_| {
-                        Err(NodeError::Unavailable("the forwarding queue stopped".into()))
+                        Err(NodeError::Unavailable(
+                            "the forwarding queue stopped".into(),
+                        ))
                     }))
                 }
                 Err(mpsc::error::TrySendError::Full(_)) => return None,
@@ -244,8 +246,15 @@ mod tests {
         let c3 = queued.remove(0).await.unwrap().unwrap().unwrap();
         // Each caller got its own checks' answers ("bb-0" is 4 long, ...).
         assert_eq!(b.iter().map(|r| r.remaining).collect::<Vec<_>>(), [4, 4]);
-        assert_eq!(c3.iter().map(|r| r.remaining).collect::<Vec<_>>(), [5, 5, 5]);
-        assert_eq!(calls.load(Ordering::SeqCst), 2, "the two queued calls went as one");
+        assert_eq!(
+            c3.iter().map(|r| r.remaining).collect::<Vec<_>>(),
+            [5, 5, 5]
+        );
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            2,
+            "the two queued calls went as one"
+        );
     }
 
     #[tokio::test]
@@ -256,7 +265,11 @@ mod tests {
         let send = sender(calls.clone(), gate);
         let c = Coalescer::new(4);
         assert!(c.forward(2, "p", checks("x", 4), &send).await.is_none());
-        let r = c.forward(2, "p", checks("x", 3), &send).await.unwrap().unwrap();
+        let r = c
+            .forward(2, "p", checks("x", 3), &send)
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(r.len(), 3);
     }
 }

@@ -271,8 +271,9 @@ impl Node {
     }
 
     /// The slot map's version, how many slots this node owns in it, and
-    /// how many rate-limit checks this node has decided.
-    pub fn slot_standing(&self) -> (u64, usize, u64) {
+    /// how many rate-limit checks this node has decided, and how many it
+    /// sent again because the member asked could not decide them then.
+    pub fn slot_standing(&self) -> (u64, usize, u64, u64) {
         let map = self.engine.slots();
         let me = self.view.id();
         let owned = map.owners.iter().filter(|o| **o == me).count();
@@ -280,7 +281,11 @@ impl Node {
             .router
             .decided
             .load(std::sync::atomic::Ordering::Relaxed);
-        (map.version, owned, decided)
+        let rerouted = self
+            .router
+            .rerouted
+            .load(std::sync::atomic::Ordering::Relaxed);
+        (map.version, owned, decided, rerouted)
     }
 
     /// The slot map as this node last applied it.

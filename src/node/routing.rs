@@ -13,12 +13,12 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 
+use super::coalesce::{self, Coalescer};
 use super::leadership::Leadership;
 use super::operations::{
     with_call, AddMember, Call, CheckLimits, Forwarded, GetLease, GetRecord, Operation,
     RemoveMember, Stamped,
 };
-use super::coalesce::{self, Coalescer};
 use super::proposer::Proposer;
 use super::slots::Slots;
 use super::timekeeping::Timekeeper;
@@ -216,6 +216,10 @@ pub struct Router {
     /// Rate-limit checks decided at this node (for its own callers or
     /// forwarded by others).
     pub decided: std::sync::atomic::AtomicU64,
+    /// Checks sent again because the member asked could not decide them
+    /// then (no leader, a slot moving or its lease lapsed, an owner that
+    /// did not answer).
+    pub rerouted: std::sync::atomic::AtomicU64,
 }
 
 impl Router {
@@ -348,7 +352,6 @@ impl Router {
         let deadline = Instant::now() + self.leader_wait;
         let mut results: Vec<Option<LimitResult>> = vec![None; checks.len()];
         let mut left: Vec<usize> = (0..checks.len()).collect();
-        let mut unanswered = String::new();
         loop {
             let map = self.engine.slots();
             let mut groups: BTreeMap<Option<NodeId>, Vec<usize>> = BTreeMap::new();
@@ -369,7 +372,7 @@ impl Router {
                 let sub: Vec<LimitCheck> = idx.iter().map(|i| checks[*i].clone()).collect();
                 async move {
                     let Some(owner) = owner else {
-                        return (idx, false, Err(NodeError::NotLeader));
+                        return (idx, Err(NodeError::NotLeader));
                     };
                     let forwarded = owner != self.view.id();
                     let call = CheckLimits {
@@ -394,11 +397,11 @@ impl Router {
                     } else {
                         self.forward_alone(owner, call, deadline).await
                     };
-                    (idx, forwarded, answer)
+                    (idx, answer)
                 }
             });
             left = Vec::new();
-            for (idx, forwarded, answer) in futures::future::join_all(asked).await {
+            for (idx, answer) in futures::future::join_all(asked).await {
                 match answer {
                     Ok(decided) if decided.len() == idx.len() => {
                         for (i, r) in idx.into_iter().zip(decided) {
@@ -413,31 +416,24 @@ impl Router {
                         )))
                     }
                     Err(NodeError::NotOwner | NodeError::NotLeader) => left.extend(idx),
-                    // An owner that does not answer (dead, cut off) loses
-                    // its slots within a slot lease: wait for the move. (A
-                    // check it decided but whose answer was lost is then
-                    // consumed twice: an under-admission, never an over.)
-                    Err(NodeError::Unavailable(why)) if forwarded && map.assigned() => {
-                        unanswered = why;
-                        left.extend(idx);
-                    }
+                    // Not sent again: an owner that did not answer may
+                    // have decided, and deciding twice would deny early.
+                    // The caller retries UNAVAILABLE; an owner that is
+                    // gone loses its slots within a slot lease.
                     Err(e) => return Err(e),
                 }
             }
             if left.is_empty() {
                 return Ok(results.into_iter().flatten().collect());
             }
+            self.rerouted
+                .fetch_add(left.len() as u64, std::sync::atomic::Ordering::Relaxed);
             if Instant::now() + RETRY > deadline {
                 return Err(NodeError::Unavailable(format!(
                     "no member could decide {} of the checks within {} ms (no leader, or their \
-                     slots' owner unreachable){}",
+                     slots moving)",
                     left.len(),
                     self.leader_wait.as_millis(),
-                    if unanswered.is_empty() {
-                        String::new()
-                    } else {
-                        format!(": {unanswered}")
-                    }
                 )));
             }
             // Polled: an owner's lease or a new map has no event to wake on
@@ -595,5 +591,4 @@ impl Forwarder {
             ))),
         }
     }
-
 }

@@ -9,13 +9,13 @@ use openraft::Raft;
 use tokio::sync::watch;
 
 use super::admission::{self, Admission, Gate, GateOptions, Identity};
+use super::coalesce::Coalescer;
 use super::election::Elections;
 use super::handover::Handover;
 use super::leadership::Leadership;
 use super::limit_sync::LimitSync;
 use super::options::{boot_id, raft_config};
 use super::proposer::Proposer;
-use super::coalesce::Coalescer;
 use super::routing::{Forwarder, Router};
 use super::slots::Slots;
 use super::sweeper::{Deadlines, Sweeper};
@@ -195,6 +195,7 @@ impl Node {
             leader_wait: s.leader_wait,
             member_catch_up: s.member_catch_up,
             decided: Default::default(),
+            rerouted: Default::default(),
         };
         let node = Self {
             view,
