@@ -22,6 +22,7 @@ impl ClusterService {
             .and_then(|a| a.failure())
             .map(|e| format!("auth file: {e}"));
         let standing = node.standing();
+        let slots = node.slot_map().counts();
         ClusterStatusResponse {
             node_id: node.id(),
             leader_id: standing.leader,
@@ -34,6 +35,7 @@ impl ClusterService {
                     id: m.id,
                     peer_addr: m.peer_addr,
                     voter: m.voter,
+                    slots: slots.get(&m.id).map_or(0, |n| *n as u32),
                 })
                 .collect(),
             state: standing.role.into(),
@@ -41,6 +43,7 @@ impl ClusterService {
             ready: node.ready() && config_error.is_none(),
             cluster_id: node.cluster_id().unwrap_or_default(),
             config_error: config_error.unwrap_or_default(),
+            slot_map_version: node.slot_map().version,
         }
     }
 }

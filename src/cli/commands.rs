@@ -313,12 +313,20 @@ pub(super) async fn cluster(cmd: ClusterCmd) -> CliResult {
     if st.membership_changing {
         println!("membership change in progress (joint: old and new voters must both agree)");
     }
+    if st.slot_map_version > 0 {
+        println!("slot_map_version={}", st.slot_map_version);
+    }
     for m in &st.members {
         println!(
-            "member id={} peer={} {}",
+            "member id={} peer={} {}{}",
             m.id,
             m.peer_addr,
-            if m.voter { "voter" } else { "learner" }
+            if m.voter { "voter" } else { "learner" },
+            if st.slot_map_version > 0 {
+                format!(" slots={}", m.slots)
+            } else {
+                String::new()
+            }
         );
     }
     Ok(ExitCode::SUCCESS)

@@ -293,6 +293,9 @@ fn node_options(
 
 type PeerServer = tokio::task::JoinHandle<Result<(), tonic::transport::Error>>;
 
+/// How long the peer port may take to close once Raft has stopped.
+const PEER_DRAIN: Duration = Duration::from_secs(2);
+
 /// Serves the peer port (Raft, pre-votes, forwarded calls) until the
 /// returned sender says stop: Raft traffic keeps flowing while client calls
 /// drain, and stops last.
@@ -423,7 +426,16 @@ impl Started {
         }
         node.stop().await;
         let _ = peer_stop.send(true);
-        let _ = peer_server.await;
+        // Bounded: Raft has stopped, and a peer call still open cannot be
+        // served any more. (Once seen in a nemesis run: a node's peer
+        // server did not finish for 10 s after its Raft stopped, and the
+        // container was killed; the cause is not known.)
+        if tokio::time::timeout(PEER_DRAIN, peer_server).await.is_err() {
+            tracing::warn!(
+                drain_ms = PEER_DRAIN.as_millis() as u64,
+                "peer connections still open after Raft stopped; exiting without them"
+            );
+        }
         tracing::info!("arbiter stopped");
         if let Some(why) = failed.get() {
             return Err(ServerError::RaftFailed(why.clone()));

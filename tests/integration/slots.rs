@@ -6,7 +6,8 @@
 use std::time::Duration;
 
 use arbiter::engine::{slot_of, SLOTS};
-use arbiter::proto::{CheckRequest, LimitCheck};
+use arbiter::proto::cluster_client::ClusterClient;
+use arbiter::proto::{CheckRequest, ClusterStatusRequest, LimitCheck};
 
 use crate::cluster::Cluster;
 use crate::rate_limiter::{lc, tb};
@@ -51,6 +52,17 @@ async fn every_member_decides_its_share_and_any_member_answers_for_any_key() {
     let cluster = spread_cluster();
     cluster.leader().await;
     spread_over(&cluster, &[0, 1, 2]).await;
+    // The cluster status shows each member's share.
+    let mut status = ClusterClient::new(cluster.node(1).channel().await);
+    let st = status
+        .status(ClusterStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(st.slot_map_version >= 1, "{st:?}");
+    let shares: Vec<u32> = st.members.iter().map(|m| m.slots).collect();
+    assert_eq!(shares.iter().sum::<u32>(), SLOTS as u32, "{st:?}");
+    assert!(shares.iter().all(|s| (341..=342).contains(s)), "{shares:?}");
     let before: Vec<f64> = (0..3)
         .map(|i| {
             metric(cluster.node(i).metrics, "arbiter_checks_decided_here_total").unwrap_or(0.0)
