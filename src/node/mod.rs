@@ -42,6 +42,7 @@ mod admission;
 mod coalesce;
 mod election;
 mod error;
+mod forwarding;
 mod handover;
 mod leadership;
 mod limit_sync;

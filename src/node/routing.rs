@@ -14,10 +14,10 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::coalesce::{self, Coalescer};
+pub use super::forwarding::Forwarder;
 use super::leadership::Leadership;
 use super::operations::{
-    with_call, AddMember, Call, CheckLimits, Forwarded, GetLease, GetRecord, Operation,
-    RemoveMember, Stamped,
+    with_call, AddMember, Call, CheckLimits, GetLease, GetRecord, Operation, RemoveMember, Stamped,
 };
 use super::proposer::Proposer;
 use super::slots::Slots;
@@ -28,11 +28,9 @@ use crate::engine::{
     slot_of, Abort, Acquire, Begin, Complete, Engine, EngineError, KeyQuota, Lease, LimitCheck,
     LimitResult, Record, Release, Renew, Write,
 };
-use crate::proto::raft_peer_client::RaftPeerClient;
 use crate::proto::PeerMessage;
-use crate::raft::network::{decode, encode, with_cluster, Channels, ClusterId, PEER_MESSAGE_LIMIT};
+use crate::raft::network::encode;
 use crate::raft::NodeId;
-use crate::security::PRINCIPAL_HEADER;
 use openraft::BasicNode;
 
 /// How long one member has to answer a forwarded check.
@@ -536,59 +534,5 @@ impl Router {
         let value = W::output(outcome)
             .map_err(|other| NodeError::Unavailable(format!("the log answered with {other:?}")))?;
         Ok(Stamped { value, now_ms })
-    }
-}
-
-/// Sends calls to another member over the pooled peer channel.
-pub struct Forwarder {
-    pub view: View,
-    pub channels: Channels,
-    pub cluster: ClusterId,
-    pub forwarded: Forwarded,
-}
-
-impl Forwarder {
-    pub async fn forward<O: Operation>(
-        &self,
-        leader: NodeId,
-        call: Call,
-        principal: &str,
-        timeout: Duration,
-    ) -> Result<O::Output, NodeError> {
-        let Some(addr) = self.view.addr_of(leader) else {
-            return Err(NodeError::NotLeader);
-        };
-        self.forwarded.sent(&call);
-        let channel = self
-            .channels
-            .get(&addr)
-            .map_err(|e| NodeError::Unavailable(format!("leader {leader} at {addr}: {e}")))?;
-        let mut request = with_cluster(encode(&call), &self.cluster, timeout);
-        if !principal.is_empty() {
-            match tonic::metadata::MetadataValue::try_from(principal) {
-                Ok(v) => {
-                    request.metadata_mut().insert(PRINCIPAL_HEADER, v);
-                }
-                Err(_) => {
-                    return Err(NodeError::Unavailable(format!(
-                        "principal name {principal:?} cannot be forwarded (not ASCII)"
-                    )))
-                }
-            }
-        }
-        let mut client = RaftPeerClient::new(channel)
-            .max_decoding_message_size(PEER_MESSAGE_LIMIT)
-            .max_encoding_message_size(PEER_MESSAGE_LIMIT);
-        match client.forward(request).await {
-            Ok(reply) => {
-                decode::<Result<O::Output, NodeError>>(&reply.into_inner()).map_err(|e| {
-                    NodeError::Unavailable(format!("bad reply from leader {leader}: {e}"))
-                })?
-            }
-            Err(status) => Err(NodeError::Unavailable(format!(
-                "leader {leader} at {addr} did not answer: {}",
-                status.message()
-            ))),
-        }
     }
 }
