@@ -268,7 +268,8 @@ impl Router {
                 Some(l) if l == me => self.serve_bounded(op.clone()).await,
                 Some(l) => {
                     let bound = op.bound(self);
-                    self.forward::<O>(l, op.clone().into(), principal, bound)
+                    self.forwarder
+                        .forward::<O>(l, op.clone().into(), principal, bound)
                         .await
                 }
                 None => Err(NodeError::NotLeader),
@@ -451,7 +452,8 @@ impl Router {
     ) -> Result<Vec<LimitResult>, NodeError> {
         let left = deadline.saturating_duration_since(Instant::now());
         let principal = call.principal.clone();
-        self.forward::<CheckLimits>(owner, call.into(), &principal, left.min(OWNER_WAIT))
+        self.forwarder
+            .forward::<CheckLimits>(owner, call.into(), &principal, left.min(OWNER_WAIT))
             .await
     }
 
@@ -473,18 +475,6 @@ impl Router {
                     .await
             })
         })
-    }
-
-    async fn forward<O: Operation>(
-        &self,
-        leader: NodeId,
-        call: Call,
-        principal: &str,
-        timeout: Duration,
-    ) -> Result<O::Output, NodeError> {
-        self.forwarder
-            .forward::<O>(leader, call, principal, timeout)
-            .await
     }
 
     /// Serves a call a follower forwarded; the reply is the operation's own

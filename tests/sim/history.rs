@@ -93,6 +93,17 @@ pub struct Role {
     pub leading: bool,
 }
 
+/// The checks answered allowed, with their keys.
+fn allowed_checks(history: &[Event]) -> impl Iterator<Item = (&Event, &String)> {
+    history.iter().filter_map(|e| match &e.what {
+        What::Check {
+            key,
+            answer: Answer::Ok(r),
+        } if r.allowed => Some((e, key)),
+        _ => None,
+    })
+}
+
 /// Node `node` applied slot map `version` at `at` (virtual ms): from then
 /// on it routes and decides by it (version 0: no map, the leader decides
 /// every key).
@@ -133,17 +144,7 @@ pub fn check_one_owner(
     views: &[SlotView],
     maps: &BTreeMap<u64, Vec<u64>>,
 ) -> Result<(), String> {
-    for e in history {
-        let What::Check {
-            key,
-            answer: Answer::Ok(r),
-        } = &e.what
-        else {
-            continue;
-        };
-        if !r.allowed {
-            continue;
-        }
+    for (e, key) in allowed_checks(history) {
         let (version, learned) = map_of(views, e.node, e.sent);
         if version == 0 || !decides_itself(maps, version, e.node, key) || e.done >= learned {
             continue;
@@ -171,13 +172,8 @@ pub fn owner_decided(
     views: &[SlotView],
     maps: &BTreeMap<u64, Vec<u64>>,
 ) -> usize {
-    history
-        .iter()
-        .filter(|e| matches!(&e.what, What::Check { answer: Answer::Ok(r), .. } if r.allowed))
-        .filter(|e| {
-            let What::Check { key, .. } = &e.what else {
-                return false;
-            };
+    allowed_checks(history)
+        .filter(|(e, key)| {
             let (version, _) = map_of(views, e.node, e.sent);
             version > 0 && decides_itself(maps, version, e.node, key)
         })
@@ -231,17 +227,7 @@ pub fn check_one_decider(
     slots: &[SlotView],
     maps: &BTreeMap<u64, Vec<u64>>,
 ) -> Result<(), String> {
-    for e in history {
-        let What::Check {
-            key,
-            answer: Answer::Ok(r),
-        } = &e.what
-        else {
-            continue;
-        };
-        if !r.allowed {
-            continue;
-        }
+    for (e, key) in allowed_checks(history) {
         let (version, _) = map_of(slots, e.node, e.sent);
         if !decides_itself(maps, version, e.node, key) {
             continue;
