@@ -514,13 +514,14 @@ def final_reads(nem, run, history):
 
 def watch_leaders(nem, stop, observations, every_s=0.05):
     """Polls every node's Status until `stop`, recording (t, node, term,
-    state): the decider changes the rate-limit check allows for. One
+    state, slot map version): the decider changes the rate-limit check
+    allows for. One
     thread per node, so a paused or cut-off node delays only its own."""
     def poll(n):
         while not stop.is_set():
             try:
                 st = n.status(timeout=0.3)
-                observations.append((time.monotonic(), n.name, st.term, st.state))
+                observations.append((time.monotonic(), n.name, st.term, st.state, st.slot_map_version))
             except Exception:  # noqa: BLE001 - a node down or cut off says nothing
                 pass
             stop.wait(every_s)  # the polling period, not synchronisation

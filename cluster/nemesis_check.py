@@ -436,6 +436,38 @@ def leader_changes(observations, faults, lookback_s=15.0):
     from its start to its end (t_inject to t_injected, t_healing to
     t_heal): finding the leader and running the commands take time, and
     the fault takes effect somewhere in between."""
+    seen = {}
+    for t, _node, term, state, *_ in sorted(observations):
+        if state == "Leader" and term not in seen:
+            seen[term] = t
+    terms = sorted(seen)
+    changes = _changes([seen[t] for t in terms], fault_events(faults), lookback_s)
+    for term, change in zip(terms[1:], changes):
+        change["term"] = term
+    return changes
+
+
+def slot_changes(observations, faults, lookback_s=15.0):
+    """The slot moves a run saw (with `--slot-owners spread`), as decider
+    changes for every key: a move is the first time any node reports a
+    newer slot-map version (the fifth field of an observation). The map
+    does not say here which keys moved, so each move counts for all; what
+    the old owner may forget is found as for `leader_changes` (an owner
+    that loses a slot stops deciding it before the map moves it)."""
+    seen = {}
+    for t, _node, _term, _state, *rest in sorted(observations):
+        version = rest[0] if rest else 0
+        if version and version not in seen:
+            seen[version] = t
+    # Before the first map the leader decides every key: the first is a
+    # move too, from the leader's first election.
+    firsts = [t for t, _n, _term, state, *_ in sorted(observations) if state == "Leader"][:1]
+    return _changes(firsts + [seen[v] for v in sorted(seen)], fault_events(faults), lookback_s)
+
+
+def fault_events(faults):
+    """Each fault's injection and heal as (start, end): the harness's
+    action from its start to its end."""
     events = []
     for f in faults:
         for start, end in (("t_inject", "t_injected"), ("t_healing", "t_heal")):
@@ -443,21 +475,21 @@ def leader_changes(observations, faults, lookback_s=15.0):
             if t1 is not None:
                 events.append((f.get(start, t1), t1))
     events.sort()
-    seen = {}
-    for t, _node, term, state in sorted(observations):
-        if state == "Leader" and term not in seen:
-            seen[term] = t
-    terms = sorted(seen)
+    return events
+
+
+def _changes(times, events, lookback_s):
+    """A change at each of `times` after the first (each one the decider
+    before it handed over), with the spans it may forget."""
     changes = []
-    for prev, term in zip(terms, terms[1:]):
-        t_seen = seen[term]
-        causes = [(a, b) for a, b in events if seen[prev] < b and a <= t_seen and t_seen - a <= lookback_s]
+    for prev, t_seen in zip(times, times[1:]):
+        causes = [(a, b) for a, b in events if prev < b and a <= t_seen and t_seen - a <= lookback_s]
         spans = [[a - SYNC_S - IN_FLIGHT_S, min(b + DECIDE_S, t_seen)] for a, b in causes]
-        changes.append({"term": term, "t_seen": t_seen, "forgets": spans or [[t_seen - UNPROVOKED_S, t_seen]]})
+        changes.append({"t_seen": t_seen, "forgets": spans or [[t_seen - UNPROVOKED_S, t_seen]]})
     return changes
 
 
-def check_rate_limits(history, changes, capacity, per_s, window_s=10.0, tick_s=0.001):
+def check_rate_limits(history, changes, capacity, per_s, window_s=10.0, tick_s=0.001, catch_up=1 / 64):
     """Per key, the documented bound: the admitted checks that certainly
     took effect inside any interval [a, b] (sent at or after a, answered by
     b) number at most capacity + per_s * (b - a), plus, for each decider
@@ -467,8 +499,9 @@ def check_rate_limits(history, changes, capacity, per_s, window_s=10.0, tick_s=0
     decider allow again what the old one allowed after its last sync. The
     server reads its clock in whole milliseconds (tick_s), so two decisions
     b - a apart by the client's clock may be up to one tick further apart
-    by the server's, which refills for that tick too. Intervals up to
-    window_s long are examined."""
+    by the server's, which refills for that tick too. A decider's clock may
+    run up to `catch_up` fast while it catches up with the leader's time
+    (docs/design.md, "Time"). Intervals up to window_s long are examined."""
     violations = []
     for key, ops in sorted(by_key(history, ("check",)).items()):
         admitted = sorted((o["t0"], o["t1"]) for o in ops if o["status"] == "ok" and o["out"]["allowed"])
@@ -480,7 +513,7 @@ def check_rate_limits(history, changes, capacity, per_s, window_s=10.0, tick_s=0
                 for c, change in enumerate(changes):
                     if any(t0 <= end and b >= start for start, end in change["forgets"]):
                         forgettable[c] += 1
-                bound = capacity + per_s * (b - a + tick_s) + sum(forgettable)
+                bound = capacity + per_s * ((b - a) * (1 + catch_up) + tick_s) + sum(forgettable)
                 if n > bound and (worst is None or n - bound > worst[0]):
                     worst = (n - bound, n, a, b, bound)
         if worst:
@@ -570,7 +603,7 @@ def acknowledged_writes(history):
 def check(history, faults, final, capacity, per_s, budget=2_000_000, observations=()):
     """Every checker over one run. Returns a dict with violations (list),
     inconclusive (list), lost (list) and writes (int)."""
-    changes = leader_changes(observations, faults)
+    changes = leader_changes(observations, faults) + slot_changes(observations, faults)
     lin, inconclusive = check_linearizable(history, budget)
     violations = (lin + check_fencing(history) + check_one_holder(history) + check_idempotency(history)
                   + check_rate_limits(history, changes, capacity, per_s))

@@ -74,7 +74,7 @@ impl Operation for CheckLimits {
         at.count_decided(self.checks.len());
         Ok(at
             .engine
-            .check_for(&self.checks, self.all_or_nothing, at.time.now_ms(), quota)?)
+            .check_for(&self.checks, self.all_or_nothing, at.decide_ms(), quota)?)
     }
 }
 
@@ -322,10 +322,15 @@ impl Router {
         if here {
             // The hot path: no routing, no cloning.
             self.count_decided(checks.len());
-            let now = self.time.now_ms();
+            let now = self.decide_ms();
             return Ok(self.engine.check_for(&checks, all_or_nothing, now, quota)?);
         }
         self.check_at_owners(checks, all_or_nothing, quota).await
+    }
+
+    /// The time rate limits are decided by here (see `Timekeeper`).
+    fn decide_ms(&self) -> u64 {
+        self.time.decide_ms(self.view.is_leader())
     }
 
     fn count_decided(&self, n: usize) {

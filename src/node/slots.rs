@@ -81,8 +81,13 @@ pub enum SlotRequest {
 /// The leader's answer.
 #[derive(Debug, Serialize, Deserialize)]
 pub enum SlotReply {
-    /// Granted for the maps of at least this version.
-    Granted { min_version: u64 },
+    /// Granted for the maps of at least this version; `now_ms` is the
+    /// leader's time when it granted (the owner decides by it).
+    Granted {
+        min_version: u64,
+        #[serde(default)]
+        now_ms: u64,
+    },
     /// The sync committed.
     Synced,
     /// Not granted, or not proposed: why.
@@ -231,11 +236,13 @@ impl Slots {
         match pending {
             Some(p) if losers(&map, &p).contains(&from) => SlotReply::Granted {
                 min_version: p.version,
+                now_ms: self.time.now_ms(),
             },
             _ => {
                 heard.granted_ms = now;
                 SlotReply::Granted {
                     min_version: map.version,
+                    now_ms: self.time.now_ms(),
                 }
             }
         }
@@ -419,7 +426,17 @@ impl Slots {
         let sent = self.leadership.mono_ms();
         let ask = encode(&SlotRequest::Lease { node: me });
         match self.ask_leader(ask, Duration::from_millis(DECIDE_MS)).await {
-            Ok(SlotReply::Granted { min_version }) => {
+            Ok(SlotReply::Granted {
+                min_version,
+                now_ms,
+            }) => {
+                // A leader too old to send its time: the log's will do.
+                let leader_ms = if now_ms > 0 {
+                    now_ms
+                } else {
+                    self.time.now_ms()
+                };
+                self.time.follow_grant(leader_ms);
                 // Requests go one at a time, so this is the newest grant;
                 // it replaces the last (a higher version takes effect at
                 // once: the slots it takes away are no longer decided).

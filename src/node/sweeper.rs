@@ -20,6 +20,13 @@ use crate::engine::{Command, Engine};
 const MIN_WAIT: Duration = Duration::from_millis(1);
 /// The wait after a sweep could not be proposed (no majority, say).
 const RETRY_WAIT: Duration = Duration::from_millis(50);
+/// How far behind this node's rate-limit decision time idle cells are
+/// judged: a cell is dropped only if it was full (or its window over) this
+/// long ago, so a decision clock that follows the leader's time down (by
+/// at most a slot-lease grant's trip, under 300 ms) never meets a key
+/// dropped as full at a time it has not reached; a dropped cell starts
+/// full, and one dropped early would refill by the difference.
+const SWEEP_BEHIND_MS: u64 = 1_000;
 
 /// When the sweeper next wakes, and the bell a write rings when it sets an
 /// earlier deadline. Shared by the sweeper and the proposer.
@@ -88,7 +95,8 @@ impl Sweeper {
                 }
             }
             if now >= next_limit_sweep {
-                let dropped = self.engine.sweep_limits(now);
+                let judged = self.time.decide_ms(leading).saturating_sub(SWEEP_BEHIND_MS);
+                let dropped = self.engine.sweep_limits(judged);
                 tracing::debug!(dropped, "swept idle rate-limit keys");
                 next_limit_sweep = now + limit_sweep.as_millis() as u64;
             }

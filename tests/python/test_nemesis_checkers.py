@@ -234,6 +234,33 @@ def test_decider_changes_come_from_observed_terms_and_faults():
     assert nc.leader_changes(obs[:3], faults) == []
 
 
+
+def test_slot_map_versions_are_decider_changes_for_every_key():
+    obs = [(0.0, "n0", 1, "Leader", 0), (0.3, "n1", 1, "Follower", 1), (0.4, "n0", 1, "Leader", 1),
+           (2.0, "n2", 1, "Follower", 2), (2.5, "n0", 1, "Leader", 2)]
+    faults = [{"t_inject": 1.5, "t_injected": 1.6}]
+    changes = nc.slot_changes(obs, faults)
+    # The first map (from the leader deciding all) and the second.
+    assert [c["t_seen"] for c in changes] == [0.3, 2.0], changes
+    assert changes[0]["forgets"] == [[0.3 - nc.UNPROVOKED_S, 0.3]]
+    back = nc.SYNC_S + nc.IN_FLIGHT_S
+    assert [[round(t, 6) for t in span] for span in changes[1]["forgets"]] == \
+        [[round(1.5 - back, 6), round(1.6 + nc.DECIDE_S, 6)]]
+    # Observations without a version (leader mode, older runs) give none.
+    assert nc.slot_changes([o[:4] for o in obs], faults) == []
+
+
+def test_a_deciders_clock_may_catch_up_by_a_sixty_fourth_and_no_more():
+    # 10 a second, capacity 1: 66 evenly over 6.4 s is one more than real
+    # time refills, and exactly what a clock running 1/64 fast does.
+    admitted = [i * 6.4 / 65 for i in range(66)]
+    ops = [{"f": "check", "key": "k", "t0": t, "t1": t, "status": "ok", "out": {"allowed": True}}
+           for t in admitted]
+    assert nc.check_rate_limits(ops, [], capacity=1, per_s=10.0) == []
+    assert nc.check_rate_limits(ops, [], capacity=1, per_s=10.0, catch_up=0)
+    assert nc.check_rate_limits(ops + [dict(ops[-1])], [], capacity=1, per_s=10.0)
+
+
 # --------------------------------------------------------------- durability
 
 

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use arbiter::engine::{slot_of, LimitCheck, LimitDef};
+use arbiter::engine::{slot_of, Acquire, LimitCheck, LimitDef};
 use arbiter::node::SlotOwners;
 use tokio::time::Instant;
 
@@ -233,4 +233,110 @@ pub async fn slot_move(seed: u64) -> Result<(u64, u64), String> {
     let c = Arc::try_unwrap(c).map_err(|_| "the cluster is still shared".to_string())?;
     c.stop().await;
     Ok((first - crashed, allowed.saturating_sub(consumed) * EVERY_MS))
+}
+
+/// An owner that does not lead decides a refilling bucket (checked through
+/// it every ms) while lease writes go through the leader and the network's
+/// delay rises to 15-25 ms for a second and falls back to 0-2 ms. Returns,
+/// for the window that most exceeds it, how many checks were allowed in
+/// it and the most the bucket may allow there (its capacity and its
+/// refill, at the most a decider's clock may run fast). An owner whose
+/// time follows the late times it is sent (the replicated log's, or a
+/// grant's) moves forward by the delay's fall, refilling the bucket by it
+/// at once.
+/// Also returns how many were allowed in all, and what the run's length
+/// refills, to show it was not mostly refused.
+pub async fn owner_clock(seed: u64) -> Result<((u64, u64), (u64, u64)), String> {
+    const CAP: u64 = 1;
+    const REFILL_MS: u64 = 20;
+    let mut rng = Rng::new(seed);
+    let c = Arc::new(Cluster::start_with(seed, 3, &mut rng, SlotOwners::Spread).await);
+    let leader = c.leader(Duration::from_secs(10)).await.ok_or("no leader")?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !c.ids().iter().all(|i| c.node(*i).slot_map().assigned()) {
+        if Instant::now() > deadline {
+            return Err("the slots were never assigned".into());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let map = c.node(leader).slot_map();
+    let (key, owner) = (0..)
+        .map(|i| format!("refilling-{i}"))
+        .find_map(|k| {
+            let o = map.owner(slot_of(&k))?;
+            (o != leader).then_some((k, o))
+        })
+        .ok_or("no key of another owner")?;
+    let check = LimitCheck {
+        key,
+        limit: LimitDef::TokenBucket {
+            capacity: CAP,
+            refill_tokens: 1,
+            refill_interval_ms: REFILL_MS,
+        },
+        cost: 1,
+        dry_run: false,
+    };
+    let allowed = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let start = c.now();
+    let mut calls = tokio::task::JoinSet::new();
+    // Lease writes through the leader: entries, each stamped with the
+    // leader's time, reach the owner late by the network's delay.
+    let mut writes = tokio::task::JoinSet::new();
+    let (slow_from, slow_to, end) = (start + 300, start + 1_300, start + 1_900);
+    while c.now() < end {
+        match c.now() {
+            t if t == slow_from => c.net.set_delay(15, 25),
+            t if t == slow_to => c.net.set_delay(0, 2),
+            _ => {}
+        }
+        if c.now() % 10 == 0 {
+            let acquire = Acquire {
+                quota: Default::default(),
+                name: "stamps".into(),
+                holder: "writer".into(),
+                ttl_ms: 10_000,
+                principal: String::new(),
+            };
+            let c = c.clone();
+            writes.spawn(async move { c.call(leader, acquire).await });
+            while writes.try_join_next().is_some() {}
+        }
+        let (c, allowed, check) = (c.clone(), allowed.clone(), check.clone());
+        calls.spawn(async move {
+            let sent = c.now();
+            let answer = c
+                .on(owner, |n| async move { n.check(vec![check], false).await })
+                .await;
+            if let Ok(Ok(r)) = answer {
+                if r.first().is_some_and(|r| r.allowed) {
+                    let mut allowed = allowed.lock().unwrap_or_else(|e| e.into_inner());
+                    allowed.push((sent, c.now()));
+                }
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        while calls.try_join_next().is_some() {}
+    }
+    while calls.join_next().await.is_some() {}
+    writes.abort_all();
+    while writes.join_next().await.is_some() {}
+    // The window that most exceeds what real time refills (sent at or
+    // after its start, answered by its end).
+    let allowed = allowed.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let mut worst = (0, CAP);
+    for &(a, _) in &allowed {
+        for &(_, b) in allowed.iter().filter(|(_, done)| *done >= a) {
+            let inside = allowed.iter().filter(|(s, d)| *s >= a && *d <= b).count() as u64;
+            let span = b - a + 1;
+            let bound = CAP + (span + span / 64) / REFILL_MS;
+            if inside as i64 - bound as i64 > worst.0 as i64 - worst.1 as i64 {
+                worst = (inside, bound);
+            }
+        }
+    }
+    let refilled = (c.now() - start) / REFILL_MS;
+    let c = Arc::try_unwrap(c).map_err(|_| "the cluster is still shared".to_string())?;
+    c.stop().await;
+    Ok((worst, (allowed.len() as u64, refilled)))
 }

@@ -668,7 +668,76 @@ pub fn check_rate(
     for (key, checks) in keys {
         let mut changes = changes.clone();
         changes.extend(slot_moves(slots, maps, key));
-        check_bucket(key, &checks, capacity, &changes)?;
+        if key.starts_with(REFILLING.prefix) {
+            check_refilling(key, &checks, &REFILLING, &changes)?;
+        } else {
+            check_bucket(key, &checks, capacity, &changes)?;
+        }
+    }
+    Ok(())
+}
+
+/// A bucket that refills within a run: keys starting with `prefix` hold
+/// `capacity` tokens and gain one every `every_ms`.
+pub struct Refilling {
+    pub prefix: &'static str,
+    pub capacity: u64,
+    pub every_ms: u64,
+}
+
+/// The refilling bucket the simulated clients spend alongside the other.
+pub const REFILLING: Refilling = Refilling {
+    prefix: "flow-",
+    capacity: 10,
+    every_ms: 40,
+};
+
+/// How much faster than real time a decider's clock may run while it
+/// catches up with the leader's timeline (1/64: see `Timekeeper`).
+pub const CATCH_UP: u64 = 64;
+
+/// A refilling bucket's bound over every window `[a, b]` that begins at
+/// an allowed check's sending and ends at another's answer: the checks
+/// allowed certainly inside it (sent at or after `a`, answered by `b`)
+/// are at most the capacity, plus a token per `every_ms` of the window
+/// and a millisecond (the decider reads its clock in whole ms; and its
+/// clock may run up to 1/[`CATCH_UP`] fast), plus what each change of
+/// decider near the window may have forgotten. A decider whose clock
+/// jumps forward (say, set to each replicated time it applies, which
+/// arrives late by a varying delay) refills by the jump and breaks it.
+fn check_refilling(
+    key: &str,
+    checks: &[(&Event, &Answer<LimitResult>)],
+    bucket: &Refilling,
+    changes: &[(u64, u64)],
+) -> Result<(), String> {
+    let mut allowed: Vec<(u64, u64)> = checks
+        .iter()
+        .filter(|(_, a)| matches!(a, Answer::Ok(r) if r.allowed))
+        .map(|(e, _)| (e.sent, e.done))
+        .collect();
+    allowed.sort_unstable();
+    for &(a, _) in &allowed {
+        for &(_, b) in allowed.iter().filter(|(_, done)| *done >= a) {
+            let inside = allowed
+                .iter()
+                .filter(|(sent, done)| *sent >= a && *done <= b)
+                .count() as u64;
+            let span = b - a;
+            let refill = (span + 1 + span / CATCH_UP) / bucket.every_ms;
+            let forgotten: u64 = changes
+                .iter()
+                .filter(|(from, to)| *to + FORGOTTEN_MS >= a && *from <= b)
+                .map(|c| forgettable(&allowed, *c))
+                .sum();
+            let bound = bucket.capacity + refill + forgotten;
+            if inside > bound {
+                return Err(format!(
+                    "{key}: {inside} allowed within [{a}, {b}] ms, more than {} plus {refill} refilled plus {forgotten} forgotten",
+                    bucket.capacity
+                ));
+            }
+        }
     }
     Ok(())
 }
@@ -1045,6 +1114,38 @@ mod tests {
         // Denied after four of five.
         let early: Vec<Event> = (0..10).map(|i| limit(i * 100, i < 4)).collect();
         assert!(check_rate(&early, 5, &[], &[], &BTreeMap::new()).is_err());
+    }
+
+    fn flow(at: u64) -> Event {
+        let mut e = limit(at, true);
+        e.what = What::Check {
+            key: format!("{}0", REFILLING.prefix),
+            answer: Answer::Ok(LimitResult {
+                allowed: true,
+                ..LimitResult::default()
+            }),
+        };
+        e
+    }
+
+    /// A refilling bucket: its capacity at once, then one a refill's time
+    /// apart, passes; a clock that ran 200 ms ahead (five tokens at one
+    /// a 40 ms) fails, and so does one more at the start.
+    #[test]
+    fn a_refilling_bucket_may_not_refill_faster_than_its_rate() {
+        let every = REFILLING.every_ms;
+        let burst = (0..REFILLING.capacity).map(flow);
+        let steady = (1..=25).map(|i| flow(100 + i * every));
+        let fair: Vec<Event> = burst.chain(steady).collect();
+        assert_eq!(check_rate(&fair, 5, &[], &[], &BTreeMap::new()), Ok(()));
+        let jumped: Vec<Event> = fair
+            .iter()
+            .cloned()
+            .chain((0..5).map(|i| flow(100 + 25 * every + 1 + i)))
+            .collect();
+        assert!(check_rate(&jumped, 5, &[], &[], &BTreeMap::new()).is_err());
+        let one_more: Vec<Event> = fair.iter().cloned().chain([flow(5)]).collect();
+        assert!(check_rate(&one_more, 5, &[], &[], &BTreeMap::new()).is_err());
     }
 
     /// A change of leader allows again what the old leader allowed in its
