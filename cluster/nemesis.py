@@ -707,7 +707,8 @@ def main():
             mix.update(f["kind"] + ("(final)" if f.get("final") else "(second)" if f.get("overlaps") else "")
                        for f in faults)
             log(f"run {k + 1}: {len(ops)} calls ({by['ok']} ok, {by['fail']} refused, {by['unknown']} unknown), "
-                f"{len(faults)} faults, {r['changes']} leader changes, {r['writes']} acknowledged writes, {len(r['lost'])} lost, "
+                f"{len(faults)} faults, {r['changes']} leader changes, {r['moves']} slot moves "
+                f"({r['over_without_moves']} limits over without them), {r['writes']} acknowledged writes, {len(r['lost'])} lost, "
                 f"{len(r['violations'])} violations, {len(r['inconclusive'])} inconclusive; "
                 f"checked in {r['check_s']:.1f} s; run took {time.monotonic() - t:.0f} s")
             for v in (r["violations"] + r["lost"] + r["inconclusive"])[:10]:

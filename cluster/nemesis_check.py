@@ -603,10 +603,15 @@ def acknowledged_writes(history):
 def check(history, faults, final, capacity, per_s, budget=2_000_000, observations=()):
     """Every checker over one run. Returns a dict with violations (list),
     inconclusive (list), lost (list) and writes (int)."""
-    changes = leader_changes(observations, faults) + slot_changes(observations, faults)
+    leaders = leader_changes(observations, faults)
+    moves = slot_changes(observations, faults)
     lin, inconclusive = check_linearizable(history, budget)
     violations = (lin + check_fencing(history) + check_one_holder(history) + check_idempotency(history)
-                  + check_rate_limits(history, changes, capacity, per_s))
+                  + check_rate_limits(history, leaders + moves, capacity, per_s))
     lost = lost_writes(history, final)
+    # For the record: the windows that would be over if slot moves forgot
+    # nothing (a move's allowance hides nothing the clock does then).
+    over_without_moves = len(check_rate_limits(history, leaders, capacity, per_s)) if moves else 0
     return {"violations": violations, "inconclusive": inconclusive, "lost": lost,
-            "writes": acknowledged_writes(history), "changes": len(changes)}
+            "writes": acknowledged_writes(history), "changes": len(leaders), "moves": len(moves),
+            "over_without_moves": over_without_moves}

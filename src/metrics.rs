@@ -65,6 +65,8 @@ pub struct Metrics {
     slots_owned: Gauge,
     decided_here: Counter,
     rerouted: Counter,
+    stream_batches: Counter,
+    stream_checks: Counter,
 }
 
 impl Default for Metrics {
@@ -89,6 +91,8 @@ impl Metrics {
             slots_owned: gauge!("arbiter_slots_owned"),
             decided_here: counter!("arbiter_checks_decided_here_total"),
             rerouted: counter!("arbiter_checks_rerouted_total"),
+            stream_batches: counter!("arbiter_check_stream_batches_total"),
+            stream_checks: counter!("arbiter_check_stream_checks_total"),
         }
     }
 
@@ -154,6 +158,9 @@ impl Metrics {
         self.slot_version.set(version as f64);
         self.slots_owned.set(owned as f64);
         self.decided_here.absolute(decided);
+        let (batches, checks) = node.check_stream_counts();
+        self.stream_batches.absolute(batches);
+        self.stream_checks.absolute(checks);
     }
 }
 

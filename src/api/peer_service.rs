@@ -8,11 +8,11 @@ use openraft::raft::VoteRequest;
 use tonic::{Request, Response, Status};
 
 use crate::node::{
-    Admission, Call, IdentifyRequest, Node, PreVoteRequest, PreVoteResponse, SlotRequest, TakeOver,
-    CLUSTER_HEADER, REFUSAL_HEADER,
+    Admission, Call, CheckLimits, IdentifyRequest, Node, NodeError, PreVoteRequest,
+    PreVoteResponse, SlotRequest, TakeOver, CLUSTER_HEADER, REFUSAL_HEADER,
 };
 use crate::proto::raft_peer_server::RaftPeer;
-use crate::proto::PeerMessage;
+use crate::proto::{DecideReply, DecideRequest, PeerMessage};
 use crate::raft::network::{decode, decode_append, decode_snapshot, encode};
 use crate::raft::NodeId;
 use crate::security::tls::host_matches;
@@ -66,6 +66,76 @@ pub struct PeerService {
 /// How often a refused message of another cluster is logged, at most.
 const FOREIGN_WARN_EVERY_MS: u64 = 10_000;
 
+/// Batches of one check stream served at once, at most.
+const STREAM_IN_FLIGHT: usize = 256;
+
+/// What takes calls other members forward: the node, and what a call is
+/// checked against.
+#[derive(Clone)]
+struct Taker {
+    node: Arc<Node>,
+    auth: Option<Auth>,
+    bounds: Option<super::Bounds>,
+}
+
+impl Taker {
+    /// A forwarded call as this node takes it: from the principal the
+    /// sender named, within the client bounds, authorised, with quotas as
+    /// this node (which serves it) reads them.
+    fn checked(&self, principal: Option<&str>, call: Call) -> Result<Call, Status> {
+        let caller = Caller::forwarded(self.auth.as_ref(), principal)?;
+        if let Some(bounds) = &self.bounds {
+            super::convert::forwarded(&call, bounds)?;
+        }
+        super::authz::authorize(&caller, &call)?;
+        Ok(match &self.bounds {
+            Some(bounds) => stamp_quotas(call, &caller, &bounds.caps),
+            None => call,
+        })
+    }
+
+    /// One batch from a check stream, answered.
+    async fn decide_one(&self, batch: DecideRequest) -> DecideReply {
+        let id = batch.id;
+        let answer = match self.streamed_call(batch) {
+            Ok(call) => self.node.serve_streamed(call).await,
+            Err(status) => Err(NodeError::Unavailable(format!(
+                "not taken: {}",
+                status.message()
+            ))),
+        };
+        match answer {
+            Ok(results) => DecideReply {
+                id,
+                results: results.into_iter().map(Into::into).collect(),
+                error: Vec::new(),
+            },
+            Err(e) => DecideReply {
+                id,
+                results: Vec::new(),
+                error: serde_json::to_vec(&e).unwrap_or_default(),
+            },
+        }
+    }
+
+    fn streamed_call(&self, batch: DecideRequest) -> Result<Call, Status> {
+        let checks = batch
+            .checks
+            .into_iter()
+            .enumerate()
+            .map(|(i, c)| super::convert::limit_check(i, c))
+            .collect::<Result<Vec<_>, _>>()?;
+        let principal = (!batch.principal.is_empty()).then_some(batch.principal.as_str());
+        let call = Call::CheckLimits(CheckLimits {
+            checks,
+            all_or_nothing: false,
+            principal: batch.principal.clone(),
+            key_quota: None,
+        });
+        self.checked(principal, call)
+    }
+}
+
 impl PeerService {
     /// With `auth`, forwarded calls are authorised as the principal they
     /// carry, as the follower did. With `tls`, every call's certificate
@@ -96,6 +166,14 @@ fn host_of(addr: &str) -> &str {
 }
 
 impl PeerService {
+    fn taker(&self) -> Taker {
+        Taker {
+            node: self.node.clone(),
+            auth: self.auth.clone(),
+            bounds: self.bounds,
+        }
+    }
+
     /// Lets a peer message through only if it carries this cluster's id,
     /// comes (with peer TLS) over a certificate that names a current
     /// member, claims (`sender`, for Raft traffic) a node id of the
@@ -277,19 +355,45 @@ impl RaftPeer for PeerService {
             .metadata()
             .get(PRINCIPAL_HEADER)
             .and_then(|v| v.to_str().ok());
-        let caller = Caller::forwarded(self.auth.as_ref(), principal)?;
         let call: Call = decode(request.get_ref()).map_err(bad)?;
-        if let Some(bounds) = &self.bounds {
-            super::convert::forwarded(&call, bounds)?;
-        }
-        super::authz::authorize(&caller, &call)?;
-        // Quotas as this node (which proposes the call) reads them.
-        let call = match &self.bounds {
-            Some(bounds) => stamp_quotas(call, &caller, &bounds.caps),
-            None => call,
-        };
+        let call = self.taker().checked(principal, call)?;
         // Served here only if this node leads; otherwise the sender routes again.
         Ok(Response::new(self.node.serve_forwarded(call).await))
+    }
+
+    type DecideStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<DecideReply, Status>> + Send + 'static>,
+    >;
+
+    /// Another member's check stream: each batch is checked as a forwarded
+    /// call is (principal, bounds, authorisation, quotas) and served as it
+    /// arrives, at most [`STREAM_IN_FLIGHT`] at once (past that the stream
+    /// is read no further until one is answered), answered by its id.
+    async fn decide(
+        &self,
+        request: Request<tonic::Streaming<DecideRequest>>,
+    ) -> Result<Response<Self::DecideStream>, Status> {
+        self.admit(&request, None, false, false)?;
+        let mut batches = request.into_inner();
+        let (replies, out) = tokio::sync::mpsc::channel(STREAM_IN_FLIGHT);
+        let this = self.taker();
+        tokio::spawn(async move {
+            let permits = Arc::new(tokio::sync::Semaphore::new(STREAM_IN_FLIGHT));
+            while let Ok(Some(batch)) = batches.message().await {
+                let Ok(permit) = permits.clone().acquire_owned().await else {
+                    return;
+                };
+                let (this, replies) = (this.clone(), replies.clone());
+                tokio::spawn(async move {
+                    let reply = this.decide_one(batch).await;
+                    let _ = replies.send(Ok(reply)).await;
+                    drop(permit);
+                });
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(out),
+        )))
     }
 
     async fn take_over(

@@ -8,9 +8,11 @@
 //! One queue per (member, principal), each a bounded channel drained by its
 //! own task: it takes what has queued (at most `max_checks` checks, the
 //! receiving member's bound on a call), sends it, and hands each caller its
-//! answers. A full queue sends the caller's checks alone. A queue idle for
-//! [`IDLE`] ends its task, so their number is bounded by the members and
-//! principals calling now.
+//! answers; up to `in_flight` such calls are on their way at once (the
+//! check stream pipelines them), and checks queue while all are. A full
+//! queue sends the caller's checks alone. A queue idle for [`IDLE`] ends
+//! its task, so their number is bounded by the members and principals
+//! calling now.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -24,6 +26,8 @@ use crate::raft::NodeId;
 
 /// Calls waiting in one queue, at most.
 const QUEUE: usize = 1024;
+/// Joined calls on their way from one queue at once, at most.
+pub const FORWARDS_IN_FLIGHT: usize = 4;
 /// A queue's task ends after this long without a call.
 const IDLE: Duration = Duration::from_secs(10);
 
@@ -46,13 +50,15 @@ pub type Send = Arc<
 pub struct Coalescer {
     queues: Mutex<HashMap<(NodeId, String), mpsc::Sender<Waiting>>>,
     max_checks: usize,
+    in_flight: usize,
 }
 
 impl Coalescer {
-    pub fn new(max_checks: usize) -> Self {
+    pub fn new(max_checks: usize, in_flight: usize) -> Self {
         Self {
             queues: Mutex::default(),
             max_checks: max_checks.max(1),
+            in_flight: in_flight.max(1),
         }
     }
 
@@ -109,23 +115,28 @@ impl Coalescer {
             rx,
             to,
             principal.to_owned(),
-            self.max_checks,
+            (self.max_checks, self.in_flight),
             send.clone(),
         ));
         tx
     }
 }
 
-/// A queue's task: sends what has queued as one call, one call at a time.
+/// A queue's task: sends what has queued as one call, up to `in_flight`
+/// calls at a time.
 async fn drain(
     mut rx: mpsc::Receiver<Waiting>,
     to: NodeId,
     principal: String,
-    max_checks: usize,
+    (max_checks, in_flight): (usize, usize),
     send: Send,
 ) {
+    let permits = Arc::new(tokio::sync::Semaphore::new(in_flight));
     let mut held: Option<Waiting> = None;
     loop {
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return;
+        };
         let first = match held.take() {
             Some(w) => w,
             None => match tokio::time::timeout(IDLE, rx.recv()).await {
@@ -143,27 +154,37 @@ async fn drain(
             n += w.checks.len();
             batch.push(w);
         }
-        let sizes: Vec<usize> = batch.iter().map(|w| w.checks.len()).collect();
-        let (checks, replies): (Vec<Vec<LimitCheck>>, Vec<oneshot::Sender<Answer>>) =
-            batch.into_iter().map(|w| (w.checks, w.reply)).unzip();
-        let checks: Vec<LimitCheck> = checks.into_iter().flatten().collect();
-        match send(to, principal.clone(), checks).await {
-            Ok(results) if results.len() == n => {
-                let mut results = results.into_iter();
-                for (size, reply) in sizes.into_iter().zip(replies) {
-                    let _ = reply.send(Ok(results.by_ref().take(size).collect()));
-                }
+        let (send, principal) = (send.clone(), principal.clone());
+        tokio::spawn(async move {
+            let sizes: Vec<usize> = batch.iter().map(|w| w.checks.len()).collect();
+            let (checks, replies): (Vec<Vec<LimitCheck>>, Vec<oneshot::Sender<Answer>>) =
+                batch.into_iter().map(|w| (w.checks, w.reply)).unzip();
+            let checks: Vec<LimitCheck> = checks.into_iter().flatten().collect();
+            hand_out(send(to, principal, checks).await, n, &sizes, replies);
+            drop(permit);
+        });
+    }
+}
+
+/// Gives each caller of a joined call (`sizes` checks each, `n` in all)
+/// its own answers, or the call's error.
+fn hand_out(answer: Answer, n: usize, sizes: &[usize], replies: Vec<oneshot::Sender<Answer>>) {
+    match answer {
+        Ok(results) if results.len() == n => {
+            let mut results = results.into_iter();
+            for (size, reply) in sizes.iter().zip(replies) {
+                let _ = reply.send(Ok(results.by_ref().take(*size).collect()));
             }
-            Ok(results) => {
-                let e = NodeError::Unavailable(format!("{} answers to {n} checks", results.len()));
-                for reply in replies {
-                    let _ = reply.send(Err(e.clone()));
-                }
+        }
+        Ok(results) => {
+            let e = NodeError::Unavailable(format!("{} answers to {n} checks", results.len()));
+            for reply in replies {
+                let _ = reply.send(Err(e.clone()));
             }
-            Err(e) => {
-                for reply in replies {
-                    let _ = reply.send(Err(e.clone()));
-                }
+        }
+        Err(e) => {
+            for reply in replies {
+                let _ = reply.send(Err(e.clone()));
             }
         }
     }
@@ -216,7 +237,7 @@ mod tests {
         let calls = Arc::new(AtomicUsize::new(0));
         let gate = Arc::new(tokio::sync::Notify::new());
         let send = sender(calls.clone(), gate.clone());
-        let c = Arc::new(Coalescer::new(100));
+        let c = Arc::new(Coalescer::new(100, 1));
         let first = {
             let (c, send) = (c.clone(), send.clone());
             tokio::spawn(async move { c.forward(2, "p", checks("a", 1), &send).await })
@@ -263,7 +284,7 @@ mod tests {
         let gate = Arc::new(tokio::sync::Notify::new());
         gate.notify_one();
         let send = sender(calls.clone(), gate);
-        let c = Coalescer::new(4);
+        let c = Coalescer::new(4, 1);
         assert!(c.forward(2, "p", checks("x", 4), &send).await.is_none());
         let r = c
             .forward(2, "p", checks("x", 3), &send)
@@ -271,5 +292,40 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(r.len(), 3);
+    }
+
+    /// With two on their way at once, a third call waits for one of them.
+    #[tokio::test]
+    async fn up_to_in_flight_joined_calls_are_on_their_way_at_once() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let send: Send = {
+            let (calls, gate) = (calls.clone(), gate.clone());
+            Arc::new(move |_, _, checks: Vec<LimitCheck>| {
+                let (calls, gate) = (calls.clone(), gate.clone());
+                Box::pin(async move {
+                    calls.fetch_add(1, Ordering::SeqCst);
+                    gate.acquire().await.expect("open").forget();
+                    Ok(vec![LimitResult::default(); checks.len()])
+                })
+            })
+        };
+        let c = Arc::new(Coalescer::new(100, 2));
+        let mut callers = Vec::new();
+        for key in ["a", "b", "c"] {
+            let (c, send) = (c.clone(), send.clone());
+            callers.push(tokio::spawn(async move {
+                c.forward(2, "p", checks(key, 1), &send).await
+            }));
+            for _ in 0..100 {
+                tokio::task::yield_now().await;
+            }
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 2, "the third waits");
+        gate.add_permits(3);
+        for caller in callers {
+            assert_eq!(caller.await.unwrap().unwrap().unwrap().len(), 1);
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
     }
 }

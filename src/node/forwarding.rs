@@ -3,11 +3,17 @@
 //! channel, carrying the caller's principal; the reply is the operation's
 //! own result.
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use super::operations::{Call, Forwarded, Operation};
+use tokio::time::Instant;
+
+use super::coalesce;
+use super::operations::{Call, CheckLimits, Forwarded, Operation};
+use super::routing::{Router, OWNER_WAIT};
 use super::view::View;
 use super::NodeError;
+use crate::engine::LimitResult;
 use crate::proto::raft_peer_client::RaftPeerClient;
 use crate::raft::network::{decode, encode, with_cluster, Channels, ClusterId, PEER_MESSAGE_LIMIT};
 use crate::raft::NodeId;
@@ -64,5 +70,52 @@ impl Forwarder {
                 status.message()
             ))),
         }
+    }
+}
+
+impl Router {
+    /// Forwards one call of checks to `owner`, bounded well below the
+    /// leader wait: an owner that does not answer loses its slots within a
+    /// slot lease, and the check is then sent to the next one.
+    pub(super) async fn forward_alone(
+        &self,
+        owner: NodeId,
+        call: CheckLimits,
+        deadline: Instant,
+    ) -> Result<Vec<LimitResult>, NodeError> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let principal = call.principal.clone();
+        self.forwarder
+            .forward::<CheckLimits>(owner, call.into(), &principal, left.min(OWNER_WAIT))
+            .await
+    }
+
+    /// How the coalescer sends a joined call (checks that are not
+    /// all-or-nothing, for one principal with key quota `key_quota`): on
+    /// the check stream to the member, or as a unary call when the stream
+    /// cannot take it.
+    pub(super) fn coalesced_send(&self, key_quota: Option<u64>) -> coalesce::Send {
+        let (forwarder, streams) = (self.forwarder.clone(), self.streams.clone());
+        Arc::new(move |to, principal: String, checks| {
+            let (forwarder, streams) = (forwarder.clone(), streams.clone());
+            Box::pin(async move {
+                let op = CheckLimits {
+                    checks,
+                    all_or_nothing: false,
+                    principal: principal.clone(),
+                    key_quota,
+                };
+                match streams.decide(to, &principal, &op.checks, OWNER_WAIT).await {
+                    Ok(answer) => {
+                        forwarder.forwarded.sent(&Call::CheckLimits(op));
+                        return answer;
+                    }
+                    Err(not_sent) => tracing::debug!(why = %not_sent.0, "checks sent unary"),
+                }
+                forwarder
+                    .forward::<CheckLimits>(to, op.into(), &principal, OWNER_WAIT)
+                    .await
+            })
+        })
     }
 }

@@ -39,6 +39,7 @@ use openraft::Raft;
 use tokio::sync::watch;
 
 mod admission;
+mod check_stream;
 mod coalesce;
 mod election;
 mod error;
@@ -209,6 +210,11 @@ impl Node {
         self.router.forwarder.forwarded.counts()
     }
 
+    /// Serves checks another member sent on its check stream.
+    pub(crate) async fn serve_streamed(&self, call: Call) -> Result<Vec<LimitResult>, NodeError> {
+        self.router.serve_streamed(call).await
+    }
+
     /// Serves a call a follower forwarded (see `routing`).
     pub(crate) async fn serve_forwarded(&self, call: Call) -> crate::proto::PeerMessage {
         self.router.serve_forwarded(call).await
@@ -274,6 +280,11 @@ impl Node {
     /// The slot map's version, how many slots this node owns in it, and
     /// how many rate-limit checks this node has decided, and how many it
     /// sent again because the member asked could not decide them then.
+    /// (batches, checks) this node sent other members on its check streams.
+    pub fn check_stream_counts(&self) -> (u64, u64) {
+        self.router.streams.counts()
+    }
+
     pub fn slot_standing(&self) -> (u64, usize, u64, u64) {
         let map = self.engine.slots();
         let me = self.view.id();

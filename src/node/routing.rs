@@ -13,7 +13,8 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 
-use super::coalesce::{self, Coalescer};
+use super::check_stream::CheckStreams;
+use super::coalesce::Coalescer;
 pub use super::forwarding::Forwarder;
 use super::leadership::Leadership;
 use super::operations::{
@@ -34,7 +35,7 @@ use crate::raft::NodeId;
 use openraft::BasicNode;
 
 /// How long one member has to answer a forwarded check.
-const OWNER_WAIT: Duration = Duration::from_secs(1);
+pub(super) const OWNER_WAIT: Duration = Duration::from_secs(1);
 
 /// Lease and idempotency writes go through the log.
 macro_rules! writes {
@@ -205,6 +206,8 @@ pub struct Router {
     pub slots: Arc<Slots>,
     /// Sends calls to other members.
     pub forwarder: Arc<Forwarder>,
+    /// Sends forwarded checks on a stream to each member.
+    pub streams: Arc<CheckStreams>,
     /// Joins forwarded checks bound for one member.
     pub coalescer: Coalescer,
     /// How long a call waits for a leader before answering UNAVAILABLE.
@@ -446,40 +449,16 @@ impl Router {
         }
     }
 
-    /// Forwards one call of checks to `owner`, bounded well below the
-    /// leader wait: an owner that does not answer loses its slots within a
-    /// slot lease, and the check is then sent to the next one.
-    async fn forward_alone(
-        &self,
-        owner: NodeId,
-        call: CheckLimits,
-        deadline: Instant,
-    ) -> Result<Vec<LimitResult>, NodeError> {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let principal = call.principal.clone();
-        self.forwarder
-            .forward::<CheckLimits>(owner, call.into(), &principal, left.min(OWNER_WAIT))
-            .await
-    }
-
-    /// How the coalescer sends a joined call (checks that are not
-    /// all-or-nothing, for one principal with key quota `key_quota`).
-    fn coalesced_send(&self, key_quota: Option<u64>) -> coalesce::Send {
-        let forwarder = self.forwarder.clone();
-        Arc::new(move |to, principal: String, checks| {
-            let forwarder = forwarder.clone();
-            Box::pin(async move {
-                let call = CheckLimits {
-                    checks,
-                    all_or_nothing: false,
-                    principal: principal.clone(),
-                    key_quota,
-                };
-                forwarder
-                    .forward::<CheckLimits>(to, call.into(), &principal, OWNER_WAIT)
-                    .await
-            })
-        })
+    /// Serves checks another member sent on its check stream (a call of
+    /// checks, authorised and stamped with quotas as a forwarded one is).
+    pub async fn serve_streamed(&self, call: Call) -> Result<Vec<LimitResult>, NodeError> {
+        self.forwarder.forwarded.served(&call);
+        match call {
+            Call::CheckLimits(op) => self.serve_bounded(op).await,
+            _ => Err(NodeError::Unavailable(
+                "only rate-limit checks travel on the check stream".into(),
+            )),
+        }
     }
 
     /// Serves a call a follower forwarded; the reply is the operation's own

@@ -9,7 +9,8 @@ use openraft::Raft;
 use tokio::sync::watch;
 
 use super::admission::{self, Admission, Gate, GateOptions, Identity};
-use super::coalesce::Coalescer;
+use super::check_stream::CheckStreams;
+use super::coalesce::{Coalescer, FORWARDS_IN_FLIGHT};
 use super::election::Elections;
 use super::forwarding::Forwarder;
 use super::handover::Handover;
@@ -186,13 +187,18 @@ impl Node {
             proposer,
             leadership: leadership.clone(),
             slots: slots.clone(),
+            streams: Arc::new(CheckStreams::new(
+                view.clone(),
+                channels.clone(),
+                cluster.clone(),
+            )),
             forwarder: Arc::new(Forwarder {
                 view: view.clone(),
                 channels,
                 cluster,
                 forwarded: Default::default(),
             }),
-            coalescer: Coalescer::new(s.max_checks_per_call),
+            coalescer: Coalescer::new(s.max_checks_per_call, FORWARDS_IN_FLIGHT),
             leader_wait: s.leader_wait,
             member_catch_up: s.member_catch_up,
             decided: Default::default(),

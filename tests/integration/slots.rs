@@ -104,6 +104,17 @@ async fn every_member_decides_its_share_and_any_member_answers_for_any_key() {
             share * 100.0
         );
     }
+    // The checks that landed on another member than their owner (about
+    // two in three) rode the check streams, not unary forwards.
+    let streamed: f64 = (0..3)
+        .map(|i| {
+            metric(cluster.node(i).metrics, "arbiter_check_stream_checks_total").unwrap_or(0.0)
+        })
+        .sum();
+    assert!(
+        streamed >= total / 3.0,
+        "{streamed} of {total} checks on the check streams"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
