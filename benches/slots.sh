@@ -4,7 +4,9 @@
 # leader decides every key (--slot-owners leader), all release builds,
 # ROUNDS rounds alternating the configurations so the VM's drift hits them
 # alike. Calls "spread" go over the three members' client ports in turn
-# (arbiter-bench --targets), as a Kubernetes Service spreads callers.
+# (arbiter-bench --targets), as a Kubernetes Service spreads callers; calls
+# "routed" go to the owner of their keys' slots (--route slots), as a client
+# that keeps the slot map sends them.
 #
 #   benches/slots.sh      # ROUNDS=3 DURATION=10 KEYS=100000
 set -euo pipefail
@@ -62,8 +64,10 @@ for r in $(seq "$ROUNDS"); do
   bench "unary-leader-decides-spread" "$(targets "${lead_c[@]}")" 1
   bench "unary-slots-spread" "$(targets "${spread_c[@]}")" 1
   bench "unary-slots-via-one-member" "$(targets "${spread_c[0]}")" 1
+  bench "unary-slots-routed" "$(targets "${spread_c[@]}")" 1 --route slots
   bench "batch100-one-node" "$(targets "$one")" 100
   bench "batch100-slots-spread" "$(targets "${spread_c[@]}")" 100
+  bench "batch100-slots-routed" "$(targets "${spread_c[@]}")" 100 --route slots
 done
 
 python3 - "$work/results" <<'EOF'
@@ -74,6 +78,7 @@ for line in open(sys.argv[1]):
     rows.setdefault(label, []).append(json.loads(js))
 base = {"unary": None, "batch100": None}
 print(f"| configuration | decisions/s (median of {len(next(iter(rows.values())))}) | each round | p50 ms | p99 ms | errors | vs one node |")
+first_errors = {label: r["first_error"] for label, rs in rows.items() for r in rs if r.get("first_error")}
 print("| --- | --- | --- | --- | --- | --- | --- |")
 for label, rs in rows.items():
     d = [r["decisions_per_sec"] for r in rs]
@@ -86,4 +91,6 @@ for label, rs in rows.items():
     errors = sum(r["errors"] for r in rs)
     each = ", ".join(f"{x:,.0f}" for x in d)
     print(f"| {label} | {med:,.0f} | {each} | {p50:.2f} | {p99:.2f} | {errors} | {med / base[kind]:.2f}x |")
+for label, e in first_errors.items():
+    print(f"\n{label}: first error: {e}")
 EOF

@@ -13,7 +13,7 @@ use crate::proto::{
 pub struct ClusterService(pub Shared);
 
 impl ClusterService {
-    fn status(&self) -> ClusterStatusResponse {
+    fn status(&self, with_owners: bool) -> ClusterStatusResponse {
         let node = &self.0.node;
         let config_error = self
             .0
@@ -22,7 +22,8 @@ impl ClusterService {
             .and_then(|a| a.failure())
             .map(|e| format!("auth file: {e}"));
         let standing = node.standing();
-        let slots = node.slot_map().counts();
+        let map = node.slot_map();
+        let slots = map.counts();
         ClusterStatusResponse {
             node_id: node.id(),
             leader_id: standing.leader,
@@ -43,7 +44,12 @@ impl ClusterService {
             ready: node.ready() && config_error.is_none(),
             cluster_id: node.cluster_id().unwrap_or_default(),
             config_error: config_error.unwrap_or_default(),
-            slot_map_version: node.slot_map().version,
+            slot_map_version: map.version,
+            slot_owners: if with_owners {
+                map.owners.clone()
+            } else {
+                Vec::new()
+            },
         }
     }
 }
@@ -55,7 +61,7 @@ impl Cluster for ClusterService {
         request: Request<ClusterStatusRequest>,
     ) -> Result<Response<ClusterStatusResponse>, Status> {
         self.0.caller(&request)?;
-        Ok(Response::new(self.status()))
+        Ok(Response::new(self.status(request.get_ref().slot_owners)))
     }
 
     async fn add_member(
@@ -84,7 +90,7 @@ impl Cluster for ClusterService {
             )
             .await
             .map_err(error::node_status)?;
-        Ok(Response::new(self.status()))
+        Ok(Response::new(self.status(false)))
     }
 
     async fn remove_member(
@@ -105,6 +111,6 @@ impl Cluster for ClusterService {
             )
             .await
             .map_err(error::node_status)?;
-        Ok(Response::new(self.status()))
+        Ok(Response::new(self.status(false)))
     }
 }

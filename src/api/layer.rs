@@ -195,8 +195,9 @@ where
 /// Bounds each peer RPC's request body to the largest legitimate one:
 /// an append (a batch of log entries) up to the peer message limit, a
 /// snapshot chunk, a forwarded client call, and a few KiB for the rest
-/// (votes, pre-votes, `Identify`, `TakeOver`). A body past its bound is
-/// not read further and the call fails.
+/// (votes, pre-votes, `Identify`, `TakeOver`); the check stream has none
+/// (its messages are bounded one by one). A body past its bound is not
+/// read further and the call fails.
 #[derive(Clone, Copy)]
 pub struct PeerBodyLimitLayer;
 
@@ -224,6 +225,12 @@ pub fn peer_body_limit(path: &str) -> usize {
         "Forward" => 8 << 20,
         // An owner's rate-limit sync: about 64 KiB of keys and cells.
         "Slots" => 1 << 20,
+        // A member's check stream lives as long as the connection: its
+        // body has no end to bound. Each of its messages is bounded by
+        // the peer message limit (as decoded), each batch by the checks a
+        // call may carry (as served), and the batches served at once by
+        // the stream's own bound.
+        "Decide" => usize::MAX,
         _ => 64 << 10,
     }
 }

@@ -288,7 +288,7 @@ pub(super) async fn cluster(cmd: ClusterCmd) -> CliResult {
     };
     let mut client = ClusterClient::new(connect(&server).await?);
     let st = match call {
-        None => client.status(pb::ClusterStatusRequest {}).await,
+        None => client.status(pb::ClusterStatusRequest::default()).await,
         Some((id, Some((peer_addr, force)))) => {
             client
                 .add_member(pb::AddMemberRequest {

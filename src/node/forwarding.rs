@@ -1,7 +1,8 @@
 //! Forwarding: a call this node cannot serve, sent to the member that
 //! can (the leader, or a rate-limit slot's owner) over the pooled peer
 //! channel, carrying the caller's principal; the reply is the operation's
-//! own result.
+//! own result. Joined rate-limit checks go on the member's check stream
+//! (`check_stream`) instead, and unary only when it cannot take them.
 
 use std::sync::Arc;
 use std::time::Duration;

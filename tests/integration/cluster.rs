@@ -238,7 +238,11 @@ impl Cluster {
             for (i, s) in self.nodes.iter().enumerate() {
                 let Some(s) = s else { continue };
                 let mut c = ClusterClient::new(s.conn(&self.client).await);
-                let st = c.status(ClusterStatusRequest {}).await.ok()?.into_inner();
+                let st = c
+                    .status(ClusterStatusRequest::default())
+                    .await
+                    .ok()?
+                    .into_inner();
                 let voters = st.members.iter().filter(|m| m.voter).count();
                 // Not while the last initial member is still being added:
                 // under the joint membership, killing the leader leaves
@@ -361,7 +365,7 @@ async fn three_nodes_form_a_cluster_and_any_node_serves() {
     // Every node reports the same three voters.
     let mut c = ClusterClient::new(cluster.node(f2).channel().await);
     let st = c
-        .status(ClusterStatusRequest {})
+        .status(ClusterStatusRequest::default())
         .await
         .unwrap()
         .into_inner();
@@ -628,7 +632,7 @@ async fn a_node_down_during_compaction_catches_up_from_a_snapshot() {
     wait_until_held_locally(node, "snap-99").await;
     let mut st = ClusterClient::new(node.channel().await);
     let status = st
-        .status(ClusterStatusRequest {})
+        .status(ClusterStatusRequest::default())
         .await
         .unwrap()
         .into_inner();
@@ -747,7 +751,7 @@ async fn a_new_member_and_a_member_down_past_compaction_catch_up_from_a_chunked_
 async fn applied_index(s: &Server) -> Option<u64> {
     let mut c = ClusterClient::new(s.channel().await);
     Some(
-        c.status(ClusterStatusRequest {})
+        c.status(ClusterStatusRequest::default())
             .await
             .ok()?
             .into_inner()
@@ -1044,7 +1048,11 @@ async fn a_voter_restarted_empty_is_refused_until_removed_and_added_again() {
     wait_until_held_locally(cluster.node(0), "after-the-loss").await;
     eventually("three voters again", || async {
         let mut c = ClusterClient::new(cluster.node(0).channel().await);
-        let st = c.status(ClusterStatusRequest {}).await.ok()?.into_inner();
+        let st = c
+            .status(ClusterStatusRequest::default())
+            .await
+            .ok()?
+            .into_inner();
         (st.members.iter().filter(|m| m.voter).count() == 3).then_some(())
     })
     .await;
@@ -1166,7 +1174,11 @@ async fn sigterm_on_the_leader_hands_leadership_over_before_it_exits() {
             let mut seen = Vec::new();
             for s in cluster.nodes.iter().flatten() {
                 let mut c = ClusterClient::new(s.channel().await);
-                let st = c.status(ClusterStatusRequest {}).await.ok()?.into_inner();
+                let st = c
+                    .status(ClusterStatusRequest::default())
+                    .await
+                    .ok()?
+                    .into_inner();
                 seen.push(st.leader_id?);
             }
             (seen.len() == 2 && seen[0] == seen[1] && seen[0] != leader as u64 + 1)
@@ -1361,7 +1373,7 @@ async fn adding_a_member_that_never_catches_up_is_rolled_back() {
     l.acquire(request).await.expect("the cluster still serves");
     let mut c = ClusterClient::new(node.channel().await);
     let st = c
-        .status(ClusterStatusRequest {})
+        .status(ClusterStatusRequest::default())
         .await
         .unwrap()
         .into_inner();
@@ -1407,7 +1419,11 @@ async fn two_new_members_started_together_are_both_added() {
     eventually("five voters on the new members", || async {
         for i in [3usize, 4] {
             let mut c = ClusterClient::new(cluster.node(i).channel().await);
-            let st = c.status(ClusterStatusRequest {}).await.ok()?.into_inner();
+            let st = c
+                .status(ClusterStatusRequest::default())
+                .await
+                .ok()?
+                .into_inner();
             if st.members.iter().filter(|m| m.voter).count() != 5 {
                 return None;
             }

@@ -208,7 +208,7 @@ async fn concurrent_writers_killed_mid_flight_lose_no_acknowledged_write() {
         );
     }
     let entries = ClusterClient::new(second.channel().await)
-        .status(ClusterStatusRequest {})
+        .status(ClusterStatusRequest::default())
         .await
         .unwrap()
         .into_inner()
@@ -251,7 +251,7 @@ async fn synced_rate_limit_state_survives_a_restart() {
     );
     let mut admin = ClusterClient::new(first.channel().await);
     let before = admin
-        .status(ClusterStatusRequest {})
+        .status(ClusterStatusRequest::default())
         .await
         .unwrap()
         .into_inner()
@@ -260,7 +260,7 @@ async fn synced_rate_limit_state_survives_a_restart() {
         let mut admin = admin.clone();
         async move {
             (admin
-                .status(ClusterStatusRequest {})
+                .status(ClusterStatusRequest::default())
                 .await
                 .ok()?
                 .into_inner()

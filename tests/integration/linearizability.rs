@@ -361,7 +361,11 @@ async fn lease_history_across_a_frozen_leader_is_linearizable() {
     eventually("a new leader among the others", || async {
         let mut c =
             arbiter::proto::cluster_client::ClusterClient::new(cluster.node(other).channel().await);
-        let st = c.status(ClusterStatusRequest {}).await.ok()?.into_inner();
+        let st = c
+            .status(ClusterStatusRequest::default())
+            .await
+            .ok()?
+            .into_inner();
         (st.leader_id.is_some() && st.leader_id != Some(leader as u64 + 1)).then_some(())
     })
     .await;

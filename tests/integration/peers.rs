@@ -26,7 +26,7 @@ use crate::support::{eventually, fresh_dir, refused_start, Server};
 
 async fn status(conn: Conn) -> ClusterStatusResponse {
     ClusterClient::new(conn)
-        .status(ClusterStatusRequest {})
+        .status(ClusterStatusRequest::default())
         .await
         .expect("status")
         .into_inner()

@@ -39,7 +39,12 @@ fn long_key_checks(prefix: &str, call: usize, per_call: usize, cost: u64) -> Vec
 
 async fn status(s: &Server) -> Option<ClusterStatusResponse> {
     let mut c = ClusterClient::new(s.channel().await);
-    Some(c.status(ClusterStatusRequest {}).await.ok()?.into_inner())
+    Some(
+        c.status(ClusterStatusRequest::default())
+            .await
+            .ok()?
+            .into_inner(),
+    )
 }
 
 /// The node's own count of rate-limit keys (followers hold what the syncs

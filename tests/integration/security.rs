@@ -236,7 +236,7 @@ async fn plaintext_to_a_tls_port_fails_and_unknown_callers_are_unauthenticated()
         .await;
     assert_eq!(code(r), Code::Unauthenticated);
     let r = ClusterClient::new(anon.clone())
-        .status(ClusterStatusRequest {})
+        .status(ClusterStatusRequest::default())
         .await;
     assert_eq!(code(r), Code::Unauthenticated);
     // A wrong token is no better.
@@ -546,7 +546,7 @@ async fn only_an_admin_changes_membership() {
     // terms (the last voter cannot be removed).
     let mut ops = ClusterClient::new(s.conn(Some(&s.ops), None).await);
     ClusterClient::new(s.conn(Some(&s.alice), None).await)
-        .status(ClusterStatusRequest {})
+        .status(ClusterStatusRequest::default())
         .await
         .unwrap();
     let r = ops
@@ -819,7 +819,7 @@ mod cluster {
                 .conn(c.cluster.client_options())
                 .await,
         )
-        .status(ClusterStatusRequest {})
+        .status(ClusterStatusRequest::default())
         .await
         .unwrap()
         .into_inner()
@@ -1213,7 +1213,7 @@ async fn a_revoked_principal_loses_its_watch_and_a_bad_auth_file_turns_readiness
     })
     .await;
     let status = ClusterClient::new(s.conn(Some(&s.bob), None).await)
-        .status(ClusterStatusRequest {})
+        .status(ClusterStatusRequest::default())
         .await
         .expect("the last good rules still admit bob")
         .into_inner();

@@ -42,6 +42,18 @@ enum KeyOrder {
     Sequential,
 }
 
+/// Where each check call goes.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Route {
+    /// Over the targets in turn (by connection), as a Service would.
+    Any,
+    /// To the target that owns the key's slot (clusters started with
+    /// `--slot-owners spread`; the map is read once, at start, from the
+    /// first target's `ClusterStatus`); a batch's keys are drawn from one
+    /// owner's slots, as a client that splits batches by owner sends them.
+    Slots,
+}
+
 #[derive(Parser, Debug, Clone)]
 #[command(
     name = "arbiter-bench",
@@ -61,6 +73,9 @@ struct Args {
         default_value = "127.0.0.1:7070"
     )]
     target: Vec<String>,
+    /// Where each check call goes (check workload).
+    #[arg(long, value_enum, default_value = "any")]
+    route: Route,
     /// Connect to Arbiter over TLS, trusting this CA (PEM).
     #[arg(long)]
     tls_ca: Option<std::path::PathBuf>,
@@ -135,6 +150,8 @@ struct Tally {
     decisions: u64,
     allowed: u64,
     errors: u64,
+    /// The first error's message, to say what failed.
+    first_error: Option<String>,
 }
 
 impl Tally {
@@ -146,6 +163,7 @@ impl Tally {
             decisions: 0,
             allowed: 0,
             errors: 0,
+            first_error: None,
         }
     }
 }
@@ -166,6 +184,8 @@ struct Run {
     /// For the check workload: every key's encoded check (see
     /// [`RawCodec`]; empty above [`NAMED_KEYS`]).
     entries: Vec<Vec<u8>>,
+    /// With `--route slots`: the target owning each key's slot.
+    owner_of: Vec<u16>,
 }
 
 /// Most keys whose names or checks are made up front (tens of MiB).
@@ -304,6 +324,7 @@ async fn run(args: Args) -> Result<(), String> {
         } else {
             Vec::new()
         },
+        owner_of: Vec::new(),
     });
     let mut channels = Vec::new();
     if args.workload != Workload::RedisCheck {
@@ -360,15 +381,36 @@ async fn run(args: Args) -> Result<(), String> {
         None
     };
 
+    let run = if args.route == Route::Slots {
+        let owner_of = slot_routes(&args, &channels, addrs.len()).await?;
+        let mut r = Arc::into_inner(run).ok_or("the run is shared before it starts")?;
+        r.owner_of = owner_of;
+        Arc::new(r)
+    } else {
+        run
+    };
     let mut tasks = Vec::new();
     for w in 0..args.inflight {
         let run = run.clone();
         let args = args.clone();
         let channel = channels.get(w % channels.len().max(1)).cloned();
+        // With --route slots: one channel to each target (connection i
+        // goes to target i % targets).
+        let routes: Vec<Channel> = if args.route == Route::Slots {
+            let per = channels.len() / addrs.len();
+            (0..addrs.len())
+                .map(|t| channels[t + addrs.len() * (w % per)].clone())
+                .collect()
+        } else {
+            Vec::new()
+        };
         let sha = script_sha.clone();
         tasks.push(tokio::spawn(async move {
             let mut rng = Rng(w as u64 * 7919 + now_ms());
             match args.workload {
+                Workload::Check if args.route == Route::Slots => {
+                    routed_check_worker(&args, &run, routes, &mut rng).await
+                }
                 Workload::Check => {
                     check_worker(&args, &run, channel.expect("channel"), &mut rng).await
                 }
@@ -391,6 +433,7 @@ async fn run(args: Args) -> Result<(), String> {
         total.decisions += t.decisions;
         total.allowed += t.allowed;
         total.errors += t.errors;
+        total.first_error = total.first_error.or(t.first_error);
     }
     let measured = Instant::now()
         .min(run.stop_at)
@@ -398,6 +441,48 @@ async fn run(args: Args) -> Result<(), String> {
         .as_secs_f64();
     report(&args, &total, measured);
     Ok(())
+}
+
+/// For `--route slots`: asks each target its node id and the first the
+/// slot map, and gives each key the target that owns its slot.
+async fn slot_routes(
+    args: &Args,
+    channels: &[Channel],
+    targets: usize,
+) -> Result<Vec<u16>, String> {
+    use arbiter::proto::cluster_client::ClusterClient;
+    if args.workload != Workload::Check {
+        return Err("--route slots is for the check workload".into());
+    }
+    if args.keys > NAMED_KEYS || channels.len() < targets || channels.len() % targets != 0 {
+        return Err(format!(
+            "--route slots needs --keys at most {NAMED_KEYS} and --connections a multiple of the targets"
+        ));
+    }
+    let mut node_target = std::collections::HashMap::new();
+    let mut owners = Vec::new();
+    for (t, ch) in channels.iter().take(targets).enumerate() {
+        let st = ClusterClient::new(ch.clone())
+            .status(pb::ClusterStatusRequest {
+                slot_owners: t == 0,
+            })
+            .await
+            .map_err(|e| format!("status of target {t}: {}", e.message()))?
+            .into_inner();
+        node_target.insert(st.node_id, t as u16);
+        if t == 0 {
+            owners = st.slot_owners;
+        }
+    }
+    if owners.is_empty() {
+        return Err("no slot map: start the cluster with --slot-owners spread".into());
+    }
+    Ok((0..args.keys)
+        .map(|n| {
+            let slot = arbiter::engine::slot_of(&key_name(args, n));
+            node_target.get(&owners[slot]).copied().unwrap_or(0)
+        })
+        .collect())
 }
 
 fn record(t: &mut Tally, measured: bool, sent: Instant) {
@@ -443,6 +528,7 @@ fn report(args: &Args, t: &Tally, secs: f64) {
         "seconds": secs,
         "requests": t.requests,
         "errors": t.errors,
+        "first_error": t.first_error,
         "decisions": t.decisions,
         "requests_per_sec": t.requests as f64 / secs,
         "decisions_per_sec": t.decisions as f64 / secs,
@@ -478,4 +564,7 @@ fn report(args: &Args, t: &Tally, secs: f64) {
         q(0.999),
         t.latency.max() as f64 / 1000.0
     );
+    if let Some(e) = &t.first_error {
+        println!("  first error: {e}");
+    }
 }

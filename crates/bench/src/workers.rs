@@ -172,6 +172,76 @@ pub(super) async fn rls_worker(
     Ok(t)
 }
 
+/// `check_worker` with `--route slots`: each call goes to the owner of
+/// its first key, and the rest of its keys are drawn from that owner's.
+pub(super) async fn routed_check_worker(
+    args: &Args,
+    run: &Run,
+    routes: Vec<Channel>,
+    rng: &mut Rng,
+) -> Result<Tally, String> {
+    let mut grpcs: Vec<_> = routes.into_iter().map(tonic::client::Grpc::new).collect();
+    let path =
+        tonic::codegen::http::uri::PathAndQuery::from_static("/arbiter.v1.RateLimiter/Check");
+    let mut t = Tally::new();
+    while let Some(measured) = run.admit() {
+        let mut body = Vec::with_capacity(args.batch * 48 + 2);
+        let first = key_index(args, run, rng);
+        let owner = run.owner_of[first as usize];
+        body.extend_from_slice(&run.entries[first as usize]);
+        let mut added = 1;
+        while added < args.batch {
+            let n = key_index(args, run, rng);
+            if run.owner_of[n as usize] == owner {
+                body.extend_from_slice(&run.entries[n as usize]);
+                added += 1;
+            }
+        }
+        if args.all_or_nothing {
+            body.extend_from_slice(&[0x10, 0x01]); // field 2, varint 1
+        }
+        send_check(&mut grpcs[owner as usize], &path, body, measured, &mut t).await;
+    }
+    Ok(t)
+}
+
+/// Sends one encoded `CheckRequest` and counts its answer.
+async fn send_check(
+    grpc: &mut tonic::client::Grpc<Channel>,
+    path: &tonic::codegen::http::uri::PathAndQuery,
+    body: Vec<u8>,
+    measured: bool,
+    t: &mut Tally,
+) {
+    let sent = Instant::now();
+    let reply = match grpc.ready().await {
+        Ok(()) => {
+            grpc.unary(
+                tonic::Request::new(body),
+                path.clone(),
+                RawCodec::<pb::CheckResponse>::new(),
+            )
+            .await
+        }
+        Err(e) => Err(tonic::Status::unavailable(e.to_string())),
+    };
+    record(t, measured, sent);
+    match reply {
+        Ok(r) if measured => {
+            let r = r.into_inner();
+            t.decisions += r.results.len() as u64;
+            t.allowed += r.results.iter().filter(|r| r.allowed).count() as u64;
+        }
+        Ok(_) => {}
+        Err(status) => {
+            t.errors += u64::from(measured);
+            if t.first_error.is_none() {
+                t.first_error = Some(format!("{:?}: {}", status.code(), status.message()));
+            }
+        }
+    }
+}
+
 pub(super) async fn check_worker(
     args: &Args,
     run: &Run,
@@ -194,28 +264,7 @@ pub(super) async fn check_worker(
         if args.all_or_nothing {
             body.extend_from_slice(&[0x10, 0x01]); // field 2, varint 1
         }
-        let sent = Instant::now();
-        let reply = match grpc.ready().await {
-            Ok(()) => {
-                grpc.unary(
-                    tonic::Request::new(body),
-                    path.clone(),
-                    RawCodec::<pb::CheckResponse>::new(),
-                )
-                .await
-            }
-            Err(e) => Err(tonic::Status::unavailable(e.to_string())),
-        };
-        record(&mut t, measured, sent);
-        match reply {
-            Ok(r) if measured => {
-                let r = r.into_inner();
-                t.decisions += r.results.len() as u64;
-                t.allowed += r.results.iter().filter(|r| r.allowed).count() as u64;
-            }
-            Ok(_) => {}
-            Err(_) => t.errors += u64::from(measured),
-        }
+        send_check(&mut grpc, &path, body, measured, &mut t).await;
     }
     Ok(t)
 }
