@@ -4,6 +4,7 @@
 //!
 //! cargo run --release --bin arbiter-bench -- --help
 
+mod connect;
 mod redis;
 mod workers;
 
@@ -18,7 +19,7 @@ use arbiter::proto::leases_client::LeasesClient;
 use arbiter::proto::{self as pb, limit::Algorithm};
 use clap::{Parser, ValueEnum};
 use hdrhistogram::Histogram;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use workers::*;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -240,20 +241,6 @@ impl Rng {
     }
 }
 
-async fn resolve_loopback(target: &str) -> Result<SocketAddr, String> {
-    let addrs: Vec<SocketAddr> = tokio::net::lookup_host(target)
-        .await
-        .map_err(|e| format!("--target {target:?}: {e}"))?
-        .collect();
-    match addrs.first() {
-        Some(a) if addrs.iter().all(|a| a.ip().is_loopback()) => Ok(*a),
-        Some(_) => Err(format!(
-            "--target {target:?} is not a loopback address; arbiter-bench only loads this machine"
-        )),
-        None => Err(format!("--target {target:?} resolved to nothing")),
-    }
-}
-
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -292,7 +279,7 @@ fn main() -> ExitCode {
 async fn run(args: Args) -> Result<(), String> {
     let mut addrs = Vec::new();
     for t in &args.target {
-        addrs.push(resolve_loopback(t).await?);
+        addrs.push(connect::resolve_loopback(t).await?);
     }
     let addr = *addrs.first().ok_or("--target: none given")?;
     if args.inflight == 0 || args.connections == 0 || args.batch == 0 || args.keys == 0 {
@@ -326,45 +313,11 @@ async fn run(args: Args) -> Result<(), String> {
         },
         owner_of: Vec::new(),
     });
-    let mut channels = Vec::new();
-    if args.workload != Workload::RedisCheck {
-        let tls = match &args.tls_ca {
-            Some(ca) => {
-                let files = arbiter::security::ClientFiles {
-                    ca: ca.clone(),
-                    cert: None,
-                    key: None,
-                };
-                let config =
-                    arbiter::security::Reloading::start("bench TLS", Vec::new(), move || {
-                        files.load()
-                    })?;
-                Some(
-                    arbiter::security::Connector::new(config)
-                        .with_server_name(Some(args.tls_server_name.clone())),
-                )
-            }
-            None => None,
-        };
-        let scheme = if tls.is_some() { "https" } else { "http" };
-        for i in 0..args.connections {
-            let addr = addrs[i % addrs.len()];
-            let endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))
-                .map_err(|e| e.to_string())?
-                .tcp_nodelay(true)
-                .connect_timeout(Duration::from_secs(5));
-            let ch = match &tls {
-                Some(tls) => tls.connect(endpoint).await,
-                None => endpoint.connect().await,
-            }
-            .map_err(|e| {
-                let cause =
-                    std::error::Error::source(&e).map_or(String::new(), |s| format!(": {s}"));
-                format!("cannot connect to {addr}: {e}{cause}")
-            })?;
-            channels.push(ch);
-        }
-    }
+    let channels = if args.workload == Workload::RedisCheck {
+        Vec::new()
+    } else {
+        connect::channels(&args, &addrs).await?
+    };
     let script_sha = if args.workload == Workload::RedisCheck {
         let mut c = redis::Conn::connect(addr)
             .await
@@ -382,7 +335,7 @@ async fn run(args: Args) -> Result<(), String> {
     };
 
     let run = if args.route == Route::Slots {
-        let owner_of = slot_routes(&args, &channels, addrs.len()).await?;
+        let owner_of = connect::slot_routes(&args, &channels, addrs.len()).await?;
         let mut r = Arc::into_inner(run).ok_or("the run is shared before it starts")?;
         r.owner_of = owner_of;
         Arc::new(r)
@@ -441,48 +394,6 @@ async fn run(args: Args) -> Result<(), String> {
         .as_secs_f64();
     report(&args, &total, measured);
     Ok(())
-}
-
-/// For `--route slots`: asks each target its node id and the first the
-/// slot map, and gives each key the target that owns its slot.
-async fn slot_routes(
-    args: &Args,
-    channels: &[Channel],
-    targets: usize,
-) -> Result<Vec<u16>, String> {
-    use arbiter::proto::cluster_client::ClusterClient;
-    if args.workload != Workload::Check {
-        return Err("--route slots is for the check workload".into());
-    }
-    if args.keys > NAMED_KEYS || channels.len() < targets || channels.len() % targets != 0 {
-        return Err(format!(
-            "--route slots needs --keys at most {NAMED_KEYS} and --connections a multiple of the targets"
-        ));
-    }
-    let mut node_target = std::collections::HashMap::new();
-    let mut owners = Vec::new();
-    for (t, ch) in channels.iter().take(targets).enumerate() {
-        let st = ClusterClient::new(ch.clone())
-            .status(pb::ClusterStatusRequest {
-                slot_owners: t == 0,
-            })
-            .await
-            .map_err(|e| format!("status of target {t}: {}", e.message()))?
-            .into_inner();
-        node_target.insert(st.node_id, t as u16);
-        if t == 0 {
-            owners = st.slot_owners;
-        }
-    }
-    if owners.is_empty() {
-        return Err("no slot map: start the cluster with --slot-owners spread".into());
-    }
-    Ok((0..args.keys)
-        .map(|n| {
-            let slot = arbiter::engine::slot_of(&key_name(args, n));
-            node_target.get(&owners[slot]).copied().unwrap_or(0)
-        })
-        .collect())
 }
 
 fn record(t: &mut Tally, measured: bool, sent: Instant) {
