@@ -93,7 +93,7 @@ class Cluster:
     be known before start (each member lists all), so they are picked
     free and a start that finds one taken is tried again with new ones."""
 
-    def __init__(self, size: int = 3) -> None:
+    def __init__(self, size: int = 3, *extra: str) -> None:
         for attempt in range(3):
             ports = [free_port() for _ in range(size)]
             peers = ",".join(f"{i + 1}=127.0.0.1:{p}" for i, p in enumerate(ports))
@@ -101,7 +101,7 @@ class Cluster:
             try:
                 for i, port in enumerate(ports):
                     self.nodes.append(Server("--node-id", str(i + 1), "--peer-listen", f"127.0.0.1:{port}",
-                                             "--peers", peers))
+                                             "--peers", peers, *extra))
                 return
             except RuntimeError:
                 self.stop()

@@ -11,8 +11,17 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from ._descriptors import SERIALIZED
 
 _POOL = descriptor_pool.DescriptorPool()
-for _file in descriptor_pb2.FileDescriptorSet.FromString(base64.b64decode(SERIALIZED)).file:
-    _POOL.AddSerializedFile(_file.SerializeToString())
+_FILES = list(descriptor_pb2.FileDescriptorSet.FromString(base64.b64decode(SERIALIZED)).file)
+_LOADED: "set[str]" = set()
+while _FILES:
+    # A file after the files it imports (cluster.proto imports rate_limiter.proto).
+    _ready = [f for f in _FILES if all(d in _LOADED for d in f.dependency)]
+    if not _ready:
+        raise ImportError(f"unresolvable imports among {[f.name for f in _FILES]}")
+    for _file in _ready:
+        _POOL.AddSerializedFile(_file.SerializeToString())
+        _LOADED.add(_file.name)
+    _FILES = [f for f in _FILES if f.name not in _LOADED]
 
 
 def message(name: str) -> Any:

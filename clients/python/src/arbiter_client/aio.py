@@ -7,13 +7,14 @@ import inspect
 import logging
 import random
 import time
-from typing import Any, AsyncIterator, Awaitable, Callable, List, Optional, Sequence, Tuple, TypeVar, Union
+from typing import Any, AsyncIterator, Awaitable, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar, Union
 
 import grpc
 import grpc.aio
 
 from . import _common as c
 from . import _pb
+from ._routing import SlotRoutes
 from .errors import (
     ArbiterError,
     IdempotencyInProgress,
@@ -65,14 +66,22 @@ class AsyncClient:
         token: Optional[str] = None,
         timeout: float = 5.0,
         retry: Optional[Retry] = None,
+        members: Optional[Sequence[str]] = None,
+        route_refresh: float = 5.0,
     ) -> None:
         if timeout <= 0:
             raise ValueError("timeout must be > 0 seconds")
         args = c.channel_args(tls)
-        if tls is None:
-            self._channel = grpc.aio.insecure_channel(target, options=args)
-        else:
-            self._channel = grpc.aio.secure_channel(target, c.credentials(tls), options=args)
+
+        def channel(addr: str) -> Any:
+            if tls is None:
+                return grpc.aio.insecure_channel(addr, options=args)
+            return grpc.aio.secure_channel(addr, c.credentials(tls), options=args)
+
+        self._channel = channel(target)
+        self._routes = SlotRoutes(members, route_refresh) if members is not None else None
+        self._member_channels = {m: channel(m) for m in members or ()}
+        self._member_methods = {m: _pb.bind(ch) for m, ch in self._member_channels.items()}
         self.target = target
         self.timeout = float(timeout)
         self.retry = retry if retry is not None else Retry()
@@ -84,6 +93,8 @@ class AsyncClient:
 
     async def close(self) -> None:
         await self._channel.close()
+        for ch in self._member_channels.values():
+            await ch.close()
 
     async def __aenter__(self) -> "AsyncClient":
         return self
@@ -91,8 +102,16 @@ class AsyncClient:
     async def __aexit__(self, *exc: Any) -> None:
         await self.close()
 
-    async def _call(self, name: str, request: Any, *, timeout: Optional[float] = None, retry: bool = True) -> Any:
-        method = self._methods[name]
+    async def _call(
+        self,
+        name: str,
+        request: Any,
+        *,
+        timeout: Optional[float] = None,
+        retry: bool = True,
+        member: Optional[str] = None,
+    ) -> Any:
+        method = (self._methods if member is None else self._member_methods[member])[name]
         policy = self.retry if retry else _NO_RETRY
         start = time.monotonic()
         repeat = 0
@@ -117,16 +136,62 @@ class AsyncClient:
     # Rate limits -----------------------------------------------------------
 
     async def check(self, key: str, limit: Limit, cost: int = 1, dry_run: bool = False) -> Decision:
-        request = c.check_request([(key, limit, cost)], all_or_nothing=False, dry_run=dry_run)
-        return c.decisions(await self._call("check", request))[0]
+        return (await self._decide([(key, limit, cost)], all_or_nothing=False, dry_run=dry_run))[0]
 
     async def check_many(
         self,
         checks: Sequence[Union[Tuple[str, Limit], Tuple[str, Limit, int]]],
         all_or_nothing: bool = False,
     ) -> List[Decision]:
-        request = c.check_request(c.normalise_checks(checks), all_or_nothing=all_or_nothing, dry_run=False)
+        return await self._decide(c.normalise_checks(checks), all_or_nothing=all_or_nothing, dry_run=False)
+
+    async def _decide(
+        self, checks: List[Tuple[str, Limit, int]], *, all_or_nothing: bool, dry_run: bool
+    ) -> List[Decision]:
+        """As `Client._decide`; the groups of a split call go at once."""
+        routes = self._routes
+        if routes is None:
+            return await self._check_at(None, checks, all_or_nothing, dry_run)
+        if routes.due():
+            await self._read_routes(routes)
+        groups = routes.split([key for key, _, _ in checks])
+        if all_or_nothing or len(groups) == 1:
+            return await self._check_at(groups[0][0], checks, all_or_nothing, dry_run)
+        answers = await asyncio.gather(
+            *(self._check_at(member, [checks[i] for i in positions], False, dry_run) for member, positions in groups)
+        )
+        out: List[Optional[Decision]] = [None] * len(checks)
+        for (_, positions), decided in zip(groups, answers):
+            for i, d in zip(positions, decided):
+                out[i] = d
+        return [d for d in out if d is not None]
+
+    async def _check_at(
+        self, member: Optional[str], checks: List[Tuple[str, Limit, int]], all_or_nothing: bool, dry_run: bool
+    ) -> List[Decision]:
+        request = c.check_request(checks, all_or_nothing=all_or_nothing, dry_run=dry_run)
+        if member is not None:
+            try:
+                return c.decisions(await self._call("check", request, member=member, retry=False))
+            except Unavailable:
+                # As `Client._check_at`: on through `target`.
+                assert self._routes is not None
+                self._routes.stale()
         return c.decisions(await self._call("check", request))
+
+    async def _read_routes(self, routes: SlotRoutes) -> None:
+        nodes: Dict[int, str] = {}
+        owners: Sequence[int] = ()
+        for member in routes.members:
+            try:
+                st = await self._call(
+                    "status", _pb.ClusterStatusRequest(slot_owners=not owners), member=member, retry=False
+                )
+            except ArbiterError:
+                continue
+            nodes[st.node_id] = member
+            owners = owners or st.slot_owners
+        routes.update(owners, nodes)
 
     async def wait(self, key: str, limit: Limit, cost: int = 1, timeout: Optional[float] = None) -> Decision:
         deadline = None if timeout is None else time.monotonic() + seconds(timeout, "timeout")

@@ -6,12 +6,13 @@ import queue
 import random
 import threading
 import time
-from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, TypeVar, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, TypeVar, Union
 
 import grpc
 
 from . import _common as c
 from . import _pb
+from ._routing import SlotRoutes
 from .errors import (
     ArbiterError,
     IdempotencyInProgress,
@@ -57,6 +58,15 @@ class Client:
     their holder or attempt, and a rate-limit check repeated after a lost
     answer can only consume more (deny sooner), never admit more.
 
+    `members` (each member's client address, e.g. a StatefulSet's pods)
+    turns on slot routing for a cluster started with `--slot-owners
+    spread`: the client reads the slot map (again every `route_refresh`
+    seconds, and after a member fails a call), sends each check to the
+    member that owns its key's slot and splits a call whose keys have
+    several owners, answering in the order asked. A check whose owner is
+    not known, or does not answer, goes to `target` (any member answers
+    for any key). All-or-nothing calls are never split.
+
     Thread-safe; use one per process. Close it (or use `with`) to end its
     connections."""
 
@@ -68,14 +78,22 @@ class Client:
         token: Optional[str] = None,
         timeout: float = 5.0,
         retry: Optional[Retry] = None,
+        members: Optional[Sequence[str]] = None,
+        route_refresh: float = 5.0,
     ) -> None:
         if timeout <= 0:
             raise ValueError("timeout must be > 0 seconds")
         args = c.channel_args(tls)
-        if tls is None:
-            self._channel = grpc.insecure_channel(target, options=args)
-        else:
-            self._channel = grpc.secure_channel(target, c.credentials(tls), options=args)
+
+        def channel(addr: str) -> grpc.Channel:
+            if tls is None:
+                return grpc.insecure_channel(addr, options=args)
+            return grpc.secure_channel(addr, c.credentials(tls), options=args)
+
+        self._channel = channel(target)
+        self._routes = SlotRoutes(members, route_refresh) if members is not None else None
+        self._member_channels = {m: channel(m) for m in members or ()}
+        self._member_methods = {m: _pb.bind(ch) for m, ch in self._member_channels.items()}
         self.target = target
         self.timeout = float(timeout)
         self.retry = retry if retry is not None else Retry()
@@ -87,6 +105,8 @@ class Client:
 
     def close(self) -> None:
         self._channel.close()
+        for ch in self._member_channels.values():
+            ch.close()
 
     def __enter__(self) -> "Client":
         return self
@@ -94,8 +114,16 @@ class Client:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def _call(self, name: str, request: Any, *, timeout: Optional[float] = None, retry: bool = True) -> Any:
-        method = self._methods[name]
+    def _call(
+        self,
+        name: str,
+        request: Any,
+        *,
+        timeout: Optional[float] = None,
+        retry: bool = True,
+        member: Optional[str] = None,
+    ) -> Any:
+        method = (self._methods if member is None else self._member_methods[member])[name]
         policy = self.retry if retry else _NO_RETRY
         start = time.monotonic()
         repeat = 0
@@ -121,8 +149,7 @@ class Client:
     def check(self, key: str, limit: Limit, cost: int = 1, dry_run: bool = False) -> Decision:
         """Checks `key` against `limit`, consuming `cost` when allowed (not
         when `dry_run`, nor when cost is 0)."""
-        request = c.check_request([(key, limit, cost)], all_or_nothing=False, dry_run=dry_run)
-        return c.decisions(self._call("check", request))[0]
+        return self._decide([(key, limit, cost)], all_or_nothing=False, dry_run=dry_run)[0]
 
     def check_many(
         self,
@@ -131,8 +158,51 @@ class Client:
     ) -> List[Decision]:
         """Checks several keys in one call, in order. With `all_or_nothing`,
         nothing is consumed unless every check is allowed."""
-        request = c.check_request(c.normalise_checks(checks), all_or_nothing=all_or_nothing, dry_run=False)
+        return self._decide(c.normalise_checks(checks), all_or_nothing=all_or_nothing, dry_run=False)
+
+    def _decide(self, checks: List[Tuple[str, Limit, int]], *, all_or_nothing: bool, dry_run: bool) -> List[Decision]:
+        routes = self._routes
+        if routes is None:
+            return self._check_at(None, checks, all_or_nothing, dry_run)
+        if routes.due():
+            self._read_routes(routes)
+        groups = routes.split([key for key, _, _ in checks])
+        if all_or_nothing or len(groups) == 1:
+            return self._check_at(groups[0][0], checks, all_or_nothing, dry_run)
+        out: List[Optional[Decision]] = [None] * len(checks)
+        for member, positions in groups:
+            decided = self._check_at(member, [checks[i] for i in positions], False, dry_run)
+            for i, d in zip(positions, decided):
+                out[i] = d
+        return [d for d in out if d is not None]
+
+    def _check_at(
+        self, member: Optional[str], checks: List[Tuple[str, Limit, int]], all_or_nothing: bool, dry_run: bool
+    ) -> List[Decision]:
+        request = c.check_request(checks, all_or_nothing=all_or_nothing, dry_run=dry_run)
+        if member is not None:
+            try:
+                return c.decisions(self._call("check", request, member=member, retry=False))
+            except Unavailable:
+                # Sent on through `target`: it may have been decided
+                # already, which can only deny sooner, never admit more.
+                assert self._routes is not None
+                self._routes.stale()
         return c.decisions(self._call("check", request))
+
+    def _read_routes(self, routes: SlotRoutes) -> None:
+        """Reads each member's node id and the slot map; a member that does
+        not answer is left out until the next read."""
+        nodes: Dict[int, str] = {}
+        owners: Sequence[int] = ()
+        for member in routes.members:
+            try:
+                st = self._call("status", _pb.ClusterStatusRequest(slot_owners=not owners), member=member, retry=False)
+            except ArbiterError:
+                continue
+            nodes[st.node_id] = member
+            owners = owners or st.slot_owners
+        routes.update(owners, nodes)
 
     def wait(self, key: str, limit: Limit, cost: int = 1, timeout: Optional[float] = None) -> Decision:
         """Checks until allowed, sleeping for each denial's retry_after (plus

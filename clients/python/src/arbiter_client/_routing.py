@@ -1,0 +1,74 @@
+"""Slot routing: which member decides each rate-limit key.
+
+A cluster started with `--slot-owners spread` spreads 1,024 slots over its
+voters; a key's slot is CRC16/XMODEM of the key (or of its hash tag, the
+text between the first `{` and the next `}` when that is not empty) modulo
+1,024, as in Redis Cluster. Any member answers for any key (forwarding to
+the owner), so a client that sends each check to its owner saves a hop,
+and one whose map is stale or missing only loses that saving.
+"""
+
+import binascii
+import time
+from typing import Dict, List, Optional, Sequence, Tuple
+
+SLOTS = 1024
+
+
+def hash_tag(key: str) -> bytes:
+    """The part of `key` its slot is computed from."""
+    raw = key.encode()
+    start = raw.find(b"{")
+    if start >= 0:
+        end = raw.find(b"}", start + 1)
+        if end > start + 1:
+            return raw[start + 1 : end]
+    return raw
+
+
+def slot_of(key: str) -> int:
+    """The slot `key` belongs to."""
+    return binascii.crc_hqx(hash_tag(key), 0) % SLOTS
+
+
+class SlotRoutes:
+    """The slot map as last read, and which of the client's members each
+    node id is. Read again every `refresh` seconds of use, and at once
+    after a member failed a call."""
+
+    def __init__(self, members: Sequence[str], refresh: float) -> None:
+        if not members:
+            raise ValueError("members must name at least one member's address")
+        if refresh <= 0:
+            raise ValueError("route_refresh must be > 0 seconds")
+        self.members = list(members)
+        self.refresh = float(refresh)
+        self.owners: List[int] = []
+        self.member_of_node: Dict[int, str] = {}
+        self.read_at = float("-inf")
+
+    def due(self) -> bool:
+        return time.monotonic() - self.read_at >= self.refresh
+
+    def stale(self) -> None:
+        """A member failed: read the map again at the next call."""
+        self.read_at = float("-inf")
+
+    def update(self, owners: Sequence[int], member_of_node: Dict[int, str]) -> None:
+        self.owners = list(owners) if len(owners) == SLOTS else []
+        self.member_of_node = dict(member_of_node)
+        self.read_at = time.monotonic()
+
+    def member_for(self, key: str) -> Optional[str]:
+        """The member that owns `key`'s slot, if known."""
+        if not self.owners:
+            return None
+        return self.member_of_node.get(self.owners[slot_of(key)])
+
+    def split(self, keys: Sequence[str]) -> List[Tuple[Optional[str], List[int]]]:
+        """The positions of `keys` grouped by owner (None: not known), in
+        the order each owner first appears."""
+        groups: Dict[Optional[str], List[int]] = {}
+        for i, key in enumerate(keys):
+            groups.setdefault(self.member_for(key), []).append(i)
+        return list(groups.items())
