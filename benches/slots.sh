@@ -50,36 +50,59 @@ for _ in $(seq 100); do
 done
 sleep 1
 
+lead="lead1 lead2 lead3" spread="spread1 spread2 spread3"
 targets() { local IFS=,; local -a t=(); for p in "$@"; do t+=("127.0.0.1:$p"); done; echo "${t[*]}"; }
-bench() { # label targets batch [extra...]
-  local label=$1 targets=$2 batch=$3; shift 3
+cpu_ticks() { # pids... -> user + system clock ticks they have used
+  local total=0 p f
+  for p in "$@"; do
+    read -ra f <"/proc/$p/stat"
+    # Fields 14 and 15 (utime, stime); the name field (arbiter) has no space.
+    total=$((total + f[13] + f[14]))
+  done
+  echo "$total"
+}
+bench() { # label servers targets batch [extra...]: servers names the PIDS measured
+  local label=$1 servers=$2 targets=$3 batch=$4 before after; shift 4
+  local -a pids=()
+  for s in $servers; do pids+=("${PIDS[$s]}"); done
+  before=$(cpu_ticks "${pids[@]}")
   $BENCH --targets "$targets" --workload check --batch "$batch" --keys "$KEYS" \
     --duration "$DURATION" --warmup "$WARMUP" --inflight 48 --connections 3 --json "$@" |
     sed "s/^/$label /" >>"$work/results"
+  after=$(cpu_ticks "${pids[@]}")
+  echo "$label $((after - before))" >>"$work/cpu"
 }
 
 for r in $(seq "$ROUNDS"); do
   echo "round $r" >&2
-  bench "unary-one-node" "$(targets "$one")" 1
-  bench "unary-leader-decides-spread" "$(targets "${lead_c[@]}")" 1
-  bench "unary-slots-spread" "$(targets "${spread_c[@]}")" 1
-  bench "unary-slots-via-one-member" "$(targets "${spread_c[0]}")" 1
-  bench "unary-slots-routed" "$(targets "${spread_c[@]}")" 1 --route slots
-  bench "batch100-one-node" "$(targets "$one")" 100
-  bench "batch100-slots-spread" "$(targets "${spread_c[@]}")" 100
-  bench "batch100-slots-routed" "$(targets "${spread_c[@]}")" 100 --route slots
+  bench "unary-one-node" one "$(targets "$one")" 1
+  bench "unary-leader-decides-spread" "$lead" "$(targets "${lead_c[@]}")" 1
+  bench "unary-slots-spread" "$spread" "$(targets "${spread_c[@]}")" 1
+  bench "unary-slots-via-one-member" "$spread" "$(targets "${spread_c[0]}")" 1
+  bench "unary-slots-routed" "$spread" "$(targets "${spread_c[@]}")" 1 --route slots
+  bench "batch100-one-node" one "$(targets "$one")" 100
+  bench "batch100-slots-spread" "$spread" "$(targets "${spread_c[@]}")" 100
+  bench "batch100-slots-routed" "$spread" "$(targets "${spread_c[@]}")" 100 --route slots
 done
 
-python3 - "$work/results" <<'EOF'
+# Server CPU per decision: the servers' user + system time over the run
+# (warm-up included) divided by its decisions (the measured rate times the
+# whole run). The capacity model in docs/design.md is built from these.
+python3 - "$work/results" "$work/cpu" "$(getconf CLK_TCK)" "$DURATION" "$WARMUP" <<'EOF'
 import json, sys, statistics
 rows = {}
 for line in open(sys.argv[1]):
     label, js = line.split(" ", 1)
     rows.setdefault(label, []).append(json.loads(js))
+cpu = {}
+for line in open(sys.argv[2]):
+    label, ticks = line.split()
+    cpu.setdefault(label, []).append(int(ticks) / int(sys.argv[3]))
+run_s = float(sys.argv[4]) + float(sys.argv[5])
 base = {"unary": None, "batch100": None}
-print(f"| configuration | decisions/s (median of {len(next(iter(rows.values())))}) | each round | p50 ms | p99 ms | errors | vs one node |")
+print(f"| configuration | decisions/s (median of {len(next(iter(rows.values())))}) | each round | p50 ms | p99 ms | errors | vs one node | server CPU µs/decision |")
 first_errors = {label: r["first_error"] for label, rs in rows.items() for r in rs if r.get("first_error")}
-print("| --- | --- | --- | --- | --- | --- | --- |")
+print("| --- | --- | --- | --- | --- | --- | --- | --- |")
 for label, rs in rows.items():
     d = [r["decisions_per_sec"] for r in rs]
     med = statistics.median(d)
@@ -90,7 +113,8 @@ for label, rs in rows.items():
     p99 = statistics.median(r["latency_us"]["p99"] for r in rs) / 1000
     errors = sum(r["errors"] for r in rs)
     each = ", ".join(f"{x:,.0f}" for x in d)
-    print(f"| {label} | {med:,.0f} | {each} | {p50:.2f} | {p99:.2f} | {errors} | {med / base[kind]:.2f}x |")
+    per = statistics.median(c / (r["decisions_per_sec"] * run_s) * 1e6 for c, r in zip(cpu[label], rs))
+    print(f"| {label} | {med:,.0f} | {each} | {p50:.2f} | {p99:.2f} | {errors} | {med / base[kind]:.2f}x | {per:.1f} |")
 for label, e in first_errors.items():
     print(f"\n{label}: first error: {e}")
 EOF

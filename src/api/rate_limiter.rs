@@ -85,6 +85,7 @@ impl RateLimiterService {
         s.metrics.decisions(allowed, results.len() as u64 - allowed);
         Ok(Response::new(CheckResponse {
             results: results.into_iter().map(Into::into).collect(),
+            ..Default::default()
         }))
     }
 }
@@ -172,6 +173,7 @@ impl RateLimiter for RateLimiterService {
             .map(|(i, c)| convert::limit_check(i, c))
             .collect::<Result<Vec<_>, _>>()?;
         authorize(&caller, checks.as_slice())?;
+        let (slot_map_version, owner_hint) = s.node.owner_hint(&checks);
         let results = s
             .node
             .check_as(checks, req.all_or_nothing, caller.key_quota(&s.bounds.caps))
@@ -181,6 +183,8 @@ impl RateLimiter for RateLimiterService {
         s.metrics.decisions(allowed, results.len() as u64 - allowed);
         Ok(Response::new(CheckResponse {
             results: results.into_iter().map(Into::into).collect(),
+            slot_map_version,
+            owner_hint,
         }))
     }
 }

@@ -59,25 +59,42 @@ impl LimitSync {
         }
     }
 
-    /// As an owner that does not lead: sends every changed cell to the
-    /// leader in bounded entries, one at a time, each once the previous
-    /// one committed.
+    /// As an owner that does not lead: sends the cells changed by now to
+    /// the leader in bounded entries (up to [`SYNC_PIPELINE`] drained at
+    /// once), one at a time, each once the previous one committed. Cells
+    /// that change while those are on their way wait for the next tick:
+    /// draining again after each commit would send a few cells an entry,
+    /// an entry a round trip, under steady load.
     async fn send_changed_limits(&self) {
         loop {
-            let cells = self.engine.drain_dirty_limits(SYNC_CELLS, SYNC_BYTES);
-            if cells.is_empty() {
-                return;
+            let mut entries = Vec::new();
+            while entries.len() < SYNC_PIPELINE {
+                let cells = self.engine.drain_dirty_limits(SYNC_CELLS, SYNC_BYTES);
+                if cells.is_empty() {
+                    break;
+                }
+                entries.push(cells);
             }
-            let n = cells.len();
-            let keys: Vec<String> = cells.iter().map(|(k, _)| k.clone()).collect();
-            if let Err(e) = self.slots.send_sync(self.boot_id, cells).await {
-                // Sent again next time (as they are then): an owner that
-                // keeps its slots must not lose what it decided because a
-                // leader changed. (A cell whose slot moved meanwhile is
-                // dropped where it is applied.)
-                self.engine
-                    .requeue_dirty_limits(keys.iter().map(String::as_str));
-                tracing::warn!(error = %e, cells = n, "rate-limit sync not taken by the leader");
+            let more = entries.len() == SYNC_PIPELINE;
+            let mut entries = entries.into_iter();
+            while let Some(cells) = entries.next() {
+                let n = cells.len();
+                let keys: Vec<String> = cells.iter().map(|(k, _)| k.clone()).collect();
+                if let Err(e) = self.slots.send_sync(self.boot_id, cells).await {
+                    // Sent again next time (as they are then), with those
+                    // drained behind them: an owner that keeps its slots
+                    // must not lose what it decided because a leader
+                    // changed. (A cell whose slot moved meanwhile is
+                    // dropped where it is applied.)
+                    let later = entries.flat_map(|cells| cells.into_iter().map(|(k, _)| k));
+                    let later: Vec<String> = later.collect();
+                    self.engine
+                        .requeue_dirty_limits(keys.iter().chain(later.iter()).map(String::as_str));
+                    tracing::warn!(error = %e, cells = n, "rate-limit sync not taken by the leader");
+                    return;
+                }
+            }
+            if !more {
                 return;
             }
         }

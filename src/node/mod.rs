@@ -277,14 +277,35 @@ impl Node {
         self.handover.hand_over().await
     }
 
-    /// The slot map's version, how many slots this node owns in it, and
-    /// how many rate-limit checks this node has decided, and how many it
-    /// sent again because the member asked could not decide them then.
     /// (batches, checks) this node sent other members on its check streams.
     pub fn check_stream_counts(&self) -> (u64, u64) {
         self.router.streams.counts()
     }
 
+    /// The owner hint for a call of `checks`: the applied slot map's
+    /// version (0: none) and the other members owning any of their keys'
+    /// slots, each once, ascending.
+    pub fn owner_hint(&self, checks: &[LimitCheck]) -> (u64, Vec<u64>) {
+        let map = self.engine.slots();
+        if !map.assigned() {
+            return (0, Vec::new());
+        }
+        let me = self.view.id();
+        let mut others: Vec<u64> = Vec::new();
+        for c in checks {
+            if let Some(owner) = map.owner(crate::engine::slot_of(&c.key)) {
+                if owner != me && !others.contains(&owner) {
+                    others.push(owner);
+                }
+            }
+        }
+        others.sort_unstable();
+        (map.version, others)
+    }
+
+    /// The slot map's version, how many slots this node owns in it, and
+    /// how many rate-limit checks this node has decided, and how many it
+    /// sent again because the member asked could not decide them then.
     pub fn slot_standing(&self) -> (u64, usize, u64, u64) {
         let map = self.engine.slots();
         let me = self.view.id();

@@ -11,7 +11,8 @@ use arbiter::proto::cluster_client::ClusterClient;
 use arbiter::proto::leases_client::LeasesClient;
 use arbiter::proto::raft_peer_client::RaftPeerClient;
 use arbiter::proto::{
-    AcquireRequest, ClusterStatusRequest, ClusterStatusResponse, PeerMessage, RemoveMemberRequest,
+    AcquireRequest, ClusterStatusRequest, ClusterStatusResponse, DecideRequest, PeerMessage,
+    RemoveMemberRequest,
 };
 use arbiter::raft::network::{encode, encode_append};
 use arbiter::raft::TypeConfig;
@@ -21,6 +22,7 @@ use openraft::Vote;
 use tonic::Code;
 
 use crate::cluster::Cluster;
+use crate::rate_limiter::{lc, tb};
 use crate::security::{Identity, Pki};
 use crate::support::{eventually, fresh_dir, refused_start, Server};
 
@@ -333,6 +335,27 @@ async fn answered(h: &Hosted, i: usize, cert: &Identity, cluster: &str) -> (bool
     (identify, forward)
 }
 
+/// Whether a peer with `cert` gets a check decided on node `i`'s check
+/// stream (`Decide`), as alice, as a member forwarding her check would.
+async fn streamed(h: &Hosted, i: usize, cert: &Identity, cluster: &str) -> bool {
+    let Some(mut p) = h.peer(i, cert).await else {
+        return false;
+    };
+    let batch = DecideRequest {
+        id: 7,
+        principal: "alice".into(),
+        checks: vec![lc("a/streamed", tb(1_000, 1, 1_000), None)],
+    };
+    let mut r = tonic::Request::new(tokio_stream::iter([batch]));
+    r.metadata_mut()
+        .insert("x-arbiter-cluster", cluster.parse().unwrap());
+    let Ok(replies) = p.decide(r).await else {
+        return false;
+    };
+    let reply = tokio::time::timeout(Duration::from_secs(10), replies.into_inner().message()).await;
+    matches!(reply, Ok(Ok(Some(reply))) if reply.id == 7 && reply.results.len() == 1)
+}
+
 /// With peer TLS, a certificate of the peer CA is not enough: it must name
 /// a current member. A stranger's certificate (`CN=rogue`) and a client's
 /// certificate from the same CA are refused on every peer RPC; a member's
@@ -370,17 +393,29 @@ async fn only_a_certificate_naming_a_current_member_speaks_on_the_peer_port() {
         (false, false),
         "a peer-CA certificate naming no member was answered"
     );
+    assert!(
+        !streamed(&h, leader, &rogue, &cluster_id).await,
+        "a peer-CA certificate naming no member had a check decided on the check stream"
+    );
     assert_eq!(
         answered(&h, leader, &h.alice, &cluster_id).await,
         (false, false),
         "a client certificate was answered on the peer port"
     );
-    // A member's own certificate is answered.
+    assert!(
+        !streamed(&h, leader, &h.alice, &cluster_id).await,
+        "a client certificate had a check decided on the check stream"
+    );
+    // A member's own certificate is answered, on the check stream too.
     let member = &h.members[follower];
     assert_eq!(
         answered(&h, leader, member, &cluster_id).await,
         (true, true),
         "a member's certificate was refused"
+    );
+    assert!(
+        streamed(&h, leader, member, &cluster_id).await,
+        "a member's check stream was refused"
     );
 
     // Remove the third member (not the leader); its certificate is then
@@ -398,7 +433,8 @@ async fn only_a_certificate_naming_a_current_member_speaks_on_the_peer_port() {
         || async {
             let by_leader = answered(&h, leader, cert, &cluster_id).await;
             let by_follower = answered(&h, follower, cert, &cluster_id).await;
-            (by_leader == (false, false) && by_follower == (false, false)).then_some(())
+            let stream = streamed(&h, leader, cert, &cluster_id).await;
+            (by_leader == (false, false) && by_follower == (false, false) && !stream).then_some(())
         },
     )
     .await;

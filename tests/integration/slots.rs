@@ -16,7 +16,12 @@ use crate::support::{eventually_within, metric, Server};
 const LONG: Duration = Duration::from_secs(30);
 
 fn spread_cluster() -> Cluster {
-    Cluster::start(3, &["--slot-owners", "spread", "--limit-sync-ms", "50"])
+    spread_cluster_every(50)
+}
+
+fn spread_cluster_every(sync_ms: u64) -> Cluster {
+    let every = sync_ms.to_string();
+    Cluster::start(3, &["--slot-owners", "spread", "--limit-sync-ms", &every])
 }
 
 fn owned(s: &Server) -> Option<u64> {
@@ -86,16 +91,29 @@ async fn every_member_decides_its_share_and_any_member_answers_for_any_key() {
     for key in &keys {
         for call in 0..=CAPACITY as usize {
             let via = call % 3;
-            let r = clients[via]
+            let answer = clients[via]
                 .check(one(key, CAPACITY, 1))
                 .await
                 .unwrap_or_else(|s| panic!("{key} via node {via}: {s:?}"))
-                .into_inner()
-                .results[0];
+                .into_inner();
+            let r = answer.results[0];
             let expected = call < CAPACITY as usize;
             assert_eq!(
                 r.allowed, expected,
                 "{key}, call {call} via node {via}: {r:?}"
+            );
+            // The owner hint names the owner when the node asked is not
+            // it (node i has id i + 1).
+            let owner = st.slot_owners[slot_of(key)];
+            let hint = if owner == via as u64 + 1 {
+                vec![]
+            } else {
+                vec![owner]
+            };
+            assert_eq!(
+                (answer.slot_map_version, answer.owner_hint),
+                (st.slot_map_version, hint),
+                "{key} via node {via}"
             );
         }
     }
@@ -278,4 +296,64 @@ async fn a_check_stream_outlives_any_one_bodys_bound() {
     let streamed =
         metric(cluster.node(0).metrics, "arbiter_check_stream_checks_total").unwrap() - before;
     assert!(streamed >= 1_000.0, "{streamed} checks on the streams");
+}
+
+/// An owner that does not lead syncs what changed once a tick, however
+/// steady its load. Seen failing before the fix: it drained again after
+/// each commit, so under steady load it sent a few cells an entry, an entry
+/// a round trip (hundreds of log entries a second where ten do).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owner_under_steady_load_syncs_once_a_tick() {
+    const TICK_MS: u64 = 100;
+    let cluster = spread_cluster_every(TICK_MS);
+    let leader = cluster.leader().await;
+    spread_over(&cluster, &[0, 1, 2]).await;
+    let owner = (leader + 1) % 3;
+    let mut status = ClusterClient::new(cluster.node(leader).channel().await);
+    let st = status
+        .status(ClusterStatusRequest { slot_owners: true })
+        .await
+        .unwrap()
+        .into_inner();
+    // Keys the owner (node id owner + 1) decides, checked through it.
+    let mine: Vec<String> = keys("steady", 2_000)
+        .into_iter()
+        .filter(|k| st.slot_owners[slot_of(k)] == owner as u64 + 1)
+        .take(200)
+        .collect();
+    assert_eq!(mine.len(), 200);
+    let mut client = cluster.node(owner).limits().await;
+    let applied = |st: arbiter::proto::ClusterStatusResponse| st.applied_index;
+    let before = applied(
+        status
+            .status(ClusterStatusRequest::default())
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    let start = std::time::Instant::now();
+    let mut checks = 0usize;
+    // Bounded in time and count: about 1.5 s of steady checks.
+    while start.elapsed() < Duration::from_millis(1_500) && checks < 200_000 {
+        let key = &mine[checks % mine.len()];
+        client.check(one(key, 1_000_000, 1)).await.unwrap();
+        checks += 1;
+    }
+    let elapsed = start.elapsed();
+    let after = applied(
+        status
+            .status(ClusterStatusRequest::default())
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    let ticks = elapsed.as_millis() as u64 / TICK_MS + 1;
+    let entries = after - before;
+    // One entry a tick (the cells fit one), a second where a tick's send
+    // overlaps the next, and the one in flight at each end.
+    assert!(
+        entries <= 2 * ticks + 2,
+        "{entries} log entries in {ticks} ticks for {checks} checks on one owner"
+    );
+    assert!(checks >= 100, "only {checks} checks in {elapsed:?}");
 }

@@ -5,8 +5,8 @@ import binascii
 
 import pytest
 
-from arbiter_client import Client, TokenBucket
-from arbiter_client._routing import SLOTS, SlotRoutes, hash_tag, slot_of
+from arbiter_client import Client, TokenBucket, _pb
+from arbiter_client._routing import HINT_GAP, SLOTS, SlotRoutes, hash_tag, slot_of
 from support import Cluster, poll
 
 
@@ -26,7 +26,7 @@ def test_routes_split_a_call_by_owner_in_first_seen_order():
     routes = SlotRoutes(["a:1", "b:1"], refresh=5.0)
     assert routes.split(["x", "y"]) == [(None, [0, 1])], "no map yet: all to the target"
     owners = [1 if s % 2 == 0 else 2 for s in range(SLOTS)]
-    routes.update(owners, {1: "a:1", 2: "b:1"})
+    routes.update(7, owners, {1: "a:1", 2: "b:1"})
     keys = [f"k{i}" for i in range(20)]
     groups = routes.split(keys)
     assert sorted(i for _, idx in groups for i in idx) == list(range(20))
@@ -38,6 +38,24 @@ def test_routes_split_a_call_by_owner_in_first_seen_order():
     assert routes.due()
     with pytest.raises(ValueError):
         SlotRoutes([], refresh=1.0)
+
+
+def test_an_owner_hint_reads_the_map_again_at_most_once_a_gap():
+    routes = SlotRoutes(["a:1", "b:1"], refresh=60.0)
+    routes.update(7, [1] * SLOTS, {1: "a:1", 2: "b:1"})
+    routes.hinted(7, [])
+    assert not routes.due(), "an answer from the owner at the same version says nothing"
+    routes.hinted(7, [2])
+    assert not routes.due(), "not again within the gap"
+    # As if the gap had passed since the read.
+    routes.last_read -= HINT_GAP
+    routes.read_at -= HINT_GAP
+    assert routes.due()
+    routes.update(8, [1] * SLOTS, {1: "a:1"})
+    routes.hinted(9, [])
+    routes.last_read -= HINT_GAP
+    routes.read_at -= HINT_GAP
+    assert routes.due(), "a newer map than ours is a hint too"
 
 
 def test_a_routed_client_sends_each_check_to_its_owner():
@@ -69,6 +87,43 @@ def test_a_routed_client_sends_each_check_to_its_owner():
             assert after == before, f"{after - before} checks forwarded"
             decided = [n.gauge("arbiter_checks_decided_here_total") for n in cluster.nodes]
             assert all(d > 0 for d in decided), decided
+    finally:
+        cluster.stop()
+
+
+def test_an_answer_through_a_non_owner_makes_the_client_read_the_map_again():
+    cluster = Cluster(3, "--slot-owners", "spread")
+    try:
+        addrs = cluster.addrs
+        with Client(addrs[0], members=addrs, route_refresh=3600) as client:
+            routes = client._routes
+            assert routes is not None
+
+            def spread() -> bool:
+                client._read_routes(routes)
+                return all(n in routes.owners for n in (1, 2, 3))
+
+            poll(spread, 30, "the slots spread")
+            right = list(routes.owners)
+            # The member asked below has applied that map too.
+            poll(
+                lambda: client._call("status", _pb.ClusterStatusRequest()).slot_map_version >= routes.version,
+                30,
+                "the first member applying the map",
+            )
+            first = next(n for n, a in routes.member_of_node.items() if a == addrs[0])
+            key = next(f"hinted-{i}" for i in range(1000) if right[slot_of(f"hinted-{i}")] != first)
+            # A map that is wrong for `key`: every slot to the first member.
+            routes.update(routes.version, [first] * SLOTS, routes.member_of_node)
+            limit = TokenBucket(capacity=100, refill_tokens=1, per=1)
+            assert client.check(key, limit).allowed
+            assert routes.read_at < routes.last_read, "the answer carried no owner hint"
+
+            def fixed() -> bool:
+                client.check(key, limit)
+                return routes.owners == right
+
+            poll(fixed, 10, "the map read again after the hint")
     finally:
         cluster.stop()
 

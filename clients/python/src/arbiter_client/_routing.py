@@ -13,6 +13,12 @@ import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
 SLOTS = 1024
+# An answer's owner hint reads the map again no sooner than this many
+# seconds after the last read, so a member the client cannot reach (whose
+# slots it sends on through any member) costs one read a second at most.
+HINT_GAP = 1.0
+# How long a status call made to read the map may take.
+READ_TIMEOUT = 1.0
 
 
 def hash_tag(key: str) -> bytes:
@@ -44,8 +50,10 @@ class SlotRoutes:
         self.members = list(members)
         self.refresh = float(refresh)
         self.owners: List[int] = []
+        self.version = 0
         self.member_of_node: Dict[int, str] = {}
         self.read_at = float("-inf")
+        self.last_read = float("-inf")
 
     def due(self) -> bool:
         return time.monotonic() - self.read_at >= self.refresh
@@ -54,10 +62,19 @@ class SlotRoutes:
         """A member failed: read the map again at the next call."""
         self.read_at = float("-inf")
 
-    def update(self, owners: Sequence[int], member_of_node: Dict[int, str]) -> None:
+    def hinted(self, version: int, others: Sequence[int]) -> None:
+        """An answer's owner hint: the map version its node had and the
+        other members owning its keys. Either says this map is stale when
+        it names an owner or a newer map: read it again soon."""
+        if others or version > self.version:
+            soon = self.last_read + min(HINT_GAP, self.refresh) - self.refresh
+            self.read_at = min(self.read_at, soon)
+
+    def update(self, version: int, owners: Sequence[int], member_of_node: Dict[int, str]) -> None:
         self.owners = list(owners) if len(owners) == SLOTS else []
+        self.version = version if self.owners else 0
         self.member_of_node = dict(member_of_node)
-        self.read_at = time.monotonic()
+        self.read_at = self.last_read = time.monotonic()
 
     def member_for(self, key: str) -> Optional[str]:
         """The member that owns `key`'s slot, if known."""

@@ -14,7 +14,7 @@ import grpc.aio
 
 from . import _common as c
 from . import _pb
-from ._routing import SlotRoutes
+from ._routing import READ_TIMEOUT, SlotRoutes
 from .errors import (
     ArbiterError,
     IdempotencyInProgress,
@@ -172,26 +172,38 @@ class AsyncClient:
         request = c.check_request(checks, all_or_nothing=all_or_nothing, dry_run=dry_run)
         if member is not None:
             try:
-                return c.decisions(await self._call("check", request, member=member, retry=False))
+                return self._hinted(await self._call("check", request, member=member, retry=False))
             except Unavailable:
                 # As `Client._check_at`: on through `target`.
                 assert self._routes is not None
                 self._routes.stale()
-        return c.decisions(await self._call("check", request))
+        return self._hinted(await self._call("check", request))
+
+    def _hinted(self, response: Any) -> List[Decision]:
+        """The decisions of `response`, after taking its owner hint."""
+        if self._routes is not None:
+            self._routes.hinted(response.slot_map_version, response.owner_hint)
+        return c.decisions(response)
 
     async def _read_routes(self, routes: SlotRoutes) -> None:
         nodes: Dict[int, str] = {}
+        version = 0
         owners: Sequence[int] = ()
         for member in routes.members:
             try:
                 st = await self._call(
-                    "status", _pb.ClusterStatusRequest(slot_owners=not owners), member=member, retry=False
+                    "status",
+                    _pb.ClusterStatusRequest(slot_owners=True),
+                    member=member,
+                    retry=False,
+                    timeout=min(self.timeout, READ_TIMEOUT),
                 )
             except ArbiterError:
                 continue
             nodes[st.node_id] = member
-            owners = owners or st.slot_owners
-        routes.update(owners, nodes)
+            if st.slot_map_version > version and st.slot_owners:
+                version, owners = st.slot_map_version, st.slot_owners
+        routes.update(version, owners, nodes)
 
     async def wait(self, key: str, limit: Limit, cost: int = 1, timeout: Optional[float] = None) -> Decision:
         deadline = None if timeout is None else time.monotonic() + seconds(timeout, "timeout")

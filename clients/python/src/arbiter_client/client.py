@@ -12,7 +12,7 @@ import grpc
 
 from . import _common as c
 from . import _pb
-from ._routing import SlotRoutes
+from ._routing import READ_TIMEOUT, SlotRoutes
 from .errors import (
     ArbiterError,
     IdempotencyInProgress,
@@ -182,27 +182,41 @@ class Client:
         request = c.check_request(checks, all_or_nothing=all_or_nothing, dry_run=dry_run)
         if member is not None:
             try:
-                return c.decisions(self._call("check", request, member=member, retry=False))
+                return self._hinted(self._call("check", request, member=member, retry=False))
             except Unavailable:
                 # Sent on through `target`: it may have been decided
                 # already, which can only deny sooner, never admit more.
                 assert self._routes is not None
                 self._routes.stale()
-        return c.decisions(self._call("check", request))
+        return self._hinted(self._call("check", request))
+
+    def _hinted(self, response: Any) -> List[Decision]:
+        """The decisions of `response`, after taking its owner hint."""
+        if self._routes is not None:
+            self._routes.hinted(response.slot_map_version, response.owner_hint)
+        return c.decisions(response)
 
     def _read_routes(self, routes: SlotRoutes) -> None:
         """Reads each member's node id and the slot map; a member that does
         not answer is left out until the next read."""
         nodes: Dict[int, str] = {}
+        version = 0
         owners: Sequence[int] = ()
         for member in routes.members:
             try:
-                st = self._call("status", _pb.ClusterStatusRequest(slot_owners=not owners), member=member, retry=False)
+                st = self._call(
+                    "status",
+                    _pb.ClusterStatusRequest(slot_owners=True),
+                    member=member,
+                    retry=False,
+                    timeout=min(self.timeout, READ_TIMEOUT),
+                )
             except ArbiterError:
                 continue
             nodes[st.node_id] = member
-            owners = owners or st.slot_owners
-        routes.update(owners, nodes)
+            if st.slot_map_version > version and st.slot_owners:
+                version, owners = st.slot_map_version, st.slot_owners
+        routes.update(version, owners, nodes)
 
     def wait(self, key: str, limit: Limit, cost: int = 1, timeout: Optional[float] = None) -> Decision:
         """Checks until allowed, sleeping for each denial's retry_after (plus
