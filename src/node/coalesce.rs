@@ -294,6 +294,44 @@ mod tests {
         assert_eq!(r.len(), 3);
     }
 
+    /// A full queue answers `None` at once (the caller sends its checks
+    /// alone), and what queued is still answered, in bounded batches.
+    #[tokio::test]
+    async fn a_full_queue_sends_the_caller_alone_and_what_queued_is_answered() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let gate = Arc::new(tokio::sync::Notify::new());
+        let send = sender(calls.clone(), gate.clone());
+        let c = Arc::new(Coalescer::new(100, 1));
+        let mut callers = Vec::new();
+        for i in 0..=QUEUE {
+            let (c, send) = (c.clone(), send.clone());
+            callers.push(tokio::spawn(async move {
+                c.forward(2, "p", checks(&format!("k{i}"), 1), &send).await
+            }));
+            if i == 0 {
+                // The first is on its way (and held there) before the rest queue.
+                for _ in 0..1000 {
+                    if calls.load(Ordering::SeqCst) == 1 {
+                        break;
+                    }
+                    tokio::task::yield_now().await;
+                }
+                assert_eq!(calls.load(Ordering::SeqCst), 1);
+            }
+        }
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        // One on its way, QUEUE waiting: the next finds the queue full.
+        assert!(c.forward(2, "p", checks("late", 1), &send).await.is_none());
+        gate.notify_one();
+        for caller in callers {
+            assert_eq!(caller.await.unwrap().unwrap().unwrap().len(), 1);
+        }
+        // The first alone, then the rest at most 100 checks a call.
+        assert_eq!(calls.load(Ordering::SeqCst), 1 + QUEUE.div_ceil(100));
+    }
+
     /// With two on their way at once, a third call waits for one of them.
     #[tokio::test]
     async fn up_to_in_flight_joined_calls_are_on_their_way_at_once() {
