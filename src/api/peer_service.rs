@@ -384,11 +384,25 @@ impl RaftPeer for PeerService {
                     return;
                 };
                 let (this, replies) = (this.clone(), replies.clone());
-                tokio::spawn(async move {
-                    let reply = this.decide_one(batch).await;
-                    let _ = replies.send(Ok(reply)).await;
-                    drop(permit);
-                });
+                let mut decided = Box::pin(async move { this.decide_one(batch).await });
+                // Most batches are decided at once: answered here, without
+                // a task of their own; one that waits (for a leader or a
+                // slot lease) gets one, so the stream goes on being read.
+                match futures::poll!(decided.as_mut()) {
+                    std::task::Poll::Ready(reply) => {
+                        if replies.send(Ok(reply)).await.is_err() {
+                            return;
+                        }
+                        drop(permit);
+                    }
+                    std::task::Poll::Pending => {
+                        tokio::spawn(async move {
+                            let reply = decided.await;
+                            let _ = replies.send(Ok(reply)).await;
+                            drop(permit);
+                        });
+                    }
+                }
             }
         });
         Ok(Response::new(Box::pin(
