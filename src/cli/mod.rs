@@ -285,22 +285,25 @@ fn init_logging(config: &Config) {
     }
 }
 
-/// Resolves on SIGTERM or SIGINT.
-async fn termination() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await
-            }
+/// Resolves on SIGTERM or SIGINT. Both handlers are installed when this
+/// is called, before the server starts: installed only when first awaited
+/// (once the server is up), a SIGTERM that came while it started took the
+/// default action and killed it.
+fn termination() -> impl std::future::Future<Output = ()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut handlers = Vec::new();
+    for kind in [SignalKind::terminate(), SignalKind::interrupt()] {
+        match signal(kind) {
+            Ok(s) => handlers.push(s),
+            Err(e) => tracing::warn!(error = %e, ?kind, "cannot listen for a signal"),
         }
-    };
-    tokio::select! {
-        _ = term => {}
-        _ = tokio::signal::ctrl_c() => {}
+    }
+    async move {
+        if handlers.is_empty() {
+            return std::future::pending().await;
+        }
+        let waits = handlers.iter_mut().map(|s| Box::pin(s.recv()));
+        futures::future::select_all(waits).await;
     }
 }
 
