@@ -12,7 +12,7 @@
 //! that was written but not answered within its deadline, or whose stream
 //! broke, is `UNAVAILABLE`: the owner may have decided it.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -36,7 +36,7 @@ const IN_FLIGHT: usize = 4096;
 type Answer = Result<Vec<LimitResult>, NodeError>;
 /// What a batch waits for: its answer, or that it was never delivered
 /// (the stream could not be opened).
-type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Answer, NotSent>>>>>;
+type Pending = Arc<Mutex<BTreeMap<u64, oneshot::Sender<Result<Answer, NotSent>>>>>;
 /// After a member refuses to open a stream (one that predates it), how
 /// long batches to it go the unary way before trying again.
 const UNARY_FOR: Duration = Duration::from_secs(10);
@@ -202,7 +202,7 @@ async fn run(
             if status.code() == tonic::Code::Unimplemented {
                 *lock(&stream.refused_until) = Some(tokio::time::Instant::now() + UNARY_FOR);
             }
-            for (_, waiting) in lock(pending).drain() {
+            for (_, waiting) in std::mem::take(&mut *lock(pending)) {
                 let _ = waiting.send(Err(NotSent(why.clone())));
             }
             return;
@@ -221,7 +221,7 @@ async fn run(
     };
     tracing::debug!(member = to, %why, "check stream closed");
     stream.closed.store(true, Ordering::Release);
-    for (_, waiting) in lock(pending).drain() {
+    for (_, waiting) in std::mem::take(&mut *lock(pending)) {
         let _ = waiting.send(Ok(Err(NodeError::Unavailable(format!(
             "the check stream to {to} closed before it answered ({why})"
         )))));
