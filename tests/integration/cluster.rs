@@ -748,7 +748,7 @@ async fn a_new_member_and_a_member_down_past_compaction_catch_up_from_a_chunked_
     }
 }
 
-async fn applied_index(s: &Server) -> Option<u64> {
+pub async fn applied_index(s: &Server) -> Option<u64> {
     let mut c = ClusterClient::new(s.channel().await);
     Some(
         c.status(ClusterStatusRequest::default())

@@ -9,7 +9,7 @@ use arbiter::engine::{slot_of, SLOTS};
 use arbiter::proto::cluster_client::ClusterClient;
 use arbiter::proto::{CheckRequest, ClusterStatusRequest, LimitCheck};
 
-use crate::cluster::Cluster;
+use crate::cluster::{applied_index, Cluster};
 use crate::rate_limiter::{lc, tb};
 use crate::support::{eventually_within, metric, Server};
 
@@ -323,14 +323,7 @@ async fn an_owner_under_steady_load_syncs_once_a_tick() {
         .collect();
     assert_eq!(mine.len(), 200);
     let mut client = cluster.node(owner).limits().await;
-    let applied = |st: arbiter::proto::ClusterStatusResponse| st.applied_index;
-    let before = applied(
-        status
-            .status(ClusterStatusRequest::default())
-            .await
-            .unwrap()
-            .into_inner(),
-    );
+    let before = applied_index(cluster.node(leader)).await.unwrap();
     let start = std::time::Instant::now();
     let mut checks = 0usize;
     // Bounded in time and count: about 1.5 s of steady checks.
@@ -340,13 +333,7 @@ async fn an_owner_under_steady_load_syncs_once_a_tick() {
         checks += 1;
     }
     let elapsed = start.elapsed();
-    let after = applied(
-        status
-            .status(ClusterStatusRequest::default())
-            .await
-            .unwrap()
-            .into_inner(),
-    );
+    let after = applied_index(cluster.node(leader)).await.unwrap();
     let ticks = elapsed.as_millis() as u64 / TICK_MS + 1;
     let entries = after - before;
     // One entry a tick (the cells fit one), a second where a tick's send

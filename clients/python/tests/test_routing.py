@@ -58,6 +58,20 @@ def test_an_owner_hint_reads_the_map_again_at_most_once_a_gap():
     assert routes.due(), "a newer map than ours is a hint too"
 
 
+def spread_routes(client: Client) -> SlotRoutes:
+    """The client's routes once every member owns a share (until then,
+    routing has nothing to go by)."""
+    routes = client._routes
+    assert routes is not None
+
+    def spread() -> bool:
+        client._read_routes(routes)
+        return all(n in routes.owners for n in (1, 2, 3))
+
+    poll(spread, 30, "the slots spread")
+    return routes
+
+
 def test_a_routed_client_sends_each_check_to_its_owner():
     cluster = Cluster(3, "--slot-owners", "spread")
     try:
@@ -66,15 +80,7 @@ def test_a_routed_client_sends_each_check_to_its_owner():
             poll(lambda: all(m.voter for m in probe.status().members) and len(probe.status().members) == 3,
                  30, "three voters")
         with Client(addrs[0], members=addrs, route_refresh=0.2) as client:
-            routes = client._routes
-            assert routes is not None
-
-            def spread() -> bool:
-                client._read_routes(routes)
-                return all(n in routes.owners for n in (1, 2, 3))
-
-            # Until every member owns a share, routing has nothing to go by.
-            poll(spread, 30, "the slots spread")
+            routes = spread_routes(client)
             before = sum(n.gauge("arbiter_check_stream_checks_total") for n in cluster.nodes)
             limit = TokenBucket(capacity=2, refill_tokens=1, per=3600)
             keys = [f"routed-{i}" for i in range(60)]
@@ -96,14 +102,7 @@ def test_an_answer_through_a_non_owner_makes_the_client_read_the_map_again():
     try:
         addrs = cluster.addrs
         with Client(addrs[0], members=addrs, route_refresh=3600) as client:
-            routes = client._routes
-            assert routes is not None
-
-            def spread() -> bool:
-                client._read_routes(routes)
-                return all(n in routes.owners for n in (1, 2, 3))
-
-            poll(spread, 30, "the slots spread")
+            routes = spread_routes(client)
             right = list(routes.owners)
             # The member asked below has applied that map too.
             poll(

@@ -10,7 +10,7 @@ and one whose map is stale or missing only loses that saving.
 
 import binascii
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 SLOTS = 1024
 # An answer's owner hint reads the map again no sooner than this many
@@ -69,6 +69,17 @@ class SlotRoutes:
         if others or version > self.version:
             soon = self.last_read + min(HINT_GAP, self.refresh) - self.refresh
             self.read_at = min(self.read_at, soon)
+
+    def take(self, answers: Sequence[Tuple[str, Any]]) -> None:
+        """Takes the members' `ClusterStatus` answers, (member, response)
+        for each that answered: which node id each member is, and the
+        newest map any of them has."""
+        version = 0
+        owners: Sequence[int] = ()
+        for _, st in answers:
+            if st.slot_map_version > version and st.slot_owners:
+                version, owners = st.slot_map_version, st.slot_owners
+        self.update(version, owners, {st.node_id: member for member, st in answers})
 
     def update(self, version: int, owners: Sequence[int], member_of_node: Dict[int, str]) -> None:
         self.owners = list(owners) if len(owners) == SLOTS else []

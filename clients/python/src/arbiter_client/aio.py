@@ -7,7 +7,7 @@ import inspect
 import logging
 import random
 import time
-from typing import Any, AsyncIterator, Awaitable, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar, Union
+from typing import Any, AsyncIterator, Awaitable, Callable, List, Optional, Sequence, Tuple, TypeVar, Union
 
 import grpc
 import grpc.aio
@@ -186,12 +186,9 @@ class AsyncClient:
         return c.decisions(response)
 
     async def _read_routes(self, routes: SlotRoutes) -> None:
-        nodes: Dict[int, str] = {}
-        version = 0
-        owners: Sequence[int] = ()
-        for member in routes.members:
+        async def ask(member: str) -> Optional[Tuple[str, Any]]:
             try:
-                st = await self._call(
+                return member, await self._call(
                     "status",
                     _pb.ClusterStatusRequest(slot_owners=True),
                     member=member,
@@ -199,11 +196,11 @@ class AsyncClient:
                     timeout=min(self.timeout, READ_TIMEOUT),
                 )
             except ArbiterError:
-                continue
-            nodes[st.node_id] = member
-            if st.slot_map_version > version and st.slot_owners:
-                version, owners = st.slot_map_version, st.slot_owners
-        routes.update(version, owners, nodes)
+                return None
+
+        # Asked at once: a member that does not answer costs one timeout.
+        answers = await asyncio.gather(*(ask(m) for m in routes.members))
+        routes.take([a for a in answers if a is not None])
 
     async def wait(self, key: str, limit: Limit, cost: int = 1, timeout: Optional[float] = None) -> Decision:
         deadline = None if timeout is None else time.monotonic() + seconds(timeout, "timeout")

@@ -6,7 +6,7 @@ import queue
 import random
 import threading
 import time
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, TypeVar, Union
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, TypeVar, Union
 
 import grpc
 
@@ -199,9 +199,7 @@ class Client:
     def _read_routes(self, routes: SlotRoutes) -> None:
         """Reads each member's node id and the slot map; a member that does
         not answer is left out until the next read."""
-        nodes: Dict[int, str] = {}
-        version = 0
-        owners: Sequence[int] = ()
+        answers: List[Tuple[str, Any]] = []
         for member in routes.members:
             try:
                 st = self._call(
@@ -213,10 +211,8 @@ class Client:
                 )
             except ArbiterError:
                 continue
-            nodes[st.node_id] = member
-            if st.slot_map_version > version and st.slot_owners:
-                version, owners = st.slot_map_version, st.slot_owners
-        routes.update(version, owners, nodes)
+            answers.append((member, st))
+        routes.take(answers)
 
     def wait(self, key: str, limit: Limit, cost: int = 1, timeout: Optional[float] = None) -> Decision:
         """Checks until allowed, sleeping for each denial's retry_after (plus
