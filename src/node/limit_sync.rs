@@ -130,7 +130,7 @@ impl LimitSync {
                         cells,
                         decider: Some(self.view.id()),
                     }],
-                    // This process skips its own syncs when applying them.
+                    // This process skips its own syncs' cells when applying them.
                     sync_origin: Some(self.boot_id),
                 };
                 match self.view.raft().client_write_ff(request).await {

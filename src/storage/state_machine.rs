@@ -264,7 +264,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     Response(Vec::new())
                 }
                 EntryPayload::Normal(req) if req.sync_origin == Some(self.boot_id) => {
-                    // Our own rate-limit sync: memory already holds newer state.
+                    // Our own rate-limit sync: memory already holds newer
+                    // state. Its time still counts, as on every other
+                    // member: lease deadlines are judged by it.
+                    self.last_now = self.last_now.max(req.now_ms);
                     Response(vec![Ok(engine::Outcome::SyncCells); req.commands.len()])
                 }
                 EntryPayload::Normal(req) => {

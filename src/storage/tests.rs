@@ -264,3 +264,64 @@ async fn a_json_snapshot_from_an_earlier_leader_is_installed_and_rewritten() {
     let files = std::fs::read_dir(dir.0.join("snapshots")).unwrap().count();
     assert_eq!(files, 1);
 }
+
+/// A node skips the cells of its own rate-limit syncs when applying them
+/// (memory holds newer state), but not the time they carry: the lease
+/// clock must be the same on every member, or one member sees a lease
+/// lapse that another extends (seen in the simulated cluster, seed 82:
+/// two members applied an acquire the leader refused).
+#[tokio::test]
+async fn every_member_applies_the_same_lease_time_whoever_sent_the_sync() {
+    use openraft::storage::RaftStateMachine;
+
+    let entry = |index: u64, now_ms: u64, command, sync_origin| Entry {
+        log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), index),
+        payload: openraft::EntryPayload::Normal(crate::raft::Request {
+            now_ms,
+            commands: vec![command],
+            sync_origin,
+        }),
+    };
+    let acquire = |holder: &str| {
+        crate::engine::Command::Acquire(crate::engine::Acquire {
+            quota: Default::default(),
+            principal: String::new(),
+            name: "billing".into(),
+            holder: holder.into(),
+            ttl_ms: 100,
+        })
+    };
+    // The owner that sent the sync (boot 7) stamped it a little ahead of
+    // the leader's next stamp.
+    let log = vec![
+        entry(1, 1_000, acquire("a"), None),
+        entry(
+            2,
+            1_150,
+            crate::engine::Command::SyncCells {
+                cells: Vec::new(),
+                decider: Some(2),
+            },
+            Some(7),
+        ),
+        entry(3, 1_080, acquire("b"), None),
+    ];
+    let mut holders = Vec::new();
+    for boot_id in [7, 8] {
+        let dir = temp_dir();
+        let store = Store::open(&dir.0).unwrap();
+        let engine = Arc::new(Engine::new(EngineConfig::default()));
+        let snapshots = SnapshotDir::open(&dir.0).unwrap();
+        let mut sm =
+            StateMachine::open(engine.clone(), store, snapshots, Observer::none(), boot_id)
+                .unwrap();
+        sm.apply(log.clone()).await.unwrap();
+        let lease = engine.lease("billing", 1_090).map(|l| l.holder);
+        holders.push((boot_id, lease));
+    }
+    assert_eq!(
+        holders,
+        [(7, Some("b".to_string())), (8, Some("b".to_string()))],
+        "the lease lapsed at 1,100 on the sync's time, 1,150, on both"
+    );
+}
