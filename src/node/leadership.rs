@@ -33,7 +33,7 @@ pub struct Leadership {
     /// committed (and extended leases): it decides rate limits only then.
     ready_term: AtomicU64,
     /// The term in which this node, as leader, extended every lease.
-    extended_term: AtomicU64,
+    extended: OncePerTerm,
     /// Set by a leader handing over on shutdown: it serves no more calls.
     stepping_down: AtomicBool,
     /// The term this node last led and when (monotonic ms) it began to.
@@ -54,7 +54,7 @@ impl Leadership {
             proposer,
             lease,
             ready_term: AtomicU64::new(0),
-            extended_term: AtomicU64::new(0),
+            extended: OncePerTerm::default(),
             stepping_down: AtomicBool::new(false),
             leading_since: Mutex::new(LedSince::default()),
         }
@@ -76,25 +76,19 @@ impl Leadership {
     /// because leadership moved (its holder could not renew meanwhile).
     pub async fn on_leadership(&self) {
         let term = self.view.term_and_leading().0;
-        if self.extended_term.load(Ordering::Acquire) == term {
-            return;
-        }
-        if self.view.read_barrier().await.is_err() {
-            return;
-        }
-        match self
-            .proposer
-            .propose(Command::ExtendLeases {
-                by_ms: FAILOVER_EXTENSION_MS,
+        self.extended
+            .once_in(term, || async {
+                self.view.read_barrier().await?;
+                self.proposer
+                    .propose(Command::ExtendLeases {
+                        by_ms: FAILOVER_EXTENSION_MS,
+                    })
+                    .await?;
+                tracing::info!(term, "leading: leases extended by one election timeout");
+                Ok::<(), NodeError>(())
             })
             .await
-        {
-            Ok(_) => {
-                tracing::info!(term, "leading: leases extended by one election timeout");
-                self.extended_term.store(term, Ordering::Release);
-            }
-            Err(e) => tracing::warn!(error = %e, "could not extend leases"),
-        }
+            .unwrap_or_else(|e| tracing::warn!(error = %e, "could not extend leases"));
     }
 
     /// Whether this node may decide rate limits at once: it leads, has
@@ -200,5 +194,81 @@ pub async fn report_readiness(
             _ = tokio::time::sleep(RECHECK) => {}
             _ = Node::stopped(&mut shutdown) => return,
         }
+    }
+}
+
+/// Work done once per term, however many callers ask for it at once.
+#[derive(Default)]
+pub struct OncePerTerm {
+    done: AtomicU64,
+    /// Held while the work runs: a caller arriving meanwhile waits for it
+    /// and then finds it done.
+    running: tokio::sync::Mutex<()>,
+}
+
+impl OncePerTerm {
+    /// Runs `work` unless it already succeeded in `term`.
+    pub async fn once_in<F, E>(&self, term: u64, work: impl FnOnce() -> F) -> Result<(), E>
+    where
+        F: std::future::Future<Output = Result<(), E>>,
+    {
+        if self.done.load(Ordering::Acquire) == term {
+            return Ok(());
+        }
+        let _running = self.running.lock().await;
+        if self.done.load(Ordering::Acquire) == term {
+            return Ok(());
+        }
+        work().await?;
+        self.done.store(term, Ordering::Release);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    /// Callers that ask at once (a lease call, a read, the sweeper, at the
+    /// start of a term) get one extension: each one extends every lease.
+    #[tokio::test]
+    async fn concurrent_callers_do_the_work_once_a_term() {
+        let once = OncePerTerm::default();
+        let runs = AtomicUsize::new(0);
+        let work = || async {
+            runs.fetch_add(1, Ordering::Relaxed);
+            // The proposal takes a while; others call meanwhile.
+            for _ in 0..3 {
+                tokio::task::yield_now().await;
+            }
+            Ok::<(), ()>(())
+        };
+        let calls = (0..3).map(|_| once.once_in(4, work));
+        assert!(futures::future::join_all(calls)
+            .await
+            .iter()
+            .all(Result::is_ok));
+        assert_eq!(runs.load(Ordering::Relaxed), 1, "one extension in term 4");
+        once.once_in(5, work).await.unwrap();
+        assert_eq!(runs.load(Ordering::Relaxed), 2, "and one in term 5");
+    }
+
+    /// A failed attempt is made again by the next caller.
+    #[tokio::test]
+    async fn a_failed_attempt_is_retried() {
+        let once = OncePerTerm::default();
+        assert_eq!(
+            once.once_in(2, || async { Err("no leader") }).await,
+            Err("no leader")
+        );
+        let mut ran = false;
+        once.once_in(2, || async {
+            ran = true;
+            Ok::<(), &str>(())
+        })
+        .await
+        .unwrap();
+        assert!(ran);
     }
 }
