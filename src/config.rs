@@ -247,6 +247,20 @@ pub struct Config {
     #[arg(long, env = "ARBITER_LIMITS")]
     pub limits: Option<PathBuf>,
 
+    /// A domain may be configured in several --limits files: their
+    /// descriptors are joined (a key and value in two of them is an error),
+    /// as envoyproxy/ratelimit's MERGE_DOMAIN_CONFIG does. Without it a
+    /// domain in two files is an error.
+    #[arg(long, env = "ARBITER_LIMITS_MERGE_DOMAINS")]
+    pub limits_merge_domains: bool,
+
+    /// Envoy's rate limit service: return each passing descriptor's
+    /// `metadata` (merged), the domain, the descriptors and the hits as the
+    /// response's dynamic metadata, as envoyproxy/ratelimit does with its
+    /// response dynamic metadata switched on.
+    #[arg(long, env = "ARBITER_RLS_DYNAMIC_METADATA")]
+    pub rls_dynamic_metadata: bool,
+
     /// Envoy's rate limit service: consume from the descriptors that pass
     /// even when another is over limit (envoyproxy/ratelimit's behaviour).
     /// By default nothing is consumed unless every descriptor passes.

@@ -84,7 +84,7 @@ pub fn check_request(data: &[u8]) {
 /// Named-limit files: an error, or rules that match descriptors made from
 /// the text's own words.
 pub fn limits_config(data: &[u8]) {
-    use crate::limits::config::parse;
+    use crate::limits::file::parse;
     use crate::limits::Limits;
     let Ok(text) = std::str::from_utf8(data) else {
         return;

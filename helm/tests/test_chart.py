@@ -474,14 +474,20 @@ def test_limits_become_a_configmap_mounted_whole_and_reloaded_live(tmp_path):
     out = subprocess.run([str(binary), "limits", "check", str(rendered)], capture_output=True, text=True)
     assert out.returncode == 0 and "edge" in out.stdout, out.stderr
     help_text = subprocess.run([str(binary), "serve", "--help"], capture_output=True, text=True, check=True).stdout
-    for flag in ("--limits", "--rls-headers", "--rls-consume-on-deny"):
+    for flag in ("--limits", "--rls-headers", "--rls-consume-on-deny", "--limits-merge-domains", "--rls-dynamic-metadata"):
         assert re.search(rf"\s{re.escape(flag)}\b", help_text), flag
     # An existing ConfigMap instead; none at all leaves the flag out.
-    m = render("limits.existingConfigMap=shared-limits", "limits.consumeOnDeny=true")
+    m = render(
+        "limits.existingConfigMap=shared-limits",
+        "limits.consumeOnDeny=true",
+        "limits.mergeDomains=true",
+        "limits.dynamicMetadata=true",
+    )
     assert not [k for k in m if k[0] == "ConfigMap"]
     pod = one(m, "StatefulSet")["spec"]["template"]["spec"]
     assert next(v for v in pod["volumes"] if v["name"] == "limits")["configMap"]["name"] == "shared-limits"
-    assert "--rls-consume-on-deny" in pod["containers"][0]["args"]
+    for flag in ("--rls-consume-on-deny", "--limits-merge-domains", "--rls-dynamic-metadata"):
+        assert flag in pod["containers"][0]["args"], flag
     assert "--limits" not in one(render(), "StatefulSet")["spec"]["template"]["spec"]["containers"][0]["args"]
 
 

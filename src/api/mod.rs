@@ -13,6 +13,7 @@ pub mod leases;
 pub mod peer_service;
 pub mod rate_limiter;
 pub mod rls;
+mod rls_metadata;
 
 use std::sync::Arc;
 

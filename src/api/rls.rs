@@ -23,11 +23,13 @@ use crate::security::Caller;
 const MAX_DESCRIPTORS: usize = 64;
 const MAX_ENTRIES: usize = 32;
 
-/// How the service answers (from `--rls-consume-on-deny`, `--rls-headers`).
+/// How the service answers (from `--rls-consume-on-deny`, `--rls-headers`,
+/// `--rls-dynamic-metadata`).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct RlsOptions {
     pub consume_on_deny: bool,
     pub headers: bool,
+    pub dynamic_metadata: bool,
 }
 
 pub struct RlsService {
@@ -46,6 +48,10 @@ impl RateLimitService for RlsService {
         let caller = s.caller(&request)?;
         let req = request.into_inner();
         let domain = req.domain.clone();
+        let told = self
+            .options
+            .dynamic_metadata
+            .then(|| super::rls_metadata::Told::of(&req));
         let asks = asks(req)?;
         let planned = Planned::new(&self.limits.current(), &asks);
         if !matches!(caller, Caller::Anyone) {
@@ -57,7 +63,7 @@ impl RateLimitService for RlsService {
             .await
             .map_err(error::node_status)?;
         settle(&mut verdicts, &domain);
-        let over = verdicts.iter().any(Verdict::over);
+        let over = limits::over_limit(&verdicts);
         let allowed = verdicts.iter().filter(|v| !v.over()).count() as u64;
         s.metrics
             .decisions(allowed, verdicts.len() as u64 - allowed);
@@ -71,6 +77,7 @@ impl RateLimitService for RlsService {
             statuses: verdicts.iter().map(status).collect(),
             response_headers_to_add: headers,
             request_headers_to_add: Vec::new(),
+            dynamic_metadata: told.map(|t| t.metadata(&verdicts)),
         }))
     }
 }
@@ -176,8 +183,16 @@ fn reset_ms(result: &crate::engine::LimitResult) -> u64 {
 
 fn status(v: &Verdict) -> DescriptorStatus {
     match v {
-        // (Plain checks are arbiter.v1's; Envoy's requests hold none.)
-        Verdict::Unmatched | Verdict::Unlimited { .. } | Verdict::Plain(_) => DescriptorStatus {
+        // As envoyproxy/ratelimit answers: nothing left of no limit, all
+        // of an unlimited one. (Plain checks are arbiter.v1's; Envoy's
+        // requests hold none.)
+        Verdict::Unmatched | Verdict::Plain(_) => DescriptorStatus {
+            code: Code::Ok as i32,
+            current_limit: None,
+            limit_remaining: 0,
+            duration_until_reset: None,
+        },
+        Verdict::Unlimited { .. } => DescriptorStatus {
             code: Code::Ok as i32,
             current_limit: None,
             limit_remaining: u32::MAX,
@@ -189,6 +204,7 @@ fn status(v: &Verdict) -> DescriptorStatus {
             unit,
             result,
             shadow,
+            ..
         } => {
             let ms = reset_ms(result);
             DescriptorStatus {
@@ -198,7 +214,8 @@ fn status(v: &Verdict) -> DescriptorStatus {
                     Code::OverLimit
                 } as i32,
                 current_limit: Some(RateLimit {
-                    name: rule.id.clone(),
+                    // The configured name, empty without one, as there.
+                    name: rule.name.clone(),
                     requests_per_unit: u32::try_from(*requests_per_unit).unwrap_or(u32::MAX),
                     unit: envoy_unit(*unit) as i32,
                 }),
@@ -212,37 +229,39 @@ fn status(v: &Verdict) -> DescriptorStatus {
     }
 }
 
-/// `x-ratelimit-limit`, `-remaining` and `-reset` in the IETF draft's form
-/// (draft-polli-ratelimit-headers-03), for the enforced descriptor with the
-/// least remaining: `limit, limit;w=window_seconds`, remaining, and whole
-/// seconds until reset (rounded up).
+/// `RateLimit-Limit`, `-Remaining` and `-Reset` as envoyproxy/ratelimit
+/// sends them (the IETF draft's mandatory parts): for a descriptor over its
+/// limit (not in quota mode) if any, else the one with the least remaining,
+/// its requests per unit, what remains, and whole seconds until its window
+/// resets (rounded up).
 fn rate_limit_headers(verdicts: &[Verdict]) -> Vec<HeaderValue> {
-    let tightest = verdicts
-        .iter()
-        .filter_map(|v| match v {
-            Verdict::Checked {
-                requests_per_unit,
-                unit,
-                result,
-                shadow: false,
-                ..
-            } => Some((*requests_per_unit, *unit, result)),
-            _ => None,
-        })
-        .min_by_key(|(_, _, r)| r.remaining);
-    let Some((rpu, unit, result)) = tightest else {
+    let limited = verdicts.iter().filter_map(|v| match v {
+        Verdict::Checked {
+            requests_per_unit,
+            result,
+            shadow,
+            quota,
+            ..
+        } => Some((
+            *requests_per_unit,
+            result,
+            !shadow && !quota && !result.allowed,
+        )),
+        _ => None,
+    });
+    let tightest = limited.min_by_key(|(_, r, over)| (!over, r.remaining));
+    let Some((rpu, result, _)) = tightest else {
         return Vec::new();
     };
-    let window_s = unit.millis().unwrap_or(0) / 1000;
     let header = |key: &str, value: String| HeaderValue {
         key: key.to_owned(),
         value,
     };
     vec![
-        header("x-ratelimit-limit", format!("{rpu}, {rpu};w={window_s}")),
-        header("x-ratelimit-remaining", result.remaining.to_string()),
+        header("RateLimit-Limit", rpu.to_string()),
+        header("RateLimit-Remaining", result.remaining.to_string()),
         header(
-            "x-ratelimit-reset",
+            "RateLimit-Reset",
             reset_ms(result).div_ceil(1000).to_string(),
         ),
     ]

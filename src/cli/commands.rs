@@ -357,8 +357,8 @@ pub(super) async fn health(args: HealthArgs) -> CliResult {
 }
 
 /// `arbiter limits check PATH`: the server's parser, offline.
-pub(super) fn limits_check(path: &std::path::Path) -> CliResult {
-    let limits = crate::limits::Limits::load(path)?;
+pub(super) fn limits_check(path: &std::path::Path, merge_domains: bool) -> CliResult {
+    let limits = crate::limits::Limits::load(path, merge_domains)?;
     let mut domains: Vec<&str> = limits.domains().collect();
     domains.sort_unstable();
     for file in &limits.files {

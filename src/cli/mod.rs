@@ -141,7 +141,13 @@ struct Server {
 enum LimitsCmd {
     /// Parse and validate a limits file, or a directory of them, with the
     /// server's own parser; prints each domain, exits 1 on the first error.
-    Check { path: std::path::PathBuf },
+    Check {
+        path: std::path::PathBuf,
+        /// Join a domain configured in several files, as the server's
+        /// --limits-merge-domains does.
+        #[arg(long)]
+        merge_domains: bool,
+    },
 }
 
 #[derive(Args)]
@@ -325,7 +331,10 @@ pub async fn run(cli: Cli) -> ExitCode {
         Cmd::Idem(cmd) => idem(cmd).await,
         Cmd::Cluster(cmd) => cluster(cmd).await,
         Cmd::Health(args) => health(args).await,
-        Cmd::Limits(LimitsCmd::Check { path }) => limits_check(&path),
+        Cmd::Limits(LimitsCmd::Check {
+            path,
+            merge_domains,
+        }) => limits_check(&path, merge_domains),
     };
     match result {
         Ok(code) => code,

@@ -1,6 +1,6 @@
 //! Named limits in envoyproxy/ratelimit's configuration format, with
-//! Arbiter's additions (`algorithm`, `burst`): parsing, validation and
-//! descriptor matching.
+//! Arbiter's additions (`algorithm`, `burst`): the loaded rules and
+//! descriptor matching (the file format is read in `file.rs`).
 //!
 //! ```yaml
 //! domain: edge
@@ -16,20 +16,18 @@
 //! ```
 //!
 //! Matching follows envoyproxy/ratelimit: at each level a `key` + `value`
-//! rule wins over a trailing-wildcard value (`foo*`, the longest prefix
-//! first), which wins over a `key`-only rule; a request descriptor matches
-//! only a rule at exactly its depth.
+//! rule wins over a wildcard value (`*` anywhere, each matching any run of
+//! characters; the first in the file that matches), which wins over a
+//! `key`-only rule; a request descriptor matches only a rule at exactly its
+//! depth.
 
-use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
 use serde::Deserialize;
 
-use crate::engine::LimitDef;
-
-/// The longest window the engine keeps (u32 milliseconds, about 49.7 days).
-const MAX_WINDOW_MS: u64 = u32::MAX as u64;
+use crate::engine::{LimitDef, MAX_WINDOW_MS};
 
 /// A rule's time unit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
@@ -109,57 +107,6 @@ pub enum Algorithm {
     TokenBucket,
 }
 
-// ---- the file format ----
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileDoc {
-    domain: String,
-    #[serde(default)]
-    descriptors: Vec<DescriptorDoc>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct DescriptorDoc {
-    key: String,
-    value: Option<String>,
-    rate_limit: Option<RateLimitDoc>,
-    #[serde(default)]
-    shadow_mode: bool,
-    #[serde(default)]
-    replaces: Vec<ReplacesDoc>,
-    #[serde(default)]
-    descriptors: Vec<DescriptorDoc>,
-    // envoyproxy/ratelimit's statistics switches: accepted, not used.
-    #[serde(default)]
-    #[allow(dead_code)]
-    detailed_metric: bool,
-    #[serde(default)]
-    #[allow(dead_code)]
-    value_to_metric: bool,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RateLimitDoc {
-    unit: Option<Unit>,
-    #[serde(default)]
-    requests_per_unit: u64,
-    name: Option<String>,
-    #[serde(default)]
-    unlimited: bool,
-    #[serde(default)]
-    algorithm: Algorithm,
-    burst: Option<u64>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ReplacesDoc {
-    name: String,
-}
-
 // ---- the loaded form ----
 
 /// A configured limit.
@@ -176,7 +123,15 @@ pub struct Rule {
     pub burst: Option<u64>,
     pub unlimited: bool,
     pub shadow_mode: bool,
+    /// Over its limit, it makes a request over limit only if every
+    /// quota-mode descriptor of the request is over too.
+    pub quota_mode: bool,
+    /// `rate_limit.replaces`: the names of rules this one drops from a
+    /// request that matches both.
     pub replaces: Vec<String>,
+    /// The descriptor's `metadata`, returned to Envoy as dynamic metadata
+    /// (`--rls-dynamic-metadata`) when the descriptor passes.
+    pub metadata: Option<prost_types::Struct>,
     /// Its metrics, resolved on first use (see `limits::record`).
     pub counters: RuleCounters,
 }
@@ -253,30 +208,144 @@ impl Rule {
 pub struct Level {
     /// key -> value -> node (nested, so a lookup borrows the request's strings).
     exact: HashMap<String, HashMap<String, Branch>>,
-    /// (key, value prefix), longest prefix first.
+    /// Wildcard values, in file order: the first that matches wins.
     wildcard: Vec<Wildcard>,
     key_only: HashMap<String, Branch>,
 }
 
-/// A trailing-wildcard value (`foo*`) under a key.
+/// A wildcard value (`foo*`, `/api*v1`, `svc*ep*rpc`) under a key.
 #[derive(Debug)]
-struct Wildcard {
+pub(super) struct Wildcard {
     key: String,
-    prefix: String,
+    /// The value as written.
+    pattern: String,
+    /// The value split at each `*`.
+    parts: Vec<String>,
     branch: Branch,
+}
+
+impl Wildcard {
+    pub(super) fn new(key: &str, pattern: &str, branch: Branch) -> Self {
+        Self {
+            key: key.to_owned(),
+            pattern: pattern.to_owned(),
+            parts: pattern.split('*').map(str::to_owned).collect(),
+            branch,
+        }
+    }
+
+    /// Whether `value` matches: it starts with the first part, ends with
+    /// the last, and holds the others in order between them.
+    fn matches(&self, value: &str) -> bool {
+        let (first, last) = (&self.parts[0], &self.parts[self.parts.len() - 1]);
+        let fixed: usize = self.parts.iter().map(String::len).sum();
+        if value.len() < fixed
+            || !value.starts_with(first.as_str())
+            || !value.ends_with(last.as_str())
+        {
+            return false;
+        }
+        let mut rest = &value[first.len()..value.len() - last.len()];
+        for part in &self.parts[1..self.parts.len() - 1] {
+            match rest.find(part.as_str()) {
+                Some(i) => rest = &rest[i + part.len()..],
+                None => return false,
+            }
+        }
+        true
+    }
 }
 
 /// A descriptor entry: its rule, if any, and the entries under it.
 #[derive(Debug, Default)]
-struct Branch {
-    rule: Option<Arc<Rule>>,
-    children: Level,
+pub(super) struct Branch {
+    pub(super) rule: Option<Arc<Rule>>,
+    /// `share_threshold`: every value its wildcard matches counts as one.
+    pub(super) share: bool,
+    pub(super) children: Level,
+}
+
+impl Level {
+    /// Adds a `key` + `value` rule; false if that pair is there already.
+    pub(super) fn add_exact(&mut self, key: &str, value: &str, branch: Branch) -> bool {
+        let values = self.exact.entry(key.to_owned()).or_default();
+        if values.contains_key(value) {
+            return false;
+        }
+        values.insert(value.to_owned(), branch);
+        true
+    }
+
+    pub(super) fn add_wildcard(&mut self, w: Wildcard) -> bool {
+        let dup = self
+            .wildcard
+            .iter()
+            .any(|o| o.key == w.key && o.pattern == w.pattern);
+        if !dup {
+            self.wildcard.push(w);
+        }
+        !dup
+    }
+
+    pub(super) fn add_key_only(&mut self, key: &str, branch: Branch) -> bool {
+        if self.key_only.contains_key(key) {
+            return false;
+        }
+        self.key_only.insert(key.to_owned(), branch);
+        true
+    }
+
+    /// Adds another file's top-level entries for the same domain; the
+    /// path of the first entry configured in both is the error.
+    pub(super) fn merge(&mut self, other: Level) -> Result<(), String> {
+        for (key, values) in other.exact {
+            for (value, branch) in values {
+                if !self.add_exact(&key, &value, branch) {
+                    return Err(format!("{key}={value}"));
+                }
+            }
+        }
+        for w in other.wildcard {
+            let at = format!("{}={}", w.key, w.pattern);
+            if !self.add_wildcard(w) {
+                return Err(at);
+            }
+        }
+        for (key, branch) in other.key_only {
+            if !self.add_key_only(&key, branch) {
+                return Err(key);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The rule a request descriptor matched, and for each entry the wildcard
+/// value it counts under when that wildcard has `share_threshold`.
+#[derive(Debug)]
+pub struct Matched<'a> {
+    pub rule: &'a Arc<Rule>,
+    pub shared: Vec<Option<&'a str>>,
+}
+
+impl Matched<'_> {
+    /// The entries the descriptor is counted by: its own, with each shared
+    /// value replaced by its wildcard.
+    pub fn counted(&self, entries: &[(String, String)]) -> Option<Vec<(String, String)>> {
+        self.shared.iter().any(Option::is_some).then(|| {
+            entries
+                .iter()
+                .zip(&self.shared)
+                .map(|((k, v), s)| (k.clone(), s.map_or_else(|| v.clone(), str::to_owned)))
+                .collect()
+        })
+    }
 }
 
 /// Every configured domain, as last loaded.
 #[derive(Debug, Default)]
 pub struct Limits {
-    domains: HashMap<String, Level>,
+    pub(super) domains: HashMap<String, Level>,
     /// The files they came from, for `limits check` and the log.
     pub files: Vec<PathBuf>,
 }
@@ -300,197 +369,40 @@ impl Limits {
     /// The rule a descriptor's entries match in `domain`: the most specific
     /// rule at exactly the entries' depth, if any.
     pub fn matching(&self, domain: &str, entries: &[(String, String)]) -> Option<&Arc<Rule>> {
+        self.matched(domain, entries).map(|m| m.rule)
+    }
+
+    /// [`Limits::matching`], with the entries' shared wildcards.
+    pub fn matched(&self, domain: &str, entries: &[(String, String)]) -> Option<Matched<'_>> {
         let mut level = self.domains.get(domain)?;
         let mut node = None;
+        let mut shared = Vec::new();
         for (key, value) in entries {
-            let next = level
-                .exact
-                .get(key)
-                .and_then(|values| values.get(value))
-                .or_else(|| {
-                    level
-                        .wildcard
-                        .iter()
-                        .find(|w| w.key == *key && value.starts_with(w.prefix.as_str()))
-                        .map(|w| &w.branch)
-                })
-                .or_else(|| level.key_only.get(key))?;
+            let exact = level.exact.get(key).and_then(|values| values.get(value));
+            let (next, share) = match exact {
+                Some(b) => (b, None),
+                None => match level
+                    .wildcard
+                    .iter()
+                    .find(|w| w.key == *key && w.matches(value))
+                {
+                    Some(w) => (&w.branch, w.branch.share.then_some(w.pattern.as_str())),
+                    None => (level.key_only.get(key)?, None),
+                },
+            };
+            shared.push(share);
             level = &next.children;
             node = Some(next);
         }
-        node?.rule.as_ref()
+        let rule = node?.rule.as_ref()?;
+        Some(Matched { rule, shared })
     }
-
-    /// Loads one YAML file, or every `*.yaml`/`*.yml` file of a directory
-    /// (names starting with `.`, such as a ConfigMap's `..data`, are
-    /// skipped; symlinks are followed). One domain per file; a domain in
-    /// two files is an error.
-    pub fn load(path: &Path) -> Result<Limits, String> {
-        let files = files_of(path)?;
-        let mut limits = Limits::default();
-        let mut seen: BTreeMap<String, PathBuf> = BTreeMap::new();
-        for file in &files {
-            let text = std::fs::read_to_string(file)
-                .map_err(|e| format!("{}: cannot read: {e}", file.display()))?;
-            let (domain, level) = parse(&text).map_err(|e| format!("{}: {e}", file.display()))?;
-            if let Some(other) = seen.insert(domain.clone(), file.clone()) {
-                return Err(format!(
-                    "{}: domain {domain:?} is also configured in {}",
-                    file.display(),
-                    other.display()
-                ));
-            }
-            limits.domains.insert(domain, level);
-        }
-        limits.files = files;
-        Ok(limits)
-    }
-}
-
-/// The files `load` reads for `path`, in name order.
-pub fn files_of(path: &Path) -> Result<Vec<PathBuf>, String> {
-    let meta =
-        std::fs::metadata(path).map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
-    if !meta.is_dir() {
-        return Ok(vec![path.to_owned()]);
-    }
-    let mut files = Vec::new();
-    let entries =
-        std::fs::read_dir(path).map_err(|e| format!("{}: cannot list: {e}", path.display()))?;
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let name = name.to_string_lossy();
-        let yaml = name.ends_with(".yaml") || name.ends_with(".yml");
-        if name.starts_with('.') || !yaml {
-            continue;
-        }
-        let p = entry.path();
-        if std::fs::metadata(&p).is_ok_and(|m| m.is_file()) {
-            files.push(p);
-        }
-    }
-    files.sort();
-    Ok(files)
-}
-
-/// Parses one file: its domain and rule tree. Errors name the line (for
-/// malformed YAML and unknown or mistyped fields) or the descriptor path.
-pub fn parse(text: &str) -> Result<(String, Level), String> {
-    let doc: FileDoc = serde_yaml_ng::from_str(text).map_err(|e| e.to_string())?;
-    if doc.domain.is_empty() {
-        return Err("domain: must not be empty".into());
-    }
-    let level = build(&doc.descriptors, "")?;
-    Ok((doc.domain, level))
-}
-
-fn build(docs: &[DescriptorDoc], parent: &str) -> Result<Level, String> {
-    let mut level = Level::default();
-    for d in docs {
-        let here = match &d.value {
-            Some(v) => format!("{}{}={}", parent, d.key, v),
-            None => format!("{}{}", parent, d.key),
-        };
-        if d.key.is_empty() {
-            return Err(format!("descriptor {here:?}: key must not be empty"));
-        }
-        let rule = d
-            .rate_limit
-            .as_ref()
-            .map(|r| rule(r, d, &here).map(Arc::new))
-            .transpose()?;
-        if rule.is_none() && (d.shadow_mode || !d.replaces.is_empty()) {
-            return Err(format!(
-                "descriptor {here:?}: shadow_mode and replaces need a rate_limit"
-            ));
-        }
-        let node = Branch {
-            rule,
-            children: build(&d.descriptors, &format!("{here}."))?,
-        };
-        let duplicate = match &d.value {
-            Some(v) if v.ends_with('*') => {
-                let prefix = v.trim_end_matches('*').to_owned();
-                let dup = level
-                    .wildcard
-                    .iter()
-                    .any(|w| w.key == d.key && w.prefix == prefix);
-                level.wildcard.push(Wildcard {
-                    key: d.key.clone(),
-                    prefix,
-                    branch: node,
-                });
-                dup
-            }
-            Some(v) => level
-                .exact
-                .entry(d.key.clone())
-                .or_default()
-                .insert(v.clone(), node)
-                .is_some(),
-            None => level.key_only.insert(d.key.clone(), node).is_some(),
-        };
-        if duplicate {
-            return Err(format!(
-                "descriptor {here:?}: the same key and value twice at one level"
-            ));
-        }
-    }
-    level
-        .wildcard
-        .sort_by_key(|w| std::cmp::Reverse(w.prefix.len()));
-    Ok(level)
-}
-
-fn rule(r: &RateLimitDoc, d: &DescriptorDoc, here: &str) -> Result<Rule, String> {
-    let at = format!("descriptor {here:?}: rate_limit");
-    let unit = match (r.unit, r.unlimited) {
-        (Some(u), _) => u,
-        (None, true) => Unit::Second,
-        (None, false) => return Err(format!("{at}.unit: required unless unlimited")),
-    };
-    if !r.unlimited && unit.millis().is_none() {
-        return Err(format!(
-            "{at}.unit: {} is longer than the longest window Arbiter keeps ({MAX_WINDOW_MS} ms, about 49 days)",
-            unit.name()
-        ));
-    }
-    const MAX: u64 = 1_000_000_000_000_000;
-    if r.requests_per_unit > MAX {
-        return Err(format!(
-            "{at}.requests_per_unit: at most {MAX}, got {}",
-            r.requests_per_unit
-        ));
-    }
-    match (r.algorithm, r.burst) {
-        (Algorithm::TokenBucket, Some(b)) if b == 0 || b > MAX => {
-            return Err(format!("{at}.burst: 1 to {MAX}, got {b}"));
-        }
-        (Algorithm::TokenBucket, _) | (_, None) => {}
-        (_, Some(_)) => return Err(format!("{at}.burst: only for algorithm token_bucket")),
-    }
-    let name = r.name.clone().unwrap_or_default();
-    Ok(Rule {
-        id: if name.is_empty() {
-            here.to_owned()
-        } else {
-            name.clone()
-        },
-        name,
-        unit,
-        requests_per_unit: r.requests_per_unit,
-        algorithm: r.algorithm,
-        burst: r.burst,
-        unlimited: r.unlimited,
-        shadow_mode: d.shadow_mode,
-        replaces: d.replaces.iter().map(|x| x.name.clone()).collect(),
-        counters: RuleCounters::default(),
-    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::limits::file::parse;
 
     fn limits(yaml: &str) -> Limits {
         let (domain, level) = parse(yaml).unwrap();
@@ -542,8 +454,8 @@ descriptors:
         assert_eq!(rpu(&[("path", "/login")]), Some(5));
         assert_eq!(
             rpu(&[("path", "/api/v2/users")]),
-            Some(20),
-            "longest prefix"
+            Some(30),
+            "the first wildcard in the file that matches, as in envoyproxy/ratelimit"
         );
         assert_eq!(rpu(&[("path", "/api/v1/users")]), Some(30));
         assert_eq!(rpu(&[("path", "/other")]), Some(50));
@@ -608,12 +520,10 @@ descriptors:
         let typo = "domain: d\ndescriptors:\n  - key: k\n    rate_limt: {unit: second}\n";
         assert!(err(typo).contains("line 4"), "{}", err(typo));
         let unit = "domain: d\ndescriptors:\n  - key: k\n    rate_limit: {unit: fortnight, requests_per_unit: 1}\n";
-        assert!(err(unit).contains("line 4"), "{}", err(unit));
-        let year = "domain: d\ndescriptors:\n  - key: k\n    rate_limit: {unit: year, requests_per_unit: 1}\n";
         assert!(
-            err(year).contains("longer than the longest window"),
+            err(unit).contains("\"k\": rate_limit.unit: one of second"),
             "{}",
-            err(year)
+            err(unit)
         );
         let burst = "domain: d\ndescriptors:\n  - key: k\n    rate_limit: {unit: second, requests_per_unit: 1, burst: 5}\n";
         assert!(
@@ -625,5 +535,138 @@ descriptors:
             "domain: d\ndescriptors:\n  - key: k\n    rate_limit: {requests_per_unit: 1}\n";
         assert!(err(no_unit).contains("unit: required"), "{}", err(no_unit));
         assert!(err("descriptors: []\n").contains("domain"));
+    }
+}
+
+#[cfg(test)]
+mod envoy_format {
+    use super::*;
+    use crate::limits::file::parse;
+
+    fn entries(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn wildcards_may_stand_anywhere_and_shared_ones_count_as_one() {
+        let (domain, level) = parse(
+            r#"
+domain: d
+descriptors:
+  - {key: mid, value: "/api*v1", rate_limit: {unit: minute, requests_per_unit: 1}}
+  - {key: multi, value: "svc*ep*rpc", rate_limit: {unit: minute, requests_per_unit: 2}}
+  - key: files
+    value: "files/*"
+    share_threshold: true
+    descriptors:
+      - {key: op, rate_limit: {unit: minute, requests_per_unit: 3}}
+"#,
+        )
+        .unwrap();
+        let l = Limits::with(domain, level);
+        let rpu = |e: &[(&str, &str)]| l.matching("d", &entries(e)).map(|r| r.requests_per_unit);
+        assert_eq!(rpu(&[("mid", "/api/users/v1")]), Some(1));
+        assert_eq!(rpu(&[("mid", "/apiv1")]), Some(1));
+        assert_eq!(rpu(&[("mid", "/api/v2")]), None);
+        assert_eq!(rpu(&[("multi", "svc-a-ep-b-rpc")]), Some(2));
+        assert_eq!(rpu(&[("multi", "svc-rpc-ep")]), None, "parts in order");
+        assert_eq!(rpu(&[("multi", "svcep")]), None, "too short for its parts");
+        let m = l
+            .matched("d", &entries(&[("files", "files/a.txt"), ("op", "get")]))
+            .unwrap();
+        assert_eq!(m.shared, [Some("files/*"), None]);
+        assert_eq!(
+            m.counted(&entries(&[("files", "files/a.txt"), ("op", "get")])),
+            Some(entries(&[("files", "files/*"), ("op", "get")]))
+        );
+    }
+
+    #[test]
+    fn refusals_match_envoyproxy_ratelimit() {
+        let err = |yaml: &str| parse(yaml).map(|_| ()).unwrap_err();
+        let cases = [
+            (
+                "  - key: k\n    rate_limit: {unit: day, requests_per_unit: 1}\n    replaces: [{name: x}]\n",
+                "replaces belongs inside rate_limit",
+            ),
+            (
+                "  - key: k\n    rate_limit: {unlimited: true, unit: day}\n",
+                "not with unlimited",
+            ),
+            (
+                "  - key: k\n    rate_limit: {unit: second, requests_per_unit: 5, name: self, replaces: [{name: self}]}\n",
+                "this rule's own name",
+            ),
+            (
+                "  - key: k\n    rate_limit: {unit: second, requests_per_unit: 5, replaces: [{name: }]}\n",
+                "replaces[0].name: must not be empty",
+            ),
+            (
+                "  - key: k\n    value: v\n    share_threshold: true\n    rate_limit: {unit: second, requests_per_unit: 5}\n",
+                "share_threshold needs a wildcard",
+            ),
+            (
+                "  - key: k\n    rate_limit: {unit: fortnight, requests_per_unit: 5}\n",
+                "got \"fortnight\"",
+            ),
+        ];
+        for (descriptors, want) in cases {
+            let e = err(&format!("domain: d\ndescriptors:\n{descriptors}"));
+            assert!(e.contains(want), "{descriptors}: {e}");
+        }
+        // Accepted as there: a year, any case of a unit, an unknown unit
+        // beside unlimited, metadata of any shape.
+        parse("domain: d\ndescriptors:\n  - key: k\n    rate_limit: {unit: year, requests_per_unit: 1}\n").unwrap();
+        parse("domain: d\ndescriptors:\n  - key: k\n    rate_limit: {unit: SECOND, requests_per_unit: 1}\n").unwrap();
+        parse(
+            "domain: d\ndescriptors:\n  - key: k\n    rate_limit: {unlimited: true, unit: never}\n",
+        )
+        .unwrap();
+        let (_, level) = parse(
+            "domain: d\ndescriptors:\n  - key: k\n    metadata: {a: {b: [1, x]}}\n    rate_limit: {unit: second, requests_per_unit: 1}\n",
+        )
+        .unwrap();
+        let l = Limits::with("d".into(), level);
+        let meta = l
+            .matching("d", &entries(&[("k", "v")]))
+            .unwrap()
+            .metadata
+            .clone();
+        assert!(meta.unwrap().fields.contains_key("a"));
+    }
+
+    #[test]
+    fn a_domain_in_two_files_merges_only_when_asked() {
+        let dir = std::env::temp_dir().join(format!("arbiter-merge-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let write = |name: &str, body: &str| std::fs::write(dir.join(name), body).unwrap();
+        write(
+            "a.yaml",
+            "domain: d\ndescriptors:\n  - {key: k1, rate_limit: {unit: second, requests_per_unit: 1}}\n",
+        );
+        write(
+            "b.yaml",
+            "domain: d\ndescriptors:\n  - {key: k2, rate_limit: {unit: second, requests_per_unit: 2}}\n",
+        );
+        let refused = Limits::load(&dir, false).unwrap_err();
+        assert!(refused.contains("--limits-merge-domains"), "{refused}");
+        let merged = Limits::load(&dir, true).unwrap();
+        for (key, rpu) in [("k1", 1), ("k2", 2)] {
+            let rule = merged.matching("d", &entries(&[(key, "x")])).unwrap();
+            assert_eq!(rule.requests_per_unit, rpu);
+        }
+        write(
+            "c.yaml",
+            "domain: d\ndescriptors:\n  - {key: k1, rate_limit: {unit: second, requests_per_unit: 3}}\n",
+        );
+        let dup = Limits::load(&dir, true).unwrap_err();
+        assert!(
+            dup.contains("descriptor \"k1\"") && dup.contains("a.yaml"),
+            "{dup}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

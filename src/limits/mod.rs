@@ -9,6 +9,7 @@
 //! a change that fails to load keeps the last good one.
 
 pub mod config;
+pub mod file;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -31,13 +32,14 @@ impl NamedLimits {
         Self(None)
     }
 
-    /// Loads `path` (a file or a directory) and watches it.
-    pub fn watch(path: &Path) -> Result<Self, String> {
+    /// Loads `path` (a file or a directory) and watches it;
+    /// `merge_domains` joins a domain spread over several files.
+    pub fn watch(path: &Path, merge_domains: bool) -> Result<Self, String> {
         let (list, load) = (path.to_owned(), path.to_owned());
         let reloading = Reloading::start_listing(
             "limits",
-            move || config::files_of(&list).unwrap_or_default(),
-            move || Limits::load(&load),
+            move || file::files_of(&list).unwrap_or_default(),
+            move || Limits::load(&load, merge_domains),
         )?;
         let limits = reloading.current();
         tracing::info!(
@@ -93,19 +95,22 @@ pub enum Verdict {
     /// Matched an `unlimited` rule.
     Unlimited { rule: Arc<Rule> },
     /// Checked against a limit. `shadow`: counted, but never denies.
+    /// `quota`: a quota-mode rule (over its limit, it denies only when
+    /// every quota-mode ask of the request is over, see [`over_limit`]).
     Checked {
         rule: Arc<Rule>,
         requests_per_unit: u64,
         unit: Unit,
         result: LimitResult,
         shadow: bool,
+        quota: bool,
     },
     /// A plain check, decided.
     Plain(LimitResult),
 }
 
 impl Verdict {
-    /// Whether this ask makes the request over limit.
+    /// Whether this ask is over its limit (a shadow-mode one never is).
     pub fn over(&self) -> bool {
         match self {
             Verdict::Checked { result, shadow, .. } => !shadow && !result.allowed,
@@ -113,6 +118,19 @@ impl Verdict {
             _ => false,
         }
     }
+
+    fn quota(&self) -> bool {
+        matches!(self, Verdict::Checked { quota: true, .. })
+    }
+}
+
+/// Whether a request is over limit, as envoyproxy/ratelimit decides it: an
+/// ask over its limit that is not in quota mode, or every quota-mode ask
+/// over its limit.
+pub fn over_limit(verdicts: &[Verdict]) -> bool {
+    let mut quota = verdicts.iter().filter(|v| v.quota()).peekable();
+    let all_quota_over = quota.peek().is_some() && quota.all(Verdict::over);
+    all_quota_over || verdicts.iter().any(|v| v.over() && !v.quota())
 }
 
 /// Where every named limit's key starts: a keyspace reserved for them
@@ -175,13 +193,15 @@ pub struct Planned {
 
 impl Planned {
     pub fn new(limits: &Limits, asks: &[Ask]) -> Planned {
-        let matched: Vec<Option<&Arc<Rule>>> = asks
+        let found: Vec<Option<config::Matched<'_>>> = asks
             .iter()
             .map(|a| match a {
-                Ask::Named { domain, descriptor } => limits.matching(domain, &descriptor.entries),
+                Ask::Named { domain, descriptor } => limits.matched(domain, &descriptor.entries),
                 Ask::Plain(_) => None,
             })
             .collect();
+        let matched: Vec<Option<&Arc<Rule>>> =
+            found.iter().map(|m| m.as_ref().map(|m| m.rule)).collect();
         let replaced: Vec<(&str, &str)> = asks
             .iter()
             .zip(&matched)
@@ -194,7 +214,8 @@ impl Planned {
         let plans = asks
             .iter()
             .zip(&matched)
-            .map(|(a, rule)| match a {
+            .zip(&found)
+            .map(|((a, rule), found)| match a {
                 Ask::Plain(check) => (Plan::Plain(check.clone()), None),
                 Ask::Named { domain, descriptor } => {
                     let kept = rule.filter(|r| {
@@ -202,7 +223,11 @@ impl Planned {
                     });
                     let plan = match (rule, kept, descriptor.limit_override) {
                         (Some(_), None, None) => Plan::Replaced,
-                        _ => plan_named(domain, descriptor, kept),
+                        _ => {
+                            let counted =
+                                found.as_ref().and_then(|m| m.counted(&descriptor.entries));
+                            plan_named(domain, descriptor, kept, counted)
+                        }
                     };
                     (plan, Some((domain.clone(), descriptor.hits)))
                 }
@@ -231,7 +256,14 @@ impl Planned {
     }
 }
 
-fn plan_named(domain: &str, d: &Descriptor, rule: Option<&Arc<Rule>>) -> Plan {
+/// `counted`: the entries to count by when a `share_threshold` wildcard
+/// matched (else the descriptor's own).
+fn plan_named(
+    domain: &str,
+    d: &Descriptor,
+    rule: Option<&Arc<Rule>>,
+    counted: Option<Vec<(String, String)>>,
+) -> Plan {
     match (rule, d.limit_override) {
         (None, None) => Plan::Unmatched,
         (Some(r), None) if r.unlimited => Plan::Unlimited(r.clone()),
@@ -247,7 +279,9 @@ fn plan_named(domain: &str, d: &Descriptor, rule: Option<&Arc<Rule>>) -> Plan {
                     burst: None,
                     unlimited: false,
                     shadow_mode: false,
+                    quota_mode: false,
                     replaces: Vec::new(),
+                    metadata: None,
                     counters: Default::default(),
                 }),
             };
@@ -255,7 +289,7 @@ fn plan_named(domain: &str, d: &Descriptor, rule: Option<&Arc<Rule>>) -> Plan {
             match rule.def_ignoring_unlimited(rpu, unit) {
                 Some(limit) => {
                     let check = LimitCheck {
-                        key: key_for(domain, &d.entries),
+                        key: key_for(domain, counted.as_deref().unwrap_or(&d.entries)),
                         limit,
                         cost: d.hits,
                         dry_run: d.dry_run,
@@ -269,8 +303,10 @@ fn plan_named(domain: &str, d: &Descriptor, rule: Option<&Arc<Rule>>) -> Plan {
     }
 }
 
-/// Decides every ask: the enforced ones (plain checks and named limits)
-/// together, all-or-nothing as asked; shadow-mode limits on their own
+/// Decides every ask: quota-mode limits first, each on its own; then the
+/// enforced ones (plain checks and named limits) together, all-or-nothing
+/// as asked, and consuming nothing when every quota-mode limit was over
+/// (the request is over limit then); shadow-mode limits on their own
 /// (counted, never denying). Records per-rule metrics. The one decision
 /// path of named limits, for Envoy's rate limit service and `arbiter.v1`.
 pub async fn decide(
@@ -280,15 +316,18 @@ pub async fn decide(
     all_or_nothing: bool,
 ) -> Result<Vec<Verdict>, NodeError> {
     let mut asks = planned.asks;
-    // (ask index, check) for the enforced rules and the shadow-mode ones.
+    // (ask index, check) for the enforced rules, the shadow-mode ones and
+    // the quota-mode ones.
     let mut enforced = (
         Vec::with_capacity(asks.len()),
         Vec::with_capacity(asks.len()),
     );
     let mut shadow = (Vec::new(), Vec::new());
+    let mut quota_mode = (Vec::new(), Vec::new());
     for (i, (p, _)) in asks.iter_mut().enumerate() {
         let (group, check) = match p {
             Plan::Check(rule, _, _, check) if rule.shadow_mode => (&mut shadow, check),
+            Plan::Check(rule, _, _, check) if rule.quota_mode => (&mut quota_mode, check),
             Plan::Check(_, _, _, check) | Plan::Plain(check) => (&mut enforced, check),
             _ => continue,
         };
@@ -302,11 +341,25 @@ pub async fn decide(
         });
     }
     let mut results: Vec<Option<LimitResult>> = vec![None; asks.len()];
-    for ((idx, checks), atomic) in [(enforced, all_or_nothing), (shadow, false)] {
+    let mut all_quota_over = false;
+    for (group, (idx, mut checks), atomic) in [
+        (Group::Quota, quota_mode, false),
+        (Group::Enforced, enforced, all_or_nothing),
+        (Group::Shadow, shadow, false),
+    ] {
         if checks.is_empty() {
             continue;
         }
+        if group == Group::Enforced && all_quota_over {
+            // The request is over limit: the others consume nothing.
+            for c in &mut checks {
+                c.dry_run = true;
+            }
+        }
         let decided = node.check_as(checks, atomic, quota).await?;
+        if group == Group::Quota {
+            all_quota_over = decided.iter().all(|r| !r.allowed);
+        }
         for (i, r) in idx.into_iter().zip(decided) {
             results[i] = Some(r);
         }
@@ -334,6 +387,7 @@ pub async fn decide(
             }
             Verdict::Checked {
                 shadow: rule.shadow_mode,
+                quota: rule.quota_mode && !rule.shadow_mode,
                 rule,
                 requests_per_unit: rpu,
                 unit,
@@ -342,6 +396,14 @@ pub async fn decide(
         })
         .collect();
     Ok(verdicts)
+}
+
+/// The groups of asks [`decide`] decides in turn.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Group {
+    Quota,
+    Enforced,
+    Shadow,
 }
 
 /// The counters envoyproxy/ratelimit users dashboard on, per domain and
@@ -375,7 +437,7 @@ mod tests {
 
     #[test]
     fn replaces_drops_the_named_rule_and_overrides_apply_without_a_rule() {
-        let (domain, level) = config::parse(
+        let (domain, level) = file::parse(
             r#"
 domain: d
 descriptors:
@@ -383,8 +445,7 @@ descriptors:
     rate_limit: {unit: second, requests_per_unit: 10, name: general}
   - key: b
     value: vip
-    rate_limit: {unit: second, requests_per_unit: 100}
-    replaces: [{name: general}]
+    rate_limit: {unit: second, requests_per_unit: 100, replaces: [{name: general}]}
 "#,
         )
         .unwrap();

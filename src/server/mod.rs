@@ -138,7 +138,9 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Started, Ser
         });
     }
     let limits = match &config.limits {
-        Some(path) => NamedLimits::watch(path).map_err(ServerError::Limits)?,
+        Some(path) => {
+            NamedLimits::watch(path, config.limits_merge_domains).map_err(ServerError::Limits)?
+        }
         None => NamedLimits::none(),
     };
     let shared = Shared {
@@ -366,6 +368,7 @@ fn client_routes(
             options: api::rls::RlsOptions {
                 consume_on_deny: config.rls_consume_on_deny,
                 headers: config.rls_headers,
+                dynamic_metadata: config.rls_dynamic_metadata,
             },
         }))
         .add_service(ClusterServer::new(api::cluster::ClusterService(shared)))

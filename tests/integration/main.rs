@@ -17,6 +17,7 @@ mod peers;
 mod rate_limiter;
 mod replication;
 mod rls;
+mod rls_compat;
 mod security;
 mod server;
 mod slots;

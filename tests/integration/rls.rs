@@ -76,7 +76,7 @@ impl ConfigMap {
     }
 }
 
-fn descriptor(entries: &[(&str, &str)]) -> RateLimitDescriptor {
+pub(crate) fn descriptor(entries: &[(&str, &str)]) -> RateLimitDescriptor {
     RateLimitDescriptor {
         entries: entries
             .iter()
@@ -90,7 +90,7 @@ fn descriptor(entries: &[(&str, &str)]) -> RateLimitDescriptor {
     }
 }
 
-fn request(domain: &str, descriptors: Vec<RateLimitDescriptor>) -> RateLimitRequest {
+pub(crate) fn request(domain: &str, descriptors: Vec<RateLimitDescriptor>) -> RateLimitRequest {
     RateLimitRequest {
         domain: domain.into(),
         descriptors,
@@ -98,11 +98,16 @@ fn request(domain: &str, descriptors: Vec<RateLimitDescriptor>) -> RateLimitRequ
     }
 }
 
-async fn rls(server: &Server) -> RateLimitServiceClient<Channel> {
+pub(crate) type Client = RateLimitServiceClient<Channel>;
+
+pub(crate) async fn rls(server: &Server) -> RateLimitServiceClient<Channel> {
     RateLimitServiceClient::new(server.channel().await)
 }
 
-async fn ask(c: &mut RateLimitServiceClient<Channel>, r: RateLimitRequest) -> RateLimitResponse {
+pub(crate) async fn ask(
+    c: &mut RateLimitServiceClient<Channel>,
+    r: RateLimitRequest,
+) -> RateLimitResponse {
     c.should_rate_limit(r).await.expect("answered").into_inner()
 }
 
@@ -138,7 +143,8 @@ async fn envoy_descriptors_match_rules_and_are_limited() {
     let limit = s.current_limit.as_ref().unwrap();
     assert_eq!(
         (limit.requests_per_unit, limit.name.as_str()),
-        (3, "remote_address")
+        (3, ""),
+        "an unnamed rule reports no name, as envoyproxy/ratelimit's do"
     );
     let reset = s.duration_until_reset.unwrap();
     assert!(reset.seconds > 0 && reset.seconds <= 3600, "{reset:?}");
@@ -260,13 +266,12 @@ async fn hits_overrides_and_headers() {
         .iter()
         .map(|h| (h.key.clone(), h.value.clone()))
         .collect();
-    assert_eq!(
-        headers[0],
-        ("x-ratelimit-limit".into(), "1, 1;w=3600".into())
-    );
-    assert_eq!(headers[1], ("x-ratelimit-remaining".into(), "0".into()));
+    // As envoyproxy/ratelimit sends them: the limit alone, what remains,
+    // whole seconds until the window resets.
+    assert_eq!(headers[0], ("RateLimit-Limit".into(), "1".into()));
+    assert_eq!(headers[1], ("RateLimit-Remaining".into(), "0".into()));
     let reset: u64 = headers[2].1.parse().unwrap();
-    assert!(headers[2].0 == "x-ratelimit-reset" && reset > 0 && reset <= 3600);
+    assert!(headers[2].0 == "RateLimit-Reset" && reset > 0 && reset <= 3600);
     assert_eq!(
         ask(&mut c, request("edge", vec![d])).await.overall_code,
         Code::OverLimit as i32
@@ -617,8 +622,7 @@ descriptors:
     rate_limit: {unit: minute, requests_per_unit: 1, name: general}
   - key: b
     value: vip
-    rate_limit: {unit: minute, requests_per_unit: 100}
-    replaces: [{name: general}]
+    rate_limit: {unit: minute, requests_per_unit: 100, replaces: [{name: general}]}
   - key: s
     shadow_mode: true
     rate_limit: {unit: minute, requests_per_unit: 1}

@@ -59,8 +59,8 @@ async fn check_inputs() {
         &["token_bucket.refill_interval_ms"],
     );
     expect_invalid(
-        c.check(one(lc("k", tb(1, 1, 1 << 33), None))).await,
-        &["refill_interval_ms", "4294967295"],
+        c.check(one(lc("k", tb(1, 1, 1 << 35), None))).await,
+        &["refill_interval_ms", "31622400000"],
     );
     let sw = |limit_, window_ms| {
         limit(Algorithm::SlidingWindow(SlidingWindow {

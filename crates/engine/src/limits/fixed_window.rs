@@ -4,7 +4,7 @@
 //! A changed definition keeps the current window's count while that window
 //! (under the old alignment) is still current at the time of the check.
 
-use super::{window, Cell, LimitResult, KIND_FIXED_WINDOW, NEVER};
+use super::{pack_window, unpacked_window, window, Cell, LimitResult, KIND_FIXED_WINDOW, NEVER};
 
 #[derive(Clone, Copy, Debug)]
 pub(super) struct FixedWindow {
@@ -13,7 +13,7 @@ pub(super) struct FixedWindow {
 }
 
 pub(super) fn idle_at(cell: &Cell) -> u64 {
-    cell.b.saturating_add(u64::from(cell.aux))
+    cell.b.saturating_add(unpacked_window(cell))
 }
 
 impl FixedWindow {
@@ -36,7 +36,7 @@ impl FixedWindow {
         // rather than moving to an earlier one that would end sooner.
         let (count, start) = match cell {
             Some(c) if c.kind() == KIND_FIXED_WINDOW && now_ms < idle_at(c) => {
-                let same_windows = u64::from(c.aux) == self.window;
+                let same_windows = unpacked_window(c) == self.window;
                 (
                     c.a,
                     if same_windows {
@@ -66,9 +66,10 @@ impl FixedWindow {
             retry_after_ms,
             reset_after_ms: if count > 0 { end_in } else { 0 },
         };
+        let (aux, long) = pack_window(self.window);
         let cell = changed.then_some(Cell {
-            tag: KIND_FIXED_WINDOW,
-            aux: self.window as u32,
+            tag: KIND_FIXED_WINDOW | long,
+            aux,
             a: count,
             b: start,
             c: 0,

@@ -15,9 +15,14 @@ pub use table::{KeyQuota, LimitTable};
 
 /// Largest capacity / limit / refill amount accepted (10^15).
 pub const MAX_AMOUNT: u64 = 1_000_000_000_000_000;
-/// Largest interval or window accepted, in ms (~49.7 days): it must fit the
-/// cell's 32-bit field.
-pub const MAX_WINDOW_MS: u64 = u32::MAX as u64;
+/// Largest interval or window accepted, in ms (366 days, so a limit per
+/// year fits). Past [`MS_FIELD_MAX`] they count in whole seconds.
+pub const MAX_WINDOW_MS: u64 = 366 * 86_400_000;
+/// The longest window a cell's 32-bit field holds in ms (about 49.7 days);
+/// a longer one is stored in seconds, flagged by [`LONG`].
+const MS_FIELD_MAX: u64 = u32::MAX as u64;
+/// Set in a window cell's `tag` when its `aux` counts seconds, not ms.
+const LONG: u32 = 8;
 /// `retry_after_ms` when the cost can never be allowed (cost above the limit).
 pub const NEVER: u64 = u64::MAX;
 
@@ -128,6 +133,8 @@ pub struct LimitResult {
 /// - sliding window (2): `a` previous window's count, `b` current window's
 ///   count, `c` current window's start, `aux` window_ms.
 /// - fixed window (3): `a` count, `b` window start, `aux` window_ms.
+/// - for both windows, `tag` bit 3 ([`LONG`]): `aux` counts seconds (a
+///   window longer than 32 bits of ms, up to a year).
 ///
 /// Serialized as a five-element array `[tag, aux, a, b, c]`: a sync entry
 /// carries thousands of cells, and field names would double its size.
@@ -239,7 +246,113 @@ fn div_ceil_sat(n: u128, d: u128) -> u64 {
 }
 
 /// Bounds an arbitrary u64 to 1..=MAX_WINDOW_MS so the engine never divides
-/// by zero or truncates, whatever it is handed.
+/// by zero or truncates, whatever it is handed; a window longer than
+/// [`MS_FIELD_MAX`] is rounded down to whole seconds (what a cell keeps).
 fn window(ms: u64) -> u64 {
-    ms.clamp(1, MAX_WINDOW_MS)
+    let w = ms.clamp(1, MAX_WINDOW_MS);
+    if w > MS_FIELD_MAX {
+        w - w % 1000
+    } else {
+        w
+    }
+}
+
+/// A window (from [`window`]) as a cell stores it: its `aux` and the bits
+/// to set in its `tag`.
+fn pack_window(w: u64) -> (u32, u32) {
+    if w > MS_FIELD_MAX {
+        ((w / 1000) as u32, LONG)
+    } else {
+        (w as u32, 0)
+    }
+}
+
+/// The window a fixed- or sliding-window cell was made with, in ms.
+fn unpacked_window(c: &Cell) -> u64 {
+    if c.tag & LONG != 0 {
+        u64::from(c.aux) * 1000
+    } else {
+        u64::from(c.aux)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const YEAR: u64 = 365 * 86_400_000;
+    /// 2027-01-01 plus a little, in ms since the epoch (a year window is
+    /// aligned to multiples of 365 days since the epoch, not calendar years).
+    const NOW: u64 = 1_798_761_600_123;
+
+    /// Passes a cell through its stored words, as a sync or snapshot does.
+    fn stored(cell: Option<Cell>) -> Option<Cell> {
+        cell.map(|c| Cell::from_parts(c.to_parts()))
+    }
+
+    #[test]
+    fn windows_and_refills_of_a_year_are_kept_exactly() {
+        for def in [
+            LimitDef::FixedWindow {
+                limit: 2,
+                window_ms: YEAR,
+            },
+            LimitDef::SlidingWindow {
+                limit: 2,
+                window_ms: YEAR,
+            },
+        ] {
+            assert_eq!(def.validate(), Ok(()));
+            let (first, cell) = decide(&def, None, NOW, 1);
+            let cell = stored(cell);
+            assert_eq!(cell.unwrap().tag & LONG, LONG, "{def:?}: kept in seconds");
+            let (second, cell) = decide(&def, cell.as_ref(), NOW + 1, 1);
+            let (third, _) = decide(&def, stored(cell).as_ref(), NOW + 2, 1);
+            assert!(first.allowed && second.allowed && !third.allowed, "{def:?}");
+            let window_start = NOW - NOW % YEAR;
+            let idle = stored(cell).unwrap().idle_at_ms();
+            assert!(
+                idle >= window_start + YEAR && idle > NOW + 86_400_000,
+                "{def:?}: idle at {idle}"
+            );
+            if let LimitDef::FixedWindow { .. } = def {
+                assert_eq!(third.retry_after_ms, window_start + YEAR - (NOW + 2));
+                let next_year = window_start + YEAR;
+                let (after, _) = decide(&def, stored(cell).as_ref(), next_year, 1);
+                assert!(after.allowed && after.remaining == 1, "a new year");
+            }
+        }
+        // Two tokens a year: one comes back half a year after it was spent.
+        let bucket = LimitDef::TokenBucket {
+            capacity: 2,
+            refill_tokens: 2,
+            refill_interval_ms: YEAR,
+        };
+        assert_eq!(bucket.validate(), Ok(()));
+        let (_, cell) = decide(&bucket, None, NOW, 2);
+        let (early, _) = decide(&bucket, stored(cell).as_ref(), NOW + YEAR / 2 - 1, 1);
+        assert!(!early.allowed);
+        assert_eq!(early.retry_after_ms, 1);
+        let (due, _) = decide(&bucket, stored(cell).as_ref(), NOW + YEAR / 2, 1);
+        assert!(due.allowed);
+    }
+
+    #[test]
+    fn windows_that_fit_32_bits_are_stored_as_before() {
+        let month = 30 * 86_400_000;
+        let def = LimitDef::FixedWindow {
+            limit: 5,
+            window_ms: month,
+        };
+        let (_, cell) = decide(&def, None, NOW, 1);
+        let cell = cell.unwrap();
+        assert_eq!((cell.tag, u64::from(cell.aux)), (KIND_FIXED_WINDOW, month));
+        // Past a year is refused; a long window counts whole seconds.
+        let too_long = LimitDef::SlidingWindow {
+            limit: 1,
+            window_ms: MAX_WINDOW_MS + 1,
+        };
+        assert!(too_long.validate().is_err());
+        assert_eq!(window(YEAR + 999), YEAR);
+    }
 }

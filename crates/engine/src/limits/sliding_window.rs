@@ -19,7 +19,7 @@
 //! to the new window boundaries (the current count becomes the new current
 //! window's count).
 
-use super::{window, Cell, LimitResult, KIND_SLIDING_WINDOW, NEVER};
+use super::{pack_window, unpacked_window, window, Cell, LimitResult, KIND_SLIDING_WINDOW, NEVER};
 
 #[derive(Clone, Copy, Debug)]
 pub(super) struct SlidingWindow {
@@ -47,7 +47,7 @@ fn advance(s: &mut State, window: u64, now_ms: u64) {
 }
 
 pub(super) fn idle_at(cell: &Cell) -> u64 {
-    let window = u64::from(cell.aux);
+    let window = unpacked_window(cell);
     match (cell.a, cell.b) {
         (_, cur) if cur > 0 => cell.c.saturating_add(2 * window),
         (prev, _) if prev > 0 => cell.c.saturating_add(window),
@@ -67,7 +67,7 @@ impl SlidingWindow {
         let aligned = now_ms - now_ms % self.window;
         match cell {
             Some(c) if c.kind() == KIND_SLIDING_WINDOW => {
-                let old_window = window(u64::from(c.aux));
+                let old_window = window(unpacked_window(c));
                 let mut s = State {
                     prev: c.a,
                     cur: c.b,
@@ -136,9 +136,10 @@ impl SlidingWindow {
             retry_after_ms,
             reset_after_ms,
         };
+        let (aux, long) = pack_window(w);
         let cell = changed.then_some(Cell {
-            tag: KIND_SLIDING_WINDOW,
-            aux: w as u32,
+            tag: KIND_SLIDING_WINDOW | long,
+            aux,
             a: s.prev,
             b: s.cur,
             c: s.start,

@@ -8,8 +8,13 @@
 //! A changed definition for an existing key keeps the whole tokens (clamped to
 //! the new capacity), drops the partial token, and refills at the new rate
 //! from the last accounted time.
+//!
+//! An interval longer than a cell's 32-bit field holds (about 49.7 days, up
+//! to a year) keeps the partial token in thousands of units, rounded down:
+//! each check that consumes may forget under 1,000 units, less than a
+//! millionth of a token for a yearly refill; it never adds any.
 
-use super::{div_ceil_sat, window, Cell, LimitResult, KIND_TOKEN_BUCKET, NEVER};
+use super::{div_ceil_sat, window, Cell, LimitResult, KIND_TOKEN_BUCKET, MS_FIELD_MAX, NEVER};
 
 #[derive(Clone, Copy, Debug)]
 pub(super) struct TokenBucket {
@@ -42,11 +47,21 @@ impl TokenBucket {
         }
     }
 
+    /// Units per stored unit of the partial token: 1, or 1,000 when the
+    /// interval (the largest partial token) does not fit 32 bits.
+    fn residual_scale(&self) -> u64 {
+        if self.interval > MS_FIELD_MAX {
+            1000
+        } else {
+            1
+        }
+    }
+
     fn load(&self, cell: Option<&Cell>, now_ms: u64) -> State {
         let mut s = match cell {
             Some(c) if c.tag & !super::DIRTY == self.tag => State {
                 tokens: c.a,
-                residual: u64::from(c.aux),
+                residual: u64::from(c.aux) * self.residual_scale(),
                 last_ms: c.b,
             },
             // Same algorithm, changed definition: keep whole tokens.
@@ -128,7 +143,7 @@ impl TokenBucket {
         };
         let cell = changed.then(|| Cell {
             tag: self.tag,
-            aux: s.residual as u32,
+            aux: (s.residual / self.residual_scale()) as u32,
             a: s.tokens,
             b: s.last_ms,
             c: s.last_ms.saturating_add(reset_after_ms),
