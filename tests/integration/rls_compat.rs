@@ -6,13 +6,14 @@
 //! both accounting modes where Arbiter's default differs.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use arbiter::envoy::service::ratelimit::v3::rate_limit_response::Code;
 use arbiter::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
 use arbiter::limits::Limits;
 
 use crate::rls::{ask, descriptor, request, rls};
-use crate::support::{eventually, fresh_dir, Server};
+use crate::support::{eventually_within, fresh_dir, Server};
 
 const SECOND: i32 = 1;
 const MINUTE: i32 = 2;
@@ -271,15 +272,20 @@ async fn descriptors_match_the_rules_they_match_there() {
 /// fresh values of `key`, limited per minute in `domain`.
 async fn in_one_minute(c: &mut crate::rls::Client, domain: &str, key: &str, probe: &str) {
     let mut n = 0;
-    eventually("a minute window with 10 s left", || {
-        n += 1;
-        let r = request(domain, vec![descriptor(&[(key, &format!("{probe}-{n}"))])]);
-        let mut c = c.clone();
-        async move {
-            let s = ask(&mut c, r).await.statuses[0].clone();
-            (s.duration_until_reset.unwrap().seconds >= 10).then_some(())
-        }
-    })
+    // Up to 10 s for the next window, so more than `eventually`'s deadline.
+    eventually_within(
+        Duration::from_secs(30),
+        "a minute window with 10 s left",
+        || {
+            n += 1;
+            let r = request(domain, vec![descriptor(&[(key, &format!("{probe}-{n}"))])]);
+            let mut c = c.clone();
+            async move {
+                let s = ask(&mut c, r).await.statuses[0].clone();
+                (s.duration_until_reset.unwrap().seconds >= 10).then_some(())
+            }
+        },
+    )
     .await;
 }
 
