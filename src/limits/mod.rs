@@ -356,9 +356,16 @@ pub async fn decide(
                 c.dry_run = true;
             }
         }
-        let decided = node.check_as(checks, atomic, quota).await?;
+        let mut decided = node.check_as(checks, atomic, quota).await?;
         if group == Group::Quota {
             all_quota_over = decided.iter().all(|r| !r.allowed);
+        } else if group == Group::Enforced && all_quota_over {
+            // Denied with the request, as a check that would have passed
+            // in a denied all-or-nothing batch is: nothing to wait for.
+            for r in decided.iter_mut().filter(|r| r.allowed) {
+                r.allowed = false;
+                r.retry_after_ms = 0;
+            }
         }
         for (i, r) in idx.into_iter().zip(decided) {
             results[i] = Some(r);

@@ -447,6 +447,8 @@ async fn its_example_replaces_quota_mode_and_metadata_behave_the_same() {
         "--rls-headers",
     ]);
     let mut c = rls(&server).await;
+    // Every call below counts in one minute window.
+    in_one_minute(&mut c, "rl", "unspec", "probe").await;
     // category=account replaces the rule named bkthomps.
     let both = request(
         "rl",
@@ -484,7 +486,6 @@ async fn its_example_replaces_quota_mode_and_metadata_behave_the_same() {
         let mut c = c.clone();
         async move { ask(&mut c, r).await }
     };
-    in_one_minute(&mut c, "rl", "unspec", "probe").await;
     let first = quota(&mut c).await;
     assert_eq!(first.overall_code, Code::Ok as i32);
     let meta = first.dynamic_metadata.as_ref().expect("dynamic metadata");
@@ -515,6 +516,25 @@ async fn its_example_replaces_quota_mode_and_metadata_behave_the_same() {
         third.overall_code,
         Code::OverLimit as i32,
         "every quota descriptor over"
+    );
+    // Over limit so, the request consumes nothing from its other
+    // descriptors (all-or-nothing), which still report OK.
+    let account = || descriptor(&[("category", "account")]);
+    let mixed = request(
+        "rl",
+        vec![
+            descriptor(&[("service", "service_1")]),
+            descriptor(&[("service", "service_2")]),
+            account(),
+        ],
+    );
+    let r = ask(&mut c, mixed).await;
+    assert_eq!(r.overall_code, Code::OverLimit as i32);
+    assert_eq!(r.statuses[2].code, Code::Ok as i32);
+    let after = ask(&mut c, request("rl", vec![account()])).await;
+    assert_eq!(
+        after.statuses[0].limit_remaining, 2,
+        "4 a minute: one taken at the start, one now, none by the denied request"
     );
     // The headers describe the tightest limit: the limit alone, what
     // remains, seconds to the window's end.
