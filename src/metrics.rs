@@ -67,6 +67,10 @@ pub struct Metrics {
     rerouted: Counter,
     stream_batches: Counter,
     stream_checks: Counter,
+    reservations: [Counter; 4],
+    held: Gauge,
+    spanning: Counter,
+    unconfirmed: Counter,
 }
 
 impl Default for Metrics {
@@ -93,6 +97,11 @@ impl Metrics {
             rerouted: counter!("arbiter_checks_rerouted_total"),
             stream_batches: counter!("arbiter_check_stream_batches_total"),
             stream_checks: counter!("arbiter_check_stream_checks_total"),
+            reservations: ["reserved", "confirmed", "released", "lapsed"]
+                .map(|step| counter!("arbiter_reservations_total", "step" => step)),
+            held: gauge!("arbiter_reservations_held"),
+            spanning: counter!("arbiter_spanning_calls_total"),
+            unconfirmed: counter!("arbiter_spanning_calls_unconfirmed_total"),
         }
     }
 
@@ -161,6 +170,19 @@ impl Metrics {
         let (batches, checks) = node.check_stream_counts();
         self.stream_batches.absolute(batches);
         self.stream_checks.absolute(checks);
+        let holds = node.holds();
+        let c = &holds.counts;
+        let load = |n: &std::sync::atomic::AtomicU64| n.load(Ordering::Relaxed);
+        for (counter, n) in
+            self.reservations
+                .iter()
+                .zip([&c.reserved, &c.confirmed, &c.released, &c.lapsed])
+        {
+            counter.absolute(load(n));
+        }
+        self.held.set(holds.len() as f64);
+        self.spanning.absolute(load(&c.coordinated));
+        self.unconfirmed.absolute(load(&c.unconfirmed));
     }
 }
 

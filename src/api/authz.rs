@@ -6,7 +6,10 @@
 use tonic::Status;
 
 use crate::engine::{Abort, Acquire, Begin, Complete, LimitCheck, Release, Renew};
-use crate::node::{with_call, AddMember, Call, CheckLimits, GetLease, GetRecord, RemoveMember};
+use crate::node::{
+    with_call, AddMember, Call, CheckLimits, GetLease, GetRecord, Phase, RemoveMember,
+    SpanningCheck,
+};
 use crate::security::Caller;
 
 /// The keys an operation uses.
@@ -119,6 +122,17 @@ impl Scoped for CheckLimits {
     fn scope(&self) -> Scope<'_> {
         // The keys' owner is whoever the leader stamps (the caller).
         self.checks.scope()
+    }
+}
+
+impl Scoped for SpanningCheck {
+    fn scope(&self) -> Scope<'_> {
+        match &self.phase {
+            Phase::Reserve(checks) => checks.scope(),
+            // Only the principal that made the reservation may end it (the
+            // owner compares them); no keys are named.
+            Phase::Confirm | Phase::Release => <[LimitCheck]>::scope(&[]),
+        }
     }
 }
 

@@ -141,6 +141,27 @@ pub fn record(key: String, r: engine::Record, now_ms: u64, show_owner: bool) -> 
     }
 }
 
+/// A forwarded call's checks: how many, each key and each limit.
+fn checks_within(checks: &[crate::engine::LimitCheck], b: &super::Bounds) -> Result<(), Status> {
+    let n = checks.len();
+    if n == 0 || n > b.max_checks {
+        return Err(Status::invalid_argument(format!(
+            "checks: must hold 1 to {} checks, got {n}",
+            b.max_checks
+        )));
+    }
+    checks.iter().enumerate().try_for_each(|(i, c)| {
+        key(&c.key, || format!("checks[{i}].key"))?;
+        c.limit.validate().map_err(|e| {
+            invalid(
+                &format!("checks[{i}].limit.{}", e.field),
+                format_args!("1 to {}", e.max),
+                e.got,
+            )
+        })
+    })
+}
+
 /// The bounds a client-facing handler applies, re-applied by the leader to
 /// a call a follower forwarded (a peer could send anything): keys, TTLs,
 /// retention, sizes, the number of checks and each limit.
@@ -161,25 +182,11 @@ pub fn forwarded(call: &crate::node::Call, b: &super::Bounds) -> Result<(), Stat
         }
         Call::Abort(op) => name(&op.key, "key"),
         Call::GetRecord(op) => name(&op.key, "key"),
-        Call::CheckLimits(op) => {
-            let n = op.checks.len();
-            if n == 0 || n > b.max_checks {
-                return Err(Status::invalid_argument(format!(
-                    "checks: must hold 1 to {} checks, got {n}",
-                    b.max_checks
-                )));
-            }
-            op.checks.iter().enumerate().try_for_each(|(i, c)| {
-                key(&c.key, || format!("checks[{i}].key"))?;
-                c.limit.validate().map_err(|e| {
-                    invalid(
-                        &format!("checks[{i}].limit.{}", e.field),
-                        format_args!("1 to {}", e.max),
-                        e.got,
-                    )
-                })
-            })
-        }
+        Call::CheckLimits(op) => checks_within(&op.checks, b),
+        Call::SpanningCheck(op) => match &op.phase {
+            crate::node::Phase::Reserve(checks) => checks_within(checks, b),
+            crate::node::Phase::Confirm | crate::node::Phase::Release => Ok(()),
+        },
         Call::AddMember(op) => {
             if op.peer_addr.is_empty() {
                 return Err(Status::invalid_argument(

@@ -24,7 +24,6 @@ pub fn to_status(e: EngineError) -> Status {
         EngineError::CounterAtMax { .. } => Status::resource_exhausted(e.to_string()),
         // The caller's own quota (other principals are not affected).
         EngineError::OverQuota { .. } => Status::resource_exhausted(e.to_string()),
-        EngineError::SpansOwners { .. } => Status::failed_precondition(e.to_string()),
     }
 }
 

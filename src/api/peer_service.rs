@@ -40,6 +40,11 @@ fn stamp_quotas(call: Call, caller: &Caller, caps: &super::Caps) -> Call {
             op.key_quota = caller.limit_key_quota(caps);
             Call::CheckLimits(op)
         }
+        Call::SpanningCheck(mut op) => {
+            op.principal = caller.name().to_owned();
+            op.key_quota = caller.limit_key_quota(caps);
+            Call::SpanningCheck(op)
+        }
         other @ (Call::Renew(_)
         | Call::Release(_)
         | Call::Abort(_)

@@ -52,6 +52,7 @@ mod options;
 mod proposer;
 mod routing;
 mod slots;
+mod spanning;
 mod startup;
 mod sweeper;
 mod tasks;
@@ -72,6 +73,7 @@ pub use operations::{
 };
 pub use options::{Membership, Options, Simulation, StartError};
 pub use slots::{SlotOwners, SlotReply, SlotRequest};
+pub use spanning::{HoldId, Phase, SpanningCheck, HOLD, MAX_RESERVATIONS};
 pub use view::{MemberInfo, Standing};
 pub use watch_fanout::{Change, Watch, WatchLimits};
 
@@ -319,6 +321,12 @@ impl Node {
             .rerouted
             .load(std::sync::atomic::Ordering::Relaxed);
         (map.version, owned, decided, rerouted)
+    }
+
+    /// The reservations of all-or-nothing calls spanning owners held here,
+    /// and their counts.
+    pub fn holds(&self) -> &spanning::Holds {
+        &self.router.holds
     }
 
     /// The slot map as this node last applied it.

@@ -19,6 +19,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use super::routing::Router;
+pub use super::spanning::SpanningCheck;
 use super::NodeError;
 use crate::engine::{Abort, Acquire, Begin, Complete, LimitCheck, Release, Renew};
 use crate::raft::NodeId;
@@ -156,6 +157,7 @@ operations!($
     GetRecord,
     AddMember,
     RemoveMember,
+    SpanningCheck,
 );
 
 /// How many calls of each operation this node forwarded to the leader and

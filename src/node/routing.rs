@@ -22,12 +22,13 @@ use super::operations::{
 };
 use super::proposer::Proposer;
 use super::slots::Slots;
+use super::spanning::Holds;
 use super::timekeeping::Timekeeper;
 use super::view::View;
 use super::NodeError;
 use crate::engine::{
-    slot_of, Abort, Acquire, Begin, Complete, Engine, EngineError, KeyQuota, Lease, LimitCheck,
-    LimitResult, Record, Release, Renew, Write,
+    slot_of, Abort, Acquire, Begin, Complete, Engine, KeyQuota, Lease, LimitCheck, LimitResult,
+    Record, Release, Renew, Write,
 };
 use crate::proto::PeerMessage;
 use crate::raft::network::encode;
@@ -221,6 +222,8 @@ pub struct Router {
     /// then (no leader, a slot moving or its lease lapsed, an owner that
     /// did not answer).
     pub rerouted: std::sync::atomic::AtomicU64,
+    /// Reservations of all-or-nothing calls spanning owners.
+    pub holds: Arc<Holds>,
 }
 
 impl Router {
@@ -332,11 +335,11 @@ impl Router {
     }
 
     /// The time rate limits are decided by here (see `Timekeeper`).
-    fn decide_ms(&self) -> u64 {
+    pub(super) fn decide_ms(&self) -> u64 {
         self.time.decide_ms(self.view.is_leader())
     }
 
-    fn count_decided(&self, n: usize) {
+    pub(super) fn count_decided(&self, n: usize) {
         self.decided
             .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
     }
@@ -346,8 +349,8 @@ impl Router {
     /// puts the answers back in the order asked. A check whose owner
     /// turns out not to decide it (its slot moved, its lease is being
     /// renewed, no leader yet) is sent again, alone with the others that
-    /// were, until `--leader-wait-ms`. An all-or-nothing call must have
-    /// one owner (a hash tag puts keys in one slot).
+    /// were, until `--leader-wait-ms`. An all-or-nothing call whose keys
+    /// have several owners is reserved and confirmed at each (`spanning`).
     async fn check_at_owners(
         &self,
         checks: Vec<LimitCheck>,
@@ -359,6 +362,8 @@ impl Router {
         let deadline = Instant::now() + self.leader_wait;
         let mut results: Vec<Option<LimitResult>> = vec![None; checks.len()];
         let mut left: Vec<usize> = (0..checks.len()).collect();
+        // Whether this call was counted as one spanning owners.
+        let mut spanned = false;
         loop {
             let map = self.engine.slots();
             let mut groups: BTreeMap<Option<NodeId>, Vec<usize>> = BTreeMap::new();
@@ -371,63 +376,75 @@ impl Router {
                 groups.entry(owner).or_default().push(i);
             }
             if all_or_nothing && groups.len() > 1 {
-                return Err(NodeError::Engine(EngineError::SpansOwners {
-                    owners: groups.len(),
-                }));
-            }
-            let asked = groups.into_iter().map(|(owner, idx)| {
-                let sub: Vec<LimitCheck> = idx.iter().map(|i| checks[*i].clone()).collect();
-                async move {
-                    let Some(owner) = owner else {
-                        return (idx, Err(NodeError::NotLeader));
-                    };
-                    let forwarded = owner != self.view.id();
-                    let call = CheckLimits {
-                        checks: sub,
-                        all_or_nothing,
-                        principal: quota.principal.to_owned(),
-                        key_quota: quota.max,
-                    };
-                    let answer = if !forwarded {
-                        self.serve_bounded(call).await
-                    } else if !all_or_nothing {
-                        // With whatever else goes there now.
-                        let send = self.coalesced_send(quota.max);
-                        match self
-                            .coalescer
-                            .forward(owner, quota.principal, call.checks.clone(), &send)
-                            .await
-                        {
-                            Some(answer) => answer,
-                            None => self.forward_alone(owner, call, deadline).await,
-                        }
-                    } else {
-                        self.forward_alone(owner, call, deadline).await
-                    };
-                    (idx, answer)
+                if !spanned {
+                    spanned = true;
+                    self.holds
+                        .counts
+                        .coordinated
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
-            });
-            left = Vec::new();
-            for (idx, answer) in futures::future::join_all(asked).await {
-                match answer {
-                    Ok(decided) if decided.len() == idx.len() => {
-                        for (i, r) in idx.into_iter().zip(decided) {
-                            results[i] = Some(r);
+                match self
+                    .check_spanning(&checks, groups, quota, deadline)
+                    .await?
+                {
+                    Some(decided) => return Ok(decided),
+                    None => left = (0..checks.len()).collect(),
+                }
+            } else {
+                let asked = groups.into_iter().map(|(owner, idx)| {
+                    let sub: Vec<LimitCheck> = idx.iter().map(|i| checks[*i].clone()).collect();
+                    async move {
+                        let Some(owner) = owner else {
+                            return (idx, Err(NodeError::NotLeader));
+                        };
+                        let forwarded = owner != self.view.id();
+                        let call = CheckLimits {
+                            checks: sub,
+                            all_or_nothing,
+                            principal: quota.principal.to_owned(),
+                            key_quota: quota.max,
+                        };
+                        let answer = if !forwarded {
+                            self.serve_bounded(call).await
+                        } else if !all_or_nothing {
+                            // With whatever else goes there now.
+                            let send = self.coalesced_send(quota.max);
+                            match self
+                                .coalescer
+                                .forward(owner, quota.principal, call.checks.clone(), &send)
+                                .await
+                            {
+                                Some(answer) => answer,
+                                None => self.forward_alone(owner, call, deadline).await,
+                            }
+                        } else {
+                            self.forward_alone(owner, call, deadline).await
+                        };
+                        (idx, answer)
+                    }
+                });
+                left = Vec::new();
+                for (idx, answer) in futures::future::join_all(asked).await {
+                    match answer {
+                        Ok(decided) if decided.len() == idx.len() => {
+                            for (i, r) in idx.into_iter().zip(decided) {
+                                results[i] = Some(r);
+                            }
                         }
+                        Ok(decided) => {
+                            return Err(NodeError::Unavailable(format!(
+                                "{} answers to {} checks",
+                                decided.len(),
+                                idx.len()
+                            )))
+                        }
+                        Err(NodeError::NotOwner | NodeError::NotLeader) => left.extend(idx),
+                        // Not sent again: an owner that did not answer may
+                        // have decided, and deciding twice would deny early.
+                        // The caller retries UNAVAILABLE; an owner that is
+                        // gone loses its slots within a slot lease.
+                        Err(e) => return Err(e),
                     }
-                    Ok(decided) => {
-                        return Err(NodeError::Unavailable(format!(
-                            "{} answers to {} checks",
-                            decided.len(),
-                            idx.len()
-                        )))
-                    }
-                    Err(NodeError::NotOwner | NodeError::NotLeader) => left.extend(idx),
-                    // Not sent again: an owner that did not answer may
-                    // have decided, and deciding twice would deny early.
-                    // The caller retries UNAVAILABLE; an owner that is
-                    // gone loses its slots within a slot lease.
-                    Err(e) => return Err(e),
                 }
             }
             if left.is_empty() {

@@ -20,6 +20,7 @@ use super::options::{boot_id, raft_config};
 use super::proposer::Proposer;
 use super::routing::Router;
 use super::slots::Slots;
+use super::spanning::Holds;
 use super::sweeper::{Deadlines, Sweeper};
 use super::tasks::Tasks;
 use super::timekeeping::Timekeeper;
@@ -203,6 +204,7 @@ impl Node {
             member_catch_up: s.member_catch_up,
             decided: Default::default(),
             rerouted: Default::default(),
+            holds: Arc::new(Holds::new(o.boot_id)),
         };
         let node = Self {
             view,

@@ -142,40 +142,69 @@ async fn every_member_decides_its_share_and_any_member_answers_for_any_key() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_all_or_nothing_call_must_keep_to_one_owner_and_a_hash_tag_does() {
+async fn an_all_or_nothing_call_across_owners_is_all_or_nothing_through_any_member() {
     let cluster = spread_cluster();
     cluster.leader().await;
     spread_over(&cluster, &[0, 1, 2]).await;
-    let mut client = cluster.node(0).limits().await;
-    // Two keys whose slots have different owners: found from the slot
-    // ranges (the first assignment gives each member a run of slots).
-    let a = (0..)
-        .map(|i| format!("a{i}"))
-        .find(|k| slot_of(k) < 100)
-        .unwrap();
-    let b = (0..)
-        .map(|i| format!("b{i}"))
-        .find(|k| slot_of(k) > 900)
-        .unwrap();
-    let both = |a: &str, b: &str| CheckRequest {
+    // Keys whose slots have different owners: found from the slot ranges
+    // (the first assignment gives each member a run of slots), so one
+    // member owns neither and coordinates from outside.
+    let key = |prefix: &str, low: bool| {
+        (0..)
+            .map(|i| format!("{prefix}{i}"))
+            .find(|k| {
+                if low {
+                    slot_of(k) < 100
+                } else {
+                    slot_of(k) > 900
+                }
+            })
+            .unwrap()
+    };
+    let both = |a: &str, b: &str, cost_b: u64| CheckRequest {
         checks: vec![
             lc(a, tb(5, 1, 3_600_000), Some(1)),
-            lc(b, tb(5, 1, 3_600_000), Some(1)),
+            lc(b, tb(5, 1, 3_600_000), Some(cost_b)),
         ],
         all_or_nothing: true,
     };
-    let refused = client.check(both(&a, &b)).await.unwrap_err();
-    assert_eq!(
-        refused.code(),
-        tonic::Code::FailedPrecondition,
-        "{refused:?}"
-    );
-    assert!(refused.message().contains("hash tag"), "{refused:?}");
-    // The same keys with one hash tag share a slot.
+    for via in 0..3 {
+        let mut client = cluster.node(via).limits().await;
+        let (a, b) = (
+            key(&format!("a{via}-"), true),
+            key(&format!("b{via}-"), false),
+        );
+        let r = client.check(both(&a, &b, 1)).await.unwrap().into_inner();
+        assert!(r.results.iter().all(|r| r.allowed), "via {via}: {r:?}");
+        assert_eq!(r.results[0].remaining, 4);
+        // b cannot pay 5 more: neither is consumed, and both say so.
+        let r = client.check(both(&a, &b, 5)).await.unwrap().into_inner();
+        assert!(r.results.iter().all(|r| !r.allowed), "via {via}: {r:?}");
+        assert_eq!(r.results[0].remaining, 4, "via {via}: {r:?}");
+        // a's owner gave back what it held: all 4 left pass, and no more.
+        let r = client.check(one(&a, 5, 4)).await.unwrap().into_inner();
+        assert!(r.results[0].allowed, "via {via}: {r:?}");
+        let r = client.check(one(&b, 5, 4)).await.unwrap().into_inner();
+        assert!(r.results[0].allowed, "via {via}: {r:?}");
+        let r = client.check(both(&a, &b, 1)).await.unwrap().into_inner();
+        assert!(r.results.iter().all(|r| !r.allowed), "via {via}: {r:?}");
+    }
+    let total = |series: &str| -> f64 {
+        (0..3)
+            .map(|i| metric(cluster.node(i).metrics, series).unwrap_or(0.0))
+            .sum()
+    };
+    assert_eq!(total("arbiter_spanning_calls_total"), 9.0);
+    assert_eq!(total("arbiter_reservations_total{step=\"confirmed\"}"), 6.0);
+    assert_eq!(total("arbiter_reservations_held"), 0.0);
+    // The same keys with one hash tag share a slot: one owner decides.
+    let mut client = cluster.node(0).limits().await;
+    let (a, b) = (key("ta", true), key("tb", false));
     let (a, b) = (format!("{{user7}}:{a}"), format!("{{user7}}:{b}"));
     assert_eq!(slot_of(&a), slot_of(&b));
-    let r = client.check(both(&a, &b)).await.unwrap().into_inner();
+    let r = client.check(both(&a, &b, 1)).await.unwrap().into_inner();
     assert!(r.results.iter().all(|r| r.allowed), "{r:?}");
+    assert_eq!(total("arbiter_spanning_calls_total"), 9.0);
     // Without all-or-nothing, keys of several owners are decided each by
     // its own, and answered in the order asked.
     let checks: Vec<LimitCheck> = keys("order", 30)

@@ -58,12 +58,6 @@ pub enum EngineError {
     CounterAtMax {
         what: std::borrow::Cow<'static, str>,
     },
-    #[error(
-        "an all-or-nothing call's keys belong to slots of {owners} different members, which \
-         cannot decide them together; give the keys one hash tag (e.g. `{{user42}}:reads`, \
-         `{{user42}}:writes`) so they share a slot, or check them in separate calls"
-    )]
-    SpansOwners { owners: usize },
     #[error("principal {principal:?} is at its quota of {quota} {what} (set in the auth file)")]
     OverQuota {
         principal: String,
@@ -264,6 +258,37 @@ impl Engine {
         quota: KeyQuota<'_>,
     ) -> Result<Vec<LimitResult>, EngineError> {
         self.limits.check_for(checks, all_or_nothing, now_ms, quota)
+    }
+
+    /// Reserves `checks` all or nothing for a batch whose other keys other
+    /// members decide (see `limits::table::holds`).
+    pub fn reserve(
+        &self,
+        checks: &[LimitCheck],
+        now_ms: u64,
+        quota: KeyQuota<'_>,
+    ) -> Result<Vec<LimitResult>, EngineError> {
+        self.limits.reserve(checks, now_ms, quota)
+    }
+
+    /// Consumes what a reservation of `checks` held.
+    pub fn confirm(
+        &self,
+        checks: &[LimitCheck],
+        now_ms: u64,
+        quota: KeyQuota<'_>,
+    ) -> Result<Vec<LimitResult>, EngineError> {
+        self.limits.confirm(checks, now_ms, quota)
+    }
+
+    /// Gives back what a reservation of `checks` held.
+    pub fn release(&self, checks: &[LimitCheck]) {
+        self.limits.release(checks)
+    }
+
+    /// Keys that reservations hold something of now.
+    pub fn held_keys(&self) -> usize {
+        self.limits.held_keys()
     }
 
     /// What `principal` holds: leases, idempotency records and their

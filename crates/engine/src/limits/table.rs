@@ -15,11 +15,16 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use hashbrown::{DefaultHashBuilder, HashTable};
 
-use super::{decide, Cell, LimitCheck, LimitResult};
+use super::{Cell, LimitCheck, LimitResult};
 use crate::EngineError;
 
+/// Holds: tentative consumption by all-or-nothing batches spanning owners.
+mod holds;
 /// Draining changed cells for syncs, and marking them changed again.
 mod sync;
+
+pub use holds::Atomic;
+use holds::{decide_held, held_at};
 
 type Entry = (Key, Cell);
 
@@ -97,6 +102,9 @@ struct ShardState {
     /// owners) an entry costs nothing more. Two keys sharing a 64-bit hash
     /// would share one owner slot: the quota count is then off by one.
     owners: HashMap<u64, Owner>,
+    /// What reservations hold of each key, by the key's hash (empty but
+    /// for all-or-nothing batches spanning owners: see `holds`).
+    held: HashMap<u64, u64>,
 }
 
 impl std::ops::Deref for ShardState {
@@ -230,7 +238,7 @@ impl LimitTable {
         quota: KeyQuota<'_>,
     ) -> Result<Vec<LimitResult>, EngineError> {
         if all_or_nothing && checks.len() > 1 {
-            return self.check_atomic(checks, now_ms, quota);
+            return self.check_atomic(checks, now_ms, quota, Atomic::Consume);
         }
         // Looked up on the first new key only: the hot path (known keys)
         // never touches the owners' map.
@@ -243,13 +251,15 @@ impl LimitTable {
                 table,
                 dirty,
                 owners,
+                held,
             } = &mut *guard;
             let stored = table.find_mut(h, |e| e.0.is(&check.key));
-            let (result, cell) = decide(
+            let (result, cell) = decide_held(
                 &check.limit,
                 stored.as_ref().map(|e| &e.1),
                 now_ms,
                 check.cost,
+                held_at(held, h),
             );
             // A dry run decides for the real cost but stores nothing.
             if let Some(cell) = cell.filter(|_| !check.dry_run) {
@@ -332,11 +342,14 @@ impl LimitTable {
         Ok(owner)
     }
 
+    /// `mode` says what passing means: consume now, hold until confirmed
+    /// or released, or confirm (consume what a reservation held).
     fn check_atomic(
         &self,
         checks: &[LimitCheck],
         now_ms: u64,
         quota: KeyQuota<'_>,
+        mode: Atomic,
     ) -> Result<Vec<LimitResult>, EngineError> {
         let located: Vec<(u64, usize)> = checks.iter().map(|c| self.locate(&c.key)).collect();
         let mut order: Vec<usize> = located.iter().map(|l| l.1).collect();
@@ -345,6 +358,13 @@ impl LimitTable {
         let mut guards: Vec<(usize, MutexGuard<'_, ShardState>)> =
             order.iter().map(|&s| (s, lock(&self.shards[s]))).collect();
         let guard_of = |s: usize| order.binary_search(&s).unwrap_or(0);
+        if mode == Atomic::Confirm {
+            // What the reservation held is consumed below instead.
+            for (i, check) in checks.iter().enumerate() {
+                let (h, s) = located[i];
+                holds::unhold(&mut guards[guard_of(s)].1.held, h, check);
+            }
+        }
 
         let mut results = Vec::with_capacity(checks.len());
         // (check index, new cell) for every consuming check so far.
@@ -358,10 +378,16 @@ impl LimitTable {
                 .rev()
                 .find(|(j, _)| located[*j].0 == h && checks[*j].key == check.key)
                 .map(|(_, c)| *c);
-            let table = &guards[guard_of(s)].1;
-            let stored = table.find(h, |e| e.0.is(&check.key));
+            let shard = &guards[guard_of(s)].1;
+            let stored = shard.find(h, |e| e.0.is(&check.key));
             let current = earlier.or(stored.map(|e| e.1));
-            let (result, cell) = decide(&check.limit, current.as_ref(), now_ms, check.cost);
+            let (result, cell) = decide_held(
+                &check.limit,
+                current.as_ref(),
+                now_ms,
+                check.cost,
+                held_at(&shard.held, h),
+            );
             all_allowed &= result.allowed;
             if let Some(cell) = cell.filter(|_| !check.dry_run) {
                 if stored.is_none() && earlier.is_none() {
@@ -375,6 +401,21 @@ impl LimitTable {
             none_consumed(&mut results, checks);
             return Ok(results);
         }
+        if mode == Atomic::Hold {
+            // The key cap is checked now too, so that a confirm is refused
+            // for it only when other keys came in between.
+            if self.live.load(Ordering::Relaxed) + new_keys > self.max_keys {
+                return Err(EngineError::Exhausted {
+                    what: "rate-limit keys".into(),
+                    max: self.max_keys,
+                });
+            }
+            for (i, check) in checks.iter().enumerate() {
+                let (h, s) = located[i];
+                holds::hold(&mut guards[guard_of(s)].1.held, h, check);
+            }
+            return Ok(results);
+        }
         let owner = self.reserve_new_keys(new_keys, quota)?;
         let hasher = &self.hasher;
         for (i, cell) in overlay {
@@ -383,6 +424,7 @@ impl LimitTable {
                 table,
                 dirty,
                 owners,
+                ..
             } = &mut *guards[guard_of(s)].1;
             match table.find_mut(h, |e| e.0.is(&checks[i].key)) {
                 Some(e) => store(e, cell, h, dirty),
