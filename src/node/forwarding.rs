@@ -31,19 +31,19 @@ pub struct Forwarder {
 impl Forwarder {
     pub async fn forward<O: Operation>(
         &self,
-        leader: NodeId,
+        to: NodeId,
         call: Call,
         principal: &str,
         timeout: Duration,
     ) -> Result<O::Output, NodeError> {
-        let Some(addr) = self.view.addr_of(leader) else {
+        let Some(addr) = self.view.addr_of(to) else {
             return Err(NodeError::NotLeader);
         };
         self.forwarded.sent(&call);
         let channel = self
             .channels
             .get(&addr)
-            .map_err(|e| NodeError::Unavailable(format!("leader {leader} at {addr}: {e}")))?;
+            .map_err(|e| NodeError::Unavailable(format!("member {to} at {addr}: {e}")))?;
         let mut request = with_cluster(encode(&call), &self.cluster, timeout);
         if !principal.is_empty() {
             match tonic::metadata::MetadataValue::try_from(principal) {
@@ -61,13 +61,10 @@ impl Forwarder {
             .max_decoding_message_size(PEER_MESSAGE_LIMIT)
             .max_encoding_message_size(PEER_MESSAGE_LIMIT);
         match client.forward(request).await {
-            Ok(reply) => {
-                decode::<Result<O::Output, NodeError>>(&reply.into_inner()).map_err(|e| {
-                    NodeError::Unavailable(format!("bad reply from leader {leader}: {e}"))
-                })?
-            }
+            Ok(reply) => decode::<Result<O::Output, NodeError>>(&reply.into_inner())
+                .map_err(|e| NodeError::Unavailable(format!("bad reply from member {to}: {e}")))?,
             Err(status) => Err(NodeError::Unavailable(format!(
-                "leader {leader} at {addr} did not answer: {}",
+                "member {to} at {addr} did not answer: {}",
                 status.message()
             ))),
         }

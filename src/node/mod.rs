@@ -73,7 +73,7 @@ pub use operations::{
 };
 pub use options::{Membership, Options, Simulation, StartError};
 pub use slots::{SlotOwners, SlotReply, SlotRequest};
-pub use spanning::{HoldId, Phase, SpanningCheck, HOLD, MAX_RESERVATIONS};
+pub use spanning::{HoldId, Holds, Phase, PhaseHook, SpanningCheck, HOLD, MAX_RESERVATIONS};
 pub use view::{MemberInfo, Standing};
 pub use watch_fanout::{Change, Watch, WatchLimits};
 

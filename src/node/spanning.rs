@@ -27,8 +27,10 @@
 //! for a call that is not admitted.
 
 use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -112,12 +114,17 @@ pub struct HoldCounts {
     pub unconfirmed: AtomicU64,
 }
 
+/// What a coordinator awaits between reserving and confirming (tests put
+/// a fault there).
+pub type PhaseHook = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
+
 /// The reservations this member holds for coordinators (here or elsewhere).
 pub struct Holds {
     boot: u64,
     seq: AtomicU64,
     held: Mutex<HashMap<HoldId, Reservation>>,
     pub counts: HoldCounts,
+    between: Mutex<Option<PhaseHook>>,
 }
 
 impl Holds {
@@ -127,7 +134,15 @@ impl Holds {
             seq: AtomicU64::new(0),
             held: Mutex::default(),
             counts: HoldCounts::default(),
+            between: Mutex::default(),
         }
+    }
+
+    /// Sets what this member, as coordinator, awaits between the two
+    /// phases: for tests, which inject faults there.
+    #[doc(hidden)]
+    pub fn set_between_phases(&self, hook: Option<PhaseHook>) {
+        *self.between.lock().unwrap_or_else(|e| e.into_inner()) = hook;
     }
 
     fn held(&self) -> std::sync::MutexGuard<'_, HashMap<HoldId, Reservation>> {
@@ -359,6 +374,15 @@ impl Router {
                     Ok(Some(results))
                 }
             };
+        }
+        let between = self
+            .holds
+            .between
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Some(hook) = between {
+            hook().await;
         }
         let confirmed = futures::future::join_all(
             owners

@@ -27,6 +27,7 @@ mod failover;
 mod history;
 mod net;
 mod rng;
+mod spanning;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -1302,6 +1303,56 @@ fn a_crashed_slot_owners_keys_are_decided_again_within_the_bound() {
         forgotten.iter().all(|&ms| ms <= 120),
         "a slot move forgot more than a sync interval: {forgotten:?}"
     );
+}
+
+/// An all-or-nothing call whose keys have two owners, sent through the
+/// third member, with each fault between its reserve and its confirm: no
+/// key is ever allowed more than its bucket, a call not admitted costs at
+/// most the one token it reserved at an owner that confirmed, and a
+/// reservation whose coordinator is gone gives back exactly what it held
+/// once it lapses (and holds it until then).
+#[test]
+fn a_call_across_owners_is_never_over_admitted_whatever_fails_between_reserve_and_confirm() {
+    use spanning::{Between, CAP};
+    for between in [
+        Between::Nothing,
+        Between::Compete,
+        Between::CutOwner,
+        Between::CrashOwner,
+        Between::CoordinatorGone,
+    ] {
+        for seed in 1..=env_u64("SIM_SPANNING").unwrap_or(3) {
+            let o = on_paused_runtime(seed, move || spanning::run(seed, between))
+                .unwrap_or_else(|e| panic!("{between:?}, seed {seed}: {e}"));
+            println!("{between:?}, seed {seed}: {o:?}");
+            let admitted = u64::from(o.answer == Ok(true));
+            let competed = if o.competitor_allowed == Some(true) {
+                CAP
+            } else {
+                0
+            };
+            assert!(
+                admitted + competed + o.after[0] <= CAP && admitted + o.after[1] <= CAP,
+                "{between:?}, seed {seed}: over-admitted: {o:?}"
+            );
+            let fine = match between {
+                Between::Nothing => o.answer == Ok(true) && o.after == [CAP - 1; 2],
+                // The holds kept the call payable: the competitor lost.
+                Between::Compete => {
+                    o.answer == Ok(true)
+                        && o.competitor_allowed == Some(false)
+                        && o.after == [CAP - 1; 2]
+                }
+                Between::CutOwner | Between::CrashOwner => {
+                    o.answer.is_err() && o.after.iter().all(|n| *n >= CAP - 1)
+                }
+                Between::CoordinatorGone => {
+                    o.competitor_allowed == Some(false) && o.after == [CAP; 2]
+                }
+            };
+            assert!(fine, "{between:?}, seed {seed}: {o:?}");
+        }
+    }
 }
 
 /// A watcher on a node cut off while the leader compacted its log past
