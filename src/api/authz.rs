@@ -128,7 +128,7 @@ impl Scoped for CheckLimits {
 impl Scoped for SpanningCheck {
     fn scope(&self) -> Scope<'_> {
         match &self.phase {
-            Phase::Reserve(checks) => checks.scope(),
+            Phase::Reserve { checks, .. } => checks.scope(),
             // Only the principal that made the reservation may end it (the
             // owner compares them); no keys are named.
             Phase::Confirm | Phase::Release => <[LimitCheck]>::scope(&[]),

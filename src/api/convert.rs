@@ -184,7 +184,7 @@ pub fn forwarded(call: &crate::node::Call, b: &super::Bounds) -> Result<(), Stat
         Call::GetRecord(op) => name(&op.key, "key"),
         Call::CheckLimits(op) => checks_within(&op.checks, b),
         Call::SpanningCheck(op) => match &op.phase {
-            crate::node::Phase::Reserve(checks) => checks_within(checks, b),
+            crate::node::Phase::Reserve { checks, .. } => checks_within(checks, b),
             crate::node::Phase::Confirm | crate::node::Phase::Release => Ok(()),
         },
         Call::AddMember(op) => {

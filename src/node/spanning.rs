@@ -62,8 +62,13 @@ pub struct HoldId {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum Phase {
     /// Decide these checks (the owner's part of the batch) all or nothing,
-    /// holding what they consume if all pass.
-    Reserve(Vec<LimitCheck>),
+    /// holding what they consume if all pass; refused once the owner's
+    /// decision clock is past `until_ms` (a reserve that arrives after
+    /// the coordinator gave up would only hold tokens back).
+    Reserve {
+        checks: Vec<LimitCheck>,
+        until_ms: u64,
+    },
     /// Consume what the reservation holds.
     Confirm,
     /// Give back what the reservation holds.
@@ -185,10 +190,17 @@ impl Router {
     fn serve_spanning(&self, op: SpanningCheck) -> Result<Vec<LimitResult>, NodeError> {
         let holds = &self.holds;
         match op.phase {
-            Phase::Reserve(checks) => {
+            Phase::Reserve { checks, until_ms } => {
                 let map = self.engine.slots();
                 if !map.assigned() || !self.slots.may_decide(&map, &checks) {
                     return Err(NodeError::NotOwner);
+                }
+                let now = self.decide_ms();
+                if now > until_ms {
+                    return Err(NodeError::Unavailable(format!(
+                        "the reserve arrived {} ms after its coordinator stopped waiting",
+                        now - until_ms
+                    )));
                 }
                 if holds.len() >= MAX_RESERVATIONS {
                     return Err(EngineError::Exhausted {
@@ -201,7 +213,7 @@ impl Router {
                     principal: &op.principal,
                     max: op.key_quota,
                 };
-                let results = self.engine.reserve(&checks, self.decide_ms(), quota)?;
+                let results = self.engine.reserve(&checks, now, quota)?;
                 if results.iter().all(|r| r.allowed) {
                     count(&holds.counts.reserved);
                     holds.held().insert(
@@ -319,9 +331,13 @@ impl Router {
             principal: quota.principal.to_owned(),
             key_quota: quota.max,
         };
+        let until_ms = self.decide_ms() + OWNER_WAIT.as_millis() as u64;
         let reserved = futures::future::join_all(groups.iter().map(|(owner, idx)| {
             let part = idx.iter().map(|i| checks[*i].clone()).collect();
-            let op = step(Phase::Reserve(part));
+            let op = step(Phase::Reserve {
+                checks: part,
+                until_ms,
+            });
             async move {
                 match owner {
                     Some(o) => self.step(*o, op, deadline).await,

@@ -49,6 +49,9 @@ pub enum What {
     Check {
         key: String,
         answer: Answer<LimitResult>,
+        /// Checked all or nothing with another key (often of another
+        /// owner: reserved, then confirmed or released).
+        together: bool,
     },
     /// A watch stream on a lease, through one node from `sent` to `done`:
     /// the state it opened with and what it was told after, with when.
@@ -99,6 +102,7 @@ fn allowed_checks(history: &[Event]) -> impl Iterator<Item = (&Event, &String)> 
         What::Check {
             key,
             answer: Answer::Ok(r),
+            ..
         } if r.allowed => Some((e, key)),
         _ => None,
     })
@@ -621,6 +625,12 @@ pub fn check_records(history: &[Event]) -> Result<(), String> {
 /// flight.
 pub const FORGOTTEN_MS: u64 = 500;
 
+/// How long after its call was answered a reservation of a check made
+/// together with another key may still hold its tokens: a reserve that
+/// reached its owner late (up to the coordinator's wait for it), held for
+/// `arbiter::node::HOLD`, plus a margin for the members' clocks.
+pub const HELD_MS: u64 = 1_000 + 1_000 + 100;
+
 /// Each change of leader: (when the old leader was elected, when the new
 /// one was), from the nodes' roles. A term in which nobody was elected is
 /// no change.
@@ -648,7 +658,7 @@ pub fn check_rate(
 ) -> Result<(), String> {
     let mut keys: BTreeMap<&str, Vec<(&Event, &Answer<LimitResult>)>> = BTreeMap::new();
     for e in history {
-        if let What::Check { key, answer } = &e.what {
+        if let What::Check { key, answer, .. } = &e.what {
             keys.entry(key).or_default().push((e, answer));
         }
     }
@@ -788,17 +798,25 @@ fn check_bucket(
             forgotten.len()
         ));
     }
+    let together = |e: &Event| matches!(e.what, What::Check { together: true, .. });
+    let denied = |a: &Answer<LimitResult>| matches!(a, Answer::Ok(r) if !r.allowed);
+    // A check denied together with another key may have been denied for
+    // the other key's sake: not an early denial of this one.
     let first_denial = checks
         .iter()
-        .filter(|(_, a)| matches!(a, Answer::Ok(r) if !r.allowed))
+        .filter(|(e, a)| !together(e) && denied(a))
         .map(|(e, _)| e.done)
         .min();
     if let Some(denied_at) = first_denial {
         let could_have_consumed = checks
             .iter()
             // Sent by the denial's answer (to the ms): it may have been
-            // decided before the denial.
-            .filter(|(e, a)| e.sent <= denied_at && !matches!(a, Answer::Ok(r) if !r.allowed))
+            // decided before the denial. One denied together with another
+            // key may have held its tokens at its owner until then, or
+            // [`HELD_MS`] after its answer.
+            .filter(|(e, a)| {
+                e.sent <= denied_at && (!denied(a) || together(e) && denied_at <= e.done + HELD_MS)
+            })
             .filter(|(_, a)| !matches!(a, Answer::Refused(_)))
             .count() as u64;
         if could_have_consumed < capacity {
@@ -987,6 +1005,7 @@ mod tests {
                     allowed,
                     ..LimitResult::default()
                 }),
+                together: false,
             },
         )
     }
@@ -1114,6 +1133,24 @@ mod tests {
         // Denied after four of five.
         let early: Vec<Event> = (0..10).map(|i| limit(i * 100, i < 4)).collect();
         assert!(check_rate(&early, 5, &[], &[], &BTreeMap::new()).is_err());
+        // Denied together with another key: maybe for that key's sake.
+        let mut partner = early.clone();
+        for e in &mut partner[4..] {
+            if let What::Check { together, .. } = &mut e.what {
+                *together = true;
+            }
+        }
+        assert_eq!(check_rate(&partner, 5, &[], &[], &BTreeMap::new()), Ok(()));
+        // A denial while a check denied together may still hold a token,
+        // and one after that.
+        let mut held: Vec<Event> = (0..5).map(|i| limit(i * 100, i < 4)).collect();
+        if let What::Check { together, .. } = &mut held[4].what {
+            *together = true;
+        }
+        held.push(limit(400 + HELD_MS, false));
+        assert_eq!(check_rate(&held, 5, &[], &[], &BTreeMap::new()), Ok(()));
+        held[5] = limit(401 + HELD_MS, false);
+        assert!(check_rate(&held, 5, &[], &[], &BTreeMap::new()).is_err());
     }
 
     fn flow(at: u64) -> Event {
@@ -1124,6 +1161,7 @@ mod tests {
                 allowed: true,
                 ..LimitResult::default()
             }),
+            together: false,
         };
         e
     }

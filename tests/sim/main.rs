@@ -402,6 +402,9 @@ async fn limited(c: Arc<Cluster>, me: usize, mut rng: Rng, h: History, until: u6
             continue;
         }
         let node = c.pick(&mut rng);
+        // A third of the calls all or nothing: with the slots spread, the
+        // two keys mostly have different owners.
+        let together = rng.chance(33);
         let (c, h) = (c.clone(), h.clone());
         calls.spawn(async move {
             let sent = c.now();
@@ -431,7 +434,7 @@ async fn limited(c: Arc<Cluster>, me: usize, mut rng: Rng, h: History, until: u6
             ];
             let keys: Vec<String> = checks.iter().map(|c| c.key.clone()).collect();
             let result = c
-                .on(node, |n| async move { n.check(checks, false).await })
+                .on(node, |n| async move { n.check(checks, together).await })
                 .await;
             let answers: Vec<Answer<LimitResult>> = match result {
                 Ok(Ok(r)) if r.len() == keys.len() => r.into_iter().map(Answer::Ok).collect(),
@@ -450,7 +453,12 @@ async fn limited(c: Arc<Cluster>, me: usize, mut rng: Rng, h: History, until: u6
                 Err(e) => keys.iter().map(|_| Answer::Unknown(e.clone())).collect(),
             };
             for (key, answer) in keys.into_iter().zip(answers) {
-                note(&h, &c, me, node, sent, What::Check { key, answer });
+                let what = What::Check {
+                    key,
+                    answer,
+                    together,
+                };
+                note(&h, &c, me, node, sent, what);
             }
         });
     }
