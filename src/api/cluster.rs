@@ -4,10 +4,11 @@ use tonic::{Request, Response, Status};
 
 use super::authz::authorized;
 use super::{error, Shared};
-use crate::node::{AddMember, RemoveMember};
+use crate::node::{AddMember, Rebalance, RemoveMember};
 use crate::proto::cluster_server::Cluster;
 use crate::proto::{
-    AddMemberRequest, ClusterStatusRequest, ClusterStatusResponse, Member, RemoveMemberRequest,
+    AddMemberRequest, ClusterStatusRequest, ClusterStatusResponse, Member, RebalanceRequest,
+    RemoveMemberRequest,
 };
 
 pub struct ClusterService(pub Shared);
@@ -37,6 +38,7 @@ impl ClusterService {
                     peer_addr: m.peer_addr,
                     voter: m.voter,
                     slots: slots.get(&m.id).map_or(0, |n| *n as u32),
+                    drained: map.drained.contains(&m.id),
                 })
                 .collect(),
             state: standing.role.into(),
@@ -111,6 +113,34 @@ impl Cluster for ClusterService {
             )
             .await
             .map_err(error::node_status)?;
+        Ok(Response::new(self.status(false)))
+    }
+
+    async fn rebalance(
+        &self,
+        request: Request<RebalanceRequest>,
+    ) -> Result<Response<ClusterStatusResponse>, Status> {
+        let caller = self.0.caller(&request)?;
+        let r = request.into_inner();
+        let node = &self.0.node;
+        let version = node
+            .execute_as(
+                authorized(
+                    &caller,
+                    Rebalance {
+                        drain: r.drain,
+                        restore: r.restore,
+                    },
+                )?,
+                caller.name(),
+            )
+            .await
+            .map_err(error::node_status)?;
+        // Answered with this node's view once it has applied the new map.
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        while node.slot_map().version < version && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
         Ok(Response::new(self.status(false)))
     }
 }

@@ -51,7 +51,8 @@ fn stamp_quotas(call: Call, caller: &Caller, caps: &super::Caps) -> Call {
         | Call::GetLease(_)
         | Call::GetRecord(_)
         | Call::AddMember(_)
-        | Call::RemoveMember(_)) => other,
+        | Call::RemoveMember(_)
+        | Call::Rebalance(_)) => other,
     }
 }
 

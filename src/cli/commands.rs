@@ -275,6 +275,16 @@ fn print_record(rec: &pb::Record) {
     );
 }
 
+async fn rebalance(server: Server, drain: Vec<u64>, restore: Vec<u64>) -> CliResult {
+    let mut client = ClusterClient::new(connect(&server).await?);
+    let st = client
+        .rebalance(pb::RebalanceRequest { drain, restore })
+        .await
+        .map_err(status)?
+        .into_inner();
+    print_status(&st)
+}
+
 pub(super) async fn cluster(cmd: ClusterCmd) -> CliResult {
     let (server, call) = match cmd {
         ClusterCmd::Status { server } => (server, None),
@@ -285,6 +295,11 @@ pub(super) async fn cluster(cmd: ClusterCmd) -> CliResult {
             force,
         } => (server, Some((id, Some((peer_addr, force))))),
         ClusterCmd::Remove { server, id } => (server, Some((id, None))),
+        ClusterCmd::Rebalance {
+            server,
+            drain,
+            restore,
+        } => return rebalance(server, drain, restore).await,
     };
     let mut client = ClusterClient::new(connect(&server).await?);
     let st = match call {
@@ -302,6 +317,10 @@ pub(super) async fn cluster(cmd: ClusterCmd) -> CliResult {
     }
     .map_err(status)?
     .into_inner();
+    print_status(&st)
+}
+
+fn print_status(st: &pb::ClusterStatusResponse) -> CliResult {
     let leader = st.leader_id.map_or("none".to_owned(), |l| l.to_string());
     println!(
         "node_id={} state={} leader={leader} term={} applied_index={} ready={} cluster_id={}",
@@ -328,6 +347,12 @@ pub(super) async fn cluster(cmd: ClusterCmd) -> CliResult {
                 String::new()
             }
         );
+        if m.drained {
+            println!(
+                "  (drained: restore with `arbiter cluster rebalance --restore {}`)",
+                m.id
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -44,7 +44,7 @@ enum Cmd {
     /// Idempotency records: begin, complete, abort, get.
     #[command(subcommand)]
     Idem(IdemCmd),
-    /// Cluster membership and leadership: status, add, remove.
+    /// Cluster membership and leadership: status, add, remove, rebalance.
     #[command(subcommand)]
     Cluster(ClusterCmd),
     /// Named limits: `limits check PATH` validates a limits file or
@@ -92,6 +92,18 @@ enum ClusterCmd {
         #[command(flatten)]
         server: Server,
         id: u64,
+    },
+    /// Move rate-limit slots (--slot-owners spread): drain members of their
+    /// slots, or give drained members back their share. Admins only.
+    Rebalance {
+        #[command(flatten)]
+        server: Server,
+        /// A voter to drain (repeatable); it stays drained until restored.
+        #[arg(long = "drain", value_name = "ID")]
+        drain: Vec<u64>,
+        /// A drained voter to give its share back (repeatable).
+        #[arg(long = "restore", value_name = "ID")]
+        restore: Vec<u64>,
     },
 }
 

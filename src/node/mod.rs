@@ -50,6 +50,7 @@ mod limit_sync;
 mod operations;
 mod options;
 mod proposer;
+mod rebalance;
 mod routing;
 mod slots;
 mod spanning;
@@ -72,6 +73,7 @@ pub use operations::{
     AddMember, Call, CheckLimits, GetLease, GetRecord, Operation, RemoveMember, Stamped,
 };
 pub use options::{Membership, Options, Simulation, StartError};
+pub use rebalance::Rebalance;
 pub use slots::{SlotOwners, SlotReply, SlotRequest};
 pub use spanning::{HoldId, Holds, Phase, PhaseHook, SpanningCheck, HOLD, MAX_RESERVATIONS};
 pub use view::{MemberInfo, Standing};

@@ -18,6 +18,7 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+pub use super::rebalance::Rebalance;
 use super::routing::Router;
 pub use super::spanning::SpanningCheck;
 use super::NodeError;
@@ -158,6 +159,7 @@ operations!($
     AddMember,
     RemoveMember,
     SpanningCheck,
+    Rebalance,
 );
 
 /// How many calls of each operation this node forwarded to the leader and

@@ -136,6 +136,11 @@ pub struct Slots {
     book: Mutex<Book>,
     /// The map this leader has decided on and not yet seen applied.
     pending: RwLock<Option<Arc<SlotMap>>>,
+    /// The drained members an operator asked this leader for, and in
+    /// which term, until a map holding them is applied (then the map's own
+    /// set counts). Kept across the book's opening: asked for early in a
+    /// term, it may come before the book is.
+    wanted: Mutex<Option<(u64, Vec<NodeId>)>>,
 }
 
 fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -177,7 +182,15 @@ impl Slots {
             lease: Mutex::default(),
             book: Mutex::default(),
             pending: RwLock::default(),
+            wanted: Mutex::default(),
         }
+    }
+
+    /// At the leader: from now on, spreads the slots over the voters but
+    /// `drained` (`arbiter cluster rebalance`).
+    pub fn want_drained(&self, drained: Vec<NodeId>) {
+        let term = self.view.term_and_leading().0;
+        *locked(&self.wanted) = Some((term, drained));
     }
 
     /// Whether the slots are spread over the voters (`--slot-owners spread`).
@@ -311,7 +324,12 @@ impl Slots {
                 })
                 .collect();
             let mut pending = self.pending.write().unwrap_or_else(|e| e.into_inner());
-            let Some(next) = map.rebalanced(&live) else {
+            let term = self.view.term_and_leading().0;
+            let drained = match &*locked(&self.wanted) {
+                Some((t, wanted)) if *t == term => wanted.clone(),
+                _ => map.drained.clone(),
+            };
+            let Some(next) = map.rebalanced_with(&live, &drained) else {
                 *pending = None;
                 return;
             };
@@ -349,6 +367,10 @@ impl Slots {
                     .is_some_and(|p| p.version <= applied.version)
                 {
                     *pending = None;
+                }
+                let mut wanted = locked(&self.wanted);
+                if wanted.as_ref().is_some_and(|w| w.1 == applied.drained) {
+                    *wanted = None;
                 }
             }
             Err(e) => tracing::warn!(error = %e, "could not assign rate-limit slots"),

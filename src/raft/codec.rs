@@ -179,6 +179,7 @@ fn command_to_proto(c: &Command) -> pb::Command {
         Command::AssignSlots(map) => Op::AssignSlots(pb::AssignSlots {
             version: map.version,
             owners: map.owners.clone(),
+            drained: map.drained.clone(),
         }),
     };
     pb::Command { op: Some(op) }
@@ -243,6 +244,7 @@ fn command_from_proto(c: pb::Command) -> Result<Command, String> {
         Op::AssignSlots(o) => Command::AssignSlots(e::SlotMap {
             version: o.version,
             owners: o.owners,
+            drained: o.drained,
         }),
     })
 }

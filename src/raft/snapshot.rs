@@ -137,6 +137,7 @@ pub fn encode(
                     last_attempt,
                     slot_version: slots.version,
                     slot_owners: slots.owners,
+                    slot_drained: slots.drained,
                 };
                 put(&mut out, &header);
                 return;
@@ -263,6 +264,7 @@ pub fn read(r: impl Read, engine: Option<&Engine>) -> io::Result<Header> {
         slots: crate::engine::SlotMap {
             version: h.slot_version,
             owners: h.slot_owners,
+            drained: h.slot_drained,
         },
     });
     let mut entries = 0u64;

@@ -373,3 +373,94 @@ async fn an_owner_under_steady_load_syncs_once_a_tick() {
     );
     assert!(checks >= 100, "only {checks} checks in {elapsed:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_member_hands_its_slots_over_until_it_is_restored() {
+    use arbiter::proto::RebalanceRequest;
+    let mut cluster = spread_cluster();
+    let leader = cluster.leader().await;
+    spread_over(&cluster, &[0, 1, 2]).await;
+    // A member that does not lead (node index `d` is member `d + 1`).
+    let d = (leader + 1) % 3;
+    let mut admin = ClusterClient::new(cluster.node(0).channel().await);
+    let st = admin
+        .status(ClusterStatusRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let drained = d as u64 + 1;
+    // Refused, naming the field: an id that is no voter, and draining all.
+    let refused = admin
+        .rebalance(RebalanceRequest {
+            drain: vec![99],
+            restore: vec![],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    assert!(refused.message().contains("drain: node 99"), "{refused:?}");
+    let everyone = st.members.iter().map(|m| m.id).collect();
+    let refused = admin
+        .rebalance(RebalanceRequest {
+            drain: everyone,
+            restore: vec![],
+        })
+        .await
+        .unwrap_err();
+    assert!(refused.message().contains("no member"), "{refused:?}");
+    // Drained: its slots go to the others, and it says so.
+    let st = admin
+        .rebalance(RebalanceRequest {
+            drain: vec![drained],
+            restore: vec![],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let shares: Vec<(u64, u32, bool)> = st
+        .members
+        .iter()
+        .map(|m| (m.id, m.slots, m.drained))
+        .collect();
+    for (id, slots, is_drained) in &shares {
+        assert_eq!(*is_drained, *id == drained, "{shares:?}");
+        assert_eq!(*slots, if *id == drained { 0 } else { 512 }, "{shares:?}");
+    }
+    eventually_within(LONG, "the drained member owns nothing", || async {
+        (owned(cluster.node(d)) == Some(0)).then_some(())
+    })
+    .await;
+    // It still answers for any key, forwarding every check.
+    let mut client = cluster.node(d).limits().await;
+    for k in keys("drained", 20) {
+        let r = client.check(one(&k, 3, 1)).await.unwrap().into_inner();
+        assert!(r.results[0].allowed, "{r:?}");
+    }
+    // The drain outlives a change of leader: it is in the replicated map.
+    cluster.kill9(leader);
+    let new_leader = cluster.leader().await;
+    assert_ne!(new_leader, leader);
+    let mut admin = ClusterClient::new(cluster.node(new_leader).channel().await);
+    let st = admin
+        .status(ClusterStatusRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let flags: Vec<(u64, bool)> = st.members.iter().map(|m| (m.id, m.drained)).collect();
+    assert!(flags.contains(&(drained, true)), "{flags:?}");
+    // Restored at once, early in the new leader's term: it gets its share
+    // of the slots back from the member left.
+    let st = admin
+        .rebalance(RebalanceRequest {
+            drain: vec![],
+            restore: vec![drained],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(st.members.iter().all(|m| !m.drained), "{st:?}");
+    eventually_within(LONG, "the restored member owns half the slots", || async {
+        (owned(cluster.node(d)) == Some(SLOTS as u64 / 2)).then_some(())
+    })
+    .await;
+}

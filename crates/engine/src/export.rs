@@ -201,7 +201,7 @@ mod tests {
         assert_eq!(
             items,
             vec![
-                "Counters { last_token: 5, last_attempt: 5, slots: SlotMap { version: 0, owners: [] } }"
+                "Counters { last_token: 5, last_attempt: 5, slots: SlotMap { version: 0, owners: [], drained: [] } }"
                     .to_string()
             ]
         );

@@ -63,6 +63,10 @@ pub struct SlotMap {
     pub version: u64,
     /// The owner of each slot, by slot; empty before the first assignment.
     pub owners: Vec<NodeId>,
+    /// Members an operator drained (`arbiter cluster rebalance --drain`):
+    /// given no slots while any other member can own them. Sorted.
+    #[serde(default)]
+    pub drained: Vec<NodeId>,
 }
 
 impl SlotMap {
@@ -89,11 +93,25 @@ impl SlotMap {
     /// one slot more on some than on others), moving as few slots as it
     /// can: a slot stays with its owner while that owner is a member and
     /// not above its share. `None` when this map is that already, or there
-    /// are no members.
+    /// are no members. Drained members own nothing, unless no other
+    /// member is left.
     pub fn rebalanced(&self, members: &[NodeId]) -> Option<SlotMap> {
+        self.rebalanced_with(members, &self.drained)
+    }
+
+    /// [`rebalanced`](Self::rebalanced) with `drained` as the drained
+    /// members (the next map keeps them); `Some` also when only the
+    /// drained set changes.
+    pub fn rebalanced_with(&self, members: &[NodeId], drained: &[NodeId]) -> Option<SlotMap> {
+        let mut drained: Vec<NodeId> = drained.to_vec();
+        drained.sort_unstable();
+        drained.dedup();
         let mut members: Vec<NodeId> = members.to_vec();
         members.sort_unstable();
         members.dedup();
+        if members.iter().any(|m| !drained.contains(m)) {
+            members.retain(|m| !drained.contains(m));
+        }
         if members.is_empty() {
             return None;
         }
@@ -126,9 +144,10 @@ impl SlotMap {
                 })
             })
             .collect();
-        (owners != self.owners).then(|| SlotMap {
+        (owners != self.owners || drained != self.drained).then(|| SlotMap {
             version: self.version + 1,
             owners,
+            drained,
         })
     }
 }
@@ -185,6 +204,19 @@ mod tests {
             }
         }
         // It comes back: it takes slots only from those above their share.
+        let drained = first.rebalanced_with(&[1, 2, 3], &[3]).unwrap();
+        assert_eq!(drained.drained, [3]);
+        assert_eq!(drained.owners, two.owners, "as if 3 were gone");
+        assert_eq!(drained.rebalanced(&[1, 2, 3]), None, "a drain stays");
+        let alone = drained.rebalanced_with(&[3], &[3]).unwrap();
+        assert_eq!(
+            alone.counts().get(&3),
+            Some(&SLOTS),
+            "unless no one else is left"
+        );
+        let restored = drained.rebalanced_with(&[1, 2, 3], &[]).unwrap();
+        assert!(restored.drained.is_empty());
+        assert_eq!(restored.counts().get(&3), Some(&341));
         let back = two.rebalanced(&[1, 2, 3]).unwrap();
         let moved = (0..SLOTS)
             .filter(|s| back.owner(*s) != two.owner(*s))

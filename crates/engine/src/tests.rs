@@ -756,7 +756,11 @@ fn a_sync_applies_only_the_cells_of_slots_its_decider_owns() {
     let owners = (0..crate::SLOTS)
         .map(|s| if s == slot_of("a") { 1 } else { 2 })
         .collect();
-    let map = SlotMap { version: 1, owners };
+    let map = SlotMap {
+        version: 1,
+        owners,
+        drained: vec![],
+    };
     assert_eq!(
         replica
             .apply(Command::AssignSlots(map.clone()), 0)
