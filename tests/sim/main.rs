@@ -40,7 +40,7 @@ use arbiter::engine::{
     Acquire, Begin, BeginOutcome, Complete, LimitCheck, LimitDef, LimitResult, Renew,
 };
 use arbiter::node::GetRecord;
-use arbiter::node::{AddMember, Change, GetLease, RemoveMember, SlotOwners};
+use arbiter::node::{AddMember, Change, GetLease, Rebalance, RemoveMember, SlotOwners};
 
 use cluster::{Answer, Cluster};
 use disk::Loss;
@@ -587,6 +587,40 @@ struct MemberChange {
     rng: Rng,
 }
 
+/// An operator drains one member of its rate-limit slots before fault
+/// `at` and restores it two faults later (`arbiter cluster rebalance`).
+struct Drain {
+    at: usize,
+    node: u64,
+    rng: Rng,
+}
+
+/// Asks a random member to drain or restore `node`, retrying until one
+/// answers (a fault may be under way); the calls made.
+async fn rebalance(c: &Cluster, rng: &mut Rng, node: u64, drain: bool) -> Result<usize, String> {
+    let op = Rebalance {
+        drain: if drain { vec![node] } else { vec![] },
+        restore: if drain { vec![] } else { vec![node] },
+    };
+    let deadline = c.now() + MEMBERSHIP_WITHIN_MS;
+    let mut calls = 0;
+    while c.now() < deadline {
+        calls += 1;
+        let via = c.pick(rng);
+        match c.call(via, op.clone()).await {
+            Answer::Ok(_) => return Ok(calls),
+            // Not a voter now (removed by the membership change): nothing
+            // to drain or restore.
+            Answer::Unknown(why) if why.contains("not a voter") => return Ok(calls),
+            _ => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+    Err(format!(
+        "{} node {node} not done within {MEMBERSHIP_WITHIN_MS} ms",
+        if drain { "draining" } else { "restoring" }
+    ))
+}
+
 /// How long a membership change may take, faults and all.
 const MEMBERSHIP_WITHIN_MS: u64 = 20_000;
 
@@ -639,6 +673,7 @@ async fn nemesis(
     mut rng: Rng,
     until: u64,
     mut member: Option<MemberChange>,
+    mut drain: Option<Drain>,
 ) -> Result<(Vec<String>, String), String> {
     let mut log = Vec::new();
     let ids = c.ids();
@@ -657,6 +692,28 @@ async fn nemesis(
                 ));
                 if add {
                     member = None;
+                }
+            }
+        }
+        if let Some(d) = drain.as_mut() {
+            if round == d.at || round == d.at + 2 {
+                let draining = round == d.at;
+                let calls = rebalance(&c, &mut d.rng, d.node, draining).await?;
+                if std::env::var_os("SIM_DEBUG").is_some() {
+                    eprintln!("{} ms: node {} drained: {draining}", c.now(), d.node);
+                }
+                log.push(format!(
+                    "{} ms: node {} {} ({calls} calls)",
+                    c.now(),
+                    d.node,
+                    if draining {
+                        "drained of its slots"
+                    } else {
+                        "restored"
+                    }
+                ));
+                if !draining {
+                    drain = None;
                 }
             }
         }
@@ -900,7 +957,17 @@ async fn run(seed: u64, owners: SlotOwners) -> Result<Run, String> {
             rng: m.fork(),
         })
     };
-    let (faults, power_loss) = nemesis(c.clone(), rng.fork(), until, member).await?;
+    // With the slots spread, half the seeds drain a member for two faults,
+    // with draws of their own.
+    let drain = {
+        let mut d = Rng::new(seed ^ 0x4452_4149_4e53_4c54);
+        (owners == SlotOwners::Spread && d.chance(50)).then(|| Drain {
+            at: d.below(4) as usize,
+            node: pick(&mut d, &c.ids()),
+            rng: d.fork(),
+        })
+    };
+    let (faults, power_loss) = nemesis(c.clone(), rng.fork(), until, member, drain).await?;
     for client in clients {
         client
             .await
