@@ -428,6 +428,23 @@ class Worker(threading.Thread):
         rl, rl_grpc = self.pb.rl, self.pb.rl_grpc
         key = self.rng.choice(self.run_["limit_keys"])
         limit = rl.Limit(token_bucket=rl.TokenBucket(capacity=CAPACITY, refill_tokens=PER_S, refill_interval_ms=1000))
+        others = [k for k in self.run_["limit_keys"] if k != key]
+        if others and self.rng.random() < 0.3:
+            # All or nothing with another key (with spread slots, often of
+            # another owner: reserved and confirmed at each). Recorded as one
+            # check per key, with the call's times and status.
+            other = self.rng.choice(others)
+            req = rl.CheckRequest(all_or_nothing=True, checks=[
+                rl.LimitCheck(key=key, limit=limit, cost=1), rl.LimitCheck(key=other, limit=limit, cost=1)])
+
+            def both(ch):
+                rs = rl_grpc.RateLimiterStub(ch).Check(req, timeout=CALL_S).results
+                return {"allowed": rs[0].allowed, "with": {other: rs[1].allowed}}
+            o = self.call("check", key, {"cost": 1, "with": other}, both)
+            if o is not None:
+                out = None if o["out"] is None else {"allowed": o["out"]["with"][other]}
+                self.history.append(dict(o, key=other, out=out, args={"cost": 1, "with": key}))
+            return
         req = rl.CheckRequest(checks=[rl.LimitCheck(key=key, limit=limit, cost=1)])
         self.call("check", key, {"cost": 1}, lambda ch: {
             "allowed": rl_grpc.RateLimiterStub(ch).Check(req, timeout=CALL_S).results[0].allowed})
