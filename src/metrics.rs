@@ -20,7 +20,7 @@ use tokio::net::TcpListener;
 use crate::node::Node;
 
 /// The RPCs whose calls are recorded: (gRPC path, metric label).
-const RPCS: [(&str, &str); 14] = [
+const RPCS: [(&str, &str); 15] = [
     ("/arbiter.v1.RateLimiter/Check", "Check"),
     ("/arbiter.v1.Leases/Acquire", "Acquire"),
     ("/arbiter.v1.Leases/Renew", "Renew"),
@@ -34,6 +34,7 @@ const RPCS: [(&str, &str); 14] = [
     ("/arbiter.v1.Cluster/Status", "ClusterStatus"),
     ("/arbiter.v1.Cluster/AddMember", "AddMember"),
     ("/arbiter.v1.Cluster/RemoveMember", "RemoveMember"),
+    ("/arbiter.v1.Cluster/Rebalance", "Rebalance"),
     (
         "/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit",
         "ShouldRateLimit",

@@ -553,6 +553,19 @@ async fn only_an_admin_changes_membership() {
         .remove_member(arbiter::proto::RemoveMemberRequest { id: 1 })
         .await;
     assert_eq!(code(r), Code::FailedPrecondition);
+    // Moving rate-limit slots is for admins too (and this single node does
+    // not spread its slots, which it then says).
+    let rebalance = || arbiter::proto::RebalanceRequest {
+        drain: vec![1],
+        restore: vec![],
+    };
+    let r = ClusterClient::new(s.conn(Some(&s.alice), None).await)
+        .rebalance(rebalance())
+        .await;
+    assert_eq!(code(r), Code::PermissionDenied);
+    let r = ops.rebalance(rebalance()).await.unwrap_err();
+    assert_eq!(r.code(), Code::FailedPrecondition, "{r:?}");
+    assert!(r.message().contains("--slot-owners spread"), "{r:?}");
 }
 
 #[tokio::test]
