@@ -9,6 +9,11 @@
 # that keeps the slot map sends them.
 #
 #   benches/slots.sh      # ROUNDS=3 DURATION=10 KEYS=100000
+#
+# CONFIGS=spanning runs instead two-check calls, all or nothing or not: on
+# one node; over the spread cluster's members (random keys, so about two in
+# three calls span two owners and are reserved and confirmed at each); and
+# routed (both keys from one owner's slots, decided there at once).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-3}
@@ -75,6 +80,14 @@ bench() { # label servers targets batch [extra...]: servers names the PIDS measu
 
 for r in $(seq "$ROUNDS"); do
   echo "round $r" >&2
+  if [ "${CONFIGS:-all}" = spanning ]; then
+    bench "batch2-one-node" one "$(targets "$one")" 2
+    bench "batch2-one-node-aon" one "$(targets "$one")" 2 --all-or-nothing
+    bench "batch2-slots-spread" "$spread" "$(targets "${spread_c[@]}")" 2
+    bench "batch2-slots-spread-aon" "$spread" "$(targets "${spread_c[@]}")" 2 --all-or-nothing
+    bench "batch2-slots-routed-aon" "$spread" "$(targets "${spread_c[@]}")" 2 --route slots --all-or-nothing
+    continue
+  fi
   bench "unary-one-node" one "$(targets "$one")" 1
   bench "unary-leader-decides-spread" "$lead" "$(targets "${lead_c[@]}")" 1
   bench "unary-slots-spread" "$spread" "$(targets "${spread_c[@]}")" 1
@@ -99,7 +112,7 @@ for line in open(sys.argv[2]):
     label, ticks = line.split()
     cpu.setdefault(label, []).append(int(ticks) / int(sys.argv[3]))
 run_s = float(sys.argv[4]) + float(sys.argv[5])
-base = {"unary": None, "batch100": None}
+base = {}
 print(f"| configuration | decisions/s (median of {len(next(iter(rows.values())))}) | each round | p50 ms | p99 ms | errors | vs one node | server CPU µs/decision |")
 first_errors = {label: r["first_error"] for label, rs in rows.items() for r in rs if r.get("first_error")}
 print("| --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -107,8 +120,7 @@ for label, rs in rows.items():
     d = [r["decisions_per_sec"] for r in rs]
     med = statistics.median(d)
     kind = label.split("-")[0]
-    if base[kind] is None:
-        base[kind] = med
+    base.setdefault(kind, med)
     p50 = statistics.median(r["latency_us"]["p50"] for r in rs) / 1000
     p99 = statistics.median(r["latency_us"]["p99"] for r in rs) / 1000
     errors = sum(r["errors"] for r in rs)

@@ -39,7 +39,7 @@ use tokio::time::Instant;
 use super::operations::Operation;
 use super::routing::{Router, OWNER_WAIT};
 use super::NodeError;
-use crate::engine::{EngineError, KeyQuota, LimitCheck, LimitResult};
+use crate::engine::{none_consumed, EngineError, KeyQuota, LimitCheck, LimitResult};
 use crate::raft::NodeId;
 
 /// How long an owner keeps a reservation that is neither confirmed nor
@@ -170,19 +170,6 @@ impl Holds {
 
 fn count(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
-}
-
-/// An all-or-nothing batch that was denied: nothing it would have consumed
-/// was, so no check in it is allowed.
-fn none_consumed(results: &mut [LimitResult], checks: &[LimitCheck]) {
-    for (r, c) in results.iter_mut().zip(checks) {
-        if r.allowed {
-            r.allowed = false;
-            if !c.dry_run {
-                r.remaining = r.remaining.saturating_add(c.cost).min(r.limit);
-            }
-        }
-    }
 }
 
 impl Router {

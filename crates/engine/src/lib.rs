@@ -25,7 +25,8 @@ pub use export::Item;
 pub use idempotency::{BeginOutcome, Record, RecordQuota, RecordState, RecordTable};
 pub use leases::{Lease, LeaseEvent, LeaseEventKind, LeaseTable};
 pub use limits::{
-    Cell, KeyQuota, LimitCheck, LimitDef, LimitResult, LimitTable, CELL_BYTES, MAX_WINDOW_MS,
+    none_consumed, Cell, KeyQuota, LimitCheck, LimitDef, LimitResult, LimitTable, CELL_BYTES,
+    MAX_WINDOW_MS,
 };
 pub use ops::{Abort, Acquire, Acquired, Begin, Command, Complete, Outcome, Release, Renew, Write};
 pub use slots::{slot_of, SlotMap, SLOTS};

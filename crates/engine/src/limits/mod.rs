@@ -11,7 +11,7 @@ mod token_bucket;
 
 use serde::{Deserialize, Serialize};
 
-pub use table::{KeyQuota, LimitTable};
+pub use table::{none_consumed, KeyQuota, LimitTable};
 
 /// Largest capacity / limit / refill amount accepted (10^15).
 pub const MAX_AMOUNT: u64 = 1_000_000_000_000_000;

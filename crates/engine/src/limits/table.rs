@@ -530,7 +530,7 @@ impl LimitTable {
 
 /// An all-or-nothing batch that was denied: a check that would have passed
 /// is denied too, and nothing it would have consumed was.
-fn none_consumed(results: &mut [LimitResult], checks: &[LimitCheck]) {
+pub fn none_consumed(results: &mut [LimitResult], checks: &[LimitCheck]) {
     for (r, c) in results.iter_mut().zip(checks) {
         if r.allowed {
             r.allowed = false;
