@@ -2,7 +2,7 @@
 CARGO ?= cargo
 JOBS ?= 2
 
-.PHONY: run test server-bin test-rust test-sim-replay test-python test-python-client test-helm e2e nemesis image bench lint fmt
+.PHONY: run test server-bin test-rust test-sim-replay test-python test-python-client test-helm test-monitoring e2e nemesis image bench lint fmt
 
 run:
 	$(CARGO) run -j$(JOBS) --release -- serve
@@ -12,7 +12,7 @@ run:
 # without the dev-dependency feature `test-util`). More seeds of the
 # simulated cluster run by hand (`make test-sim-replay`, recorded in
 # docs/RELIABILITY.md).
-test: test-rust test-python test-python-client test-helm
+test: test-rust test-python test-python-client test-helm test-monitoring
 
 test-rust:
 	$(CARGO) test -j$(JOBS) --workspace
@@ -45,6 +45,14 @@ test-python-client: server-bin
 test-helm:
 	python3 -m pip install --quiet --disable-pip-version-check -r helm/tests/requirements.txt
 	python3 -m pytest -q helm/tests
+
+# The Grafana dashboard's queries through a real Prometheus scraping a
+# 3-node cluster under load (the alerts' promtool tests are in test-helm).
+# Both need Debian's `prometheus` package (promtool with it); without it
+# they skip, except under CI.
+test-monitoring: server-bin
+	python3 -m pip install --quiet --disable-pip-version-check -r clients/python/tests/requirements.txt ./clients/python
+	python3 -m pytest -q tests/monitoring
 
 # Fault tests on a 3-container cluster (needs a Docker engine).
 e2e:

@@ -112,7 +112,38 @@ VARIANTS = [
     ["tls.client.secretName=arbiter-client-tls", "auth.secretName=arbiter-auth", "auth.key=rules.yaml"],
     ["tls.peer.mode=none", "auth.secretName=arbiter-auth", "networkPolicy.enabled=false"],
     ["tls.peer.mode=certManager", "tls.peer.certManager.issuerRef.name=ca-issuer"],
+    ["alerts.enabled=true", "alerts.labels.release=kube-prometheus", "dashboards.enabled=true",
+     "dashboards.annotations.grafana_folder=Platform"],
 ]
+
+# The PrometheusRule fields the chart sets (monitoring.coreos.com/v1).
+PROMETHEUS_RULE_SCHEMA = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"},
+        "spec": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["groups"],
+            "properties": {"groups": {"type": "array", "minItems": 1, "items": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["name", "rules"],
+                "properties": {"name": {"type": "string"}, "rules": {"type": "array", "items": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "required": ["alert", "expr"],
+                    "properties": {"alert": {"type": "string"}, "expr": {"type": "string"},
+                                   "for": {"type": "string"},
+                                   "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+                                   "annotations": {"type": "object",
+                                                   "additionalProperties": {"type": "string"}}},
+                }}},
+            }}},
+        },
+    },
+}
 
 
 # The cert-manager Certificate fields the chart sets (cert-manager.io/v1).
@@ -150,6 +181,8 @@ def validate(manifest, version):
         return
     if manifest["kind"] == "ServiceMonitor":
         jsonschema.validate(manifest, SERVICE_MONITOR_SCHEMA)
+    elif manifest["kind"] == "PrometheusRule":
+        jsonschema.validate(manifest, PROMETHEUS_RULE_SCHEMA)
     else:
         kubernetes_validate.validate(manifest, version, strict=True)
 

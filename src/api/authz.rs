@@ -176,6 +176,7 @@ pub fn authorize<S: Scoped + ?Sized>(caller: &Caller, op: &S) -> Result<(), Stat
             acts_as,
         } => {
             if let Some(principal) = acts_as.filter(|p| *p != caller.name()) {
+                crate::security::auth::refused(caller.name(), "permission_denied");
                 return Err(Status::permission_denied(format!(
                     "a call for principal {principal:?} was made as {:?}",
                     caller.name()

@@ -177,6 +177,10 @@ where
                             .insert(crate::security::auth::Identified(p));
                     }
                     None => {
+                        crate::security::auth::refused(
+                            crate::security::auth::UNIDENTIFIED,
+                            "unauthenticated",
+                        );
                         let refused =
                             tonic::Status::unauthenticated(crate::security::auth::UNKNOWN_CALLER);
                         return Gated::Refused {

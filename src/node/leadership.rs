@@ -146,9 +146,20 @@ impl Leadership {
     /// notes when leadership begins. Ends when told to stop.
     pub async fn run_voter_watch(self: Arc<Self>, stop: Stopping) {
         let mut server = self.view.changes();
+        let changes = metrics::counter!("arbiter_raft_leader_changes_total");
+        let mut known = None;
         loop {
             self.lease.set_voters(self.view.id(), self.view.voters());
             self.note_leadership();
+            // A leader this node had not known (in a term it had not seen
+            // one in): counted once per term it learns of a leader in.
+            let (leader, term) = self.view.leader_and_term();
+            if leader.is_some() && known != Some(term) {
+                if known.is_some() {
+                    changes.increment(1);
+                }
+                known = Some(term);
+            }
             tokio::select! {
                 biased;
                 r = server.changed() => if r.is_err() { return },

@@ -79,6 +79,7 @@ impl LimitSync {
             let mut entries = entries.into_iter();
             while let Some(cells) = entries.next() {
                 let n = cells.len();
+                metrics::counter!("arbiter_limit_sync_cells_total").increment(n as u64);
                 let keys: Vec<String> = cells.iter().map(|(k, _)| k.clone()).collect();
                 if let Err(e) = self.slots.send_sync(self.boot_id, cells).await {
                     // Sent again next time (as they are then), with those
@@ -115,6 +116,7 @@ impl LimitSync {
                     break;
                 }
                 let n = cells.len();
+                metrics::counter!("arbiter_limit_sync_cells_total").increment(n as u64);
                 // With spread slots, what fails is sent again (see
                 // `send_changed_limits`); a leader deciding every key
                 // that fails has lost its leadership, and its successor

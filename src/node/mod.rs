@@ -137,6 +137,16 @@ impl Node {
         self.engine.counts()
     }
 
+    /// The engine's caps.
+    pub fn engine_config(&self) -> crate::engine::EngineConfig {
+        self.engine.config()
+    }
+
+    /// Live leases lapsing within `within_ms` from now.
+    pub fn leases_expiring(&self, within_ms: u64) -> usize {
+        self.engine.leases_expiring(self.now_ms(), within_ms)
+    }
+
     /// Lease watches being served.
     pub fn watchers(&self) -> usize {
         self.watchers.active()

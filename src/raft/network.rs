@@ -331,6 +331,13 @@ impl PeerClient {
         let mut client = RaftPeerClient::new(channel)
             .max_decoding_message_size(PEER_MESSAGE_LIMIT)
             .max_encoding_message_size(PEER_MESSAGE_LIMIT);
+        let kind = match call {
+            Call::Append => "append",
+            Call::Vote => "vote",
+            Call::Snapshot => "snapshot",
+        };
+        metrics::counter!("arbiter_raft_sent_bytes_total", "kind" => kind)
+            .increment(prost::Message::encoded_len(&message) as u64);
         let request = with_cluster(message, &self.cluster, timeout);
         let reply = match call {
             Call::Append => client.append_entries(request).await,

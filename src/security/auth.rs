@@ -331,7 +331,10 @@ impl Caller {
         auth.current()
             .identify(request.extensions().get::<ConnInfo>(), authorization)
             .map(Caller::Principal)
-            .ok_or_else(|| Status::unauthenticated(UNKNOWN_CALLER))
+            .ok_or_else(|| {
+                refused(UNIDENTIFIED, "unauthenticated");
+                Status::unauthenticated(UNKNOWN_CALLER)
+            })
     }
 
     /// The caller a follower forwarded a call for (by name, in
@@ -371,10 +374,13 @@ impl Caller {
         match self {
             Caller::Anyone => Ok(()),
             Caller::Principal(p) if p.may_use(key) => Ok(()),
-            Caller::Principal(p) => Err(Status::permission_denied(format!(
-                "principal {:?} may not use {what} {key:?}: it is outside its namespaces {:?}",
-                p.name, p.namespaces
-            ))),
+            Caller::Principal(p) => {
+                refused(&p.name, "permission_denied");
+                Err(Status::permission_denied(format!(
+                    "principal {:?} may not use {what} {key:?}: it is outside its namespaces {:?}",
+                    p.name, p.namespaces
+                )))
+            }
         }
     }
 
@@ -388,6 +394,7 @@ impl Caller {
         };
         let rules = auth.current();
         let Some(now) = rules.principal(&p.name) else {
+            refused(&p.name, "unauthenticated");
             return Err(Status::unauthenticated(format!(
                 "principal {:?} was removed from the auth file",
                 p.name
@@ -416,12 +423,31 @@ impl Caller {
         match self {
             Caller::Anyone => Ok(()),
             Caller::Principal(p) if p.admin => Ok(()),
-            Caller::Principal(p) => Err(Status::permission_denied(format!(
-                "{call} needs an admin principal; {:?} is not one",
-                p.name
-            ))),
+            Caller::Principal(p) => {
+                refused(&p.name, "permission_denied");
+                Err(Status::permission_denied(format!(
+                    "{call} needs an admin principal; {:?} is not one",
+                    p.name
+                )))
+            }
         }
     }
+}
+
+/// The `principal` label of a refusal whose caller the auth file does not
+/// know.
+pub const UNIDENTIFIED: &str = "(unidentified)";
+
+/// Counts a call refused to `principal` (`arbiter_auth_refusals_total`):
+/// labelled by the auth file's principals only, so the series are as few
+/// as they are.
+pub fn refused(principal: &str, code: &'static str) {
+    metrics::counter!(
+        "arbiter_auth_refusals_total",
+        "principal" => principal.to_owned(),
+        "code" => code
+    )
+    .increment(1);
 }
 
 #[cfg(test)]

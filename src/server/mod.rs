@@ -123,7 +123,10 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Started, Ser
         .membership(addrs.peer, hostname.as_deref())
         .map_err(ServerError::Cluster)?;
 
-    let metrics = Arc::new(Metrics::new());
+    let metrics = Arc::new(Metrics::new().with_bounds(crate::metrics::Bounds {
+        memory_budget_bytes: (config.memory_budget_mib as u64) << 20,
+        max_watchers: config.max_watchers as u64,
+    }));
     ::metrics::gauge!("arbiter_insecure_peer_port").set(if tls.insecure_peers { 1.0 } else { 0.0 });
     let node = Node::start(node_options(&config, membership, clock, &tls)).await?;
 

@@ -235,6 +235,7 @@ impl RaftSnapshotBuilder<TypeConfig> for Builder {
         .await
         .map_err(|e| sm_err(ErrorVerb::Write, e))?
         .map_err(|e| sm_err(ErrorVerb::Write, e))?;
+        metrics::counter!("arbiter_snapshots_total", "how" => "built").increment(1);
         Ok(Snapshot {
             meta: self.meta.clone(),
             snapshot: Box::new(self.snapshots.wrap(file)),
@@ -362,6 +363,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.membership = meta.last_membership.clone();
         (self.observer.replaced)();
         (self.observer.slots)(self.engine.slots().version);
+        metrics::counter!("arbiter_snapshots_total", "how" => "installed").increment(1);
         Ok(())
     }
 

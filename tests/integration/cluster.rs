@@ -476,6 +476,11 @@ async fn leader_kill9_under_writes_loses_nothing_and_fails_over_quickly() {
         failover < Duration::from_secs(3),
         "new leader serving after {failover:?}"
     );
+    // Each survivor counted the change of leader it learnt of.
+    for &i in &survivors {
+        let changes = metric(cluster.node(i), "arbiter_raft_leader_changes_total");
+        assert!(changes >= 1.0, "node {i}: {changes} leader changes");
+    }
     // Keep writing a little under the new leader, then stop.
     eventually("writes after the failover", || async {
         c.clone()
@@ -620,6 +625,19 @@ async fn a_node_down_during_compaction_catches_up_from_a_snapshot() {
     for i in 0..100 {
         c.acquire(acquire(&format!("snap-{i}"), "h")).await.unwrap();
     }
+    // The leader shows the member down as behind by at least those writes,
+    // the other as caught up, and the snapshots it built.
+    let lag = |cluster: &Cluster| {
+        let series = format!(
+            "arbiter_raft_follower_lag_entries{{peer=\"{}\"}}",
+            lagger + 1
+        );
+        metric(cluster.node(leader), &series)
+    };
+    assert!(lag(&cluster) >= 100.0, "lagger {} behind", lag(&cluster));
+    assert_eq!(metric(cluster.node(writer), "arbiter_raft_is_leader"), 0.0);
+    let built = r#"arbiter_snapshots_total{how="built"}"#;
+    assert!(metric(cluster.node(leader), built) >= 1.0);
     // The follower forwarded them, and the leader served them for it.
     let sent = forwarded(cluster.node(writer), "Acquire", "sent");
     let served = forwarded(cluster.node(leader), "Acquire", "served");
@@ -637,6 +655,19 @@ async fn a_node_down_during_compaction_catches_up_from_a_snapshot() {
         .unwrap()
         .into_inner();
     assert!(status.applied_index >= 100, "{status:?}");
+    let installed = r#"arbiter_snapshots_total{how="installed"}"#;
+    assert!(metric(node, installed) >= 1.0);
+    eventually("the leader to see the lagger caught up", || {
+        let caught_up = lag(&cluster) < 100.0;
+        async move { caught_up.then_some(()) }
+    })
+    .await;
+}
+
+/// The value of one series (name and labels as rendered) on `node`'s
+/// metrics endpoint.
+fn metric(node: &Server, series: &str) -> f64 {
+    crate::support::metric(node.metrics, series).unwrap_or_else(|| panic!("no {series}"))
 }
 
 /// `arbiter_forwarded_calls_total{op, direction}` on `node`'s metrics

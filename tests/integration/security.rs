@@ -280,6 +280,22 @@ async fn plaintext_to_a_tls_port_fails_and_unknown_callers_are_unauthenticated()
         r#"arbiter_rpc_failures_total{rpc="ClusterStatus"}"#,
     );
     assert_eq!(failed, Some(1.0), "ClusterStatus failures");
+    // And by principal: the three unknown callers, and ci's one call
+    // outside its namespaces.
+    let refusals = |labels: &str| {
+        crate::support::metric(
+            s.server.metrics,
+            &format!("arbiter_auth_refusals_total{{{labels}}}"),
+        )
+    };
+    assert_eq!(
+        refusals(r#"principal="(unidentified)",code="unauthenticated""#),
+        Some(3.0)
+    );
+    assert_eq!(
+        refusals(r#"principal="ci",code="permission_denied""#),
+        Some(1.0)
+    );
 }
 
 #[tokio::test]

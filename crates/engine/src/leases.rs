@@ -184,6 +184,16 @@ impl LeaseTable {
         self.held.is_empty()
     }
 
+    /// Live leases whose deadline falls within `within_ms` after `now_ms`
+    /// (lapsed ones not yet swept are not counted).
+    pub fn expiring(&self, now_ms: u64, within_ms: u64) -> usize {
+        let until = now_ms.saturating_add(within_ms);
+        self.deadlines
+            .range((now_ms.saturating_add(1), String::new())..)
+            .take_while(|(deadline, _)| *deadline <= until)
+            .count()
+    }
+
     pub fn last_token(&self) -> u64 {
         self.last_token
     }
@@ -459,6 +469,23 @@ mod tests {
         t.acquire("a", "pod", 100, 10, ev).unwrap();
         t.release("a", "pod", u64::MAX, 20, ev).unwrap();
         assert!(t.acquire("a", "pod", 100, 30, ev).is_err());
+    }
+
+    /// Leases lapsing within a window: lapsed ones and those beyond the
+    /// window are not counted, and the window's end is.
+    #[test]
+    fn expiring_counts_live_leases_lapsing_within_the_window() {
+        let mut t = LeaseTable::new(10);
+        let ev = &mut Vec::new();
+        for (name, ttl) in [("a", 100), ("b", 500), ("c", 1_000), ("d", 5_000)] {
+            t.acquire(name, "pod", ttl, 0, ev).unwrap();
+        }
+        assert_eq!(t.expiring(0, 1_000), 3);
+        assert_eq!(t.expiring(0, 999), 2);
+        // "a" lapsed at 100 (unswept): not live, not counted.
+        assert_eq!(t.expiring(100, 900), 2);
+        assert_eq!(t.expiring(100, 10_000), 3);
+        assert_eq!(t.expiring(6_000, 10_000), 0);
     }
 
     #[test]

@@ -360,6 +360,16 @@ impl Engine {
         }
     }
 
+    /// The caps it was made with.
+    pub fn config(&self) -> EngineConfig {
+        self.config
+    }
+
+    /// Live leases lapsing within `within_ms` of `now_ms`.
+    pub fn leases_expiring(&self, now_ms: u64, within_ms: u64) -> usize {
+        self.tables().leases.expiring(now_ms, within_ms)
+    }
+
     pub fn snapshot(&self) -> Snapshot {
         let d = self.tables();
         Snapshot {

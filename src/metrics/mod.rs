@@ -19,6 +19,9 @@ use tokio::net::TcpListener;
 
 use crate::node::Node;
 
+mod standing;
+pub use standing::Bounds;
+
 /// The RPCs whose calls are recorded: (gRPC path, metric label).
 const RPCS: [(&str, &str); 15] = [
     ("/arbiter.v1.RateLimiter/Check", "Check"),
@@ -72,6 +75,7 @@ pub struct Metrics {
     held: Gauge,
     spanning: Counter,
     unconfirmed: Counter,
+    bounds: Bounds,
 }
 
 impl Default for Metrics {
@@ -82,6 +86,17 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
+        // Counted where they happen, registered here so that a scrape shows
+        // them at 0 before the first.
+        for how in ["built", "installed"] {
+            counter!("arbiter_snapshots_total", "how" => how).increment(0);
+        }
+        for kind in ["append", "vote", "snapshot"] {
+            counter!("arbiter_raft_sent_bytes_total", "kind" => kind).increment(0);
+        }
+        counter!("arbiter_limit_sync_cells_total").increment(0);
+        counter!("arbiter_raft_leader_changes_total").increment(0);
+        counter!("arbiter_tls_handshake_failures_total").increment(0);
         Self {
             allowed: counter!("arbiter_decisions_total", "result" => "allowed"),
             denied: counter!("arbiter_decisions_total", "result" => "denied"),
@@ -103,7 +118,14 @@ impl Metrics {
             held: gauge!("arbiter_reservations_held"),
             spanning: counter!("arbiter_spanning_calls_total"),
             unconfirmed: counter!("arbiter_spanning_calls_unconfirmed_total"),
+            bounds: Bounds::default(),
         }
+    }
+
+    /// With the bounds a scrape reports beside the engine's caps.
+    pub fn with_bounds(mut self, bounds: Bounds) -> Self {
+        self.bounds = bounds;
+        self
     }
 
     pub fn decisions(&self, allowed: u64, denied: u64) {
@@ -320,7 +342,10 @@ fn respond(
             (
                 StatusCode::OK,
                 "text/plain; version=0.0.4",
-                handle.render() + &metrics.render_latency() + &render_forwarded(node),
+                handle.render()
+                    + &metrics.render_latency()
+                    + &render_forwarded(node)
+                    + &standing::render(node, metrics.bounds),
             )
         }
         "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
