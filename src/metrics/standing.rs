@@ -6,8 +6,6 @@
 
 use std::fmt::Write as _;
 
-use openraft::ServerState;
-
 use crate::config::{BYTES_PER_LEASE, BYTES_PER_LIMIT_KEY, BYTES_PER_RECORD};
 use crate::node::Node;
 
@@ -57,30 +55,29 @@ pub fn render(node: &Node, bounds: Bounds) -> String {
 }
 
 fn render_raft(node: &Node, f: &mut Family<'_>) {
-    let m = node.raft().metrics().borrow().clone();
-    let last_log = m.last_log_index.unwrap_or(0);
-    let applied = m.last_applied.map_or(0, |l| l.index);
-    let leading = m.state == ServerState::Leader;
+    let standing = node.standing();
+    let log = node.replication();
+    let leading = standing.role == "Leader";
     f.gauge("arbiter_node_id", "This node's id.", node.id())
         .gauge(
             "arbiter_raft_term",
             "The Raft term this node is in.",
-            m.current_term,
+            standing.term,
         )
         .gauge(
             "arbiter_raft_has_leader",
             "1 while this node knows a leader of its term, 0 otherwise.",
-            u8::from(m.current_leader.is_some()),
+            u8::from(standing.leader.is_some()),
         )
         .gauge(
             "arbiter_raft_leader_id",
             "The leader this node knows (0 when it knows none).",
-            m.current_leader.unwrap_or(0),
+            standing.leader.unwrap_or(0),
         )
         .gauge(
             "arbiter_raft_voters",
             "Voters in the membership this node knows.",
-            m.membership_config.membership().voter_ids().count(),
+            standing.members.iter().filter(|m| m.voter).count(),
         )
         .gauge(
             "arbiter_raft_is_leader",
@@ -92,35 +89,33 @@ fn render_raft(node: &Node, f: &mut Family<'_>) {
         "gauge",
         "1 for this node's Raft role, 0 for the others.",
     );
-    for (state, name) in [
-        (ServerState::Leader, "Leader"),
-        (ServerState::Follower, "Follower"),
-        (ServerState::Candidate, "Candidate"),
-        (ServerState::Learner, "Learner"),
-        (ServerState::Shutdown, "Shutdown"),
-    ] {
-        let labels = format!("state=\"{name}\"");
-        f.sample("arbiter_raft_state", &labels, u8::from(m.state == state));
+    for role in ["Leader", "Follower", "Candidate", "Learner", "Shutdown"] {
+        let labels = format!("state=\"{role}\"");
+        f.sample(
+            "arbiter_raft_state",
+            &labels,
+            u8::from(standing.role == role),
+        );
     }
     f.gauge(
         "arbiter_raft_last_log_index",
         "Index of the last entry in this node's log.",
-        last_log,
+        log.last_log_index,
     )
     .gauge(
         "arbiter_raft_applied_index",
         "Index of the last entry applied to this node's state.",
-        applied,
+        standing.applied_index,
     )
     .gauge(
         "arbiter_raft_apply_lag_entries",
         "Entries in this node's log not yet applied to its state.",
-        last_log.saturating_sub(applied),
+        log.last_log_index.saturating_sub(standing.applied_index),
     )
     .gauge(
         "arbiter_raft_snapshot_index",
         "Index of the last entry in this node's latest snapshot (0: none).",
-        m.snapshot.map_or(0, |l| l.index),
+        log.snapshot_index,
     );
     f.start(
         "arbiter_raft_follower_lag_entries",
@@ -128,27 +123,18 @@ fn render_raft(node: &Node, f: &mut Family<'_>) {
         "On the leader, per member it replicates to: entries of the leader's log the member has \
          not confirmed.",
     );
-    if let Some(replication) = m.replication.as_ref().filter(|_| leading) {
-        for (peer, matched) in replication.iter().filter(|(p, _)| **p != node.id()) {
-            let lag = last_log.saturating_sub(matched.map_or(0, |l| l.index));
-            f.sample(
-                "arbiter_raft_follower_lag_entries",
-                &format!("peer=\"{peer}\""),
-                lag,
-            );
-        }
+    for (peer, lag) in &log.follower_lag {
+        let labels = format!("peer=\"{peer}\"");
+        f.sample("arbiter_raft_follower_lag_entries", &labels, lag);
     }
     f.start(
         "arbiter_raft_quorum_ack_age_seconds",
         "gauge",
         "On the leader: time since a majority last acknowledged it.",
     );
-    if let Some(ms) = m.millis_since_quorum_ack.filter(|_| leading) {
-        f.sample(
-            "arbiter_raft_quorum_ack_age_seconds",
-            "",
-            ms as f64 / 1000.0,
-        );
+    if let Some(ms) = log.quorum_ack_ms {
+        let seconds = ms as f64 / 1000.0;
+        f.sample("arbiter_raft_quorum_ack_age_seconds", "", seconds);
     }
 }
 

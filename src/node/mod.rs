@@ -76,7 +76,7 @@ pub use options::{Membership, Options, Simulation, StartError};
 pub use rebalance::Rebalance;
 pub use slots::{SlotOwners, SlotReply, SlotRequest};
 pub use spanning::{HoldId, Holds, Phase, PhaseHook, SpanningCheck, HOLD, MAX_RESERVATIONS};
-pub use view::{MemberInfo, Standing};
+pub use view::{MemberInfo, Replication, Standing};
 pub use watch_fanout::{Change, Watch, WatchLimits};
 
 use crate::engine::{Counts, Engine, KeyQuota, Lease, LimitCheck, LimitResult};
@@ -125,6 +125,11 @@ impl Node {
     /// Where this node stands: leader, term, role, members.
     pub fn standing(&self) -> Standing {
         self.view.standing()
+    }
+
+    /// How far this node's log, and as leader each member's, have got.
+    pub fn replication(&self) -> Replication {
+        self.view.replication()
     }
 
     /// The leader this node knows of, if any.

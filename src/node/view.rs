@@ -33,6 +33,21 @@ pub struct MemberInfo {
     pub voter: bool,
 }
 
+/// How far this node's log and, when it leads, each member's have got
+/// (for the metrics).
+#[derive(Clone, Debug, Default)]
+pub struct Replication {
+    /// Index of the last entry in its log (0: none).
+    pub last_log_index: u64,
+    /// Index of the last entry its latest snapshot covers (0: none).
+    pub snapshot_index: u64,
+    /// As leader: each other member and the entries of the leader's log
+    /// it has not confirmed.
+    pub follower_lag: Vec<(NodeId, u64)>,
+    /// As leader: milliseconds since a majority last acknowledged it.
+    pub quorum_ack_ms: Option<u64>,
+}
+
 #[derive(Clone)]
 pub struct View {
     id: NodeId,
@@ -184,6 +199,30 @@ impl View {
                 })
                 .collect(),
             membership_changing: membership.get_joint_config().len() > 1,
+        }
+    }
+
+    /// How far the logs have got (see [`Replication`]).
+    pub fn replication(&self) -> Replication {
+        let m = self.raft.metrics().borrow().clone();
+        let last_log_index = m.last_log_index.unwrap_or(0);
+        let leading = m.state == ServerState::Leader;
+        let follower_lag = match (&m.replication, leading) {
+            (Some(replication), true) => replication
+                .iter()
+                .filter(|(id, _)| **id != self.id)
+                .map(|(id, matched)| {
+                    let confirmed = matched.map_or(0, |l| l.index);
+                    (*id, last_log_index.saturating_sub(confirmed))
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
+        Replication {
+            last_log_index,
+            snapshot_index: m.snapshot.map_or(0, |l| l.index),
+            follower_lag,
+            quorum_ack_ms: m.millis_since_quorum_ack.filter(|_| leading),
         }
     }
 
