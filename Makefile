@@ -47,9 +47,9 @@ test-helm:
 	python3 -m pytest -q helm/tests
 
 # The Grafana dashboard's queries through a real Prometheus scraping a
-# 3-node cluster under load (the alerts' promtool tests are in test-helm).
-# Both need Debian's `prometheus` package (promtool with it); without it
-# they skip, except under CI.
+# 3-node cluster under load (the alerts' promtool tests are in test-helm),
+# and `arbiter top` under tmux. They need Debian's `prometheus` package
+# (promtool with it) and tmux; without them they skip, except under CI.
 test-monitoring: server-bin
 	python3 -m pip install --quiet --disable-pip-version-check -r clients/python/tests/requirements.txt ./clients/python
 	python3 -m pytest -q tests/monitoring

@@ -7,8 +7,8 @@ use tonic::Status;
 
 use crate::engine::{Abort, Acquire, Begin, Complete, LimitCheck, Release, Renew};
 use crate::node::{
-    with_call, AddMember, Call, CheckLimits, GetLease, GetRecord, Phase, Rebalance, RemoveMember,
-    SpanningCheck,
+    with_call, AddMember, Call, CheckLimits, GetLease, GetRecord, MemberMetrics, Phase, Rebalance,
+    RemoveMember, SpanningCheck,
 };
 use crate::security::Caller;
 
@@ -139,6 +139,12 @@ impl Scoped for SpanningCheck {
 impl Scoped for AddMember {
     fn scope(&self) -> Scope<'_> {
         Scope::Admin("AddMember")
+    }
+}
+
+impl Scoped for MemberMetrics {
+    fn scope(&self) -> Scope<'_> {
+        Scope::Admin("Metrics")
     }
 }
 

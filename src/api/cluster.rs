@@ -4,11 +4,11 @@ use tonic::{Request, Response, Status};
 
 use super::authz::authorized;
 use super::{error, Shared};
-use crate::node::{AddMember, Rebalance, RemoveMember};
+use crate::node::{AddMember, MemberMetrics, Rebalance, RemoveMember};
 use crate::proto::cluster_server::Cluster;
 use crate::proto::{
-    AddMemberRequest, ClusterStatusRequest, ClusterStatusResponse, Member, RebalanceRequest,
-    RemoveMemberRequest,
+    AddMemberRequest, ClusterMetricsRequest, ClusterMetricsResponse, ClusterStatusRequest,
+    ClusterStatusResponse, Member, RebalanceRequest, RemoveMemberRequest,
 };
 
 pub struct ClusterService(pub Shared);
@@ -114,6 +114,31 @@ impl Cluster for ClusterService {
             .await
             .map_err(error::node_status)?;
         Ok(Response::new(self.status(false)))
+    }
+
+    async fn metrics(
+        &self,
+        request: Request<ClusterMetricsRequest>,
+    ) -> Result<Response<ClusterMetricsResponse>, Status> {
+        let caller = self.0.caller(&request)?;
+        authorized(&caller, MemberMetrics {})?;
+        let node = &self.0.node;
+        let members = node
+            .members_metrics(caller.name())
+            .await
+            .into_iter()
+            .map(|(id, answer)| {
+                let (text, error) = match answer {
+                    Ok(text) => (text, String::new()),
+                    Err(e) => (String::new(), e),
+                };
+                crate::proto::MemberMetrics { id, text, error }
+            })
+            .collect();
+        Ok(Response::new(ClusterMetricsResponse {
+            node_id: node.id(),
+            members,
+        }))
     }
 
     async fn rebalance(

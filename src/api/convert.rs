@@ -195,6 +195,6 @@ pub fn forwarded(call: &crate::node::Call, b: &super::Bounds) -> Result<(), Stat
             }
             Ok(())
         }
-        Call::RemoveMember(_) | Call::Rebalance(_) => Ok(()),
+        Call::RemoveMember(_) | Call::Rebalance(_) | Call::MemberMetrics(_) => Ok(()),
     }
 }

@@ -52,7 +52,8 @@ fn stamp_quotas(call: Call, caller: &Caller, caps: &super::Caps) -> Call {
         | Call::GetRecord(_)
         | Call::AddMember(_)
         | Call::RemoveMember(_)
-        | Call::Rebalance(_)) => other,
+        | Call::Rebalance(_)
+        | Call::MemberMetrics(_)) => other,
     }
 }
 

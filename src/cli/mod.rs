@@ -4,6 +4,7 @@
 
 mod commands;
 mod parse;
+mod top;
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -51,6 +52,11 @@ enum Cmd {
     /// directory offline (exit 1 on errors).
     #[command(subcommand)]
     Limits(LimitsCmd),
+    /// A live view of the cluster from any member: members with role,
+    /// term, applied index and lag; decisions/s; p99 per RPC; named limits
+    /// with their deny share; leases and records. `q` quits; `--once`
+    /// prints one frame. Needs an admin principal with --auth-file.
+    Top(top::TopArgs),
     /// gRPC health check: exits 0 when SERVING, 1 otherwise. With no
     /// --service it asks about liveness (""); `--service ready` asks whether
     /// the node can serve calls (a known leader and a caught-up log).
@@ -343,6 +349,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Cmd::Idem(cmd) => idem(cmd).await,
         Cmd::Cluster(cmd) => cluster(cmd).await,
         Cmd::Health(args) => health(args).await,
+        Cmd::Top(args) => top::top(args).await,
         Cmd::Limits(LimitsCmd::Check {
             path,
             merge_domains,

@@ -23,7 +23,7 @@ mod standing;
 pub use standing::Bounds;
 
 /// The RPCs whose calls are recorded: (gRPC path, metric label).
-const RPCS: [(&str, &str); 15] = [
+const RPCS: [(&str, &str); 16] = [
     ("/arbiter.v1.RateLimiter/Check", "Check"),
     ("/arbiter.v1.Leases/Acquire", "Acquire"),
     ("/arbiter.v1.Leases/Renew", "Renew"),
@@ -38,6 +38,7 @@ const RPCS: [(&str, &str); 15] = [
     ("/arbiter.v1.Cluster/AddMember", "AddMember"),
     ("/arbiter.v1.Cluster/RemoveMember", "RemoveMember"),
     ("/arbiter.v1.Cluster/Rebalance", "Rebalance"),
+    ("/arbiter.v1.Cluster/Metrics", "ClusterMetrics"),
     (
         "/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit",
         "ShouldRateLimit",
@@ -329,6 +330,16 @@ fn render_forwarded(node: &Node) -> String {
     out
 }
 
+/// Everything `/metrics` serves, in Prometheus text format (gauges
+/// refreshed first).
+pub fn render(handle: &PrometheusHandle, metrics: &Metrics, node: &Node) -> String {
+    metrics.refresh(node);
+    handle.render()
+        + &metrics.render_latency()
+        + &render_forwarded(node)
+        + &standing::render(node, metrics.bounds)
+}
+
 /// The answer to `GET path`.
 fn respond(
     path: &str,
@@ -337,17 +348,11 @@ fn respond(
     node: &Node,
 ) -> Response<Full<Bytes>> {
     let (status, content_type, body) = match path {
-        "/metrics" => {
-            metrics.refresh(node);
-            (
-                StatusCode::OK,
-                "text/plain; version=0.0.4",
-                handle.render()
-                    + &metrics.render_latency()
-                    + &render_forwarded(node)
-                    + &standing::render(node, metrics.bounds),
-            )
-        }
+        "/metrics" => (
+            StatusCode::OK,
+            "text/plain; version=0.0.4",
+            render(handle, metrics, node),
+        ),
         "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
         _ => (
             StatusCode::NOT_FOUND,

@@ -47,6 +47,7 @@ mod forwarding;
 mod handover;
 mod leadership;
 mod limit_sync;
+mod member_metrics;
 mod operations;
 mod options;
 mod proposer;
@@ -68,6 +69,7 @@ pub use election::{PreVoteRequest, PreVoteResponse};
 pub use error::NodeError;
 pub use handover::TakeOver;
 pub use leadership::{report_readiness, READY_SERVICES};
+pub use member_metrics::{MemberMetrics, MetricsText, MEMBER_METRICS_WAIT};
 pub(crate) use operations::with_call;
 pub use operations::{
     AddMember, Call, CheckLimits, GetLease, GetRecord, Operation, RemoveMember, Stamped,

@@ -18,6 +18,7 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+pub use super::member_metrics::MemberMetrics;
 pub use super::rebalance::Rebalance;
 use super::routing::Router;
 pub use super::spanning::SpanningCheck;
@@ -160,6 +161,7 @@ operations!($
     RemoveMember,
     SpanningCheck,
     Rebalance,
+    MemberMetrics,
 );
 
 /// How many calls of each operation this node forwarded to the leader and

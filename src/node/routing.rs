@@ -224,6 +224,8 @@ pub struct Router {
     pub rerouted: std::sync::atomic::AtomicU64,
     /// Reservations of all-or-nothing calls spanning owners.
     pub holds: Arc<Holds>,
+    /// How this member renders its metrics, for `Cluster/Metrics`.
+    pub metrics_text: super::member_metrics::MetricsSource,
 }
 
 impl Router {

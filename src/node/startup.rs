@@ -205,6 +205,7 @@ impl Node {
             decided: Default::default(),
             rerouted: Default::default(),
             holds: Arc::new(Holds::new(o.boot_id)),
+            metrics_text: Default::default(),
         };
         let node = Self {
             view,

@@ -129,6 +129,16 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Started, Ser
     }));
     ::metrics::gauge!("arbiter_insecure_peer_port").set(if tls.insecure_peers { 1.0 } else { 0.0 });
     let node = Node::start(node_options(&config, membership, clock, &tls)).await?;
+    {
+        // Weak: the node holds this closure.
+        let (handle, metrics, node_ref) = (handle.clone(), metrics.clone(), Arc::downgrade(&node));
+        node.set_metrics_text(Box::new(move || {
+            node_ref
+                .upgrade()
+                .map(|node| crate::metrics::render(&handle, &metrics, &node))
+                .unwrap_or_default()
+        }));
+    }
 
     let (peer_stop, peer_server) = spawn_peer_server(listeners.peer, &node, &tls, &config);
     if tls.insecure_peers {

@@ -582,6 +582,26 @@ async fn only_an_admin_changes_membership() {
     let r = ops.rebalance(rebalance()).await.unwrap_err();
     assert_eq!(r.code(), Code::FailedPrecondition, "{r:?}");
     assert!(r.message().contains("--slot-owners spread"), "{r:?}");
+    // Every member's metrics (what `arbiter top` reads) name principals
+    // and named limits: admins only. (They count ci's two refusals: its
+    // RemoveMember and this.)
+    let r = ClusterClient::new(s.conn(None, Some(CI_TOKEN)).await)
+        .metrics(arbiter::proto::ClusterMetricsRequest::default())
+        .await;
+    assert_eq!(code(r), Code::PermissionDenied);
+    let metrics = ops
+        .metrics(arbiter::proto::ClusterMetricsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(metrics.members.len(), 1);
+    assert!(
+        metrics.members[0]
+            .text
+            .contains(r#"arbiter_auth_refusals_total{principal="ci",code="permission_denied"} 2"#),
+        "{}",
+        metrics.members[0].text
+    );
 }
 
 #[tokio::test]
