@@ -1,6 +1,7 @@
 //! Compiles `proto/arbiter/v1/*.proto` (the gRPC API) and
 //! `proto/arbiter/log/v1/log.proto` (the Raft log format, messages only)
-//! and Envoy's rate limit service (`proto/envoy`, server side only) with a
+//! and Envoy's rate limit service (`proto/envoy`, server side only) and
+//! OTLP's trace export (`proto/otlp`) with a
 //! vendored `protoc`, so a fresh machine needs no system protobuf
 //! compiler.
 
@@ -37,6 +38,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .file_descriptor_set_path(out_dir.join("envoy_descriptor.bin"))
         .compile_protos(&envoy, &["proto"])?;
+    // OTLP trace export: the client for `--otlp-endpoint`, the server for
+    // the tests' collector.
+    let otlp = "proto/otlp/trace_service.proto";
+    println!("cargo:rerun-if-changed={otlp}");
+    tonic_prost_build::configure().compile_protos(&[otlp], &["proto"])?;
     let log = "proto/arbiter/log/v1/log.proto";
     println!("cargo:rerun-if-changed={log}");
     tonic_prost_build::configure()

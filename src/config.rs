@@ -110,6 +110,19 @@ pub struct Config {
     #[arg(long, env = "ARBITER_LOG", default_value = "info")]
     pub log: String,
 
+    /// Export traces to this OTLP/gRPC collector, e.g. http://127.0.0.1:4317
+    /// (off without it): a span per call, with the hop to another member
+    /// and the Raft commit as children, in the caller's trace when its
+    /// metadata carries `traceparent`.
+    #[arg(long, env = "ARBITER_OTLP_ENDPOINT", value_parser = crate::telemetry::parse_endpoint)]
+    pub otlp_endpoint: Option<String>,
+
+    /// The share of calls without a sampled caller trace that start a
+    /// trace, from 0 to 1 (calls in a sampled trace are always traced).
+    #[arg(long, env = "ARBITER_OTLP_SAMPLE_RATIO", default_value_t = 1.0,
+          value_parser = crate::telemetry::parse_sample_ratio)]
+    pub otlp_sample_ratio: f64,
+
     /// Largest lease ttl_ms and idempotency lock_ttl_ms accepted.
     #[arg(long, env = "ARBITER_MAX_TTL_MS", default_value_t = 86_400_000)]
     pub max_ttl_ms: u64,

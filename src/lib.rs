@@ -47,6 +47,7 @@ pub mod raft;
 pub mod security;
 pub mod server;
 pub mod storage;
+pub mod telemetry;
 pub mod timing;
 
 /// The Raft log format (`proto/arbiter/log/v1/log.proto`).
@@ -92,6 +93,11 @@ pub mod envoy {
 }
 
 /// Generated protobuf and gRPC code for `arbiter.v1`.
+/// OTLP's trace export (`proto/otlp`, the part Arbiter sends).
+pub mod otlp {
+    tonic::include_proto!("opentelemetry.proto.collector.trace.v1");
+}
+
 pub mod proto {
     tonic::include_proto!("arbiter.v1");
 

@@ -39,13 +39,16 @@ pub struct RpcMetrics<S> {
     metrics: Arc<Metrics>,
 }
 
+/// The inner call's future, run in its trace span (if traced).
+type InSpan<F> = tokio::task::futures::TaskLocalFuture<Option<crate::telemetry::SpanContext>, F>;
+
 impl<S, B, RB> Service<http::Request<B>> for RpcMetrics<S>
 where
     S: Service<http::Request<B>, Response = http::Response<RB>>,
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = Timed<Instrumented<S::Future>>;
+    type Future = Timed<InSpan<Instrumented<S::Future>>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -54,9 +57,23 @@ where
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
         let rpc = Rpc::from_path(request.uri().path());
         let span = tracing::debug_span!("rpc", path = request.uri().path());
+        // A trace span for the call (with --otlp-endpoint), in the caller's
+        // trace when its metadata names one.
+        let traced = if crate::telemetry::enabled() && rpc.is_some() {
+            let parent = request
+                .headers()
+                .get(crate::telemetry::TRACEPARENT)
+                .and_then(|v| v.to_str().ok());
+            let path = request.uri().path();
+            crate::telemetry::start(path.trim_start_matches('/').to_owned(), parent)
+        } else {
+            None
+        };
+        let context = traced.as_ref().map(|s| s.context());
         Timed {
-            inner: self.inner.call(request).instrument(span),
+            inner: crate::telemetry::in_span(context, self.inner.call(request).instrument(span)),
             timing: rpc.map(|rpc| (rpc, Instant::now(), self.metrics.clone())),
+            traced,
         }
     }
 }
@@ -67,6 +84,7 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: F,
         timing: Option<(Rpc, Instant, Arc<Metrics>)>,
+        traced: Option<crate::telemetry::Span>,
     }
 }
 
@@ -79,15 +97,25 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let out = std::task::ready!(this.inner.poll(cx));
+        // A status in the head is a failure (OK comes in the trailers).
+        let status = match &out {
+            Ok(response) => response
+                .headers()
+                .get("grpc-status")
+                .map(|s| String::from_utf8_lossy(s.as_bytes()).into_owned()),
+            Err(_) => Some("transport error".to_owned()),
+        };
+        let failed = status.as_deref().is_some_and(|s| s != "0");
         if let Some((rpc, start, metrics)) = this.timing.take() {
-            let failed = match &out {
-                Ok(response) => response
-                    .headers()
-                    .get("grpc-status")
-                    .is_some_and(|s| s.as_bytes() != b"0"),
-                Err(_) => true,
-            };
             metrics.observe(rpc, start, failed);
+        }
+        if let Some(mut span) = this.traced.take() {
+            span.set("rpc.system", "grpc");
+            span.set("rpc.grpc.status_code", status.as_deref().unwrap_or("0"));
+            if failed {
+                span.fail(format!("grpc-status {}", status.unwrap_or_default()));
+            }
+            span.end();
         }
         Poll::Ready(out)
     }

@@ -364,8 +364,25 @@ impl RaftPeer for PeerService {
             .and_then(|v| v.to_str().ok());
         let call: Call = decode(request.get_ref()).map_err(bad)?;
         let call = self.taker().checked(principal, call)?;
+        // In the sender's trace, if it sent one.
+        let span = request
+            .metadata()
+            .get(crate::telemetry::TRACEPARENT)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|tp| {
+                let name = format!("serve forwarded {}", Call::NAMES[call.index()]);
+                crate::telemetry::follow(name, tp)
+            });
         // Served here only if this node leads; otherwise the sender routes again.
-        Ok(Response::new(self.node.serve_forwarded(call).await))
+        let served = crate::telemetry::in_span(
+            span.as_ref().map(|s| s.context()),
+            self.node.serve_forwarded(call),
+        )
+        .await;
+        if let Some(span) = span {
+            span.end();
+        }
+        Ok(Response::new(served))
     }
 
     type DecideStream = std::pin::Pin<

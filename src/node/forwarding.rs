@@ -40,11 +40,45 @@ impl Forwarder {
             return Err(NodeError::NotLeader);
         };
         self.forwarded.sent(&call);
+        let mut span = crate::telemetry::child(
+            format!("forward {} to member {to}", Call::NAMES[call.index()]),
+            crate::telemetry::Kind::Client,
+        );
+        let answer = self
+            .send::<O>(to, &addr, call, principal, timeout, span.as_ref())
+            .await;
+        if let Some(mut span) = span.take() {
+            if let Err(e) = &answer {
+                span.fail(e);
+            }
+            span.end();
+        }
+        answer
+    }
+
+    /// Sends `call` to member `to` at `addr`, in `span`'s trace if traced.
+    async fn send<O: Operation>(
+        &self,
+        to: NodeId,
+        addr: &str,
+        call: Call,
+        principal: &str,
+        timeout: Duration,
+        span: Option<&crate::telemetry::Span>,
+    ) -> Result<O::Output, NodeError> {
         let channel = self
             .channels
-            .get(&addr)
+            .get(addr)
             .map_err(|e| NodeError::Unavailable(format!("member {to} at {addr}: {e}")))?;
         let mut request = with_cluster(encode(&call), &self.cluster, timeout);
+        if let Some(span) = span {
+            let value = crate::telemetry::traceparent(&span.context());
+            if let Ok(v) = tonic::metadata::MetadataValue::try_from(value) {
+                request
+                    .metadata_mut()
+                    .insert(crate::telemetry::TRACEPARENT, v);
+            }
+        }
         if !principal.is_empty() {
             match tonic::metadata::MetadataValue::try_from(principal) {
                 Ok(v) => {

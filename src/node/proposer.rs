@@ -80,6 +80,18 @@ impl Proposer {
     /// Commits `command` through the log as the leader. Concurrent
     /// proposals are batched into one entry by the loop.
     pub async fn propose(&self, command: Command) -> Committed {
+        let span = crate::telemetry::child("raft commit", crate::telemetry::Kind::Internal);
+        let result = self.commit(command).await;
+        if let Some(mut span) = span {
+            if let Err(e) = &result {
+                span.fail(e);
+            }
+            span.end();
+        }
+        result
+    }
+
+    async fn commit(&self, command: Command) -> Committed {
         let (reply, answer) = oneshot::channel();
         enqueue(&self.queue, Proposal { command, reply })?;
         let result = answer

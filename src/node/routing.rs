@@ -411,14 +411,28 @@ impl Router {
                         } else if !all_or_nothing {
                             // With whatever else goes there now.
                             let send = self.coalesced_send(quota.max);
-                            match self
+                            // The hop, as the caller's trace sees it (the
+                            // batch it rides in is shared, so the owner
+                            // records no span of its own).
+                            let span = crate::telemetry::child(
+                                format!("decide on member {owner}"),
+                                crate::telemetry::Kind::Client,
+                            );
+                            let answer = match self
                                 .coalescer
                                 .forward(owner, quota.principal, call.checks.clone(), &send)
                                 .await
                             {
                                 Some(answer) => answer,
                                 None => self.forward_alone(owner, call, deadline).await,
+                            };
+                            if let Some(mut span) = span {
+                                if let Err(e) = &answer {
+                                    span.fail(e);
+                                }
+                                span.end();
                             }
+                            answer
                         } else {
                             self.forward_alone(owner, call, deadline).await
                         };

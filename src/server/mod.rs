@@ -140,6 +140,16 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Started, Ser
         }));
     }
 
+    if let Some(endpoint) = &config.otlp_endpoint {
+        if let Some(spans) = crate::telemetry::install(config.otlp_sample_ratio) {
+            let mut stop = node.shutdown_signal();
+            let export =
+                crate::telemetry::export::run(endpoint.clone(), node.id(), spans, async move {
+                    Node::stopped(&mut stop).await
+                });
+            node.spawn_task("trace export", export);
+        }
+    }
     let (peer_stop, peer_server) = spawn_peer_server(listeners.peer, &node, &tls, &config);
     if tls.insecure_peers {
         let mut stop = node.shutdown_signal();

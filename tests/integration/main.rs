@@ -21,5 +21,6 @@ mod rls_compat;
 mod security;
 mod server;
 mod slots;
+mod telemetry;
 mod upgrade;
 mod validation;
