@@ -24,6 +24,14 @@ ROWS = [
         ("Rate-limit decisions/s", "ops", "Checks answered, allowed and denied, over the selected members.", [
             (f"sum by (result) (rate(arbiter_decisions_total{{{SEL}}}{RATE}))", "{{result}}"),
         ]),
+        ("Key prefixes: decisions/s (top 10)", "ops",
+         "Checks by key prefix (up to the first /, : or .; past 64 prefixes a member counts \"(other)\").", [
+             (f"topk(10, sum by (prefix) (rate(arbiter_decisions_by_prefix_total{{{SEL}}}{RATE})))", "{{prefix}}"),
+         ]),
+        ("Key prefixes: denied/s (top 10)", "ops", "Denied checks by key prefix.", [
+            (f"topk(10, sum by (prefix) (rate(arbiter_decisions_by_prefix_total{{{SEL},result=\"denied\"}}{RATE})))",
+             "{{prefix}}"),
+        ]),
         ("Named limits: hits/s (top 10)", "ops", "Envoy descriptors and LimitCheck.named checks, per domain and rule.", [
             (f"topk(10, sum by (domain, rule) (rate(arbiter_rls_hits_total{{{SEL}}}{RATE})))", "{{domain}} {{rule}}"),
         ]),

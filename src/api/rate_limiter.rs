@@ -174,6 +174,10 @@ impl RateLimiter for RateLimiterService {
             .collect::<Result<Vec<_>, _>>()?;
         authorize(&caller, checks.as_slice())?;
         let (slot_map_version, owner_hint) = s.node.owner_hint(&checks);
+        let by_prefix: Vec<_> = checks
+            .iter()
+            .map(|c| s.metrics.prefixes.counts_for(&c.key))
+            .collect();
         let results = s
             .node
             .check_as(checks, req.all_or_nothing, caller.key_quota(&s.bounds.caps))
@@ -181,6 +185,9 @@ impl RateLimiter for RateLimiterService {
             .map_err(error::node_status)?;
         let allowed = results.iter().filter(|r| r.allowed).count() as u64;
         s.metrics.decisions(allowed, results.len() as u64 - allowed);
+        for (counts, r) in by_prefix.iter().zip(&results) {
+            counts.count(r.allowed);
+        }
         Ok(Response::new(CheckResponse {
             results: results.into_iter().map(Into::into).collect(),
             slot_map_version,

@@ -19,7 +19,9 @@ use tokio::net::TcpListener;
 
 use crate::node::Node;
 
+mod prefixes;
 mod standing;
+pub use prefixes::Prefixes;
 pub use standing::Bounds;
 
 /// The RPCs whose calls are recorded: (gRPC path, metric label).
@@ -77,6 +79,8 @@ pub struct Metrics {
     spanning: Counter,
     unconfirmed: Counter,
     bounds: Bounds,
+    /// Decisions by key prefix.
+    pub prefixes: Prefixes,
 }
 
 impl Default for Metrics {
@@ -120,6 +124,7 @@ impl Metrics {
             spanning: counter!("arbiter_spanning_calls_total"),
             unconfirmed: counter!("arbiter_spanning_calls_unconfirmed_total"),
             bounds: Bounds::default(),
+            prefixes: Prefixes::default(),
         }
     }
 
@@ -338,6 +343,7 @@ pub fn render(handle: &PrometheusHandle, metrics: &Metrics, node: &Node) -> Stri
         + &metrics.render_latency()
         + &render_forwarded(node)
         + &standing::render(node, metrics.bounds)
+        + &metrics.prefixes.render()
 }
 
 /// The answer to `GET path`.

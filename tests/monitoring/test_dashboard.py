@@ -45,6 +45,8 @@ descriptors:
 # target index): what the load below is there to drive.
 DRIVEN = {
     ("Rate-limit decisions/s", 0),
+    ("Key prefixes: decisions/s (top 10)", 0),
+    ("Key prefixes: denied/s (top 10)", 0),
     ("Named limits: hits/s (top 10)", 0),
     ("Named limits: over limit/s (top 10)", 0),
     ("Forwarded share", 0),

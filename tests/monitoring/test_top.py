@@ -87,6 +87,8 @@ def test_top_redraws_under_tmux_and_quits_on_q(cluster):
         assert re.search(r"cluster: [\d.]+ decisions/s", shown), shown
         assert re.search(r"^Check\s+[\d.]+\s+≤ [\d.]+ [mµ]s", shown, re.M), shown
         assert re.search(r"leases 1\b", shown), shown
+        # The load's key prefix, most of its checks denied.
+        assert re.search(r"^top/\s+[\d.]+\s+[\d.]+%", shown, re.M), shown
         # It redraws: the frame changes with time (another second's rates).
         poll(lambda: screen() != shown, 10, "a new frame", step=0.2)
 

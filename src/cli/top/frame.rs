@@ -335,6 +335,7 @@ pub fn render(
     );
     if let Some(before) = before {
         render_rpcs(&mut out, before, now, secs);
+        render_prefixes(&mut out, before, now, secs);
         render_named(&mut out, before, now, secs);
     }
     out
@@ -377,10 +378,32 @@ fn render_rpcs(out: &mut String, before: &Snapshot, now: &Snapshot, secs: f64) {
     }
 }
 
+fn render_prefixes(out: &mut String, before: &Snapshot, now: &Snapshot, secs: f64) {
+    let name = "arbiter_decisions_by_prefix_total";
+    let all = increases(before, now, name, |s| s.label("prefix").map(str::to_owned));
+    let denied = increases(before, now, name, |s| {
+        (s.label("result") == Some("denied")).then(|| s.label("prefix").map(str::to_owned))?
+    });
+    top_table(out, "KEY PREFIX (top 10)", &all, &denied, secs);
+}
+
 fn render_named(out: &mut String, before: &Snapshot, now: &Snapshot, secs: f64) {
     let key = |s: &Sample| Some(format!("{} {}", s.label("domain")?, s.label("rule")?));
     let hits = increases(before, now, "arbiter_rls_hits_total", key);
     let over = increases(before, now, "arbiter_rls_over_limit_total", key);
+    top_table(out, "NAMED LIMIT (top 10)", &hits, &over, secs);
+}
+
+/// The 10 busiest of `hits` (increases over the interval), per second,
+/// with the share of them in `denied`; nothing when none moved.
+fn top_table(
+    out: &mut String,
+    title: &str,
+    hits: &BTreeMap<String, f64>,
+    denied: &BTreeMap<String, f64>,
+    secs: f64,
+) {
+    let over = denied;
     let mut rows: Vec<(&String, f64)> = hits
         .iter()
         .map(|(k, n)| (k, *n))
@@ -390,11 +413,7 @@ fn render_named(out: &mut String, before: &Snapshot, now: &Snapshot, secs: f64) 
         return;
     }
     rows.sort_by(|a, b| b.1.total_cmp(&a.1));
-    let _ = writeln!(
-        out,
-        "\n{:<32} {:>10} {:>7}",
-        "NAMED LIMIT (top 10)", "HITS/S", "DENIED"
-    );
+    let _ = writeln!(out, "\n{title:<32} {:>10} {:>7}", "CHECKS/S", "DENIED");
     for (name, n) in rows.into_iter().take(10) {
         let denied = over.get(name).copied().unwrap_or(0.0);
         let _ = writeln!(
@@ -485,6 +504,8 @@ mod tests {
              arbiter_rpc_duration_seconds_bucket{{rpc=\"Check\",le=\"0.001\"}} {check_fast}\n\
              arbiter_rpc_duration_seconds_bucket{{rpc=\"Check\",le=\"0.01\"}} {}\n\
              arbiter_rpc_duration_seconds_bucket{{rpc=\"Check\",le=\"+Inf\"}} {}\n\
+             arbiter_decisions_by_prefix_total{{prefix=\"api/\",result=\"allowed\"}} {allowed}\n\
+             arbiter_decisions_by_prefix_total{{prefix=\"api/\",result=\"denied\"}} {denied}\n\
              arbiter_rls_hits_total{{domain=\"edge\",rule=\"login\"}} {hits}\n\
              arbiter_rls_over_limit_total{{domain=\"edge\",rule=\"login\"}} {over}\n",
             if leader { "Leader" } else { "Follower" },
@@ -549,6 +570,11 @@ mod tests {
         );
         assert!(
             frame.contains("edge login                             10.0   75.0%"),
+            "{frame}"
+        );
+        // 100 decisions on api/ keys in 2 s, 10 denied.
+        assert!(
+            frame.contains("api/                                   50.0   10.0%"),
             "{frame}"
         );
         // Without a first sample there are no rates.
