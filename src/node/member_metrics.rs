@@ -68,10 +68,6 @@ impl Node {
             };
             (id, text.map_err(|e| e.to_string()))
         });
-        let mut answers = Vec::with_capacity(ids.len());
-        for (id, answer) in futures::future::join_all(asks).await {
-            answers.push((id, answer));
-        }
-        answers
+        futures::future::join_all(asks).await
     }
 }

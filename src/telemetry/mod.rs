@@ -327,6 +327,32 @@ mod tests {
         assert!(parse_sample_ratio("x").is_err());
     }
 
+    /// At the queue's bound a finished span is dropped, not waited for:
+    /// the queue holds [`QUEUE`] spans and the rest are gone. (The only
+    /// test in this process that turns tracing on.)
+    #[tokio::test]
+    async fn a_full_queue_drops_spans() {
+        let mut spans = install(1.0).expect("tracing is off until now");
+        let call = SpanContext {
+            trace_id: [7; 16],
+            span_id: [1; 8],
+        };
+        in_span(Some(call), async {
+            for _ in 0..QUEUE + 10 {
+                child("work", Kind::Internal).expect("traced").end();
+            }
+        })
+        .await;
+        let mut queued = 0;
+        while let Ok(span) = spans.try_recv() {
+            assert_eq!(span.parent, Some(call.span_id));
+            queued += 1;
+        }
+        assert_eq!(queued, QUEUE);
+        // Outside a call's span there is nothing to be a child of.
+        assert!(child("orphan", Kind::Internal).is_none());
+    }
+
     #[test]
     fn ids_are_not_repeated() {
         let a: [u8; 16] = random_bytes();

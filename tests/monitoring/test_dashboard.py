@@ -13,7 +13,6 @@ import json
 import os
 import pathlib
 import re
-import shutil
 import socket
 import subprocess
 import sys
@@ -29,6 +28,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "clients" / "python" / "tests"))
 
 import arbiter_client as ac  # noqa: E402
+from tools import required  # noqa: E402
 from support import Cluster, Pki, binary, poll  # noqa: E402
 
 DASHBOARD = ROOT / "helm" / "arbiter" / "files" / "dashboard.json"
@@ -71,15 +71,6 @@ DRIVEN = {
 }
 
 
-def prometheus_binary():
-    found = shutil.which("prometheus")
-    if not found:
-        if os.environ.get("CI"):
-            pytest.fail("prometheus not found: apt-get install prometheus")
-        pytest.skip("prometheus not found (apt-get install prometheus)")
-    return found
-
-
 def listening_port(pid):
     """The TCP port process `pid` listens on, from /proc (no fixed ports)."""
     inodes = set()
@@ -107,7 +98,7 @@ class Prometheus:
         }))
         self.log = open(directory / "prometheus.log", "w")
         self.proc = subprocess.Popen(
-            [prometheus_binary(), f"--config.file={config}", f"--storage.tsdb.path={directory / 'tsdb'}",
+            [required("prometheus", "prometheus"), f"--config.file={config}", f"--storage.tsdb.path={directory / 'tsdb'}",
              "--web.listen-address=127.0.0.1:0", "--log.level=warn"],
             stdout=self.log, stderr=subprocess.STDOUT)
         self.port = poll(lambda: self.proc.poll() is None and listening_port(self.proc.pid), 30,

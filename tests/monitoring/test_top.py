@@ -3,9 +3,7 @@ cluster under load, its screen read with capture-pane, `q` sent with
 send-keys; and `--once` for scripts. Without tmux the test skips, except
 under CI, where it fails."""
 
-import os
 import re
-import shutil
 import subprocess
 import sys
 import threading
@@ -19,16 +17,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "clients" / "python" / "tests"))
 
 import arbiter_client as ac  # noqa: E402
+from tools import required  # noqa: E402
 from support import Cluster, binary, poll  # noqa: E402
-
-
-def tmux_binary():
-    found = shutil.which("tmux")
-    if not found:
-        if os.environ.get("CI"):
-            pytest.fail("tmux not found: apt-get install tmux")
-        pytest.skip("tmux not found (apt-get install tmux)")
-    return found
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +52,7 @@ def member_rows(screen):
 
 
 def test_top_redraws_under_tmux_and_quits_on_q(cluster):
-    tmux = tmux_binary()
+    tmux = required("tmux", "tmux")
     socket = f"arbiter-top-{uuid.uuid4().hex[:8]}"
 
     def run(*args, check=True):
