@@ -19,6 +19,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 
@@ -103,6 +104,15 @@ class Prometheus:
             stdout=self.log, stderr=subprocess.STDOUT)
         self.port = poll(lambda: self.proc.poll() is None and listening_port(self.proc.pid), 30,
                          "prometheus listening")
+        # It listens before it serves queries (503 until its storage is up).
+        poll(self.ready, 30, "prometheus ready")
+
+    def ready(self):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/-/ready", timeout=5) as r:
+                return r.status == 200
+        except (urllib.error.URLError, ConnectionError):
+            return False
 
     def query(self, expr):
         url = f"http://127.0.0.1:{self.port}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
