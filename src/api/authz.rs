@@ -266,6 +266,7 @@ mod tests {
                 },
                 cost: 1,
                 dry_run: false,
+                max_delay_ms: 0,
             };
             2
         ];

@@ -49,7 +49,7 @@ pub fn limit_check(index: usize, c: pb::LimitCheck) -> Result<LimitCheck, Status
     key(&c.key, || format!("checks[{index}].key"))?;
     let algorithm = c.limit.and_then(|l| l.algorithm).ok_or_else(|| {
         Status::invalid_argument(format!(
-            "checks[{index}].limit: required (token_bucket, sliding_window or fixed_window)"
+            "checks[{index}].limit: required (token_bucket, sliding_window, fixed_window or leaky_bucket)"
         ))
     })?;
     let limit = match algorithm {
@@ -66,6 +66,11 @@ pub fn limit_check(index: usize, c: pb::LimitCheck) -> Result<LimitCheck, Status
             limit: w.limit,
             window_ms: w.window_ms,
         },
+        pb::limit::Algorithm::LeakyBucket(b) => LimitDef::LeakyBucket {
+            rate: b.rate,
+            interval_ms: b.interval_ms,
+            burst: b.burst,
+        },
     };
     limit.validate().map_err(|e| {
         invalid(
@@ -74,12 +79,33 @@ pub fn limit_check(index: usize, c: pb::LimitCheck) -> Result<LimitCheck, Status
             e.got,
         )
     })?;
+    max_delay(index, &limit, c.max_delay_ms)?;
     Ok(LimitCheck {
         key: c.key,
         limit,
         cost: c.cost.unwrap_or(1),
         dry_run: c.dry_run,
+        max_delay_ms: c.max_delay_ms,
     })
+}
+
+/// Reserve mode's bound, and only for a leaky bucket.
+pub fn max_delay(index: usize, limit: &LimitDef, value: u64) -> Result<(), Status> {
+    let field = || format!("checks[{index}].max_delay_ms");
+    if value > engine::MAX_DELAY_MS {
+        return Err(invalid(
+            &field(),
+            format_args!("0 to {} ms", engine::MAX_DELAY_MS),
+            value,
+        ));
+    }
+    if value > 0 && !matches!(limit, LimitDef::LeakyBucket { .. }) {
+        return Err(Status::invalid_argument(format!(
+            "{}: reserve mode needs a leaky_bucket limit",
+            field()
+        )));
+    }
+    Ok(())
 }
 
 impl From<LimitResult> for pb::LimitResult {
@@ -90,6 +116,7 @@ impl From<LimitResult> for pb::LimitResult {
             remaining: r.remaining,
             retry_after_ms: r.retry_after_ms,
             reset_after_ms: r.reset_after_ms,
+            delay_ms: r.delay_ms,
         }
     }
 }
@@ -158,7 +185,8 @@ fn checks_within(checks: &[crate::engine::LimitCheck], b: &super::Bounds) -> Res
                 format_args!("1 to {}", e.max),
                 e.got,
             )
-        })
+        })?;
+        max_delay(i, &c.limit, c.max_delay_ms)
     })
 }
 

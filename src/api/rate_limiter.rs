@@ -58,6 +58,11 @@ impl RateLimiterService {
                     "checks[{i}]: key and limit must be empty when named is set"
                 )));
             }
+            if c.max_delay_ms > 0 {
+                return Err(Status::invalid_argument(format!(
+                    "checks[{i}].max_delay_ms: reserve mode needs a leaky_bucket limit, not named"
+                )));
+            }
             asks.push(named_ask(i, named, c.cost.unwrap_or(1), c.dry_run)?);
         }
         let planned = Planned::new(&s.limits.current(), &asks);
@@ -127,6 +132,7 @@ fn v1_result(v: Verdict) -> LimitResult {
         remaining: u64::MAX,
         retry_after_ms: 0,
         reset_after_ms: 0,
+        delay_ms: 0,
     };
     match v {
         Verdict::Plain(r) => r,

@@ -19,6 +19,7 @@ pub(super) async fn check(a: CheckArgs) -> CliResult {
             limit: None,
             cost: Some(a.cost),
             dry_run: a.dry_run,
+            max_delay_ms: 0,
             named: Some(pb::NamedLimit {
                 domain,
                 entries: entries
@@ -32,11 +33,19 @@ pub(super) async fn check(a: CheckArgs) -> CliResult {
                 (Some(t), _, _) => Algorithm::TokenBucket(t),
                 (_, Some(s), _) => Algorithm::SlidingWindow(s),
                 (_, _, Some(f)) => Algorithm::FixedWindow(f),
-                _ => {
-                    return Err("one of --token-bucket, --sliding-window or --fixed-window \
-                                (or --domain with --descriptor) is required"
-                        .into())
-                }
+                _ => match a.leaky_bucket {
+                    Some(l) => Algorithm::LeakyBucket(pb::LeakyBucket {
+                        burst: a.burst,
+                        ..l
+                    }),
+                    None => {
+                        return Err(
+                            "one of --token-bucket, --sliding-window, --fixed-window or \
+                                    --leaky-bucket (or --domain with --descriptor) is required"
+                                .into(),
+                        )
+                    }
+                },
             };
             pb::LimitCheck {
                 key: a.key.unwrap_or_default(),
@@ -45,6 +54,7 @@ pub(super) async fn check(a: CheckArgs) -> CliResult {
                 }),
                 cost: Some(a.cost),
                 dry_run: a.dry_run,
+                max_delay_ms: a.max_delay,
                 named: None,
             }
         }
@@ -60,12 +70,13 @@ pub(super) async fn check(a: CheckArgs) -> CliResult {
         .into_inner();
     let r = reply.results.first().ok_or("server returned no result")?;
     println!(
-        "{} limit={} remaining={} retry_after_ms={} reset_after_ms={}",
+        "{} limit={} remaining={} retry_after_ms={} reset_after_ms={} delay_ms={}",
         if r.allowed { "allowed" } else { "denied" },
         r.limit,
         r.remaining,
         r.retry_after_ms,
-        r.reset_after_ms
+        r.reset_after_ms,
+        r.delay_ms
     );
     Ok(if r.allowed {
         ExitCode::SUCCESS

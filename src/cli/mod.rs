@@ -20,7 +20,9 @@ use crate::proto::{
 };
 use commands::{check, cluster, health, idem, lease, limits_check};
 pub use parse::parse_duration_ms;
-use parse::{parse_descriptor, parse_fixed, parse_sliding, parse_token_bucket, Entries};
+use parse::{
+    parse_descriptor, parse_fixed, parse_leaky, parse_sliding, parse_token_bucket, Entries,
+};
 
 #[derive(Parser)]
 #[command(
@@ -191,6 +193,16 @@ struct CheckArgs {
     /// LIMIT/WINDOW, e.g. `100/1m`.
     #[arg(long, group = "limit", value_parser = parse_fixed)]
     fixed_window: Option<pb::FixedWindow>,
+    /// RATE/INTERVAL, e.g. `10/s`: a leaky bucket draining at that rate.
+    #[arg(long, group = "limit", value_parser = parse_leaky)]
+    leaky_bucket: Option<pb::LeakyBucket>,
+    /// The leaky bucket's burst: units that may go at once.
+    #[arg(long, requires = "leaky_bucket", default_value_t = 1)]
+    burst: u64,
+    /// Reserve mode: admit the check if it can start within this wait
+    /// (e.g. `2s`) and print how long to wait as `delay_ms`.
+    #[arg(long, requires = "leaky_bucket", value_parser = parse_duration_ms, default_value = "0")]
+    max_delay: u64,
     /// Units to consume (0 peeks).
     #[arg(long, default_value_t = 1)]
     cost: u64,

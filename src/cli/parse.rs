@@ -51,6 +51,16 @@ pub fn parse_sliding(s: &str) -> Result<pb::SlidingWindow, String> {
     Ok(pb::SlidingWindow { limit, window_ms })
 }
 
+/// `RATE/INTERVAL` for a leaky bucket, e.g. `10/s`; the burst comes apart.
+pub fn parse_leaky(s: &str) -> Result<pb::LeakyBucket, String> {
+    let (rate, interval_ms) = parse_rate(s)?;
+    Ok(pb::LeakyBucket {
+        rate,
+        interval_ms,
+        burst: 1,
+    })
+}
+
 pub fn parse_fixed(s: &str) -> Result<pb::FixedWindow, String> {
     let (limit, window_ms) = parse_rate(s)?;
     Ok(pb::FixedWindow { limit, window_ms })
@@ -74,6 +84,9 @@ mod tests {
         );
         assert!(parse_token_bucket("10/s").is_err());
         assert_eq!(parse_fixed("100/1m").unwrap().window_ms, 60_000);
+        let lb = parse_leaky("10/s").unwrap();
+        assert_eq!((lb.rate, lb.interval_ms, lb.burst), (10, 1000, 1));
+        assert!(parse_leaky("10").is_err());
     }
 }
 

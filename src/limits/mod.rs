@@ -293,6 +293,7 @@ fn plan_named(
                         limit,
                         cost: d.hits,
                         dry_run: d.dry_run,
+                        max_delay_ms: 0,
                     };
                     Plan::Check(rule, rpu, unit, check)
                 }
@@ -338,6 +339,7 @@ pub async fn decide(
             limit: check.limit,
             cost: check.cost,
             dry_run: check.dry_run,
+            max_delay_ms: check.max_delay_ms,
         });
     }
     let mut results: Vec<Option<LimitResult>> = vec![None; asks.len()];
@@ -377,6 +379,7 @@ pub async fn decide(
         remaining: 0,
         retry_after_ms: u64::MAX,
         reset_after_ms: 0,
+        delay_ms: 0,
     };
     let verdicts = asks
         .into_iter()

@@ -243,6 +243,7 @@ fn answer_of(reply: DecideReply) -> Answer {
             remaining: r.remaining,
             retry_after_ms: r.retry_after_ms,
             reset_after_ms: r.reset_after_ms,
+            delay_ms: r.delay_ms,
         })
         .collect())
 }
@@ -265,6 +266,15 @@ fn to_pb(c: &LimitCheck) -> pb::LimitCheck {
         LimitDef::FixedWindow { limit, window_ms } => {
             Algorithm::FixedWindow(pb::FixedWindow { limit, window_ms })
         }
+        LimitDef::LeakyBucket {
+            rate,
+            interval_ms,
+            burst,
+        } => Algorithm::LeakyBucket(pb::LeakyBucket {
+            rate,
+            interval_ms,
+            burst,
+        }),
     };
     pb::LimitCheck {
         key: c.key.clone(),
@@ -274,6 +284,7 @@ fn to_pb(c: &LimitCheck) -> pb::LimitCheck {
         cost: Some(c.cost),
         dry_run: c.dry_run,
         named: None,
+        max_delay_ms: c.max_delay_ms,
     }
 }
 

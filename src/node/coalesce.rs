@@ -206,6 +206,7 @@ mod tests {
                 },
                 cost: 1,
                 dry_run: false,
+                max_delay_ms: 0,
             })
             .collect()
     }

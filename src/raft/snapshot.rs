@@ -387,6 +387,7 @@ mod tests {
                 limit,
                 cost: 1,
                 dry_run: false,
+                max_delay_ms: 0,
             })
             .collect();
         e.check(&checks, false, 5).unwrap();

@@ -1,5 +1,6 @@
 use arbiter::proto::{
-    limit::Algorithm, CheckRequest, FixedWindow, Limit, LimitCheck, SlidingWindow, TokenBucket,
+    limit::Algorithm, CheckRequest, FixedWindow, LeakyBucket, Limit, LimitCheck, LimitResult,
+    SlidingWindow, TokenBucket,
 };
 
 use crate::support::Server;
@@ -20,6 +21,7 @@ pub fn lc(key: &str, limit: Option<Limit>, cost: Option<u64>) -> LimitCheck {
         limit,
         cost,
         dry_run: false,
+        max_delay_ms: 0,
         named: None,
     }
 }
@@ -214,4 +216,110 @@ async fn key_cap_answers_resource_exhausted_and_stays_up() {
         .into_inner()
         .results[0];
     assert!(r.allowed);
+}
+
+fn lb(rate: u64, interval_ms: u64, burst: u64) -> Option<Limit> {
+    Some(Limit {
+        algorithm: Some(Algorithm::LeakyBucket(LeakyBucket {
+            rate,
+            interval_ms,
+            burst,
+        })),
+    })
+}
+
+/// A check in reserve mode: admitted if it can start within `max_delay_ms`.
+fn reserve(key: &str, limit: Option<Limit>, max_delay_ms: u64) -> LimitCheck {
+    LimitCheck {
+        max_delay_ms,
+        ..lc(key, limit, None)
+    }
+}
+
+async fn checked(
+    c: &mut arbiter::proto::rate_limiter_client::RateLimiterClient<tonic::transport::Channel>,
+    checks: Vec<LimitCheck>,
+    all_or_nothing: bool,
+) -> Vec<LimitResult> {
+    c.check(req(checks, all_or_nothing))
+        .await
+        .unwrap()
+        .into_inner()
+        .results
+}
+
+/// Within a minute under `ms` (the test's calls take some of the wait).
+fn about(got: u64, ms: u64) -> bool {
+    got <= ms && got > ms - 60_000
+}
+
+#[tokio::test]
+async fn a_leaky_bucket_schedules_work_in_reserve_mode() {
+    let server = Server::start(&[]);
+    let mut c = server.limits().await;
+    // One unit per 20 minutes, burst 2: the waits are that long, so the
+    // test's own time does not matter.
+    let unit = 1_200_000;
+    let slow = || lb(1, unit, 2);
+    for left in [1, 0] {
+        let r = checked(&mut c, vec![lc("q", slow(), None)], false).await[0];
+        assert!(r.allowed && r.delay_ms == 0, "{r:?}");
+        assert_eq!((r.limit, r.remaining), (2, left));
+    }
+    // A plain check is refused; reserve mode queues it a unit out.
+    let r = checked(&mut c, vec![lc("q", slow(), None)], false).await[0];
+    assert!(!r.allowed && about(r.retry_after_ms, unit), "{r:?}");
+    let r = checked(&mut c, vec![reserve("q", slow(), unit)], false).await[0];
+    assert!(r.allowed && about(r.delay_ms, unit), "{r:?}");
+    assert_eq!(r.remaining, 0);
+    // The next would wait two units: refused, consuming nothing.
+    let r = checked(&mut c, vec![reserve("q", slow(), unit)], false).await[0];
+    assert!(!r.allowed && r.delay_ms == 0, "{r:?}");
+    assert!(about(r.retry_after_ms, unit), "{r:?}");
+    assert!(about(r.reset_after_ms, 3 * unit), "{r:?}");
+    let r = checked(&mut c, vec![reserve("q", slow(), 2 * unit)], false).await[0];
+    assert!(r.allowed && about(r.delay_ms, 2 * unit), "{r:?}");
+
+    // All or nothing: one check over its wait and nothing is reserved.
+    checked(&mut c, vec![lc("a", slow(), Some(2))], false).await;
+    let both = vec![reserve("a", slow(), unit), reserve("b", slow(), 0)];
+    let r = checked(&mut c, both.clone(), true).await;
+    assert!(r.iter().all(|r| r.allowed && r.delay_ms <= unit), "{r:?}");
+    let over = vec![reserve("a", slow(), 2 * unit), lc("b", slow(), Some(3))];
+    let r = checked(&mut c, over, true).await;
+    assert!(r.iter().all(|r| !r.allowed && r.delay_ms == 0), "{r:?}");
+    let r = checked(&mut c, vec![reserve("a", slow(), 3 * unit)], false).await[0];
+    assert!(
+        about(r.delay_ms, 2 * unit),
+        "one reserved before, none after: {r:?}"
+    );
+}
+
+#[tokio::test]
+async fn reserve_mode_bounds_name_the_field() {
+    let server = Server::start(&[]);
+    let mut c = server.limits().await;
+    let cases = [
+        (
+            reserve("k", lb(1, 1000, 1), 3_600_001),
+            "checks[0].max_delay_ms: must be 0 to 3600000 ms, got 3600001",
+        ),
+        (
+            reserve("k", tb(1, 1, 1000), 10),
+            "checks[0].max_delay_ms: reserve mode needs a leaky_bucket limit",
+        ),
+        (
+            lc("k", lb(1, 1000, 0), None),
+            "checks[0].limit.leaky_bucket.burst: must be 1 to 1000000000000000, got 0",
+        ),
+        (
+            lc("k", lb(0, 1000, 1), None),
+            "checks[0].limit.leaky_bucket.rate: must be 1 to",
+        ),
+    ];
+    for (check, message) in cases {
+        let err = c.check(req(vec![check], false)).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert!(err.message().starts_with(message), "{}", err.message());
+    }
 }

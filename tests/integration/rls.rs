@@ -353,6 +353,7 @@ async fn v1_checks_name_configured_rules() {
         limit: None,
         cost: None,
         dry_run: false,
+        max_delay_ms: 0,
         named: Some(NamedLimit {
             domain: "edge".into(),
             entries: entries
@@ -392,6 +393,16 @@ async fn v1_checks_name_configured_rules() {
         .unwrap()
         .into_inner();
     assert!(r.results[0].allowed && r.results[0].remaining == u64::MAX);
+    // Reserve mode is a leaky bucket's, not a named rule's.
+    let mut reserve = named(&[("path", "/login")]);
+    reserve.max_delay_ms = 1000;
+    let err = c.check(check(vec![reserve])).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(
+        err.message().starts_with("checks[0].max_delay_ms:"),
+        "{}",
+        err.message()
+    );
     let err = c
         .check(check(vec![named(&[("nothing", "x")])]))
         .await
@@ -669,6 +680,7 @@ descriptors:
                         limit: None,
                         cost: None,
                         dry_run: false,
+                        max_delay_ms: 0,
                         named: Some(NamedLimit {
                             domain: "twin".into(),
                             entries: e

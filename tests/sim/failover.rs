@@ -44,6 +44,7 @@ fn check_of(key: &str, cost: u64) -> LimitCheck {
         },
         cost,
         dry_run: false,
+        max_delay_ms: 0,
     }
 }
 
@@ -276,6 +277,7 @@ pub async fn owner_clock(seed: u64) -> Result<((u64, u64), (u64, u64)), String> 
         },
         cost: 1,
         dry_run: false,
+        max_delay_ms: 0,
     };
     let allowed = Arc::new(std::sync::Mutex::new(Vec::new()));
     let start = c.now();

@@ -420,6 +420,7 @@ async fn limited(c: Arc<Cluster>, me: usize, mut rng: Rng, h: History, until: u6
                     },
                     cost: 1,
                     dry_run: false,
+                    max_delay_ms: 0,
                 },
                 LimitCheck {
                     key: format!("{}{}", REFILLING.prefix, sent / KEY_EVERY_MS),
@@ -430,6 +431,7 @@ async fn limited(c: Arc<Cluster>, me: usize, mut rng: Rng, h: History, until: u6
                     },
                     cost: 1,
                     dry_run: false,
+                    max_delay_ms: 0,
                 },
             ];
             let keys: Vec<String> = checks.iter().map(|c| c.key.clone()).collect();

@@ -55,6 +55,7 @@ fn check(key: &str, cost: u64) -> LimitCheck {
         },
         cost,
         dry_run: false,
+        max_delay_ms: 0,
     }
 }
 

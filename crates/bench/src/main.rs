@@ -38,6 +38,12 @@ enum Workload {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Algo {
+    TokenBucket,
+    LeakyBucket,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum KeyOrder {
     Random,
     Sequential,
@@ -103,6 +109,14 @@ struct Args {
     /// Send batched checks with all_or_nothing.
     #[arg(long)]
     all_or_nothing: bool,
+    /// The check workload's limit: a token bucket, or a leaky bucket whose
+    /// burst is --capacity and whose rate is --refill-tokens per
+    /// --refill-interval-ms.
+    #[arg(long, value_enum, default_value = "token-bucket")]
+    algorithm: Algo,
+    /// With the leaky bucket: reserve mode's max_delay_ms (0: plain checks).
+    #[arg(long, default_value_t = 0)]
+    max_delay_ms: u64,
     /// Token-bucket capacity.
     #[arg(long, default_value_t = 1000)]
     capacity: u64,

@@ -38,19 +38,28 @@ pub(super) fn rls_entry(key: String) -> Vec<u8> {
 /// One key's entry of `CheckRequest.checks` (field 1), encoded.
 pub(super) fn check_entry(args: &Args, key: String) -> Vec<u8> {
     use prost::Message;
+    let algorithm = match args.algorithm {
+        super::Algo::TokenBucket => Algorithm::TokenBucket(pb::TokenBucket {
+            capacity: args.capacity,
+            refill_tokens: args.refill_tokens,
+            refill_interval_ms: args.refill_interval_ms,
+        }),
+        super::Algo::LeakyBucket => Algorithm::LeakyBucket(pb::LeakyBucket {
+            rate: args.refill_tokens,
+            interval_ms: args.refill_interval_ms,
+            burst: args.capacity,
+        }),
+    };
     pb::CheckRequest {
         checks: vec![pb::LimitCheck {
             key,
             limit: Some(pb::Limit {
-                algorithm: Some(Algorithm::TokenBucket(pb::TokenBucket {
-                    capacity: args.capacity,
-                    refill_tokens: args.refill_tokens,
-                    refill_interval_ms: args.refill_interval_ms,
-                })),
+                algorithm: Some(algorithm),
             }),
             cost: None,
             dry_run: false,
             named: None,
+            max_delay_ms: args.max_delay_ms,
         }],
         all_or_nothing: false,
     }

@@ -24,6 +24,7 @@ fn check(key: String) -> LimitCheck {
         limit: BUCKET,
         cost: 1,
         dry_run: false,
+        max_delay_ms: 0,
     }
 }
 

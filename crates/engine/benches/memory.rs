@@ -64,6 +64,7 @@ fn main() {
             limit,
             cost: 1,
             dry_run: false,
+            max_delay_ms: 0,
         }];
         // Drop the request's own allocations before counting.
         let r = engine

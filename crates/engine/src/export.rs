@@ -107,6 +107,7 @@ mod tests {
                 limit: def,
                 cost: 3,
                 dry_run: false,
+                max_delay_ms: 0,
             })
             .collect();
         e.check(&checks, false, 100).unwrap();

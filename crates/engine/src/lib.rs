@@ -26,7 +26,7 @@ pub use idempotency::{BeginOutcome, Record, RecordQuota, RecordState, RecordTabl
 pub use leases::{Lease, LeaseEvent, LeaseEventKind, LeaseTable};
 pub use limits::{
     none_consumed, Cell, KeyQuota, LimitCheck, LimitDef, LimitResult, LimitTable, CELL_BYTES,
-    MAX_WINDOW_MS,
+    MAX_DELAY_MS, MAX_WINDOW_MS,
 };
 pub use ops::{Abort, Acquire, Acquired, Begin, Command, Complete, Outcome, Release, Renew, Write};
 pub use slots::{slot_of, SlotMap, SLOTS};

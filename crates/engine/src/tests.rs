@@ -17,6 +17,7 @@ fn check(key: &str, limit: LimitDef, cost: u64) -> LimitCheck {
         limit,
         cost,
         dry_run: false,
+        max_delay_ms: 0,
     }
 }
 
@@ -124,6 +125,7 @@ fn a_clock_behind_the_window_neither_reopens_it_nor_shortens_waits() {
     assert_eq!(early.retry_after_ms, 210);
     let probe = LimitCheck {
         dry_run: true,
+        max_delay_ms: 0,
         ..check("s", sliding, 1)
     };
     assert!(!checked(&e, vec![probe.clone()], false, 990 + 209)[0].allowed);

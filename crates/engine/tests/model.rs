@@ -3,7 +3,8 @@
 //! millisecond), driven by the same random commands at random times,
 //! including time going backwards. Every output must be equal: allowed,
 //! remaining, retry_after_ms (denied one ms before it, allowed at it),
-//! reset_after_ms. Then all-or-nothing against "check all, then apply all or
+//! reset_after_ms, and a leaky bucket's delay_ms in reserve mode. Then
+//! all-or-nothing against "check all, then apply all or
 //! none", and replica determinism: the same log through a second engine fed
 //! by sync entries and through snapshot + restore gives the same state.
 
@@ -38,6 +39,8 @@ enum State {
     },
     /// Fixed window: units admitted in the window starting at `start`.
     Fixed { count: u64, start: u64 },
+    /// Leaky bucket: when it is empty again, in ticks of 1/rate ms.
+    Leaky { tat: u128 },
 }
 
 #[derive(Clone, Debug, Default)]
@@ -47,16 +50,61 @@ struct Model {
 
 impl Model {
     /// What the model says `cost` on `key` under `def` at `now` gives, and
-    /// the key's new state when it consumed.
+    /// the key's new state when it consumed. `max_delay` is reserve mode's
+    /// (leaky buckets only).
     fn decide(
         &self,
         key: &str,
         def: LimitDef,
         now: u64,
         cost: u64,
+        max_delay: u64,
     ) -> (LimitResult, Option<State>) {
         let state = self.keys.get(key);
         match def {
+            LimitDef::LeakyBucket {
+                rate,
+                interval_ms,
+                burst,
+            } => {
+                let (r, i, b) = (u128::from(rate), u128::from(interval_ms), u128::from(burst));
+                let tat = match state {
+                    Some(State::Leaky { tat }) => *tat,
+                    _ => 0,
+                };
+                // Admitted at `t`, the bucket fills to max(tat, t) + cost;
+                // the work starts once that is at most `burst` above t.
+                let after = |t: u64| tat.max(u128::from(t) * r) + u128::from(cost) * i;
+                let wait_ms = |t: u64| {
+                    if cost == 0 {
+                        0
+                    } else {
+                        let start = (after(t).saturating_sub(b * i)).max(u128::from(t) * r);
+                        (start - u128::from(t) * r).div_ceil(r) as u64
+                    }
+                };
+                let fits = |t: u64| cost <= burst && wait_ms(t) <= max_delay;
+                let allowed = fits(now);
+                let retry_after_ms = if allowed {
+                    0
+                } else if cost > burst {
+                    NEVER
+                } else {
+                    (1..).find(|d| fits(now + d)).expect("the bucket drains")
+                };
+                let consumed = allowed && cost > 0;
+                let kept = if consumed { after(now) } else { tat };
+                let level = kept.saturating_sub(u128::from(now) * r);
+                let result = LimitResult {
+                    allowed,
+                    limit: burst,
+                    remaining: ((b * i).saturating_sub(level) / i) as u64,
+                    retry_after_ms,
+                    reset_after_ms: level.div_ceil(r) as u64,
+                    delay_ms: if allowed { wait_ms(now) } else { 0 },
+                };
+                (result, consumed.then_some(State::Leaky { tat: kept }))
+            }
             LimitDef::TokenBucket {
                 capacity,
                 refill_tokens,
@@ -91,6 +139,7 @@ impl Model {
                     remaining: (after / i) as u64,
                     retry_after_ms,
                     reset_after_ms: (c * i - after).div_ceil(r) as u64,
+                    delay_ms: 0,
                 };
                 (
                     result,
@@ -149,6 +198,7 @@ impl Model {
                     } else {
                         0
                     },
+                    delay_ms: 0,
                 };
                 let next = consumed.then(|| {
                     let mut counts = counts;
@@ -196,6 +246,7 @@ impl Model {
                     remaining: limit - after,
                     retry_after_ms,
                     reset_after_ms: if after > 0 { end_in } else { 0 },
+                    delay_ms: 0,
                 };
                 (
                     result,
@@ -216,7 +267,19 @@ impl Model {
         cost: u64,
         dry_run: bool,
     ) -> LimitResult {
-        let (result, next) = self.decide(key, def, now, cost);
+        self.check_within(key, def, now, cost, dry_run, 0)
+    }
+
+    fn check_within(
+        &mut self,
+        key: &str,
+        def: LimitDef,
+        now: u64,
+        cost: u64,
+        dry_run: bool,
+        max_delay: u64,
+    ) -> LimitResult {
+        let (result, next) = self.decide(key, def, now, cost, max_delay);
         if let Some(next) = next.filter(|_| !dry_run) {
             self.keys.insert(key.to_owned(), next);
         }
@@ -238,6 +301,13 @@ fn any_def() -> impl Strategy<Value = LimitDef> {
             .prop_map(|(limit, window_ms)| LimitDef::SlidingWindow { limit, window_ms }),
         (1u64..8, 1u64..400)
             .prop_map(|(limit, window_ms)| LimitDef::FixedWindow { limit, window_ms }),
+        (1u64..4, 1u64..400, 1u64..8).prop_map(|(rate, interval_ms, burst)| {
+            LimitDef::LeakyBucket {
+                rate,
+                interval_ms,
+                burst,
+            }
+        }),
     ]
 }
 
@@ -257,7 +327,13 @@ fn key_check(key: usize, def: LimitDef, cost: u64, dry_run: bool) -> LimitCheck 
         limit: def,
         cost,
         dry_run,
+        max_delay_ms: 0,
     }
+}
+
+/// Reserve mode's wait, for a leaky bucket: none half the time.
+fn any_max_delay() -> impl Strategy<Value = u64> {
+    prop_oneof![Just(0u64), 1u64..600]
 }
 
 /// Rate-limit state as plain values, changed-since-sync marks left out, in
@@ -287,17 +363,17 @@ proptest! {
     #[test]
     fn every_check_answers_what_the_model_answers(
         defs in prop::collection::vec(any_def(), 3),
-        ops in prop::collection::vec((any_step(), 0usize..3, 0u64..9, any::<bool>()), 1..120),
+        ops in prop::collection::vec((any_step(), 0usize..3, 0u64..9, any::<bool>(), any_max_delay()), 1..120),
     ) {
         let e = engine();
         let mut model = Model::default();
         let mut now = 1_000_000u64;
-        for (dt, key, cost, dry_run) in ops {
+        for (dt, key, cost, dry_run, max_delay) in ops {
             now = step(now, dt);
-            let check = key_check(key, defs[key], cost, dry_run);
+            let check = LimitCheck { max_delay_ms: max_delay, ..key_check(key, defs[key], cost, dry_run) };
             let got = e.check(std::slice::from_ref(&check), false, now).unwrap()[0];
-            let want = model.check(&check.key, defs[key], now, cost, dry_run);
-            prop_assert_eq!(got, want, "key {} {:?} cost {} dry {} at {}", key, defs[key], cost, dry_run, now);
+            let want = model.check_within(&check.key, defs[key], now, cost, dry_run, max_delay);
+            prop_assert_eq!(got, want, "key {} {:?} cost {} dry {} max_delay {} at {}", key, defs[key], cost, dry_run, max_delay, now);
             // The engine itself, probed with dry runs: denied a ms before
             // retry_after, allowed at it (token buckets, whose model is
             // arithmetic rather than a search; time not behind the bucket).
@@ -321,28 +397,29 @@ proptest! {
     #[test]
     fn all_or_nothing_is_check_all_then_apply_all_or_none(
         defs in prop::collection::vec(any_def(), 4),
-        ops in prop::collection::vec((any_step(), prop::collection::vec((0usize..4, 0u64..5), 1..5)), 1..60),
+        ops in prop::collection::vec((any_step(), prop::collection::vec((0usize..4, 0u64..5, any_max_delay()), 1..5)), 1..60),
     ) {
         let e = engine();
         let mut model = Model::default();
         let mut now = 1_000_000u64;
         for (dt, batch) in ops {
             now = step(now, dt);
-            let checks: Vec<_> = batch.iter().map(|&(k, cost)| key_check(k, defs[k], cost, false)).collect();
+            let checks: Vec<_> = batch.iter().map(|&(k, cost, max_delay_ms)| LimitCheck { max_delay_ms, ..key_check(k, defs[k], cost, false) }).collect();
             let got = e.check(&checks, true, now).unwrap();
             let mut trial = model.clone();
-            let want: Vec<_> = batch.iter().map(|&(k, cost)| trial.check(&format!("k{k}"), defs[k], now, cost, false)).collect();
+            let want: Vec<_> = batch.iter().map(|&(k, cost, max_delay)| trial.check_within(&format!("k{k}"), defs[k], now, cost, false, max_delay)).collect();
             if want.iter().all(|r| r.allowed) {
                 prop_assert_eq!(&got, &want);
                 model = trial;
             } else {
                 let distinct = batch.iter().map(|b| b.0).collect::<std::collections::HashSet<_>>().len() == batch.len();
                 for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-                    prop_assert!(!g.allowed, "item {} allowed in a denied request", i);
+                    prop_assert!(!g.allowed && g.delay_ms == 0, "item {} allowed in a denied request", i);
                     prop_assert_eq!(g.retry_after_ms, w.retry_after_ms, "item {}", i);
                     if distinct {
-                        // Nothing consumed: what remains now.
-                        let left = if w.allowed { (w.remaining + batch[i].1).min(w.limit) } else { w.remaining };
+                        // Nothing consumed: what remains now (a check that
+                        // would have waited found none left).
+                        let left = if w.allowed && w.delay_ms == 0 { (w.remaining + batch[i].1).min(w.limit) } else { w.remaining };
                         prop_assert_eq!(g.remaining, left, "item {}", i);
                     }
                 }
@@ -461,7 +538,9 @@ proptest! {
                 late = Some(Engine::restore(EngineConfig { limit_shards: 4, ..EngineConfig::default() }, follower.snapshot()));
             }
             if let Op::Check(k, cost) = *op {
-                leader.check(&[key_check(k, defs[k], cost, false)], false, now).unwrap();
+                // Leaky buckets in reserve mode: scheduled work replicates.
+                let check = LimitCheck { max_delay_ms: 300, ..key_check(k, defs[k], cost, false) };
+                leader.check(&[check], false, now).unwrap();
             } else if let Some(cmd) = command(op, &leader, now) {
                 let on_leader = leader.apply(cmd.clone(), now).map(|a| a.outcome);
                 let on_follower = follower.apply(cmd.clone(), now).map(|a| a.outcome);
@@ -519,15 +598,35 @@ fn the_model_rejects_a_limiter_that_always_denies_or_answers_early() {
             limit: 2,
             window_ms: 100,
         },
+        LimitDef::LeakyBucket {
+            rate: 1,
+            interval_ms: 50,
+            burst: 2,
+        },
     ] {
-        let (fresh, _) = model.decide("k", def, 1_000, 1);
+        let (fresh, _) = model.decide("k", def, 1_000, 1, 0);
         assert!(fresh.allowed, "{def:?}: a fresh key must allow");
         let mut m = Model::default();
         m.check("k", def, 1_050, 2, false);
         let denied = m.check("k", def, 1_050, 1, false);
         assert!(!denied.allowed && denied.retry_after_ms > 0, "{def:?}");
-        let at = |t| m.decide("k", def, t, 1).0.allowed;
+        let at = |t| m.decide("k", def, t, 1, 0).0.allowed;
         assert!(!at(1_050 + denied.retry_after_ms - 1), "{def:?}");
         assert!(at(1_050 + denied.retry_after_ms), "{def:?}");
     }
+    // Reserve mode schedules one unit per 50 ms behind a burst of 2, and
+    // refuses past the wait it is given, consuming nothing.
+    let def = LimitDef::LeakyBucket {
+        rate: 1,
+        interval_ms: 50,
+        burst: 2,
+    };
+    let mut m = Model::default();
+    let delays: Vec<u64> = (0..4)
+        .map(|_| m.check_within("k", def, 1_000, 1, false, 100).delay_ms)
+        .collect();
+    assert_eq!(delays, [0, 0, 50, 100]);
+    let over = m.check_within("k", def, 1_000, 1, false, 100);
+    assert!(!over.allowed && over.retry_after_ms == 50, "{over:?}");
+    assert_eq!(m.check_within("k", def, 1_050, 1, false, 100).delay_ms, 100);
 }

@@ -65,6 +65,7 @@ impl FixedWindow {
             remaining: self.limit.saturating_sub(count),
             retry_after_ms,
             reset_after_ms: if count > 0 { end_in } else { 0 },
+            delay_ms: 0,
         };
         let (aux, long) = pack_window(self.window);
         let cell = changed.then_some(Cell {

@@ -5,6 +5,7 @@
 //! with every check, so the cell stores only what the definition cannot give.
 
 mod fixed_window;
+mod leaky_bucket;
 mod sliding_window;
 mod table;
 mod token_bucket;
@@ -25,6 +26,8 @@ const MS_FIELD_MAX: u64 = u32::MAX as u64;
 const LONG: u32 = 8;
 /// `retry_after_ms` when the cost can never be allowed (cost above the limit).
 pub const NEVER: u64 = u64::MAX;
+/// Longest wait a check in reserve mode may accept (`max_delay_ms`): an hour.
+pub const MAX_DELAY_MS: u64 = 3_600_000;
 
 /// A limit definition, as the caller sends it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -41,6 +44,12 @@ pub enum LimitDef {
     FixedWindow {
         limit: u64,
         window_ms: u64,
+    },
+    /// Drains `rate` units per `interval_ms`; at most `burst` at once (GCRA).
+    LeakyBucket {
+        rate: u64,
+        interval_ms: u64,
+        burst: u64,
     },
 }
 
@@ -88,13 +97,23 @@ impl LimitDef {
                 check("fixed_window.limit", limit, MAX_AMOUNT)?;
                 check("fixed_window.window_ms", window_ms, MAX_WINDOW_MS)
             }
+            LimitDef::LeakyBucket {
+                rate,
+                interval_ms,
+                burst,
+            } => {
+                check("leaky_bucket.rate", rate, MAX_AMOUNT)?;
+                check("leaky_bucket.interval_ms", interval_ms, MAX_WINDOW_MS)?;
+                check("leaky_bucket.burst", burst, MAX_AMOUNT)
+            }
         }
     }
 
-    /// The full allowance: capacity or limit.
+    /// The full allowance: capacity, burst or limit.
     pub fn allowance(&self) -> u64 {
         match *self {
             LimitDef::TokenBucket { capacity, .. } => capacity,
+            LimitDef::LeakyBucket { burst, .. } => burst,
             LimitDef::SlidingWindow { limit, .. } | LimitDef::FixedWindow { limit, .. } => limit,
         }
     }
@@ -109,6 +128,10 @@ pub struct LimitCheck {
     pub cost: u64,
     /// Decide without consuming.
     pub dry_run: bool,
+    /// Reserve mode (leaky buckets): admit the check if it can start within
+    /// this many ms, telling the caller how long to wait; 0 = only now.
+    #[serde(default)]
+    pub max_delay_ms: u64,
 }
 
 /// The decision for one check.
@@ -119,6 +142,10 @@ pub struct LimitResult {
     pub remaining: u64,
     pub retry_after_ms: u64,
     pub reset_after_ms: u64,
+    /// When allowed, how long the caller waits before starting (reserve
+    /// mode); otherwise 0.
+    #[serde(default)]
+    pub delay_ms: u64,
 }
 
 /// The stored state of one key: 32 bytes whatever the algorithm, so a live
@@ -133,6 +160,9 @@ pub struct LimitResult {
 /// - sliding window (2): `a` previous window's count, `b` current window's
 ///   count, `c` current window's start, `aux` window_ms.
 /// - fixed window (3): `a` count, `b` window start, `aux` window_ms.
+/// - leaky bucket (0): `a` the TAT in ms, `b` ticks past it (1/rate ms
+///   each), `c` the ms it is empty from; `tag`'s upper bits fingerprint
+///   the definition.
 /// - for both windows, `tag` bit 3 ([`LONG`]): `aux` counts seconds (a
 ///   window longer than 32 bits of ms, up to a year).
 ///
@@ -167,6 +197,7 @@ impl From<Cell> for CellRepr {
 /// stored by followers or shipped in syncs and snapshots.
 const DIRTY: u32 = 4;
 
+const KIND_LEAKY_BUCKET: u32 = 0;
 const KIND_TOKEN_BUCKET: u32 = 1;
 const KIND_SLIDING_WINDOW: u32 = 2;
 const KIND_FIXED_WINDOW: u32 = 3;
@@ -208,7 +239,7 @@ impl Cell {
     /// bucket, lapsed windows), so a sweep may drop it.
     pub fn idle_at_ms(&self) -> u64 {
         match self.kind() {
-            KIND_TOKEN_BUCKET => self.c,
+            KIND_TOKEN_BUCKET | KIND_LEAKY_BUCKET => self.c,
             KIND_SLIDING_WINDOW => sliding_window::idle_at(self),
             _ => fixed_window::idle_at(self),
         }
@@ -224,7 +255,30 @@ pub fn decide(
     now_ms: u64,
     cost: u64,
 ) -> (LimitResult, Option<Cell>) {
+    decide_within(def, cell, now_ms, cost, 0)
+}
+
+/// [`decide`] in reserve mode: a leaky bucket admits a check that can
+/// start within `max_delay_ms` (other algorithms ignore it; the API refuses
+/// it for them).
+pub fn decide_within(
+    def: &LimitDef,
+    cell: Option<&Cell>,
+    now_ms: u64,
+    cost: u64,
+    max_delay_ms: u64,
+) -> (LimitResult, Option<Cell>) {
     match *def {
+        LimitDef::LeakyBucket {
+            rate,
+            interval_ms,
+            burst,
+        } => leaky_bucket::LeakyBucket::new(rate, interval_ms, burst).decide(
+            cell,
+            now_ms,
+            cost,
+            max_delay_ms,
+        ),
         LimitDef::TokenBucket {
             capacity,
             refill_tokens,

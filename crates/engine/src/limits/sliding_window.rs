@@ -135,6 +135,7 @@ impl SlidingWindow {
             remaining: limit.saturating_sub(used_after) as u64,
             retry_after_ms,
             reset_after_ms,
+            delay_ms: 0,
         };
         let (aux, long) = pack_window(w);
         let cell = changed.then_some(Cell {

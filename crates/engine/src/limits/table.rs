@@ -255,10 +255,9 @@ impl LimitTable {
             } = &mut *guard;
             let stored = table.find_mut(h, |e| e.0.is(&check.key));
             let (result, cell) = decide_held(
-                &check.limit,
+                check,
                 stored.as_ref().map(|e| &e.1),
                 now_ms,
-                check.cost,
                 held_at(held, h),
             );
             // A dry run decides for the real cost but stores nothing.
@@ -381,13 +380,8 @@ impl LimitTable {
             let shard = &guards[guard_of(s)].1;
             let stored = shard.find(h, |e| e.0.is(&check.key));
             let current = earlier.or(stored.map(|e| e.1));
-            let (result, cell) = decide_held(
-                &check.limit,
-                current.as_ref(),
-                now_ms,
-                check.cost,
-                held_at(&shard.held, h),
-            );
+            let (result, cell) =
+                decide_held(check, current.as_ref(), now_ms, held_at(&shard.held, h));
             all_allowed &= result.allowed;
             if let Some(cell) = cell.filter(|_| !check.dry_run) {
                 if stored.is_none() && earlier.is_none() {
@@ -534,9 +528,12 @@ pub fn none_consumed(results: &mut [LimitResult], checks: &[LimitCheck]) {
     for (r, c) in results.iter_mut().zip(checks) {
         if r.allowed {
             r.allowed = false;
-            if !c.dry_run {
+            // A check that would have waited (reserve mode) found the
+            // bucket too full to go now: it keeps reporting 0 left.
+            if !c.dry_run && r.delay_ms == 0 {
                 r.remaining = r.remaining.saturating_add(c.cost).min(r.limit);
             }
+            r.delay_ms = 0;
         }
     }
 }
@@ -561,6 +558,7 @@ mod tests {
             limit: def,
             cost,
             dry_run: false,
+            max_delay_ms: 0,
         };
         t.check(&[check("a", 1), check("b", 1), check("a", 2)], false, 0)
             .unwrap();
@@ -606,6 +604,7 @@ mod tests {
                 limit: def,
                 cost: 1,
                 dry_run: false,
+                max_delay_ms: 0,
             })
             .collect();
         t.check(&checks, false, 0).unwrap();
@@ -633,6 +632,7 @@ mod tests {
                 limit: BUCKET_OF_TEN,
                 cost: 1,
                 dry_run: false,
+                max_delay_ms: 0,
             })
             .collect();
         t.check(&checks, false, 0).unwrap();

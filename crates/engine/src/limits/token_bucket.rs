@@ -140,6 +140,7 @@ impl TokenBucket {
             remaining: s.tokens,
             retry_after_ms,
             reset_after_ms,
+            delay_ms: 0,
         };
         let cell = changed.then(|| Cell {
             tag: self.tag,

@@ -17,7 +17,7 @@
 use std::collections::HashMap;
 
 use super::{KeyQuota, LimitTable};
-use crate::limits::{decide, Cell, LimitCheck, LimitDef, LimitResult};
+use crate::limits::{decide_within, Cell, LimitCheck, LimitResult};
 use crate::EngineError;
 
 /// What an all-or-nothing decision does when every check passes.
@@ -67,24 +67,25 @@ pub(super) fn unhold(held: &mut HashMap<u64, u64>, h: u64, check: &LimitCheck) {
     }
 }
 
-/// [`decide`] with `held` of the key already spoken for: allowed only if
-/// `cost` more than what is held would be, and then consuming `cost` only.
+/// [`decide_within`] for `check` with `held` of the key already spoken
+/// for: allowed only if `cost` more than what is held would be, and then
+/// consuming `cost` only.
 pub(super) fn decide_held(
-    def: &LimitDef,
+    check: &LimitCheck,
     cell: Option<&Cell>,
     now_ms: u64,
-    cost: u64,
     held: u64,
 ) -> (LimitResult, Option<Cell>) {
+    let decide = |cost| decide_within(&check.limit, cell, now_ms, cost, check.max_delay_ms);
     if held == 0 {
-        return decide(def, cell, now_ms, cost);
+        return decide(check.cost);
     }
-    let (mut result, _) = decide(def, cell, now_ms, cost.saturating_add(held));
+    let (mut result, _) = decide(check.cost.saturating_add(held));
     if !result.allowed {
         result.remaining = result.remaining.saturating_sub(held);
         return (result, None);
     }
-    (result, decide(def, cell, now_ms, cost).1)
+    (result, decide(check.cost).1)
 }
 
 impl LimitTable {
@@ -133,6 +134,7 @@ impl LimitTable {
 mod tests {
     use super::super::LimitTable;
     use super::*;
+    use crate::limits::LimitDef;
 
     const BUCKET: LimitDef = LimitDef::TokenBucket {
         capacity: 10,
@@ -150,6 +152,7 @@ mod tests {
             limit,
             cost,
             dry_run: false,
+            max_delay_ms: 0,
         }
     }
 
