@@ -35,7 +35,7 @@ pub(super) async fn check(a: CheckArgs) -> CliResult {
                 (_, _, Some(f)) => Algorithm::FixedWindow(f),
                 _ => match a.leaky_bucket {
                     Some(l) => Algorithm::LeakyBucket(pb::LeakyBucket {
-                        burst: a.burst,
+                        burst: a.burst.unwrap_or(1),
                         ..l
                     }),
                     None => {
@@ -54,7 +54,7 @@ pub(super) async fn check(a: CheckArgs) -> CliResult {
                 }),
                 cost: Some(a.cost),
                 dry_run: a.dry_run,
-                max_delay_ms: a.max_delay,
+                max_delay_ms: a.max_delay.unwrap_or(0),
                 named: None,
             }
         }

@@ -196,13 +196,18 @@ struct CheckArgs {
     /// RATE/INTERVAL, e.g. `10/s`: a leaky bucket draining at that rate.
     #[arg(long, group = "limit", value_parser = parse_leaky)]
     leaky_bucket: Option<pb::LeakyBucket>,
-    /// The leaky bucket's burst: units that may go at once.
-    #[arg(long, requires = "leaky_bucket", default_value_t = 1)]
-    burst: u64,
+    /// The leaky bucket's burst: units that may go at once [default: 1].
+    #[arg(long, requires = "leaky_bucket", conflicts_with_all = OTHER_LIMITS)]
+    burst: Option<u64>,
     /// Reserve mode: admit the check if it can start within this wait
     /// (e.g. `2s`) and print how long to wait as `delay_ms`.
-    #[arg(long, requires = "leaky_bucket", value_parser = parse_duration_ms, default_value = "0")]
-    max_delay: u64,
+    #[arg(
+        long,
+        requires = "leaky_bucket",
+        conflicts_with_all = OTHER_LIMITS,
+        value_parser = parse_duration_ms
+    )]
+    max_delay: Option<u64>,
     /// Units to consume (0 peeks).
     #[arg(long, default_value_t = 1)]
     cost: u64,
@@ -210,6 +215,11 @@ struct CheckArgs {
     #[arg(long)]
     dry_run: bool,
 }
+
+/// The limits other than the leaky bucket: `--burst` and `--max-delay` are
+/// refused with them (clap counts the `limit` group's `requires` as met by
+/// any of its members).
+const OTHER_LIMITS: [&str; 4] = ["token_bucket", "sliding_window", "fixed_window", "domain"];
 
 #[derive(Subcommand)]
 enum LeaseCmd {

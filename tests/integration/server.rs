@@ -228,6 +228,44 @@ fn cli_talks_to_a_running_server() {
     let (code, out, _) = run(&["check", "--key", "cli", "--token-bucket", "1:1/1h"]);
     assert_eq!(code, Some(2), "denied exits 2: {out}");
     assert!(out.starts_with("denied"));
+    // A leaky bucket in reserve mode: the second waits about 10 minutes.
+    let shaped = [
+        "check",
+        "--key",
+        "shaped",
+        "--leaky-bucket",
+        "6/1h",
+        "--burst",
+        "1",
+        "--max-delay",
+        "15m",
+    ];
+    let (code, out, _) = run(&shaped);
+    assert_eq!(code, Some(0));
+    assert!(out.trim_end().ends_with(" delay_ms=0"), "{out}");
+    let (code, out, _) = run(&shaped);
+    assert_eq!(code, Some(0), "{out}");
+    let delay: u64 = out
+        .trim_end()
+        .rsplit("delay_ms=")
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(delay > 540_000 && delay <= 600_000, "{out}");
+    let (code, out, _) = run(&shaped);
+    assert_eq!(code, Some(2), "20 minutes is past 15: {out}");
+    let (code, _, err) = run(&[
+        "check",
+        "--key",
+        "k",
+        "--burst",
+        "2",
+        "--token-bucket",
+        "1:1/s",
+    ]);
+    assert_ne!(code, Some(0));
+    assert!(err.contains("--leaky-bucket"), "{err}");
     let (code, out, _) = run(&["lease", "acquire", "svc", "--holder", "me", "--ttl", "1m"]);
     assert_eq!(code, Some(0));
     assert!(
