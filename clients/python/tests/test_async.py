@@ -187,3 +187,23 @@ async def _echo(x):
 
 async def _none():
     raise AssertionError("must not run")
+
+
+def test_reserve_and_a_limiter(server, name):
+    async def body(client):
+        bucket = ac.LeakyBucket(rate=1, per=600, burst=2)
+        assert [(await client.reserve(name, bucket, max_delay=700)).delay for _ in range(2)] == [0, 0]
+        third = await client.reserve(name, bucket, max_delay=700)
+        assert third.allowed and 590 < third.delay <= 600
+        assert not (await client.reserve(name, bucket, max_delay=700)).allowed
+        limiter = client.limiter(f"{name}/shaped", ac.LeakyBucket(rate=10, per=1), max_delay=2)
+        start = time.monotonic()
+        # Five tasks at once leave one every 100 ms.
+        decisions = await asyncio.gather(*(limiter.acquire() for _ in range(5)))
+        assert all(d.allowed for d in decisions)
+        assert sorted(round(d.delay, 1) for d in decisions) == [0.0, 0.1, 0.2, 0.3, 0.4]
+        assert time.monotonic() - start >= 0.35
+        async with client.limiter(f"{name}/ctx", bucket, max_delay=1) as d:
+            assert d.allowed
+
+    run(server, body)

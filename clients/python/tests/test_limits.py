@@ -137,3 +137,42 @@ def test_retry_delays_are_full_jitter_below_the_cap():
     assert max(delays) > 0.4  # the cap is reached, not just the base
     with pytest.raises(ValueError):
         ac.Retry(attempts=0)
+
+
+def test_reserve_schedules_work_on_a_leaky_bucket_instead_of_refusing_it(client, name):
+    bucket = ac.LeakyBucket(rate=1, per=600, burst=1)  # one per 10 minutes
+    first = client.reserve(name, bucket, max_delay=900)
+    assert first.allowed and first.delay == 0 and first.limit == 1
+    second = client.reserve(name, bucket, max_delay=900)
+    assert second.allowed and 590 < second.delay <= 600
+    # A third would wait 20 minutes: refused, consuming nothing.
+    third = client.reserve(name, bucket, max_delay=900)
+    assert not third.allowed and third.delay == 0
+    assert 290 < third.retry_after <= 300
+    assert client.reserve(name, bucket, max_delay=1200).allowed
+    # Without reserve mode, a leaky bucket answers as any limit does.
+    assert not client.check(name, bucket).allowed
+    with pytest.raises(ValueError, match="max_delay"):
+        client.reserve(name, bucket, max_delay=3601)
+    with pytest.raises(ValueError, match="LeakyBucket"):
+        client.reserve(name, ac.TokenBucket(1, 1, 1), max_delay=1)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="burst"):
+        ac.LeakyBucket(rate=1, per=1, burst=0)
+
+
+def test_a_limiter_sleeps_so_callers_go_out_at_the_rate(client, name):
+    limiter = client.limiter(name, ac.LeakyBucket(rate=10, per=1), max_delay=2)
+    starts = []
+    for _ in range(5):
+        decision = limiter.acquire()
+        assert decision.allowed
+        starts.append(time.monotonic())
+    # One every 100 ms: the calls themselves take about a millisecond.
+    assert starts[-1] - starts[0] >= 0.35, starts
+    # As a context manager, and refused once the wait would pass the timeout.
+    slow = client.limiter(f"{name}/slow", ac.LeakyBucket(rate=1, per=600), max_delay=1)
+    with slow as decision:
+        assert decision.delay == 0
+    with pytest.raises(ac.RateLimited) as caught:
+        slow.acquire(timeout=0.5)
+    assert caught.value.decision.retry_after > 500

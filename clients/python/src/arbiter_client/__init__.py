@@ -1,10 +1,11 @@
-"""Arbiter's Python client: rate limits (check, wait, a decorator), leases
+"""Arbiter's Python client: rate limits (check, wait, a decorator, and
+leaky-bucket shaping that schedules work instead of refusing it), leases
 kept alive in the background, leader election with fencing tokens,
 `@idempotent` functions, and retries with jittered backoff. `Client` blocks;
 `AsyncClient` is its asyncio twin."""
 
-from .aio import AsyncClient, AsyncElection, AsyncLease, AsyncLeaseWatch
-from .client import Client, Election, Lease, LeaseWatch
+from .aio import AsyncClient, AsyncElection, AsyncLease, AsyncLeaseWatch, AsyncLimiter
+from .client import Client, Election, Lease, LeaseWatch, Limiter
 from .errors import (
     ArbiterError,
     IdempotencyInProgress,
@@ -22,6 +23,7 @@ from .types import (
     ClusterStatus,
     Decision,
     FixedWindow,
+    LeakyBucket,
     Leader,
     LeaseEvent,
     LeaseInfo,
@@ -40,12 +42,14 @@ __all__ = [
     "AsyncElection",
     "AsyncLease",
     "AsyncLeaseWatch",
+    "AsyncLimiter",
     "BeginResult",
     "Client",
     "ClusterStatus",
     "Decision",
     "Election",
     "FixedWindow",
+    "LeakyBucket",
     "IdempotencyInProgress",
     "IdempotencyKeyMismatch",
     "InvalidArgument",
@@ -56,6 +60,7 @@ __all__ = [
     "LeaseLost",
     "LeaseNotHeld",
     "LeaseWatch",
+    "Limiter",
     "PermissionDenied",
     "RateLimited",
     "Record",

@@ -19,6 +19,7 @@ from .types import (
     ClusterStatus,
     Decision,
     FixedWindow,
+    LeakyBucket,
     LeaseEvent,
     LeaseInfo,
     Limit,
@@ -119,16 +120,29 @@ def _limit_into(limit: Limit, target: Any) -> None:
     elif isinstance(limit, FixedWindow):
         target.fixed_window.limit = limit.limit
         target.fixed_window.window_ms = millis(limit.window, "window")
+    elif isinstance(limit, LeakyBucket):
+        target.leaky_bucket.rate = limit.rate
+        target.leaky_bucket.interval_ms = millis(limit.per, "per")
+        target.leaky_bucket.burst = limit.burst
     else:
-        raise TypeError(f"limit must be a TokenBucket, SlidingWindow or FixedWindow, not {type(limit).__name__}")
+        raise TypeError(
+            f"limit must be a TokenBucket, SlidingWindow, FixedWindow or LeakyBucket, not {type(limit).__name__}"
+        )
 
 
-def check_request(checks: Iterable[Tuple[str, Limit, int]], *, all_or_nothing: bool, dry_run: bool) -> Any:
+def check_request(
+    checks: Iterable[Tuple[str, Limit, int]], *, all_or_nothing: bool, dry_run: bool, max_delay_ms: int = 0
+) -> Any:
+    """`max_delay_ms` > 0 puts every check in reserve mode (leaky buckets)."""
     request = _pb.CheckRequest(all_or_nothing=all_or_nothing)
     for key, limit, cost in checks:
         if isinstance(cost, bool) or not isinstance(cost, int) or cost < 0:
             raise ValueError(f"cost must be an integer >= 0, got {cost!r}")
-        check = request.checks.add(key=check_key(key, "key"), cost=cost, dry_run=dry_run)
+        if max_delay_ms and not isinstance(limit, LeakyBucket):
+            raise ValueError(f"reserve mode needs a LeakyBucket, not {type(limit).__name__}")
+        check = request.checks.add(
+            key=check_key(key, "key"), cost=cost, dry_run=dry_run, max_delay_ms=max_delay_ms
+        )
         _limit_into(limit, check.limit)
     if not request.checks:
         raise ValueError("check_many needs at least one check")
@@ -155,6 +169,7 @@ def decisions(response: Any) -> List[Decision]:
             limit=r.limit,
             retry_after=from_millis(r.retry_after_ms),
             reset_after=from_millis(r.reset_after_ms),
+            delay=r.delay_ms / 1000.0,
         )
         for r in response.results
     ]
@@ -165,6 +180,13 @@ def wait_delay(decision: Decision, rng: random.Random) -> float:
     retry_after plus up to 10 % (at most 50 ms) of jitter, so waiters that
     were denied together do not return together."""
     return decision.retry_after + rng.uniform(0.0, min(0.05, decision.retry_after * 0.1))
+
+
+def reserve_budget(max_delay: float, deadline: Optional[float], now: float) -> int:
+    """The max_delay_ms a limiter's next reservation may accept: its own,
+    cut to what is left before `deadline` so an admitted wait always fits."""
+    budget = max_delay if deadline is None else min(max_delay, max(0.0, deadline - now))
+    return int(budget * 1000)
 
 
 # Leases --------------------------------------------------------------------

@@ -32,10 +32,12 @@ from .types import (
     Duration,
     Leader,
     LeaseEvent,
+    LeakyBucket,
     LeaseInfo,
     Limit,
     Record,
     Retry,
+    max_delay_millis,
     millis,
     seconds,
 )
@@ -145,18 +147,27 @@ class AsyncClient:
     ) -> List[Decision]:
         return await self._decide(c.normalise_checks(checks), all_or_nothing=all_or_nothing, dry_run=False)
 
+    async def reserve(self, key: str, limit: LeakyBucket, max_delay: Duration, cost: int = 1) -> Decision:
+        """As `Client.reserve`."""
+        ms = max_delay_millis(max_delay)
+        return (await self._decide([(key, limit, cost)], all_or_nothing=False, dry_run=False, max_delay_ms=ms))[0]
+
+    def limiter(self, key: str, limit: LeakyBucket, max_delay: Duration = 1.0) -> "AsyncLimiter":
+        """As `Client.limiter`; `acquire()` awaits the wait."""
+        return AsyncLimiter(self, key, limit, max_delay_millis(max_delay) / 1000.0)
+
     async def _decide(
-        self, checks: List[Tuple[str, Limit, int]], *, all_or_nothing: bool, dry_run: bool
+        self, checks: List[Tuple[str, Limit, int]], *, all_or_nothing: bool, dry_run: bool, max_delay_ms: int = 0
     ) -> List[Decision]:
         """As `Client._decide`; the groups of a split call go at once."""
         routes = self._routes
         if routes is None:
-            return await self._check_at(None, checks, all_or_nothing, dry_run)
+            return await self._check_at(None, checks, all_or_nothing, dry_run, max_delay_ms)
         if routes.due():
             await self._read_routes(routes)
         groups = routes.split([key for key, _, _ in checks])
         if all_or_nothing or len(groups) == 1:
-            return await self._check_at(groups[0][0], checks, all_or_nothing, dry_run)
+            return await self._check_at(groups[0][0], checks, all_or_nothing, dry_run, max_delay_ms)
         answers = await asyncio.gather(
             *(self._check_at(member, [checks[i] for i in positions], False, dry_run) for member, positions in groups)
         )
@@ -167,9 +178,14 @@ class AsyncClient:
         return [d for d in out if d is not None]
 
     async def _check_at(
-        self, member: Optional[str], checks: List[Tuple[str, Limit, int]], all_or_nothing: bool, dry_run: bool
+        self,
+        member: Optional[str],
+        checks: List[Tuple[str, Limit, int]],
+        all_or_nothing: bool,
+        dry_run: bool,
+        max_delay_ms: int = 0,
     ) -> List[Decision]:
-        request = c.check_request(checks, all_or_nothing=all_or_nothing, dry_run=dry_run)
+        request = c.check_request(checks, all_or_nothing=all_or_nothing, dry_run=dry_run, max_delay_ms=max_delay_ms)
         if member is not None:
             try:
                 return self._hinted(await self._call("check", request, member=member, retry=False))
@@ -312,6 +328,40 @@ class AsyncClient:
             await self.idempotency.abort(key, attempt)
         except ArbiterError as e:
             log.warning("could not abort idempotency attempt %s of %r: %s", attempt, key, e)
+
+
+class AsyncLimiter:
+    """As `Limiter`, for asyncio (`AsyncClient.limiter`)."""
+
+    def __init__(self, client: AsyncClient, key: str, limit: LeakyBucket, max_delay: float) -> None:
+        self._client = client
+        self.key = key
+        self.limit = limit
+        self.max_delay = max_delay
+
+    async def acquire(self, cost: int = 1, timeout: Optional[Duration] = None) -> Decision:
+        """As `Limiter.acquire`, sleeping with asyncio."""
+        deadline = None if timeout is None else time.monotonic() + seconds(timeout, "timeout")
+        while True:
+            ms = c.reserve_budget(self.max_delay, deadline, time.monotonic())
+            decision = (
+                await self._client._decide(
+                    [(self.key, self.limit, cost)], all_or_nothing=False, dry_run=False, max_delay_ms=ms
+                )
+            )[0]
+            if decision.allowed:
+                await asyncio.sleep(decision.delay)
+                return decision
+            pause = c.wait_delay(decision, self._client._rng)
+            if decision.retry_after == float("inf") or (deadline is not None and time.monotonic() + pause > deadline):
+                raise RateLimited(f"rate limited on {self.key!r}: retry after {decision.retry_after:.3f} s", decision)
+            await asyncio.sleep(pause)
+
+    async def __aenter__(self) -> Decision:
+        return await self.acquire()
+
+    async def __aexit__(self, *exc: Any) -> None:
+        return None
 
 
 class AsyncLeases:

@@ -31,9 +31,11 @@ from .types import (
     Leader,
     LeaseEvent,
     LeaseInfo,
+    LeakyBucket,
     Limit,
     Record,
     Retry,
+    max_delay_millis,
     millis,
     seconds,
 )
@@ -160,15 +162,31 @@ class Client:
         nothing is consumed unless every check is allowed."""
         return self._decide(c.normalise_checks(checks), all_or_nothing=all_or_nothing, dry_run=False)
 
-    def _decide(self, checks: List[Tuple[str, Limit, int]], *, all_or_nothing: bool, dry_run: bool) -> List[Decision]:
+    def reserve(self, key: str, limit: LeakyBucket, max_delay: Duration, cost: int = 1) -> Decision:
+        """Reserve mode: admits `cost` on `key` if it can start within
+        `max_delay` (at most an hour), consuming it at once; the decision's
+        `delay` is how long to wait before starting. Past `max_delay` it is
+        denied with `retry_after`, consuming nothing. Does not sleep; see
+        `limiter` for that."""
+        ms = max_delay_millis(max_delay)
+        return self._decide([(key, limit, cost)], all_or_nothing=False, dry_run=False, max_delay_ms=ms)[0]
+
+    def limiter(self, key: str, limit: LeakyBucket, max_delay: Duration = 1.0) -> "Limiter":
+        """A shaper for `key`: its `acquire()` reserves and sleeps until the
+        work may start, so callers everywhere go out at `limit`'s rate."""
+        return Limiter(self, key, limit, max_delay_millis(max_delay) / 1000.0)
+
+    def _decide(
+        self, checks: List[Tuple[str, Limit, int]], *, all_or_nothing: bool, dry_run: bool, max_delay_ms: int = 0
+    ) -> List[Decision]:
         routes = self._routes
         if routes is None:
-            return self._check_at(None, checks, all_or_nothing, dry_run)
+            return self._check_at(None, checks, all_or_nothing, dry_run, max_delay_ms)
         if routes.due():
             self._read_routes(routes)
         groups = routes.split([key for key, _, _ in checks])
         if all_or_nothing or len(groups) == 1:
-            return self._check_at(groups[0][0], checks, all_or_nothing, dry_run)
+            return self._check_at(groups[0][0], checks, all_or_nothing, dry_run, max_delay_ms)
         out: List[Optional[Decision]] = [None] * len(checks)
         for member, positions in groups:
             decided = self._check_at(member, [checks[i] for i in positions], False, dry_run)
@@ -177,9 +195,14 @@ class Client:
         return [d for d in out if d is not None]
 
     def _check_at(
-        self, member: Optional[str], checks: List[Tuple[str, Limit, int]], all_or_nothing: bool, dry_run: bool
+        self,
+        member: Optional[str],
+        checks: List[Tuple[str, Limit, int]],
+        all_or_nothing: bool,
+        dry_run: bool,
+        max_delay_ms: int = 0,
     ) -> List[Decision]:
-        request = c.check_request(checks, all_or_nothing=all_or_nothing, dry_run=dry_run)
+        request = c.check_request(checks, all_or_nothing=all_or_nothing, dry_run=dry_run, max_delay_ms=max_delay_ms)
         if member is not None:
             try:
                 return self._hinted(self._call("check", request, member=member, retry=False))
@@ -349,6 +372,43 @@ class Client:
         except ArbiterError as e:
             # The lock lapses by itself at its TTL.
             log.warning("could not abort idempotency attempt %s of %r: %s", attempt, key, e)
+
+
+class Limiter:
+    """Shapes work on one key to a leaky bucket's rate (`Client.limiter`).
+    Thread-safe; share one per key."""
+
+    def __init__(self, client: Client, key: str, limit: LeakyBucket, max_delay: float) -> None:
+        self._client = client
+        self.key = key
+        self.limit = limit
+        self.max_delay = max_delay
+
+    def acquire(self, cost: int = 1, timeout: Optional[Duration] = None) -> Decision:
+        """Reserves `cost` and sleeps until it may start. A reservation
+        waits at most `max_delay` (and never past `timeout`); when the bucket
+        is fuller than that, it sleeps for the denial's retry_after and tries
+        again. Raises RateLimited, with the last decision, when the next try
+        would fall after `timeout` seconds or the cost exceeds the burst."""
+        deadline = None if timeout is None else time.monotonic() + seconds(timeout, "timeout")
+        while True:
+            ms = c.reserve_budget(self.max_delay, deadline, time.monotonic())
+            decision = self._client._decide(
+                [(self.key, self.limit, cost)], all_or_nothing=False, dry_run=False, max_delay_ms=ms
+            )[0]
+            if decision.allowed:
+                time.sleep(decision.delay)
+                return decision
+            pause = c.wait_delay(decision, self._client._rng)
+            if decision.retry_after == float("inf") or (deadline is not None and time.monotonic() + pause > deadline):
+                raise RateLimited(f"rate limited on {self.key!r}: retry after {decision.retry_after:.3f} s", decision)
+            time.sleep(pause)
+
+    def __enter__(self) -> Decision:
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
 
 
 class Leases:

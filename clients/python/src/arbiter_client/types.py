@@ -86,19 +86,52 @@ class FixedWindow:
         millis(self.window, "window")
 
 
-Limit = Union[TokenBucket, SlidingWindow, FixedWindow]
+@dataclass(frozen=True)
+class LeakyBucket:
+    """Work drains at `rate` units every `per`, up to `burst` at once (GCRA).
+    A plain check admits what a token bucket of `burst` tokens would; in
+    reserve mode (`Client.reserve`, `Client.limiter`) a check that can start
+    within its max_delay is admitted and told how long to wait, so work goes
+    out at the rate instead of being refused."""
+
+    rate: int
+    per: Duration
+    burst: int = 1
+
+    def __post_init__(self) -> None:
+        _positive("rate", self.rate)
+        _positive("burst", self.burst)
+        millis(self.per, "per")
+
+
+Limit = Union[TokenBucket, SlidingWindow, FixedWindow, LeakyBucket]
+
+MAX_DELAY = 3600.0
+"""The longest wait reserve mode accepts, in seconds (the server's bound)."""
+
+
+def max_delay_millis(value: Duration) -> int:
+    """Reserve mode's max_delay in whole ms: 0 to an hour."""
+    ms = round(seconds(value, "max_delay") * 1000)
+    if ms > MAX_DELAY * 1000:
+        raise ValueError(f"max_delay must be at most {MAX_DELAY:.0f} s, got {value!r}")
+    return ms
 
 
 @dataclass(frozen=True)
 class Decision:
     """A rate-limit decision. Durations in seconds; `retry_after` is 0 when
-    allowed and math.inf when the cost exceeds the limit itself."""
+    allowed and math.inf when the cost exceeds the limit itself; `delay` is
+    reserve mode's wait."""
 
     allowed: bool
     remaining: int
     limit: int
     retry_after: float
     reset_after: float
+    delay: float = 0.0
+    """When allowed in reserve mode: seconds to wait before starting the
+    work (0: now)."""
 
 
 @dataclass(frozen=True)
