@@ -180,6 +180,11 @@ impl RateLimiter for RateLimiterService {
             .collect::<Result<Vec<_>, _>>()?;
         authorize(&caller, checks.as_slice())?;
         let (slot_map_version, owner_hint) = s.node.owner_hint(&checks);
+        let reserve_mode: Vec<bool> = if checks.iter().any(|c| c.max_delay_ms > 0) {
+            checks.iter().map(|c| c.max_delay_ms > 0).collect()
+        } else {
+            Vec::new()
+        };
         let by_prefix: Vec<_> = checks
             .iter()
             .map(|c| s.metrics.prefixes.counts_for(&c.key))
@@ -193,6 +198,9 @@ impl RateLimiter for RateLimiterService {
         s.metrics.decisions(allowed, results.len() as u64 - allowed);
         for (counts, r) in by_prefix.iter().zip(&results) {
             counts.count(r.allowed);
+        }
+        for (_, r) in reserve_mode.iter().zip(&results).filter(|(on, _)| **on) {
+            s.metrics.reserve_mode(r.allowed, r.delay_ms);
         }
         Ok(Response::new(CheckResponse {
             results: results.into_iter().map(Into::into).collect(),

@@ -75,6 +75,8 @@ pub struct Metrics {
     stream_batches: Counter,
     stream_checks: Counter,
     reservations: [Counter; 4],
+    reserve_mode: [Counter; 3],
+    reserve_delay_ms: Counter,
     held: Gauge,
     spanning: Counter,
     unconfirmed: Counter,
@@ -120,6 +122,9 @@ impl Metrics {
             stream_checks: counter!("arbiter_check_stream_checks_total"),
             reservations: ["reserved", "confirmed", "released", "lapsed"]
                 .map(|step| counter!("arbiter_reservations_total", "step" => step)),
+            reserve_mode: ["now", "delayed", "refused"]
+                .map(|result| counter!("arbiter_reserve_mode_checks_total", "result" => result)),
+            reserve_delay_ms: counter!("arbiter_reserve_mode_delay_ms_total"),
             held: gauge!("arbiter_reservations_held"),
             spanning: counter!("arbiter_spanning_calls_total"),
             unconfirmed: counter!("arbiter_spanning_calls_unconfirmed_total"),
@@ -137,6 +142,18 @@ impl Metrics {
     pub fn decisions(&self, allowed: u64, denied: u64) {
         self.allowed.increment(allowed);
         self.denied.increment(denied);
+    }
+
+    /// Counts a reserve-mode check (a leaky bucket's, with max_delay_ms):
+    /// admitted to go now, admitted to wait `delay_ms`, or refused.
+    pub fn reserve_mode(&self, allowed: bool, delay_ms: u64) {
+        let i = match (allowed, delay_ms) {
+            (true, 0) => 0,
+            (true, _) => 1,
+            (false, _) => 2,
+        };
+        self.reserve_mode[i].increment(1);
+        self.reserve_delay_ms.increment(delay_ms);
     }
 
     /// Records a call of `rpc` that began at `start` (and whether it

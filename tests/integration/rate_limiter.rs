@@ -218,7 +218,7 @@ async fn key_cap_answers_resource_exhausted_and_stays_up() {
     assert!(r.allowed);
 }
 
-fn lb(rate: u64, interval_ms: u64, burst: u64) -> Option<Limit> {
+pub fn lb(rate: u64, interval_ms: u64, burst: u64) -> Option<Limit> {
     Some(Limit {
         algorithm: Some(Algorithm::LeakyBucket(LeakyBucket {
             rate,
@@ -229,7 +229,7 @@ fn lb(rate: u64, interval_ms: u64, burst: u64) -> Option<Limit> {
 }
 
 /// A check in reserve mode: admitted if it can start within `max_delay_ms`.
-fn reserve(key: &str, limit: Option<Limit>, max_delay_ms: u64) -> LimitCheck {
+pub fn reserve(key: &str, limit: Option<Limit>, max_delay_ms: u64) -> LimitCheck {
     LimitCheck {
         max_delay_ms,
         ..lc(key, limit, None)
@@ -289,6 +289,15 @@ async fn a_leaky_bucket_schedules_work_in_reserve_mode() {
     let r = checked(&mut c, over, true).await;
     assert!(r.iter().all(|r| !r.allowed && r.delay_ms == 0), "{r:?}");
     let r = checked(&mut c, vec![reserve("a", slow(), 3 * unit)], false).await[0];
+    let counted = |result: &str| {
+        let name = format!("arbiter_reserve_mode_checks_total{{result=\"{result}\"}}");
+        crate::support::metric(server.metrics, &name).unwrap_or(-1.0)
+    };
+    assert_eq!(
+        (counted("now"), counted("delayed"), counted("refused")),
+        (0.0, 4.0, 2.0),
+        "plain checks are not counted"
+    );
     assert!(
         about(r.delay_ms, 2 * unit),
         "one reserved before, none after: {r:?}"

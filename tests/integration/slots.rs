@@ -464,3 +464,89 @@ async fn a_drained_member_hands_its_slots_over_until_it_is_restored() {
     })
     .await;
 }
+
+/// Reserve mode through a spread cluster: a leaky bucket's reservations
+/// are decided by the key's owner whichever member is asked (the wait
+/// grows call by call through all three), and they replicate like any
+/// consumption: the owner killed, its keys' queues carry on elsewhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reservations_queue_at_the_owner_and_move_with_its_slots() {
+    const UNIT: u64 = 1_200_000; // one unit per 20 minutes
+    let reserve = |key: &str| CheckRequest {
+        checks: vec![crate::rate_limiter::reserve(
+            key,
+            crate::rate_limiter::lb(1, UNIT, 1),
+            3 * UNIT,
+        )],
+        all_or_nothing: false,
+    };
+    // Calls through different members are stamped a ms or so apart.
+    let about = |got: u64, ms: u64| got.abs_diff(ms) < 60_000;
+    let mut cluster = spread_cluster();
+    let leader = cluster.leader().await;
+    spread_over(&cluster, &[0, 1, 2]).await;
+    let victim = (leader + 1) % 3;
+    let survivor = (leader + 2) % 3;
+    let mut clients = Vec::new();
+    for i in 0..3 {
+        clients.push(cluster.node(i).limits().await);
+    }
+    let keys = keys("queued", 30);
+    for key in &keys {
+        for (call, via) in [victim, leader, survivor].into_iter().enumerate() {
+            let r = clients[via]
+                .check(reserve(key))
+                .await
+                .unwrap()
+                .into_inner()
+                .results[0];
+            assert!(r.allowed, "{key} call {call} via {via}: {r:?}");
+            assert!(
+                about(r.delay_ms, call as u64 * UNIT),
+                "{key} call {call}: {r:?}"
+            );
+        }
+    }
+    // A last key of the victim's, after those: a member syncs every cell
+    // changed since its last sync at once, so once the survivor holds this
+    // one it holds every queue as the victim left it.
+    let mut status = ClusterClient::new(cluster.node(survivor).channel().await);
+    let owners = status
+        .status(ClusterStatusRequest { slot_owners: true })
+        .await
+        .unwrap()
+        .into_inner()
+        .slot_owners;
+    let last = (0..)
+        .map(|i| format!("last-{i}"))
+        .find(|k| owners[slot_of(k)] == victim as u64 + 1)
+        .unwrap();
+    let r = clients[victim]
+        .check(reserve(&last))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.results[0].allowed);
+    eventually_within(LONG, "the victim's syncs to reach the survivor", || async {
+        let held = metric(
+            cluster.node(survivor).metrics,
+            "arbiter_live_keys{kind=\"rate_limit\"}",
+        )?;
+        (held as usize > keys.len()).then_some(())
+    })
+    .await;
+    cluster.kill9(victim);
+    spread_over(&cluster, &[leader, survivor]).await;
+    for key in &keys {
+        let r = clients[survivor]
+            .check(reserve(key))
+            .await
+            .unwrap()
+            .into_inner()
+            .results[0];
+        assert!(
+            r.allowed && about(r.delay_ms, 3 * UNIT),
+            "{key}: the queue forgot: {r:?}"
+        );
+    }
+}
