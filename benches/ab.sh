@@ -8,6 +8,8 @@
 #   A=/tmp/arbiter-old B=target/release/arbiter benches/ab.sh
 #   ROUNDS=4 DURATION=10 A=... B=... benches/ab.sh
 #   WORKLOADS="lease" A=... benches/ab.sh     # a subset of: check batch lease
+#   WORKLOADS="check reserve check-hot reserve-hot" A=... B=... benches/ab.sh
+#                                             # reserve mode against plain checks
 #
 # Everything listens on 127.0.0.1 ports chosen by the OS; each round is
 # bounded by --duration.
@@ -63,6 +65,13 @@ for round in $(seq "$ROUNDS"); do
         check) args=(--workload check --keys 100000) ;;
         batch) args=(--workload check --keys 100000 --batch 100) ;;
         lease) args=(--workload lease) ;;
+        # Reserve mode (a leaky bucket with max_delay_ms) beside the token
+        # bucket's plain check: over 100k keys nothing waits; on 1,000 hot
+        # keys at 10/s each most checks are queued or refused.
+        reserve) args=(--workload check --keys 100000 --algorithm leaky-bucket --max-delay-ms 1000) ;;
+        check-hot) args=(--workload check --keys 1000 --capacity 10 --refill-tokens 10) ;;
+        reserve-hot) args=(--workload check --keys 1000 --capacity 10 --refill-tokens 10
+          --algorithm leaky-bucket --max-delay-ms 1000) ;;
         *) echo "unknown workload $w" >&2; exit 2 ;;
       esac
       $BENCH --target "$ADDR" "${args[@]}" "${common[@]}" | sed "s/^/$side $w /" >>"$work/runs"

@@ -176,3 +176,18 @@ def test_a_limiter_sleeps_so_callers_go_out_at_the_rate(client, name):
     with pytest.raises(ac.RateLimited) as caught:
         slow.acquire(timeout=0.5)
     assert caught.value.decision.retry_after > 500
+
+
+def test_the_shaping_example_runs(server):
+    import pathlib
+    import subprocess
+    import sys
+
+    example = pathlib.Path(__file__).resolve().parent.parent / "examples" / "shape.py"
+    out = subprocess.run([sys.executable, str(example), server.addr], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert [line.split(" sent")[0] for line in lines[:8]] == [f"email {n}" for n in range(8)]
+    # Two at once, then one every 200 ms.
+    assert float(lines[7].split(" at ")[1].split(" s")[0]) >= 1.1, out.stdout
+    assert lines[8].startswith("report: start in 0.0 s"), out.stdout
