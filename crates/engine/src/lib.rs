@@ -14,6 +14,7 @@ pub mod idempotency;
 pub mod leases;
 pub mod limits;
 pub mod ops;
+pub mod semaphores;
 pub mod slots;
 mod usage;
 
@@ -29,6 +30,7 @@ pub use limits::{
     MAX_DELAY_MS, MAX_WINDOW_MS,
 };
 pub use ops::{Abort, Acquire, Acquired, Begin, Command, Complete, Outcome, Release, Renew, Write};
+pub use semaphores::{Permit, SemaphoreEvent, SemaphoreEventKind, SemaphoreGrant, SemaphoreTable};
 pub use slots::{slot_of, SlotMap, SLOTS};
 
 /// Why a command was refused. Malformed input is rejected before it becomes a
@@ -411,5 +413,7 @@ impl Engine {
     }
 }
 
+#[cfg(test)]
+mod semaphore_tests;
 #[cfg(test)]
 mod tests;
