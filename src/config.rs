@@ -380,12 +380,16 @@ impl Config {
     pub fn engine(&self) -> EngineConfig {
         let budget = self.memory_budget_mib.saturating_mul(1 << 20);
         let share = |part: usize, per_entry: usize| (budget / part / per_entry).max(1);
+        let max_leases = self.max_leases.unwrap_or_else(|| share(4, BYTES_PER_LEASE));
         EngineConfig {
             limit_shards: self.limit_shards,
             max_limit_keys: self
                 .max_limit_keys
                 .unwrap_or_else(|| share(2, BYTES_PER_LIMIT_KEY)),
-            max_leases: self.max_leases.unwrap_or_else(|| share(4, BYTES_PER_LEASE)),
+            max_leases,
+            // A holder entry costs about what a lease does; semaphores
+            // have as many as leases, counted apart.
+            max_semaphore_holders: max_leases,
             // Records' quarter is split between their fixed cost and what
             // they hold (key, fingerprint, response: `--max-record-bytes`).
             max_records: self

@@ -15,6 +15,7 @@ fn small_engine() -> Engine {
         max_leases: 64,
         max_records: 64,
         max_record_bytes: 1 << 20,
+        max_semaphore_holders: 64,
     })
 }
 

@@ -181,6 +181,28 @@ fn command_to_proto(c: &Command) -> pb::Command {
             owners: map.owners.clone(),
             drained: map.drained.clone(),
         }),
+        Command::SemAcquire(o) => Op::SemAcquire(pb::SemAcquire {
+            name: o.name.clone(),
+            holder: o.holder.clone(),
+            limit: o.limit,
+            permits: o.permits,
+            ttl_ms: o.ttl_ms,
+            principal: o.principal.clone(),
+            quota: o.quota,
+        }),
+        Command::SemRenew(o) => Op::SemRenew(pb::SemRenew {
+            name: o.name.clone(),
+            holder: o.holder.clone(),
+            fencing_token: o.fencing_token,
+            ttl_ms: o.ttl_ms,
+            principal: o.principal.clone(),
+        }),
+        Command::SemRelease(o) => Op::SemRelease(pb::SemRelease {
+            name: o.name.clone(),
+            holder: o.holder.clone(),
+            fencing_token: o.fencing_token,
+            principal: o.principal.clone(),
+        }),
     };
     pb::Command { op: Some(op) }
 }
@@ -233,6 +255,28 @@ fn command_from_proto(c: pb::Command) -> Result<Command, String> {
             attempt: o.attempt,
             response: o.response,
             byte_quota: o.byte_quota,
+        }),
+        Op::SemAcquire(o) => Command::SemAcquire(e::SemAcquire {
+            name: o.name,
+            holder: o.holder,
+            limit: o.limit,
+            permits: o.permits,
+            ttl_ms: o.ttl_ms,
+            principal: o.principal,
+            quota: o.quota,
+        }),
+        Op::SemRenew(o) => Command::SemRenew(e::SemRenew {
+            name: o.name,
+            holder: o.holder,
+            fencing_token: o.fencing_token,
+            ttl_ms: o.ttl_ms,
+            principal: o.principal,
+        }),
+        Op::SemRelease(o) => Command::SemRelease(e::SemRelease {
+            name: o.name,
+            holder: o.holder,
+            fencing_token: o.fencing_token,
+            principal: o.principal,
         }),
         Op::Abort(o) => Command::Abort(e::Abort {
             principal: o.principal,
@@ -351,6 +395,28 @@ mod tests {
             }),
             Command::Sweep,
             Command::ExtendLeases { by_ms: 400 },
+            Command::SemAcquire(e::SemAcquire {
+                name: "db".into(),
+                holder: "pod-a".into(),
+                limit: 10,
+                permits: 2,
+                ttl_ms: 5000,
+                principal: "alice".into(),
+                quota: Some(7),
+            }),
+            Command::SemRenew(e::SemRenew {
+                name: "db".into(),
+                holder: "pod-a".into(),
+                fencing_token: 9,
+                ttl_ms: 5000,
+                principal: String::new(),
+            }),
+            Command::SemRelease(e::SemRelease {
+                name: "db".into(),
+                holder: "pod-a".into(),
+                fencing_token: 9,
+                principal: "alice".into(),
+            }),
         ];
         let entries = [
             Entry {

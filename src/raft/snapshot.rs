@@ -129,11 +129,13 @@ pub fn encode(
                 last_token,
                 last_attempt,
                 slots,
+                last_semaphore_token,
             } => {
                 let header = pb::SnapshotHeader {
                     meta_json: meta_json.clone(),
                     last_now_ms,
                     last_fencing_token: last_token,
+                    last_semaphore_token,
                     last_attempt,
                     slot_version: slots.version,
                     slot_owners: slots.owners,
@@ -188,6 +190,19 @@ fn add_to_part(part: &mut pb::SnapshotPart, item: Item<'_>) -> usize {
                 ttl_ms: l.ttl_ms,
                 expires_at_ms: l.expires_at_ms,
                 principal: l.principal,
+            });
+            size
+        }
+        Item::Permit(p) => {
+            let size = p.name.len() + p.holder.len() + p.principal.len() + 40;
+            part.permits.push(pb::Permit {
+                name: p.name,
+                holder: p.holder,
+                permits: p.permits,
+                fencing_token: p.fencing_token,
+                ttl_ms: p.ttl_ms,
+                expires_at_ms: p.expires_at_ms,
+                principal: p.principal,
             });
             size
         }
@@ -260,6 +275,7 @@ pub fn read(r: impl Read, engine: Option<&Engine>) -> io::Result<Header> {
     }
     import(Item::Counters {
         last_token: h.last_fencing_token,
+        last_semaphore_token: h.last_semaphore_token,
         last_attempt: h.last_attempt,
         slots: crate::engine::SlotMap {
             version: h.slot_version,
@@ -294,7 +310,8 @@ pub fn read(r: impl Read, engine: Option<&Engine>) -> io::Result<Header> {
             }
             None => return Err(invalid("a snapshot frame of no known kind")),
         };
-        entries += (part.cells.len() + part.leases.len() + part.records.len()) as u64;
+        entries +=
+            (part.cells.len() + part.leases.len() + part.records.len() + part.permits.len()) as u64;
         for c in part.cells {
             import(Item::Cell(
                 &c.key,
@@ -309,6 +326,17 @@ pub fn read(r: impl Read, engine: Option<&Engine>) -> io::Result<Header> {
                 ttl_ms: l.ttl_ms,
                 expires_at_ms: l.expires_at_ms,
                 principal: l.principal,
+            }));
+        }
+        for p in part.permits {
+            import(Item::Permit(crate::engine::Permit {
+                name: p.name,
+                holder: p.holder,
+                permits: p.permits,
+                fencing_token: p.fencing_token,
+                ttl_ms: p.ttl_ms,
+                expires_at_ms: p.expires_at_ms,
+                principal: p.principal,
             }));
         }
         for rec in part.records {
@@ -408,6 +436,28 @@ mod tests {
             principal: "alice".into(),
         };
         e.execute(begin, 5).unwrap();
+        // A semaphore holder, and a token counter past it (a second holder
+        // was granted and released): both must come back.
+        for holder in ["a", "b"] {
+            let acquire = crate::engine::SemAcquire {
+                name: "db".into(),
+                holder: holder.into(),
+                limit: 5,
+                permits: 2,
+                ttl_ms: 1000,
+                principal: String::new(),
+                quota: None,
+            };
+            e.execute(acquire, 5).unwrap();
+        }
+        let release = crate::engine::SemRelease {
+            name: "db".into(),
+            holder: "b".into(),
+            fencing_token: 2,
+            principal: String::new(),
+        };
+        e.execute(release, 5).unwrap();
+        assert_eq!(e.snapshot().semaphores.last_token(), 2);
         e
     }
 
@@ -422,6 +472,11 @@ mod tests {
         assert_eq!(header.last_now_ms, 77);
         assert_eq!(to.snapshot(), from.snapshot());
         assert_eq!(read_header(bytes.as_slice()).unwrap().meta, meta());
+        // A fresh node's counters come from the snapshot alone.
+        let fresh = Engine::new(EngineConfig::default());
+        read(bytes.as_slice(), Some(&fresh)).unwrap();
+        assert_eq!(fresh.snapshot().semaphores.last_token(), 2);
+        assert_eq!(fresh.semaphore("db", 5).len(), 1);
     }
 
     #[test]

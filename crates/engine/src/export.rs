@@ -6,6 +6,7 @@ use std::borrow::Cow;
 use crate::idempotency::Record;
 use crate::leases::{Lease, LeaseTable};
 use crate::limits::Cell;
+use crate::semaphores::{Permit, SemaphoreTable};
 use crate::{Engine, RecordTable, SlotMap, Tables};
 
 /// One piece of the engine's state.
@@ -18,9 +19,12 @@ pub enum Item<'a> {
         last_token: u64,
         last_attempt: u64,
         slots: SlotMap,
+        /// The semaphores' last fencing token.
+        last_semaphore_token: u64,
     },
     Cell(&'a str, Cell),
     Lease(Lease),
+    Permit(Permit),
     Record(&'a str, Cow<'a, Record>),
 }
 
@@ -35,9 +39,13 @@ impl Engine {
                 last_token: t.leases.last_token(),
                 last_attempt: t.records.last_attempt(),
                 slots: (*self.slots()).clone(),
+                last_semaphore_token: t.semaphores.last_token(),
             });
             for lease in t.leases.iter() {
                 visit(Item::Lease(lease));
+            }
+            for permit in t.semaphores.iter() {
+                visit(Item::Permit(permit));
             }
             for (key, record) in t.records.iter() {
                 visit(Item::Record(key, Cow::Borrowed(record)));
@@ -54,12 +62,15 @@ impl Engine {
         self.limits.clear();
         let mut t = self.tables();
         let (last_token, last_attempt) = (t.leases.last_token(), t.records.last_attempt());
+        let last_semaphore_token = t.semaphores.last_token();
         *t = Tables {
             leases: LeaseTable::new(self.config.max_leases),
             records: RecordTable::new(self.config.max_records, self.config.max_record_bytes),
+            semaphores: SemaphoreTable::new(self.config.max_semaphore_holders),
         };
         t.leases.raise_last_token(last_token);
         t.records.raise_last_attempt(last_attempt);
+        t.semaphores.raise_last_token(last_semaphore_token);
         self.set_slots(SlotMap::default());
     }
 
@@ -72,6 +83,7 @@ impl Engine {
                 last_token,
                 last_attempt,
                 slots,
+                last_semaphore_token,
             } => {
                 // Counters only ever rise: a snapshot older than what this
                 // node has seen cannot make a token or attempt number be
@@ -79,11 +91,13 @@ impl Engine {
                 let mut t = self.tables();
                 t.leases.raise_last_token(last_token);
                 t.records.raise_last_attempt(last_attempt);
+                t.semaphores.raise_last_token(last_semaphore_token);
                 // The slot map is the snapshot's, as the rest of the state.
                 self.set_slots(slots);
             }
             Item::Cell(key, cell) => self.limits.upsert([(key, cell)]),
             Item::Lease(lease) => self.tables().leases.put(lease),
+            Item::Permit(permit) => self.tables().semaphores.put(permit),
             Item::Record(key, record) => self.tables().records.put(key, record.into_owned()),
         }
     }
@@ -202,7 +216,7 @@ mod tests {
         assert_eq!(
             items,
             vec![
-                "Counters { last_token: 5, last_attempt: 5, slots: SlotMap { version: 0, owners: [], drained: [] } }"
+                "Counters { last_token: 5, last_attempt: 5, slots: SlotMap { version: 0, owners: [], drained: [] }, last_semaphore_token: 0 }"
                     .to_string()
             ]
         );

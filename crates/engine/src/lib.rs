@@ -14,6 +14,7 @@ pub mod idempotency;
 pub mod leases;
 pub mod limits;
 pub mod ops;
+mod sem_ops;
 pub mod semaphores;
 pub mod slots;
 mod usage;
@@ -29,7 +30,10 @@ pub use limits::{
     none_consumed, Cell, KeyQuota, LimitCheck, LimitDef, LimitResult, LimitTable, CELL_BYTES,
     MAX_DELAY_MS, MAX_WINDOW_MS,
 };
-pub use ops::{Abort, Acquire, Acquired, Begin, Command, Complete, Outcome, Release, Renew, Write};
+pub use ops::{
+    Abort, Acquire, Acquired, Begin, Command, Complete, Events, Outcome, Release, Renew, Write,
+};
+pub use sem_ops::{SemAcquire, SemRelease, SemRenew};
 pub use semaphores::{Permit, SemaphoreEvent, SemaphoreEventKind, SemaphoreGrant, SemaphoreTable};
 pub use slots::{slot_of, SlotMap, SLOTS};
 
@@ -76,6 +80,7 @@ pub struct Counts {
     pub leases: usize,
     pub records: usize,
     pub record_bytes: usize,
+    pub semaphore_holders: usize,
 }
 
 /// Bounds on memory. Defaults suit a node with a few GiB.
@@ -86,6 +91,8 @@ pub struct EngineConfig {
     pub max_leases: usize,
     pub max_records: usize,
     pub max_record_bytes: usize,
+    /// Holder entries across every semaphore.
+    pub max_semaphore_holders: usize,
 }
 
 impl Default for EngineConfig {
@@ -96,6 +103,7 @@ impl Default for EngineConfig {
             max_leases: 1_000_000,
             max_records: 1_000_000,
             max_record_bytes: 1 << 30,
+            max_semaphore_holders: 1_000_000,
         }
     }
 }
@@ -107,6 +115,7 @@ pub struct Held {
     pub records: u64,
     pub record_bytes: u64,
     pub limit_keys: u64,
+    pub semaphore_holders: u64,
 }
 
 /// An applied command's outcome and the lease changes it caused.
@@ -114,6 +123,7 @@ pub struct Held {
 pub struct Applied {
     pub outcome: Outcome,
     pub events: Vec<LeaseEvent>,
+    pub semaphore_events: Vec<SemaphoreEvent>,
 }
 
 /// The replicated tables (leases and idempotency records), changed only by
@@ -122,6 +132,7 @@ pub struct Applied {
 pub struct Tables {
     pub(crate) leases: LeaseTable,
     pub(crate) records: RecordTable,
+    pub(crate) semaphores: SemaphoreTable,
 }
 
 /// Everything the engine holds, for snapshots and restore.
@@ -132,6 +143,8 @@ pub struct Snapshot {
     pub records: RecordTable,
     #[serde(default)]
     pub slots: SlotMap,
+    #[serde(default)]
+    pub semaphores: SemaphoreTable,
 }
 
 pub struct Engine {
@@ -148,7 +161,7 @@ fn run<W: Write>(
     op: W,
     tables: &mut Tables,
     now_ms: u64,
-    events: &mut Vec<LeaseEvent>,
+    events: &mut Events,
 ) -> Result<Outcome, EngineError> {
     op.apply_to(tables, now_ms, events).map(W::into_outcome)
 }
@@ -161,6 +174,7 @@ impl Engine {
             tables: Mutex::new(Tables {
                 leases: LeaseTable::new(config.max_leases),
                 records: RecordTable::new(config.max_records, config.max_record_bytes),
+                semaphores: SemaphoreTable::new(config.max_semaphore_holders),
             }),
             slots: RwLock::default(),
         }
@@ -186,10 +200,13 @@ impl Engine {
     /// leader makes them with [`Engine::check`] and replicates the cells
     /// they changed as [`Command::SyncCells`].)
     pub fn apply(&self, command: Command, now_ms: u64) -> Result<Applied, EngineError> {
-        let mut events = Vec::new();
+        let mut events = Events::default();
         let mut tables = self.tables();
         let t = &mut *tables;
         let outcome = match command {
+            Command::SemAcquire(op) => run(op, t, now_ms, &mut events)?,
+            Command::SemRenew(op) => run(op, t, now_ms, &mut events)?,
+            Command::SemRelease(op) => run(op, t, now_ms, &mut events)?,
             Command::Acquire(op) => run(op, t, now_ms, &mut events)?,
             Command::Renew(op) => run(op, t, now_ms, &mut events)?,
             Command::Release(op) => run(op, t, now_ms, &mut events)?,
@@ -216,16 +233,25 @@ impl Engine {
                 }
                 Outcome::AssignSlots(next)
             }
-            Command::ExtendLeases { by_ms } => {
-                Outcome::ExtendLeases(t.leases.extend_all(by_ms, now_ms))
-            }
+            Command::ExtendLeases { by_ms } => Outcome::ExtendLeases(
+                t.leases.extend_all(by_ms, now_ms) + t.semaphores.extend_all(by_ms, now_ms),
+            ),
             Command::Sweep => {
-                let leases = t.leases.sweep(now_ms, &mut events);
+                let leases = t.leases.sweep(now_ms, &mut events.leases);
                 let records = t.records.sweep(now_ms);
-                Outcome::Sweep { leases, records }
+                let semaphores = t.semaphores.sweep(now_ms, &mut events.semaphores);
+                Outcome::Sweep {
+                    leases,
+                    records,
+                    semaphores,
+                }
             }
         };
-        Ok(Applied { outcome, events })
+        Ok(Applied {
+            outcome,
+            events: events.leases,
+            semaphore_events: events.semaphores,
+        })
     }
 
     /// Applies one client operation at `now_ms`, with its typed result (as
@@ -236,9 +262,9 @@ impl Engine {
         op: W,
         now_ms: u64,
     ) -> Result<(W::Output, Vec<LeaseEvent>), EngineError> {
-        let mut events = Vec::new();
+        let mut events = Events::default();
         let output = op.apply_to(&mut self.tables(), now_ms, &mut events)?;
-        Ok((output, events))
+        Ok((output, events.leases))
     }
 
     /// Rate-limit decisions without building a [`Command`]: the hot path.
@@ -304,6 +330,7 @@ impl Engine {
             records,
             record_bytes,
             limit_keys: self.limits.held_by(principal),
+            semaphore_holders: t.semaphores.held_by(principal),
         }
     }
 
@@ -313,6 +340,11 @@ impl Engine {
 
     pub fn record(&self, key: &str, now_ms: u64) -> Option<Record> {
         self.tables().records.get(key, now_ms).cloned()
+    }
+
+    /// A semaphore's live holders, in grant order.
+    pub fn semaphore(&self, name: &str, now_ms: u64) -> Vec<Permit> {
+        self.tables().semaphores.get(name, now_ms)
     }
 
     /// Drops rate-limit cells equivalent to absent keys. Local to each node:
@@ -339,16 +371,22 @@ impl Engine {
     pub fn sweep_due(&self, now_ms: u64) -> bool {
         let d = self.tables();
         let due = |t: Option<u64>| t.is_some_and(|t| t <= now_ms);
-        due(d.leases.next_expiry()) || due(d.records.next_expiry())
+        due(d.leases.next_expiry())
+            || due(d.records.next_expiry())
+            || due(d.semaphores.next_expiry())
     }
 
     /// The earliest lease deadline or record expiry, if any.
     pub fn next_expiry(&self) -> Option<u64> {
         let d = self.tables();
-        match (d.leases.next_expiry(), d.records.next_expiry()) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [
+            d.leases.next_expiry(),
+            d.records.next_expiry(),
+            d.semaphores.next_expiry(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// What the engine holds now.
@@ -359,6 +397,7 @@ impl Engine {
             leases: d.leases.len(),
             records: d.records.len(),
             record_bytes: d.records.bytes(),
+            semaphore_holders: d.semaphores.len(),
         }
     }
 
@@ -379,6 +418,7 @@ impl Engine {
             leases: d.leases.clone(),
             records: d.records.clone(),
             slots: (*self.slots()).clone(),
+            semaphores: d.semaphores.clone(),
         }
     }
 
@@ -393,6 +433,8 @@ impl Engine {
             d.records = snapshot.records;
             d.records
                 .restored(config.max_records, config.max_record_bytes);
+            d.semaphores = snapshot.semaphores;
+            d.semaphores.restored(config.max_semaphore_holders);
         }
         engine.set_slots(snapshot.slots);
         engine
@@ -409,6 +451,8 @@ impl Engine {
         d.records = snapshot.records;
         d.records
             .restored(self.config.max_records, self.config.max_record_bytes);
+        d.semaphores = snapshot.semaphores;
+        d.semaphores.restored(self.config.max_semaphore_holders);
         self.set_slots(snapshot.slots);
     }
 }

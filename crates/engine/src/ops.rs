@@ -13,9 +13,16 @@
 use serde::{Deserialize, Serialize};
 
 use super::{
-    idempotency::RecordQuota, BeginOutcome, Cell, EngineError, Lease, LeaseEvent, SlotMap, Tables,
-    CELL_BYTES,
+    idempotency::RecordQuota, BeginOutcome, Cell, EngineError, Lease, LeaseEvent, Permit,
+    SemAcquire, SemRelease, SemRenew, SemaphoreEvent, SemaphoreGrant, SlotMap, Tables, CELL_BYTES,
 };
+
+/// The changes applying a command made, for watchers.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Events {
+    pub leases: Vec<LeaseEvent>,
+    pub semaphores: Vec<SemaphoreEvent>,
+}
 
 /// Takes a lease that is free or lapsed, or renews the caller's own.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -114,7 +121,7 @@ pub trait Write: Clone + Into<Command> + Send + 'static {
         self,
         tables: &mut Tables,
         now_ms: u64,
-        events: &mut Vec<LeaseEvent>,
+        events: &mut Events,
     ) -> Result<Self::Output, EngineError>;
 
     /// The outcome variant holding `output`.
@@ -133,7 +140,7 @@ impl Write for Acquire {
         self,
         t: &mut Tables,
         now_ms: u64,
-        events: &mut Vec<LeaseEvent>,
+        events: &mut Events,
     ) -> Result<Acquired, EngineError> {
         let (acquired, lease) = t.leases.acquire_as(
             &self.name,
@@ -142,7 +149,7 @@ impl Write for Acquire {
             self.quota,
             self.ttl_ms,
             now_ms,
-            events,
+            &mut events.leases,
         )?;
         Ok(Acquired { acquired, lease })
     }
@@ -166,7 +173,7 @@ impl Write for Renew {
         self,
         t: &mut Tables,
         now_ms: u64,
-        events: &mut Vec<LeaseEvent>,
+        events: &mut Events,
     ) -> Result<Lease, EngineError> {
         t.leases.renew_as(
             &self.name,
@@ -175,7 +182,7 @@ impl Write for Renew {
             self.fencing_token,
             self.ttl_ms,
             now_ms,
-            events,
+            &mut events.leases,
         )
     }
 
@@ -198,7 +205,7 @@ impl Write for Release {
         self,
         t: &mut Tables,
         now_ms: u64,
-        events: &mut Vec<LeaseEvent>,
+        events: &mut Events,
     ) -> Result<Lease, EngineError> {
         t.leases.release_as(
             &self.name,
@@ -206,7 +213,7 @@ impl Write for Release {
             &self.principal,
             self.fencing_token,
             now_ms,
-            events,
+            &mut events.leases,
         )
     }
 
@@ -229,7 +236,7 @@ impl Write for Begin {
         self,
         t: &mut Tables,
         now_ms: u64,
-        _: &mut Vec<LeaseEvent>,
+        _: &mut Events,
     ) -> Result<BeginOutcome, EngineError> {
         t.records.begin_as(
             &self.key,
@@ -257,12 +264,7 @@ impl Write for Begin {
 impl Write for Complete {
     type Output = ();
 
-    fn apply_to(
-        self,
-        t: &mut Tables,
-        now_ms: u64,
-        _: &mut Vec<LeaseEvent>,
-    ) -> Result<(), EngineError> {
+    fn apply_to(self, t: &mut Tables, now_ms: u64, _: &mut Events) -> Result<(), EngineError> {
         t.records.complete_as(
             &self.key,
             self.attempt,
@@ -288,12 +290,7 @@ impl Write for Complete {
 impl Write for Abort {
     type Output = ();
 
-    fn apply_to(
-        self,
-        t: &mut Tables,
-        now_ms: u64,
-        _: &mut Vec<LeaseEvent>,
-    ) -> Result<(), EngineError> {
+    fn apply_to(self, t: &mut Tables, now_ms: u64, _: &mut Events) -> Result<(), EngineError> {
         t.records
             .abort_as(&self.key, self.attempt, &self.principal, now_ms)
     }
@@ -341,6 +338,9 @@ pub enum Command {
     /// A new slot map from the leader (see `slots`); applied only if its
     /// version is the next one.
     AssignSlots(SlotMap),
+    SemAcquire(SemAcquire),
+    SemRenew(SemRenew),
+    SemRelease(SemRelease),
 }
 
 /// What a command did: the variant named after the command, holding the
@@ -357,10 +357,15 @@ pub enum Outcome {
     Sweep {
         leases: usize,
         records: usize,
+        #[serde(default)]
+        semaphores: usize,
     },
     ExtendLeases(usize),
     /// Whether the map was taken (its version was the next one).
     AssignSlots(bool),
+    SemAcquire(SemaphoreGrant),
+    SemRenew(Permit),
+    SemRelease(Permit),
 }
 
 macro_rules! into_command {
@@ -387,7 +392,10 @@ impl Command {
             }
             Command::Acquire(Acquire { name, holder, .. })
             | Command::Renew(Renew { name, holder, .. })
-            | Command::Release(Release { name, holder, .. }) => name.len() + holder.len(),
+            | Command::Release(Release { name, holder, .. })
+            | Command::SemAcquire(SemAcquire { name, holder, .. })
+            | Command::SemRenew(SemRenew { name, holder, .. })
+            | Command::SemRelease(SemRelease { name, holder, .. }) => name.len() + holder.len(),
             Command::Begin(b) => b.key.len() + b.fingerprint.len(),
             Command::Complete(c) => c.key.len() + c.response.len(),
             Command::Abort(a) => a.key.len(),

@@ -155,6 +155,40 @@ impl SemaphoreTable {
         }
     }
 
+    /// Stores an entry as exported (a snapshot being loaded), replacing the
+    /// holder's under that name; ignores the cap, as a restore does.
+    pub(crate) fn put(&mut self, p: Permit) {
+        self.raise_last_token(p.fencing_token);
+        let entry = Entry {
+            holder: p.holder,
+            permits: p.permits,
+            fencing_token: p.fencing_token,
+            ttl_ms: p.ttl_ms,
+            expires_at_ms: p.expires_at_ms,
+            principal: p.principal,
+        };
+        self.remove(&p.name, &entry.holder);
+        self.insert(&p.name, entry);
+        // Entries arrive in no order: kept in grant (token) order, as
+        // granting keeps them.
+        if let Some(list) = self.names.get_mut(&p.name) {
+            list.sort_by_key(|e| e.fencing_token);
+        }
+    }
+
+    /// Every stored entry (lapsed ones not yet swept too), in no order.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = Permit> + '_ {
+        self.names
+            .iter()
+            .flat_map(|(name, list)| list.iter().map(move |e| e.view(name)))
+    }
+
+    /// Raises the token counter to `token` (never back: a snapshot older
+    /// than what this node has seen cannot make a token be granted twice).
+    pub(crate) fn raise_last_token(&mut self, token: u64) {
+        self.last_token = self.last_token.max(token);
+    }
+
     pub fn last_token(&self) -> u64 {
         self.last_token
     }

@@ -318,7 +318,8 @@ fn sweep_reports_expired_leases() {
         a.outcome,
         Outcome::Sweep {
             leases: 1,
-            records: 0
+            records: 0,
+            semaphores: 0
         }
     );
     assert_eq!(a.events[0].kind, LeaseEventKind::Expired);

@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use arbiter_engine::{
     Abort, Acquire, Begin, Command, Complete, Engine, EngineConfig, LimitCheck, LimitDef,
-    LimitResult, Release, Renew, Snapshot,
+    LimitResult, Release, Renew, SemAcquire, SemRelease, SemRenew, Snapshot,
 };
 use proptest::prelude::*;
 
@@ -445,6 +445,9 @@ enum Op {
     Abort(usize),
     Sweep,
     Extend(u64),
+    SemAcquire(usize, usize, u64, u64, u64),
+    SemRenew(usize, usize, u64),
+    SemRelease(usize, usize),
 }
 
 fn any_op() -> impl Strategy<Value = Op> {
@@ -458,6 +461,10 @@ fn any_op() -> impl Strategy<Value = Op> {
         1 => (0usize..2).prop_map(Op::Abort),
         1 => Just(Op::Sweep),
         1 => (0u64..100).prop_map(Op::Extend),
+        2 => (0usize..2, 0usize..3, 1u64..4, 1u64..3, 1u64..300)
+            .prop_map(|(n, h, limit, p, t)| Op::SemAcquire(n, h, limit, p, t)),
+        1 => (0usize..2, 0usize..3, 1u64..300).prop_map(|(n, h, t)| Op::SemRenew(n, h, t)),
+        1 => (0usize..2, 0usize..3).prop_map(|(n, h)| Op::SemRelease(n, h)),
     ]
 }
 
@@ -466,6 +473,13 @@ fn any_op() -> impl Strategy<Value = Op> {
 fn command(op: &Op, leader: &Engine, now: u64) -> Option<Command> {
     let lease = |n: usize| leader.lease(&format!("n{n}"), now);
     let record = |k: usize| leader.record(&format!("i{k}"), now);
+    let permit = |n: usize, h: usize| {
+        leader
+            .semaphore(&format!("s{n}"), now)
+            .into_iter()
+            .find(|p| p.holder == format!("h{h}"))
+            .map_or(0, |p| p.fencing_token)
+    };
     Some(match *op {
         Op::Check(..) => return None,
         Op::Acquire(n, h, ttl_ms) => Command::Acquire(Acquire {
@@ -510,6 +524,28 @@ fn command(op: &Op, leader: &Engine, now: u64) -> Option<Command> {
         }),
         Op::Sweep => Command::Sweep,
         Op::Extend(by_ms) => Command::ExtendLeases { by_ms },
+        Op::SemAcquire(n, h, limit, permits, ttl_ms) => Command::SemAcquire(SemAcquire {
+            name: format!("s{n}"),
+            holder: format!("h{h}"),
+            limit,
+            permits,
+            ttl_ms,
+            principal: String::new(),
+            quota: None,
+        }),
+        Op::SemRenew(n, h, ttl_ms) => Command::SemRenew(SemRenew {
+            name: format!("s{n}"),
+            holder: format!("h{h}"),
+            fencing_token: permit(n, h),
+            ttl_ms,
+            principal: String::new(),
+        }),
+        Op::SemRelease(n, h) => Command::SemRelease(SemRelease {
+            name: format!("s{n}"),
+            holder: format!("h{h}"),
+            fencing_token: permit(n, h),
+            principal: String::new(),
+        }),
     })
 }
 
@@ -561,13 +597,13 @@ proptest! {
                 }
                 let (l, f) = (leader.snapshot(), follower.snapshot());
                 prop_assert_eq!(limits_of(&l), limits_of(&f));
-                prop_assert_eq!((&l.leases, &l.records), (&f.leases, &f.records));
+                prop_assert_eq!((&l.leases, &l.records, &l.semaphores), (&f.leases, &f.records, &f.semaphores));
             }
         }
         let late = late.expect("restored before the last op");
         let (l, r) = (leader.snapshot(), late.snapshot());
         prop_assert_eq!(limits_of(&l), limits_of(&r));
-        prop_assert_eq!((&l.leases, &l.records), (&r.leases, &r.records));
+        prop_assert_eq!((&l.leases, &l.records, &l.semaphores), (&r.leases, &r.records, &r.semaphores));
         // And the states decide alike from here on.
         for (k, def) in defs.iter().enumerate() {
             for t in [now, now + 1, now + 500] {
