@@ -5,7 +5,9 @@
 
 use tonic::Status;
 
-use crate::engine::{Abort, Acquire, Begin, Complete, LimitCheck, Release, Renew};
+use crate::engine::{
+    Abort, Acquire, Begin, Complete, LimitCheck, Release, Renew, SemAcquire, SemRelease, SemRenew,
+};
 use crate::node::{
     with_call, AddMember, Call, CheckLimits, GetLease, GetRecord, MemberMetrics, Phase, Rebalance,
     RemoveMember, SpanningCheck,
@@ -70,6 +72,30 @@ impl Scoped for Release {
 impl Scoped for GetLease {
     fn scope(&self) -> Scope<'_> {
         keys("lease", &self.name, None)
+    }
+}
+
+impl Scoped for SemAcquire {
+    fn scope(&self) -> Scope<'_> {
+        keys("semaphore", &self.name, Some(&self.principal))
+    }
+}
+
+impl Scoped for SemRenew {
+    fn scope(&self) -> Scope<'_> {
+        keys("semaphore", &self.name, Some(&self.principal))
+    }
+}
+
+impl Scoped for SemRelease {
+    fn scope(&self) -> Scope<'_> {
+        keys("semaphore", &self.name, Some(&self.principal))
+    }
+}
+
+impl Scoped for crate::node::GetSemaphore {
+    fn scope(&self) -> Scope<'_> {
+        keys("semaphore", &self.name, None)
     }
 }
 

@@ -121,6 +121,18 @@ impl From<LimitResult> for pb::LimitResult {
     }
 }
 
+pub fn permit(p: engine::Permit, now_ms: u64) -> pb::SemaphorePermit {
+    pb::SemaphorePermit {
+        remaining_ms: p.remaining_ms(now_ms),
+        name: p.name,
+        holder: p.holder,
+        permits: p.permits,
+        fencing_token: p.fencing_token,
+        ttl_ms: p.ttl_ms,
+        principal: p.principal,
+    }
+}
+
 pub fn lease(l: engine::Lease, now_ms: u64) -> pb::Lease {
     pb::Lease {
         remaining_ms: l.remaining_ms(now_ms),
@@ -168,6 +180,22 @@ pub fn record(key: String, r: engine::Record, now_ms: u64, show_owner: bool) -> 
     }
 }
 
+/// A semaphore's limit (1 to 10^15) and the permits asked (1 to it).
+pub fn permits(limit: u64, permits: u64) -> Result<(), Status> {
+    let max = engine::limits::MAX_AMOUNT;
+    if limit == 0 || limit > max {
+        return Err(invalid("limit", format_args!("1 to {max}"), limit));
+    }
+    if permits == 0 || permits > limit {
+        return Err(invalid(
+            "permits",
+            format_args!("1 to limit ({limit})"),
+            permits,
+        ));
+    }
+    Ok(())
+}
+
 /// A forwarded call's checks: how many, each key and each limit.
 fn checks_within(checks: &[crate::engine::LimitCheck], b: &super::Bounds) -> Result<(), Status> {
     let n = checks.len();
@@ -201,6 +229,13 @@ pub fn forwarded(call: &crate::node::Call, b: &super::Bounds) -> Result<(), Stat
         Call::Renew(op) => name(&op.name, "name").and(ttl(op.ttl_ms, "ttl_ms", b.max_ttl_ms)),
         Call::Release(op) => name(&op.name, "name"),
         Call::GetLease(op) => name(&op.name, "name"),
+        Call::SemAcquire(op) => name(&op.name, "name")
+            .and(name(&op.holder, "holder"))
+            .and(ttl(op.ttl_ms, "ttl_ms", b.max_ttl_ms))
+            .and(permits(op.limit, op.permits)),
+        Call::SemRenew(op) => name(&op.name, "name").and(ttl(op.ttl_ms, "ttl_ms", b.max_ttl_ms)),
+        Call::SemRelease(op) => name(&op.name, "name"),
+        Call::GetSemaphore(op) => name(&op.name, "name"),
         Call::Begin(op) => name(&op.key, "key")
             .and(bytes(&op.fingerprint, "fingerprint", MAX_KEY_BYTES))
             .and(ttl(op.lock_ttl_ms, "lock_ttl_ms", b.max_ttl_ms))

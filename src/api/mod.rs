@@ -14,6 +14,7 @@ pub mod peer_service;
 pub mod rate_limiter;
 pub mod rls;
 mod rls_metadata;
+pub mod semaphores;
 
 use std::sync::Arc;
 

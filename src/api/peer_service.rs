@@ -30,6 +30,10 @@ fn stamp_quotas(call: Call, caller: &Caller, caps: &super::Caps) -> Call {
             op.quota = caller.record_quota(caps);
             Call::Begin(op)
         }
+        Call::SemAcquire(mut op) => {
+            op.quota = caller.lease_quota(caps);
+            Call::SemAcquire(op)
+        }
         Call::Complete(mut op) => {
             op.byte_quota = caller.record_quota(caps).bytes;
             Call::Complete(op)
@@ -53,7 +57,10 @@ fn stamp_quotas(call: Call, caller: &Caller, caps: &super::Caps) -> Call {
         | Call::AddMember(_)
         | Call::RemoveMember(_)
         | Call::Rebalance(_)
-        | Call::MemberMetrics(_)) => other,
+        | Call::MemberMetrics(_)
+        | Call::SemRenew(_)
+        | Call::SemRelease(_)
+        | Call::GetSemaphore(_)) => other,
     }
 }
 

@@ -4,6 +4,7 @@
 
 mod commands;
 mod parse;
+mod semaphores;
 mod top;
 
 use std::process::ExitCode;
@@ -44,6 +45,9 @@ enum Cmd {
     /// Leases: acquire, renew, release, get, watch.
     #[command(subcommand)]
     Lease(LeaseCmd),
+    /// Semaphores: acquire, renew, release, get.
+    #[command(subcommand)]
+    Sem(semaphores::SemCmd),
     /// Idempotency records: begin, complete, abort, get.
     #[command(subcommand)]
     Idem(IdemCmd),
@@ -368,6 +372,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         }
         Cmd::Check(args) => check(args).await,
         Cmd::Lease(cmd) => lease(cmd).await,
+        Cmd::Sem(cmd) => semaphores::sem(cmd).await,
         Cmd::Idem(cmd) => idem(cmd).await,
         Cmd::Cluster(cmd) => cluster(cmd).await,
         Cmd::Health(args) => health(args).await,

@@ -51,6 +51,7 @@ mod member_metrics;
 mod operations;
 mod options;
 mod proposer;
+mod reads;
 mod rebalance;
 mod routing;
 mod slots;
@@ -72,7 +73,8 @@ pub use leadership::{report_readiness, READY_SERVICES};
 pub use member_metrics::{MemberMetrics, MetricsText, MEMBER_METRICS_WAIT};
 pub(crate) use operations::with_call;
 pub use operations::{
-    AddMember, Call, CheckLimits, GetLease, GetRecord, Operation, RemoveMember, Stamped,
+    AddMember, Call, CheckLimits, GetLease, GetRecord, GetSemaphore, Operation, RemoveMember,
+    Stamped,
 };
 pub use options::{Membership, Options, Simulation, StartError};
 pub use rebalance::Rebalance;

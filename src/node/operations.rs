@@ -23,7 +23,9 @@ pub use super::rebalance::Rebalance;
 use super::routing::Router;
 pub use super::spanning::SpanningCheck;
 use super::NodeError;
-use crate::engine::{Abort, Acquire, Begin, Complete, LimitCheck, Release, Renew};
+use crate::engine::{
+    Abort, Acquire, Begin, Complete, LimitCheck, Release, Renew, SemAcquire, SemRelease, SemRenew,
+};
 use crate::raft::NodeId;
 
 /// A value as of a time: the time a write was stamped with, or the time a
@@ -50,6 +52,12 @@ pub struct CheckLimits {
 /// A linearizable read of one lease.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct GetLease {
+    pub name: String,
+}
+
+/// A linearizable read of one semaphore's holders.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct GetSemaphore {
     pub name: String,
 }
 
@@ -162,6 +170,10 @@ operations!($
     SpanningCheck,
     Rebalance,
     MemberMetrics,
+    SemAcquire,
+    SemRenew,
+    SemRelease,
+    GetSemaphore,
 );
 
 /// How many calls of each operation this node forwarded to the leader and

@@ -18,7 +18,7 @@ use super::coalesce::Coalescer;
 pub use super::forwarding::Forwarder;
 use super::leadership::Leadership;
 use super::operations::{
-    with_call, AddMember, Call, CheckLimits, GetLease, GetRecord, Operation, RemoveMember, Stamped,
+    with_call, AddMember, Call, CheckLimits, Operation, RemoveMember, Stamped,
 };
 use super::proposer::Proposer;
 use super::slots::Slots;
@@ -27,8 +27,8 @@ use super::timekeeping::Timekeeper;
 use super::view::View;
 use super::NodeError;
 use crate::engine::{
-    slot_of, Abort, Acquire, Begin, Complete, Engine, KeyQuota, Lease, LimitCheck, LimitResult,
-    Record, Release, Renew, Write,
+    slot_of, Abort, Acquire, Begin, Complete, Engine, KeyQuota, LimitCheck, LimitResult, Release,
+    Renew, SemAcquire, SemRelease, SemRenew, Write,
 };
 use crate::proto::PeerMessage;
 use crate::raft::network::encode;
@@ -52,7 +52,7 @@ macro_rules! writes {
     };
 }
 
-writes!(Acquire, Renew, Release, Begin, Complete, Abort);
+writes!(Acquire, Renew, Release, Begin, Complete, Abort, SemAcquire, SemRenew, SemRelease);
 
 impl Operation for CheckLimits {
     type Output = Vec<LimitResult>;
@@ -77,38 +77,6 @@ impl Operation for CheckLimits {
         Ok(at
             .engine
             .check_for(&self.checks, self.all_or_nothing, at.decide_ms(), quota)?)
-    }
-}
-
-impl Operation for GetLease {
-    type Output = Stamped<Option<Lease>>;
-    const WRITE: bool = false;
-
-    async fn serve(self, at: &Router) -> Result<Self::Output, NodeError> {
-        if at.view.is_leader() {
-            // Leases are extended before this term serves any lease call.
-            at.leadership.on_leadership().await;
-        }
-        at.view.read_barrier().await?;
-        let now_ms = at.time.now_ms();
-        Ok(Stamped {
-            value: at.engine.lease(&self.name, now_ms),
-            now_ms,
-        })
-    }
-}
-
-impl Operation for GetRecord {
-    type Output = Stamped<Option<Record>>;
-    const WRITE: bool = false;
-
-    async fn serve(self, at: &Router) -> Result<Self::Output, NodeError> {
-        at.view.read_barrier().await?;
-        let now_ms = at.time.now_ms();
-        Ok(Stamped {
-            value: at.engine.record(&self.key, now_ms),
-            now_ms,
-        })
     }
 }
 

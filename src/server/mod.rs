@@ -22,6 +22,7 @@ use crate::proto::idempotency_server::IdempotencyServer;
 use crate::proto::leases_server::LeasesServer;
 use crate::proto::raft_peer_server::RaftPeerServer;
 use crate::proto::rate_limiter_server::RateLimiterServer;
+use crate::proto::semaphores_server::SemaphoresServer;
 use crate::raft::network::PEER_MESSAGE_LIMIT;
 use crate::security::{self, Connector};
 
@@ -380,6 +381,9 @@ fn client_routes(
             api::rate_limiter::RateLimiterService(shared.clone()),
         ))
         .add_service(LeasesServer::new(api::leases::LeasesService(
+            shared.clone(),
+        )))
+        .add_service(SemaphoresServer::new(api::semaphores::SemaphoresService(
             shared.clone(),
         )))
         .add_service(IdempotencyServer::new(

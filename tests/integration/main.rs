@@ -19,6 +19,7 @@ mod replication;
 mod rls;
 mod rls_compat;
 mod security;
+mod semaphores;
 mod server;
 mod slots;
 mod telemetry;
