@@ -1581,3 +1581,94 @@ async fn a_client_ca_requires_client_certificates() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Semaphores keep to namespaces and principals as leases do: a name
+/// outside the caller's namespaces is refused for every call, and permits
+/// granted to one principal are renewed or released by no other, even one
+/// that shares the namespace and knows the holder and token.
+#[tokio::test]
+async fn semaphores_keep_to_namespaces_and_principals() {
+    use arbiter::proto::semaphores_client::SemaphoresClient;
+    use arbiter::proto::{
+        GetSemaphoreRequest, SemaphoreAcquireRequest, SemaphoreReleaseRequest,
+        SemaphoreRenewRequest,
+    };
+    let s = Secured::start();
+    let mut alice = SemaphoresClient::new(s.conn(Some(&s.alice), None).await);
+    let mut bob = SemaphoresClient::new(s.conn(Some(&s.bob), None).await);
+    let ask = |name: &str, holder: &str| SemaphoreAcquireRequest {
+        name: name.into(),
+        holder: holder.into(),
+        limit: 5,
+        permits: Some(1),
+        ttl_ms: 60_000,
+    };
+    let granted = bob
+        .acquire(ask("b/pool", "pod-b"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(granted.granted);
+    let r = alice.acquire(ask("b/pool", "pod-a")).await;
+    assert_eq!(code(r), Code::PermissionDenied);
+    let r = alice
+        .get(GetSemaphoreRequest {
+            name: "b/pool".into(),
+        })
+        .await;
+    assert_eq!(code(r), Code::PermissionDenied);
+    let held = bob
+        .acquire(ask("shared/pool", "pod-b"))
+        .await
+        .unwrap()
+        .into_inner();
+    let token = held.permit.unwrap().fencing_token;
+    let r = alice
+        .renew(SemaphoreRenewRequest {
+            name: "shared/pool".into(),
+            holder: "pod-b".into(),
+            fencing_token: token,
+            ttl_ms: 60_000,
+        })
+        .await;
+    assert_eq!(code(r), Code::PermissionDenied);
+    let r = alice
+        .release(SemaphoreReleaseRequest {
+            name: "shared/pool".into(),
+            holder: "pod-b".into(),
+            fencing_token: token,
+        })
+        .await;
+    assert_eq!(code(r), Code::PermissionDenied);
+    // Acquiring under bob's holder name renews nothing for alice.
+    let r = alice
+        .acquire(ask("shared/pool", "pod-b"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!r.granted, "{r:?}");
+    let st = bob
+        .get(GetSemaphoreRequest {
+            name: "shared/pool".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(st.permits.len(), 1);
+    assert_eq!(
+        (
+            st.permits[0].principal.as_str(),
+            st.permits[0].fencing_token
+        ),
+        ("bob", token)
+    );
+    // Alice takes her own permit beside bob's.
+    assert!(
+        alice
+            .acquire(ask("shared/pool", "pod-a"))
+            .await
+            .unwrap()
+            .into_inner()
+            .granted
+    );
+}
