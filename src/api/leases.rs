@@ -207,6 +207,8 @@ impl Leases for LeasesService {
                         current(lease, now)
                     }
                     Err(broadcast::error::RecvError::Closed) => return,
+                    // Never sent on a lease's channel.
+                    Ok(Change::Semaphore(_)) => continue,
                 };
                 if tx.send(Ok(out)).await.is_err() {
                     return;

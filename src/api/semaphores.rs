@@ -1,18 +1,60 @@
 //! `arbiter.v1.Semaphores`: permits under a name, each holder's a lease.
-//! Writes go through the node's ordered write path, as leases' do.
+//! Writes go through the node's ordered write path, as leases' do; `Watch`
+//! streams the holders, then every change.
 
+use std::pin::Pin;
+
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
-use super::authz::authorized;
+use super::authz::{authorize, authorized};
 use super::{convert, error, Shared};
-use crate::engine::{SemAcquire, SemRelease, SemRenew};
-use crate::node::{GetSemaphore, Stamped};
+use crate::engine::{Permit, SemAcquire, SemRelease, SemRenew, SemaphoreEventKind};
+use crate::node::{Change, GetSemaphore, Stamped};
+use crate::proto::semaphore_event::Kind;
 use crate::proto::semaphores_server::Semaphores;
 use crate::proto::{
     GetSemaphoreRequest, GetSemaphoreResponse, SemaphoreAcquireRequest, SemaphoreAcquireResponse,
-    SemaphoreReleaseRequest, SemaphoreReleaseResponse, SemaphoreRenewRequest,
-    SemaphoreRenewResponse,
+    SemaphoreEvent, SemaphoreReleaseRequest, SemaphoreReleaseResponse, SemaphoreRenewRequest,
+    SemaphoreRenewResponse, WatchSemaphoreRequest,
 };
+
+/// Events queued per watch stream towards a slow client.
+const STREAM_BUFFER: usize = 64;
+
+/// How often a Watch stream checks that the auth file still lets its
+/// caller watch the semaphore.
+const REAUTHORISE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The CURRENT event: every live holder.
+fn current(permits: Vec<Permit>, now_ms: u64) -> SemaphoreEvent {
+    SemaphoreEvent {
+        kind: Kind::Current as i32,
+        permit: None,
+        held: permits.iter().map(|p| p.permits).sum(),
+        permits: permits
+            .into_iter()
+            .map(|p| convert::permit(p, now_ms))
+            .collect(),
+    }
+}
+
+fn event(e: crate::engine::SemaphoreEvent, now_ms: u64) -> SemaphoreEvent {
+    let kind = match e.kind {
+        SemaphoreEventKind::Acquired => Kind::Acquired,
+        SemaphoreEventKind::Renewed => Kind::Renewed,
+        SemaphoreEventKind::Released => Kind::Released,
+        SemaphoreEventKind::Expired => Kind::Expired,
+    };
+    SemaphoreEvent {
+        kind: kind as i32,
+        permit: Some(convert::permit(e.permit, now_ms)),
+        held: e.held,
+        permits: Vec::new(),
+    }
+}
 
 pub struct SemaphoresService(pub Shared);
 
@@ -126,5 +168,68 @@ impl Semaphores for SemaphoresService {
                 .map(|p| convert::permit(p, now_ms))
                 .collect(),
         }))
+    }
+
+    type WatchStream = Pin<Box<dyn Stream<Item = Result<SemaphoreEvent, Status>> + Send>>;
+
+    async fn watch(
+        &self,
+        request: Request<WatchSemaphoreRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let caller = self.0.caller(&request)?;
+        let name = request.into_inner().name;
+        convert::key(&name, || "name".into())?;
+        authorize(&caller, &GetSemaphore { name: name.clone() })?;
+        let node = self.0.node.clone();
+        let quota = caller.watch_quota(&self.0.bounds.caps);
+        let watch = node
+            .watch_semaphore(&name, caller.name(), quota)
+            .map_err(error::node_status)?;
+        let (permits, now, mut events, slot) =
+            (watch.lease, watch.now_ms, watch.events, watch.slot);
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        let mut shutdown = node.shutdown_signal();
+        let auth = self.0.auth.clone();
+        tokio::spawn(async move {
+            // The watch counts against the caps until this task ends.
+            let _slot = slot;
+            if tx.send(Ok(current(permits, now))).await.is_err() {
+                return;
+            }
+            let mut recheck = tokio::time::interval(REAUTHORISE_EVERY);
+            recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                let change = tokio::select! {
+                    e = events.recv() => e,
+                    _ = recheck.tick() => {
+                        if let Err(refused) = caller.still_allowed(auth.as_ref(), "semaphore", &name) {
+                            let _ = tx.send(Err(refused)).await;
+                            return;
+                        }
+                        continue;
+                    }
+                    _ = tx.closed() => return,
+                    _ = crate::node::Node::stopped(&mut shutdown) => {
+                        let _ = tx.send(Err(Status::unavailable("server is shutting down; watch again"))).await;
+                        return;
+                    }
+                };
+                let out = match change {
+                    Ok(Change::Semaphore(e)) => event(e, node.now_ms()),
+                    // Behind, or the state was replaced: start over.
+                    Ok(Change::Replaced) | Err(broadcast::error::RecvError::Lagged(_)) => {
+                        let (permits, now) = node.semaphore_local(&name);
+                        current(permits, now)
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                    // Never sent on a semaphore's channel.
+                    Ok(Change::Event(_)) => continue,
+                };
+                if tx.send(Ok(out)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }

@@ -53,6 +53,12 @@ pub(super) enum SemCmd {
         server: Server,
         name: String,
     },
+    /// The holders, then every change (Ctrl-C ends it).
+    Watch {
+        #[command(flatten)]
+        server: Server,
+        name: String,
+    },
 }
 
 fn print_permit(p: &pb::SemaphorePermit) {
@@ -141,6 +147,24 @@ pub(super) async fn sem(cmd: SemCmd) -> CliResult {
                 .into_inner();
             println!("held={} holders={}", r.held, r.permits.len());
             r.permits.iter().for_each(print_permit);
+            Ok(ExitCode::SUCCESS)
+        }
+        SemCmd::Watch { server, name } => {
+            let mut stream = SemaphoresClient::new(connect(&server).await?)
+                .watch(pb::WatchSemaphoreRequest { name })
+                .await
+                .map_err(status)?
+                .into_inner();
+            while let Some(e) = stream.message().await.map_err(status)? {
+                let kind = pb::semaphore_event::Kind::try_from(e.kind)
+                    .map_or("UNKNOWN", |k| k.as_str_name());
+                print!("{kind} held={} ", e.held);
+                match &e.permit {
+                    Some(p) => print_permit(p),
+                    None => println!("holders={}", e.permits.len()),
+                }
+                e.permits.iter().for_each(print_permit);
+            }
             Ok(ExitCode::SUCCESS)
         }
     }

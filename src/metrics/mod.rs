@@ -25,7 +25,7 @@ pub use prefixes::Prefixes;
 pub use standing::Bounds;
 
 /// The RPCs whose calls are recorded: (gRPC path, metric label).
-const RPCS: [(&str, &str); 20] = [
+const RPCS: [(&str, &str); 21] = [
     ("/arbiter.v1.RateLimiter/Check", "Check"),
     ("/arbiter.v1.Leases/Acquire", "Acquire"),
     ("/arbiter.v1.Leases/Renew", "Renew"),
@@ -36,6 +36,7 @@ const RPCS: [(&str, &str); 20] = [
     ("/arbiter.v1.Semaphores/Renew", "SemaphoreRenew"),
     ("/arbiter.v1.Semaphores/Release", "SemaphoreRelease"),
     ("/arbiter.v1.Semaphores/Get", "GetSemaphore"),
+    ("/arbiter.v1.Semaphores/Watch", "WatchSemaphore"),
     ("/arbiter.v1.Idempotency/Begin", "Begin"),
     ("/arbiter.v1.Idempotency/Complete", "Complete"),
     ("/arbiter.v1.Idempotency/Abort", "Abort"),

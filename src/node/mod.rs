@@ -81,7 +81,7 @@ pub use rebalance::Rebalance;
 pub use slots::{SlotOwners, SlotReply, SlotRequest};
 pub use spanning::{HoldId, Holds, Phase, PhaseHook, SpanningCheck, HOLD, MAX_RESERVATIONS};
 pub use view::{MemberInfo, Replication, Standing};
-pub use watch_fanout::{Change, Watch, WatchLimits};
+pub use watch_fanout::{Change, SemaphoreWatch, Watch, WatchLimits};
 
 use crate::engine::{Counts, Engine, KeyQuota, Lease, LimitCheck, LimitResult};
 use crate::raft::seen::SeenWithState;
@@ -253,6 +253,25 @@ impl Node {
     ) -> Result<Watch, NodeError> {
         self.watchers
             .watch(name, principal, quota, || self.lease_local(name))
+    }
+
+    /// A semaphore's holders as they stand and every later change (as
+    /// [`watch`](Self::watch) for a lease, within the same caps).
+    pub fn watch_semaphore(
+        &self,
+        name: &str,
+        principal: &str,
+        quota: Option<u64>,
+    ) -> Result<SemaphoreWatch, NodeError> {
+        self.watchers
+            .watch_semaphore(name, principal, quota, || self.semaphore_local(name))
+    }
+
+    /// A semaphore's live holders without a read barrier (to resynchronise
+    /// a watcher).
+    pub fn semaphore_local(&self, name: &str) -> (Vec<crate::engine::Permit>, u64) {
+        let now = self.now_ms();
+        (self.engine.semaphore(name, now), now)
     }
 
     /// The current lease without a read barrier (to resynchronise a watcher

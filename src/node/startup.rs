@@ -382,9 +382,11 @@ fn observer(
     slot_version: &watch::Sender<u64>,
 ) -> Observer {
     let (events, replaced, time) = (watchers.clone(), watchers.clone(), time.clone());
+    let semaphores = watchers.clone();
     let slot_version = slot_version.clone();
     Observer {
         lease_events: Arc::new(move |e: &[LeaseEvent]| events.publish(e)),
+        semaphore_events: Arc::new(move |e| semaphores.publish_semaphores(e)),
         applied_time: Arc::new(move |now_ms, by| time.observe(now_ms, by == Some(id))),
         replaced: Arc::new(move || replaced.replaced()),
         slots: Arc::new(move |version| {

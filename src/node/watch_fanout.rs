@@ -1,5 +1,7 @@
-//! Lease watchers: every applied lease change reaches the watchers of that
-//! lease, on every replica, in apply order.
+//! Lease and semaphore watchers: every applied change reaches the watchers
+//! of that lease or semaphore, on every replica, in apply order. The two
+//! kinds have their own channels (a lease and a semaphore may share a
+//! name) and share the watch caps.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -8,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::broadcast;
 
 use super::NodeError;
-use crate::engine::{EngineError, Lease, LeaseEvent};
+use crate::engine::{EngineError, Lease, LeaseEvent, Permit, SemaphoreEvent};
 
 /// Events buffered per watched lease before a slow watcher is resynchronised.
 const WATCH_BUFFER: usize = 256;
@@ -36,6 +38,8 @@ impl Default for WatchLimits {
 pub enum Change {
     /// A change to the lease, as this node applied it.
     Event(LeaseEvent),
+    /// A change under the semaphore, as this node applied it.
+    Semaphore(SemaphoreEvent),
     /// This node's whole state was replaced (it installed a snapshot):
     /// changes may have been skipped, so read the lease again.
     Replaced,
@@ -50,6 +54,8 @@ pub struct Watchers(Arc<Inner>);
 #[derive(Default)]
 struct Inner {
     channels: Mutex<Channels>,
+    /// The semaphores' channels, by name.
+    semaphores: Mutex<Channels>,
     /// Watches being served (each holds a [`WatchSlot`]).
     active: AtomicUsize,
     /// Watches being served per principal, for quotas (only principals
@@ -86,14 +92,17 @@ impl Inner {
     }
 }
 
-/// A new watch: the lease as it stands, the time it was read at, every
-/// later change, and the watch's slot.
-pub struct Watch {
-    pub lease: Option<Lease>,
+/// A new watch: the lease (or, generally, the state `S`) as it stands,
+/// the time it was read at, every later change, and the watch's slot.
+pub struct Watch<S = Option<Lease>> {
+    pub lease: S,
     pub now_ms: u64,
     pub events: broadcast::Receiver<Change>,
     pub slot: WatchSlot,
 }
+
+/// A semaphore watch: its live holders first.
+pub type SemaphoreWatch = Watch<Vec<Permit>>;
 
 impl Watchers {
     pub fn new(limits: WatchLimits) -> Self {
@@ -105,6 +114,35 @@ impl Watchers {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Channels> {
         self.0.channels.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn lock_semaphores(&self) -> std::sync::MutexGuard<'_, Channels> {
+        self.0.semaphores.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sends each semaphore event to that semaphore's watchers.
+    pub fn publish_semaphores(&self, events: &[SemaphoreEvent]) {
+        let mut watchers = self.lock_semaphores();
+        for event in events {
+            if let Some(tx) = watchers.get(&event.permit.name) {
+                if tx.send(Change::Semaphore(event.clone())).is_err() {
+                    watchers.remove(&event.permit.name);
+                }
+            }
+        }
+    }
+
+    /// [`watch`](Self::watch) for a semaphore: its holders as they stand
+    /// (`current`) and every later change.
+    pub fn watch_semaphore(
+        &self,
+        name: &str,
+        principal: &str,
+        quota: Option<u64>,
+        current: impl FnOnce() -> (Vec<Permit>, u64),
+    ) -> Result<SemaphoreWatch, NodeError> {
+        let mut channels = self.lock_semaphores();
+        self.subscribe(&mut channels, name, principal, quota, current)
     }
 
     /// Watches being served now.
@@ -130,11 +168,15 @@ impl Watchers {
     pub fn replaced(&self) {
         self.lock()
             .retain(|_, tx| tx.send(Change::Replaced).is_ok());
+        self.lock_semaphores()
+            .retain(|_, tx| tx.send(Change::Replaced).is_ok());
     }
 
     /// Drops the channels nobody listens to any more.
     pub fn forget_idle(&self) {
         self.lock().retain(|_, tx| tx.receiver_count() > 0);
+        self.lock_semaphores()
+            .retain(|_, tx| tx.receiver_count() > 0);
     }
 }
 
@@ -155,9 +197,22 @@ impl Watchers {
         quota: Option<u64>,
         current: impl FnOnce() -> (Option<Lease>, u64),
     ) -> Result<Watch, NodeError> {
+        let mut channels = self.lock();
+        self.subscribe(&mut channels, name, principal, quota, current)
+    }
+
+    /// Admits a watch of `name` in `channels` (held locked) within the
+    /// caps, then reads its current state.
+    fn subscribe<S>(
+        &self,
+        channels: &mut Channels,
+        name: &str,
+        principal: &str,
+        quota: Option<u64>,
+        current: impl FnOnce() -> (S, u64),
+    ) -> Result<Watch<S>, NodeError> {
         let inner = &self.0;
         let limits = inner.limits;
-        let mut channels = self.lock();
         let exhausted = |what: &'static str, max| {
             NodeError::Engine(EngineError::Exhausted {
                 what: what.into(),

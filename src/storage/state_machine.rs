@@ -32,6 +32,8 @@ use crate::raft::{
 #[derive(Clone)]
 pub struct Observer {
     pub lease_events: LeaseEvents,
+    /// The semaphore changes an applied entry caused, for their watchers.
+    pub semaphore_events: Arc<dyn Fn(&[engine::SemaphoreEvent]) + Send + Sync>,
     pub applied_time: Arc<dyn Fn(u64, Option<u64>) + Send + Sync>,
     pub replaced: Arc<dyn Fn() + Send + Sync>,
     /// The slot map's version, each time the map may have changed (a map
@@ -47,6 +49,7 @@ impl Observer {
     pub fn none() -> Self {
         Self {
             lease_events: Arc::new(|_| {}),
+            semaphore_events: Arc::new(|_| {}),
             applied_time: Arc::new(|_, _| {}),
             replaced: Arc::new(|| {}),
             slots: Arc::new(|_| {}),
@@ -282,6 +285,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                         outcomes.push(self.engine.apply(command, self.last_now).map(|applied| {
                             if !applied.events.is_empty() {
                                 (self.observer.lease_events)(&applied.events);
+                            }
+                            if !applied.semaphore_events.is_empty() {
+                                (self.observer.semaphore_events)(&applied.semaphore_events);
                             }
                             if applied.outcome == engine::Outcome::AssignSlots(true) {
                                 (self.observer.slots)(self.engine.slots().version);

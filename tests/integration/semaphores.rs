@@ -208,3 +208,52 @@ async fn permits_survive_a_failover_and_the_limit_still_holds() {
     let mine = acquire(&mut c, ask("pool", "a", 2, 2, MINUTE)).await;
     assert_eq!(mine.permit.unwrap().fencing_token, token);
 }
+
+/// A watch sees the holders first, then each change with what is held
+/// after it; a lapse comes as EXPIRED, so a waiter wakes when room is made.
+#[tokio::test]
+async fn a_watch_streams_the_holders_then_every_change() {
+    use arbiter::proto::semaphore_event::Kind;
+    use arbiter::proto::WatchSemaphoreRequest;
+    let server = Server::start(&[]);
+    let mut c = SemaphoresClient::new(server.channel().await);
+    let first = acquire(&mut c, ask("w", "a", 2, 1, MINUTE)).await;
+    let token = first.permit.unwrap().fencing_token;
+    let mut stream = c
+        .watch(WatchSemaphoreRequest { name: "w".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    async fn next(
+        stream: &mut tonic::Streaming<arbiter::proto::SemaphoreEvent>,
+    ) -> (Kind, String, u64, usize) {
+        let e = tokio::time::timeout(Duration::from_secs(10), stream.message())
+            .await
+            .expect("an event within 10 s")
+            .unwrap()
+            .expect("the stream goes on");
+        let holder = e.permit.map(|p| p.holder).unwrap_or_default();
+        (
+            Kind::try_from(e.kind).unwrap(),
+            holder,
+            e.held,
+            e.permits.len(),
+        )
+    }
+    assert_eq!(
+        next(&mut stream).await,
+        (Kind::Current, String::new(), 1, 1)
+    );
+    acquire(&mut c, ask("w", "b", 2, 1, 300)).await;
+    assert_eq!(next(&mut stream).await, (Kind::Acquired, "b".into(), 2, 0));
+    c.release(SemaphoreReleaseRequest {
+        name: "w".into(),
+        holder: "a".into(),
+        fencing_token: token,
+    })
+    .await
+    .unwrap();
+    assert_eq!(next(&mut stream).await, (Kind::Released, "a".into(), 1, 0));
+    // b's 300 ms lapse: swept by the leader, told to the watcher.
+    assert_eq!(next(&mut stream).await, (Kind::Expired, "b".into(), 0, 0));
+}
