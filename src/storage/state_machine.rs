@@ -33,7 +33,7 @@ use crate::raft::{
 pub struct Observer {
     pub lease_events: LeaseEvents,
     /// The semaphore changes an applied entry caused, for their watchers.
-    pub semaphore_events: Arc<dyn Fn(&[engine::SemaphoreEvent]) + Send + Sync>,
+    pub semaphore_events: SemaphoreEvents,
     pub applied_time: Arc<dyn Fn(u64, Option<u64>) + Send + Sync>,
     pub replaced: Arc<dyn Fn() + Send + Sync>,
     /// The slot map's version, each time the map may have changed (a map
@@ -43,6 +43,9 @@ pub struct Observer {
 
 /// Receives the lease changes an applied entry caused.
 pub type LeaseEvents = Arc<dyn Fn(&[LeaseEvent]) + Send + Sync>;
+
+/// Receives the semaphore changes an applied entry caused.
+pub type SemaphoreEvents = Arc<dyn Fn(&[engine::SemaphoreEvent]) + Send + Sync>;
 
 impl Observer {
     /// One that ignores everything (for tests of storage alone).
