@@ -312,6 +312,8 @@ async fn watcher(c: Arc<Cluster>, me: usize, mut rng: Rng, h: History, until: u6
                     let now = served_by.lease_local(&name).0;
                     events.push((c.now(), history::Told::Current(now)));
                 }
+                // Never sent on a lease's channel.
+                Ok(Ok(Change::Semaphore(_))) => {}
                 // A stream that fell behind is sent the current state
                 // again (the server's job); here it just ends.
                 Ok(Err(_)) => break,
