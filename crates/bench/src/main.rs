@@ -16,6 +16,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use arbiter::proto::idempotency_client::IdempotencyClient;
 use arbiter::proto::leases_client::LeasesClient;
+use arbiter::proto::semaphores_client::SemaphoresClient;
 use arbiter::proto::{self as pb, limit::Algorithm};
 use clap::{Parser, ValueEnum};
 use hdrhistogram::Histogram;
@@ -30,6 +31,9 @@ enum Workload {
     Lease,
     /// Idempotency Begin then Complete on fresh keys (each call counts).
     Idem,
+    /// Semaphore acquire, renew, release (each call counts), under
+    /// --keys names with a limit no worker reaches.
+    Sem,
     /// Envoy's ShouldRateLimit on domain `bench`, one descriptor `user=<key>`
     /// per batch entry: the server needs a rule for it (see benches/rls.sh).
     Rls,
@@ -386,6 +390,9 @@ async fn run(args: Args) -> Result<(), String> {
                     lease_worker(&args, &run, channel.expect("channel"), w, &mut rng).await
                 }
                 Workload::Idem => idem_worker(&args, &run, channel.expect("channel"), w).await,
+                Workload::Sem => {
+                    sem_worker(&args, &run, channel.expect("channel"), w, &mut rng).await
+                }
                 Workload::RedisCheck => {
                     redis_worker(&args, &run, addr, sha.expect("sha"), &mut rng).await
                 }

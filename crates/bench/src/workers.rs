@@ -348,6 +348,70 @@ pub(super) async fn lease_worker(
     Ok(t)
 }
 
+/// Acquire, renew and release one permit under a name drawn from --keys,
+/// as a holder of this worker's own: every acquire is a grant (the limit
+/// is never reached), so each call is one write through the log, as the
+/// lease workload's are.
+pub(super) async fn sem_worker(
+    args: &Args,
+    run: &Run,
+    channel: Channel,
+    w: usize,
+    rng: &mut Rng,
+) -> Result<Tally, String> {
+    let mut client = SemaphoresClient::new(channel);
+    let mut t = Tally::new();
+    let holder = format!("bench-worker-{w}");
+    while let Some(measured) = run.admit() {
+        let name = padded(
+            format!("bench:sem:{}", rng.below(args.keys)),
+            args.key_bytes,
+        );
+        let sent = Instant::now();
+        let acquired = client
+            .acquire(pb::SemaphoreAcquireRequest {
+                name: name.clone(),
+                holder: holder.clone(),
+                limit: 1_000_000,
+                permits: Some(1),
+                ttl_ms: 10_000,
+            })
+            .await;
+        record(&mut t, measured, sent);
+        let token = match acquired.map(|r| r.into_inner().permit) {
+            Ok(Some(p)) => p.fencing_token,
+            _ => {
+                t.errors += u64::from(measured);
+                continue;
+            }
+        };
+        let Some(measured) = run.admit() else { break };
+        let sent = Instant::now();
+        let renewed = client
+            .renew(pb::SemaphoreRenewRequest {
+                name: name.clone(),
+                holder: holder.clone(),
+                fencing_token: token,
+                ttl_ms: 10_000,
+            })
+            .await;
+        record(&mut t, measured, sent);
+        t.errors += u64::from(renewed.is_err() && measured);
+        let Some(measured) = run.admit() else { break };
+        let sent = Instant::now();
+        let released = client
+            .release(pb::SemaphoreReleaseRequest {
+                name,
+                holder: holder.clone(),
+                fencing_token: token,
+            })
+            .await;
+        record(&mut t, measured, sent);
+        t.errors += u64::from(released.is_err() && measured);
+    }
+    Ok(t)
+}
+
 pub(super) async fn idem_worker(
     args: &Args,
     run: &Run,
