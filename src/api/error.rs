@@ -9,14 +9,14 @@ pub fn to_status(e: EngineError) -> Status {
     match e {
         // The caller's view of ownership is out of date; retrying the same
         // call cannot succeed, so this is not UNAVAILABLE or ABORTED.
-        EngineError::NotHolder { .. } | EngineError::StaleAttempt { .. } => {
-            Status::failed_precondition(e.to_string())
-        }
-        // The lease or idempotency attempt belongs to another
+        EngineError::NotHolder { .. }
+        | EngineError::NotPermitHolder { .. }
+        | EngineError::StaleAttempt { .. } => Status::failed_precondition(e.to_string()),
+        // The lease, permits or idempotency attempt belong to another
         // authenticated principal.
-        EngineError::NotOwner { .. } | EngineError::NotRecordOwner { .. } => {
-            Status::permission_denied(e.to_string())
-        }
+        EngineError::NotOwner { .. }
+        | EngineError::NotPermitOwner { .. }
+        | EngineError::NotRecordOwner { .. } => Status::permission_denied(e.to_string()),
         // A configured memory bound; the service stays up and the caller may
         // retry later once sweeps free room.
         EngineError::Exhausted { .. } => Status::resource_exhausted(e.to_string()),

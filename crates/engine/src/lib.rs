@@ -49,6 +49,16 @@ pub enum EngineError {
     },
     #[error("lease {name:?} was granted to another principal; {principal:?} may not renew or release it")]
     NotOwner { name: String, principal: String },
+    #[error(
+        "semaphore {name:?} permits are not held by {holder:?} under fencing token {fencing_token}"
+    )]
+    NotPermitHolder {
+        name: String,
+        holder: String,
+        fencing_token: u64,
+    },
+    #[error("semaphore {name:?} permits were granted to another principal; {principal:?} may not renew or release them")]
+    NotPermitOwner { name: String, principal: String },
     #[error("idempotency key {key:?} was begun by another principal; {principal:?} may not complete or abort its attempt")]
     NotRecordOwner { key: String, principal: String },
     #[error("attempt {attempt} no longer owns idempotency key {key:?} (its lock lapsed, or it completed or aborted)")]

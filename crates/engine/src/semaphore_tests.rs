@@ -236,7 +236,7 @@ proptest! {
                     let want = m.renew(n, h, token, ttl, now);
                     prop_assert_eq!(got.as_ref().ok().map(|p| p.expires_at_ms), want, "{:?}", got);
                     if want.is_none() {
-                        let not_holder = matches!(got, Err(EngineError::NotHolder { .. }));
+                        let not_holder = matches!(got, Err(EngineError::NotPermitHolder { .. }));
                         prop_assert!(not_holder, "{:?}", got);
                     }
                 }
@@ -305,7 +305,10 @@ fn caps_quotas_and_principals() {
     assert!(theirs.permit.is_none());
     let token = t.get("s", 1)[0].fencing_token;
     let denied = t.release("s", "a", "mallory", token, 1, ev).unwrap_err();
-    assert!(matches!(denied, EngineError::NotOwner { .. }), "{denied}");
+    assert!(
+        matches!(denied, EngineError::NotPermitOwner { .. }),
+        "{denied}"
+    );
     // Lapsed entries still count against the cap until purged; an acquire
     // on their name purges them, and a sweep purges the rest.
     assert_eq!(t.len(), 2);

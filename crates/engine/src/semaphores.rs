@@ -382,12 +382,12 @@ impl SemaphoreTable {
                 .find(|e| e.holder == holder && now_ms < e.expires_at_ms)
         });
         match live {
-            Some(e) if !e.owned_by(principal) => Err(EngineError::NotOwner {
+            Some(e) if !e.owned_by(principal) => Err(EngineError::NotPermitOwner {
                 name: name.to_owned(),
                 principal: principal.to_owned(),
             }),
             Some(e) if e.fencing_token == token => Ok(e),
-            _ => Err(EngineError::NotHolder {
+            _ => Err(EngineError::NotPermitHolder {
                 name: name.to_owned(),
                 holder: holder.to_owned(),
                 fencing_token: token,

@@ -5,7 +5,9 @@ kept alive in the background, leader election with fencing tokens,
 `AsyncClient` is its asyncio twin."""
 
 from .aio import AsyncClient, AsyncElection, AsyncLease, AsyncLeaseWatch, AsyncLimiter
+from .aio_semaphores import AsyncSemaphore, AsyncSemaphoreWatch
 from .client import Client, Election, Lease, LeaseWatch, Limiter
+from .semaphores import Semaphore, SemaphoreWatch
 from .errors import (
     ArbiterError,
     IdempotencyInProgress,
@@ -14,7 +16,9 @@ from .errors import (
     LeaseLost,
     LeaseNotHeld,
     PermissionDenied,
+    PermitsLost,
     RateLimited,
+    SemaphoreFull,
     Unavailable,
 )
 from .types import (
@@ -27,8 +31,11 @@ from .types import (
     Leader,
     LeaseEvent,
     LeaseInfo,
+    PermitInfo,
     Record,
     Retry,
+    SemaphoreEvent,
+    SemaphoreState,
     SlidingWindow,
     TokenBucket,
 )
@@ -43,6 +50,8 @@ __all__ = [
     "AsyncLease",
     "AsyncLeaseWatch",
     "AsyncLimiter",
+    "AsyncSemaphore",
+    "AsyncSemaphoreWatch",
     "BeginResult",
     "Client",
     "ClusterStatus",
@@ -62,9 +71,16 @@ __all__ = [
     "LeaseWatch",
     "Limiter",
     "PermissionDenied",
+    "PermitInfo",
+    "PermitsLost",
     "RateLimited",
     "Record",
     "Retry",
+    "Semaphore",
+    "SemaphoreEvent",
+    "SemaphoreFull",
+    "SemaphoreState",
+    "SemaphoreWatch",
     "SlidingWindow",
     "TokenBucket",
     "Unavailable",

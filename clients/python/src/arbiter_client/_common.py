@@ -24,8 +24,11 @@ from .types import (
     LeaseInfo,
     Limit,
     MemberInfo,
+    PermitInfo,
     Record,
     Retry,
+    SemaphoreEvent,
+    SemaphoreState,
     SlidingWindow,
     TokenBucket,
     from_millis,
@@ -218,6 +221,63 @@ def renew_interval(ttl: float) -> float:
     """Renew at about a third of the TTL, so two renewals may fail before the
     lease lapses."""
     return max(ttl / 3.0, 0.001)
+
+
+# Semaphores ----------------------------------------------------------------
+
+
+def permit_info(p: Any) -> PermitInfo:
+    return PermitInfo(
+        name=p.name,
+        holder=p.holder,
+        permits=p.permits,
+        fencing_token=p.fencing_token,
+        ttl=p.ttl_ms / 1000.0,
+        remaining=p.remaining_ms / 1000.0,
+        principal=p.principal,
+    )
+
+
+def sem_acquire_request(name: str, holder: str, limit: int, permits: int, ttl: Any) -> Any:
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ValueError(f"limit must be an integer >= 1, got {limit!r}")
+    if isinstance(permits, bool) or not isinstance(permits, int) or not 1 <= permits <= limit:
+        raise ValueError(f"permits must be an integer from 1 to limit ({limit}), got {permits!r}")
+    return _pb.SemaphoreAcquireRequest(
+        name=check_key(name, "name"),
+        holder=check_key(holder, "holder"),
+        limit=limit,
+        permits=permits,
+        ttl_ms=millis(ttl, "ttl"),
+    )
+
+
+def sem_state(r: Any) -> SemaphoreState:
+    return SemaphoreState(
+        granted=r.granted,
+        held=r.held,
+        permit=permit_info(r.permit) if r.HasField("permit") else None,
+        retry_after=r.retry_after_ms / 1000.0,
+    )
+
+
+def sem_holders(r: Any) -> SemaphoreState:
+    holders = tuple(permit_info(p) for p in r.permits)
+    return SemaphoreState(granted=False, held=r.held, holders=holders)
+
+
+def sem_event(e: Any) -> SemaphoreEvent:
+    return SemaphoreEvent(
+        kind=_pb.SEMAPHORE_EVENT_KINDS.get(e.kind, "unknown").lower(),
+        held=e.held,
+        permit=permit_info(e.permit) if e.HasField("permit") else None,
+        holders=tuple(permit_info(p) for p in e.permits),
+    )
+
+
+def room_made(event: SemaphoreEvent, permits: int, limit: int) -> bool:
+    """Whether a watched change may have made room for `permits`."""
+    return event.kind in ("released", "expired") or event.held + permits <= limit
 
 
 # Idempotency ---------------------------------------------------------------

@@ -43,6 +43,11 @@ RenewRequest = message("RenewRequest")
 ReleaseRequest = message("ReleaseRequest")
 GetLeaseRequest = message("GetLeaseRequest")
 WatchLeaseRequest = message("WatchLeaseRequest")
+SemaphoreAcquireRequest = message("SemaphoreAcquireRequest")
+SemaphoreRenewRequest = message("SemaphoreRenewRequest")
+SemaphoreReleaseRequest = message("SemaphoreReleaseRequest")
+GetSemaphoreRequest = message("GetSemaphoreRequest")
+WatchSemaphoreRequest = message("WatchSemaphoreRequest")
 BeginRequest = message("BeginRequest")
 CompleteRequest = message("CompleteRequest")
 AbortRequest = message("AbortRequest")
@@ -51,6 +56,7 @@ ClusterStatusRequest = message("ClusterStatusRequest")
 
 OUTCOMES = enum_names("Outcome")
 EVENT_KINDS = enum_names("LeaseEvent.Kind")
+SEMAPHORE_EVENT_KINDS = enum_names("SemaphoreEvent.Kind")
 RECORD_STATES = enum_names("Record.State")
 
 # (path, request class, response class, streaming response)
@@ -61,6 +67,13 @@ METHODS = {
     "release": ("/arbiter.v1.Leases/Release", ReleaseRequest, message("ReleaseResponse"), False),
     "get_lease": ("/arbiter.v1.Leases/Get", GetLeaseRequest, message("GetLeaseResponse"), False),
     "watch_lease": ("/arbiter.v1.Leases/Watch", WatchLeaseRequest, message("LeaseEvent"), True),
+    "sem_acquire": ("/arbiter.v1.Semaphores/Acquire", SemaphoreAcquireRequest,
+                    message("SemaphoreAcquireResponse"), False),
+    "sem_renew": ("/arbiter.v1.Semaphores/Renew", SemaphoreRenewRequest, message("SemaphoreRenewResponse"), False),
+    "sem_release": ("/arbiter.v1.Semaphores/Release", SemaphoreReleaseRequest,
+                    message("SemaphoreReleaseResponse"), False),
+    "sem_get": ("/arbiter.v1.Semaphores/Get", GetSemaphoreRequest, message("GetSemaphoreResponse"), False),
+    "sem_watch": ("/arbiter.v1.Semaphores/Watch", WatchSemaphoreRequest, message("SemaphoreEvent"), True),
     "begin": ("/arbiter.v1.Idempotency/Begin", BeginRequest, message("BeginResponse"), False),
     "complete": ("/arbiter.v1.Idempotency/Complete", CompleteRequest, message("CompleteResponse"), False),
     "abort": ("/arbiter.v1.Idempotency/Abort", AbortRequest, message("AbortResponse"), False),

@@ -42,6 +42,8 @@ from .types import (
     seconds,
 )
 
+from .aio_semaphores import AsyncSemaphore, AsyncSemaphores
+
 log = logging.getLogger("arbiter_client")
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
@@ -91,6 +93,7 @@ class AsyncClient:
         self._methods = _pb.bind(self._channel)
         self._rng = random.Random()
         self.leases = AsyncLeases(self)
+        self.semaphores = AsyncSemaphores(self)
         self.idempotency = AsyncIdempotency(self)
 
     async def close(self) -> None:
@@ -269,6 +272,19 @@ class AsyncClient:
     def watch_lease(self, name: str) -> "AsyncLeaseWatch":
         """`async for event in client.watch_lease(name):`"""
         return self.leases.watch(name)
+
+    def semaphore(
+        self,
+        name: str,
+        limit: int,
+        permits: int = 1,
+        ttl: Duration = 10.0,
+        holder: Optional[str] = None,
+        wait: bool = True,
+        timeout: Optional[float] = None,
+    ) -> AsyncSemaphore:
+        """As `Client.semaphore`: `async with client.semaphore(name, limit=10):`."""
+        return AsyncSemaphore(self, name, limit, permits, ttl, holder or c.default_holder(), wait, timeout)
 
     def election(self, name: str, candidate: str, ttl: Duration = 10.0) -> "AsyncElection":
         return AsyncElection(self, name, candidate, ttl)

@@ -40,6 +40,8 @@ from .types import (
     seconds,
 )
 
+from .semaphores import Semaphore, Semaphores
+
 log = logging.getLogger("arbiter_client")
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -103,6 +105,7 @@ class Client:
         self._methods = _pb.bind(self._channel)
         self._rng = random.Random()
         self.leases = Leases(self)
+        self.semaphores = Semaphores(self)
         self.idempotency = Idempotency(self)
 
     def close(self) -> None:
@@ -276,6 +279,25 @@ class Client:
         return decorate
 
     # Leases ----------------------------------------------------------------
+
+    def semaphore(
+        self,
+        name: str,
+        limit: int,
+        permits: int = 1,
+        ttl: Duration = 10.0,
+        holder: Optional[str] = None,
+        wait: bool = True,
+        timeout: Optional[float] = None,
+    ) -> "Semaphore":
+        """Permits to use as `with client.semaphore(name, limit=10):`, at
+        most `limit` held under `name` by every caller together. Entering
+        takes `permits` (waiting, by watching the semaphore, until there is
+        room, unless `wait` is False; SemaphoreFull when not granted within
+        `timeout`), they are renewed in the background at about ttl/3, and
+        leaving gives them back; leaving after they were lost raises
+        PermitsLost."""
+        return Semaphore(self, name, limit, permits, ttl, holder or c.default_holder(), wait, timeout)
 
     def lease(
         self,

@@ -59,6 +59,17 @@ class LeaseLost(ArbiterError):
     a new holder's; its fencing token lets the resource refuse such writes."""
 
 
+class SemaphoreFull(ArbiterError):
+    """No room under the semaphore's limit: the permits were not granted
+    (before the timeout, when waiting)."""
+
+
+class PermitsLost(ArbiterError):
+    """The permits are no longer this holder's: they lapsed, or a renewal
+    or release found them gone. Work done under them may have overlapped
+    with another holder's; their fencing token lets a resource refuse it."""
+
+
 class IdempotencyInProgress(ArbiterError):
     """Another attempt holds the idempotency key. `retry_after` is the time
     in seconds until that attempt's lock lapses."""

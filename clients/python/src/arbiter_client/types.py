@@ -165,6 +165,46 @@ class Leader:
 
 
 @dataclass(frozen=True)
+class PermitInfo:
+    """One holder's permits under a semaphore. `ttl` and `remaining` in
+    seconds."""
+
+    name: str
+    holder: str
+    permits: int
+    fencing_token: int
+    ttl: float
+    remaining: float
+    principal: str = ""
+
+
+@dataclass(frozen=True)
+class SemaphoreState:
+    """A semaphore as an acquire or a get found it: whether the caller's
+    permits were granted (acquire), the permits held by everyone, the
+    caller's permit, the holders (get), and, when not granted, the seconds
+    until the next holder's permits lapse unless renewed."""
+
+    granted: bool
+    held: int
+    permit: Optional[PermitInfo] = None
+    holders: Tuple[PermitInfo, ...] = ()
+    retry_after: float = 0.0
+
+
+@dataclass(frozen=True)
+class SemaphoreEvent:
+    """A change under a watched semaphore: `kind` is "current" (the holders
+    as they stand, in `holders`), "acquired", "renewed", "released" or
+    "expired" (about `permit`); `held` is what is held after it."""
+
+    kind: str
+    held: int
+    permit: Optional[PermitInfo] = None
+    holders: Tuple[PermitInfo, ...] = ()
+
+
+@dataclass(frozen=True)
 class BeginResult:
     """The answer to an idempotency Begin. `outcome` is "started" (this
     caller owns `attempt` and must complete or abort it), "in_progress"
