@@ -6,7 +6,9 @@
 
 use std::collections::BTreeMap;
 
-use arbiter::engine::{slot_of, BeginOutcome, Lease, LeaseEvent, LeaseEventKind, LimitResult};
+use arbiter::engine::{
+    slot_of, BeginOutcome, Lease, LeaseEvent, LeaseEventKind, LimitResult, Permit,
+};
 
 use super::cluster::Answer;
 
@@ -53,6 +55,23 @@ pub enum What {
         /// owner: reserved, then confirmed or released).
         together: bool,
     },
+    /// A semaphore acquire by `holder` under `limit`: Ok is the permit it
+    /// now holds (a new grant, or its own renewed).
+    Sem {
+        name: String,
+        holder: String,
+        limit: u64,
+        permits: u64,
+        ttl: u64,
+        answer: Answer<Permit>,
+    },
+    /// A semaphore release of the permit granted under `token`.
+    SemRelease {
+        name: String,
+        holder: String,
+        token: u64,
+        answer: Answer<()>,
+    },
     /// A watch stream on a lease, through one node from `sent` to `done`:
     /// the state it opened with and what it was told after, with when.
     Watch {
@@ -81,6 +100,8 @@ impl What {
             What::Begin { answer, .. } => answer.definite(),
             What::Complete { answer, .. } => answer.definite(),
             What::Check { answer, .. } => answer.definite(),
+            What::Sem { answer, .. } => answer.definite(),
+            What::SemRelease { answer, .. } => answer.definite(),
             What::Watch { .. } => false,
         }
     }
@@ -350,6 +371,135 @@ pub fn check_leases(history: &[Event]) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// A semaphore grant as the history saw it.
+struct SemGrant<'a> {
+    name: &'a str,
+    holder: &'a str,
+    limit: u64,
+    ttl: u64,
+    sent: u64,
+    done: u64,
+    permit: &'a Permit,
+}
+
+/// Semaphores: a token is granted to one (name, holder) only; a new
+/// grant decided after another was acknowledged has a greater token; and
+/// no grant takes a name past the limit it was asked under. For the last,
+/// a grant `b` counts every other holder's permit that was certainly held
+/// when `b` was decided: granted before `b` was sent, certainly not lapsed
+/// by the time `b` was answered (its latest grant's send time plus its
+/// TTL; a new leader only ever extends), and with no release of it sent
+/// before then (one of unknown outcome may have taken effect). Returns
+/// how many grants were checked against others held at once.
+pub fn check_semaphores(history: &[Event]) -> Result<usize, String> {
+    let grants: Vec<SemGrant> = history
+        .iter()
+        .filter_map(|e| match &e.what {
+            What::Sem {
+                name,
+                holder,
+                limit,
+                ttl,
+                answer: Answer::Ok(permit),
+                ..
+            } => Some(SemGrant {
+                name,
+                holder,
+                limit: *limit,
+                ttl: *ttl,
+                sent: e.sent,
+                done: e.done,
+                permit,
+            }),
+            _ => None,
+        })
+        .collect();
+    let mut owner: BTreeMap<u64, (&str, &str)> = BTreeMap::new();
+    for g in &grants {
+        let who = (g.name, g.holder);
+        if let Some(other) = owner.insert(g.permit.fencing_token, who) {
+            if other != who {
+                return Err(format!(
+                    "semaphore token {} granted to {other:?} and to {who:?}",
+                    g.permit.fencing_token
+                ));
+            }
+        }
+    }
+    // The first grant of each token is the new one; later ones renew it.
+    let mut first: BTreeMap<u64, &SemGrant> = BTreeMap::new();
+    for g in &grants {
+        let f = first.entry(g.permit.fencing_token).or_insert(g);
+        if g.done < f.done {
+            *f = g;
+        }
+    }
+    // A holder's acquire of unknown outcome may have been the grant that a
+    // later acknowledged acquire of its only renewed: such a grant is not
+    // known to be new.
+    let maybe_renewal = |b: &SemGrant| {
+        history.iter().any(|e| {
+            matches!(&e.what, What::Sem { name, holder, answer: Answer::Unknown(_), .. }
+                if name == b.name && holder == b.holder && e.sent < b.sent)
+        })
+    };
+    for a in first.values() {
+        for b in first.values().filter(|b| !maybe_renewal(b)) {
+            if a.done < b.sent && b.permit.fencing_token < a.permit.fencing_token {
+                return Err(format!(
+                    "semaphore token {} granted at {}-{} ms, after token {} was acknowledged at {} ms",
+                    b.permit.fencing_token, b.sent, b.done, a.permit.fencing_token, a.done
+                ));
+            }
+        }
+    }
+    let releases: Vec<(u64, u64)> = history
+        .iter()
+        .filter_map(|e| match &e.what {
+            What::SemRelease { token, .. } => Some((*token, e.sent)),
+            _ => None,
+        })
+        .collect();
+    let mut crowded = 0;
+    for b in &grants {
+        let mut held = b.permit.permits;
+        let mut others = 0;
+        for (token, _) in first
+            .iter()
+            .filter(|(t, a)| **t != b.permit.fencing_token && a.name == b.name)
+        {
+            let before: Vec<&SemGrant> = grants
+                .iter()
+                .filter(|a| a.permit.fencing_token == *token && a.done < b.sent)
+                .collect();
+            let Some(until) = before.iter().map(|a| a.sent + a.ttl).max() else {
+                continue;
+            };
+            let released = releases
+                .iter()
+                .any(|(t, sent)| t == token && *sent < b.done);
+            if until > b.done && !released {
+                held += before.iter().map(|a| a.permit.permits).min().unwrap_or(0);
+                others += 1;
+            }
+        }
+        if held > b.limit {
+            return Err(format!(
+                "semaphore {}: {} was granted {} permit(s) at {}-{} ms under a limit of {}, while others held {}",
+                b.name,
+                b.holder,
+                b.permit.permits,
+                b.sent,
+                b.done,
+                b.limit,
+                held - b.permit.permits
+            ));
+        }
+        crowded += usize::from(others > 0);
+    }
+    Ok(crowded)
 }
 
 /// Reads never see a lease's time run faster than real time, across any
@@ -878,6 +1028,98 @@ mod tests {
                 answer: Answer::Ok((found.map(|(h, t, e)| lease("a", h, t, e)), now)),
             },
         )
+    }
+
+    fn sem(sent: u64, done: u64, holder: &str, permits: u64, token: u64) -> Event {
+        event(
+            sent,
+            done,
+            What::Sem {
+                name: "pool".into(),
+                holder: holder.into(),
+                limit: 2,
+                permits,
+                ttl: 1_000,
+                answer: Answer::Ok(Permit {
+                    name: "pool".into(),
+                    holder: holder.into(),
+                    permits,
+                    fencing_token: token,
+                    ttl_ms: 1_000,
+                    expires_at_ms: done + 1_000,
+                    principal: String::new(),
+                }),
+            },
+        )
+    }
+
+    fn sem_release(sent: u64, done: u64, holder: &str, token: u64, answer: Answer<()>) -> Event {
+        event(
+            sent,
+            done,
+            What::SemRelease {
+                name: "pool".into(),
+                holder: holder.into(),
+                token,
+                answer,
+            },
+        )
+    }
+
+    /// The semaphore checker on made-up histories: a limit of 2 exceeded
+    /// while both earlier permits were certainly held, a token given twice,
+    /// and a token that went back, are each caught; the same histories made
+    /// sound (a release sent first, a lapse, renewals) pass.
+    #[test]
+    fn a_semaphore_over_its_limit_or_with_tokens_out_of_order_is_caught() {
+        let two = [sem(0, 5, "x", 1, 1), sem(10, 15, "y", 1, 2)];
+        assert_eq!(check_semaphores(&two), Ok(1));
+        let three = [
+            sem(0, 5, "x", 1, 1),
+            sem(10, 15, "y", 1, 2),
+            sem(20, 25, "z", 1, 3),
+        ];
+        let err = check_semaphores(&three).unwrap_err();
+        assert!(err.contains("under a limit of 2"), "{err}");
+        let too_many = [sem(0, 5, "x", 2, 1), sem(10, 15, "y", 1, 2)];
+        assert!(check_semaphores(&too_many).is_err());
+        // x released first (even of unknown outcome): room for z.
+        let released = [
+            sem(0, 5, "x", 1, 1),
+            sem(10, 15, "y", 1, 2),
+            sem_release(16, 18, "x", 1, Answer::Unknown("timeout".into())),
+            sem(20, 25, "z", 1, 3),
+        ];
+        assert!(check_semaphores(&released).is_ok());
+        // x's permit may have lapsed (1,000 ms TTL from 0) by z's answer.
+        let lapsed = [
+            sem(0, 5, "x", 1, 1),
+            sem(10, 15, "y", 1, 2),
+            sem(995, 1_005, "z", 1, 3),
+        ];
+        assert!(check_semaphores(&lapsed).is_ok());
+        // ...unless x renewed it at 900.
+        let renewed = [
+            sem(0, 5, "x", 1, 1),
+            sem(10, 15, "y", 1, 2),
+            sem(900, 905, "x", 1, 1),
+            sem(995, 1_005, "z", 1, 3),
+        ];
+        assert!(check_semaphores(&renewed).is_err());
+        let twice = [sem(0, 5, "x", 1, 1), sem(100, 105, "y", 1, 1)];
+        let err = check_semaphores(&twice).unwrap_err();
+        assert!(err.contains("granted to"), "{err}");
+        let back = [sem(0, 5, "x", 1, 7), sem(2_000, 2_005, "y", 1, 3)];
+        let err = check_semaphores(&back).unwrap_err();
+        assert!(err.contains("after token 7"), "{err}");
+        // y's first acquire went unanswered: its later answer may renew
+        // the grant made then, token 3 and all.
+        let mut unknown = sem(10, 4_000, "y", 1, 3);
+        if let What::Sem { answer, .. } = &mut unknown.what {
+            *answer = Answer::Unknown("timeout".into());
+        }
+        let renewal = [sem(0, 5, "x", 1, 7), unknown, sem(2_000, 2_005, "y", 1, 3)];
+        assert!(check_semaphores(&renewal).is_ok());
     }
 
     #[test]

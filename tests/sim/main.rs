@@ -37,7 +37,8 @@ use std::time::Duration;
 
 use arbiter::engine::RecordState;
 use arbiter::engine::{
-    Acquire, Begin, BeginOutcome, Complete, LimitCheck, LimitDef, LimitResult, Renew,
+    Acquire, Begin, BeginOutcome, Complete, LimitCheck, LimitDef, LimitResult, Renew, SemAcquire,
+    SemRelease,
 };
 use arbiter::node::GetRecord;
 use arbiter::node::{AddMember, Change, GetLease, Rebalance, RemoveMember, SlotOwners};
@@ -56,6 +57,10 @@ const CAPACITY: u64 = 100;
 /// offer about 66 checks a second.
 const KEY_EVERY_MS: u64 = 2_000;
 const LEASE_NAMES: [&str; 2] = ["orders", "billing"];
+/// Semaphores the semaphore clients share, each with a limit of
+/// [`SEM_LIMIT`] permits.
+const SEM_NAMES: [&str; 2] = ["pool-a", "pool-b"];
+const SEM_LIMIT: u64 = 2;
 const KEYS: u64 = 6;
 /// Most rate-limit checks one client has unanswered at once.
 const IN_FLIGHT: usize = 32;
@@ -74,6 +79,11 @@ fn note(h: &History, c: &Cluster, client: usize, node: u64, sent: u64, what: Wha
     };
     h.lock().unwrap_or_else(|e| e.into_inner()).push(e);
 }
+
+/// The fewest semaphore grants a seed must check, on average, against
+/// other holders' permits certainly held at the time (seeds 1-20 checked
+/// 266, 13 a seed, on 2026-12-07).
+const MIN_CROWDED_GRANTS: usize = 5;
 
 /// The fewest calls with a definite answer (done, or certainly not) a seed
 /// must have (seeds 1-500 had at least 464 on 2026-12-06, with power
@@ -138,6 +148,7 @@ impl Run {
         history::check_watches(&self.history)?;
         history::check_reads(&self.history)?;
         history::check_records(&self.history)?;
+        history::check_semaphores(&self.history)?;
         let slots = &self.slots;
         if let Some(d) = &slots.disagreement {
             return Err(d.clone());
@@ -268,6 +279,80 @@ async fn lease_client(c: Arc<Cluster>, me: usize, mut rng: Rng, h: History, unti
                 holder: holder.clone(),
                 ttl,
                 renew,
+                answer,
+            },
+        );
+    }
+}
+
+/// Takes one or two permits of a semaphore, holds them for up to half
+/// their TTL, and gives them back; three of these share two semaphores of
+/// two permits, so grants are refused and crowd each other.
+async fn sem_client(c: Arc<Cluster>, me: usize, mut rng: Rng, h: History, until: u64) {
+    let holder = format!("sem-holder-{me}");
+    while c.now() < until {
+        tokio::time::sleep(Duration::from_millis(rng.range(10, 120))).await;
+        let node = c.pick(&mut rng);
+        let name = SEM_NAMES[rng.below(SEM_NAMES.len() as u64) as usize].to_string();
+        let (permits, ttl) = (rng.range(1, 2), rng.range(300, 1_500));
+        let sent = c.now();
+        let op = SemAcquire {
+            name: name.clone(),
+            holder: holder.clone(),
+            limit: SEM_LIMIT,
+            permits,
+            ttl_ms: ttl,
+            principal: String::new(),
+            quota: None,
+        };
+        let answer = match c.call(node, op).await {
+            Answer::Ok(s) => match s.value.permit {
+                Some(p) => Answer::Ok(p),
+                None => Answer::Refused(format!("full: {} held", s.value.held)),
+            },
+            Answer::Refused(e) => Answer::Refused(e),
+            Answer::Unknown(e) => Answer::Unknown(e),
+        };
+        let token = match &answer {
+            Answer::Ok(p) => Some(p.fencing_token),
+            _ => None,
+        };
+        note(
+            &h,
+            &c,
+            me,
+            node,
+            sent,
+            What::Sem {
+                name: name.clone(),
+                holder: holder.clone(),
+                limit: SEM_LIMIT,
+                permits,
+                ttl,
+                answer,
+            },
+        );
+        let Some(token) = token else { continue };
+        tokio::time::sleep(Duration::from_millis(rng.range(0, ttl / 2))).await;
+        let node = c.pick(&mut rng);
+        let sent = c.now();
+        let op = SemRelease {
+            name: name.clone(),
+            holder: holder.clone(),
+            fencing_token: token,
+            principal: String::new(),
+        };
+        let answer = c.call(node, op).await.map(|_| ());
+        note(
+            &h,
+            &c,
+            me,
+            node,
+            sent,
+            What::SemRelease {
+                name,
+                holder: holder.clone(),
+                token,
                 answer,
             },
         );
@@ -951,6 +1036,17 @@ async fn run(seed: u64, owners: SlotOwners) -> Result<Run, String> {
         h.clone(),
         until,
     )));
+    // Three semaphore clients, with draws of their own.
+    for me in 10..13 {
+        let rng = Rng::new(seed ^ 0x5345_4d41_5048_4f52 ^ me as u64);
+        clients.push(tokio::spawn(sem_client(
+            c.clone(),
+            me,
+            rng,
+            h.clone(),
+            until,
+        )));
+    }
     // Half the seeds remove a member during the faults and add it back after
     // the next one, with draws of their own (the others' stay as they were).
     let member = {
@@ -1136,7 +1232,7 @@ fn time_dependent_guarantees_hold_on_every_seed() {
     let mut failed = Vec::new();
     let (mut calls, mut faults, mut changes) = (0, 0, 0);
     let (mut fewest_definite, mut fewest_pairs, mut pairs) = (usize::MAX, usize::MAX, 0);
-    let (mut probed, mut told) = (0, 0);
+    let (mut probed, mut told, mut crowded) = (0, 0, 0);
     // Seeds with slots spread, their slot maps, and the checks their owners
     // answered.
     let (mut spread, mut maps, mut owned) = (0, 0, 0);
@@ -1153,6 +1249,7 @@ fn time_dependent_guarantees_hold_on_every_seed() {
             fewest_pairs = fewest_pairs.min(compared);
             pairs += compared;
             told += history::check_watches(&run.history).unwrap_or(0);
+            crowded += history::check_semaphores(&run.history).unwrap_or(0);
             calls += run.history.len();
             faults += run.faults.len();
             changes += run.leader_changes;
@@ -1175,8 +1272,9 @@ fn time_dependent_guarantees_hold_on_every_seed() {
     println!(
         "simulated {count} seeds: {calls} calls, {faults} faults, {changes} leader changes, \
          at least {fewest_definite} definite answers a seed, {pairs} pairs of lease reads \
-         compared (at least {fewest_pairs} a seed), {told} watch events checked, a lease probed \
-         across the outage in {probed}; {spread} seeds spread the slots ({maps} slot maps, \
+         compared (at least {fewest_pairs} a seed), {told} watch events checked, {crowded} \
+         semaphore grants checked against others held, a lease probed across the outage in \
+         {probed}; {spread} seeds spread the slots ({maps} slot maps, \
          {owned} allowed checks answered by their slot's owner)"
     );
     assert!(
@@ -1196,6 +1294,11 @@ fn time_dependent_guarantees_hold_on_every_seed() {
     assert!(
         count < 10 || pairs >= count as usize * MIN_READ_PAIRS,
         "{pairs} pairs of lease reads compared over {count} seeds: the read check saw too little"
+    );
+    assert!(
+        count < 10 || crowded >= count as usize * MIN_CROWDED_GRANTS,
+        "{crowded} semaphore grants checked against others held over {count} seeds: the \
+         semaphore check saw too little"
     );
     assert!(
         count < 10 || told >= count as usize * MIN_WATCH_EVENTS,
