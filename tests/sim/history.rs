@@ -67,7 +67,10 @@ pub enum What {
     },
     /// A semaphore release of the permit granted under `token`.
     SemRelease {
+        /// Read in the trace.
+        #[allow(dead_code)]
         name: String,
+        #[allow(dead_code)]
         holder: String,
         token: u64,
         answer: Answer<()>,
@@ -378,6 +381,7 @@ struct SemGrant<'a> {
     name: &'a str,
     holder: &'a str,
     limit: u64,
+    asked: u64,
     ttl: u64,
     sent: u64,
     done: u64,
@@ -401,13 +405,14 @@ pub fn check_semaphores(history: &[Event]) -> Result<usize, String> {
                 name,
                 holder,
                 limit,
+                permits,
                 ttl,
                 answer: Answer::Ok(permit),
-                ..
             } => Some(SemGrant {
                 name,
                 holder,
                 limit: *limit,
+                asked: *permits,
                 ttl: *ttl,
                 sent: e.sent,
                 done: e.done,
@@ -418,6 +423,12 @@ pub fn check_semaphores(history: &[Event]) -> Result<usize, String> {
         .collect();
     let mut owner: BTreeMap<u64, (&str, &str)> = BTreeMap::new();
     for g in &grants {
+        if g.permit.permits != g.asked {
+            return Err(format!(
+                "semaphore {}: {} asked for {} permit(s) and was granted {}",
+                g.name, g.holder, g.asked, g.permit.permits
+            ));
+        }
         let who = (g.name, g.holder);
         if let Some(other) = owner.insert(g.permit.fencing_token, who) {
             if other != who {
