@@ -77,6 +77,7 @@ WORKERS = 6
 CALL_S = 2.0
 TTL_MS = 600_000  # nothing lapses within a run: the models need no time
 CAPACITY, PER_S = 20, 10
+SEM_LIMIT = 2  # permits per semaphore: the workers crowd it
 DATA_MB = 256
 KINDS = ["kill-leader", "kill-follower", "pause-leader", "pause-follower", "partition-leader",
          "partition-follower", "oneway-leader", "oneway-follower", "restart-all", "clock", "disk-full"]
@@ -315,6 +316,7 @@ class Worker(threading.Thread):
         self.stop = stop
         self.held = {}  # lease name -> token
         self.owned = {}  # idempotency key -> attempt
+        self.sems = {}  # semaphore name -> token
         self.refreshed = {}
         self.last_status = "ok"
 
@@ -391,6 +393,36 @@ class Worker(threading.Thread):
                 return lease_out(r.lease) if r.HasField("lease") else {"holder": None, "token": None}
             self.call("get_lease", name, {}, get)
 
+    def sem_op(self):
+        sem, sem_grpc = self.pb.sem, self.pb.sem_grpc
+        name = self.rng.choice(self.run_["sem_names"])
+        if name in self.sems and self.rng.random() < 0.8:
+            token = self.sems[name]
+            if self.rng.random() < 0.3:
+                o = self.call("sem_renew", name, {"holder": self.p, "token": token}, lambda ch: (
+                    sem_grpc.SemaphoresStub(ch).Renew(sem.SemaphoreRenewRequest(
+                        name=name, holder=self.p, fencing_token=token, ttl_ms=TTL_MS), timeout=CALL_S), {})[1])
+                if o and o["status"] == "fail":
+                    self.sems.pop(name, None)
+            else:
+                o = self.call("sem_release", name, {"holder": self.p, "token": token}, lambda ch: (
+                    sem_grpc.SemaphoresStub(ch).Release(sem.SemaphoreReleaseRequest(
+                        name=name, holder=self.p, fencing_token=token), timeout=CALL_S), {})[1])
+                if o and o["status"] in ("ok", "fail"):
+                    self.sems.pop(name, None)
+            return
+        permits = self.rng.randint(1, SEM_LIMIT)
+
+        def acquire(ch):
+            r = sem_grpc.SemaphoresStub(ch).Acquire(sem.SemaphoreAcquireRequest(
+                name=name, holder=self.p, limit=SEM_LIMIT, permits=permits, ttl_ms=TTL_MS), timeout=CALL_S)
+            return {"granted": r.granted, "held": r.held,
+                    "token": r.permit.fencing_token if r.granted else None,
+                    "permits": r.permit.permits if r.granted else 0}
+        o = self.call("sem_acquire", name, {"holder": self.p, "limit": SEM_LIMIT, "permits": permits}, acquire)
+        if o and o["status"] == "ok" and o["out"]["granted"]:
+            self.sems[name] = o["out"]["token"]
+
     def idem_op(self):
         idem, idem_grpc = self.pb.idem, self.pb.idem_grpc
         # Keys roll on (about two new ones a second, eight in play), so
@@ -453,12 +485,14 @@ class Worker(threading.Thread):
         deadline = time.monotonic() + self.run_["duration"] + 120  # bounded even if never stopped
         while not self.stop.is_set() and time.monotonic() < deadline:
             r = self.rng.random()
-            if r < 0.4:
+            if r < 0.35:
                 self.lease_op()
-            elif r < 0.75:
+            elif r < 0.65:
                 self.idem_op()
-            else:
+            elif r < 0.85:
                 self.check_op()
+            else:
+                self.sem_op()
             # Pacing, not synchronisation; after a call that failed on a
             # fault, a pause as a real client's backoff would make.
             failed = self.last_status in ("unknown", "unsent")
@@ -554,6 +588,7 @@ def one_run(nem, seed, duration, kinds=KINDS):
            "names": [f"s{seed}-lease-{i}" for i in range(3)],
            "key_prefix": f"s{seed}-idem-", "keys": [],
            "limit_keys": [f"s{seed}-limit-{i}" for i in range(2)],
+           "sem_names": [f"s{seed}-sem-{i}" for i in range(2)],
            "capacity": CAPACITY, "per_s": PER_S}
     plan = schedule(rng, duration, kinds)
     faults = []

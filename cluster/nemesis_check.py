@@ -379,6 +379,60 @@ def check_one_holder(history):
     return violations
 
 
+def check_semaphores(history):
+    """Semaphores (nothing lapses within a run: the TTL outlasts it). A
+    token is seen for one (name, holder) only, and a grant is given the
+    permits asked. An acquire sent after another's grant was acknowledged
+    answers a greater token, unless its holder had an acquire of unknown
+    outcome on that name before (the answer may renew that grant). And no
+    grant takes a name past the limit it was asked under: a grant counts
+    every other holder's permits granted (acknowledged) before it was sent,
+    with no release of them sent (acknowledged or unknown) before it was
+    acknowledged."""
+    violations = []
+    grants = [o for o in history if o["f"] == "sem_acquire" and o["status"] == "ok" and o["out"]["granted"]]
+    owner = {}
+    for o in grants:
+        who = (o["key"], o["args"]["holder"])
+        if owner.setdefault(o["out"]["token"], who) != who:
+            violations.append(f"semaphore token {o['out']['token']} seen for {owner[o['out']['token']]} and {who}")
+        if o["out"]["permits"] != o["args"]["permits"]:
+            violations.append(f"semaphore {o['key']}: {who[1]} asked for {o['args']['permits']} permit(s), "
+                              f"was granted {o['out']['permits']}")
+    first = {}
+    for o in grants:
+        t = o["out"]["token"]
+        if t not in first or o["t1"] < first[t]["t1"]:
+            first[t] = o
+    unknown = [(o["key"], o["args"]["holder"], o["t0"]) for o in history
+               if o["f"] == "sem_acquire" and o["status"] == "unknown"]
+    for b in first.values():
+        if any(k == b["key"] and h == b["args"]["holder"] and t0 < b["t0"] for k, h, t0 in unknown):
+            continue
+        later = [a for a in first.values() if a["t1"] < b["t0"] and a["out"]["token"] > b["out"]["token"]]
+        if later:
+            a = max(later, key=lambda a: a["out"]["token"])
+            violations.append(f"semaphore token {b['out']['token']} granted by an acquire sent at {b['t0']:.3f}, "
+                              f"after token {a['out']['token']} was acknowledged at {a['t1']:.3f}")
+    releases = collections.defaultdict(list)
+    for o in history:
+        if o["f"] == "sem_release" and o["status"] in ("ok", "unknown"):
+            releases[o["args"]["token"]].append(o["t0"])
+    for b in grants:
+        held = b["out"]["permits"]
+        for t, a in first.items():
+            if t == b["out"]["token"] or a["key"] != b["key"] or a["t1"] >= b["t0"]:
+                continue
+            if any(sent < b["t1"] for sent in releases.get(t, [])):
+                continue
+            held += a["out"]["permits"]
+        if held > b["args"]["limit"]:
+            violations.append(f"semaphore {b['key']}: {b['args']['holder']} was granted {b['out']['permits']} "
+                              f"permit(s) (acknowledged at {b['t1']:.3f}) under a limit of {b['args']['limit']}, "
+                              f"while others held {held - b['out']['permits']}")
+    return violations
+
+
 def check_idempotency(history):
     """Per key: at most one attempt completes; once a completion is
     acknowledged every later answer shows that response; STARTED is never
@@ -593,7 +647,9 @@ def acknowledged_writes(history):
         out = o.get("out") or {}
         if o["f"] == "acquire" and out.get("acquired"):
             n += 1
-        elif o["f"] in ("renew", "release", "complete", "abort"):
+        elif o["f"] == "sem_acquire" and out.get("granted"):
+            n += 1
+        elif o["f"] in ("renew", "release", "complete", "abort", "sem_renew", "sem_release"):
             n += 1
         elif o["f"] == "begin" and out.get("outcome") == "STARTED":
             n += 1
@@ -607,7 +663,7 @@ def check(history, faults, final, capacity, per_s, budget=2_000_000, observation
     moves = slot_changes(observations, faults)
     lin, inconclusive = check_linearizable(history, budget)
     violations = (lin + check_fencing(history) + check_one_holder(history) + check_idempotency(history)
-                  + check_rate_limits(history, leaders + moves, capacity, per_s))
+                  + check_semaphores(history) + check_rate_limits(history, leaders + moves, capacity, per_s))
     lost = lost_writes(history, final)
     # For the record: the windows that would be over if slot moves forgot
     # nothing (a move's allowance hides nothing the clock does then).

@@ -22,8 +22,8 @@ PROTO = ROOT / "proto"
 
 class Pb:
     """The generated modules: rl (RateLimiter), ls (Leases), idem
-    (Idempotency), cl (Cluster) and rls (Envoy's RateLimitService), each
-    with its *_grpc companion."""
+    (Idempotency), cl (Cluster), sem (Semaphores) and rls (Envoy's
+    RateLimitService), each with its *_grpc companion."""
 
 
 def compile_stubs():
@@ -36,7 +36,8 @@ def compile_stubs():
         raise RuntimeError(f"protoc failed ({rc}) on {files}")
     sys.path.insert(0, out)
     pb = Pb()
-    for short, module in (("rl", "rate_limiter"), ("ls", "leases"), ("idem", "idempotency"), ("cl", "cluster")):
+    for short, module in (("rl", "rate_limiter"), ("ls", "leases"), ("idem", "idempotency"), ("cl", "cluster"),
+                          ("sem", "semaphores")):
         setattr(pb, short, importlib.import_module(f"arbiter.v1.{module}_pb2"))
         setattr(pb, f"{short}_grpc", importlib.import_module(f"arbiter.v1.{module}_pb2_grpc"))
     pb.rls = importlib.import_module("envoy.service.ratelimit.v3.rls_pb2")

@@ -323,3 +323,43 @@ def test_calls_sent_while_two_faults_overlap_do_not_count_towards_the_unknown_sh
     late = [op("c", "check", "R", 220 + i, None, status="unknown", code="UNAVAILABLE", cost=1) for i in range(6)]
     problems = nc.outcome_problems([], ok + lost + late, spans)
     assert len(problems) == 1 and "6 of 101 calls ended unknown" in problems[0], problems
+
+
+# -------------------------------------------------------------- semaphores
+
+
+def sem_acq(p, t0, t1, token, permits=1, status="ok", limit=2):
+    out = {"granted": token is not None, "held": 0, "token": token, "permits": permits if token else 0}
+    return op(p, "sem_acquire", "S", t0, t1, status, out=out if status == "ok" else None,
+              holder=p, limit=limit, permits=permits)
+
+
+def sem_rel(p, t0, t1, token, status="ok"):
+    return op(p, "sem_release", "S", t0, t1, status, holder=p, token=token)
+
+
+def test_a_semaphore_within_its_limit_passes():
+    h = [sem_acq("a", 0, 1, 5), sem_acq("b", 2, 3, 6), sem_acq("c", 4, 5, None),
+         sem_rel("a", 6, 7, 5), sem_acq("c", 8, 9, 8)]
+    assert nc.check_semaphores(h) == []
+
+
+def test_a_semaphore_over_its_limit_is_rejected():
+    h = [sem_acq("a", 0, 1, 5), sem_acq("b", 2, 3, 6), sem_acq("c", 4, 5, 8)]
+    assert any("limit of 2" in v for v in nc.check_semaphores(h))
+    h = [sem_acq("a", 0, 1, 5, permits=2), sem_acq("b", 2, 3, 6)]
+    assert nc.check_semaphores(h)
+    # A release sent before the grant was acknowledged (even unknown) made room.
+    h = [sem_acq("a", 0, 1, 5), sem_acq("b", 2, 3, 6), sem_rel("a", 3.5, None, 5, status="unknown"),
+         sem_acq("c", 4, 5, 8)]
+    assert nc.check_semaphores(h) == []
+
+
+def test_semaphore_tokens_given_twice_or_going_back_are_rejected():
+    assert nc.check_semaphores([sem_acq("a", 0, 1, 5), sem_acq("b", 2, 3, 5)])
+    h = [sem_acq("a", 0, 1, 9), sem_rel("a", 2, 3, 9), sem_acq("b", 4, 5, 7)]
+    assert any("after token 9" in v for v in nc.check_semaphores(h))
+    # b's earlier acquire went unanswered: the answer may renew that grant.
+    h = [sem_acq("a", 0, 1, 9), sem_rel("a", 2, 3, 9), sem_acq("b", 1.5, None, 1, status="unknown"),
+         sem_acq("b", 4, 5, 7)]
+    assert nc.check_semaphores(h) == []
