@@ -388,7 +388,8 @@ def check_semaphores(history):
     grant takes a name past the limit it was asked under: a grant counts
     every other holder's permits granted (acknowledged) before it was sent,
     with no release of them sent (acknowledged or unknown) before it was
-    acknowledged."""
+    acknowledged, at the fewest the holder's own acquires (which renew,
+    with the count they ask) may have left them."""
     violations = []
     grants = [o for o in history if o["f"] == "sem_acquire" and o["status"] == "ok" and o["out"]["granted"]]
     owner = {}
@@ -418,6 +419,12 @@ def check_semaphores(history):
     for o in history:
         if o["f"] == "sem_release" and o["status"] in ("ok", "unknown"):
             releases[o["args"]["token"]].append(o["t0"])
+    # What a holder's acquire sent while it held a token may have set its
+    # count to (a holder acquiring again renews, with the count it asks).
+    counts = collections.defaultdict(list)
+    for o in history:
+        if o["f"] == "sem_acquire" and o["status"] == "unknown":
+            counts[(o["key"], o["args"]["holder"])].append((o["t0"], o["args"]["permits"]))
     for b in grants:
         held = b["out"]["permits"]
         for t, a in first.items():
@@ -425,7 +432,10 @@ def check_semaphores(history):
                 continue
             if any(sent < b["t1"] for sent in releases.get(t, [])):
                 continue
-            held += a["out"]["permits"]
+            # The fewest permits the token may have had when b was decided.
+            may = [g["out"]["permits"] for g in grants if g["out"]["token"] == t and g["t0"] < b["t1"]]
+            may += [n for t0, n in counts[(a["key"], a["args"]["holder"])] if a["t0"] <= t0 < b["t1"]]
+            held += min(may)
         if held > b["args"]["limit"]:
             violations.append(f"semaphore {b['key']}: {b['args']['holder']} was granted {b['out']['permits']} "
                               f"permit(s) (acknowledged at {b['t1']:.3f}) under a limit of {b['args']['limit']}, "

@@ -353,6 +353,11 @@ def test_a_semaphore_over_its_limit_is_rejected():
     h = [sem_acq("a", 0, 1, 5), sem_acq("b", 2, 3, 6), sem_rel("a", 3.5, None, 5, status="unknown"),
          sem_acq("c", 4, 5, 8)]
     assert nc.check_semaphores(h) == []
+    # a renewed its token with 1 permit of 2: room for b's one.
+    h = [sem_acq("a", 0, 1, 5, permits=2), sem_acq("a", 2, 3, 5, permits=1), sem_acq("b", 4, 5, 6)]
+    assert nc.check_semaphores(h) == []
+    h = [sem_acq("a", 0, 1, 5, permits=2), sem_acq("b", 4, 5, 6)]
+    assert nc.check_semaphores(h)
 
 
 def test_semaphore_tokens_given_twice_or_going_back_are_rejected():

@@ -492,7 +492,14 @@ pub fn check_semaphores(history: &[Event]) -> Result<usize, String> {
                 .iter()
                 .any(|(t, sent)| t == token && *sent < b.done);
             if until > b.done && !released {
-                held += before.iter().map(|a| a.permit.permits).min().unwrap_or(0);
+                // The fewest permits the token may have had when b was
+                // decided: a holder's acquire renews with the count it asks.
+                held += grants
+                    .iter()
+                    .filter(|a| a.permit.fencing_token == *token && a.sent < b.done)
+                    .map(|a| a.permit.permits)
+                    .min()
+                    .unwrap_or(0);
                 others += 1;
             }
         }
