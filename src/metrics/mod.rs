@@ -71,6 +71,7 @@ pub struct Metrics {
     limit_keys: Gauge,
     leases: Gauge,
     records: Gauge,
+    semaphore_holders: Gauge,
     record_bytes: Gauge,
     watchers: Gauge,
     slot_version: Gauge,
@@ -117,6 +118,7 @@ impl Metrics {
             limit_keys: gauge!("arbiter_live_keys", "kind" => "rate_limit"),
             leases: gauge!("arbiter_live_keys", "kind" => "lease"),
             records: gauge!("arbiter_live_keys", "kind" => "idempotency_record"),
+            semaphore_holders: gauge!("arbiter_live_keys", "kind" => "semaphore_holder"),
             record_bytes: gauge!("arbiter_idempotency_record_bytes"),
             watchers: gauge!("arbiter_lease_watchers"),
             slot_version: gauge!("arbiter_slot_map_version"),
@@ -211,6 +213,7 @@ impl Metrics {
         self.limit_keys.set(counts.limit_keys as f64);
         self.leases.set(counts.leases as f64);
         self.records.set(counts.records as f64);
+        self.semaphore_holders.set(counts.semaphore_holders as f64);
         self.record_bytes.set(counts.record_bytes as f64);
         self.watchers.set(node.watchers() as f64);
         let (version, owned, decided, rerouted) = node.slot_standing();

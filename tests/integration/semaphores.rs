@@ -68,6 +68,12 @@ async fn permits_fit_under_the_callers_limit_with_tokens_that_increase() {
         ),
         (true, 3, a_token)
     );
+    // Counted among the live entries a scrape shows.
+    let live = crate::support::metric(
+        server.metrics,
+        "arbiter_live_keys{kind=\"semaphore_holder\"}",
+    );
+    assert_eq!(live, Some(2.0));
     let st = get(&mut c, "db").await;
     let holders: Vec<_> = st
         .permits
