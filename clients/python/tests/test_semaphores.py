@@ -106,3 +106,18 @@ def test_the_asyncio_twin(server, name):
             watch.cancel()
 
     asyncio.run(main())
+
+
+def test_the_semaphore_example_runs(server):
+    import pathlib
+    import subprocess
+    import sys
+
+    example = pathlib.Path(__file__).resolve().parent.parent / "examples" / "semaphore.py"
+    out = subprocess.run([sys.executable, str(example), server.addr], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    runs = [line for line in lines if line.startswith("job ")]
+    assert len(runs) == 5, out.stdout
+    assert all("beside 0 other" in line or "beside 1 other" in line for line in runs), out.stdout
+    assert lines[-1] == "held after: 0", out.stdout
