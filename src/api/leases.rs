@@ -3,13 +3,11 @@
 
 use std::pin::Pin;
 
-use tokio::sync::{broadcast, mpsc};
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use super::authz::{authorize, authorized};
-use super::{convert, error, Shared};
+use super::{convert, error, watch_stream, Shared};
 use crate::engine::{Acquire, Release, Renew};
 use crate::node::{Change, GetLease, Stamped};
 use crate::proto::leases_server::Leases;
@@ -18,14 +16,7 @@ use crate::proto::{
     ReleaseRequest, ReleaseResponse, RenewRequest, RenewResponse, WatchLeaseRequest,
 };
 
-/// How often a Watch stream checks that the auth file still lets its
-/// caller watch the lease.
-const REAUTHORISE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
-
 pub struct LeasesService(pub Shared);
-
-/// Events queued per watch stream towards a slow client.
-const STREAM_BUFFER: usize = 64;
 
 fn name_and_holder(name: &str, holder: &str) -> Result<(), Status> {
     convert::key(name, || "name".into())?;
@@ -162,59 +153,26 @@ impl Leases for LeasesService {
         let watch = node
             .watch(&name, caller.name(), quota)
             .map_err(error::node_status)?;
-        let (lease, now, mut events, slot) = (watch.lease, watch.now_ms, watch.events, watch.slot);
-        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-        let current = |lease: Option<crate::engine::Lease>, now| LeaseEvent {
-            kind: lease_event::Kind::Current as i32,
-            lease: lease.map(|l| convert::lease(l, now)),
+        fn current(lease: Option<crate::engine::Lease>, now: u64) -> LeaseEvent {
+            LeaseEvent {
+                kind: lease_event::Kind::Current as i32,
+                lease: lease.map(|l| convert::lease(l, now)),
+            }
+        }
+        let feed = watch_stream::Feed {
+            what: "lease",
+            first: current,
+            change: |change, now| match change {
+                Change::Event(e) => Some(convert::lease_event(e, now)),
+                _ => None,
+            },
+            current: |node: &crate::node::Node, name: &str| {
+                let (lease, now) = node.lease_local(name);
+                current(lease, now)
+            },
         };
-        let mut shutdown = node.shutdown_signal();
         let auth = self.0.auth.clone();
-        tokio::spawn(async move {
-            // The watch counts against the caps until this task ends.
-            let _slot = slot;
-            if tx.send(Ok(current(lease, now))).await.is_err() {
-                return;
-            }
-            // The auth file is re-read every second; a principal it no
-            // longer allows loses the stream at the next look.
-            let mut recheck = tokio::time::interval(REAUTHORISE_EVERY);
-            recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                let event = tokio::select! {
-                    e = events.recv() => e,
-                    _ = recheck.tick() => {
-                        if let Err(refused) = caller.still_allowed(auth.as_ref(), "lease", &name) {
-                            let _ = tx.send(Err(refused)).await;
-                            return;
-                        }
-                        continue;
-                    }
-                    _ = tx.closed() => return, // the client went away
-                    _ = crate::node::Node::stopped(&mut shutdown) => {
-                        let _ = tx.send(Err(Status::unavailable("server is shutting down; watch again"))).await;
-                        return;
-                    }
-                };
-                let out = match event {
-                    Ok(Change::Event(e)) => convert::lease_event(e, node.now_ms()),
-                    // Too slow to keep up, or the node installed a snapshot
-                    // (changes in between were never applied one by one):
-                    // start over from the current state rather than
-                    // silently skipping changes.
-                    Ok(Change::Replaced) | Err(broadcast::error::RecvError::Lagged(_)) => {
-                        let (lease, now) = node.lease_local(&name);
-                        current(lease, now)
-                    }
-                    Err(broadcast::error::RecvError::Closed) => return,
-                    // Never sent on a lease's channel.
-                    Ok(Change::Semaphore(_)) => continue,
-                };
-                if tx.send(Ok(out)).await.is_err() {
-                    return;
-                }
-            }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let stream = watch_stream::serve(node, auth, caller, name, watch, feed);
+        Ok(Response::new(Box::pin(stream)))
     }
 }

@@ -4,13 +4,11 @@
 
 use std::pin::Pin;
 
-use tokio::sync::{broadcast, mpsc};
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use super::authz::{authorize, authorized};
-use super::{convert, error, Shared};
+use super::{convert, error, watch_stream, Shared};
 use crate::engine::{Permit, SemAcquire, SemRelease, SemRenew, SemaphoreEventKind};
 use crate::node::{Change, GetSemaphore, Stamped};
 use crate::proto::semaphore_event::Kind;
@@ -20,13 +18,6 @@ use crate::proto::{
     SemaphoreEvent, SemaphoreReleaseRequest, SemaphoreReleaseResponse, SemaphoreRenewRequest,
     SemaphoreRenewResponse, WatchSemaphoreRequest,
 };
-
-/// Events queued per watch stream towards a slow client.
-const STREAM_BUFFER: usize = 64;
-
-/// How often a Watch stream checks that the auth file still lets its
-/// caller watch the semaphore.
-const REAUTHORISE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The CURRENT event: every live holder.
 fn current(permits: Vec<Permit>, now_ms: u64) -> SemaphoreEvent {
@@ -185,51 +176,20 @@ impl Semaphores for SemaphoresService {
         let watch = node
             .watch_semaphore(&name, caller.name(), quota)
             .map_err(error::node_status)?;
-        let (permits, now, mut events, slot) =
-            (watch.lease, watch.now_ms, watch.events, watch.slot);
-        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-        let mut shutdown = node.shutdown_signal();
+        let feed = watch_stream::Feed {
+            what: "semaphore",
+            first: current,
+            change: |change, now| match change {
+                Change::Semaphore(e) => Some(event(e, now)),
+                _ => None,
+            },
+            current: |node: &crate::node::Node, name: &str| {
+                let (permits, now) = node.semaphore_local(name);
+                current(permits, now)
+            },
+        };
         let auth = self.0.auth.clone();
-        tokio::spawn(async move {
-            // The watch counts against the caps until this task ends.
-            let _slot = slot;
-            if tx.send(Ok(current(permits, now))).await.is_err() {
-                return;
-            }
-            let mut recheck = tokio::time::interval(REAUTHORISE_EVERY);
-            recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                let change = tokio::select! {
-                    e = events.recv() => e,
-                    _ = recheck.tick() => {
-                        if let Err(refused) = caller.still_allowed(auth.as_ref(), "semaphore", &name) {
-                            let _ = tx.send(Err(refused)).await;
-                            return;
-                        }
-                        continue;
-                    }
-                    _ = tx.closed() => return,
-                    _ = crate::node::Node::stopped(&mut shutdown) => {
-                        let _ = tx.send(Err(Status::unavailable("server is shutting down; watch again"))).await;
-                        return;
-                    }
-                };
-                let out = match change {
-                    Ok(Change::Semaphore(e)) => event(e, node.now_ms()),
-                    // Behind, or the state was replaced: start over.
-                    Ok(Change::Replaced) | Err(broadcast::error::RecvError::Lagged(_)) => {
-                        let (permits, now) = node.semaphore_local(&name);
-                        current(permits, now)
-                    }
-                    Err(broadcast::error::RecvError::Closed) => return,
-                    // Never sent on a semaphore's channel.
-                    Ok(Change::Event(_)) => continue,
-                };
-                if tx.send(Ok(out)).await.is_err() {
-                    return;
-                }
-            }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let stream = watch_stream::serve(node, auth, caller, name, watch, feed);
+        Ok(Response::new(Box::pin(stream)))
     }
 }
