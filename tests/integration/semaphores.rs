@@ -263,3 +263,43 @@ async fn a_watch_streams_the_holders_then_every_change() {
     // b's 300 ms lapse: swept by the leader, told to the watcher.
     assert_eq!(next(&mut stream).await, (Kind::Expired, "b".into(), 0, 0));
 }
+
+/// A semaphore watch counts against the same watcher cap as a lease
+/// watch: at the cap the next is refused, and the server serves on.
+#[tokio::test]
+async fn semaphore_watches_count_against_the_watcher_cap() {
+    use arbiter::proto::leases_client::LeasesClient;
+    use arbiter::proto::{WatchLeaseRequest, WatchSemaphoreRequest};
+    let server = Server::start(&["--max-watchers", "1"]);
+    let mut c = SemaphoresClient::new(server.channel().await);
+    let mut open = c
+        .watch(WatchSemaphoreRequest { name: "w".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    open.message().await.unwrap().expect("the holders first");
+    let full = c
+        .watch(WatchSemaphoreRequest { name: "x".into() })
+        .await
+        .map(|_| ())
+        .unwrap_err();
+    assert_eq!(full.code(), Code::ResourceExhausted, "{full:?}");
+    let mut leases = LeasesClient::new(server.channel().await);
+    let lease = leases
+        .watch(WatchLeaseRequest { name: "w".into() })
+        .await
+        .map(|_| ())
+        .unwrap_err();
+    assert_eq!(lease.code(), Code::ResourceExhausted, "{lease:?}");
+    drop(open);
+    eventually("the watch's place to be given back", || {
+        let mut c = c.clone();
+        async move {
+            c.watch(WatchSemaphoreRequest { name: "x".into() })
+                .await
+                .ok()
+                .map(|_| ())
+        }
+    })
+    .await;
+}
