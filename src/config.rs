@@ -164,6 +164,10 @@ pub struct Config {
     #[arg(long, env = "ARBITER_MAX_LIMIT_KEYS")]
     pub max_limit_keys: Option<usize>,
 
+    /// Most circuit breakers held at once.
+    #[arg(long, env = "ARBITER_MAX_BREAKERS", default_value_t = 100_000)]
+    pub max_breakers: usize,
+
     /// Most leases held at once [default: from --memory-budget-mib].
     #[arg(long, env = "ARBITER_MAX_LEASES")]
     pub max_leases: Option<usize>,
@@ -390,6 +394,7 @@ impl Config {
             // A holder entry costs about what a lease does; semaphores
             // have as many as leases, counted apart.
             max_semaphore_holders: max_leases,
+            max_breakers: self.max_breakers,
             // Records' quarter is split between their fixed cost and what
             // they hold (key, fingerprint, response: `--max-record-bytes`).
             max_records: self

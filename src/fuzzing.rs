@@ -16,6 +16,7 @@ fn small_engine() -> Engine {
         max_records: 64,
         max_record_bytes: 1 << 20,
         max_semaphore_holders: 64,
+        max_breakers: 64,
     })
 }
 

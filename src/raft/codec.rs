@@ -203,8 +203,85 @@ fn command_to_proto(c: &Command) -> pb::Command {
             fencing_token: o.fencing_token,
             principal: o.principal.clone(),
         }),
+        Command::SyncBreakers { breakers, decider } => Op::SyncBreakers(pb::SyncBreakers {
+            decider: *decider,
+            breakers: breakers
+                .iter()
+                .map(|(n, b)| breaker_to_proto(n, b))
+                .collect(),
+        }),
     };
     pb::Command { op: Some(op) }
+}
+
+/// A circuit breaker as log entries and snapshots carry it.
+pub(crate) fn breaker_to_proto(name: &str, b: &e::Breaker) -> pb::Breaker {
+    pb::Breaker {
+        name: name.to_owned(),
+        phase: match b.phase {
+            e::Phase::Closed => 0,
+            e::Phase::Open => 1,
+            e::Phase::HalfOpen => 2,
+        },
+        since_ms: b.since_ms,
+        open_until_ms: b.open_until_ms,
+        window_start_ms: b.window_start_ms,
+        window_ms: b.window_ms,
+        calls: b.calls.to_vec(),
+        failures: b.failures.to_vec(),
+        probes: b
+            .probes
+            .iter()
+            .map(|p| pb::Probe {
+                token: p.token,
+                until_ms: p.until_ms,
+            })
+            .collect(),
+        probe_successes: b.probe_successes,
+        last_token: b.last_token,
+        seen_ms: b.seen_ms,
+    }
+}
+
+/// [`breaker_to_proto`]'s inverse; an error for a state no breaker has.
+pub(crate) fn breaker_from_proto(b: pb::Breaker) -> Result<(String, e::Breaker), String> {
+    let phase = match b.phase {
+        0 => e::Phase::Closed,
+        1 => e::Phase::Open,
+        2 => e::Phase::HalfOpen,
+        other => return Err(format!("breaker {:?}: unknown phase {other}", b.name)),
+    };
+    let pair = |v: &[u32], what: &str| -> Result<[u32; 2], String> {
+        match v {
+            [] => Ok([0, 0]),
+            [a, b] => Ok([*a, *b]),
+            _ => Err(format!("breaker {what}: {} windows, not 2", v.len())),
+        }
+    };
+    if b.probes.len() > e::breakers::MAX_PROBES as usize {
+        return Err(format!("breaker {:?}: {} probes", b.name, b.probes.len()));
+    }
+    let breaker = e::Breaker {
+        phase,
+        since_ms: b.since_ms,
+        open_until_ms: b.open_until_ms,
+        window_start_ms: b.window_start_ms,
+        window_ms: b.window_ms,
+        calls: pair(&b.calls, "calls")?,
+        failures: pair(&b.failures, "failures")?,
+        probes: b
+            .probes
+            .iter()
+            .map(|p| e::breakers::Probe {
+                token: p.token,
+                until_ms: p.until_ms,
+            })
+            .collect(),
+        probe_successes: b.probe_successes,
+        last_token: b.last_token,
+        seen_ms: b.seen_ms,
+    };
+    Ok((b.name, breaker))
 }
 
 fn command_from_proto(c: pb::Command) -> Result<Command, String> {
@@ -283,6 +360,14 @@ fn command_from_proto(c: pb::Command) -> Result<Command, String> {
             key: o.key,
             attempt: o.attempt,
         }),
+        Op::SyncBreakers(s) => Command::SyncBreakers {
+            decider: s.decider,
+            breakers: s
+                .breakers
+                .into_iter()
+                .map(breaker_from_proto)
+                .collect::<Result<_, _>>()?,
+        },
         Op::Sweep(_) => Command::Sweep,
         Op::ExtendLeases(o) => Command::ExtendLeases { by_ms: o.by_ms },
         Op::AssignSlots(o) => Command::AssignSlots(e::SlotMap {
@@ -417,6 +502,28 @@ mod tests {
                 fencing_token: 9,
                 principal: "alice".into(),
             }),
+            Command::SyncBreakers {
+                breakers: vec![(
+                    "payments".into(),
+                    e::Breaker {
+                        phase: e::Phase::HalfOpen,
+                        since_ms: 3,
+                        window_start_ms: 1000,
+                        window_ms: 500,
+                        calls: [4, 7],
+                        failures: [1, 2],
+                        probes: vec![e::breakers::Probe {
+                            token: 6,
+                            until_ms: 99,
+                        }],
+                        probe_successes: 1,
+                        last_token: 6,
+                        seen_ms: 1200,
+                        ..Default::default()
+                    },
+                )],
+                decider: Some(2),
+            },
         ];
         let entries = [
             Entry {

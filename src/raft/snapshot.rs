@@ -206,6 +206,12 @@ fn add_to_part(part: &mut pb::SnapshotPart, item: Item<'_>) -> usize {
             });
             size
         }
+        Item::Breaker(name, b) => {
+            let size = name.len() + crate::engine::breakers::STORED_BYTES;
+            part.breakers
+                .push(crate::raft::codec::breaker_to_proto(name, &b));
+            size
+        }
         Item::Record(key, r) => {
             let r = to_pb_record(key, &r);
             let size = key.len() + r.fingerprint.len() + r.response.as_ref().map_or(0, Vec::len);
@@ -310,8 +316,15 @@ pub fn read(r: impl Read, engine: Option<&Engine>) -> io::Result<Header> {
             }
             None => return Err(invalid("a snapshot frame of no known kind")),
         };
-        entries +=
-            (part.cells.len() + part.leases.len() + part.records.len() + part.permits.len()) as u64;
+        entries += (part.cells.len()
+            + part.leases.len()
+            + part.records.len()
+            + part.permits.len()
+            + part.breakers.len()) as u64;
+        for b in part.breakers {
+            let (name, breaker) = crate::raft::codec::breaker_from_proto(b).map_err(invalid)?;
+            import(Item::Breaker(&name, breaker));
+        }
         for c in part.cells {
             import(Item::Cell(
                 &c.key,
@@ -458,6 +471,23 @@ mod tests {
         };
         e.execute(release, 5).unwrap();
         assert_eq!(e.snapshot().semaphores.last_token(), 2);
+        // A tripped circuit breaker.
+        let def = crate::engine::BreakerDef {
+            min_calls: 1,
+            ..Default::default()
+        };
+        let (tripped, _) = e
+            .breakers()
+            .report(
+                "pay",
+                &def,
+                crate::engine::CallOutcome::Failure,
+                0,
+                5,
+                Default::default(),
+            )
+            .unwrap();
+        assert_eq!(tripped.phase, crate::engine::Phase::Open);
         e
     }
 
@@ -477,6 +507,8 @@ mod tests {
         read(bytes.as_slice(), Some(&fresh)).unwrap();
         assert_eq!(fresh.snapshot().semaphores.last_token(), 2);
         assert_eq!(fresh.semaphore("db", 5).len(), 1);
+        let breaker = fresh.breakers().get("pay").unwrap();
+        assert_eq!(breaker.phase, crate::engine::Phase::Open);
     }
 
     #[test]

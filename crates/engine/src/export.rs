@@ -25,6 +25,7 @@ pub enum Item<'a> {
     Cell(&'a str, Cell),
     Lease(Lease),
     Permit(Permit),
+    Breaker(&'a str, crate::Breaker),
     Record(&'a str, Cow<'a, Record>),
 }
 
@@ -53,6 +54,9 @@ impl Engine {
         }
         self.limits
             .for_each(|key, cell| visit(Item::Cell(key, cell)));
+        for (name, breaker) in self.breakers.all() {
+            visit(Item::Breaker(&name, breaker));
+        }
     }
 
     /// Drops all state but the token and attempt counters, as the first
@@ -60,6 +64,7 @@ impl Engine {
     /// are never held together).
     pub fn clear(&self) {
         self.limits.clear();
+        self.breakers.clear();
         let mut t = self.tables();
         let (last_token, last_attempt) = (t.leases.last_token(), t.records.last_attempt());
         let last_semaphore_token = t.semaphores.last_token();
@@ -98,6 +103,9 @@ impl Engine {
             Item::Cell(key, cell) => self.limits.upsert([(key, cell)]),
             Item::Lease(lease) => self.tables().leases.put(lease),
             Item::Permit(permit) => self.tables().semaphores.put(permit),
+            Item::Breaker(name, breaker) => {
+                self.breakers.upsert([(name.to_owned(), breaker)]);
+            }
             Item::Record(key, record) => self.tables().records.put(key, record.into_owned()),
         }
     }

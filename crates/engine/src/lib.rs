@@ -9,6 +9,8 @@
 //! idempotency records live behind one mutex, matching the single-threaded
 //! apply order of a replicated log.
 
+mod breaker_table;
+pub mod breakers;
 mod export;
 pub mod idempotency;
 pub mod leases;
@@ -23,6 +25,10 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use serde::{Deserialize, Serialize};
 
+pub use breakers::{
+    Breaker, BreakerChange, BreakerDef, BreakerQuota, BreakerTable, CallOutcome, Phase, Reported,
+    Verdict,
+};
 pub use export::Item;
 pub use idempotency::{BeginOutcome, Record, RecordQuota, RecordState, RecordTable};
 pub use leases::{Lease, LeaseEvent, LeaseEventKind, LeaseTable};
@@ -91,6 +97,7 @@ pub struct Counts {
     pub records: usize,
     pub record_bytes: usize,
     pub semaphore_holders: usize,
+    pub breakers: usize,
 }
 
 /// Bounds on memory. Defaults suit a node with a few GiB.
@@ -103,6 +110,13 @@ pub struct EngineConfig {
     pub max_record_bytes: usize,
     /// Holder entries across every semaphore.
     pub max_semaphore_holders: usize,
+    /// Circuit breakers this node holds (decided here or replicated).
+    #[serde(default = "default_max_breakers")]
+    pub max_breakers: usize,
+}
+
+fn default_max_breakers() -> usize {
+    100_000
 }
 
 impl Default for EngineConfig {
@@ -114,6 +128,7 @@ impl Default for EngineConfig {
             max_records: 1_000_000,
             max_record_bytes: 1 << 30,
             max_semaphore_holders: 1_000_000,
+            max_breakers: default_max_breakers(),
         }
     }
 }
@@ -126,6 +141,7 @@ pub struct Held {
     pub record_bytes: u64,
     pub limit_keys: u64,
     pub semaphore_holders: u64,
+    pub breakers: u64,
 }
 
 /// An applied command's outcome and the lease changes it caused.
@@ -134,6 +150,8 @@ pub struct Applied {
     pub outcome: Outcome,
     pub events: Vec<LeaseEvent>,
     pub semaphore_events: Vec<SemaphoreEvent>,
+    /// Breakers a sync moved to another phase.
+    pub breaker_changes: Vec<BreakerChange>,
 }
 
 /// The replicated tables (leases and idempotency records), changed only by
@@ -155,11 +173,14 @@ pub struct Snapshot {
     pub slots: SlotMap,
     #[serde(default)]
     pub semaphores: SemaphoreTable,
+    #[serde(default)]
+    pub breakers: Vec<(String, Breaker)>,
 }
 
 pub struct Engine {
     config: EngineConfig,
     limits: LimitTable,
+    breakers: BreakerTable,
     tables: Mutex<Tables>,
     /// Who decides each rate-limit slot: replicated (changed only by
     /// applying `AssignSlots`), read on every decision.
@@ -181,6 +202,7 @@ impl Engine {
         Self {
             config,
             limits: LimitTable::new(config.limit_shards, config.max_limit_keys),
+            breakers: BreakerTable::new(config.max_breakers),
             tables: Mutex::new(Tables {
                 leases: LeaseTable::new(config.max_leases),
                 records: RecordTable::new(config.max_records, config.max_record_bytes),
@@ -211,6 +233,7 @@ impl Engine {
     /// they changed as [`Command::SyncCells`].)
     pub fn apply(&self, command: Command, now_ms: u64) -> Result<Applied, EngineError> {
         let mut events = Events::default();
+        let mut breaker_changes = Vec::new();
         let mut tables = self.tables();
         let t = &mut *tables;
         let outcome = match command {
@@ -233,6 +256,18 @@ impl Engine {
                     ),
                     _ => self.limits.upsert(cells),
                 }
+                Outcome::SyncCells
+            }
+            Command::SyncBreakers { breakers, decider } => {
+                let slots = self.slots();
+                breaker_changes = match decider {
+                    Some(d) if slots.assigned() => self.breakers.upsert(
+                        breakers
+                            .into_iter()
+                            .filter(|(name, _)| slots.owner(slot_of(name)) == Some(d)),
+                    ),
+                    _ => self.breakers.upsert(breakers),
+                };
                 Outcome::SyncCells
             }
             Command::AssignSlots(map) => {
@@ -261,6 +296,7 @@ impl Engine {
             outcome,
             events: events.leases,
             semaphore_events: events.semaphores,
+            breaker_changes,
         })
     }
 
@@ -341,6 +377,7 @@ impl Engine {
             record_bytes,
             limit_keys: self.limits.held_by(principal),
             semaphore_holders: t.semaphores.held_by(principal),
+            breakers: self.breakers.held_by(principal),
         }
     }
 
@@ -362,6 +399,13 @@ impl Engine {
     /// when they go.
     pub fn sweep_limits(&self, now_ms: u64) -> usize {
         self.limits.sweep(now_ms)
+    }
+
+    /// The circuit breakers (decided with [`Engine::breakers`]'s `allow`
+    /// and `report` by whoever decides the name's slot, replicated as
+    /// [`Command::SyncBreakers`]).
+    pub fn breakers(&self) -> &BreakerTable {
+        &self.breakers
     }
 
     /// Rate-limit cells changed since they were last drained (for sync
@@ -408,6 +452,7 @@ impl Engine {
             records: d.records.len(),
             record_bytes: d.records.bytes(),
             semaphore_holders: d.semaphores.len(),
+            breakers: self.breakers.len(),
         }
     }
 
@@ -429,6 +474,7 @@ impl Engine {
             records: d.records.clone(),
             slots: (*self.slots()).clone(),
             semaphores: d.semaphores.clone(),
+            breakers: self.breakers.all(),
         }
     }
 
@@ -436,6 +482,7 @@ impl Engine {
     pub fn restore(config: EngineConfig, snapshot: Snapshot) -> Self {
         let engine = Self::new(config);
         engine.limits.upsert(snapshot.limits);
+        engine.breakers.upsert(snapshot.breakers);
         {
             let mut d = engine.tables();
             d.leases = snapshot.leases;
@@ -455,6 +502,8 @@ impl Engine {
     pub fn load(&self, snapshot: Snapshot) {
         self.limits.clear();
         self.limits.upsert(snapshot.limits);
+        self.breakers.clear();
+        self.breakers.upsert(snapshot.breakers);
         let mut d = self.tables();
         d.leases = snapshot.leases;
         d.leases.restored(self.config.max_leases);
@@ -467,6 +516,8 @@ impl Engine {
     }
 }
 
+#[cfg(test)]
+mod breaker_tests;
 #[cfg(test)]
 mod semaphore_tests;
 #[cfg(test)]

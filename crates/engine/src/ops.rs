@@ -341,6 +341,13 @@ pub enum Command {
     SemAcquire(SemAcquire),
     SemRenew(SemRenew),
     SemRelease(SemRelease),
+    /// Circuit breakers replicated from the node that decides them, as
+    /// cells are (`decider` as in `SyncCells`): plain upserts.
+    SyncBreakers {
+        breakers: Vec<(String, crate::Breaker)>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        decider: Option<u64>,
+    },
 }
 
 /// What a command did: the variant named after the command, holding the
@@ -400,6 +407,10 @@ impl Command {
             Command::Complete(c) => c.key.len() + c.response.len(),
             Command::Abort(a) => a.key.len(),
             Command::AssignSlots(map) => map.owners.len() * 8,
+            Command::SyncBreakers { breakers, .. } => breakers
+                .iter()
+                .map(|(k, b)| k.len() + crate::breakers::STORED_BYTES + 16 * b.probes.len())
+                .sum(),
             Command::Sweep | Command::ExtendLeases { .. } => 0,
         }
     }
