@@ -19,6 +19,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/arbiter/v1/idempotency.proto",
         "proto/arbiter/v1/cluster.proto",
         "proto/arbiter/v1/semaphores.proto",
+        "proto/arbiter/v1/breakers.proto",
     ];
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");

@@ -93,6 +93,12 @@ impl Scoped for SemRelease {
     }
 }
 
+impl Scoped for crate::node::BreakerCall {
+    fn scope(&self) -> Scope<'_> {
+        keys("breaker", &self.name, None)
+    }
+}
+
 impl Scoped for crate::node::GetSemaphore {
     fn scope(&self) -> Scope<'_> {
         keys("semaphore", &self.name, None)

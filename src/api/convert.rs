@@ -218,6 +218,13 @@ fn checks_within(checks: &[crate::engine::LimitCheck], b: &super::Bounds) -> Res
     })
 }
 
+/// A circuit breaker's thresholds, within their bounds (`field`: where the
+/// caller set them).
+pub fn breaker_def(def: &crate::engine::BreakerDef, field: &str) -> Result<(), Status> {
+    def.validate()
+        .map_err(|(f, bound)| Status::invalid_argument(format!("{field}.{f}: {bound}")))
+}
+
 /// The bounds a client-facing handler applies, re-applied by the leader to
 /// a call a follower forwarded (a peer could send anything): keys, TTLs,
 /// retention, sizes, the number of checks and each limit.
@@ -236,6 +243,7 @@ pub fn forwarded(call: &crate::node::Call, b: &super::Bounds) -> Result<(), Stat
         Call::SemRenew(op) => name(&op.name, "name").and(ttl(op.ttl_ms, "ttl_ms", b.max_ttl_ms)),
         Call::SemRelease(op) => name(&op.name, "name"),
         Call::GetSemaphore(op) => name(&op.name, "name"),
+        Call::BreakerCall(op) => name(&op.name, "name").and(breaker_def(&op.def, "config")),
         Call::Begin(op) => name(&op.key, "key")
             .and(bytes(&op.fingerprint, "fingerprint", MAX_KEY_BYTES))
             .and(ttl(op.lock_ttl_ms, "lock_ttl_ms", b.max_ttl_ms))

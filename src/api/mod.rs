@@ -15,6 +15,7 @@ pub mod rate_limiter;
 pub mod rls;
 mod rls_metadata;
 pub mod semaphores;
+pub mod breakers;
 mod watch_stream;
 
 use std::sync::Arc;

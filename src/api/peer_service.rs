@@ -49,6 +49,12 @@ fn stamp_quotas(call: Call, caller: &Caller, caps: &super::Caps) -> Call {
             op.key_quota = caller.limit_key_quota(caps);
             Call::SpanningCheck(op)
         }
+        Call::BreakerCall(mut op) => {
+            // Breakers count against the caller's rate-limit key quota.
+            op.principal = caller.name().to_owned();
+            op.quota = caller.limit_key_quota(caps);
+            Call::BreakerCall(op)
+        }
         other @ (Call::Renew(_)
         | Call::Release(_)
         | Call::Abort(_)

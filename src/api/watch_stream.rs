@@ -26,26 +26,27 @@ const REAUTHORISE_EVERY: Duration = Duration::from_secs(1);
 /// fell behind or the node's state was replaced (changes in between were
 /// never applied one by one, so it starts over rather than silently
 /// skipping them).
-pub struct Feed<S, E, C, R> {
+pub struct Feed<F, C, R> {
     pub what: &'static str,
-    pub first: fn(S, u64) -> E,
+    pub first: F,
     pub change: C,
     pub current: R,
 }
 
 /// Serves `watch` of `name` for `caller` on a task of its own, and returns
 /// the stream of its messages.
-pub fn serve<S, E, C, R>(
+pub fn serve<S, E, F, C, R>(
     node: Arc<Node>,
     auth: Option<Auth>,
     caller: Caller,
     name: String,
     watch: Watch<S>,
-    feed: Feed<S, E, C, R>,
+    feed: Feed<F, C, R>,
 ) -> ReceiverStream<Result<E, Status>>
 where
     S: Send + 'static,
     E: Send + 'static,
+    F: FnOnce(S, u64) -> E + Send + 'static,
     C: Fn(Change, u64) -> Option<E> + Send + 'static,
     R: Fn(&Node, &str) -> E + Send + 'static,
 {

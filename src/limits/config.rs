@@ -346,6 +346,8 @@ impl Matched<'_> {
 #[derive(Debug, Default)]
 pub struct Limits {
     pub(super) domains: HashMap<String, Level>,
+    /// Circuit breaker thresholds by name (`breakers` files).
+    pub breakers: HashMap<String, super::breakers::Thresholds>,
     /// The files they came from, for `limits check` and the log.
     pub files: Vec<PathBuf>,
 }

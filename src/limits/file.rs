@@ -90,6 +90,19 @@ impl Limits {
         for file in &files {
             let text = std::fs::read_to_string(file)
                 .map_err(|e| format!("{}: cannot read: {e}", file.display()))?;
+            if super::breakers::is_breakers_file(&text) {
+                let breakers =
+                    super::breakers::parse(&text).map_err(|e| format!("{}: {e}", file.display()))?;
+                for (name, t) in breakers {
+                    if limits.breakers.insert(name.clone(), t).is_some() {
+                        return Err(format!(
+                            "{}: breaker {name:?} is configured in two files",
+                            file.display()
+                        ));
+                    }
+                }
+                continue;
+            }
             let (domain, level) = parse(&text).map_err(|e| format!("{}: {e}", file.display()))?;
             match (seen.get(&domain), limits.domains.get_mut(&domain)) {
                 (Some(other), Some(existing)) if merge_domains => {

@@ -8,6 +8,7 @@
 //! second; a directory's files may come and go, as a ConfigMap's do);
 //! a change that fails to load keeps the last good one.
 
+pub mod breakers;
 pub mod config;
 pub mod file;
 

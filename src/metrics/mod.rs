@@ -25,7 +25,7 @@ pub use prefixes::Prefixes;
 pub use standing::Bounds;
 
 /// The RPCs whose calls are recorded: (gRPC path, metric label).
-const RPCS: [(&str, &str); 21] = [
+const RPCS: [(&str, &str); 25] = [
     ("/arbiter.v1.RateLimiter/Check", "Check"),
     ("/arbiter.v1.Leases/Acquire", "Acquire"),
     ("/arbiter.v1.Leases/Renew", "Renew"),
@@ -37,6 +37,10 @@ const RPCS: [(&str, &str); 21] = [
     ("/arbiter.v1.Semaphores/Release", "SemaphoreRelease"),
     ("/arbiter.v1.Semaphores/Get", "GetSemaphore"),
     ("/arbiter.v1.Semaphores/Watch", "WatchSemaphore"),
+    ("/arbiter.v1.Breakers/Allow", "BreakerAllow"),
+    ("/arbiter.v1.Breakers/Report", "BreakerReport"),
+    ("/arbiter.v1.Breakers/Get", "GetBreaker"),
+    ("/arbiter.v1.Breakers/Watch", "WatchBreaker"),
     ("/arbiter.v1.Idempotency/Begin", "Begin"),
     ("/arbiter.v1.Idempotency/Complete", "Complete"),
     ("/arbiter.v1.Idempotency/Abort", "Abort"),
@@ -72,6 +76,7 @@ pub struct Metrics {
     leases: Gauge,
     records: Gauge,
     semaphore_holders: Gauge,
+    breakers: Gauge,
     record_bytes: Gauge,
     watchers: Gauge,
     slot_version: Gauge,
@@ -119,6 +124,7 @@ impl Metrics {
             leases: gauge!("arbiter_live_keys", "kind" => "lease"),
             records: gauge!("arbiter_live_keys", "kind" => "idempotency_record"),
             semaphore_holders: gauge!("arbiter_live_keys", "kind" => "semaphore_holder"),
+            breakers: gauge!("arbiter_live_keys", "kind" => "breaker"),
             record_bytes: gauge!("arbiter_idempotency_record_bytes"),
             watchers: gauge!("arbiter_lease_watchers"),
             slot_version: gauge!("arbiter_slot_map_version"),
@@ -214,6 +220,7 @@ impl Metrics {
         self.leases.set(counts.leases as f64);
         self.records.set(counts.records as f64);
         self.semaphore_holders.set(counts.semaphore_holders as f64);
+        self.breakers.set(counts.breakers as f64);
         self.record_bytes.set(counts.record_bytes as f64);
         self.watchers.set(node.watchers() as f64);
         let (version, owned, decided, rerouted) = node.slot_standing();

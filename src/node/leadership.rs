@@ -15,10 +15,11 @@ use crate::raft::lease::LeaderLease;
 use crate::timing::FAILOVER_EXTENSION_MS;
 
 /// The services whose readiness [`report_readiness`] reports.
-pub const READY_SERVICES: [&str; 5] = [
+pub const READY_SERVICES: [&str; 6] = [
     "arbiter.v1.RateLimiter",
     "arbiter.v1.Leases",
     "arbiter.v1.Semaphores",
+    "arbiter.v1.Breakers",
     "arbiter.v1.Idempotency",
     "envoy.service.ratelimit.v3.RateLimitService",
 ];

@@ -53,8 +53,10 @@ impl LimitSync {
             }
             if self.view.is_leader() {
                 self.sync_changed_limits().await;
+                self.sync_changed_breakers(true).await;
             } else if self.slots.spread() && self.engine.slots().assigned() {
                 self.send_changed_limits().await;
+                self.sync_changed_breakers(false).await;
             }
         }
     }
@@ -155,6 +157,47 @@ impl LimitSync {
             tracing::warn!(cells = n, "rate-limit sync {failed}");
             self.requeue(keys, in_flight);
             return;
+        }
+    }
+
+    /// Replicates the circuit breakers changed since the last tick, in
+    /// entries of up to [`SYNC_BREAKERS`], one at a time: proposed here as
+    /// leader, sent to the leader by an owner that does not lead. A sync
+    /// that fails marks its breakers changed again.
+    async fn sync_changed_breakers(&self, leading: bool) {
+        /// Most breakers in one sync entry.
+        const SYNC_BREAKERS: usize = 500;
+        let table = self.engine.breakers();
+        loop {
+            let breakers = table.drain_dirty(SYNC_BREAKERS);
+            if breakers.is_empty() {
+                return;
+            }
+            let n = breakers.len();
+            metrics::counter!("arbiter_breaker_sync_total").increment(n as u64);
+            let names: Vec<String> = breakers.iter().map(|(k, _)| k.clone()).collect();
+            let command = Command::SyncBreakers {
+                breakers,
+                decider: Some(self.view.id()),
+            };
+            let failed = if leading {
+                let request = Request {
+                    now_ms: self.time.stamp(),
+                    commands: vec![command],
+                    sync_origin: Some(self.boot_id),
+                };
+                self.view.raft().client_write(request).await.err().map(|e| e.to_string())
+            } else {
+                self.slots.send_sync_command(self.boot_id, command).await.err()
+            };
+            if let Some(e) = failed {
+                table.mark_dirty(names.iter().map(String::as_str));
+                tracing::warn!(error = %e, breakers = n, "circuit breaker sync failed");
+                return;
+            }
+            if n < SYNC_BREAKERS {
+                return;
+            }
         }
     }
 

@@ -39,6 +39,7 @@ use openraft::Raft;
 use tokio::sync::watch;
 
 mod admission;
+mod breakers;
 mod check_stream;
 mod coalesce;
 mod election;
@@ -63,6 +64,7 @@ mod timekeeping;
 mod view;
 mod watch_fanout;
 
+pub use breakers::{phase_name, BreakerAction, BreakerAnswer, BreakerCall};
 pub use admission::{
     Admission, Identified, IdentifyRequest, Identity, CLUSTER_HEADER, REFUSAL_HEADER,
 };
@@ -81,7 +83,7 @@ pub use rebalance::Rebalance;
 pub use slots::{SlotOwners, SlotReply, SlotRequest};
 pub use spanning::{HoldId, Holds, Phase, PhaseHook, SpanningCheck, HOLD, MAX_RESERVATIONS};
 pub use view::{MemberInfo, Replication, Standing};
-pub use watch_fanout::{Change, SemaphoreWatch, Watch, WatchLimits};
+pub use watch_fanout::{BreakerWatch, Change, SemaphoreWatch, Watch, WatchLimits};
 
 use crate::engine::{Counts, Engine, KeyQuota, Lease, LimitCheck, LimitResult};
 use crate::raft::seen::SeenWithState;
@@ -265,6 +267,30 @@ impl Node {
     ) -> Result<SemaphoreWatch, NodeError> {
         self.watchers
             .watch_semaphore(name, principal, quota, || self.semaphore_local(name))
+    }
+
+    /// A circuit breaker call, decided where the name's slot is (see
+    /// `breakers`).
+    pub async fn breaker(&self, call: BreakerCall) -> Result<BreakerAnswer, NodeError> {
+        self.router.breaker(call).await
+    }
+
+    /// A circuit breaker's state as it stands here and every later phase
+    /// change (as [`watch`](Self::watch) for a lease, within the same caps).
+    pub fn watch_breaker(
+        &self,
+        name: &str,
+        principal: &str,
+        quota: Option<u64>,
+    ) -> Result<BreakerWatch, NodeError> {
+        self.watchers
+            .watch_breaker(name, principal, quota, || self.breaker_local(name))
+    }
+
+    /// A circuit breaker as this node holds it (the decider's state, or
+    /// its last sync), and the time.
+    pub fn breaker_local(&self, name: &str) -> (Option<crate::engine::Breaker>, u64) {
+        (self.engine.breakers().get(name), self.now_ms())
     }
 
     /// A semaphore's live holders without a read barrier (to resynchronise

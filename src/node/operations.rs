@@ -18,6 +18,7 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+pub use super::breakers::BreakerCall;
 pub use super::member_metrics::MemberMetrics;
 pub use super::rebalance::Rebalance;
 use super::routing::Router;
@@ -174,6 +175,7 @@ operations!($
     SemRenew,
     SemRelease,
     GetSemaphore,
+    BreakerCall,
 );
 
 /// How many calls of each operation this node forwarded to the leader and

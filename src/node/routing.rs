@@ -194,6 +194,8 @@ pub struct Router {
     pub holds: Arc<Holds>,
     /// How this member renders its metrics, for `Cluster/Metrics`.
     pub metrics_text: super::member_metrics::MetricsSource,
+    /// Told of the circuit breakers this node moves to another phase.
+    pub watchers: super::watch_fanout::Watchers,
 }
 
 impl Router {

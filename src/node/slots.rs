@@ -202,11 +202,17 @@ impl Slots {
     /// `map` (assigned): it owns each key's slot and holds its slot lease
     /// (as leader: its leader lease, and no move of the slot pending).
     pub fn may_decide(&self, map: &SlotMap, checks: &[LimitCheck]) -> bool {
+        self.may_decide_keys(map, || checks.iter().map(|c| c.key.as_str()))
+    }
+
+    /// [`may_decide`](Self::may_decide) for the keys `keys` yields.
+    pub fn may_decide_keys<'k, I: Iterator<Item = &'k str>>(
+        &self,
+        map: &SlotMap,
+        keys: impl Fn() -> I,
+    ) -> bool {
         let me = self.view.id();
-        if !checks
-            .iter()
-            .all(|c| map.owner(slot_of(&c.key)) == Some(me))
-        {
+        if !keys().all(|k| map.owner(slot_of(k)) == Some(me)) {
             return false;
         }
         if self.view.is_leader() {
@@ -214,7 +220,7 @@ impl Slots {
             return self.leadership.may_decide()
                 && pending
                     .as_ref()
-                    .is_none_or(|p| checks.iter().all(|c| p.owner(slot_of(&c.key)) == Some(me)));
+                    .is_none_or(|p| keys().all(|k| p.owner(slot_of(k)) == Some(me)));
         }
         let lease = *locked(&self.lease);
         lease.min_version <= map.version && self.leadership.mono_ms() < lease.until_ms
@@ -385,15 +391,20 @@ impl Slots {
         if !self.view.voters().contains(&from) {
             return SlotReply::Refused(format!("node {from} is not a voter"));
         }
-        let Command::SyncCells { cells, .. } = cells else {
-            return SlotReply::Refused("not a sync".into());
+        let command = match cells {
+            Command::SyncCells { cells, .. } => Command::SyncCells {
+                cells,
+                decider: Some(from),
+            },
+            Command::SyncBreakers { breakers, .. } => Command::SyncBreakers {
+                breakers,
+                decider: Some(from),
+            },
+            _ => return SlotReply::Refused("not a sync".into()),
         };
         let request = Request {
             now_ms: self.time.stamp(),
-            commands: vec![Command::SyncCells {
-                cells,
-                decider: Some(from),
-            }],
+            commands: vec![command],
             sync_origin: Some(boot_id),
         };
         match self.view.raft().client_write(request).await {
@@ -406,11 +417,22 @@ impl Slots {
     /// waits until it commits.
     pub async fn send_sync(&self, boot_id: u64, cells: Vec<(String, Cell)>) -> Result<(), String> {
         let me = self.view.id();
+        self.send_sync_command(
+            boot_id,
+            Command::SyncCells {
+                cells,
+                decider: Some(me),
+            },
+        )
+        .await
+    }
+
+    /// [`send_sync`](Self::send_sync) for any sync command (cells or
+    /// circuit breakers).
+    pub async fn send_sync_command(&self, boot_id: u64, command: Command) -> Result<(), String> {
+        let me = self.view.id();
         let mut message = encode(&SlotRequest::Sync { node: me, boot_id });
-        message.data = codec::encode_command(&Command::SyncCells {
-            cells,
-            decider: Some(me),
-        });
+        message.data = codec::encode_command(&command);
         match self.ask_leader(message, Duration::from_secs(2)).await? {
             SlotReply::Synced => Ok(()),
             SlotReply::Refused(why) => Err(why),

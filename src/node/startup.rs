@@ -206,6 +206,7 @@ impl Node {
             rerouted: Default::default(),
             holds: Arc::new(Holds::new(o.boot_id)),
             metrics_text: Default::default(),
+            watchers: o.watchers.clone(),
         };
         let node = Self {
             view,
@@ -382,11 +383,12 @@ fn observer(
     slot_version: &watch::Sender<u64>,
 ) -> Observer {
     let (events, replaced, time) = (watchers.clone(), watchers.clone(), time.clone());
-    let semaphores = watchers.clone();
+    let (semaphores, breakers) = (watchers.clone(), watchers.clone());
     let slot_version = slot_version.clone();
     Observer {
         lease_events: Arc::new(move |e: &[LeaseEvent]| events.publish(e)),
         semaphore_events: Arc::new(move |e| semaphores.publish_semaphores(e)),
+        breaker_changes: Arc::new(move |c| breakers.publish_breakers(c)),
         applied_time: Arc::new(move |now_ms, by| time.observe(now_ms, by == Some(id))),
         replaced: Arc::new(move || replaced.replaced()),
         slots: Arc::new(move |version| {

@@ -97,7 +97,8 @@ impl Sweeper {
             if now >= next_limit_sweep {
                 let judged = self.time.decide_ms(leading).saturating_sub(SWEEP_BEHIND_MS);
                 let dropped = self.engine.sweep_limits(judged);
-                tracing::debug!(dropped, "swept idle rate-limit keys");
+                let breakers = self.engine.breakers().sweep(judged);
+                tracing::debug!(dropped, breakers, "swept idle rate-limit keys and breakers");
                 next_limit_sweep = now + limit_sweep.as_millis() as u64;
             }
             // Only the leader sweeps lapsed leases and records; a follower

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::broadcast;
 
 use super::NodeError;
-use crate::engine::{EngineError, Lease, LeaseEvent, Permit, SemaphoreEvent};
+use crate::engine::{Breaker, BreakerChange, EngineError, Lease, LeaseEvent, Permit, SemaphoreEvent};
 
 /// Events buffered per watched lease before a slow watcher is resynchronised.
 const WATCH_BUFFER: usize = 256;
@@ -40,6 +40,9 @@ pub enum Change {
     Event(LeaseEvent),
     /// A change under the semaphore, as this node applied it.
     Semaphore(SemaphoreEvent),
+    /// A circuit breaker moved to another phase (decided here, or applied
+    /// from its decider's sync).
+    Breaker(BreakerChange),
     /// This node's whole state was replaced (it installed a snapshot):
     /// changes may have been skipped, so read the lease again.
     Replaced,
@@ -56,6 +59,8 @@ struct Inner {
     channels: Mutex<Channels>,
     /// The semaphores' channels, by name.
     semaphores: Mutex<Channels>,
+    /// The circuit breakers' channels, by name.
+    breakers: Mutex<Channels>,
     /// Watches being served (each holds a [`WatchSlot`]).
     active: AtomicUsize,
     /// Watches being served per principal, for quotas (only principals
@@ -104,6 +109,9 @@ pub struct Watch<S = Option<Lease>> {
 /// A semaphore watch: its live holders first.
 pub type SemaphoreWatch = Watch<Vec<Permit>>;
 
+/// A circuit breaker watch: its state first (`None`: closed, unknown here).
+pub type BreakerWatch = Watch<Option<Breaker>>;
+
 impl Watchers {
     pub fn new(limits: WatchLimits) -> Self {
         Self(Arc::new(Inner {
@@ -130,6 +138,34 @@ impl Watchers {
                 }
             }
         }
+    }
+
+    fn lock_breakers(&self) -> std::sync::MutexGuard<'_, Channels> {
+        self.0.breakers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sends each breaker's phase change to its watchers.
+    pub fn publish_breakers(&self, changes: &[BreakerChange]) {
+        let mut watchers = self.lock_breakers();
+        for change in changes {
+            if let Some(tx) = watchers.get(&change.name) {
+                if tx.send(Change::Breaker(change.clone())).is_err() {
+                    watchers.remove(&change.name);
+                }
+            }
+        }
+    }
+
+    /// [`watch`](Self::watch) for a circuit breaker.
+    pub fn watch_breaker(
+        &self,
+        name: &str,
+        principal: &str,
+        quota: Option<u64>,
+        current: impl FnOnce() -> (Option<Breaker>, u64),
+    ) -> Result<BreakerWatch, NodeError> {
+        let mut channels = self.lock_breakers();
+        self.subscribe(&mut channels, name, principal, quota, current)
     }
 
     /// [`watch`](Self::watch) for a semaphore: its holders as they stand
@@ -170,6 +206,8 @@ impl Watchers {
             .retain(|_, tx| tx.send(Change::Replaced).is_ok());
         self.lock_semaphores()
             .retain(|_, tx| tx.send(Change::Replaced).is_ok());
+        self.lock_breakers()
+            .retain(|_, tx| tx.send(Change::Replaced).is_ok());
     }
 
     /// Drops the channels nobody listens to any more.
@@ -177,6 +215,7 @@ impl Watchers {
         self.lock().retain(|_, tx| tx.receiver_count() > 0);
         self.lock_semaphores()
             .retain(|_, tx| tx.receiver_count() > 0);
+        self.lock_breakers().retain(|_, tx| tx.receiver_count() > 0);
     }
 }
 

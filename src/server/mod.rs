@@ -22,6 +22,7 @@ use crate::proto::idempotency_server::IdempotencyServer;
 use crate::proto::leases_server::LeasesServer;
 use crate::proto::raft_peer_server::RaftPeerServer;
 use crate::proto::rate_limiter_server::RateLimiterServer;
+use crate::proto::breakers_server::BreakersServer;
 use crate::proto::semaphores_server::SemaphoresServer;
 use crate::raft::network::PEER_MESSAGE_LIMIT;
 use crate::security::{self, Connector};
@@ -384,6 +385,9 @@ fn client_routes(
             shared.clone(),
         )))
         .add_service(SemaphoresServer::new(api::semaphores::SemaphoresService(
+            shared.clone(),
+        )))
+        .add_service(BreakersServer::new(api::breakers::BreakersService(
             shared.clone(),
         )))
         .add_service(IdempotencyServer::new(

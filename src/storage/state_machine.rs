@@ -34,6 +34,8 @@ pub struct Observer {
     pub lease_events: LeaseEvents,
     /// The semaphore changes an applied entry caused, for their watchers.
     pub semaphore_events: SemaphoreEvents,
+    /// Circuit breakers an applied sync moved to another phase.
+    pub breaker_changes: Arc<dyn Fn(&[engine::BreakerChange]) + Send + Sync>,
     pub applied_time: Arc<dyn Fn(u64, Option<u64>) + Send + Sync>,
     pub replaced: Arc<dyn Fn() + Send + Sync>,
     /// The slot map's version, each time the map may have changed (a map
@@ -53,6 +55,7 @@ impl Observer {
         Self {
             lease_events: Arc::new(|_| {}),
             semaphore_events: Arc::new(|_| {}),
+            breaker_changes: Arc::new(|_| {}),
             applied_time: Arc::new(|_, _| {}),
             replaced: Arc::new(|| {}),
             slots: Arc::new(|_| {}),
@@ -291,6 +294,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                             }
                             if !applied.semaphore_events.is_empty() {
                                 (self.observer.semaphore_events)(&applied.semaphore_events);
+                            }
+                            if !applied.breaker_changes.is_empty() {
+                                (self.observer.breaker_changes)(&applied.breaker_changes);
                             }
                             if applied.outcome == engine::Outcome::AssignSlots(true) {
                                 (self.observer.slots)(self.engine.slots().version);
