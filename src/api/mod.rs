@@ -4,6 +4,7 @@
 //! ([`layer`]).
 
 pub mod authz;
+pub mod breakers;
 pub mod cluster;
 pub mod convert;
 pub mod error;
@@ -15,7 +16,6 @@ pub mod rate_limiter;
 pub mod rls;
 mod rls_metadata;
 pub mod semaphores;
-pub mod breakers;
 mod watch_stream;
 
 use std::sync::Arc;

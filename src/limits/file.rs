@@ -91,8 +91,8 @@ impl Limits {
             let text = std::fs::read_to_string(file)
                 .map_err(|e| format!("{}: cannot read: {e}", file.display()))?;
             if super::breakers::is_breakers_file(&text) {
-                let breakers =
-                    super::breakers::parse(&text).map_err(|e| format!("{}: {e}", file.display()))?;
+                let breakers = super::breakers::parse(&text)
+                    .map_err(|e| format!("{}: {e}", file.display()))?;
                 for (name, t) in breakers {
                     if limits.breakers.insert(name.clone(), t).is_some() {
                         return Err(format!(

@@ -100,12 +100,20 @@ impl Router {
                 return self.decide_breaker(call);
             }
             let answer = match owner {
-                Some(o) if o == self.view.id() => Err(NodeError::NotOwner),
+                // Its own, but not yet decidable at once (a leader that
+                // has not yet applied its predecessors' entries): served
+                // here, which waits for that, or answers NotOwner.
+                Some(o) if o == self.view.id() => self.serve_bounded(call.clone()).await,
                 Some(o) => {
                     let left = deadline.saturating_duration_since(Instant::now());
                     let principal = call.principal.clone();
                     self.forwarder
-                        .forward::<BreakerCall>(o, call.clone().into(), &principal, left.min(OWNER_WAIT))
+                        .forward::<BreakerCall>(
+                            o,
+                            call.clone().into(),
+                            &principal,
+                            left.min(OWNER_WAIT),
+                        )
                         .await
                 }
                 None => Err(NodeError::NotLeader),

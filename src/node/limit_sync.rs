@@ -186,9 +186,17 @@ impl LimitSync {
                     commands: vec![command],
                     sync_origin: Some(self.boot_id),
                 };
-                self.view.raft().client_write(request).await.err().map(|e| e.to_string())
+                self.view
+                    .raft()
+                    .client_write(request)
+                    .await
+                    .err()
+                    .map(|e| e.to_string())
             } else {
-                self.slots.send_sync_command(self.boot_id, command).await.err()
+                self.slots
+                    .send_sync_command(self.boot_id, command)
+                    .await
+                    .err()
             };
             if let Some(e) = failed {
                 table.mark_dirty(names.iter().map(String::as_str));

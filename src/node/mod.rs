@@ -64,10 +64,10 @@ mod timekeeping;
 mod view;
 mod watch_fanout;
 
-pub use breakers::{phase_name, BreakerAction, BreakerAnswer, BreakerCall};
 pub use admission::{
     Admission, Identified, IdentifyRequest, Identity, CLUSTER_HEADER, REFUSAL_HEADER,
 };
+pub use breakers::{phase_name, BreakerAction, BreakerAnswer, BreakerCall};
 pub use election::{PreVoteRequest, PreVoteResponse};
 pub use error::NodeError;
 pub use handover::TakeOver;

@@ -478,7 +478,7 @@ impl Router {
     /// write that times out may still commit later (if this node turns out
     /// to have a majority after all), so the caller is told its outcome is
     /// unknown.
-    async fn serve_bounded<O: Operation>(&self, op: O) -> Result<O::Output, NodeError> {
+    pub(super) async fn serve_bounded<O: Operation>(&self, op: O) -> Result<O::Output, NodeError> {
         if self.leadership.stepping_down() {
             return Err(NodeError::NotLeader);
         }

@@ -10,7 +10,9 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::broadcast;
 
 use super::NodeError;
-use crate::engine::{Breaker, BreakerChange, EngineError, Lease, LeaseEvent, Permit, SemaphoreEvent};
+use crate::engine::{
+    Breaker, BreakerChange, EngineError, Lease, LeaseEvent, Permit, SemaphoreEvent,
+};
 
 /// Events buffered per watched lease before a slow watcher is resynchronised.
 const WATCH_BUFFER: usize = 256;

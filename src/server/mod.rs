@@ -17,12 +17,12 @@ use crate::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitSe
 use crate::limits::NamedLimits;
 use crate::metrics::{self, Metrics};
 use crate::node::{self, Node};
+use crate::proto::breakers_server::BreakersServer;
 use crate::proto::cluster_server::ClusterServer;
 use crate::proto::idempotency_server::IdempotencyServer;
 use crate::proto::leases_server::LeasesServer;
 use crate::proto::raft_peer_server::RaftPeerServer;
 use crate::proto::rate_limiter_server::RateLimiterServer;
-use crate::proto::breakers_server::BreakersServer;
 use crate::proto::semaphores_server::SemaphoresServer;
 use crate::raft::network::PEER_MESSAGE_LIMIT;
 use crate::security::{self, Connector};

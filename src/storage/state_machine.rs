@@ -35,7 +35,7 @@ pub struct Observer {
     /// The semaphore changes an applied entry caused, for their watchers.
     pub semaphore_events: SemaphoreEvents,
     /// Circuit breakers an applied sync moved to another phase.
-    pub breaker_changes: Arc<dyn Fn(&[engine::BreakerChange]) + Send + Sync>,
+    pub breaker_changes: BreakerChanges,
     pub applied_time: Arc<dyn Fn(u64, Option<u64>) + Send + Sync>,
     pub replaced: Arc<dyn Fn() + Send + Sync>,
     /// The slot map's version, each time the map may have changed (a map
@@ -45,6 +45,9 @@ pub struct Observer {
 
 /// Receives the lease changes an applied entry caused.
 pub type LeaseEvents = Arc<dyn Fn(&[LeaseEvent]) + Send + Sync>;
+
+/// Receives the circuit breakers an applied sync moved to another phase.
+pub type BreakerChanges = Arc<dyn Fn(&[engine::BreakerChange]) + Send + Sync>;
 
 /// Receives the semaphore changes an applied entry caused.
 pub type SemaphoreEvents = Arc<dyn Fn(&[engine::SemaphoreEvent]) + Send + Sync>;

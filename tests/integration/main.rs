@@ -6,6 +6,7 @@
 mod support;
 
 mod bounds;
+mod breakers;
 mod cluster;
 mod durability;
 
