@@ -398,7 +398,7 @@ async fn watcher(c: Arc<Cluster>, me: usize, mut rng: Rng, h: History, until: u6
                     events.push((c.now(), history::Told::Current(now)));
                 }
                 // Never sent on a lease's channel.
-                Ok(Ok(Change::Semaphore(_))) => {}
+                Ok(Ok(Change::Semaphore(_) | Change::Breaker(_))) => {}
                 // A stream that fell behind is sent the current state
                 // again (the server's job); here it just ends.
                 Ok(Err(_)) => break,
