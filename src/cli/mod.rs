@@ -2,6 +2,7 @@
 //! a terminal. Client commands print `key=value` lines and exit non-zero on
 //! errors (1) or, for `check`, when the check is denied (2).
 
+mod breakers;
 mod commands;
 mod parse;
 mod semaphores;
@@ -48,6 +49,9 @@ enum Cmd {
     /// Semaphores: acquire, renew, release, get.
     #[command(subcommand)]
     Sem(semaphores::SemCmd),
+    /// Shared circuit breakers: allow, report, get, watch.
+    #[command(subcommand)]
+    Breaker(breakers::BreakerCmd),
     /// Idempotency records: begin, complete, abort, get.
     #[command(subcommand)]
     Idem(IdemCmd),
@@ -373,6 +377,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Cmd::Check(args) => check(args).await,
         Cmd::Lease(cmd) => lease(cmd).await,
         Cmd::Sem(cmd) => semaphores::sem(cmd).await,
+        Cmd::Breaker(cmd) => breakers::breaker(cmd).await,
         Cmd::Idem(cmd) => idem(cmd).await,
         Cmd::Cluster(cmd) => cluster(cmd).await,
         Cmd::Health(args) => health(args).await,

@@ -338,3 +338,36 @@ async fn every_member_shares_one_breaker_and_it_outlives_its_owner() {
     assert_eq!((phase(v.phase), v.allowed), (BreakerPhase::Open, false));
     assert!(v.retry_after_ms > 500_000, "{v:?}");
 }
+
+#[test]
+fn the_cli_allows_reports_and_gets() {
+    let server = Server::start(&[]);
+    let url = format!("http://{}", server.addr);
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_arbiter"))
+            .arg("breaker")
+            .args(args)
+            .args(["--server", &url])
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (code, out) = run(&["allow", "pay"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.starts_with("allowed phase=CLOSED"), "{out}");
+    let trip = ["--min-calls", "1", "--open-for", "1h"];
+    let (code, out) = run(&[&["report", "pay", "failure"], &trip[..]].concat());
+    assert_eq!(code, Some(0));
+    assert_eq!(out.trim_end(), "counted=true phase=OPEN");
+    let (code, out) = run(&[&["allow", "pay"], &trip[..]].concat());
+    assert_eq!(code, Some(2), "refused exits 2: {out}");
+    assert!(out.starts_with("refused phase=OPEN probe_token=0"), "{out}");
+    let (_, out) = run(&[&["get", "pay"], &trip[..]].concat());
+    assert!(
+        out.contains("phase=OPEN") && out.contains("failures=1"),
+        "{out}"
+    );
+}
