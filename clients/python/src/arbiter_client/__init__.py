@@ -6,10 +6,20 @@ kept alive in the background, leader election with fencing tokens,
 
 from .aio import AsyncClient, AsyncElection, AsyncLease, AsyncLeaseWatch, AsyncLimiter
 from .aio_semaphores import AsyncSemaphore, AsyncSemaphoreWatch
+from .breakers import (
+    AsyncBreakerWatch,
+    AsyncCircuitBreaker,
+    BreakerConfig,
+    BreakerDecision,
+    BreakerState,
+    BreakerWatch,
+    CircuitBreaker,
+)
 from .client import Client, Election, Lease, LeaseWatch, Limiter
 from .semaphores import Semaphore, SemaphoreWatch
 from .errors import (
     ArbiterError,
+    BreakerOpen,
     IdempotencyInProgress,
     IdempotencyKeyMismatch,
     InvalidArgument,
@@ -45,6 +55,8 @@ __version__ = "0.1.0"
 __all__ = [
     "TLS",
     "ArbiterError",
+    "AsyncBreakerWatch",
+    "AsyncCircuitBreaker",
     "AsyncClient",
     "AsyncElection",
     "AsyncLease",
@@ -53,6 +65,12 @@ __all__ = [
     "AsyncSemaphore",
     "AsyncSemaphoreWatch",
     "BeginResult",
+    "BreakerConfig",
+    "BreakerDecision",
+    "BreakerOpen",
+    "BreakerState",
+    "BreakerWatch",
+    "CircuitBreaker",
     "Client",
     "ClusterStatus",
     "Decision",

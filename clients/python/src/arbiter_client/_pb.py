@@ -53,11 +53,18 @@ CompleteRequest = message("CompleteRequest")
 AbortRequest = message("AbortRequest")
 GetRecordRequest = message("GetRecordRequest")
 ClusterStatusRequest = message("ClusterStatusRequest")
+BreakerConfig = message("BreakerConfig")
+BreakerAllowRequest = message("BreakerAllowRequest")
+BreakerReportRequest = message("BreakerReportRequest")
+GetBreakerRequest = message("GetBreakerRequest")
+WatchBreakerRequest = message("WatchBreakerRequest")
 
 OUTCOMES = enum_names("Outcome")
 EVENT_KINDS = enum_names("LeaseEvent.Kind")
 SEMAPHORE_EVENT_KINDS = enum_names("SemaphoreEvent.Kind")
 RECORD_STATES = enum_names("Record.State")
+BREAKER_PHASES = enum_names("BreakerPhase")
+BREAKER_EVENT_KINDS = enum_names("BreakerEvent.Kind")
 
 # (path, request class, response class, streaming response)
 METHODS = {
@@ -79,6 +86,11 @@ METHODS = {
     "abort": ("/arbiter.v1.Idempotency/Abort", AbortRequest, message("AbortResponse"), False),
     "get_record": ("/arbiter.v1.Idempotency/Get", GetRecordRequest, message("GetRecordResponse"), False),
     "status": ("/arbiter.v1.Cluster/Status", ClusterStatusRequest, message("ClusterStatusResponse"), False),
+    "breaker_allow": ("/arbiter.v1.Breakers/Allow", BreakerAllowRequest, message("BreakerAllowResponse"), False),
+    "breaker_report": ("/arbiter.v1.Breakers/Report", BreakerReportRequest,
+                       message("BreakerReportResponse"), False),
+    "breaker_get": ("/arbiter.v1.Breakers/Get", GetBreakerRequest, message("BreakerState"), False),
+    "breaker_watch": ("/arbiter.v1.Breakers/Watch", WatchBreakerRequest, message("BreakerEvent"), True),
 }
 
 

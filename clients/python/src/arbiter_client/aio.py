@@ -43,6 +43,7 @@ from .types import (
 )
 
 from .aio_semaphores import AsyncSemaphore, AsyncSemaphores
+from .breakers import AsyncBreakers, AsyncCircuitBreaker, BreakerConfig, Errors, policy
 
 log = logging.getLogger("arbiter_client")
 
@@ -94,6 +95,7 @@ class AsyncClient:
         self._rng = random.Random()
         self.leases = AsyncLeases(self)
         self.semaphores = AsyncSemaphores(self)
+        self.breakers = AsyncBreakers(self)
         self.idempotency = AsyncIdempotency(self)
 
     async def close(self) -> None:
@@ -272,6 +274,19 @@ class AsyncClient:
     def watch_lease(self, name: str) -> "AsyncLeaseWatch":
         """`async for event in client.watch_lease(name):`"""
         return self.leases.watch(name)
+
+    def circuit_breaker(
+        self,
+        name: str,
+        config: Optional[BreakerConfig] = None,
+        *,
+        failures: Errors = Exception,
+        timeouts: Errors = TimeoutError,
+        fail_open: bool = True,
+    ) -> AsyncCircuitBreaker:
+        """As `Client.circuit_breaker`: `async with` or a decorator of
+        coroutine functions (asyncio.TimeoutError reports "timeout")."""
+        return AsyncCircuitBreaker(self, policy(name, config, failures, timeouts, fail_open))
 
     def semaphore(
         self,

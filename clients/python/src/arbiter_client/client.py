@@ -40,6 +40,7 @@ from .types import (
     seconds,
 )
 
+from .breakers import BreakerConfig, Breakers, CircuitBreaker, Errors, policy
 from .semaphores import Semaphore, Semaphores
 
 log = logging.getLogger("arbiter_client")
@@ -106,6 +107,7 @@ class Client:
         self._rng = random.Random()
         self.leases = Leases(self)
         self.semaphores = Semaphores(self)
+        self.breakers = Breakers(self)
         self.idempotency = Idempotency(self)
 
     def close(self) -> None:
@@ -279,6 +281,24 @@ class Client:
         return decorate
 
     # Leases ----------------------------------------------------------------
+
+    def circuit_breaker(
+        self,
+        name: str,
+        config: Optional[BreakerConfig] = None,
+        *,
+        failures: Errors = Exception,
+        timeouts: Errors = TimeoutError,
+        fail_open: bool = True,
+    ) -> CircuitBreaker:
+        """A shared circuit breaker, as a decorator (`@client.circuit_breaker(
+        "payments")`) or context manager (`with client.circuit_breaker(...)`):
+        asks before each call (BreakerOpen when refused) and reports its
+        outcome itself. An exception in `timeouts` reports "timeout", one
+        in `failures` "failure" (others report nothing). When the server
+        cannot be asked, the call goes if `fail_open` (logged), else the
+        error is raised."""
+        return CircuitBreaker(self, policy(name, config, failures, timeouts, fail_open))
 
     def semaphore(
         self,

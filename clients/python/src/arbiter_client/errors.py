@@ -64,6 +64,17 @@ class SemaphoreFull(ArbiterError):
     (before the timeout, when waiting)."""
 
 
+class BreakerOpen(ArbiterError):
+    """A shared circuit breaker refused the call: it is OPEN, or HALF_OPEN
+    with every probe permit out. `phase` says which; `retry_after`
+    (seconds) when a call may be allowed again."""
+
+    def __init__(self, message: str, *, phase: str, retry_after: float):
+        super().__init__(message)
+        self.phase = phase
+        self.retry_after = retry_after
+
+
 class PermitsLost(ArbiterError):
     """The permits are no longer this holder's: they lapsed, or a renewal
     or release found them gone. Work done under them may have overlapped
