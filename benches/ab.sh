@@ -10,6 +10,8 @@
 #   WORKLOADS="lease" A=... benches/ab.sh     # a subset of: check batch lease
 #   WORKLOADS="check reserve check-hot reserve-hot" A=... B=... benches/ab.sh
 #                                             # reserve mode against plain checks
+#   WORKLOADS="check-10k breaker" A=target/release/arbiter B=target/release/arbiter benches/ab.sh
+#                                             # Breakers.Allow against unary Check
 #
 # Everything listens on 127.0.0.1 ports chosen by the OS; each round is
 # bounded by --duration.
@@ -72,6 +74,9 @@ for round in $(seq "$ROUNDS"); do
         check-hot) args=(--workload check --keys 1000 --capacity 10 --refill-tokens 10) ;;
         reserve-hot) args=(--workload check --keys 1000 --capacity 10 --refill-tokens 10
           --algorithm leaky-bucket --max-delay-ms 1000) ;;
+        # Breakers.Allow on 10k closed breakers beside unary Check on 10k keys.
+        check-10k) args=(--workload check --keys 10000) ;;
+        breaker) args=(--workload breaker-allow --keys 10000) ;;
         *) echo "unknown workload $w" >&2; exit 2 ;;
       esac
       $BENCH --target "$ADDR" "${args[@]}" "${common[@]}" | sed "s/^/$side $w /" >>"$work/runs"

@@ -1672,3 +1672,69 @@ async fn semaphores_keep_to_namespaces_and_principals() {
             .granted
     );
 }
+
+/// Circuit breakers keep to the callers' namespaces (every call, the
+/// watch too), and the breakers a principal's reports make count against
+/// its rate-limit key quota (half of --max-limit-keys here), while another
+/// principal is still served.
+#[tokio::test]
+async fn breakers_keep_to_namespaces_and_quotas() {
+    use arbiter::proto::breakers_client::BreakersClient;
+    use arbiter::proto::{
+        BreakerAllowRequest, BreakerReportRequest, CallOutcome, GetBreakerRequest,
+        WatchBreakerRequest,
+    };
+    let s = Secured::start_with("", &["--max-limit-keys", "4"]);
+    let mut alice = BreakersClient::new(s.conn(Some(&s.alice), None).await);
+    let mut bob = BreakersClient::new(s.conn(Some(&s.bob), None).await);
+    let report = |name: &str| BreakerReportRequest {
+        name: name.into(),
+        outcome: CallOutcome::Failure as i32,
+        probe_token: 0,
+        config: None,
+    };
+    bob.report(report("b/payments")).await.unwrap();
+    let r = alice.report(report("b/payments")).await;
+    assert_eq!(code(r), Code::PermissionDenied);
+    let r = alice
+        .allow(BreakerAllowRequest {
+            name: "b/payments".into(),
+            config: None,
+        })
+        .await;
+    assert_eq!(code(r), Code::PermissionDenied);
+    let r = alice
+        .get(GetBreakerRequest {
+            name: "b/payments".into(),
+            config: None,
+        })
+        .await;
+    assert_eq!(code(r), Code::PermissionDenied);
+    let r = alice
+        .watch(WatchBreakerRequest {
+            name: "b/payments".into(),
+        })
+        .await;
+    assert_eq!(code(r), Code::PermissionDenied);
+    // A shared name is shared: alice's report counts in bob's breaker.
+    alice.report(report("shared/payments")).await.unwrap();
+    let st = bob
+        .get(GetBreakerRequest {
+            name: "shared/payments".into(),
+            config: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(st.failures, 1);
+    // Alice made one breaker; her quota of 2 lets her make one more.
+    alice.report(report("a/one")).await.unwrap();
+    let e = alice.report(report("a/two")).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(
+        e.message()
+            .contains("\"alice\" is at its quota of 2 circuit breakers"),
+        "{e:?}"
+    );
+    bob.report(report("b/other")).await.unwrap();
+}

@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use arbiter::proto::breakers_client::BreakersClient;
 use arbiter::proto::idempotency_client::IdempotencyClient;
 use arbiter::proto::leases_client::LeasesClient;
 use arbiter::proto::semaphores_client::SemaphoresClient;
@@ -34,6 +35,9 @@ enum Workload {
     /// Semaphore acquire, renew, release (each call counts), under
     /// --keys names with a limit no worker reaches.
     Sem,
+    /// Breakers.Allow on --keys closed breakers (each made first by a
+    /// success report): what every guarded call asks.
+    BreakerAllow,
     /// Envoy's ShouldRateLimit on domain `bench`, one descriptor `user=<key>`
     /// per batch entry: the server needs a rule for it (see benches/rls.sh).
     Rls,
@@ -392,6 +396,9 @@ async fn run(args: Args) -> Result<(), String> {
                 Workload::Idem => idem_worker(&args, &run, channel.expect("channel"), w).await,
                 Workload::Sem => {
                     sem_worker(&args, &run, channel.expect("channel"), w, &mut rng).await
+                }
+                Workload::BreakerAllow => {
+                    breaker_worker(&args, &run, channel.expect("channel"), w, &mut rng).await
                 }
                 Workload::RedisCheck => {
                     redis_worker(&args, &run, addr, sha.expect("sha"), &mut rng).await
