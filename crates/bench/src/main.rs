@@ -4,6 +4,7 @@
 //!
 //! cargo run --release --bin arbiter-bench -- --help
 
+mod breakers;
 mod connect;
 mod redis;
 mod workers;
@@ -22,6 +23,7 @@ use arbiter::proto::{self as pb, limit::Algorithm};
 use clap::{Parser, ValueEnum};
 use hdrhistogram::Histogram;
 use tonic::transport::Channel;
+use breakers::*;
 use workers::*;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
