@@ -20,10 +20,10 @@ use arbiter::proto::idempotency_client::IdempotencyClient;
 use arbiter::proto::leases_client::LeasesClient;
 use arbiter::proto::semaphores_client::SemaphoresClient;
 use arbiter::proto::{self as pb, limit::Algorithm};
+use breakers::*;
 use clap::{Parser, ValueEnum};
 use hdrhistogram::Histogram;
 use tonic::transport::Channel;
-use breakers::*;
 use workers::*;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
