@@ -14,6 +14,7 @@ import grpc.aio
 
 from . import _common as c
 from . import _pb
+from ._watch import AsyncWatch
 from ._routing import READ_TIMEOUT, SlotRoutes
 from .errors import (
     ArbiterError,
@@ -439,36 +440,11 @@ class AsyncLeases:
         return AsyncLeaseWatch(self._client._stream("watch_lease", request))
 
 
-class AsyncLeaseWatch:
+class AsyncLeaseWatch(AsyncWatch[LeaseEvent]):
     """An open watch of one lease: an async iterator of LeaseEvent."""
 
     def __init__(self, call: Any) -> None:
-        self._call = call
-        self._events = call.__aiter__()
-
-    def __aiter__(self) -> "AsyncLeaseWatch":
-        return self
-
-    async def __anext__(self) -> LeaseEvent:
-        try:
-            return c.lease_event(await self._events.__anext__())
-        except asyncio.CancelledError:
-            if self._call.cancelled():
-                raise StopAsyncIteration from None
-            raise
-        except grpc.RpcError as e:
-            if e.code() == grpc.StatusCode.CANCELLED:
-                raise StopAsyncIteration from None
-            raise c.map_error(e) from e
-
-    def cancel(self) -> None:
-        self._call.cancel()
-
-    async def __aenter__(self) -> "AsyncLeaseWatch":
-        return self
-
-    async def __aexit__(self, *exc: Any) -> None:
-        self.cancel()
+        super().__init__(call, c.lease_event)
 
 
 class AsyncLease:

@@ -5,10 +5,10 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any, Optional
 
-import grpc
 
 from . import _common as c
 from . import _pb
+from ._watch import AsyncWatch
 from .errors import ArbiterError, PermitsLost, SemaphoreFull
 from .types import Duration, PermitInfo, SemaphoreEvent, SemaphoreState, millis, seconds
 
@@ -62,30 +62,11 @@ class AsyncSemaphores:
         return AsyncSemaphoreWatch(self._client._stream("sem_watch", request))
 
 
-class AsyncSemaphoreWatch:
+class AsyncSemaphoreWatch(AsyncWatch[SemaphoreEvent]):
     """An open watch of one semaphore: an async iterator of SemaphoreEvent."""
 
     def __init__(self, call: Any) -> None:
-        self._call = call
-        self._events = call.__aiter__()
-
-    def __aiter__(self) -> "AsyncSemaphoreWatch":
-        return self
-
-    async def __anext__(self) -> SemaphoreEvent:
-        try:
-            return c.sem_event(await self._events.__anext__())
-        except asyncio.CancelledError:
-            if self._call.cancelled():
-                raise StopAsyncIteration from None
-            raise
-        except grpc.RpcError as e:
-            if e.code() == grpc.StatusCode.CANCELLED:
-                raise StopAsyncIteration from None
-            raise c.map_error(e) from e
-
-    def cancel(self) -> None:
-        self._call.cancel()
+        super().__init__(call, c.sem_event)
 
 
 class AsyncSemaphore:

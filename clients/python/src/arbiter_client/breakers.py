@@ -11,12 +11,11 @@ import inspect
 import logging
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterator, List, Optional, Tuple, Type, TypeVar, Union
-
-import grpc
+from typing import TYPE_CHECKING, Any, Callable, List, Optional, Tuple, Type, TypeVar, Union
 
 from . import _common as c
 from . import _pb
+from ._watch import AsyncWatch, Watch
 from .errors import ArbiterError, BreakerOpen
 from .types import Duration, millis
 
@@ -188,61 +187,18 @@ class AsyncBreakers:
         return AsyncBreakerWatch(self._client._stream("breaker_watch", request))
 
 
-class BreakerWatch:
+class BreakerWatch(Watch[Tuple[str, BreakerState]]):
     """An open watch of one breaker: an iterator of (kind, BreakerState)."""
 
     def __init__(self, call: Any) -> None:
-        self._call = call
-
-    def __iter__(self) -> Iterator[Tuple[str, BreakerState]]:
-        return self
-
-    def __next__(self) -> Tuple[str, BreakerState]:
-        try:
-            return _event(next(self._call))
-        except grpc.RpcError as e:
-            if e.code() == grpc.StatusCode.CANCELLED:
-                raise StopIteration from None
-            raise c.map_error(e) from e
-
-    def cancel(self) -> None:
-        self._call.cancel()
-
-    def __enter__(self) -> "BreakerWatch":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.cancel()
+        super().__init__(call, _event)
 
 
-class AsyncBreakerWatch:
+class AsyncBreakerWatch(AsyncWatch[Tuple[str, BreakerState]]):
     """An open watch of one breaker: an async iterator of (kind, BreakerState)."""
 
     def __init__(self, call: Any) -> None:
-        self._call = call
-
-    def __aiter__(self) -> "AsyncBreakerWatch":
-        return self
-
-    async def __anext__(self) -> Tuple[str, BreakerState]:
-        try:
-            e = await self._call.read()
-        except grpc.RpcError as err:
-            if err.code() == grpc.StatusCode.CANCELLED:
-                raise StopAsyncIteration from None
-            raise c.map_error(err) from err
-        if e is grpc.aio.EOF:
-            raise StopAsyncIteration
-        return _event(e)
-
-    def cancel(self) -> None:
-        self._call.cancel()
-
-    async def __aenter__(self) -> "AsyncBreakerWatch":
-        return self
-
-    async def __aexit__(self, *exc: Any) -> None:
-        self.cancel()
+        super().__init__(call, _event)
 
 
 @dataclass

@@ -12,6 +12,7 @@ import grpc
 
 from . import _common as c
 from . import _pb
+from ._watch import Watch
 from ._routing import READ_TIMEOUT, SlotRoutes
 from .errors import (
     ArbiterError,
@@ -502,32 +503,12 @@ class Leases:
         return LeaseWatch(self._client._stream("watch_lease", _pb.WatchLeaseRequest(name=c.check_key(name, "name"))))
 
 
-class LeaseWatch:
+class LeaseWatch(Watch[LeaseEvent]):
     """An open watch of one lease: an iterator of LeaseEvent. A broken
     stream raises Unavailable (or another ArbiterError) from the iteration."""
 
     def __init__(self, call: Any) -> None:
-        self._call = call
-
-    def __iter__(self) -> Iterator[LeaseEvent]:
-        return self
-
-    def __next__(self) -> LeaseEvent:
-        try:
-            return c.lease_event(next(self._call))
-        except grpc.RpcError as e:
-            if e.code() == grpc.StatusCode.CANCELLED:
-                raise StopIteration from None
-            raise c.map_error(e) from e
-
-    def cancel(self) -> None:
-        self._call.cancel()
-
-    def __enter__(self) -> "LeaseWatch":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.cancel()
+        super().__init__(call, c.lease_event)
 
 
 class Lease:

@@ -6,12 +6,11 @@ import logging
 import queue
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Iterator, Optional
-
-import grpc
+from typing import TYPE_CHECKING, Any, Optional
 
 from . import _common as c
 from . import _pb
+from ._watch import Watch
 from .errors import ArbiterError, PermitsLost, SemaphoreFull
 from .types import Duration, PermitInfo, SemaphoreEvent, SemaphoreState, millis, seconds
 
@@ -74,31 +73,11 @@ class Semaphores:
         return SemaphoreWatch(self._client._stream("sem_watch", request))
 
 
-class SemaphoreWatch:
+class SemaphoreWatch(Watch[SemaphoreEvent]):
     """An open watch of one semaphore: an iterator of SemaphoreEvent."""
 
     def __init__(self, call: Any) -> None:
-        self._call = call
-
-    def __iter__(self) -> Iterator[SemaphoreEvent]:
-        return self
-
-    def __next__(self) -> SemaphoreEvent:
-        try:
-            return c.sem_event(next(self._call))
-        except grpc.RpcError as e:
-            if e.code() == grpc.StatusCode.CANCELLED:
-                raise StopIteration from None
-            raise c.map_error(e) from e
-
-    def cancel(self) -> None:
-        self._call.cancel()
-
-    def __enter__(self) -> "SemaphoreWatch":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.cancel()
+        super().__init__(call, c.sem_event)
 
 
 class Semaphore:
