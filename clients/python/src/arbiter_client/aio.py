@@ -14,6 +14,7 @@ import grpc.aio
 
 from . import _common as c
 from . import _pb
+from ._keepalive import keep_alive_async, pump_async
 from ._watch import AsyncWatch
 from ._routing import READ_TIMEOUT, SlotRoutes
 from .errors import (
@@ -490,7 +491,7 @@ class AsyncLease:
         repeat = 0
         while True:
             watch = self._client.leases.watch(self.name)
-            pump = asyncio.ensure_future(_pump(watch, events))
+            pump = asyncio.ensure_future(pump_async(watch, events))
             try:
                 while True:
                     wake = current.remaining + 0.05
@@ -525,36 +526,14 @@ class AsyncLease:
             repeat += 1
 
     async def _keep_alive(self, expires: float) -> None:
-        interval = c.renew_interval(self.ttl)
-        pause = interval
         token = self.fencing_token
         assert token is not None
-        while True:
-            await asyncio.sleep(pause)
-            left = expires - time.monotonic()
-            if left <= 0:
-                log.warning("lease %r lapsed before it could be renewed", self.name)
-                self.lost.set()
-                return
-            sent = time.monotonic()
-            try:
-                info = await self._client.leases.renew(
-                    self.name, self.holder, token, self.ttl, timeout=min(left, interval)
-                )
-            except LeaseNotHeld as e:
-                log.warning("lease %r lost: %s", self.name, e)
-                self.lost.set()
-                return
-            except ArbiterError as e:
-                left = expires - time.monotonic()
-                if left <= 0:
-                    log.warning("lease %r lapsed: renewal failed: %s", self.name, e)
-                    self.lost.set()
-                    return
-                pause = min(interval / 4, left)
-                continue
-            expires = sent + info.remaining
-            pause = interval
+
+        async def renew(timeout: float) -> float:
+            info = await self._client.leases.renew(self.name, self.holder, token, self.ttl, timeout=timeout)
+            return info.remaining
+
+        await keep_alive_async(self.lost, expires, self.ttl, renew, LeaseNotHeld, f"lease {self.name!r}")
 
     async def _stop_renewing(self) -> None:
         if self._renewer is not None:
@@ -588,19 +567,6 @@ class AsyncLease:
         except ArbiterError as e:
             log.warning("could not release lease %r: %s", self.name, e)
 
-
-async def _pump(watch: AsyncLeaseWatch, events: "asyncio.Queue[Any]") -> None:
-    try:
-        async for event in watch:
-            _put_latest(events, event)
-    except ArbiterError as e:
-        _put_latest(events, e)
-
-
-def _put_latest(events: "asyncio.Queue[Any]", item: Any) -> None:
-    if events.full():
-        events.get_nowait()
-    events.put_nowait(item)
 
 
 class AsyncElection:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from . import _common as c
 from . import _pb
+from ._keepalive import keep_alive_async, pump_async
 from ._watch import AsyncWatch
 from .errors import ArbiterError, PermitsLost, SemaphoreFull
 from .types import Duration, PermitInfo, SemaphoreEvent, SemaphoreState, millis, seconds
@@ -125,7 +126,7 @@ class AsyncSemaphore:
         repeat = 0
         while True:
             watch = self._client.semaphores.watch(self.name)
-            pump = asyncio.ensure_future(_pump(watch, events))
+            pump = asyncio.ensure_future(pump_async(watch, events))
             try:
                 while True:
                     wake = state.retry_after + 0.05 if state.retry_after > 0 else 1.0
@@ -158,35 +159,15 @@ class AsyncSemaphore:
             repeat += 1
 
     async def _keep_alive(self, expires: float) -> None:
-        interval = c.renew_interval(self.ttl)
-        pause = interval
         token = self.fencing_token
         assert token is not None
-        while True:
-            await asyncio.sleep(pause)
-            left = expires - time.monotonic()
-            if left <= 0:
-                log.warning("semaphore %r permits lapsed before they could be renewed", self.name)
-                self.lost.set()
-                return
-            sent = time.monotonic()
-            try:
-                info = await self._client.semaphores.renew(
-                    self.name, self.holder, token, self.ttl, timeout=min(left, interval)
-                )
-            except PermitsLost as e:
-                log.warning("semaphore %r permits lost: %s", self.name, e)
-                self.lost.set()
-                return
-            except ArbiterError:
-                left = expires - time.monotonic()
-                if left <= 0:
-                    self.lost.set()
-                    return
-                pause = min(interval / 4, left)
-                continue
-            expires = sent + info.remaining
-            pause = interval
+
+        async def renew(timeout: float) -> float:
+            info = await self._client.semaphores.renew(self.name, self.holder, token, self.ttl, timeout=timeout)
+            return info.remaining
+
+        what = f"semaphore {self.name!r} permits"
+        await keep_alive_async(self.lost, expires, self.ttl, renew, PermitsLost, what)
 
     async def release(self) -> None:
         if self._renewer is not None:
@@ -218,14 +199,3 @@ class AsyncSemaphore:
             log.warning("could not release semaphore %r permits: %s", self.name, e)
 
 
-async def _pump(watch: AsyncSemaphoreWatch, events: "asyncio.Queue[Any]") -> None:
-    def put(item: Any) -> None:
-        if events.full():
-            events.get_nowait()
-        events.put_nowait(item)
-
-    try:
-        async for event in watch:
-            put(event)
-    except ArbiterError as e:
-        put(e)

@@ -12,6 +12,7 @@ import grpc
 
 from . import _common as c
 from . import _pb
+from ._keepalive import keep_alive, pump as pump_events
 from ._watch import Watch
 from ._routing import READ_TIMEOUT, SlotRoutes
 from .errors import (
@@ -564,7 +565,7 @@ class Lease:
         repeat = 0
         while True:
             watch = self._client.leases.watch(self.name)
-            pump = threading.Thread(target=_pump, args=(watch, events), daemon=True)
+            pump = threading.Thread(target=pump_events, args=(watch, events), daemon=True)
             pump.start()
             try:
                 while True:
@@ -608,36 +609,14 @@ class Lease:
         self._renewer.start()
 
     def _keep_alive(self, expires: float) -> None:
-        """Renews at about ttl/3; after a failed try, tries again sooner, until
-        the lease would have lapsed. `expires` is a local deadline measured
-        from before each request was sent, so it never runs late."""
-        interval = c.renew_interval(self.ttl)
-        pause = interval
+        """Renews in the background (see `_keepalive.keep_alive`)."""
         token = self.fencing_token
         assert token is not None
-        while not self._stop.wait(pause):
-            left = expires - time.monotonic()
-            if left <= 0:
-                log.warning("lease %r lapsed before it could be renewed", self.name)
-                self.lost.set()
-                return
-            sent = time.monotonic()
-            try:
-                info = self._client.leases.renew(self.name, self.holder, token, self.ttl, timeout=min(left, interval))
-            except LeaseNotHeld as e:
-                log.warning("lease %r lost: %s", self.name, e)
-                self.lost.set()
-                return
-            except ArbiterError as e:
-                left = expires - time.monotonic()
-                if left <= 0:
-                    log.warning("lease %r lapsed: renewal failed: %s", self.name, e)
-                    self.lost.set()
-                    return
-                pause = min(interval / 4, left)
-                continue
-            expires = sent + info.remaining
-            pause = interval
+
+        def renew(timeout: float) -> float:
+            return self._client.leases.renew(self.name, self.holder, token, self.ttl, timeout=timeout).remaining
+
+        keep_alive(self._stop, self.lost, expires, self.ttl, renew, LeaseNotHeld, f"lease {self.name!r}")
 
     def _stop_renewing(self) -> None:
         self._stop.set()
@@ -674,29 +653,6 @@ class Lease:
             # Not released (the server is unreachable): it lapses at its TTL.
             log.warning("could not release lease %r: %s", self.name, e)
 
-
-def _pump(watch: LeaseWatch, events: "queue.Queue[Any]") -> None:
-    """Moves a watch's events into a queue (the last item is the error that
-    ended it, unless it was cancelled)."""
-    try:
-        for event in watch:
-            _put_latest(events, event)
-    except ArbiterError as e:
-        _put_latest(events, e)
-
-
-def _put_latest(events: "queue.Queue[Any]", item: Any) -> None:
-    """Queues an item; when the queue is full, the oldest goes (each item is
-    only a reason to look again, so the newest matters)."""
-    while True:
-        try:
-            events.put_nowait(item)
-            return
-        except queue.Full:
-            try:
-                events.get_nowait()
-            except queue.Empty:
-                pass
 
 
 class Election:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from . import _common as c
 from . import _pb
+from ._keepalive import keep_alive, pump as pump_events
 from ._watch import Watch
 from .errors import ArbiterError, PermitsLost, SemaphoreFull
 from .types import Duration, PermitInfo, SemaphoreEvent, SemaphoreState, millis, seconds
@@ -153,7 +154,7 @@ class Semaphore:
         repeat = 0
         while True:
             watch = self._client.semaphores.watch(self.name)
-            pump = threading.Thread(target=_pump, args=(watch, events), daemon=True)
+            pump = threading.Thread(target=pump_events, args=(watch, events), daemon=True)
             pump.start()
             try:
                 while True:
@@ -187,37 +188,15 @@ class Semaphore:
             repeat += 1
 
     def _keep_alive(self, expires: float) -> None:
-        """Renews at about ttl/3; after a failed try, sooner, until the
-        permits would have lapsed (`expires`, measured from before each
-        request was sent, so it never runs late)."""
-        interval = c.renew_interval(self.ttl)
-        pause = interval
+        """Renews in the background (see `_keepalive.keep_alive`)."""
         token = self.fencing_token
         assert token is not None
-        while not self._stop.wait(pause):
-            left = expires - time.monotonic()
-            if left <= 0:
-                log.warning("semaphore %r permits lapsed before they could be renewed", self.name)
-                self.lost.set()
-                return
-            sent = time.monotonic()
-            try:
-                info = self._client.semaphores.renew(
-                    self.name, self.holder, token, self.ttl, timeout=min(left, interval)
-                )
-            except PermitsLost as e:
-                log.warning("semaphore %r permits lost: %s", self.name, e)
-                self.lost.set()
-                return
-            except ArbiterError:
-                left = expires - time.monotonic()
-                if left <= 0:
-                    self.lost.set()
-                    return
-                pause = min(interval / 4, left)
-                continue
-            expires = sent + info.remaining
-            pause = interval
+
+        def renew(timeout: float) -> float:
+            return self._client.semaphores.renew(self.name, self.holder, token, self.ttl, timeout=timeout).remaining
+
+        what = f"semaphore {self.name!r} permits"
+        keep_alive(self._stop, self.lost, expires, self.ttl, renew, PermitsLost, what)
 
     def release(self) -> None:
         """Stops renewing and gives the permits back; PermitsLost when they
@@ -252,23 +231,3 @@ class Semaphore:
             log.warning("could not release semaphore %r permits: %s", self.name, e)
 
 
-def _pump(watch: SemaphoreWatch, events: "queue.Queue[Any]") -> None:
-    """Moves a watch's events into a queue, the newest kept when it is
-    full (each is only a reason to ask again); the error that ended it
-    last."""
-    def put(item: Any) -> None:
-        while True:
-            try:
-                events.put_nowait(item)
-                return
-            except queue.Full:
-                try:
-                    events.get_nowait()
-                except queue.Empty:
-                    pass
-
-    try:
-        for event in watch:
-            put(event)
-    except ArbiterError as e:
-        put(e)
