@@ -105,6 +105,9 @@ pub enum Algorithm {
     FixedWindow,
     SlidingWindow,
     TokenBucket,
+    /// Drains `requests_per_unit` per unit, `burst` (default: the same) at
+    /// once; named checks of it are plain checks (no reserve mode).
+    LeakyBucket,
 }
 
 // ---- the loaded form ----
@@ -199,6 +202,11 @@ impl Rule {
                 capacity: self.burst.unwrap_or(requests_per_unit),
                 refill_tokens: requests_per_unit,
                 refill_interval_ms: window_ms,
+            },
+            Algorithm::LeakyBucket => LimitDef::LeakyBucket {
+                rate: requests_per_unit,
+                interval_ms: window_ms,
+                burst: self.burst.unwrap_or(requests_per_unit),
             },
         })
     }
@@ -508,6 +516,19 @@ descriptors:
                 refill_interval_ms: 3_600_000
             })
         );
+        let leaky = limits(
+            "domain: d\ndescriptors:\n  - key: k\n    rate_limit: {unit: second, requests_per_unit: 10, \
+             algorithm: leaky_bucket, burst: 3}\n",
+        );
+        let rule = leaky.matching("d", &entries(&[("k", "v")])).unwrap();
+        assert_eq!(
+            rule.def(rule.requests_per_unit, rule.unit),
+            Some(LimitDef::LeakyBucket {
+                rate: 10,
+                interval_ms: 1_000,
+                burst: 3
+            })
+        );
     }
 
     #[test]
@@ -529,7 +550,7 @@ descriptors:
         );
         let burst = "domain: d\ndescriptors:\n  - key: k\n    rate_limit: {unit: second, requests_per_unit: 1, burst: 5}\n";
         assert!(
-            err(burst).contains("only for algorithm token_bucket"),
+            err(burst).contains("only for algorithm token_bucket or leaky_bucket"),
             "{}",
             err(burst)
         );

@@ -263,12 +263,17 @@ fn rule(r: &RateLimitDoc, d: &DescriptorDoc, here: &str) -> Result<Rule, String>
             r.requests_per_unit
         ));
     }
-    match (r.algorithm, r.burst) {
-        (Algorithm::TokenBucket, Some(b)) if b == 0 || b > MAX => {
+    let bursts = matches!(r.algorithm, Algorithm::TokenBucket | Algorithm::LeakyBucket);
+    match r.burst {
+        Some(b) if bursts && (b == 0 || b > MAX) => {
             return Err(format!("{at}.burst: 1 to {MAX}, got {b}"));
         }
-        (Algorithm::TokenBucket, _) | (_, None) => {}
-        (_, Some(_)) => return Err(format!("{at}.burst: only for algorithm token_bucket")),
+        Some(_) if !bursts => {
+            return Err(format!(
+                "{at}.burst: only for algorithm token_bucket or leaky_bucket"
+            ))
+        }
+        _ => {}
     }
     let name = r.name.clone().unwrap_or_default();
     let mut replaces = Vec::with_capacity(r.replaces.len());
